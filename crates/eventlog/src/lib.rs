@@ -1,1 +1,42 @@
+//! The JetStream event log: the only code that knows subjects, headers and MessagePack.
+//!
+//! # Layout
+//! - [`stream`]: the `COFFER_EVENTS` stream's configuration and its idempotent creation.
+//! - [`subject`]: subject names for events and their filters.
+//! - [`codec`]: the wire payloads (MessagePack, named fields), event versions and upcasting.
+//! - [`log`]: [`EventLog`]: append with optimistic concurrency, load an account's history, read
+//!   ranges of the stream in order.
+//!
+//! Appends state the last sequence the writer saw on `coffer.events.{account}.>`, so the server
+//! refuses a stale writer (`Conflict`) and two writers can never both extend the same history.
 
+pub mod codec;
+pub mod log;
+pub mod stream;
+pub mod subject;
+
+pub use codec::{DecodeError, CURRENT_VERSIONS};
+pub use log::{Appended, EventLog, EventMetadata, RecordedEvent};
+pub use stream::StreamSettings;
+
+/// Everything that can go wrong talking to the event log.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Another writer appended to the account after the position this writer saw.
+    #[error("the account changed since position {expected_last_position}")]
+    Conflict { expected_last_position: u64 },
+    /// Nothing was sent: NATS is not reachable right now.
+    #[error("NATS is unavailable: {0}")]
+    Unavailable(String),
+    /// The append was sent but no acknowledgement came back: it may or may not be stored.
+    #[error("append outcome unknown: {0}")]
+    OutcomeUnknown(String),
+    #[error("event could not be decoded: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("event could not be encoded: {0}")]
+    Encode(String),
+    #[error("JetStream request failed: {0}")]
+    JetStream(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
