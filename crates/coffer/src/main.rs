@@ -1,1 +1,205 @@
-fn main() {}
+//! `coffer`: the one binary. Thin: parse configuration, set up logging, run a subcommand until
+//! SIGTERM or Ctrl-C.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use eventlog::{NatsSettings, StreamSettings};
+
+#[derive(Parser)]
+#[command(name = "coffer", version, about = "Event-sourced account ledger on NATS JetStream")]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Command side: account actors, HTTP and NATS command APIs, transfer process manager.
+    Writer(WriterArgs),
+    /// Query side: projections in redb served over HTTP.
+    Reader(ReaderArgs),
+    /// Reads one MessagePack event payload on stdin and prints it as JSON
+    /// (for `nats sub 'coffer.events.>' --translate 'coffer decode'`).
+    Decode,
+}
+
+#[derive(Args, Clone)]
+struct NatsArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long = "nats-url", env = "COFFER_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    url: String,
+    #[arg(long = "nats-user", env = "COFFER_NATS_USER")]
+    user: Option<String>,
+    #[arg(long = "nats-password", env = "COFFER_NATS_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    #[arg(long = "nats-token", env = "COFFER_NATS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Credentials file (JWT and NKey seed).
+    #[arg(long = "nats-creds", env = "COFFER_NATS_CREDS")]
+    creds: Option<PathBuf>,
+    /// CA certificate for TLS to NATS (enables TLS).
+    #[arg(long = "nats-tls-ca", env = "COFFER_NATS_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate for mutual TLS.
+    #[arg(long = "nats-tls-cert", env = "COFFER_NATS_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Client key for mutual TLS.
+    #[arg(long = "nats-tls-key", env = "COFFER_NATS_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Replicas of the event stream and buckets: 1 on one node, 3 in a cluster.
+    #[arg(long = "stream-replicas", env = "COFFER_STREAM_REPLICAS", default_value_t = 1)]
+    stream_replicas: usize,
+    /// Server-side duplicate window of the event stream, in seconds.
+    #[arg(long = "duplicate-window-seconds", env = "COFFER_DUPLICATE_WINDOW_SECONDS", default_value_t = 120)]
+    duplicate_window_seconds: u64,
+}
+
+impl NatsArgs {
+    fn settings(&self, client_name: &str) -> NatsSettings {
+        NatsSettings {
+            url: self.url.clone(),
+            user: self.user.clone(),
+            password: self.password.clone(),
+            token: self.token.clone(),
+            creds_file: self.creds.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            client_name: client_name.into(),
+        }
+    }
+
+    fn stream(&self) -> StreamSettings {
+        StreamSettings {
+            replicas: self.stream_replicas,
+            duplicate_window: Duration::from_secs(self.duplicate_window_seconds),
+            ..StreamSettings::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct WriterArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Address of the HTTP command API.
+    #[arg(long = "http-addr", env = "COFFER_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    http_address: SocketAddr,
+    /// Most account actors kept in memory.
+    #[arg(long, env = "COFFER_ACTORS_MAX", default_value_t = 100_000)]
+    actors_max: usize,
+    /// Seconds an idle account actor is kept.
+    #[arg(long, env = "COFFER_ACTOR_IDLE_SECONDS", default_value_t = 300)]
+    actor_idle_seconds: u64,
+    /// Commands queued per account before 503.
+    #[arg(long, env = "COFFER_MAILBOX_CAPACITY", default_value_t = 1_000)]
+    mailbox_capacity: usize,
+    /// Run the transfer process manager in this writer.
+    #[arg(long, env = "COFFER_PROCESS_TRANSFERS", default_value_t = true, action = clap::ArgAction::Set)]
+    process_transfers: bool,
+}
+
+#[derive(Args)]
+struct ReaderArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Address of the HTTP query API.
+    #[arg(long = "http-addr", env = "COFFER_HTTP_ADDR", default_value = "127.0.0.1:8081")]
+    http_address: SocketAddr,
+    /// Directory of the redb views.
+    #[arg(long = "data-dir", env = "COFFER_DATA_DIR", default_value = "./data/reader")]
+    data_dir: PathBuf,
+    /// Durable consumer name: unique per reader replica.
+    #[arg(long = "reader-name", env = "COFFER_READER_NAME", default_value = "reader")]
+    reader_name: String,
+    /// Longest wait for `min_position`, in milliseconds, before 503 stale.
+    #[arg(long, env = "COFFER_MIN_POSITION_WAIT_MS", default_value_t = 5_000)]
+    min_position_wait_ms: u64,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = std::env::var("COFFER_LOG_FORMAT").is_ok_and(|format| format == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+fn decode() -> anyhow::Result<()> {
+    let mut payload = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut payload)
+        .context("read stdin")?;
+    let json = eventlog::codec::msgpack_to_json(&payload).context("decode MessagePack")?;
+    println!("{}", serde_json::to_string(&json)?);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Commands::Decode => decode(),
+        Commands::Writer(args) => {
+            init_logging();
+            let config = writer::WriterConfig {
+                nats: args.nats.settings("coffer-writer"),
+                http_address: args.http_address,
+                stream: args.nats.stream(),
+                registry: writer::registry::RegistrySettings {
+                    actors_live_max: args.actors_max,
+                    idle_timeout: Duration::from_secs(args.actor_idle_seconds),
+                    mailbox_capacity: args.mailbox_capacity,
+                    ..Default::default()
+                },
+                process_transfers: args.process_transfers,
+            };
+            writer::run(config, shutdown_signal()).await?;
+            Ok(())
+        }
+        Commands::Reader(args) => {
+            init_logging();
+            let config = reader::ReaderConfig {
+                nats: args.nats.settings(&format!("coffer-reader-{}", args.reader_name)),
+                http_address: args.http_address,
+                stream: args.nats.stream(),
+                data_directory: args.data_dir,
+                reader_name: args.reader_name,
+                min_position_wait: Duration::from_millis(args.min_position_wait_ms),
+            };
+            reader::run(config, shutdown_signal()).await?;
+            Ok(())
+        }
+    }
+}

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`stream`]: the `COFFER_EVENTS` stream's configuration and its idempotent creation.
 //! - [`subject`]: subject names for events and their filters.
+//! - [`connection`]: connecting with credentials and TLS from the environment.
 //! - [`codec`]: the wire payloads (MessagePack, named fields), event versions and upcasting.
 //! - [`log`]: [`EventLog`]: append with optimistic concurrency, load an account's history, read
 //!   ranges of the stream in order.
@@ -11,11 +12,13 @@
 //! refuses a stale writer (`Conflict`) and two writers can never both extend the same history.
 
 pub mod codec;
+pub mod connection;
 pub mod log;
 pub mod stream;
 pub mod subject;
 
 pub use codec::{DecodeError, CURRENT_VERSIONS};
+pub use connection::NatsSettings;
 pub use log::{Appended, EventLog, EventMetadata, RecordedEvent};
 pub use stream::StreamSettings;
 

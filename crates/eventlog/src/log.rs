@@ -87,14 +87,20 @@ fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
 impl EventLog {
     /// Ensures the stream exists with `settings` and returns a log on it.
     pub async fn open(client: async_nats::Client, settings: &StreamSettings) -> Result<Self> {
+        let log = Self::new(client, settings);
+        settings.ensure(&log.context).await?;
+        Ok(log)
+    }
+
+    /// A log on the stream, without checking that it exists (see [`StreamSettings::ensure`]).
+    pub fn new(client: async_nats::Client, settings: &StreamSettings) -> Self {
         let mut context = jetstream::new(client.clone());
         context.set_timeout(ACK_TIMEOUT);
-        settings.ensure(&context).await?;
-        Ok(Self {
+        Self {
             client,
             context,
             stream_name: settings.name.clone(),
-        })
+        }
     }
 
     pub fn client(&self) -> &async_nats::Client {

@@ -46,19 +46,33 @@ impl StreamSettings {
         }
     }
 
-    /// Creates the stream, or updates it to this configuration. Idempotent, so every writer and
-    /// reader may call it on start.
+    /// Creates the stream, or updates it when the settings it manages differ. Idempotent, so
+    /// every writer and reader may call it on start. A failed update of an existing stream is
+    /// only logged: a consume-only reader may lack the permission, and the stream still works.
     pub async fn ensure(&self, context: &jetstream::Context) -> Result<stream::Stream> {
-        let config = self.config();
+        let wanted = self.config();
         match context.get_stream(&self.name).await {
-            Ok(_) => {
-                context
-                    .update_stream(config)
+            Ok(mut existing) => {
+                let current = existing
+                    .info()
                     .await
-                    .map_err(|error| Error::JetStream(format!("update stream: {error}")))?;
+                    .map_err(|error| Error::JetStream(format!("stream info: {error}")))?
+                    .config
+                    .clone();
+                let differs = current.subjects != wanted.subjects
+                    || current.num_replicas != wanted.num_replicas
+                    || current.duplicate_window != wanted.duplicate_window
+                    || current.allow_direct != wanted.allow_direct
+                    || current.deny_delete != wanted.deny_delete
+                    || current.deny_purge != wanted.deny_purge;
+                if differs {
+                    if let Err(error) = context.update_stream(wanted).await {
+                        tracing::warn!(%error, stream = %self.name, "could not update the stream");
+                    }
+                }
             }
             Err(_) => {
-                if let Err(error) = context.create_stream(config).await {
+                if let Err(error) = context.create_stream(wanted).await {
                     // Another process may have created it between our check and our create.
                     tracing::debug!(%error, "create stream failed; checking whether it exists now");
                 }
@@ -67,6 +81,6 @@ impl StreamSettings {
         context
             .get_stream(&self.name)
             .await
-            .map_err(|error| Error::JetStream(format!("get stream: {error}")))
+            .map_err(|error| Error::Unavailable(format!("get stream: {error}")))
     }
 }

@@ -1,1 +1,30 @@
+//! The command side of Coffer.
+//!
+//! # Layout
+//! - [`request`]: parsing JSON bodies (HTTP and NATS alike) into validated domain commands.
+//! - [`outcome`]: what a successful command answers, and how it is rendered.
+//! - [`error`]: [`Error`], every way a command can fail, mapped once to problem+json.
+//! - [`idempotency`]: `Idempotency-Key` handling: key checks, request hashes, the KV record of
+//!   refused commands.
+//! - [`actor`]: the per-account actor: rebuild from events, decide, append, evolve, reply.
+//! - [`registry`]: spawns, caps, passivates and supervises account actors.
+//! - [`transfers`]: the transfer process manager on its own durable consumer.
+//! - [`http`] and [`nats_api`]: the two command APIs, thin adapters over [`registry::Registry`].
+//! - [`service`]: wiring, readiness and graceful shutdown.
 
+pub mod actor;
+pub mod error;
+pub mod http;
+pub mod idempotency;
+pub mod metrics;
+pub mod nats_api;
+pub mod outcome;
+pub mod registry;
+pub mod request;
+pub mod service;
+pub mod transfers;
+
+pub use error::Error;
+pub use service::{run, WriterConfig};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

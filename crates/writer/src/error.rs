@@ -1,0 +1,78 @@
+//! Every way a command can fail, and its one mapping to problem+json.
+
+use domain::DomainError;
+use problem::Problem;
+
+/// Seconds a client should wait before retrying after a 503.
+const RETRY_AFTER_SECONDS: u32 = 1;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The request itself is malformed or out of range.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// A business rule refused the command; nothing was appended.
+    #[error(transparent)]
+    Rejected(#[from] DomainError),
+    /// The idempotency key was first used with a different request.
+    #[error("Idempotency-Key was already used with a different request")]
+    IdempotencyKeyReused,
+    /// A retried request whose first outcome was a refusal: answered as it was then.
+    #[error("{}", .0.detail)]
+    Replayed(Problem),
+    /// NATS is unreachable or the writer is overloaded; nothing was appended.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The append was sent but not acknowledged: it may or may not have happened.
+    #[error("{0}")]
+    OutcomeUnknown(String),
+    /// Another writer kept winning the race for this account.
+    #[error("gave up after {0} concurrent-update retries")]
+    TooManyConflicts(usize),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn problem(&self) -> Problem {
+        let detail = self.to_string();
+        match self {
+            Error::InvalidRequest(_) => Problem::invalid_request(detail),
+            Error::Rejected(rejection) => rejected(rejection, detail),
+            Error::IdempotencyKeyReused => {
+                Problem::new(409, "idempotency_key_reused", "Idempotency key reused", detail)
+            }
+            Error::Replayed(problem) => problem.clone(),
+            Error::Unavailable(_) | Error::TooManyConflicts(_) => {
+                Problem::unavailable("unavailable", detail, RETRY_AFTER_SECONDS)
+            }
+            Error::OutcomeUnknown(_) => Problem::unavailable(
+                "outcome_unknown",
+                format!("{detail}; the command may or may not have been applied, retry with the same Idempotency-Key"),
+                RETRY_AFTER_SECONDS,
+            ),
+            Error::Internal(_) => Problem::new(500, "internal", "Internal error", detail),
+        }
+    }
+}
+
+fn rejected(rejection: &DomainError, detail: String) -> Problem {
+    let (status, code, title) = match rejection {
+        DomainError::AccountNotFound => (404, "account_not_found", "Account not found"),
+        DomainError::AccountExists => (409, "account_exists", "Account exists"),
+        DomainError::AccountClosed => (409, "account_closed", "Account closed"),
+        DomainError::CurrencyMismatch { .. } => (409, "currency_mismatch", "Currency mismatch"),
+        DomainError::TransferIdReused(_) => {
+            (409, "idempotency_key_reused", "Transfer id reused")
+        }
+        DomainError::InsufficientFunds { .. } => {
+            (422, "insufficient_funds", "Insufficient funds")
+        }
+        DomainError::BalanceOverflow => (422, "balance_overflow", "Balance overflow"),
+        DomainError::BalanceNotZero { .. } => (422, "balance_not_zero", "Balance not zero"),
+        DomainError::TransferPending { .. } => (422, "transfer_pending", "Transfer pending"),
+        DomainError::SameAccount => (422, "same_account", "Same account"),
+        DomainError::UnknownTransfer(_) => (404, "transfer_not_found", "Transfer not found"),
+    };
+    Problem::new(status, code, title, detail)
+}

@@ -1,0 +1,327 @@
+//! The HTTP command API (axum). Handlers only translate: body -> [`request`] parser ->
+//! [`Registry`] -> status and JSON, errors through [`Error::problem`].
+
+use std::sync::{Arc, OnceLock};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use eventlog::{codec, EventLog, RecordedEvent};
+use problem::Problem;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+use crate::actor::parse_key;
+use crate::metrics::Metrics;
+use crate::outcome::Outcome;
+use crate::registry::Registry;
+use crate::request::{self, CommandRequest};
+use crate::Error;
+
+/// Largest request body: the contract's 64 KiB.
+pub const BODY_SIZE_MAX: usize = 64 * 1024;
+/// Most events one `GET /v1/events` returns.
+pub const EVENTS_LIMIT_MAX: usize = 1_000;
+const EVENTS_LIMIT_DEFAULT: usize = 100;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// Set once the stream and the idempotency bucket are set up; commands get 503 before.
+    pub registry: Arc<OnceLock<Registry>>,
+    pub log: EventLog,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/accounts", post(open_account))
+        .route("/v1/accounts/{id}/deposits", post(deposit))
+        .route("/v1/accounts/{id}/withdrawals", post(withdraw))
+        .route("/v1/accounts/{id}/close", post(close_account))
+        .route("/v1/transfers", post(transfer))
+        .route("/v1/events", get(events))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { Problem::not_found("not_found", "no such route") })
+        .layer(DefaultBodyLimit::max(BODY_SIZE_MAX))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}
+
+fn problem_response(error: &Error) -> Response {
+    error.problem().into_response()
+}
+
+/// Checks the content type and the size, and returns the body.
+fn json_body(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    empty_allowed: bool,
+) -> Result<Bytes, Problem> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::new(
+                413,
+                "payload_too_large",
+                "Payload too large",
+                format!("request bodies are limited to {BODY_SIZE_MAX} bytes"),
+            )
+        } else {
+            Problem::invalid_request(rejection.body_text())
+        }
+    })?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let is_json = essence == "application/json" || essence.ends_with("+json");
+    if !is_json && !(empty_allowed && body.is_empty()) {
+        return Err(Problem::new(
+            415,
+            "unsupported_media_type",
+            "Unsupported media type",
+            format!("expected Content-Type: application/json, got {content_type:?}"),
+        ));
+    }
+    Ok(body)
+}
+
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<crate::idempotency::IdempotencyKey>, Error> {
+    let text = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => Some(value.to_str().map_err(|_| {
+            Error::InvalidRequest("Idempotency-Key must be printable ASCII".into())
+        })?),
+    };
+    parse_key(text)
+}
+
+async fn run(state: &AppState, request: CommandRequest) -> Response {
+    let Some(registry) = state.registry.get() else {
+        return problem_response(&Error::Unavailable("the writer is starting".into()));
+    };
+    let verb = format!("{:?}", request.command);
+    let account = request.account_id.clone();
+    match registry.execute(request).await {
+        Ok(outcome) => outcome_response(&outcome),
+        Err(error) => {
+            let problem = error.problem();
+            if problem.status >= 500 {
+                tracing::warn!(%account, %error, command = %verb, "command failed");
+            }
+            problem.into_response()
+        }
+    }
+}
+
+fn outcome_response(outcome: &Outcome) -> Response {
+    let status = StatusCode::from_u16(outcome.status()).unwrap_or(StatusCode::OK);
+    let body = outcome.body();
+    let mut response = (status, Json(body.clone())).into_response();
+    if status == StatusCode::ACCEPTED {
+        if let Some(id) = body["transfer_id"].as_str() {
+            if let Ok(location) = HeaderValue::from_str(&format!("/v1/transfers/{id}")) {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+        }
+    }
+    response
+}
+
+/// Parses what every command needs and runs it.
+async fn command(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    empty_allowed: bool,
+    parse: impl FnOnce(&[u8], Option<&crate::idempotency::IdempotencyKey>) -> Result<(domain::AccountId, domain::Command), Error>,
+) -> Response {
+    let body = match json_body(headers, body, empty_allowed) {
+        Ok(body) => body,
+        Err(problem) => return problem.into_response(),
+    };
+    let key = match idempotency_key(headers) {
+        Ok(key) => key,
+        Err(error) => return problem_response(&error),
+    };
+    let (account_id, command) = match parse(&body, key.as_ref()) {
+        Ok(parsed) => parsed,
+        Err(error) => return problem_response(&error),
+    };
+    let request = CommandRequest {
+        account_id,
+        command,
+        idempotency_key: key,
+        correlation_id: request_id(headers),
+    };
+    run(state, request).await
+}
+
+async fn open_account(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    command(&state, &headers, body, false, |body, key| {
+        request::open(body, None, key)
+    })
+    .await
+}
+
+async fn deposit(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    command(&state, &headers, body, false, |body, _| {
+        Ok((request::addressed_account(&id)?, request::deposit(body)?))
+    })
+    .await
+}
+
+async fn withdraw(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    command(&state, &headers, body, false, |body, _| {
+        Ok((request::addressed_account(&id)?, request::withdraw(body)?))
+    })
+    .await
+}
+
+async fn close_account(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    command(&state, &headers, body, true, |body, _| {
+        Ok((request::addressed_account(&id)?, request::close(body)?))
+    })
+    .await
+}
+
+async fn transfer(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    command(&state, &headers, body, false, |body, key| {
+        request::transfer(body, None, key)
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    after: Option<String>,
+    since: Option<String>,
+    limit: Option<String>,
+}
+
+async fn events(State(state): State<AppState>, Query(query): Query<EventsQuery>) -> Response {
+    match read_events(&state, &query).await {
+        Ok(body) => Json(body).into_response(),
+        Err(error) => problem_response(&error),
+    }
+}
+
+async fn read_events(state: &AppState, query: &EventsQuery) -> Result<Value, Error> {
+    let limit = match &query.limit {
+        None => EVENTS_LIMIT_DEFAULT,
+        Some(text) => match text.parse::<usize>() {
+            Ok(limit) if (1..=EVENTS_LIMIT_MAX).contains(&limit) => limit,
+            _ => {
+                return Err(Error::InvalidRequest(format!(
+                    "limit must be an integer from 1 to {EVENTS_LIMIT_MAX}"
+                )))
+            }
+        },
+    };
+    let after = match &query.after {
+        None => None,
+        Some(text) => Some(text.parse::<u64>().map_err(|_| {
+            Error::InvalidRequest("after must be a non-negative integer position".into())
+        })?),
+    };
+    let events = match (after, &query.since) {
+        (Some(_), Some(_)) => {
+            return Err(Error::InvalidRequest("give either after or since, not both".into()))
+        }
+        (None, Some(since)) => {
+            let since = OffsetDateTime::parse(since, &Rfc3339).map_err(|_| {
+                Error::InvalidRequest("since must be an RFC 3339 time".into())
+            })?;
+            state.log.read_since(since, limit).await
+        }
+        (after, None) => state.log.read_after(after.unwrap_or(0), limit).await,
+    }
+    .map_err(|error| match error {
+        eventlog::Error::Unavailable(detail) => Error::Unavailable(detail),
+        other => Error::Internal(other.to_string()),
+    })?;
+    let next = events
+        .last()
+        .map(|event| event.position)
+        .or(after)
+        .unwrap_or(0);
+    let events: Vec<Value> = events.iter().map(event_json).collect();
+    Ok(json!({"events": events, "next": next}))
+}
+
+/// An event as the pull endpoint shows it.
+pub fn event_json(recorded: &RecordedEvent) -> Value {
+    json!({
+        "position": recorded.position,
+        "subject": recorded.subject,
+        "account_id": recorded.account_id.as_str(),
+        "type": recorded.event.event_type(),
+        "time": recorded.time.format(&Rfc3339).unwrap_or_default(),
+        "data": codec::to_json(&recorded.event),
+    })
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let ready = state.registry.get().is_some() && state.log.is_connected();
+    if ready {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        Problem::unavailable("unavailable", "not connected to NATS or still starting", 1)
+            .into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,130 @@
+//! The NATS command API: a NATS micro service named `coffer` (visible to `nats micro ls`) with one
+//! endpoint per verb on `coffer.cmd.{account_id}.{verb}`. Bodies and errors are the HTTP ones;
+//! errors also carry the micro headers `Nats-Service-Error` and `Nats-Service-Error-Code`.
+
+use std::sync::{Arc, OnceLock};
+
+use async_nats::service::{self, ServiceExt};
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use crate::actor::parse_key;
+use crate::idempotency::IdempotencyKey;
+use crate::registry::Registry;
+use crate::request::{self, CommandRequest, Verb};
+use crate::Error;
+
+pub const SERVICE_NAME: &str = "coffer";
+/// Requests one writer handles at once per endpoint; more wait in the subscription.
+const CONCURRENCY_MAX: usize = 256;
+
+/// Starts the service and serves until `shutdown`; then stops it so other writers take over.
+pub async fn serve(
+    client: async_nats::Client,
+    registry: Arc<OnceLock<Registry>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let service = client
+        .service_builder()
+        .description("Coffer ledger commands: open, deposit, withdraw, transfer, close")
+        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|error| Error::Unavailable(format!("start NATS service: {error}")))?;
+    let group = service.group("coffer.cmd");
+    let mut tasks = Vec::new();
+    for verb in Verb::ALL {
+        let endpoint = group
+            .endpoint_builder()
+            .name(verb.name())
+            .add(format!("*.{}", verb.name()))
+            .await
+            .map_err(|error| Error::Unavailable(format!("add endpoint {}: {error}", verb.name())))?;
+        let registry = registry.clone();
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            endpoint
+                .for_each_concurrent(CONCURRENCY_MAX, |request| {
+                    let registry = registry.clone();
+                    let client = client.clone();
+                    async move { handle(verb, request, &registry, &client).await }
+                })
+                .await;
+        }));
+    }
+    let _ = shutdown.wait_for(|stop| *stop).await;
+    if let Err(error) = service.stop().await {
+        tracing::warn!(%error, "stopping the NATS service");
+    }
+    for task in tasks {
+        task.abort();
+    }
+    Ok(())
+}
+
+async fn handle(
+    verb: Verb,
+    request: service::Request,
+    registry: &OnceLock<Registry>,
+    client: &async_nats::Client,
+) {
+    let answer = match registry.get() {
+        Some(registry) => match parse(verb, &request.message) {
+            Ok(command) => registry.execute(command).await,
+            Err(error) => Err(error),
+        },
+        None => Err(Error::Unavailable("the writer is starting".into())),
+    };
+    let Some(reply) = request.message.reply.clone() else {
+        return; // A publish without a reply subject: nobody to answer.
+    };
+    let published = match answer {
+        Ok(outcome) => {
+            let body = serde_json::to_vec(&outcome.body()).unwrap_or_default();
+            client.publish(reply, body.into()).await
+        }
+        Err(error) => {
+            // `Request::respond(Err)` sends an empty body; clients want the problem too.
+            let problem = error.problem();
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Service-Error", problem.title.as_str());
+            headers.insert("Nats-Service-Error-Code", problem.status.to_string().as_str());
+            headers.insert("Content-Type", problem::CONTENT_TYPE);
+            client
+                .publish_with_headers(reply, headers, problem.to_json_bytes().into())
+                .await
+        }
+    };
+    if let Err(error) = published {
+        tracing::warn!(%error, verb = verb.name(), "could not send the NATS reply");
+    }
+}
+
+fn parse(verb: Verb, message: &async_nats::Message) -> Result<CommandRequest, Error> {
+    let account = message
+        .subject
+        .split('.')
+        .nth(2)
+        .ok_or_else(|| Error::InvalidRequest("subject must be coffer.cmd.{account_id}.{verb}".into()))?;
+    let headers = message.headers.clone().unwrap_or_default();
+    let key_text = headers.get("Idempotency-Key").map(|value| value.as_str().to_owned());
+    let key: Option<IdempotencyKey> = parse_key(key_text.as_deref())?;
+    let body = &message.payload;
+    let (account_id, command) = match verb {
+        Verb::Open => request::open(body, Some(account), key.as_ref())?,
+        Verb::Deposit => (request::addressed_account(account)?, request::deposit(body)?),
+        Verb::Withdraw => (request::addressed_account(account)?, request::withdraw(body)?),
+        Verb::Transfer => request::transfer(body, Some(account), key.as_ref())?,
+        Verb::Close => (request::addressed_account(account)?, request::close(body)?),
+    };
+    let correlation_id = headers
+        .get("Coffer-Correlation-Id")
+        .map(|value| value.as_str().to_owned())
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    Ok(CommandRequest {
+        account_id,
+        command,
+        idempotency_key: key,
+        correlation_id,
+    })
+}

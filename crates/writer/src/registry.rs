@@ -1,0 +1,387 @@
+//! The registry of account actors: spawns one on first use, caps how many live at once (the
+//! least recently used idle one is stopped first), stops idle ones, and, through a supervisor
+//! actor, forgets actors that crashed so the next command starts a fresh one that reloads from
+//! the stream.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use domain::account::Settlement;
+use domain::{AccountId, TransferId};
+use ractor::{
+    rpc::CallResult, Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent,
+};
+
+use crate::actor::{AccountActor, AccountMessage, ActorArguments, ActorContext};
+use crate::outcome::Outcome;
+use crate::request::CommandRequest;
+use crate::{Error, Result};
+
+/// Limits of the actor population.
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    /// Most account actors alive at once. Default 100 000 (a few hundred bytes to a few KiB each).
+    pub actors_live_max: usize,
+    /// An actor unused this long is stopped. Default 5 minutes.
+    pub idle_timeout: Duration,
+    /// Commands queued for one account beyond this are refused with 503, so one hot account
+    /// cannot take all memory. Default 1 000.
+    pub mailbox_capacity: usize,
+    /// How long a caller waits for an actor's answer. Default 10 s: above the append ack timeout
+    /// plus a history load.
+    pub call_timeout: Duration,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self {
+            actors_live_max: 100_000,
+            idle_timeout: Duration::from_secs(300),
+            mailbox_capacity: 1_000,
+            call_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+struct Entry {
+    actor: ActorRef<AccountMessage>,
+    last_used: Instant,
+    /// Commands sent and not yet answered: the mailbox depth.
+    in_flight: Arc<AtomicUsize>,
+}
+
+#[derive(Default)]
+struct Population {
+    by_account: HashMap<AccountId, Entry>,
+    by_actor: HashMap<ActorId, AccountId>,
+}
+
+impl Population {
+    fn forget_actor(&mut self, actor: ActorId) -> bool {
+        let Some(account) = self.by_actor.remove(&actor) else {
+            return false;
+        };
+        let same = self
+            .by_account
+            .get(&account)
+            .is_some_and(|entry| entry.actor.get_id() == actor);
+        if same {
+            self.by_account.remove(&account);
+        }
+        true
+    }
+}
+
+/// Handle to the account actors. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    population: Arc<Mutex<Population>>,
+    context: Arc<ActorContext>,
+    supervisor: ActorRef<()>,
+    settings: RegistrySettings,
+}
+
+/// Decrements the mailbox depth when a call ends, however it ends.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Registry {
+    pub async fn start(context: Arc<ActorContext>, settings: RegistrySettings) -> Result<Self> {
+        let population = Arc::new(Mutex::new(Population::default()));
+        let (supervisor, _) = Actor::spawn(
+            None,
+            Supervisor,
+            SupervisorState {
+                population: population.clone(),
+                context: context.clone(),
+            },
+        )
+        .await
+        .map_err(|error| Error::Internal(format!("spawn supervisor: {error}")))?;
+        let registry = Self {
+            population,
+            context,
+            supervisor,
+            settings,
+        };
+        registry.spawn_idle_sweeper();
+        Ok(registry)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Population> {
+        // A panic while holding this lock cannot leave the maps inconsistent in a way that
+        // matters (worst case an entry for a dead actor, which the call path replaces).
+        self.population
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs a command on its account's actor.
+    pub async fn execute(&self, request: CommandRequest) -> Result<Outcome> {
+        let started = Instant::now();
+        let account = request.account_id.clone();
+        let (actor, in_flight) = self.acquire(&account).await?;
+        let result = actor
+            .call(
+                |reply| AccountMessage::Execute(Box::new(request), reply),
+                Some(self.settings.call_timeout),
+            )
+            .await;
+        drop(in_flight);
+        let answer = match result {
+            Ok(CallResult::Success(answer)) => answer,
+            Ok(CallResult::Timeout) => Err(Error::OutcomeUnknown(format!(
+                "account {account} did not answer within {:?}",
+                self.settings.call_timeout
+            ))),
+            // The actor died while holding the command: it may have appended before dying.
+            Ok(CallResult::SenderError) | Err(_) => Err(Error::OutcomeUnknown(format!(
+                "account {account} actor stopped while handling the command"
+            ))),
+        };
+        let metrics = &self.context.metrics;
+        metrics.command_duration.observe(started.elapsed());
+        match &answer {
+            Ok(_) => metrics.commands_succeeded.increment(),
+            Err(error) if error.problem().status < 500 => metrics.commands_refused.increment(),
+            Err(_) => metrics.commands_failed.increment(),
+        }
+        answer
+    }
+
+    /// Where an outgoing transfer of `account` stands (None: the account never sent it).
+    pub async fn settlement(
+        &self,
+        account: &AccountId,
+        transfer_id: &TransferId,
+    ) -> Result<Option<Settlement>> {
+        let (actor, in_flight) = self.acquire(account).await?;
+        let transfer_id = transfer_id.clone();
+        let result = actor
+            .call(
+                |reply| AccountMessage::Settlement(transfer_id, reply),
+                Some(self.settings.call_timeout),
+            )
+            .await;
+        drop(in_flight);
+        match result {
+            Ok(CallResult::Success(answer)) => answer,
+            _ => Err(Error::Unavailable(format!("account {account} did not answer"))),
+        }
+    }
+
+    /// The actor for `account`, spawning it if needed, with its mailbox slot taken.
+    async fn acquire(&self, account: &AccountId) -> Result<(ActorRef<AccountMessage>, InFlight)> {
+        if let Some(taken) = self.take_existing(account)? {
+            return Ok(taken);
+        }
+        let (actor, _) = Actor::spawn_linked(
+            None,
+            AccountActor,
+            ActorArguments {
+                context: self.context.clone(),
+                account_id: account.clone(),
+            },
+            self.supervisor.get_cell(),
+        )
+        .await
+        .map_err(|error| Error::Internal(format!("spawn account actor: {error}")))?;
+        let mut population = self.lock();
+        // Another caller may have spawned one meanwhile: keep theirs, stop ours.
+        if let Some(entry) = population.by_account.get_mut(account) {
+            actor.stop(None);
+            entry.last_used = Instant::now();
+            entry.in_flight.fetch_add(1, Ordering::Relaxed);
+            return Ok((entry.actor.clone(), InFlight(entry.in_flight.clone())));
+        }
+        let in_flight = Arc::new(AtomicUsize::new(1));
+        population
+            .by_actor
+            .insert(actor.get_id(), account.clone());
+        population.by_account.insert(
+            account.clone(),
+            Entry {
+                actor: actor.clone(),
+                last_used: Instant::now(),
+                in_flight: in_flight.clone(),
+            },
+        );
+        self.context.metrics.actors_started.increment();
+        self.context
+            .metrics
+            .actors_live
+            .set(population.by_account.len() as i64);
+        self.evict_over_cap(&mut population);
+        Ok((actor, InFlight(in_flight)))
+    }
+
+    fn take_existing(
+        &self,
+        account: &AccountId,
+    ) -> Result<Option<(ActorRef<AccountMessage>, InFlight)>> {
+        let mut population = self.lock();
+        let Some(entry) = population.by_account.get_mut(account) else {
+            return Ok(None);
+        };
+        if entry.in_flight.load(Ordering::Relaxed) >= self.settings.mailbox_capacity {
+            return Err(Error::Unavailable(format!(
+                "account {account} has {} commands queued; retry later",
+                self.settings.mailbox_capacity
+            )));
+        }
+        entry.last_used = Instant::now();
+        entry.in_flight.fetch_add(1, Ordering::Relaxed);
+        Ok(Some((entry.actor.clone(), InFlight(entry.in_flight.clone()))))
+    }
+
+    /// Stops least recently used idle actors until the population is within the cap.
+    fn evict_over_cap(&self, population: &mut Population) {
+        let excess = population
+            .by_account
+            .len()
+            .saturating_sub(self.settings.actors_live_max);
+        if excess == 0 {
+            return;
+        }
+        let mut idle: Vec<(Instant, AccountId)> = population
+            .by_account
+            .iter()
+            .filter(|(_, entry)| entry.in_flight.load(Ordering::Relaxed) == 0)
+            .map(|(account, entry)| (entry.last_used, account.clone()))
+            .collect();
+        idle.sort_unstable_by_key(|(last_used, _)| *last_used);
+        for (_, account) in idle.into_iter().take(excess) {
+            self.passivate(population, &account);
+        }
+    }
+
+    fn passivate(&self, population: &mut Population, account: &AccountId) {
+        if let Some(entry) = population.by_account.remove(account) {
+            population.by_actor.remove(&entry.actor.get_id());
+            entry.actor.stop(Some("passivated".into()));
+            self.context.metrics.actors_passivated.increment();
+            self.context
+                .metrics
+                .actors_live
+                .set(population.by_account.len() as i64);
+        }
+    }
+
+    fn spawn_idle_sweeper(&self) {
+        let registry = self.clone();
+        let period = (self.settings.idle_timeout / 2).max(Duration::from_millis(50));
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(period);
+            loop {
+                ticker.tick().await;
+                if registry.supervisor.get_status() != ractor::ActorStatus::Running {
+                    return;
+                }
+                registry.sweep_idle();
+            }
+        });
+    }
+
+    fn sweep_idle(&self) {
+        let mut population = self.lock();
+        let now = Instant::now();
+        let idle: Vec<AccountId> = population
+            .by_account
+            .iter()
+            .filter(|(_, entry)| {
+                entry.in_flight.load(Ordering::Relaxed) == 0
+                    && now.duration_since(entry.last_used) >= self.settings.idle_timeout
+            })
+            .map(|(account, _)| account.clone())
+            .collect();
+        for account in idle {
+            self.passivate(&mut population, &account);
+        }
+    }
+
+    /// Number of live account actors.
+    pub fn live_actors(&self) -> usize {
+        self.lock().by_account.len()
+    }
+
+    /// Kills an account's actor as a crash would, without cleanup. Operators use it to force a
+    /// reload from the stream; tests use it to check that a crash loses nothing acknowledged.
+    pub fn kill_actor(&self, account: &AccountId) -> bool {
+        let population = self.lock();
+        match population.by_account.get(account) {
+            Some(entry) => {
+                entry.actor.kill();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops every actor (at shutdown, after in-flight commands have been answered).
+    pub fn stop(&self) {
+        self.supervisor.stop_children(None);
+        self.supervisor.stop(None);
+    }
+}
+
+/// Parent of all account actors: removes the ones that end, so the next command for that
+/// account spawns a fresh actor which rebuilds from the stream.
+struct Supervisor;
+
+struct SupervisorState {
+    population: Arc<Mutex<Population>>,
+    context: Arc<ActorContext>,
+}
+
+impl Actor for Supervisor {
+    type Msg = ();
+    type State = SupervisorState;
+    type Arguments = SupervisorState;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<()>,
+        state: SupervisorState,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        Ok(state)
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<()>,
+        event: SupervisionEvent,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, failed): (ActorCell, bool) = match event {
+            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, false),
+            SupervisionEvent::ActorFailed(cell, error) => {
+                tracing::error!(actor = %cell.get_id(), %error, "account actor crashed");
+                (cell, true)
+            }
+            _ => return Ok(()),
+        };
+        let mut population = state
+            .population
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let removed = population.forget_actor(cell.get_id());
+        if failed || removed {
+            if failed {
+                state.context.metrics.actors_failed.increment();
+            }
+            state
+                .context
+                .metrics
+                .actors_live
+                .set(population.by_account.len() as i64);
+        }
+        Ok(())
+    }
+}

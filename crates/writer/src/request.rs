@@ -1,0 +1,282 @@
+//! Parsing request bodies into validated commands. HTTP and NATS share this, so both APIs accept
+//! and refuse exactly the same things.
+
+use domain::{AccountId, Amount, Command, Currency, OpenAccount, OverdraftLimit, TransferId};
+use serde_json::{Map, Value};
+
+use crate::idempotency::{self, IdempotencyKey};
+use crate::{Error, Result};
+
+/// Longest `owner`, `reference` accepted, in bytes: they are stored in every event.
+pub const TEXT_LENGTH_MAX: usize = 256;
+
+/// The command verbs of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Open,
+    Deposit,
+    Withdraw,
+    Transfer,
+    Close,
+}
+
+impl Verb {
+    pub const ALL: [Verb; 5] = [
+        Verb::Open,
+        Verb::Deposit,
+        Verb::Withdraw,
+        Verb::Transfer,
+        Verb::Close,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Verb::Open => "open",
+            Verb::Deposit => "deposit",
+            Verb::Withdraw => "withdraw",
+            Verb::Transfer => "transfer",
+            Verb::Close => "close",
+        }
+    }
+}
+
+/// A validated command for one account, with what idempotency needs.
+#[derive(Debug, Clone)]
+pub struct CommandRequest {
+    pub account_id: AccountId,
+    pub command: Command,
+    pub idempotency_key: Option<IdempotencyKey>,
+    /// Ties the resulting event to the request that caused it.
+    pub correlation_id: String,
+}
+
+fn invalid(detail: impl Into<String>) -> Error {
+    Error::InvalidRequest(detail.into())
+}
+
+/// Parses a JSON object body. An empty body counts as `{}` only where `empty_allowed`.
+fn object(body: &[u8], empty_allowed: bool) -> Result<Map<String, Value>> {
+    if empty_allowed && body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(invalid("the body must be a JSON object")),
+        Err(error) => Err(invalid(format!("malformed JSON: {error}"))),
+    }
+}
+
+fn integer(map: &Map<String, Value>, field: &str) -> Result<Option<i128>> {
+    match map.get(field) {
+        None => Ok(None),
+        Some(Value::Number(number)) => {
+            if let Some(value) = number.as_i64() {
+                Ok(Some(value.into()))
+            } else if let Some(value) = number.as_u64() {
+                Ok(Some(value.into()))
+            } else {
+                Err(invalid(format!("{field} must be an integer")))
+            }
+        }
+        Some(_) => Err(invalid(format!("{field} must be an integer"))),
+    }
+}
+
+fn text<'a>(map: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text)),
+        Some(_) => Err(invalid(format!("{field} must be a string"))),
+    }
+}
+
+fn free_text(map: &Map<String, Value>, field: &str) -> Result<Option<String>> {
+    match text(map, field)? {
+        Some(value) if value.len() > TEXT_LENGTH_MAX => Err(invalid(format!(
+            "{field} must be at most {TEXT_LENGTH_MAX} bytes"
+        ))),
+        value => Ok(value.map(str::to_owned)),
+    }
+}
+
+fn amount(map: &Map<String, Value>) -> Result<Amount> {
+    let units = integer(map, "amount")?.ok_or_else(|| invalid("amount is required"))?;
+    Amount::new(units).map_err(|error| invalid(error.to_string()))
+}
+
+fn account_id(text: &str) -> Result<AccountId> {
+    AccountId::parse(text).map_err(|error| invalid(error.to_string()))
+}
+
+/// Checks an id given both in the subject/path and the body agrees.
+fn same_account(body_id: Option<&str>, addressed: &AccountId) -> Result<()> {
+    match body_id {
+        Some(id) if id != addressed.as_str() => Err(invalid(format!(
+            "account_id {id:?} in the body differs from {addressed} in the address"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `open`: `{"account_id"?, "currency", "owner"?, "overdraft_limit"?}`. Over NATS the account
+/// comes from the subject (`addressed`).
+pub fn open(
+    body: &[u8],
+    addressed: Option<&str>,
+    key: Option<&IdempotencyKey>,
+) -> Result<(AccountId, Command)> {
+    let map = object(body, false)?;
+    let currency = match map.get("currency") {
+        Some(Value::String(code)) => Currency::parse(code).map_err(|e| invalid(e.to_string()))?,
+        Some(_) => return Err(invalid("currency must be a string")),
+        None => return Err(invalid("currency is required")),
+    };
+    let overdraft_limit = OverdraftLimit::new(integer(&map, "overdraft_limit")?.unwrap_or(0))
+        .map_err(|error| invalid(error.to_string()))?;
+    let body_id = text(&map, "account_id")?;
+    let id = match (addressed, body_id, key) {
+        (Some(addressed), body_id, _) => {
+            let id = account_id(addressed)?;
+            same_account(body_id, &id)?;
+            id
+        }
+        (None, Some(id), _) => account_id(id)?,
+        // Without an id the key decides it, so a retried create finds the account it made.
+        (None, None, Some(key)) => account_id(&idempotency::derived_id("acc_", "open", key))?,
+        (None, None, None) => account_id(&uuid::Uuid::now_v7().simple().to_string())?,
+    };
+    let command = Command::Open(OpenAccount {
+        currency,
+        owner: free_text(&map, "owner")?,
+        overdraft_limit,
+    });
+    Ok((id, command))
+}
+
+/// `deposit`: `{"amount", "reference"?}`.
+pub fn deposit(body: &[u8]) -> Result<Command> {
+    let map = object(body, false)?;
+    Ok(Command::Deposit {
+        amount: amount(&map)?,
+        reference: free_text(&map, "reference")?,
+    })
+}
+
+/// `withdraw`: `{"amount", "reference"?}`.
+pub fn withdraw(body: &[u8]) -> Result<Command> {
+    let map = object(body, false)?;
+    Ok(Command::Withdraw {
+        amount: amount(&map)?,
+        reference: free_text(&map, "reference")?,
+    })
+}
+
+/// `transfer`: HTTP `{"transfer_id"?, "from", "to", "amount", "reference"?}`; over NATS the
+/// sender is the subject's account and `from` may be omitted.
+pub fn transfer(
+    body: &[u8],
+    addressed: Option<&str>,
+    key: Option<&IdempotencyKey>,
+) -> Result<(AccountId, Command)> {
+    let map = object(body, false)?;
+    let from = match (addressed, text(&map, "from")?) {
+        (Some(addressed), body_from) => {
+            let id = account_id(addressed)?;
+            same_account(body_from, &id)?;
+            id
+        }
+        (None, Some(from)) => account_id(from)?,
+        (None, None) => return Err(invalid("from is required")),
+    };
+    let to = account_id(text(&map, "to")?.ok_or_else(|| invalid("to is required"))?)?;
+    let transfer_id = match (text(&map, "transfer_id")?, key) {
+        (Some(id), _) => TransferId::parse(id).map_err(|error| invalid(error.to_string()))?,
+        (None, Some(key)) => {
+            TransferId::parse(&idempotency::derived_id("tr_", from.as_str(), key))
+                .map_err(|error| invalid(error.to_string()))?
+        }
+        (None, None) => TransferId::parse(&uuid::Uuid::now_v7().simple().to_string())
+            .map_err(|error| invalid(error.to_string()))?,
+    };
+    let command = Command::DebitTransfer {
+        transfer_id,
+        to,
+        amount: amount(&map)?,
+        reference: free_text(&map, "reference")?,
+    };
+    Ok((from, command))
+}
+
+/// `close`: an empty body or `{}`.
+pub fn close(body: &[u8]) -> Result<Command> {
+    object(body, true)?;
+    Ok(Command::Close)
+}
+
+/// Parses a path or subject account id.
+pub fn addressed_account(text: &str) -> Result<AccountId> {
+    account_id(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_must_be_integers_in_range() {
+        for body in [
+            r#"{"amount":0}"#,
+            r#"{"amount":-5}"#,
+            r#"{"amount":1.5}"#,
+            r#"{"amount":"10"}"#,
+            r#"{"amount":null}"#,
+            r#"{"amount":9007199254740992}"#,
+            r#"{"amount":1e3}"#,
+            r#"{}"#,
+            r#"[1]"#,
+            r#"{not json"#,
+        ] {
+            assert!(
+                matches!(deposit(body.as_bytes()), Err(Error::InvalidRequest(_))),
+                "{body} accepted"
+            );
+        }
+        assert!(deposit(br#"{"amount":9007199254740991}"#).is_ok());
+    }
+
+    #[test]
+    fn open_validates_currency_id_and_limit() {
+        for body in [
+            r#"{"currency":"eur"}"#,
+            r#"{"currency":978}"#,
+            r#"{}"#,
+            r#"{"currency":"EUR","account_id":"has.dot"}"#,
+            r#"{"currency":"EUR","account_id":""}"#,
+            r#"{"currency":"EUR","overdraft_limit":-1}"#,
+            r#"{"currency":"EUR","owner":5}"#,
+        ] {
+            assert!(open(body.as_bytes(), None, None).is_err(), "{body} accepted");
+        }
+        let (id, _) = open(br#"{"currency":"EUR","account_id":"a-1"}"#, None, None).unwrap();
+        assert_eq!(id.as_str(), "a-1");
+        assert!(open(br#"{"currency":"EUR","account_id":"b"}"#, Some("a"), None).is_err());
+    }
+
+    #[test]
+    fn a_key_derives_the_same_generated_id_on_retry() {
+        let key = IdempotencyKey::parse("k").unwrap();
+        let (first, _) = open(br#"{"currency":"EUR"}"#, None, Some(&key)).unwrap();
+        let (second, _) = open(br#"{"currency":"EUR"}"#, None, Some(&key)).unwrap();
+        assert_eq!(first, second);
+        let (x, _) = open(br#"{"currency":"EUR"}"#, None, None).unwrap();
+        let (y, _) = open(br#"{"currency":"EUR"}"#, None, None).unwrap();
+        assert_ne!(x, y);
+    }
+
+    #[test]
+    fn close_accepts_an_empty_body_or_an_object() {
+        assert!(close(b"").is_ok());
+        assert!(close(b"{}").is_ok());
+        assert!(close(b"{x").is_err());
+    }
+}

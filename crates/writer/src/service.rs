@@ -1,0 +1,149 @@
+//! Wiring of the writer process: NATS, the stream, actors, process manager, both APIs, and a
+//! graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use eventlog::{EventLog, NatsSettings, StreamSettings};
+use tokio::sync::watch;
+
+use crate::actor::ActorContext;
+use crate::http::{self, AppState};
+use crate::idempotency::AnswerStore;
+use crate::metrics::Metrics;
+use crate::registry::{Registry, RegistrySettings};
+use crate::{nats_api, transfers, Error, Result};
+
+/// Everything the writer is configured with.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub nats: NatsSettings,
+    /// Where the HTTP API listens (`COFFER_HTTP_ADDR`, default `127.0.0.1:8080`).
+    pub http_address: SocketAddr,
+    pub stream: StreamSettings,
+    pub registry: RegistrySettings,
+    /// Whether this writer runs the transfer process manager. Default true; every writer can.
+    pub process_transfers: bool,
+}
+
+/// Pause between attempts to set up the stream and bucket while NATS is not reachable.
+const SETUP_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// In-flight requests get this long to finish after a shutdown signal: the contract gives 10 s
+/// to exit, and flushing NATS needs a moment after.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Runs the writer until `shutdown` completes, then drains and returns.
+pub async fn run(config: WriterConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    let client = config
+        .nats
+        .connect()
+        .await
+        .map_err(|error| Error::Unavailable(error.to_string()))?;
+    let log = EventLog::new(client.clone(), &config.stream);
+    let metrics = Arc::new(Metrics::default());
+    let registry_cell: Arc<OnceLock<Registry>> = Arc::new(OnceLock::new());
+    let (stop_sender, stop_receiver) = watch::channel(false);
+
+    let listener = tokio::net::TcpListener::bind(config.http_address)
+        .await
+        .map_err(|error| Error::Internal(format!("bind {}: {error}", config.http_address)))?;
+    tracing::info!(address = %config.http_address, "writer HTTP API listening");
+
+    let setup = tokio::spawn(set_up(
+        config.clone(),
+        log.clone(),
+        metrics.clone(),
+        registry_cell.clone(),
+        stop_receiver.clone(),
+    ));
+
+    let state = AppState {
+        registry: registry_cell.clone(),
+        log: log.clone(),
+        metrics: metrics.clone(),
+    };
+    let (http_stop_sender, http_stop_receiver) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, http::router(state))
+            .with_graceful_shutdown(async move {
+                let _ = http_stop_receiver.await;
+            })
+            .await
+    });
+
+    shutdown.await;
+    tracing::info!("shutting down: no new work, draining in-flight requests");
+    let _ = stop_sender.send(true);
+    let _ = http_stop_sender.send(());
+    match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => tracing::warn!(%error, "HTTP server error while draining"),
+        Ok(Err(error)) => tracing::warn!(%error, "HTTP server task failed"),
+        Err(_) => tracing::warn!("in-flight requests did not finish in time"),
+    }
+    setup.abort();
+    if let Some(registry) = registry_cell.get() {
+        registry.stop();
+    }
+    if let Err(error) = client.flush().await {
+        tracing::warn!(%error, "flushing NATS at shutdown");
+    }
+    tracing::info!("writer stopped");
+    Ok(())
+}
+
+/// Sets up the stream, bucket and actors (retrying while NATS is away), then starts the
+/// process manager and the NATS API.
+async fn set_up(
+    config: WriterConfig,
+    log: EventLog,
+    metrics: Arc<Metrics>,
+    registry_cell: Arc<OnceLock<Registry>>,
+    stop: watch::Receiver<bool>,
+) {
+    let registry = loop {
+        match try_set_up(&config, &log, &metrics).await {
+            Ok(registry) => break registry,
+            Err(error) => {
+                tracing::warn!(%error, "writer setup failed; retrying");
+                tokio::time::sleep(SETUP_RETRY_DELAY).await;
+            }
+        }
+    };
+    let _ = registry_cell.set(registry.clone());
+    tracing::info!("writer ready");
+    if config.process_transfers {
+        tokio::spawn(transfers::run(
+            log.clone(),
+            registry.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ));
+    }
+    loop {
+        match nats_api::serve(log.client().clone(), registry_cell.clone(), stop.clone()).await {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::warn!(%error, "NATS command API failed; restarting it");
+                tokio::time::sleep(SETUP_RETRY_DELAY).await;
+            }
+        }
+    }
+}
+
+async fn try_set_up(config: &WriterConfig, log: &EventLog, metrics: &Arc<Metrics>) -> Result<Registry> {
+    config
+        .stream
+        .ensure(log.context())
+        .await
+        .map_err(|error| Error::Unavailable(error.to_string()))?;
+    let answers = AnswerStore::open(log.context(), config.stream.replicas).await?;
+    let context = Arc::new(ActorContext {
+        log: log.clone(),
+        answers,
+        metrics: metrics.clone(),
+    });
+    Registry::start(context, config.registry.clone()).await
+}
