@@ -1,1 +1,369 @@
+//! The projection engine: a durable JetStream pull consumer feeds bounded batches of events to a
+//! [`Projector`], whose changes are written to redb in ONE transaction together with the last
+//! applied stream position. Messages are acknowledged only after the commit.
+//!
+//! # Exactly once
+//! A crash between commit and ack makes the server redeliver; the engine skips every event at or
+//! below the stored position, so each is applied once. If the consumer is gone, or is ahead of
+//! the stored position (the redb file was restored from a backup, say), it is re-created to
+//! deliver from the stored position + 1.
+//!
+//! # Poison events
+//! An event this build cannot decode is never skipped silently: the view stops, `/readyz` says
+//! why, and `coffer_projection_decode_failures_total` counts it. Deploying a build that knows
+//! the event resumes the view where it stopped. (Skipping would make every later balance wrong.)
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use eventlog::log::decode_stored;
+use eventlog::{EventLog, RecordedEvent};
+use futures::StreamExt;
+use prometheus_text::{Counter, Gauge};
+use redb::{Database, TableDefinition, WriteTransaction};
+use tokio::sync::watch;
+
+/// Where the engine records the last applied stream position, in the same file as the views.
+const CHECKPOINT: TableDefinition<&str, u64> = TableDefinition::new("checkpoint");
+const CHECKPOINT_KEY: &str = "applied_position";
+
+/// Largest batch applied in one transaction, in events: bounds memory and commit latency.
+pub const BATCH_SIZE_MAX: usize = 1_000;
+/// Largest batch the server sends per pull, in bytes.
+pub const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Pause before re-creating the consumer after NATS trouble.
+const RETRY_DELAY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("view storage: {0}")]
+    Storage(String),
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error("event at position {position} cannot be decoded: {message}")]
+    Poison { position: u64, message: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn storage(error: impl std::fmt::Display) -> Error {
+    Error::Storage(error.to_string())
+}
+
+/// A set of views kept in redb. `apply` is called inside the batch's write transaction; the
+/// views' own logic should be pure functions of the old rows and the event.
+pub trait Projector: Send + Sync + 'static {
+    /// Creates the tables, so readers never meet a missing one.
+    fn initialize(&self, transaction: &WriteTransaction) -> Result<(), redb::Error>;
+    /// Applies a batch of events in stream order.
+    fn apply(
+        &self,
+        transaction: &WriteTransaction,
+        events: &[RecordedEvent],
+    ) -> Result<(), redb::Error>;
+}
+
+/// Health and metrics of a running view.
+pub struct ViewHealth {
+    /// Why the view stopped, if it did.
+    pub failure: Mutex<Option<String>>,
+    /// The consumer is set up and pulling.
+    pub consuming: AtomicBool,
+    pub events_applied: Counter,
+    pub batches_committed: Counter,
+    pub decode_failures: Counter,
+    pub redeliveries_skipped: Counter,
+    pub consumer_recreations: Counter,
+    /// Events in the stream not yet applied, as the server reported with the last delivery.
+    pub lag: Gauge,
+    pub applied_position: AtomicU64,
+}
+
+impl Default for ViewHealth {
+    fn default() -> Self {
+        Self {
+            failure: Mutex::new(None),
+            consuming: AtomicBool::new(false),
+            events_applied: Counter::new("coffer_projection_events_applied_total", "Events applied to the views."),
+            batches_committed: Counter::new("coffer_projection_batches_committed_total", "redb transactions committed by the projection."),
+            decode_failures: Counter::new("coffer_projection_decode_failures_total", "Events that could not be decoded; the view stops at the first."),
+            redeliveries_skipped: Counter::new("coffer_projection_redeliveries_skipped_total", "Redelivered events at or below the stored position, skipped."),
+            consumer_recreations: Counter::new("coffer_projection_consumer_recreations_total", "Times the durable consumer was (re)created from the stored position."),
+            lag: Gauge::new("coffer_projection_lag_events", "Stream events not yet applied to the views."),
+            applied_position: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ViewHealth {
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn render(&self, out: &mut String) {
+        for counter in [
+            &self.events_applied,
+            &self.batches_committed,
+            &self.decode_failures,
+            &self.redeliveries_skipped,
+            &self.consumer_recreations,
+        ] {
+            counter.render(out);
+        }
+        self.lag.render(out);
+        let applied = Gauge::new("coffer_projection_applied_position", "Last stream position applied to the views.");
+        applied.set(self.applied_position.load(Ordering::Relaxed) as i64);
+        applied.render(out);
+        let failed = Gauge::new("coffer_projection_failed", "1 when the view stopped on an error.");
+        failed.set(i64::from(self.failure().is_some()));
+        failed.render(out);
+    }
+}
+
+/// Runs one set of views on one durable consumer.
+pub struct Engine<P: Projector> {
+    database: Arc<Database>,
+    projector: Arc<P>,
+    consumer_name: String,
+    applied: watch::Sender<u64>,
+    health: Arc<ViewHealth>,
+}
+
+impl<P: Projector> Engine<P> {
+    /// Creates the tables if needed and loads the stored position.
+    pub fn open(database: Arc<Database>, projector: P, consumer_name: &str) -> Result<Self> {
+        let transaction = database.begin_write().map_err(storage)?;
+        transaction.open_table(CHECKPOINT).map_err(storage)?;
+        projector.initialize(&transaction).map_err(storage)?;
+        transaction.commit().map_err(storage)?;
+        let position = stored_position(&database)?;
+        let health = Arc::new(ViewHealth::default());
+        health.applied_position.store(position, Ordering::Relaxed);
+        let (applied, _) = watch::channel(position);
+        Ok(Self {
+            database,
+            projector: Arc::new(projector),
+            consumer_name: consumer_name.to_owned(),
+            applied,
+            health,
+        })
+    }
+
+    /// The applied position, updated after each commit; waiters use it for read-your-writes.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    pub fn health(&self) -> Arc<ViewHealth> {
+        self.health.clone()
+    }
+
+    /// Consumes until `shutdown` turns true or the view fails on a poison event.
+    pub async fn run(self, log: EventLog, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let result = tokio::select! {
+                result = self.consume(&log) => result,
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            self.health.consuming.store(false, Ordering::Relaxed);
+            match result {
+                Err(Error::Poison { position, message }) => {
+                    self.health.decode_failures.increment();
+                    let failure = format!("view stopped at position {position}: {message}");
+                    tracing::error!(consumer = %self.consumer_name, position, %message, "view stopped on an undecodable event");
+                    *self
+                        .health
+                        .failure
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(failure);
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(consumer = %self.consumer_name, %error, "projection interrupted; resuming");
+                }
+                Ok(()) => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY_DELAY) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    fn position(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Sets up the consumer at the stored position, then applies batches until an error.
+    async fn consume(&self, log: &EventLog) -> Result<()> {
+        if !log.is_connected() {
+            return Err(Error::Nats("not connected".into()));
+        }
+        let consumer = self.consumer(log).await?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(BATCH_SIZE_MAX)
+            .max_bytes_per_batch(BATCH_BYTES_MAX)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|error| Error::Nats(error.to_string()))?;
+        self.health.consuming.store(true, Ordering::Relaxed);
+        // Everything already delivered goes into one batch, so a catch-up commits in large
+        // transactions while a single new event is applied at once.
+        let mut batches = messages.ready_chunks(BATCH_SIZE_MAX);
+        while let Some(chunk) = batches.next().await {
+            let mut batch = Vec::with_capacity(chunk.len());
+            for message in chunk {
+                batch.push(message.map_err(|error| Error::Nats(error.to_string()))?);
+            }
+            self.apply_batch(batch).await?;
+        }
+        Err(Error::Nats("message stream ended".into()))
+    }
+
+    /// The durable consumer, created or re-created to deliver after the stored position.
+    async fn consumer(&self, log: &EventLog) -> Result<consumer::PullConsumer> {
+        let stream = log
+            .context()
+            .get_stream_no_info(log.stream_name())
+            .await
+            .map_err(|error| Error::Nats(error.to_string()))?;
+        let stored = self.position();
+        match stream
+            .get_consumer::<consumer::pull::Config>(&self.consumer_name)
+            .await
+        {
+            Ok(mut existing) => {
+                let info = existing
+                    .info()
+                    .await
+                    .map_err(|error| Error::Nats(error.to_string()))?;
+                // The server would never send again what it thinks we acknowledged.
+                if info.ack_floor.stream_sequence <= stored {
+                    return Ok(existing);
+                }
+                tracing::warn!(
+                    consumer = %self.consumer_name,
+                    acknowledged = info.ack_floor.stream_sequence,
+                    stored,
+                    "consumer is ahead of the stored view; re-creating it"
+                );
+                stream
+                    .delete_consumer(&self.consumer_name)
+                    .await
+                    .map_err(|error| Error::Nats(error.to_string()))?;
+            }
+            Err(error) => {
+                tracing::info!(consumer = %self.consumer_name, %error, stored, "creating the durable consumer");
+            }
+        }
+        self.health.consumer_recreations.increment();
+        stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(self.consumer_name.clone()),
+                description: Some("Coffer reader views".into()),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: stored + 1,
+                },
+                ack_policy: consumer::AckPolicy::All,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 20_000,
+                max_deliver: -1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| Error::Nats(error.to_string()))
+    }
+
+    async fn apply_batch(&self, messages: Vec<jetstream::Message>) -> Result<()> {
+        let Some(last) = messages.last() else {
+            return Ok(());
+        };
+        let stored = self.position();
+        let mut events = Vec::with_capacity(messages.len());
+        let mut lag = None;
+        for message in &messages {
+            let info = message
+                .info()
+                .map_err(|error| Error::Nats(error.to_string()))?;
+            lag = Some(info.pending);
+            if info.stream_sequence <= stored {
+                self.health.redeliveries_skipped.increment();
+                continue;
+            }
+            let headers = message.headers.clone().unwrap_or_default();
+            let recorded = decode_stored(
+                &message.subject,
+                info.stream_sequence,
+                info.published,
+                &headers,
+                &message.payload,
+            )
+            .map_err(|error| Error::Poison {
+                position: info.stream_sequence,
+                message: error.to_string(),
+            })?;
+            events.push(recorded);
+        }
+        if let Some(newest) = events.last().map(|event| event.position) {
+            let count = events.len() as u64;
+            let database = self.database.clone();
+            let projector = self.projector.clone();
+            tokio::task::spawn_blocking(move || commit(&database, projector.as_ref(), &events, newest))
+                .await
+                .map_err(storage)??;
+            self.health.events_applied.add(count);
+            self.health.batches_committed.increment();
+            self.health
+                .applied_position
+                .store(newest, Ordering::Relaxed);
+            self.applied.send_replace(newest);
+        }
+        if let Some(lag) = lag {
+            self.health.lag.set(lag as i64);
+        }
+        // With AckPolicy::All, acknowledging the last message acknowledges the whole batch.
+        // A lost ack only causes a redelivery, which the position check skips.
+        if let Err(error) = last.ack().await {
+            tracing::debug!(%error, "batch ack failed; the batch will be redelivered and skipped");
+        }
+        Ok(())
+    }
+}
+
+fn commit<P: Projector>(database: &Database, projector: &P, events: &[RecordedEvent], newest: u64) -> Result<()> {
+    let transaction = database.begin_write().map_err(storage)?;
+    projector.apply(&transaction, events).map_err(storage)?;
+    {
+        let mut checkpoint = transaction.open_table(CHECKPOINT).map_err(storage)?;
+        checkpoint.insert(CHECKPOINT_KEY, newest).map_err(storage)?;
+    }
+    transaction.commit().map_err(storage)
+}
+
+/// The position stored with the views (0 for a new file).
+pub fn stored_position(database: &Database) -> Result<u64> {
+    use redb::ReadableDatabase;
+    let transaction = database.begin_read().map_err(storage)?;
+    let table = match transaction.open_table(CHECKPOINT) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(error) => return Err(storage(error)),
+    };
+    let position = table
+        .get(CHECKPOINT_KEY)
+        .map_err(storage)?
+        .map(|value| value.value())
+        .unwrap_or(0);
+    Ok(position)
+}

@@ -1,1 +1,28 @@
+//! The query side of Coffer.
+//!
+//! # Layout
+//! - [`views`]: the account, statement and transfer views: pure folds plus the redb code that
+//!   stores them, run by the `projection` engine.
+//! - [`http`]: the query API, with read-your-writes waits on the applied position.
+//! - [`service`]: wiring, readiness and graceful shutdown.
+//!
+//! Reads come from the local redb file only, so they keep working while NATS or the writers are
+//! down; they are as fresh as the last applied position, which every response states.
 
+pub mod http;
+pub mod service;
+pub mod views;
+
+pub use service::{run, ReaderConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("view storage: {0}")]
+    Storage(String),
+    #[error(transparent)]
+    Projection(#[from] projection::Error),
+    #[error("startup: {0}")]
+    Startup(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,294 @@
+//! The query API (axum): accounts, statements and transfers, each response stamped with the
+//! applied position (`X-Coffer-Position`), and `min_position` waits for read-your-writes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use problem::Problem;
+use projection::ViewHealth;
+use redb::{Database, ReadableDatabase};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+use crate::views::{self, AccountRow, StatementEntry, TransferRow, TransferStatus};
+
+/// Most statement entries one page returns.
+pub const STATEMENT_LIMIT_MAX: usize = 1_000;
+const STATEMENT_LIMIT_DEFAULT: usize = 100;
+pub const POSITION_HEADER: &str = "x-coffer-position";
+pub const MIN_POSITION_HEADER: &str = "x-coffer-min-position";
+
+#[derive(Clone)]
+pub struct QueryState {
+    pub database: Arc<Database>,
+    pub applied: watch::Receiver<u64>,
+    pub health: Arc<ViewHealth>,
+    /// Longest `min_position` wait before `503 stale`.
+    pub min_position_wait: Duration,
+    pub nats: async_nats::Client,
+}
+
+pub fn router(state: QueryState) -> Router {
+    Router::new()
+        .route("/v1/accounts/{id}", get(account))
+        .route("/v1/accounts/{id}/transactions", get(transactions))
+        .route("/v1/transfers/{id}", get(transfer))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { Problem::not_found("not_found", "no such route") })
+        .layer(middleware::from_fn_with_state(state.clone(), stamp_position))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Waits for `min_position` (query or header) before the handler runs, and stamps every
+/// response with the position the view had applied when it was read.
+async fn stamp_position(State(state): State<QueryState>, request: Request, next: Next) -> Response {
+    let wanted = match min_position(request.uri().query(), request.headers()) {
+        Ok(wanted) => wanted,
+        Err(problem) => return with_position(problem.into_response(), *state.applied.borrow()),
+    };
+    if let Some(wanted) = wanted {
+        let mut applied = state.applied.clone();
+        let reached = tokio::time::timeout(
+            state.min_position_wait,
+            applied.wait_for(|position| *position >= wanted),
+        )
+        .await;
+        if !matches!(reached, Ok(Ok(_))) {
+            let current = *state.applied.borrow();
+            let problem = Problem::unavailable(
+                "stale",
+                format!(
+                    "the view has applied position {current}, not {wanted}, after waiting {} ms",
+                    state.min_position_wait.as_millis()
+                ),
+                1,
+            );
+            return with_position(problem.into_response(), current);
+        }
+    }
+    // Read the position before the handler reads the view: the view is at least this fresh.
+    let position = *state.applied.borrow();
+    with_position(next.run(request).await, position)
+}
+
+fn with_position(mut response: Response, position: u64) -> Response {
+    response
+        .headers_mut()
+        .insert(POSITION_HEADER, HeaderValue::from(position));
+    response
+}
+
+fn min_position(query: Option<&str>, headers: &HeaderMap) -> Result<Option<u64>, Problem> {
+    let from_query = query.and_then(|query| {
+        query
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(name, _)| *name == "min_position")
+            .map(|(_, value)| value.to_owned())
+    });
+    let from_header = headers
+        .get(MIN_POSITION_HEADER)
+        .map(|value| value.to_str().unwrap_or("invalid").to_owned());
+    match from_query.or(from_header) {
+        None => Ok(None),
+        Some(text) => text.parse::<u64>().map(Some).map_err(|_| {
+            Problem::invalid_request("min_position must be a non-negative integer position")
+        }),
+    }
+}
+
+fn storage_problem(error: impl std::fmt::Display) -> Problem {
+    tracing::error!(%error, "view read failed");
+    Problem::new(500, "internal", "Internal error", "the view could not be read")
+}
+
+fn rfc3339(time: OffsetDateTime) -> String {
+    time.format(&Rfc3339).unwrap_or_default()
+}
+
+fn account_json(row: &AccountRow) -> Value {
+    json!({
+        "account_id": row.account_id,
+        "currency": row.currency,
+        "owner": row.owner,
+        "balance": row.balance,
+        "overdraft_limit": row.overdraft_limit,
+        "status": if row.closed { "closed" } else { "open" },
+        "version": row.version,
+        "position": row.position,
+        "opened_at": rfc3339(row.opened_at),
+        "updated_at": rfc3339(row.updated_at),
+    })
+}
+
+fn read_account(database: &Database, id: &str) -> Result<Option<AccountRow>, Problem> {
+    let transaction = database.begin_read().map_err(storage_problem)?;
+    let table = transaction.open_table(views::ACCOUNTS).map_err(storage_problem)?;
+    let bytes = table.get(id).map_err(storage_problem)?;
+    bytes
+        .map(|bytes| views::decode(bytes.value()).map_err(storage_problem))
+        .transpose()
+}
+
+fn account_not_found(id: &str) -> Problem {
+    Problem::not_found("account_not_found", format!("no account {id}"))
+}
+
+async fn account(State(state): State<QueryState>, Path(id): Path<String>) -> Response {
+    match read_account(&state.database, &id) {
+        Ok(Some(row)) => Json(account_json(&row)).into_response(),
+        Ok(None) => account_not_found(&id).into_response(),
+        Err(problem) => problem.into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct PageQuery {
+    after: Option<String>,
+    limit: Option<String>,
+}
+
+fn entry_json(entry: &StatementEntry) -> Value {
+    let mut item = json!({
+        "position": entry.position,
+        "type": entry.event_type,
+        "amount": entry.amount,
+        "balance_after": entry.balance_after,
+        "time": rfc3339(entry.time),
+    });
+    for (field, value) in [
+        ("transfer_id", &entry.transfer_id),
+        ("counterparty", &entry.counterparty),
+        ("reference", &entry.reference),
+    ] {
+        if let Some(value) = value {
+            item[field] = json!(value);
+        }
+    }
+    item
+}
+
+async fn transactions(
+    State(state): State<QueryState>,
+    Path(id): Path<String>,
+    Query(page): Query<PageQuery>,
+) -> Response {
+    match statement_page(&state.database, &id, &page) {
+        Ok(body) => Json(body).into_response(),
+        Err(problem) => problem.into_response(),
+    }
+}
+
+fn statement_page(database: &Database, id: &str, page: &PageQuery) -> Result<Value, Problem> {
+    let limit = match &page.limit {
+        None => STATEMENT_LIMIT_DEFAULT,
+        Some(text) => match text.parse::<usize>() {
+            Ok(limit) if (1..=STATEMENT_LIMIT_MAX).contains(&limit) => limit,
+            _ => {
+                return Err(Problem::invalid_request(format!(
+                    "limit must be an integer from 1 to {STATEMENT_LIMIT_MAX}"
+                )))
+            }
+        },
+    };
+    let after = match &page.after {
+        None => 0,
+        Some(text) => text
+            .parse::<u64>()
+            .map_err(|_| Problem::invalid_request("after must be a non-negative integer position"))?,
+    };
+    if read_account(database, id)?.is_none() {
+        return Err(account_not_found(id));
+    }
+    let transaction = database.begin_read().map_err(storage_problem)?;
+    let table = transaction.open_table(views::STATEMENTS).map_err(storage_problem)?;
+    let start = after.saturating_add(1);
+    let mut items = Vec::new();
+    let mut next = after;
+    for row in table.range((id, start)..=(id, u64::MAX)).map_err(storage_problem)? {
+        if items.len() == limit {
+            break;
+        }
+        let (key, value) = row.map_err(storage_problem)?;
+        let entry: StatementEntry = views::decode(value.value()).map_err(storage_problem)?;
+        next = key.value().1;
+        items.push(entry_json(&entry));
+    }
+    Ok(json!({"items": items, "next": next}))
+}
+
+async fn transfer(State(state): State<QueryState>, Path(id): Path<String>) -> Response {
+    let row: Result<Option<TransferRow>, Problem> = (|| {
+        let transaction = state.database.begin_read().map_err(storage_problem)?;
+        let table = transaction.open_table(views::TRANSFERS).map_err(storage_problem)?;
+        let bytes = table.get(id.as_str()).map_err(storage_problem)?;
+        bytes
+            .map(|bytes| views::decode(bytes.value()).map_err(storage_problem))
+            .transpose()
+    })();
+    match row {
+        Ok(Some(row)) => {
+            let status = match row.status {
+                TransferStatus::Pending => "pending",
+                TransferStatus::Completed => "completed",
+                TransferStatus::Failed => "failed",
+            };
+            let mut body = json!({
+                "transfer_id": row.transfer_id,
+                "from": row.from,
+                "to": row.to,
+                "amount": row.amount,
+                "currency": row.currency,
+                "status": status,
+                "initiated_at": rfc3339(row.initiated_at),
+            });
+            if let Some(reason) = &row.reason {
+                body["reason"] = json!(reason);
+            }
+            if let Some(finished_at) = row.finished_at {
+                body["finished_at"] = json!(rfc3339(finished_at));
+            }
+            Json(body).into_response()
+        }
+        Ok(None) => Problem::not_found("transfer_not_found", format!("no transfer {id}")).into_response(),
+        Err(problem) => problem.into_response(),
+    }
+}
+
+async fn readyz(State(state): State<QueryState>) -> Response {
+    if let Some(failure) = state.health.failure() {
+        return Problem::unavailable("view_failed", failure, 30).into_response();
+    }
+    let connected = state.nats.connection_state() == async_nats::connection::State::Connected;
+    let consuming = state.health.consuming.load(std::sync::atomic::Ordering::Relaxed);
+    if connected && consuming {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        Problem::unavailable(
+            "unavailable",
+            "not connected to NATS yet; reads are served from the local view",
+            1,
+        )
+        .into_response()
+    }
+}
+
+async fn metrics(State(state): State<QueryState>) -> Response {
+    let mut out = String::new();
+    state.health.render(&mut out);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

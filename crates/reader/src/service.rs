@@ -1,0 +1,93 @@
+//! Wiring of the reader process: the redb file, the projection engine on its durable consumer,
+//! and the query API, with a graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventlog::{EventLog, NatsSettings, StreamSettings};
+use projection::Engine;
+use tokio::sync::watch;
+
+use crate::http::{self, QueryState};
+use crate::views::LedgerViews;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct ReaderConfig {
+    pub nats: NatsSettings,
+    /// Where the query API listens (`COFFER_HTTP_ADDR`, default `127.0.0.1:8081`).
+    pub http_address: SocketAddr,
+    pub stream: StreamSettings,
+    /// Holds `views.redb` (`COFFER_DATA_DIR`, default `./data/reader`).
+    pub data_directory: PathBuf,
+    /// Durable consumer name, unique per replica (`COFFER_READER_NAME`).
+    pub reader_name: String,
+    /// Longest `min_position` wait (default 5 s).
+    pub min_position_wait: Duration,
+}
+
+const SETUP_RETRY_DELAY: Duration = Duration::from_secs(1);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
+
+pub async fn run(config: ReaderConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    std::fs::create_dir_all(&config.data_directory)
+        .map_err(|error| Error::Startup(format!("create {}: {error}", config.data_directory.display())))?;
+    let path = config.data_directory.join("views.redb");
+    let database = Arc::new(
+        redb::Database::create(&path)
+            .map_err(|error| Error::Storage(format!("open {}: {error}", path.display())))?,
+    );
+    let engine = Engine::open(database.clone(), LedgerViews, &config.reader_name)?;
+    let applied = engine.applied();
+    let health = engine.health();
+    tracing::info!(path = %path.display(), position = *applied.borrow(), "views loaded");
+
+    let client = config
+        .nats
+        .connect()
+        .await
+        .map_err(|error| Error::Startup(error.to_string()))?;
+    let log = EventLog::new(client.clone(), &config.stream);
+    let (stop_sender, stop_receiver) = watch::channel(false);
+
+    let stream_settings = config.stream.clone();
+    let engine_log = log.clone();
+    let engine_stop = stop_receiver.clone();
+    let engine_task = tokio::spawn(async move {
+        // The stream may not exist yet if no writer ever ran: create it like a writer would.
+        while stream_settings.ensure(engine_log.context()).await.is_err() {
+            if *engine_stop.borrow() {
+                return;
+            }
+            tokio::time::sleep(SETUP_RETRY_DELAY).await;
+        }
+        engine.run(engine_log, engine_stop).await;
+    });
+
+    let listener = tokio::net::TcpListener::bind(config.http_address)
+        .await
+        .map_err(|error| Error::Startup(format!("bind {}: {error}", config.http_address)))?;
+    tracing::info!(address = %config.http_address, reader = %config.reader_name, "reader HTTP API listening");
+    let state = QueryState {
+        database,
+        applied,
+        health,
+        min_position_wait: config.min_position_wait,
+        nats: client.clone(),
+    };
+    let server = axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown);
+    if let Err(error) = server.await {
+        tracing::warn!(%error, "HTTP server error");
+    }
+    tracing::info!("shutting down the reader");
+    let _ = stop_sender.send(true);
+    if tokio::time::timeout(DRAIN_TIMEOUT, engine_task).await.is_err() {
+        tracing::warn!("projection did not stop in time");
+    }
+    let _ = client.flush().await;
+    tracing::info!("reader stopped");
+    Ok(())
+}
