@@ -11,7 +11,11 @@ use clap::{Args, Parser, Subcommand};
 use eventlog::{NatsSettings, StreamSettings};
 
 #[derive(Parser)]
-#[command(name = "coffer", version, about = "Event-sourced account ledger on NATS JetStream")]
+#[command(
+    name = "coffer",
+    version,
+    about = "Event-sourced account ledger on NATS JetStream"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Commands,
@@ -31,11 +35,19 @@ enum Commands {
 #[derive(Args, Clone)]
 struct NatsArgs {
     /// NATS server URL(s), comma-separated.
-    #[arg(long = "nats-url", env = "COFFER_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long = "nats-url",
+        env = "COFFER_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     url: String,
     #[arg(long = "nats-user", env = "COFFER_NATS_USER")]
     user: Option<String>,
-    #[arg(long = "nats-password", env = "COFFER_NATS_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long = "nats-password",
+        env = "COFFER_NATS_PASSWORD",
+        hide_env_values = true
+    )]
     password: Option<String>,
     #[arg(long = "nats-token", env = "COFFER_NATS_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -52,10 +64,18 @@ struct NatsArgs {
     #[arg(long = "nats-tls-key", env = "COFFER_NATS_TLS_KEY")]
     tls_key: Option<PathBuf>,
     /// Replicas of the event stream and buckets: 1 on one node, 3 in a cluster.
-    #[arg(long = "stream-replicas", env = "COFFER_STREAM_REPLICAS", default_value_t = 1)]
+    #[arg(
+        long = "stream-replicas",
+        env = "COFFER_STREAM_REPLICAS",
+        default_value_t = 1
+    )]
     stream_replicas: usize,
     /// Server-side duplicate window of the event stream, in seconds.
-    #[arg(long = "duplicate-window-seconds", env = "COFFER_DUPLICATE_WINDOW_SECONDS", default_value_t = 120)]
+    #[arg(
+        long = "duplicate-window-seconds",
+        env = "COFFER_DUPLICATE_WINDOW_SECONDS",
+        default_value_t = 120
+    )]
     duplicate_window_seconds: u64,
 }
 
@@ -88,7 +108,11 @@ struct WriterArgs {
     #[command(flatten)]
     nats: NatsArgs,
     /// Address of the HTTP command API.
-    #[arg(long = "http-addr", env = "COFFER_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long = "http-addr",
+        env = "COFFER_HTTP_ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
     http_address: SocketAddr,
     /// Most account actors kept in memory.
     #[arg(long, env = "COFFER_ACTORS_MAX", default_value_t = 100_000)]
@@ -109,13 +133,25 @@ struct ReaderArgs {
     #[command(flatten)]
     nats: NatsArgs,
     /// Address of the HTTP query API.
-    #[arg(long = "http-addr", env = "COFFER_HTTP_ADDR", default_value = "127.0.0.1:8081")]
+    #[arg(
+        long = "http-addr",
+        env = "COFFER_HTTP_ADDR",
+        default_value = "127.0.0.1:8081"
+    )]
     http_address: SocketAddr,
     /// Directory of the redb views.
-    #[arg(long = "data-dir", env = "COFFER_DATA_DIR", default_value = "./data/reader")]
+    #[arg(
+        long = "data-dir",
+        env = "COFFER_DATA_DIR",
+        default_value = "./data/reader"
+    )]
     data_dir: PathBuf,
     /// Durable consumer name: unique per reader replica.
-    #[arg(long = "reader-name", env = "COFFER_READER_NAME", default_value = "reader")]
+    #[arg(
+        long = "reader-name",
+        env = "COFFER_READER_NAME",
+        default_value = "reader"
+    )]
     reader_name: String,
     /// Longest wait for `min_position`, in milliseconds, before 503 stale.
     #[arg(long, env = "COFFER_MIN_POSITION_WAIT_MS", default_value_t = 5_000)]
@@ -126,7 +162,9 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let json = std::env::var("COFFER_LOG_FORMAT").is_ok_and(|format| format == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -191,7 +229,9 @@ async fn main() -> anyhow::Result<()> {
         Commands::Reader(args) => {
             init_logging();
             let config = reader::ReaderConfig {
-                nats: args.nats.settings(&format!("coffer-reader-{}", args.reader_name)),
+                nats: args
+                    .nats
+                    .settings(&format!("coffer-reader-{}", args.reader_name)),
                 http_address: args.http_address,
                 stream: args.nats.stream(),
                 data_directory: args.data_dir,

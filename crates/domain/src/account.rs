@@ -57,7 +57,9 @@ pub enum Command {
         reason: String,
     },
     /// Tells the sender that the receiver was credited, so the transfer no longer blocks closing.
-    CompleteTransfer { transfer_id: TransferId },
+    CompleteTransfer {
+        transfer_id: TransferId,
+    },
     Close,
 }
 
@@ -139,9 +141,16 @@ pub enum DomainError {
     #[error("account is closed")]
     AccountClosed,
     #[error("account holds {expected}, the operation is in {actual}")]
-    CurrencyMismatch { expected: Currency, actual: Currency },
+    CurrencyMismatch {
+        expected: Currency,
+        actual: Currency,
+    },
     #[error("balance {balance} minus {amount} would go below the limit {floor}")]
-    InsufficientFunds { balance: i64, amount: u64, floor: i64 },
+    InsufficientFunds {
+        balance: i64,
+        amount: u64,
+        floor: i64,
+    },
     #[error("the balance would overflow a signed 64-bit integer")]
     BalanceOverflow,
     #[error("balance is {balance}, it must be zero to close")]

@@ -156,7 +156,10 @@ mod tests {
 
     #[test]
     fn currency_is_three_upper_case_letters() {
-        assert_eq!(Currency::parse("EUR").map(|c| c.to_string()), Ok("EUR".into()));
+        assert_eq!(
+            Currency::parse("EUR").map(|c| c.to_string()),
+            Ok("EUR".into())
+        );
         for bad in ["eur", "EURO", "EU", "E1R", ""] {
             assert!(Currency::parse(bad).is_err(), "{bad:?} accepted");
         }

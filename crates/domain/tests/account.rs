@@ -1,5 +1,6 @@
 //! Given events / when command / then events or error, for every rule of the account aggregate,
 //! plus property tests over random command sequences.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use domain::account::{refund_reason, Settlement};
 use domain::{
@@ -126,11 +127,24 @@ fn withdraw_beyond_the_overdraft_limit_is_refused() {
     };
     assert!(matches!(
         then(&[opened(0), deposited(100)], withdraw(101)),
-        Err(DomainError::InsufficientFunds { balance: 100, amount: 101, floor: 0 })
+        Err(DomainError::InsufficientFunds {
+            balance: 100,
+            amount: 101,
+            floor: 0
+        })
     ));
     assert!(then(&[opened(50)], withdraw(50)).is_ok());
     assert!(matches!(
-        then(&[opened(50), Event::Withdrawn { amount: amount(50), reference: None }], withdraw(1)),
+        then(
+            &[
+                opened(50),
+                Event::Withdrawn {
+                    amount: amount(50),
+                    reference: None
+                }
+            ],
+            withdraw(1)
+        ),
         Err(DomainError::InsufficientFunds { .. })
     ));
 }
@@ -168,8 +182,14 @@ fn closed_accounts_refuse_money_movements() {
         ),
         Err(DomainError::AccountClosed)
     );
-    assert_eq!(then(&history, Command::Close), Err(DomainError::AccountClosed));
-    assert_eq!(then(&history, debit("t", "b", 1)), Err(DomainError::AccountClosed));
+    assert_eq!(
+        then(&history, Command::Close),
+        Err(DomainError::AccountClosed)
+    );
+    assert_eq!(
+        then(&history, debit("t", "b", 1)),
+        Err(DomainError::AccountClosed)
+    );
 }
 
 #[test]
@@ -238,8 +258,14 @@ fn transfer_credit_is_applied_once_and_checks_currency_and_status() {
         amount: amount(30),
         reference: None,
     };
-    assert_eq!(then(&[opened(0)], credit("t1", "EUR")), Ok(vec![credited.clone()]));
-    assert_eq!(then(&[opened(0), credited], credit("t1", "EUR")), Ok(vec![]));
+    assert_eq!(
+        then(&[opened(0)], credit("t1", "EUR")),
+        Ok(vec![credited.clone()])
+    );
+    assert_eq!(
+        then(&[opened(0), credited], credit("t1", "EUR")),
+        Ok(vec![])
+    );
     assert!(matches!(
         then(&[opened(0)], credit("t1", "USD")),
         Err(DomainError::CurrencyMismatch { .. })
@@ -248,7 +274,10 @@ fn transfer_credit_is_applied_once_and_checks_currency_and_status() {
         then(&[opened(0), Event::AccountClosed], credit("t1", "EUR")),
         Err(DomainError::AccountClosed)
     );
-    assert_eq!(then(&[], credit("t1", "EUR")), Err(DomainError::AccountNotFound));
+    assert_eq!(
+        then(&[], credit("t1", "EUR")),
+        Err(DomainError::AccountNotFound)
+    );
 }
 
 #[test]
@@ -294,7 +323,10 @@ fn completing_a_transfer_unblocks_close_and_forbids_a_later_refund() {
             to: id("b"),
         },
     ];
-    assert_eq!(then(&history, Command::Close), Ok(vec![Event::AccountClosed]));
+    assert_eq!(
+        then(&history, Command::Close),
+        Ok(vec![Event::AccountClosed])
+    );
     let refund = Command::RefundTransfer {
         transfer_id: tid("t1"),
         reason: "late".into(),
@@ -331,7 +363,11 @@ fn arbitrary_command() -> impl Strategy<Value = Command> {
             amount: amount(units),
             reference: None
         }),
-        (transfer.clone(), money.clone()).prop_map(|(t, units)| debit(&format!("t{t}"), "b", units)),
+        (transfer.clone(), money.clone()).prop_map(|(t, units)| debit(
+            &format!("t{t}"),
+            "b",
+            units
+        )),
         (transfer.clone(), money).prop_map(|(t, units)| Command::CreditTransfer {
             transfer_id: tid(&format!("in{t}")),
             from: id("s"),

@@ -371,7 +371,10 @@ mod tests {
             reference: None,
         })
         .unwrap();
-        assert_eq!(msgpack_to_json(&bytes).unwrap(), serde_json::json!({"amount": 5}));
+        assert_eq!(
+            msgpack_to_json(&bytes).unwrap(),
+            serde_json::json!({"amount": 5})
+        );
     }
 
     #[test]
@@ -395,17 +398,26 @@ mod tests {
     #[test]
     fn unknown_types_versions_and_bad_values_are_errors_not_panics() {
         let (_, _, bytes) = encode(&Event::AccountClosed).unwrap();
-        assert!(matches!(decode("exploded", 1, &bytes), Err(DecodeError::UnknownType(_))));
+        assert!(matches!(
+            decode("exploded", 1, &bytes),
+            Err(DecodeError::UnknownType(_))
+        ));
         assert!(matches!(
             decode("deposited", 9, &bytes),
             Err(DecodeError::UnknownVersion { .. })
         ));
-        assert!(matches!(decode("deposited", 1, b"\xff\x00"), Err(DecodeError::Payload { .. })));
+        assert!(matches!(
+            decode("deposited", 1, b"\xff\x00"),
+            Err(DecodeError::Payload { .. })
+        ));
         let zero = rmp_serde::to_vec_named(&MoneyMoved {
             amount: 0,
             reference: None,
         })
         .unwrap();
-        assert!(matches!(decode("deposited", 1, &zero), Err(DecodeError::Value { .. })));
+        assert!(matches!(
+            decode("deposited", 1, &zero),
+            Err(DecodeError::Value { .. })
+        ));
     }
 }

@@ -211,7 +211,11 @@ impl EventLog {
     }
 
     /// Reads up to `limit` events of the whole stream after `after_position`, in order.
-    pub async fn read_after(&self, after_position: u64, limit: usize) -> Result<Vec<RecordedEvent>> {
+    pub async fn read_after(
+        &self,
+        after_position: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>> {
         let page = self
             .direct_batch(serde_json::json!({
                 "seq": after_position + 1,
@@ -222,7 +226,11 @@ impl EventLog {
     }
 
     /// Reads up to `limit` events stored at or after `since`, in order.
-    pub async fn read_since(&self, since: OffsetDateTime, limit: usize) -> Result<Vec<RecordedEvent>> {
+    pub async fn read_since(
+        &self,
+        since: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>> {
         let start = since
             .format(&Rfc3339)
             .map_err(|error| Error::JetStream(error.to_string()))?;
@@ -261,7 +269,8 @@ impl EventLog {
             .subscribe(inbox.clone())
             .await
             .map_err(|error| Error::Unavailable(error.to_string()))?;
-        let body = serde_json::to_vec(&request).map_err(|error| Error::JetStream(error.to_string()))?;
+        let body =
+            serde_json::to_vec(&request).map_err(|error| Error::JetStream(error.to_string()))?;
         self.client
             .publish_with_reply(
                 format!("$JS.API.DIRECT.GET.{}", self.stream_name),
@@ -308,7 +317,9 @@ struct DirectPage {
 }
 
 fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {
-    headers.get(name).and_then(|value| value.as_str().parse().ok())
+    headers
+        .get(name)
+        .and_then(|value| value.as_str().parse().ok())
 }
 
 fn decode_direct(message: &async_nats::Message) -> Result<RecordedEvent> {
@@ -316,8 +327,10 @@ fn decode_direct(message: &async_nats::Message) -> Result<RecordedEvent> {
         .headers
         .as_ref()
         .ok_or(DecodeError::Header("headers"))?;
-    let subject = header_text(headers, "Nats-Subject").ok_or(DecodeError::Header("Nats-Subject"))?;
-    let position = header_number(headers, "Nats-Sequence").ok_or(DecodeError::Header("Nats-Sequence"))?;
+    let subject =
+        header_text(headers, "Nats-Subject").ok_or(DecodeError::Header("Nats-Subject"))?;
+    let position =
+        header_number(headers, "Nats-Sequence").ok_or(DecodeError::Header("Nats-Sequence"))?;
     let time = header_text(headers, "Nats-Time-Stamp")
         .and_then(|text| OffsetDateTime::parse(&text, &Rfc3339).ok())
         .ok_or(DecodeError::Header("Nats-Time-Stamp"))?;
@@ -339,7 +352,8 @@ pub fn decode_stored(
     payload: &[u8],
 ) -> Result<RecordedEvent, DecodeError> {
     let (account, subject_type) = subject::parse(subject).ok_or(DecodeError::Header("subject"))?;
-    let event_type = header_text(headers, header::EVENT_TYPE).unwrap_or_else(|| subject_type.into());
+    let event_type =
+        header_text(headers, header::EVENT_TYPE).unwrap_or_else(|| subject_type.into());
     let version = match header_text(headers, header::EVENT_VERSION) {
         Some(text) => text
             .parse()

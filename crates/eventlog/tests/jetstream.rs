@@ -1,4 +1,5 @@
 //! The event log against a real nats-server.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use domain::{AccountId, Amount, Currency, Event, OpenAccount, OverdraftLimit};
 use eventlog::{Error, EventLog, EventMetadata, StreamSettings};
@@ -6,7 +7,9 @@ use testkit::NatsServer;
 
 async fn log_on(server: &NatsServer) -> EventLog {
     let client = async_nats::connect(server.url()).await.unwrap();
-    EventLog::open(client, &StreamSettings::default()).await.unwrap()
+    EventLog::open(client, &StreamSettings::default())
+        .await
+        .unwrap()
 }
 
 fn account(name: &str) -> AccountId {
@@ -44,12 +47,18 @@ async fn append_and_load_round_trip_with_positions() {
     let b = account("b");
     let p1 = log.append(&a, 0, &opened(), &metadata()).await.unwrap();
     let other = log.append(&b, 0, &opened(), &metadata()).await.unwrap();
-    let p2 = log.append(&a, p1.position, &deposited(10), &metadata()).await.unwrap();
+    let p2 = log
+        .append(&a, p1.position, &deposited(10), &metadata())
+        .await
+        .unwrap();
     assert!(p1.position < other.position && other.position < p2.position);
 
     let history = log.load_account(&a, 0).await.unwrap();
     assert_eq!(
-        history.iter().map(|e| (e.position, e.event.clone())).collect::<Vec<_>>(),
+        history
+            .iter()
+            .map(|e| (e.position, e.event.clone()))
+            .collect::<Vec<_>>(),
         vec![(p1.position, opened()), (p2.position, deposited(10))]
     );
     assert_eq!(history[1].subject, format!("coffer.events.{a}.deposited"));
@@ -57,10 +66,17 @@ async fn append_and_load_round_trip_with_positions() {
     // Loading from a position skips what the caller already has.
     let tail = log.load_account(&a, p1.position).await.unwrap();
     assert_eq!(tail.len(), 1);
-    assert!(log.load_account(&account("none"), 0).await.unwrap().is_empty());
+    assert!(log
+        .load_account(&account("none"), 0)
+        .await
+        .unwrap()
+        .is_empty());
 
     let all = log.read_after(0, 10).await.unwrap();
-    assert_eq!(all.iter().map(|e| e.position).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(
+        all.iter().map(|e| e.position).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
     assert_eq!(log.last_position().await.unwrap(), 3);
 }
 
@@ -69,13 +85,23 @@ async fn long_histories_load_across_batches() {
     let server = NatsServer::start();
     let log = log_on(&server).await;
     let a = account("long");
-    let mut last = log.append(&a, 0, &opened(), &metadata()).await.unwrap().position;
+    let mut last = log
+        .append(&a, 0, &opened(), &metadata())
+        .await
+        .unwrap()
+        .position;
     for _ in 0..2_500 {
-        last = log.append(&a, last, &deposited(1), &metadata()).await.unwrap().position;
+        last = log
+            .append(&a, last, &deposited(1), &metadata())
+            .await
+            .unwrap()
+            .position;
     }
     let history = log.load_account(&a, 0).await.unwrap();
     assert_eq!(history.len(), 2_501);
-    assert!(history.windows(2).all(|pair| pair[0].position < pair[1].position));
+    assert!(history
+        .windows(2)
+        .all(|pair| pair[0].position < pair[1].position));
 }
 
 #[tokio::test]
@@ -84,8 +110,12 @@ async fn stale_expected_position_is_a_conflict() {
     let log = log_on(&server).await;
     let a = account("c");
     let p1 = log.append(&a, 0, &opened(), &metadata()).await.unwrap();
-    log.append(&a, p1.position, &deposited(1), &metadata()).await.unwrap();
-    let stale = log.append(&a, p1.position, &deposited(2), &metadata()).await;
+    log.append(&a, p1.position, &deposited(1), &metadata())
+        .await
+        .unwrap();
+    let stale = log
+        .append(&a, p1.position, &deposited(2), &metadata())
+        .await;
     assert!(matches!(stale, Err(Error::Conflict { .. })), "{stale:?}");
     // Other accounts' appends do not conflict with this one's.
     let b = account("d");
@@ -124,7 +154,10 @@ async fn same_message_id_is_deduplicated() {
     // expectation is a conflict, and a resend on fresh state is dropped as a duplicate.
     let stale = log.append(&a, 0, &opened(), &meta).await;
     assert!(matches!(stale, Err(Error::Conflict { .. })), "{stale:?}");
-    let again = log.append(&a, first.position, &opened(), &meta).await.unwrap();
+    let again = log
+        .append(&a, first.position, &opened(), &meta)
+        .await
+        .unwrap();
     assert!(again.duplicate);
     assert_eq!(again.position, first.position);
     assert_eq!(log.load_account(&a, 0).await.unwrap().len(), 1);
@@ -138,10 +171,20 @@ async fn stream_has_the_contract_configuration_and_ensure_is_idempotent() {
     EventLog::open(client.clone(), &settings).await.unwrap();
     EventLog::open(client.clone(), &settings).await.unwrap();
     let context = async_nats::jetstream::new(client);
-    let info = context.get_stream("COFFER_EVENTS").await.unwrap().info().await.unwrap().clone();
+    let info = context
+        .get_stream("COFFER_EVENTS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
     let config = info.config;
     assert_eq!(config.subjects, vec!["coffer.events.>".to_string()]);
-    assert_eq!(config.storage, async_nats::jetstream::stream::StorageType::File);
+    assert_eq!(
+        config.storage,
+        async_nats::jetstream::stream::StorageType::File
+    );
     assert!(config.allow_direct && config.deny_delete && config.deny_purge);
 }
 
@@ -155,7 +198,10 @@ async fn nats_down_is_unavailable_not_a_hang() {
     let started = std::time::Instant::now();
     let result = log.append(&a, 0, &opened(), &metadata()).await;
     assert!(
-        matches!(result, Err(Error::Unavailable(_)) | Err(Error::OutcomeUnknown(_))),
+        matches!(
+            result,
+            Err(Error::Unavailable(_)) | Err(Error::OutcomeUnknown(_))
+        ),
         "{result:?}"
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(5));

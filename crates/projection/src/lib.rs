@@ -86,12 +86,30 @@ impl Default for ViewHealth {
         Self {
             failure: Mutex::new(None),
             consuming: AtomicBool::new(false),
-            events_applied: Counter::new("coffer_projection_events_applied_total", "Events applied to the views."),
-            batches_committed: Counter::new("coffer_projection_batches_committed_total", "redb transactions committed by the projection."),
-            decode_failures: Counter::new("coffer_projection_decode_failures_total", "Events that could not be decoded; the view stops at the first."),
-            redeliveries_skipped: Counter::new("coffer_projection_redeliveries_skipped_total", "Redelivered events at or below the stored position, skipped."),
-            consumer_recreations: Counter::new("coffer_projection_consumer_recreations_total", "Times the durable consumer was (re)created from the stored position."),
-            lag: Gauge::new("coffer_projection_lag_events", "Stream events not yet applied to the views."),
+            events_applied: Counter::new(
+                "coffer_projection_events_applied_total",
+                "Events applied to the views.",
+            ),
+            batches_committed: Counter::new(
+                "coffer_projection_batches_committed_total",
+                "redb transactions committed by the projection.",
+            ),
+            decode_failures: Counter::new(
+                "coffer_projection_decode_failures_total",
+                "Events that could not be decoded; the view stops at the first.",
+            ),
+            redeliveries_skipped: Counter::new(
+                "coffer_projection_redeliveries_skipped_total",
+                "Redelivered events at or below the stored position, skipped.",
+            ),
+            consumer_recreations: Counter::new(
+                "coffer_projection_consumer_recreations_total",
+                "Times the durable consumer was (re)created from the stored position.",
+            ),
+            lag: Gauge::new(
+                "coffer_projection_lag_events",
+                "Stream events not yet applied to the views.",
+            ),
             applied_position: AtomicU64::new(0),
         }
     }
@@ -116,10 +134,16 @@ impl ViewHealth {
             counter.render(out);
         }
         self.lag.render(out);
-        let applied = Gauge::new("coffer_projection_applied_position", "Last stream position applied to the views.");
+        let applied = Gauge::new(
+            "coffer_projection_applied_position",
+            "Last stream position applied to the views.",
+        );
         applied.set(self.applied_position.load(Ordering::Relaxed) as i64);
         applied.render(out);
-        let failed = Gauge::new("coffer_projection_failed", "1 when the view stopped on an error.");
+        let failed = Gauge::new(
+            "coffer_projection_failed",
+            "1 when the view stopped on an error.",
+        );
         failed.set(i64::from(self.failure().is_some()));
         failed.render(out);
     }
@@ -319,9 +343,11 @@ impl<P: Projector> Engine<P> {
             let count = events.len() as u64;
             let database = self.database.clone();
             let projector = self.projector.clone();
-            tokio::task::spawn_blocking(move || commit(&database, projector.as_ref(), &events, newest))
-                .await
-                .map_err(storage)??;
+            tokio::task::spawn_blocking(move || {
+                commit(&database, projector.as_ref(), &events, newest)
+            })
+            .await
+            .map_err(storage)??;
             self.health.events_applied.add(count);
             self.health.batches_committed.increment();
             self.health
@@ -341,7 +367,12 @@ impl<P: Projector> Engine<P> {
     }
 }
 
-fn commit<P: Projector>(database: &Database, projector: &P, events: &[RecordedEvent], newest: u64) -> Result<()> {
+fn commit<P: Projector>(
+    database: &Database,
+    projector: &P,
+    events: &[RecordedEvent],
+    newest: u64,
+) -> Result<()> {
     let transaction = database.begin_write().map_err(storage)?;
     projector.apply(&transaction, events).map_err(storage)?;
     {

@@ -47,7 +47,10 @@ pub fn router(state: QueryState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async { Problem::not_found("not_found", "no such route") })
-        .layer(middleware::from_fn_with_state(state.clone(), stamp_position))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            stamp_position,
+        ))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
@@ -113,7 +116,12 @@ fn min_position(query: Option<&str>, headers: &HeaderMap) -> Result<Option<u64>,
 
 fn storage_problem(error: impl std::fmt::Display) -> Problem {
     tracing::error!(%error, "view read failed");
-    Problem::new(500, "internal", "Internal error", "the view could not be read")
+    Problem::new(
+        500,
+        "internal",
+        "Internal error",
+        "the view could not be read",
+    )
 }
 
 fn rfc3339(time: OffsetDateTime) -> String {
@@ -137,7 +145,9 @@ fn account_json(row: &AccountRow) -> Value {
 
 fn read_account(database: &Database, id: &str) -> Result<Option<AccountRow>, Problem> {
     let transaction = database.begin_read().map_err(storage_problem)?;
-    let table = transaction.open_table(views::ACCOUNTS).map_err(storage_problem)?;
+    let table = transaction
+        .open_table(views::ACCOUNTS)
+        .map_err(storage_problem)?;
     let bytes = table.get(id).map_err(storage_problem)?;
     bytes
         .map(|bytes| views::decode(bytes.value()).map_err(storage_problem))
@@ -207,19 +217,24 @@ fn statement_page(database: &Database, id: &str, page: &PageQuery) -> Result<Val
     };
     let after = match &page.after {
         None => 0,
-        Some(text) => text
-            .parse::<u64>()
-            .map_err(|_| Problem::invalid_request("after must be a non-negative integer position"))?,
+        Some(text) => text.parse::<u64>().map_err(|_| {
+            Problem::invalid_request("after must be a non-negative integer position")
+        })?,
     };
     if read_account(database, id)?.is_none() {
         return Err(account_not_found(id));
     }
     let transaction = database.begin_read().map_err(storage_problem)?;
-    let table = transaction.open_table(views::STATEMENTS).map_err(storage_problem)?;
+    let table = transaction
+        .open_table(views::STATEMENTS)
+        .map_err(storage_problem)?;
     let start = after.saturating_add(1);
     let mut items = Vec::new();
     let mut next = after;
-    for row in table.range((id, start)..=(id, u64::MAX)).map_err(storage_problem)? {
+    for row in table
+        .range((id, start)..=(id, u64::MAX))
+        .map_err(storage_problem)?
+    {
         if items.len() == limit {
             break;
         }
@@ -234,7 +249,9 @@ fn statement_page(database: &Database, id: &str, page: &PageQuery) -> Result<Val
 async fn transfer(State(state): State<QueryState>, Path(id): Path<String>) -> Response {
     let row: Result<Option<TransferRow>, Problem> = (|| {
         let transaction = state.database.begin_read().map_err(storage_problem)?;
-        let table = transaction.open_table(views::TRANSFERS).map_err(storage_problem)?;
+        let table = transaction
+            .open_table(views::TRANSFERS)
+            .map_err(storage_problem)?;
         let bytes = table.get(id.as_str()).map_err(storage_problem)?;
         bytes
             .map(|bytes| views::decode(bytes.value()).map_err(storage_problem))
@@ -264,7 +281,9 @@ async fn transfer(State(state): State<QueryState>, Path(id): Path<String>) -> Re
             }
             Json(body).into_response()
         }
-        Ok(None) => Problem::not_found("transfer_not_found", format!("no transfer {id}")).into_response(),
+        Ok(None) => {
+            Problem::not_found("transfer_not_found", format!("no transfer {id}")).into_response()
+        }
         Err(problem) => problem.into_response(),
     }
 }
@@ -274,7 +293,10 @@ async fn readyz(State(state): State<QueryState>) -> Response {
         return Problem::unavailable("view_failed", failure, 30).into_response();
     }
     let connected = state.nats.connection_state() == async_nats::connection::State::Connected;
-    let consuming = state.health.consuming.load(std::sync::atomic::Ordering::Relaxed);
+    let consuming = state
+        .health
+        .consuming
+        .load(std::sync::atomic::Ordering::Relaxed);
     if connected && consuming {
         (StatusCode::OK, "ready").into_response()
     } else {

@@ -32,9 +32,16 @@ pub struct ReaderConfig {
 const SETUP_RETRY_DELAY: Duration = Duration::from_secs(1);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
 
-pub async fn run(config: ReaderConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
-    std::fs::create_dir_all(&config.data_directory)
-        .map_err(|error| Error::Startup(format!("create {}: {error}", config.data_directory.display())))?;
+pub async fn run(
+    config: ReaderConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    std::fs::create_dir_all(&config.data_directory).map_err(|error| {
+        Error::Startup(format!(
+            "create {}: {error}",
+            config.data_directory.display()
+        ))
+    })?;
     let path = config.data_directory.join("views.redb");
     let database = Arc::new(
         redb::Database::create(&path)
@@ -84,7 +91,10 @@ pub async fn run(config: ReaderConfig, shutdown: impl Future<Output = ()> + Send
     }
     tracing::info!("shutting down the reader");
     let _ = stop_sender.send(true);
-    if tokio::time::timeout(DRAIN_TIMEOUT, engine_task).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, engine_task)
+        .await
+        .is_err()
+    {
         tracing::warn!("projection did not stop in time");
     }
     let _ = client.flush().await;

@@ -201,7 +201,11 @@ impl projection::Projector for LedgerViews {
         Ok(())
     }
 
-    fn apply(&self, transaction: &WriteTransaction, events: &[RecordedEvent]) -> Result<(), redb::Error> {
+    fn apply(
+        &self,
+        transaction: &WriteTransaction,
+        events: &[RecordedEvent],
+    ) -> Result<(), redb::Error> {
         let mut accounts = transaction.open_table(ACCOUNTS)?;
         let mut statements = transaction.open_table(STATEMENTS)?;
         let mut transfers = transaction.open_table(TRANSFERS)?;
@@ -213,7 +217,8 @@ impl projection::Projector for LedgerViews {
             };
             if let Some(row) = fold_account(old, recorded) {
                 if let Some(entry) = statement_entry(&row, recorded) {
-                    statements.insert((account_id, recorded.position), encode(&entry)?.as_slice())?;
+                    statements
+                        .insert((account_id, recorded.position), encode(&entry)?.as_slice())?;
                 }
                 accounts.insert(account_id, encode(&row)?.as_slice())?;
             }
@@ -260,11 +265,25 @@ mod tests {
             }),
         );
         let row = fold_account(None, &opened).unwrap();
-        let deposit = recorded("a", 4, Event::Deposited { amount: Amount::new(10).unwrap(), reference: Some("r".into()) });
+        let deposit = recorded(
+            "a",
+            4,
+            Event::Deposited {
+                amount: Amount::new(10).unwrap(),
+                reference: Some("r".into()),
+            },
+        );
         let row = fold_account(Some(row), &deposit).unwrap();
         assert_eq!((row.balance, row.version, row.position), (10, 2, 4));
         let entry = statement_entry(&row, &deposit).unwrap();
-        assert_eq!((entry.amount, entry.balance_after, entry.reference.as_deref()), (10, 10, Some("r")));
+        assert_eq!(
+            (
+                entry.amount,
+                entry.balance_after,
+                entry.reference.as_deref()
+            ),
+            (10, 10, Some("r"))
+        );
         let row = fold_account(Some(row), &recorded("a", 9, Event::AccountClosed)).unwrap();
         assert!(row.closed);
         assert!(fold_account(None, &deposit).is_none());
@@ -286,11 +305,35 @@ mod tests {
         );
         let pending = fold_transfer(None, &debit).unwrap();
         assert_eq!(pending.status, TransferStatus::Pending);
-        let credit = recorded("b", 3, Event::TransferCredited { transfer_id: transfer_id.clone(), from: AccountId::parse("a").unwrap(), amount: Amount::new(3).unwrap(), reference: None });
+        let credit = recorded(
+            "b",
+            3,
+            Event::TransferCredited {
+                transfer_id: transfer_id.clone(),
+                from: AccountId::parse("a").unwrap(),
+                amount: Amount::new(3).unwrap(),
+                reference: None,
+            },
+        );
         let done = fold_transfer(Some(pending.clone()), &credit).unwrap();
-        assert_eq!((done.status, done.finished_at.is_some()), (TransferStatus::Completed, true));
-        let refund = recorded("a", 3, Event::TransferRefunded { transfer_id, to: AccountId::parse("b").unwrap(), amount: Amount::new(3).unwrap(), reason: "account_closed".into() });
+        assert_eq!(
+            (done.status, done.finished_at.is_some()),
+            (TransferStatus::Completed, true)
+        );
+        let refund = recorded(
+            "a",
+            3,
+            Event::TransferRefunded {
+                transfer_id,
+                to: AccountId::parse("b").unwrap(),
+                amount: Amount::new(3).unwrap(),
+                reason: "account_closed".into(),
+            },
+        );
         let failed = fold_transfer(Some(pending), &refund).unwrap();
-        assert_eq!((failed.status, failed.reason.as_deref()), (TransferStatus::Failed, Some("account_closed")));
+        assert_eq!(
+            (failed.status, failed.reason.as_deref()),
+            (TransferStatus::Failed, Some("account_closed"))
+        );
     }
 }

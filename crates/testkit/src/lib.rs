@@ -138,7 +138,8 @@ impl NatsServer {
             ));
         }
         let mut file = std::fs::File::create(self.config_path()).expect("write nats config");
-        file.write_all(config.as_bytes()).expect("write nats config");
+        file.write_all(config.as_bytes())
+            .expect("write nats config");
     }
 
     fn config_path(&self) -> PathBuf {
@@ -262,10 +263,7 @@ impl CofferProcess {
             .iter()
             .map(|(key, value)| (key.to_string(), value.clone()))
             .collect();
-        environment.push((
-            "COFFER_HTTP_ADDR".into(),
-            format!("127.0.0.1:{http_port}"),
-        ));
+        environment.push(("COFFER_HTTP_ADDR".into(), format!("127.0.0.1:{http_port}")));
         let mut process = Self {
             name: name.into(),
             http_port,
@@ -294,7 +292,10 @@ impl CofferProcess {
         let mut command = Command::new(coffer_binary());
         command
             .args(&self.arguments)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log);
         for (key, value) in &self.environment {

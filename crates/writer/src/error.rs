@@ -62,12 +62,8 @@ fn rejected(rejection: &DomainError, detail: String) -> Problem {
         DomainError::AccountExists => (409, "account_exists", "Account exists"),
         DomainError::AccountClosed => (409, "account_closed", "Account closed"),
         DomainError::CurrencyMismatch { .. } => (409, "currency_mismatch", "Currency mismatch"),
-        DomainError::TransferIdReused(_) => {
-            (409, "idempotency_key_reused", "Transfer id reused")
-        }
-        DomainError::InsufficientFunds { .. } => {
-            (422, "insufficient_funds", "Insufficient funds")
-        }
+        DomainError::TransferIdReused(_) => (409, "idempotency_key_reused", "Transfer id reused"),
+        DomainError::InsufficientFunds { .. } => (422, "insufficient_funds", "Insufficient funds"),
         DomainError::BalanceOverflow => (422, "balance_overflow", "Balance overflow"),
         DomainError::BalanceNotZero { .. } => (422, "balance_not_zero", "Balance not zero"),
         DomainError::TransferPending { .. } => (422, "transfer_pending", "Transfer pending"),

@@ -91,7 +91,7 @@ fn json_body(
         .trim()
         .to_ascii_lowercase();
     let is_json = essence == "application/json" || essence.ends_with("+json");
-    if !is_json && !(empty_allowed && body.is_empty()) {
+    if !(is_json || empty_allowed && body.is_empty()) {
         return Err(Problem::new(
             415,
             "unsupported_media_type",
@@ -110,7 +110,9 @@ fn request_id(headers: &HeaderMap) -> String {
         .to_owned()
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<crate::idempotency::IdempotencyKey>, Error> {
+fn idempotency_key(
+    headers: &HeaderMap,
+) -> Result<Option<crate::idempotency::IdempotencyKey>, Error> {
     let text = match headers.get("idempotency-key") {
         None => None,
         Some(value) => Some(value.to_str().map_err(|_| {
@@ -158,7 +160,10 @@ async fn command(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     empty_allowed: bool,
-    parse: impl FnOnce(&[u8], Option<&crate::idempotency::IdempotencyKey>) -> Result<(domain::AccountId, domain::Command), Error>,
+    parse: impl FnOnce(
+        &[u8],
+        Option<&crate::idempotency::IdempotencyKey>,
+    ) -> Result<(domain::AccountId, domain::Command), Error>,
 ) -> Response {
     let body = match json_body(headers, body, empty_allowed) {
         Ok(body) => body,
@@ -273,12 +278,13 @@ async fn read_events(state: &AppState, query: &EventsQuery) -> Result<Value, Err
     };
     let events = match (after, &query.since) {
         (Some(_), Some(_)) => {
-            return Err(Error::InvalidRequest("give either after or since, not both".into()))
+            return Err(Error::InvalidRequest(
+                "give either after or since, not both".into(),
+            ))
         }
         (None, Some(since)) => {
-            let since = OffsetDateTime::parse(since, &Rfc3339).map_err(|_| {
-                Error::InvalidRequest("since must be an RFC 3339 time".into())
-            })?;
+            let since = OffsetDateTime::parse(since, &Rfc3339)
+                .map_err(|_| Error::InvalidRequest("since must be an RFC 3339 time".into()))?;
             state.log.read_since(since, limit).await
         }
         (after, None) => state.log.read_after(after.unwrap_or(0), limit).await,

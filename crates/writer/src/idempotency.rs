@@ -99,7 +99,8 @@ impl AnswerStore {
             Err(_) => context
                 .create_key_value(kv::Config {
                     bucket: BUCKET.into(),
-                    description: "First answers to keyed commands, by account and Idempotency-Key".into(),
+                    description: "First answers to keyed commands, by account and Idempotency-Key"
+                        .into(),
                     history: 1,
                     max_age: KEY_RETENTION,
                     storage: jetstream::stream::StorageType::File,
@@ -161,7 +162,10 @@ impl AnswerStore {
             Ok(outcome) => (outcome.status(), outcome.body()),
             Err(error) => {
                 let problem = error.problem();
-                (problem.status, serde_json::to_value(&problem).unwrap_or_default())
+                (
+                    problem.status,
+                    serde_json::to_value(&problem).unwrap_or_default(),
+                )
             }
         };
         let record = Answer {
@@ -172,7 +176,11 @@ impl AnswerStore {
         let Ok(bytes) = serde_json::to_vec(&record) else {
             return;
         };
-        if let Err(error) = self.store.put(Self::kv_key(account, key), bytes.into()).await {
+        if let Err(error) = self
+            .store
+            .put(Self::kv_key(account, key), bytes.into())
+            .await
+        {
             tracing::warn!(%account, %error, "could not remember a refused keyed command");
         }
     }

@@ -22,20 +22,62 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self {
-            commands_succeeded: Counter::new("coffer_writer_commands_succeeded_total", "Commands that appended an event or were answered from an earlier one."),
-            commands_refused: Counter::new("coffer_writer_commands_refused_total", "Commands refused by validation or a business rule (4xx)."),
-            commands_failed: Counter::new("coffer_writer_commands_failed_total", "Commands that failed for infrastructure reasons (5xx)."),
-            command_duration: Histogram::new("coffer_writer_command_duration_seconds", "Time from receiving a command to answering it."),
-            conflicts: Counter::new("coffer_writer_append_conflicts_total", "Appends refused because another writer appended first."),
-            idempotent_replays: Counter::new("coffer_writer_idempotent_replays_total", "Retries answered with the first outcome of their Idempotency-Key."),
-            actors_live: Gauge::new("coffer_writer_actors_live", "Account actors currently in memory."),
-            actors_started: Counter::new("coffer_writer_actors_started_total", "Account actors started."),
-            actors_passivated: Counter::new("coffer_writer_actors_passivated_total", "Account actors stopped for idleness or the live cap."),
-            actors_failed: Counter::new("coffer_writer_actors_failed_total", "Account actors that crashed and were removed by the supervisor."),
-            transfer_credits: Counter::new("coffer_writer_transfer_credits_total", "Transfer credits applied by the process manager."),
-            transfer_refunds: Counter::new("coffer_writer_transfer_refunds_total", "Transfers refunded by the process manager."),
-            transfer_completions: Counter::new("coffer_writer_transfer_completions_total", "Transfers marked completed on the sender."),
-            transfer_step_retries: Counter::new("coffer_writer_transfer_step_retries_total", "Transfer steps redelivered after a transient failure."),
+            commands_succeeded: Counter::new(
+                "coffer_writer_commands_succeeded_total",
+                "Commands that appended an event or were answered from an earlier one.",
+            ),
+            commands_refused: Counter::new(
+                "coffer_writer_commands_refused_total",
+                "Commands refused by validation or a business rule (4xx).",
+            ),
+            commands_failed: Counter::new(
+                "coffer_writer_commands_failed_total",
+                "Commands that failed for infrastructure reasons (5xx).",
+            ),
+            command_duration: Histogram::new(
+                "coffer_writer_command_duration_seconds",
+                "Time from receiving a command to answering it.",
+            ),
+            conflicts: Counter::new(
+                "coffer_writer_append_conflicts_total",
+                "Appends refused because another writer appended first.",
+            ),
+            idempotent_replays: Counter::new(
+                "coffer_writer_idempotent_replays_total",
+                "Retries answered with the first outcome of their Idempotency-Key.",
+            ),
+            actors_live: Gauge::new(
+                "coffer_writer_actors_live",
+                "Account actors currently in memory.",
+            ),
+            actors_started: Counter::new(
+                "coffer_writer_actors_started_total",
+                "Account actors started.",
+            ),
+            actors_passivated: Counter::new(
+                "coffer_writer_actors_passivated_total",
+                "Account actors stopped for idleness or the live cap.",
+            ),
+            actors_failed: Counter::new(
+                "coffer_writer_actors_failed_total",
+                "Account actors that crashed and were removed by the supervisor.",
+            ),
+            transfer_credits: Counter::new(
+                "coffer_writer_transfer_credits_total",
+                "Transfer credits applied by the process manager.",
+            ),
+            transfer_refunds: Counter::new(
+                "coffer_writer_transfer_refunds_total",
+                "Transfers refunded by the process manager.",
+            ),
+            transfer_completions: Counter::new(
+                "coffer_writer_transfer_completions_total",
+                "Transfers marked completed on the sender.",
+            ),
+            transfer_step_retries: Counter::new(
+                "coffer_writer_transfer_step_retries_total",
+                "Transfer steps redelivered after a transient failure.",
+            ),
         }
     }
 }

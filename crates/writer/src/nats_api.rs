@@ -39,7 +39,9 @@ pub async fn serve(
             .name(verb.name())
             .add(format!("*.{}", verb.name()))
             .await
-            .map_err(|error| Error::Unavailable(format!("add endpoint {}: {error}", verb.name())))?;
+            .map_err(|error| {
+                Error::Unavailable(format!("add endpoint {}: {error}", verb.name()))
+            })?;
         let registry = registry.clone();
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
@@ -88,7 +90,10 @@ async fn handle(
             let problem = error.problem();
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Service-Error", problem.title.as_str());
-            headers.insert("Nats-Service-Error-Code", problem.status.to_string().as_str());
+            headers.insert(
+                "Nats-Service-Error-Code",
+                problem.status.to_string().as_str(),
+            );
             headers.insert("Content-Type", problem::CONTENT_TYPE);
             client
                 .publish_with_headers(reply, headers, problem.to_json_bytes().into())
@@ -101,19 +106,25 @@ async fn handle(
 }
 
 fn parse(verb: Verb, message: &async_nats::Message) -> Result<CommandRequest, Error> {
-    let account = message
-        .subject
-        .split('.')
-        .nth(2)
-        .ok_or_else(|| Error::InvalidRequest("subject must be coffer.cmd.{account_id}.{verb}".into()))?;
+    let account = message.subject.split('.').nth(2).ok_or_else(|| {
+        Error::InvalidRequest("subject must be coffer.cmd.{account_id}.{verb}".into())
+    })?;
     let headers = message.headers.clone().unwrap_or_default();
-    let key_text = headers.get("Idempotency-Key").map(|value| value.as_str().to_owned());
+    let key_text = headers
+        .get("Idempotency-Key")
+        .map(|value| value.as_str().to_owned());
     let key: Option<IdempotencyKey> = parse_key(key_text.as_deref())?;
     let body = &message.payload;
     let (account_id, command) = match verb {
         Verb::Open => request::open(body, Some(account), key.as_ref())?,
-        Verb::Deposit => (request::addressed_account(account)?, request::deposit(body)?),
-        Verb::Withdraw => (request::addressed_account(account)?, request::withdraw(body)?),
+        Verb::Deposit => (
+            request::addressed_account(account)?,
+            request::deposit(body)?,
+        ),
+        Verb::Withdraw => (
+            request::addressed_account(account)?,
+            request::withdraw(body)?,
+        ),
         Verb::Transfer => request::transfer(body, Some(account), key.as_ref())?,
         Verb::Close => (request::addressed_account(account)?, request::close(body)?),
     };

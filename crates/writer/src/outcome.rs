@@ -81,11 +81,15 @@ impl Outcome {
                 account_id,
                 balance,
                 position,
-            } => json!({"account_id": account_id.as_str(), "balance": balance, "position": position}),
+            } => {
+                json!({"account_id": account_id.as_str(), "balance": balance, "position": position})
+            }
             Outcome::TransferAccepted {
                 transfer_id,
                 position,
-            } => json!({"transfer_id": transfer_id.as_str(), "status": "pending", "position": position}),
+            } => {
+                json!({"transfer_id": transfer_id.as_str(), "status": "pending", "position": position})
+            }
             Outcome::TransferStep { position } => json!({"position": position}),
             Outcome::Replayed { body, .. } => body.clone(),
         }

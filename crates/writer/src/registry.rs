@@ -173,7 +173,9 @@ impl Registry {
         drop(in_flight);
         match result {
             Ok(CallResult::Success(answer)) => answer,
-            _ => Err(Error::Unavailable(format!("account {account} did not answer"))),
+            _ => Err(Error::Unavailable(format!(
+                "account {account} did not answer"
+            ))),
         }
     }
 
@@ -202,9 +204,7 @@ impl Registry {
             return Ok((entry.actor.clone(), InFlight(entry.in_flight.clone())));
         }
         let in_flight = Arc::new(AtomicUsize::new(1));
-        population
-            .by_actor
-            .insert(actor.get_id(), account.clone());
+        population.by_actor.insert(actor.get_id(), account.clone());
         population.by_account.insert(
             account.clone(),
             Entry {
@@ -238,7 +238,10 @@ impl Registry {
         }
         entry.last_used = Instant::now();
         entry.in_flight.fetch_add(1, Ordering::Relaxed);
-        Ok(Some((entry.actor.clone(), InFlight(entry.in_flight.clone()))))
+        Ok(Some((
+            entry.actor.clone(),
+            InFlight(entry.in_flight.clone()),
+        )))
     }
 
     /// Stops least recently used idle actors until the population is within the cap.

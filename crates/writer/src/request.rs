@@ -191,10 +191,8 @@ pub fn transfer(
     let to = account_id(text(&map, "to")?.ok_or_else(|| invalid("to is required"))?)?;
     let transfer_id = match (text(&map, "transfer_id")?, key) {
         (Some(id), _) => TransferId::parse(id).map_err(|error| invalid(error.to_string()))?,
-        (None, Some(key)) => {
-            TransferId::parse(&idempotency::derived_id("tr_", from.as_str(), key))
-                .map_err(|error| invalid(error.to_string()))?
-        }
+        (None, Some(key)) => TransferId::parse(&idempotency::derived_id("tr_", from.as_str(), key))
+            .map_err(|error| invalid(error.to_string()))?,
         (None, None) => TransferId::parse(&uuid::Uuid::now_v7().simple().to_string())
             .map_err(|error| invalid(error.to_string()))?,
     };
@@ -255,7 +253,10 @@ mod tests {
             r#"{"currency":"EUR","overdraft_limit":-1}"#,
             r#"{"currency":"EUR","owner":5}"#,
         ] {
-            assert!(open(body.as_bytes(), None, None).is_err(), "{body} accepted");
+            assert!(
+                open(body.as_bytes(), None, None).is_err(),
+                "{body} accepted"
+            );
         }
         let (id, _) = open(br#"{"currency":"EUR","account_id":"a-1"}"#, None, None).unwrap();
         assert_eq!(id.as_str(), "a-1");

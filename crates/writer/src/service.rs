@@ -35,7 +35,10 @@ const SETUP_RETRY_DELAY: Duration = Duration::from_secs(1);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// Runs the writer until `shutdown` completes, then drains and returns.
-pub async fn run(config: WriterConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn run(
+    config: WriterConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let client = config
         .nats
         .connect()
@@ -133,7 +136,11 @@ async fn set_up(
     }
 }
 
-async fn try_set_up(config: &WriterConfig, log: &EventLog, metrics: &Arc<Metrics>) -> Result<Registry> {
+async fn try_set_up(
+    config: &WriterConfig,
+    log: &EventLog,
+    metrics: &Arc<Metrics>,
+) -> Result<Registry> {
     config
         .stream
         .ensure(log.context())

@@ -155,7 +155,11 @@ fn decode(message: &jetstream::Message) -> Result<RecordedEvent, String> {
 }
 
 /// One idempotent step of the saga.
-async fn step(recorded: &RecordedEvent, registry: &Registry, metrics: &Metrics) -> Result<(), Error> {
+async fn step(
+    recorded: &RecordedEvent,
+    registry: &Registry,
+    metrics: &Metrics,
+) -> Result<(), Error> {
     match &recorded.event {
         Event::TransferDebited {
             transfer_id,

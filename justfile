@@ -1,0 +1,50 @@
+# Coffer tasks. `just --list` shows them.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+export PATH := justfile_directory() + "/.tools/bin:" + env_var("PATH")
+
+# Show the recipes.
+default:
+    @just --list
+
+# Install the pinned nats-server (2.15.1) into .tools/bin unless a recent one is on PATH.
+tools:
+    ./scripts/install-tools.sh
+
+# Build the coffer binary (debug).
+build:
+    cargo build -p coffer
+
+# Run nats-server, one writer and one reader locally; Ctrl-C stops all.
+up: tools
+    cargo build --release -p coffer
+    ./scripts/up.sh target/release/coffer
+
+# Everything CI runs: unit, integration and end-to-end tests, the conformance suite, manifests.
+test: tools build
+    cargo test --workspace --no-fail-fast
+    just conformance
+    just k8s-check
+
+# The black-box contract suite in ../shared/conformance against real processes.
+conformance: build
+    COFFER_BIN=target/debug/coffer python3 ../shared/conformance/run.py
+
+# Render both Kubernetes overlays and validate them offline.
+k8s-check:
+    bash k8s/check.sh
+
+# fmt and clippy, warnings are errors.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Throughput and latency benchmarks against real processes (results: docs/benchmarks.md).
+bench: tools
+    cargo build --release -p coffer
+    ./target/release/coffer bench --report docs/benchmarks-latest.md
+
+# Long soak of the bank workload (not part of `just test`).
+soak: tools build
+    COFFER_SOAK=1 cargo test -p end-to-end --test end_to_end bank -- --nocapture
