@@ -1,1 +1,8 @@
+//! End-to-end tests across real nats-server and `coffer` processes (build the binary first:
+//! `cargo build -p coffer`, which `just test` does).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod bank;
+mod cluster;
+mod reader;
+mod support;

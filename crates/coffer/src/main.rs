@@ -156,6 +156,9 @@ struct ReaderArgs {
     /// Longest wait for `min_position`, in milliseconds, before 503 stale.
     #[arg(long, env = "COFFER_MIN_POSITION_WAIT_MS", default_value_t = 5_000)]
     min_position_wait_ms: u64,
+    /// Crash tests only: abort after this many view commits, before acking them.
+    #[arg(long, env = "COFFER_FAILPOINT_CRASH_AFTER_COMMITS", hide = true)]
+    failpoint_crash_after_commits: Option<u64>,
 }
 
 fn init_logging() {
@@ -237,6 +240,7 @@ async fn main() -> anyhow::Result<()> {
                 data_directory: args.data_dir,
                 reader_name: args.reader_name,
                 min_position_wait: Duration::from_millis(args.min_position_wait_ms),
+                crash_after_commits: args.failpoint_crash_after_commits,
             };
             reader::run(config, shutdown_signal()).await?;
             Ok(())

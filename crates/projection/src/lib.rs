@@ -3,10 +3,11 @@
 //! applied stream position. Messages are acknowledged only after the commit.
 //!
 //! # Exactly once
-//! A crash between commit and ack makes the server redeliver; the engine skips every event at or
-//! below the stored position, so each is applied once. If the consumer is gone, or is ahead of
-//! the stored position (the redb file was restored from a backup, say), it is re-created to
-//! deliver from the stored position + 1.
+//! Every delivery at or below the stored position is skipped, so a redelivery after a lost ack
+//! applies nothing twice. On (re)start the durable consumer is reused only if it continues
+//! exactly after the stored position; if it is gone, ahead of the view (the redb file was
+//! restored from a backup, say), or still holds deliveries to a process that died between commit
+//! and ack, it is re-created to deliver from the stored position + 1.
 //!
 //! # Poison events
 //! An event this build cannot decode is never skipped silently: the view stops, `/readyz` says
@@ -156,9 +157,18 @@ pub struct Engine<P: Projector> {
     consumer_name: String,
     applied: watch::Sender<u64>,
     health: Arc<ViewHealth>,
+    /// Failpoint for crash tests: abort the process right after this many commits, before the
+    /// ack, which is the window exactly-once has to survive.
+    crash_after_commits: Option<u64>,
 }
 
 impl<P: Projector> Engine<P> {
+    /// Arms the crash failpoint (see `crash_after_commits`). Only tests set it.
+    pub fn crash_after_commits(mut self, commits: Option<u64>) -> Self {
+        self.crash_after_commits = commits;
+        self
+    }
+
     /// Creates the tables if needed and loads the stored position.
     pub fn open(database: Arc<Database>, projector: P, consumer_name: &str) -> Result<Self> {
         let transaction = database.begin_write().map_err(storage)?;
@@ -175,6 +185,7 @@ impl<P: Projector> Engine<P> {
             consumer_name: consumer_name.to_owned(),
             applied,
             health,
+            crash_after_commits: None,
         })
     }
 
@@ -272,15 +283,22 @@ impl<P: Projector> Engine<P> {
                     .info()
                     .await
                     .map_err(|error| Error::Nats(error.to_string()))?;
-                // The server would never send again what it thinks we acknowledged.
-                if info.ack_floor.stream_sequence <= stored {
+                // Reuse it only if it will deliver exactly what follows the stored position:
+                // nothing acknowledged beyond it (the server would never send that again), and
+                // nothing delivered beyond it to an earlier process that died before committing
+                // (the server would hold that back until its ack wait expires).
+                let acknowledged = info.ack_floor.stream_sequence;
+                let delivered = info.delivered.stream_sequence;
+                if acknowledged <= stored && delivered <= stored && info.num_ack_pending == 0 {
                     return Ok(existing);
                 }
-                tracing::warn!(
+                tracing::info!(
                     consumer = %self.consumer_name,
-                    acknowledged = info.ack_floor.stream_sequence,
+                    acknowledged,
+                    delivered,
+                    pending = info.num_ack_pending,
                     stored,
-                    "consumer is ahead of the stored view; re-creating it"
+                    "consumer does not continue from the stored view; re-creating it"
                 );
                 stream
                     .delete_consumer(&self.consumer_name)
@@ -354,6 +372,13 @@ impl<P: Projector> Engine<P> {
                 .applied_position
                 .store(newest, Ordering::Relaxed);
             self.applied.send_replace(newest);
+            if self
+                .crash_after_commits
+                .is_some_and(|commits| self.health.batches_committed.get() >= commits)
+            {
+                tracing::error!(position = newest, "failpoint: aborting between commit and ack");
+                std::process::abort();
+            }
         }
         if let Some(lag) = lag {
             self.health.lag.set(lag as i64);

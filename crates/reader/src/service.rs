@@ -27,6 +27,8 @@ pub struct ReaderConfig {
     pub reader_name: String,
     /// Longest `min_position` wait (default 5 s).
     pub min_position_wait: Duration,
+    /// Crash-test failpoint: abort after this many commits, before acking.
+    pub crash_after_commits: Option<u64>,
 }
 
 const SETUP_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -47,11 +49,16 @@ pub async fn run(
         redb::Database::create(&path)
             .map_err(|error| Error::Storage(format!("open {}: {error}", path.display())))?,
     );
-    let engine = Engine::open(database.clone(), LedgerViews, &config.reader_name)?;
+    let engine = Engine::open(database.clone(), LedgerViews, &config.reader_name)?
+        .crash_after_commits(config.crash_after_commits);
     let applied = engine.applied();
     let health = engine.health();
     tracing::info!(path = %path.display(), position = *applied.borrow(), "views loaded");
 
+    // Listen before consuming, so the port is up as soon as the view starts to move.
+    let listener = tokio::net::TcpListener::bind(config.http_address)
+        .await
+        .map_err(|error| Error::Startup(format!("bind {}: {error}", config.http_address)))?;
     let client = config
         .nats
         .connect()
@@ -74,9 +81,6 @@ pub async fn run(
         engine.run(engine_log, engine_stop).await;
     });
 
-    let listener = tokio::net::TcpListener::bind(config.http_address)
-        .await
-        .map_err(|error| Error::Startup(format!("bind {}: {error}", config.http_address)))?;
     tracing::info!(address = %config.http_address, reader = %config.reader_name, "reader HTTP API listening");
     let state = QueryState {
         database,

@@ -337,6 +337,31 @@ impl CofferProcess {
         None
     }
 
+    /// Waits up to `timeout` for the process to exit by itself; returns whether it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    self.child = None;
+                    return true;
+                }
+            } else {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Changes (or with `None` removes) an environment variable for the next (re)start.
+    pub fn set_env(&mut self, key: &str, value: Option<String>) {
+        self.environment.retain(|(existing, _)| existing != key);
+        if let Some(value) = value {
+            self.environment.push((key.to_string(), value));
+        }
+    }
+
     /// Starts the same command again (same port, same environment).
     pub fn restart(&mut self) {
         self.kill();

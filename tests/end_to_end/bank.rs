@@ -1,0 +1,230 @@
+//! The bank workload (after Jepsen's "bank" test): concurrent clients move money between
+//! accounts over HTTP and NATS while a writer process is killed with SIGKILL and restarted. At
+//! quiescence money is conserved, no balance is below its limit, every transfer is settled, and
+//! each transfer has exactly one debit and exactly one credit or refund.
+//!
+//! `COFFER_SOAK=1` (`just soak`) runs ten times as many operations.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use testkit::NatsServer;
+
+use crate::support::{self, assert_views_equal_replay, read_stream, Http, Replay};
+
+const EUR_ACCOUNTS: usize = 20;
+const CLIENTS: usize = 8;
+const SEED_DEPOSIT: i64 = 10_000;
+const ATTEMPTS_MAX: usize = 20;
+
+#[derive(Default)]
+struct Ledger {
+    /// Transfers the system acknowledged (202), with their request.
+    acknowledged: HashMap<String, Value>,
+    /// Transfers never acknowledged despite retries: may or may not exist.
+    unknown: HashSet<String>,
+    refused_insufficient: usize,
+    retried_acknowledged: usize,
+}
+
+enum Channel {
+    Http(Vec<String>),
+    Nats(async_nats::Client),
+}
+
+/// Sends one transfer until it gets a definite answer; returns (status, body).
+async fn send(channel: &Channel, http: &Http, request: &Value, attempt: usize) -> Option<(u16, Value)> {
+    match channel {
+        Channel::Http(writers) => {
+            let url = format!("{}/v1/transfers", writers[attempt % writers.len()]);
+            let reply = http.post(&url, request, None).await.ok()?;
+            Some((reply.status, reply.body))
+        }
+        Channel::Nats(client) => {
+            let from = request["from"].as_str()?;
+            let body = json!({"to": request["to"], "amount": request["amount"], "transfer_id": request["transfer_id"]});
+            let future = client.request(format!("coffer.cmd.{from}.transfer"), serde_json::to_vec(&body).ok()?.into());
+            let message = tokio::time::timeout(Duration::from_secs(5), future).await.ok()?.ok()?;
+            let status = match message.headers.as_ref().and_then(|headers| headers.get("Nats-Service-Error-Code")) {
+                Some(code) => code.as_str().parse().unwrap_or(500),
+                None => 202,
+            };
+            Some((status, serde_json::from_slice(&message.payload).unwrap_or(Value::Null)))
+        }
+    }
+}
+
+async fn client(
+    seed: u64,
+    operations: usize,
+    channel: Channel,
+    targets: Arc<Vec<String>>,
+    senders: Arc<Vec<String>>,
+    ledger: Arc<Mutex<Ledger>>,
+) {
+    let http = Http::new();
+    let mut random = rand::rngs::StdRng::seed_from_u64(seed);
+    for operation in 0..operations {
+        let from = senders[random.random_range(0..senders.len())].clone();
+        let to = loop {
+            let candidate = targets[random.random_range(0..targets.len())].clone();
+            if candidate != from {
+                break candidate;
+            }
+        };
+        let transfer_id = format!("bank-{seed}-{operation}");
+        let request = json!({"transfer_id": transfer_id, "from": from, "to": to, "amount": random.random_range(1..=700)});
+        let mut outcome = None;
+        for attempt in 0..ATTEMPTS_MAX {
+            match send(&channel, &http, &request, attempt).await {
+                Some((202, body)) => {
+                    outcome = Some(Ok(body));
+                    break;
+                }
+                Some((422, body)) if body["code"] == "insufficient_funds" => {
+                    outcome = Some(Err(()));
+                    break;
+                }
+                Some((status, body)) if status < 500 => panic!("unexpected {status} {body} for {request}"),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        match outcome {
+            Some(Ok(body)) => {
+                ledger.lock().unwrap().acknowledged.insert(transfer_id.clone(), body.clone());
+                // Some clients retry an acknowledged transfer on purpose: same answer, no effect.
+                if random.random_bool(0.1) {
+                    if let Some((status, repeated)) = send(&channel, &http, &request, operation).await {
+                        assert!(status == 202 || status >= 500, "retry gave {status} {repeated}");
+                        if status == 202 {
+                            assert_eq!(repeated["position"], body["position"], "retry appended again");
+                            ledger.lock().unwrap().retried_acknowledged += 1;
+                        }
+                    }
+                }
+            }
+            Some(Err(())) => ledger.lock().unwrap().refused_insufficient += 1,
+            None => {
+                ledger.lock().unwrap().unknown.insert(transfer_id);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bank_workload_conserves_money_through_a_writer_crash() {
+    let soak = std::env::var("COFFER_SOAK").is_ok();
+    let operations = if soak { 400 } else { 40 };
+    let nats = NatsServer::start();
+    let mut first = support::writer("writer-a", &nats.url(), &[]);
+    let second = support::writer("writer-b", &nats.url(), &[]);
+    let data = tempfile::tempdir().unwrap();
+    let reader = support::reader("bank-reader", &nats.url(), data.path(), &[]);
+    let http = Http::new();
+    let (a, b) = (first.url(), second.url());
+
+    let open = |id: &str, currency: &str| {
+        let http = http.clone();
+        let body = json!({"account_id": id, "currency": currency, "overdraft_limit": 0});
+        let url = format!("{a}/v1/accounts");
+        async move { assert_eq!(http.post(&url, &body, None).await.unwrap().status, 201) }
+    };
+    let eur: Vec<String> = (0..EUR_ACCOUNTS).map(|index| support::unique(&format!("eur{index}"))).collect();
+    for account in &eur {
+        open(account, "EUR").await;
+        let deposit = http
+            .post(&format!("{a}/v1/accounts/{account}/deposits"), &json!({"amount": SEED_DEPOSIT}), None)
+            .await
+            .unwrap();
+        assert_eq!(deposit.status, 200);
+    }
+    let usd: Vec<String> = (0..2).map(|index| support::unique(&format!("usd{index}"))).collect();
+    let closed: Vec<String> = (0..2).map(|index| support::unique(&format!("closed{index}"))).collect();
+    for account in &usd {
+        open(account, "USD").await;
+    }
+    for account in &closed {
+        open(account, "EUR").await;
+        let close = http.post(&format!("{a}/v1/accounts/{account}/close"), &json!({}), None).await.unwrap();
+        assert_eq!(close.status, 200);
+    }
+    // Targets: mostly EUR accounts, some that must fail and be refunded.
+    let mut targets = eur.clone();
+    targets.extend(usd.iter().cloned());
+    targets.extend(closed.iter().cloned());
+    targets.extend((0..2).map(|index| support::unique(&format!("ghost{index}"))));
+    let targets = Arc::new(targets);
+    let senders = Arc::new(eur.clone());
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+
+    let nats_client = async_nats::connect(nats.url()).await.unwrap();
+    let mut clients = Vec::new();
+    for seed in 0..CLIENTS as u64 {
+        let channel = if seed % 2 == 0 {
+            Channel::Http(vec![a.clone(), b.clone()])
+        } else {
+            Channel::Nats(nats_client.clone())
+        };
+        clients.push(tokio::spawn(client(seed, operations, channel, targets.clone(), senders.clone(), ledger.clone())));
+    }
+    // Kill writer A mid-run with SIGKILL, then bring it back.
+    tokio::time::sleep(Duration::from_millis(if soak { 5_000 } else { 700 })).await;
+    first.kill();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    first.restart();
+    for client in clients {
+        client.await.unwrap();
+    }
+
+    // Quiescence: every debit settles.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let events = loop {
+        let events = read_stream(&nats.url()).await;
+        let replay = Replay::of(&events);
+        let unsettled = replay
+            .debits
+            .keys()
+            .filter(|id| replay.credits.get(*id).copied().unwrap_or(0) + replay.refunds.get(*id).copied().unwrap_or(0) == 0)
+            .count();
+        if unsettled == 0 {
+            break events;
+        }
+        assert!(Instant::now() < deadline, "{unsettled} transfers never settled");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let replay = Replay::of(&events);
+    let ledger = ledger.lock().unwrap();
+    assert!(ledger.acknowledged.len() > CLIENTS * operations / 4, "too few transfers went through");
+    for (transfer_id, debits) in &replay.debits {
+        assert_eq!(*debits, 1, "{transfer_id} debited {debits} times");
+        let settled = replay.credits.get(transfer_id).copied().unwrap_or(0) + replay.refunds.get(transfer_id).copied().unwrap_or(0);
+        assert_eq!(settled, 1, "{transfer_id} credited or refunded {settled} times");
+    }
+    for transfer_id in ledger.acknowledged.keys() {
+        assert!(replay.debits.contains_key(transfer_id), "acknowledged {transfer_id} is not in the stream");
+    }
+    assert!(!replay.refunds.is_empty(), "no transfer was refunded; the failure paths were not exercised");
+    let seeded = SEED_DEPOSIT * EUR_ACCOUNTS as i64;
+    assert_eq!(replay.deposited - replay.withdrawn, seeded);
+    assert_eq!(replay.total_balance(), seeded, "money was created or destroyed");
+    for (account, (balance, _, limit, _)) in &replay.accounts {
+        assert!(*balance >= -(*limit as i64), "{account} at {balance} is below its limit");
+    }
+    for account in usd.iter().chain(&closed) {
+        assert_eq!(replay.accounts[account].0, 0, "{account} received money it must refuse");
+    }
+    let last = events.last().unwrap().position;
+    assert_views_equal_replay(&http, &reader.url(), &replay, last).await;
+    println!(
+        "bank: {} acknowledged, {} refused for funds, {} unknown, {} retried acknowledged, {} refunded, {} events",
+        ledger.acknowledged.len(),
+        ledger.refused_insufficient,
+        ledger.unknown.len(),
+        ledger.retried_acknowledged,
+        replay.refunds.len(),
+        events.len()
+    );
+}

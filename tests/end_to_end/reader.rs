@@ -1,0 +1,231 @@
+//! The reader as a process: exactly-once under crashes, replicas, NATS outages and
+//! read-your-writes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use domain::{AccountId, Amount, Currency, Event, OpenAccount, OverdraftLimit};
+use eventlog::{EventLog, EventMetadata, StreamSettings};
+use serde_json::json;
+use testkit::NatsServer;
+
+use crate::support::{self, assert_views_equal_replay, read_stream, Http, Replay};
+
+/// Appends `accounts` histories of `per_account` events straight to the stream, concurrently.
+async fn populate(nats_url: &str, accounts: usize, per_account: usize) -> u64 {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let log = Arc::new(EventLog::open(client, &StreamSettings::default()).await.unwrap());
+    let mut tasks = Vec::new();
+    for index in 0..accounts {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            let account = AccountId::parse(&support::unique(&format!("bulk{index}"))).unwrap();
+            let metadata = EventMetadata {
+                command_id: String::new(),
+                correlation_id: "populate".into(),
+                ..Default::default()
+            };
+            let open = Event::AccountOpened(OpenAccount {
+                currency: Currency::parse("EUR").unwrap(),
+                owner: None,
+                overdraft_limit: OverdraftLimit::new(100).unwrap(),
+            });
+            let mut last = 0;
+            for step in 0..per_account {
+                let event = if step == 0 {
+                    open.clone()
+                } else if step % 4 == 0 {
+                    Event::Withdrawn { amount: Amount::new(3).unwrap(), reference: None }
+                } else {
+                    Event::Deposited { amount: Amount::new(step as i128).unwrap(), reference: Some(format!("r{step}")) }
+                };
+                let metadata = EventMetadata { command_id: uuid::Uuid::now_v7().to_string(), ..metadata.clone() };
+                last = log.append(&account, last, &event, &metadata).await.unwrap().position;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    log.last_position().await.unwrap()
+}
+
+async fn applied(http: &Http, url: &str) -> u64 {
+    http.metric(url, "coffer_projection_applied_position").await.unwrap_or(0.0) as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reader_crashes_between_commit_and_ack_and_mid_catch_up_yet_views_equal_the_replay() {
+    let nats = NatsServer::start();
+    let last = populate(&nats.url(), 50, 200).await;
+    assert_eq!(last, 10_000);
+    let data = tempfile::tempdir().unwrap();
+    let http = Http::new();
+
+    // 1. A failpoint aborts the reader right after its third commit, before the ack.
+    let mut reader = support::reader(
+        "crashy",
+        &nats.url(),
+        data.path(),
+        &[("COFFER_FAILPOINT_CRASH_AFTER_COMMITS", "3".into())],
+    );
+    assert!(reader.wait_exit(Duration::from_secs(30)), "failpoint did not fire");
+
+    // 2. Restarted without it, then killed with SIGKILL in the middle of the catch-up.
+    reader.set_env("COFFER_FAILPOINT_CRASH_AFTER_COMMITS", None);
+    reader.restart();
+    let url = reader.url();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let position = applied(&http, &url).await;
+        if position > 0 && position < last {
+            break;
+        }
+        if position >= last {
+            break; // caught up before we could kill it mid-way; the kill below still tests restart
+        }
+        assert!(Instant::now() < deadline, "reader made no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The consumer still held the uncommitted deliveries of the aborted process: it was
+    // re-created from the stored position instead of waiting out the ack wait.
+    let recreated = http
+        .metric(&url, "coffer_projection_consumer_recreations_total")
+        .await
+        .unwrap_or(0.0);
+    assert!(recreated >= 1.0, "consumer was not re-created after the crash");
+    reader.kill();
+
+    // 3. Restarted again: it finishes and its views equal a replay of the stream.
+    reader.restart();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while applied(&http, &url).await < last {
+        assert!(Instant::now() < deadline, "reader did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let replay = Replay::of(&read_stream(&nats.url()).await);
+    assert_eq!(replay.accounts.len(), 50);
+    assert_views_equal_replay(&http, &url, &replay, last).await;
+    // Statements have one line per event: nothing applied twice, nothing lost.
+    let (account, (_, version, _, _)) = replay.accounts.iter().next().unwrap();
+    let page = http
+        .get(&format!("{url}/v1/accounts/{account}/transactions?limit=1000"))
+        .await
+        .unwrap();
+    assert_eq!(page.body["items"].as_array().unwrap().len() as u64, *version);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_readers_with_different_names_see_the_same_views() {
+    let nats = NatsServer::start();
+    let writer = support::writer("w", &nats.url(), &[]);
+    let (one_dir, two_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let one = support::reader("one", &nats.url(), one_dir.path(), &[]);
+    let http = Http::new();
+    let w = writer.url();
+    let accounts: Vec<String> = (0..5).map(|_| support::unique("pair")).collect();
+    for account in &accounts {
+        http.post(&format!("{w}/v1/accounts"), &json!({"account_id": account, "currency": "EUR"}), None).await.unwrap();
+        http.post(&format!("{w}/v1/accounts/{account}/deposits"), &json!({"amount": 100}), None).await.unwrap();
+    }
+    let transfer = http
+        .post(&format!("{w}/v1/transfers"), &json!({"from": accounts[0], "to": accounts[1], "amount": 40}), None)
+        .await
+        .unwrap();
+    assert_eq!(transfer.status, 202);
+    // The second reader starts late and catches up from the start of the stream.
+    let two = support::reader("two", &nats.url(), two_dir.path(), &[]);
+    let transfer_id = transfer.body["transfer_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let done = http.get(&format!("{}/v1/transfers/{transfer_id}", two.url())).await.unwrap();
+        if done.body["status"] == "completed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "transfer not completed: {:?}", done.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = read_stream(&nats.url()).await;
+    let last = events.last().unwrap().position;
+    let replay = Replay::of(&events);
+    for reader in [&one, &two] {
+        assert_views_equal_replay(&http, &reader.url(), &replay, last).await;
+    }
+    let views: Vec<_> = futures::future::join_all([&one, &two].map(|reader| {
+        let http = http.clone();
+        let url = format!("{}/v1/transfers/{transfer_id}?min_position={last}", reader.url());
+        async move { http.get(&url).await.unwrap().body }
+    }))
+    .await;
+    assert_eq!(views[0], views[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_served_while_nats_is_down_and_resume_after() {
+    let mut nats = NatsServer::start();
+    let writer = support::writer("w", &nats.url(), &[]);
+    let data = tempfile::tempdir().unwrap();
+    let reader = support::reader("r", &nats.url(), data.path(), &[]);
+    let http = Http::new();
+    let (w, r) = (writer.url(), reader.url());
+    let account = support::unique("offline");
+    http.post(&format!("{w}/v1/accounts"), &json!({"account_id": account, "currency": "EUR"}), None).await.unwrap();
+    let deposit = http.post(&format!("{w}/v1/accounts/{account}/deposits"), &json!({"amount": 9}), None).await.unwrap();
+    let position = deposit.body["position"].as_u64().unwrap();
+    assert_eq!(http.get(&format!("{r}/v1/accounts/{account}?min_position={position}")).await.unwrap().status, 200);
+
+    nats.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let offline = http.get(&format!("{r}/v1/accounts/{account}")).await.unwrap();
+    assert_eq!((offline.status, offline.body["balance"].as_i64()), (200, Some(9)));
+    assert_eq!(http.get(&format!("{r}/readyz")).await.unwrap().status, 503);
+
+    nats.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let position = loop {
+        let reply = http.post(&format!("{w}/v1/accounts/{account}/deposits"), &json!({"amount": 1}), Some("after")).await;
+        if let Ok(reply) = reply {
+            if reply.status == 200 {
+                break reply.body["position"].as_u64().unwrap();
+            }
+        }
+        assert!(Instant::now() < deadline, "writer did not recover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let caught_up = http.get(&format!("{r}/v1/accounts/{account}?min_position={position}")).await.unwrap();
+    assert_eq!((caught_up.status, caught_up.body["balance"].as_i64()), (200, Some(10)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_position_answers_once_applied_and_503_after_the_bound() {
+    let nats = NatsServer::start();
+    let writer = support::writer("w", &nats.url(), &[]);
+    let data = tempfile::tempdir().unwrap();
+    let reader = support::reader("r", &nats.url(), data.path(), &[("COFFER_MIN_POSITION_WAIT_MS", "400".into())]);
+    support::wait_ready(&reader.url());
+    let http = Http::new();
+    let (w, r) = (writer.url(), reader.url());
+    let account = support::unique("ryw");
+    http.post(&format!("{w}/v1/accounts"), &json!({"account_id": account, "currency": "EUR"}), None).await.unwrap();
+    let mut waits = Vec::new();
+    for amount in 1..=50i64 {
+        let deposit = http.post(&format!("{w}/v1/accounts/{account}/deposits"), &json!({"amount": amount}), None).await.unwrap();
+        let position = deposit.body["position"].as_u64().unwrap();
+        let started = Instant::now();
+        let read = http.get(&format!("{r}/v1/accounts/{account}?min_position={position}")).await.unwrap();
+        waits.push(started.elapsed());
+        assert_eq!(read.status, 200);
+        assert_eq!(read.body["balance"].as_i64(), Some(amount * (amount + 1) / 2));
+    }
+    waits.sort();
+    println!(
+        "read-your-writes: read after write, p50 {:?}, p99 {:?} (includes the HTTP round trip)",
+        waits[waits.len() / 2],
+        waits[waits.len() * 99 / 100]
+    );
+    let started = Instant::now();
+    let stale = http.get(&format!("{r}/v1/accounts/{account}?min_position=99999999")).await.unwrap();
+    assert_eq!((stale.status, stale.code()), (503, "stale"));
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
