@@ -36,7 +36,12 @@ enum Channel {
 }
 
 /// Sends one transfer until it gets a definite answer; returns (status, body).
-async fn send(channel: &Channel, http: &Http, request: &Value, attempt: usize) -> Option<(u16, Value)> {
+async fn send(
+    channel: &Channel,
+    http: &Http,
+    request: &Value,
+    attempt: usize,
+) -> Option<(u16, Value)> {
     match channel {
         Channel::Http(writers) => {
             let url = format!("{}/v1/transfers", writers[attempt % writers.len()]);
@@ -46,13 +51,26 @@ async fn send(channel: &Channel, http: &Http, request: &Value, attempt: usize) -
         Channel::Nats(client) => {
             let from = request["from"].as_str()?;
             let body = json!({"to": request["to"], "amount": request["amount"], "transfer_id": request["transfer_id"]});
-            let future = client.request(format!("coffer.cmd.{from}.transfer"), serde_json::to_vec(&body).ok()?.into());
-            let message = tokio::time::timeout(Duration::from_secs(5), future).await.ok()?.ok()?;
-            let status = match message.headers.as_ref().and_then(|headers| headers.get("Nats-Service-Error-Code")) {
+            let future = client.request(
+                format!("coffer.cmd.{from}.transfer"),
+                serde_json::to_vec(&body).ok()?.into(),
+            );
+            let message = tokio::time::timeout(Duration::from_secs(5), future)
+                .await
+                .ok()?
+                .ok()?;
+            let status = match message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get("Nats-Service-Error-Code"))
+            {
                 Some(code) => code.as_str().parse().unwrap_or(500),
                 None => 202,
             };
-            Some((status, serde_json::from_slice(&message.payload).unwrap_or(Value::Null)))
+            Some((
+                status,
+                serde_json::from_slice(&message.payload).unwrap_or(Value::Null),
+            ))
         }
     }
 }
@@ -88,19 +106,33 @@ async fn client(
                     outcome = Some(Err(()));
                     break;
                 }
-                Some((status, body)) if status < 500 => panic!("unexpected {status} {body} for {request}"),
+                Some((status, body)) if status < 500 => {
+                    panic!("unexpected {status} {body} for {request}")
+                }
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
         match outcome {
             Some(Ok(body)) => {
-                ledger.lock().unwrap().acknowledged.insert(transfer_id.clone(), body.clone());
+                ledger
+                    .lock()
+                    .unwrap()
+                    .acknowledged
+                    .insert(transfer_id.clone(), body.clone());
                 // Some clients retry an acknowledged transfer on purpose: same answer, no effect.
                 if random.random_bool(0.1) {
-                    if let Some((status, repeated)) = send(&channel, &http, &request, operation).await {
-                        assert!(status == 202 || status >= 500, "retry gave {status} {repeated}");
+                    if let Some((status, repeated)) =
+                        send(&channel, &http, &request, operation).await
+                    {
+                        assert!(
+                            status == 202 || status >= 500,
+                            "retry gave {status} {repeated}"
+                        );
                         if status == 202 {
-                            assert_eq!(repeated["position"], body["position"], "retry appended again");
+                            assert_eq!(
+                                repeated["position"], body["position"],
+                                "retry appended again"
+                            );
                             ledger.lock().unwrap().retried_acknowledged += 1;
                         }
                     }
@@ -132,23 +164,40 @@ async fn bank_workload_conserves_money_through_a_writer_crash() {
         let url = format!("{a}/v1/accounts");
         async move { assert_eq!(http.post(&url, &body, None).await.unwrap().status, 201) }
     };
-    let eur: Vec<String> = (0..EUR_ACCOUNTS).map(|index| support::unique(&format!("eur{index}"))).collect();
+    let eur: Vec<String> = (0..EUR_ACCOUNTS)
+        .map(|index| support::unique(&format!("eur{index}")))
+        .collect();
     for account in &eur {
         open(account, "EUR").await;
         let deposit = http
-            .post(&format!("{a}/v1/accounts/{account}/deposits"), &json!({"amount": SEED_DEPOSIT}), None)
+            .post(
+                &format!("{a}/v1/accounts/{account}/deposits"),
+                &json!({"amount": SEED_DEPOSIT}),
+                None,
+            )
             .await
             .unwrap();
         assert_eq!(deposit.status, 200);
     }
-    let usd: Vec<String> = (0..2).map(|index| support::unique(&format!("usd{index}"))).collect();
-    let closed: Vec<String> = (0..2).map(|index| support::unique(&format!("closed{index}"))).collect();
+    let usd: Vec<String> = (0..2)
+        .map(|index| support::unique(&format!("usd{index}")))
+        .collect();
+    let closed: Vec<String> = (0..2)
+        .map(|index| support::unique(&format!("closed{index}")))
+        .collect();
     for account in &usd {
         open(account, "USD").await;
     }
     for account in &closed {
         open(account, "EUR").await;
-        let close = http.post(&format!("{a}/v1/accounts/{account}/close"), &json!({}), None).await.unwrap();
+        let close = http
+            .post(
+                &format!("{a}/v1/accounts/{account}/close"),
+                &json!({}),
+                None,
+            )
+            .await
+            .unwrap();
         assert_eq!(close.status, 200);
     }
     // Targets: mostly EUR accounts, some that must fail and be refunded.
@@ -168,7 +217,14 @@ async fn bank_workload_conserves_money_through_a_writer_crash() {
         } else {
             Channel::Nats(nats_client.clone())
         };
-        clients.push(tokio::spawn(client(seed, operations, channel, targets.clone(), senders.clone(), ledger.clone())));
+        clients.push(tokio::spawn(client(
+            seed,
+            operations,
+            channel,
+            targets.clone(),
+            senders.clone(),
+            ledger.clone(),
+        )));
     }
     // Kill writer A mid-run with SIGKILL, then bring it back.
     tokio::time::sleep(Duration::from_millis(if soak { 5_000 } else { 700 })).await;
@@ -187,34 +243,64 @@ async fn bank_workload_conserves_money_through_a_writer_crash() {
         let unsettled = replay
             .debits
             .keys()
-            .filter(|id| replay.credits.get(*id).copied().unwrap_or(0) + replay.refunds.get(*id).copied().unwrap_or(0) == 0)
+            .filter(|id| {
+                replay.credits.get(*id).copied().unwrap_or(0)
+                    + replay.refunds.get(*id).copied().unwrap_or(0)
+                    == 0
+            })
             .count();
         if unsettled == 0 {
             break events;
         }
-        assert!(Instant::now() < deadline, "{unsettled} transfers never settled");
+        assert!(
+            Instant::now() < deadline,
+            "{unsettled} transfers never settled"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let replay = Replay::of(&events);
-    let ledger = ledger.lock().unwrap();
-    assert!(ledger.acknowledged.len() > CLIENTS * operations / 4, "too few transfers went through");
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
+    assert!(
+        ledger.acknowledged.len() > CLIENTS * operations / 4,
+        "too few transfers went through"
+    );
     for (transfer_id, debits) in &replay.debits {
         assert_eq!(*debits, 1, "{transfer_id} debited {debits} times");
-        let settled = replay.credits.get(transfer_id).copied().unwrap_or(0) + replay.refunds.get(transfer_id).copied().unwrap_or(0);
-        assert_eq!(settled, 1, "{transfer_id} credited or refunded {settled} times");
+        let settled = replay.credits.get(transfer_id).copied().unwrap_or(0)
+            + replay.refunds.get(transfer_id).copied().unwrap_or(0);
+        assert_eq!(
+            settled, 1,
+            "{transfer_id} credited or refunded {settled} times"
+        );
     }
     for transfer_id in ledger.acknowledged.keys() {
-        assert!(replay.debits.contains_key(transfer_id), "acknowledged {transfer_id} is not in the stream");
+        assert!(
+            replay.debits.contains_key(transfer_id),
+            "acknowledged {transfer_id} is not in the stream"
+        );
     }
-    assert!(!replay.refunds.is_empty(), "no transfer was refunded; the failure paths were not exercised");
+    assert!(
+        !replay.refunds.is_empty(),
+        "no transfer was refunded; the failure paths were not exercised"
+    );
     let seeded = SEED_DEPOSIT * EUR_ACCOUNTS as i64;
     assert_eq!(replay.deposited - replay.withdrawn, seeded);
-    assert_eq!(replay.total_balance(), seeded, "money was created or destroyed");
+    assert_eq!(
+        replay.total_balance(),
+        seeded,
+        "money was created or destroyed"
+    );
     for (account, (balance, _, limit, _)) in &replay.accounts {
-        assert!(*balance >= -(*limit as i64), "{account} at {balance} is below its limit");
+        assert!(
+            *balance >= -(*limit as i64),
+            "{account} at {balance} is below its limit"
+        );
     }
     for account in usd.iter().chain(&closed) {
-        assert_eq!(replay.accounts[account].0, 0, "{account} received money it must refuse");
+        assert_eq!(
+            replay.accounts[account].0, 0,
+            "{account} received money it must refuse"
+        );
     }
     let last = events.last().unwrap().position;
     assert_views_equal_replay(&http, &reader.url(), &replay, last).await;

@@ -14,7 +14,9 @@ use crate::support::{self, assert_views_equal_replay, read_stream, Http, Replay}
 const LOAD_TASKS: usize = 4;
 
 async fn stream_leader(urls: &str) -> Option<String> {
-    let client = async_nats::connect(urls).await.ok()?;
+    let servers: Vec<async_nats::ServerAddr> =
+        urls.split(',').filter_map(|url| url.parse().ok()).collect();
+    let client = async_nats::connect(servers).await.ok()?;
     let reply = tokio::time::timeout(
         Duration::from_secs(3),
         client.request("$JS.API.STREAM.INFO.COFFER_EVENTS", "".into()),
@@ -36,9 +38,18 @@ async fn stream_leader_killed_under_load_loses_and_duplicates_nothing() {
     let reader = support::reader("cluster-reader", &urls, data.path(), &replicas);
     let http = Http::new();
     let w = writer.url();
-    let accounts: Vec<String> = (0..LOAD_TASKS).map(|index| support::unique(&format!("r3-{index}"))).collect();
+    let accounts: Vec<String> = (0..LOAD_TASKS)
+        .map(|index| support::unique(&format!("r3-{index}")))
+        .collect();
     for account in &accounts {
-        let reply = http.post(&format!("{w}/v1/accounts"), &json!({"account_id": account, "currency": "EUR"}), None).await.unwrap();
+        let reply = http
+            .post(
+                &format!("{w}/v1/accounts"),
+                &json!({"account_id": account, "currency": "EUR"}),
+                None,
+            )
+            .await
+            .unwrap();
         assert_eq!(reply.status, 201, "{:?}", reply.body);
     }
 
@@ -48,7 +59,8 @@ async fn stream_leader_killed_under_load_loses_and_duplicates_nothing() {
     let mut tasks = Vec::new();
     for (index, account) in accounts.iter().enumerate() {
         let (http, w, account) = (http.clone(), w.clone(), account.clone());
-        let (stop, acknowledged, successes) = (stop.clone(), acknowledged.clone(), successes.clone());
+        let (stop, acknowledged, successes) =
+            (stop.clone(), acknowledged.clone(), successes.clone());
         tasks.push(tokio::spawn(async move {
             let mut operation = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -56,13 +68,22 @@ async fn stream_leader_killed_under_load_loses_and_duplicates_nothing() {
                 let deadline = Instant::now() + Duration::from_secs(60);
                 loop {
                     let reply = http
-                        .post(&format!("{w}/v1/accounts/{account}/deposits"), &json!({"amount": 1}), Some(&key))
+                        .post(
+                            &format!("{w}/v1/accounts/{account}/deposits"),
+                            &json!({"amount": 1}),
+                            Some(&key),
+                        )
                         .await;
                     if let Ok(reply) = reply {
                         if reply.status == 200 {
                             break;
                         }
-                        assert!(reply.status >= 500, "unexpected {} {:?}", reply.status, reply.body);
+                        assert!(
+                            reply.status >= 500,
+                            "unexpected {} {:?}",
+                            reply.status,
+                            reply.body
+                        );
                     }
                     assert!(Instant::now() < deadline, "deposit {key} never succeeded");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -77,7 +98,10 @@ async fn stream_leader_killed_under_load_loses_and_duplicates_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let leader = stream_leader(&urls).await.expect("stream has a leader");
     let killed_at = Instant::now();
-    cluster.node_by_name(&leader).expect("leader is one of ours").kill();
+    cluster
+        .node_by_name(&leader)
+        .expect("leader is one of ours")
+        .kill();
     tokio::time::sleep(Duration::from_secs(4)).await;
     cluster.node_by_name(&leader).unwrap().restart();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -89,7 +113,10 @@ async fn stream_leader_killed_under_load_loses_and_duplicates_nothing() {
     let mut times = successes.lock().unwrap().clone();
     times.sort();
     let after_kill: Vec<&Instant> = times.iter().filter(|time| **time > killed_at).collect();
-    assert!(!after_kill.is_empty(), "the writer never served again after the leader died");
+    assert!(
+        !after_kill.is_empty(),
+        "the writer never served again after the leader died"
+    );
     let stall = times
         .windows(2)
         .map(|pair| pair[1].duration_since(pair[0]))
@@ -108,14 +135,25 @@ async fn stream_leader_killed_under_load_loses_and_duplicates_nothing() {
             *seen.entry(key.clone()).or_default() += 1;
         }
     }
-    let acknowledged = acknowledged.lock().unwrap();
+    let acknowledged = std::mem::take(&mut *acknowledged.lock().unwrap());
     for key in acknowledged.keys() {
-        assert_eq!(seen.get(key).copied().unwrap_or(0), 1, "acknowledged deposit {key} is in the stream {:?} times", seen.get(key));
+        assert_eq!(
+            seen.get(key).copied().unwrap_or(0),
+            1,
+            "acknowledged deposit {key} is in the stream {:?} times",
+            seen.get(key)
+        );
     }
-    assert!(seen.values().all(|count| *count == 1), "a deposit was appended twice");
+    assert!(
+        seen.values().all(|count| *count == 1),
+        "a deposit was appended twice"
+    );
     let replay = Replay::of(&events);
     for account in &accounts {
-        let count = acknowledged.values().filter(|owner| *owner == account).count() as i64;
+        let count = acknowledged
+            .values()
+            .filter(|owner| *owner == account)
+            .count() as i64;
         assert_eq!(replay.accounts[account].0, count, "{account}");
     }
     let last = events.last().unwrap().position;

@@ -14,7 +14,11 @@ use crate::support::{self, assert_views_equal_replay, read_stream, Http, Replay}
 /// Appends `accounts` histories of `per_account` events straight to the stream, concurrently.
 async fn populate(nats_url: &str, accounts: usize, per_account: usize) -> u64 {
     let client = async_nats::connect(nats_url).await.unwrap();
-    let log = Arc::new(EventLog::open(client, &StreamSettings::default()).await.unwrap());
+    let log = Arc::new(
+        EventLog::open(client, &StreamSettings::default())
+            .await
+            .unwrap(),
+    );
     let mut tasks = Vec::new();
     for index in 0..accounts {
         let log = log.clone();
@@ -35,12 +39,25 @@ async fn populate(nats_url: &str, accounts: usize, per_account: usize) -> u64 {
                 let event = if step == 0 {
                     open.clone()
                 } else if step % 4 == 0 {
-                    Event::Withdrawn { amount: Amount::new(3).unwrap(), reference: None }
+                    Event::Withdrawn {
+                        amount: Amount::new(3).unwrap(),
+                        reference: None,
+                    }
                 } else {
-                    Event::Deposited { amount: Amount::new(step as i128).unwrap(), reference: Some(format!("r{step}")) }
+                    Event::Deposited {
+                        amount: Amount::new(step as i128).unwrap(),
+                        reference: Some(format!("r{step}")),
+                    }
                 };
-                let metadata = EventMetadata { command_id: uuid::Uuid::now_v7().to_string(), ..metadata.clone() };
-                last = log.append(&account, last, &event, &metadata).await.unwrap().position;
+                let metadata = EventMetadata {
+                    command_id: uuid::Uuid::now_v7().to_string(),
+                    ..metadata.clone()
+                };
+                last = log
+                    .append(&account, last, &event, &metadata)
+                    .await
+                    .unwrap()
+                    .position;
             }
         }));
     }
@@ -51,7 +68,9 @@ async fn populate(nats_url: &str, accounts: usize, per_account: usize) -> u64 {
 }
 
 async fn applied(http: &Http, url: &str) -> u64 {
-    http.metric(url, "coffer_projection_applied_position").await.unwrap_or(0.0) as u64
+    http.metric(url, "coffer_projection_applied_position")
+        .await
+        .unwrap_or(0.0) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,7 +88,10 @@ async fn reader_crashes_between_commit_and_ack_and_mid_catch_up_yet_views_equal_
         data.path(),
         &[("COFFER_FAILPOINT_CRASH_AFTER_COMMITS", "3".into())],
     );
-    assert!(reader.wait_exit(Duration::from_secs(30)), "failpoint did not fire");
+    assert!(
+        reader.wait_exit(Duration::from_secs(30)),
+        "failpoint did not fire"
+    );
 
     // 2. Restarted without it, then killed with SIGKILL in the middle of the catch-up.
     reader.set_env("COFFER_FAILPOINT_CRASH_AFTER_COMMITS", None);
@@ -93,7 +115,10 @@ async fn reader_crashes_between_commit_and_ack_and_mid_catch_up_yet_views_equal_
         .metric(&url, "coffer_projection_consumer_recreations_total")
         .await
         .unwrap_or(0.0);
-    assert!(recreated >= 1.0, "consumer was not re-created after the crash");
+    assert!(
+        recreated >= 1.0,
+        "consumer was not re-created after the crash"
+    );
     reader.kill();
 
     // 3. Restarted again: it finishes and its views equal a replay of the stream.
@@ -109,10 +134,15 @@ async fn reader_crashes_between_commit_and_ack_and_mid_catch_up_yet_views_equal_
     // Statements have one line per event: nothing applied twice, nothing lost.
     let (account, (_, version, _, _)) = replay.accounts.iter().next().unwrap();
     let page = http
-        .get(&format!("{url}/v1/accounts/{account}/transactions?limit=1000"))
+        .get(&format!(
+            "{url}/v1/accounts/{account}/transactions?limit=1000"
+        ))
         .await
         .unwrap();
-    assert_eq!(page.body["items"].as_array().unwrap().len() as u64, *version);
+    assert_eq!(
+        page.body["items"].as_array().unwrap().len() as u64,
+        *version
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,11 +155,27 @@ async fn two_readers_with_different_names_see_the_same_views() {
     let w = writer.url();
     let accounts: Vec<String> = (0..5).map(|_| support::unique("pair")).collect();
     for account in &accounts {
-        http.post(&format!("{w}/v1/accounts"), &json!({"account_id": account, "currency": "EUR"}), None).await.unwrap();
-        http.post(&format!("{w}/v1/accounts/{account}/deposits"), &json!({"amount": 100}), None).await.unwrap();
+        http.post(
+            &format!("{w}/v1/accounts"),
+            &json!({"account_id": account, "currency": "EUR"}),
+            None,
+        )
+        .await
+        .unwrap();
+        http.post(
+            &format!("{w}/v1/accounts/{account}/deposits"),
+            &json!({"amount": 100}),
+            None,
+        )
+        .await
+        .unwrap();
     }
     let transfer = http
-        .post(&format!("{w}/v1/transfers"), &json!({"from": accounts[0], "to": accounts[1], "amount": 40}), None)
+        .post(
+            &format!("{w}/v1/transfers"),
+            &json!({"from": accounts[0], "to": accounts[1], "amount": 40}),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(transfer.status, 202);
@@ -138,11 +184,18 @@ async fn two_readers_with_different_names_see_the_same_views() {
     let transfer_id = transfer.body["transfer_id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let done = http.get(&format!("{}/v1/transfers/{transfer_id}", two.url())).await.unwrap();
+        let done = http
+            .get(&format!("{}/v1/transfers/{transfer_id}", two.url()))
+            .await
+            .unwrap();
         if done.body["status"] == "completed" {
             break;
         }
-        assert!(Instant::now() < deadline, "transfer not completed: {:?}", done.body);
+        assert!(
+            Instant::now() < deadline,
+            "transfer not completed: {:?}",
+            done.body
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let events = read_stream(&nats.url()).await;
@@ -153,7 +206,10 @@ async fn two_readers_with_different_names_see_the_same_views() {
     }
     let views: Vec<_> = futures::future::join_all([&one, &two].map(|reader| {
         let http = http.clone();
-        let url = format!("{}/v1/transfers/{transfer_id}?min_position={last}", reader.url());
+        let url = format!(
+            "{}/v1/transfers/{transfer_id}?min_position={last}",
+            reader.url()
+        );
         async move { http.get(&url).await.unwrap().body }
     }))
     .await;
@@ -169,21 +225,54 @@ async fn reads_are_served_while_nats_is_down_and_resume_after() {
     let http = Http::new();
     let (w, r) = (writer.url(), reader.url());
     let account = support::unique("offline");
-    http.post(&format!("{w}/v1/accounts"), &json!({"account_id": account, "currency": "EUR"}), None).await.unwrap();
-    let deposit = http.post(&format!("{w}/v1/accounts/{account}/deposits"), &json!({"amount": 9}), None).await.unwrap();
+    http.post(
+        &format!("{w}/v1/accounts"),
+        &json!({"account_id": account, "currency": "EUR"}),
+        None,
+    )
+    .await
+    .unwrap();
+    let deposit = http
+        .post(
+            &format!("{w}/v1/accounts/{account}/deposits"),
+            &json!({"amount": 9}),
+            None,
+        )
+        .await
+        .unwrap();
     let position = deposit.body["position"].as_u64().unwrap();
-    assert_eq!(http.get(&format!("{r}/v1/accounts/{account}?min_position={position}")).await.unwrap().status, 200);
+    assert_eq!(
+        http.get(&format!(
+            "{r}/v1/accounts/{account}?min_position={position}"
+        ))
+        .await
+        .unwrap()
+        .status,
+        200
+    );
 
     nats.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let offline = http.get(&format!("{r}/v1/accounts/{account}")).await.unwrap();
-    assert_eq!((offline.status, offline.body["balance"].as_i64()), (200, Some(9)));
+    let offline = http
+        .get(&format!("{r}/v1/accounts/{account}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (offline.status, offline.body["balance"].as_i64()),
+        (200, Some(9))
+    );
     assert_eq!(http.get(&format!("{r}/readyz")).await.unwrap().status, 503);
 
     nats.restart();
     let deadline = Instant::now() + Duration::from_secs(30);
     let position = loop {
-        let reply = http.post(&format!("{w}/v1/accounts/{account}/deposits"), &json!({"amount": 1}), Some("after")).await;
+        let reply = http
+            .post(
+                &format!("{w}/v1/accounts/{account}/deposits"),
+                &json!({"amount": 1}),
+                Some("after"),
+            )
+            .await;
         if let Ok(reply) = reply {
             if reply.status == 200 {
                 break reply.body["position"].as_u64().unwrap();
@@ -192,8 +281,16 @@ async fn reads_are_served_while_nats_is_down_and_resume_after() {
         assert!(Instant::now() < deadline, "writer did not recover");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let caught_up = http.get(&format!("{r}/v1/accounts/{account}?min_position={position}")).await.unwrap();
-    assert_eq!((caught_up.status, caught_up.body["balance"].as_i64()), (200, Some(10)));
+    let caught_up = http
+        .get(&format!(
+            "{r}/v1/accounts/{account}?min_position={position}"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        (caught_up.status, caught_up.body["balance"].as_i64()),
+        (200, Some(10))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,21 +298,47 @@ async fn min_position_answers_once_applied_and_503_after_the_bound() {
     let nats = NatsServer::start();
     let writer = support::writer("w", &nats.url(), &[]);
     let data = tempfile::tempdir().unwrap();
-    let reader = support::reader("r", &nats.url(), data.path(), &[("COFFER_MIN_POSITION_WAIT_MS", "400".into())]);
+    let reader = support::reader(
+        "r",
+        &nats.url(),
+        data.path(),
+        &[("COFFER_MIN_POSITION_WAIT_MS", "400".into())],
+    );
     support::wait_ready(&reader.url());
     let http = Http::new();
     let (w, r) = (writer.url(), reader.url());
     let account = support::unique("ryw");
-    http.post(&format!("{w}/v1/accounts"), &json!({"account_id": account, "currency": "EUR"}), None).await.unwrap();
+    http.post(
+        &format!("{w}/v1/accounts"),
+        &json!({"account_id": account, "currency": "EUR"}),
+        None,
+    )
+    .await
+    .unwrap();
     let mut waits = Vec::new();
     for amount in 1..=50i64 {
-        let deposit = http.post(&format!("{w}/v1/accounts/{account}/deposits"), &json!({"amount": amount}), None).await.unwrap();
+        let deposit = http
+            .post(
+                &format!("{w}/v1/accounts/{account}/deposits"),
+                &json!({"amount": amount}),
+                None,
+            )
+            .await
+            .unwrap();
         let position = deposit.body["position"].as_u64().unwrap();
         let started = Instant::now();
-        let read = http.get(&format!("{r}/v1/accounts/{account}?min_position={position}")).await.unwrap();
+        let read = http
+            .get(&format!(
+                "{r}/v1/accounts/{account}?min_position={position}"
+            ))
+            .await
+            .unwrap();
         waits.push(started.elapsed());
         assert_eq!(read.status, 200);
-        assert_eq!(read.body["balance"].as_i64(), Some(amount * (amount + 1) / 2));
+        assert_eq!(
+            read.body["balance"].as_i64(),
+            Some(amount * (amount + 1) / 2)
+        );
     }
     waits.sort();
     println!(
@@ -224,7 +347,10 @@ async fn min_position_answers_once_applied_and_503_after_the_bound() {
         waits[waits.len() * 99 / 100]
     );
     let started = Instant::now();
-    let stale = http.get(&format!("{r}/v1/accounts/{account}?min_position=99999999")).await.unwrap();
+    let stale = http
+        .get(&format!("{r}/v1/accounts/{account}?min_position=99999999"))
+        .await
+        .unwrap();
     assert_eq!((stale.status, stale.code()), (503, "stale"));
     assert!(started.elapsed() >= Duration::from_millis(400));
     assert!(started.elapsed() < Duration::from_secs(3));

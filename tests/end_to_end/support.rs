@@ -20,7 +20,12 @@ pub fn writer(name: &str, nats_urls: &str, extra: &[(&str, String)]) -> CofferPr
     process
 }
 
-pub fn reader(name: &str, nats_urls: &str, data_dir: &std::path::Path, extra: &[(&str, String)]) -> CofferProcess {
+pub fn reader(
+    name: &str,
+    nats_urls: &str,
+    data_dir: &std::path::Path,
+    extra: &[(&str, String)],
+) -> CofferProcess {
     let mut environment = vec![
         ("COFFER_NATS_URL", nats_urls.to_string()),
         ("COFFER_READER_NAME", name.to_string()),
@@ -48,7 +53,10 @@ pub fn status_of(url: &str) -> std::io::Result<u16> {
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
     let mut stream = std::net::TcpStream::connect(host)?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(stream, "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     response
@@ -97,7 +105,12 @@ impl Http {
     }
 
     pub async fn get(&self, url: &str) -> Result<Reply, String> {
-        let response = self.client.get(url).send().await.map_err(|error| error.to_string())?;
+        let response = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|error| error.to_string())?;
         let status = response.status().as_u16();
         let body = response.json().await.unwrap_or(Value::Null);
         Ok(Reply { status, body })
@@ -122,11 +135,17 @@ impl Http {
 
 /// Every event of the stream, in order.
 pub async fn read_stream(nats_urls: &str) -> Vec<RecordedEvent> {
-    let client = async_nats::connect(nats_urls.split(',').next().unwrap()).await.unwrap();
+    let servers: Vec<async_nats::ServerAddr> = nats_urls
+        .split(',')
+        .map(|url| url.parse().unwrap())
+        .collect();
+    let client = async_nats::connect(servers).await.unwrap();
     let log = EventLog::new(client, &StreamSettings::default());
     let mut events = Vec::new();
     loop {
-        let after = events.last().map_or(0, |event: &RecordedEvent| event.position);
+        let after = events
+            .last()
+            .map_or(0, |event: &RecordedEvent| event.position);
         let page = log.read_after(after, 1_000).await.unwrap();
         if page.is_empty() {
             return events;
@@ -153,9 +172,10 @@ impl Replay {
         for recorded in events {
             let account = recorded.account_id.to_string();
             if let Event::AccountOpened(open) = &recorded.event {
-                replay
-                    .accounts
-                    .insert(account.clone(), (0, 0, open.overdraft_limit.minor_units(), false));
+                replay.accounts.insert(
+                    account.clone(),
+                    (0, 0, open.overdraft_limit.minor_units(), false),
+                );
             }
             let Some(entry) = replay.accounts.get_mut(&account) else {
                 continue;
@@ -187,16 +207,35 @@ impl Replay {
 }
 
 /// Checks that a reader's account views equal the replay, after it applied `position`.
-pub async fn assert_views_equal_replay(http: &Http, reader_url: &str, replay: &Replay, position: u64) {
+pub async fn assert_views_equal_replay(
+    http: &Http,
+    reader_url: &str,
+    replay: &Replay,
+    position: u64,
+) {
     for (account, (balance, version, limit, closed)) in &replay.accounts {
         let reply = http
-            .get(&format!("{reader_url}/v1/accounts/{account}?min_position={position}"))
+            .get(&format!(
+                "{reader_url}/v1/accounts/{account}?min_position={position}"
+            ))
             .await
             .unwrap();
         assert_eq!(reply.status, 200, "{account}: {:?}", reply.body);
-        assert_eq!(reply.body["balance"].as_i64(), Some(*balance), "{account} balance");
-        assert_eq!(reply.body["version"].as_u64(), Some(*version), "{account} version");
-        assert_eq!(reply.body["overdraft_limit"].as_u64(), Some(*limit), "{account} limit");
+        assert_eq!(
+            reply.body["balance"].as_i64(),
+            Some(*balance),
+            "{account} balance"
+        );
+        assert_eq!(
+            reply.body["version"].as_u64(),
+            Some(*version),
+            "{account} version"
+        );
+        assert_eq!(
+            reply.body["overdraft_limit"].as_u64(),
+            Some(*limit),
+            "{account} limit"
+        );
         let status = if *closed { "closed" } else { "open" };
         assert_eq!(reply.body["status"], status, "{account} status");
     }

@@ -328,12 +328,12 @@ impl<P: Projector> Engine<P> {
     }
 
     async fn apply_batch(&self, messages: Vec<jetstream::Message>) -> Result<()> {
-        let Some(last) = messages.last() else {
-            return Ok(());
-        };
         let stored = self.position();
         let mut events = Vec::with_capacity(messages.len());
         let mut lag = None;
+        // The last message whose effect is settled (applied now or before), to ack up to it.
+        let mut settled: Option<&jetstream::Message> = None;
+        let mut poison = None;
         for message in &messages {
             let info = message
                 .info()
@@ -341,21 +341,30 @@ impl<P: Projector> Engine<P> {
             lag = Some(info.pending);
             if info.stream_sequence <= stored {
                 self.health.redeliveries_skipped.increment();
+                settled = Some(message);
                 continue;
             }
             let headers = message.headers.clone().unwrap_or_default();
-            let recorded = decode_stored(
+            match decode_stored(
                 &message.subject,
                 info.stream_sequence,
                 info.published,
                 &headers,
                 &message.payload,
-            )
-            .map_err(|error| Error::Poison {
-                position: info.stream_sequence,
-                message: error.to_string(),
-            })?;
-            events.push(recorded);
+            ) {
+                Ok(recorded) => {
+                    events.push(recorded);
+                    settled = Some(message);
+                }
+                Err(error) => {
+                    // Apply what precedes it, then stop: later events must not skip past it.
+                    poison = Some(Error::Poison {
+                        position: info.stream_sequence,
+                        message: error.to_string(),
+                    });
+                    break;
+                }
+            }
         }
         if let Some(newest) = events.last().map(|event| event.position) {
             let count = events.len() as u64;
@@ -376,19 +385,27 @@ impl<P: Projector> Engine<P> {
                 .crash_after_commits
                 .is_some_and(|commits| self.health.batches_committed.get() >= commits)
             {
-                tracing::error!(position = newest, "failpoint: aborting between commit and ack");
+                tracing::error!(
+                    position = newest,
+                    "failpoint: aborting between commit and ack"
+                );
                 std::process::abort();
             }
         }
         if let Some(lag) = lag {
             self.health.lag.set(lag as i64);
         }
-        // With AckPolicy::All, acknowledging the last message acknowledges the whole batch.
+        // With AckPolicy::All, acknowledging a message acknowledges everything before it.
         // A lost ack only causes a redelivery, which the position check skips.
-        if let Err(error) = last.ack().await {
-            tracing::debug!(%error, "batch ack failed; the batch will be redelivered and skipped");
+        if let Some(message) = settled {
+            if let Err(error) = message.ack().await {
+                tracing::debug!(%error, "batch ack failed; the batch will be redelivered and skipped");
+            }
         }
-        Ok(())
+        match poison {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
     }
 }
 

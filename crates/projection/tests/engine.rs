@@ -1,0 +1,200 @@
+//! The engine against a real nats-server and a real redb file.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer;
+use domain::{AccountId, Amount, Currency, Event, OpenAccount, OverdraftLimit};
+use eventlog::{EventLog, EventMetadata, RecordedEvent, StreamSettings};
+use projection::{Engine, Projector};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use testkit::NatsServer;
+use tokio::sync::watch;
+
+/// Counts applications per position: any event applied twice shows up as a count of 2.
+const APPLIED: TableDefinition<u64, u64> = TableDefinition::new("applied");
+
+struct CountingView;
+
+impl Projector for CountingView {
+    fn initialize(&self, transaction: &WriteTransaction) -> Result<(), redb::Error> {
+        transaction.open_table(APPLIED)?;
+        Ok(())
+    }
+
+    fn apply(
+        &self,
+        transaction: &WriteTransaction,
+        events: &[RecordedEvent],
+    ) -> Result<(), redb::Error> {
+        let mut table = transaction.open_table(APPLIED)?;
+        for event in events {
+            let count = table.get(event.position)?.map_or(0, |value| value.value());
+            table.insert(event.position, count + 1)?;
+        }
+        Ok(())
+    }
+}
+
+async fn append_events(log: &EventLog, count: usize) {
+    let account = AccountId::parse(&format!("v-{}", uuid::Uuid::now_v7().simple())).unwrap();
+    let mut last = 0;
+    for index in 0..count {
+        let event = if index == 0 {
+            Event::AccountOpened(OpenAccount {
+                currency: Currency::parse("EUR").unwrap(),
+                owner: None,
+                overdraft_limit: OverdraftLimit::default(),
+            })
+        } else {
+            Event::Deposited {
+                amount: Amount::new(1).unwrap(),
+                reference: None,
+            }
+        };
+        let metadata = EventMetadata {
+            command_id: uuid::Uuid::now_v7().to_string(),
+            ..Default::default()
+        };
+        last = log
+            .append(&account, last, &event, &metadata)
+            .await
+            .unwrap()
+            .position;
+    }
+}
+
+async fn run_until(
+    database: Arc<Database>,
+    name: &str,
+    log: &EventLog,
+    position: u64,
+) -> Arc<projection::ViewHealth> {
+    let engine = Engine::open(database, CountingView, name).unwrap();
+    let mut applied = engine.applied();
+    let health = engine.health();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(engine.run(log.clone(), stopped));
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        applied.wait_for(|applied| *applied >= position),
+    )
+    .await
+    .expect("view caught up")
+    .unwrap();
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    health
+}
+
+fn counts(database: &Database) -> Vec<(u64, u64)> {
+    let transaction = database.begin_read().unwrap();
+    let table = transaction.open_table(APPLIED).unwrap();
+    table
+        .range(0..)
+        .unwrap()
+        .map(|row| {
+            let (key, value) = row.unwrap();
+            (key.value(), value.value())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_at_or_below_the_stored_position_are_skipped() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let log = EventLog::open(client, &StreamSettings::default())
+        .await
+        .unwrap();
+    append_events(&log, 20).await;
+    let directory = tempfile::tempdir().unwrap();
+    let database = Arc::new(Database::create(directory.path().join("views.redb")).unwrap());
+    // The view reaches position 20 through one consumer...
+    run_until(database.clone(), "first", &log, 20).await;
+    // ...then a second consumer that starts from the beginning of the stream feeds it: it is
+    // reused (it is not ahead of the view), delivers 1..30, and 1..20 must be skipped.
+    let stream = log.context().get_stream("COFFER_EVENTS").await.unwrap();
+    stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("second".into()),
+            ack_policy: consumer::AckPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    append_events(&log, 10).await;
+    let health = run_until(database.clone(), "second", &log, 30).await;
+    assert_eq!(health.redeliveries_skipped.get(), 20);
+    assert_eq!(health.consumer_recreations.get(), 0);
+    let counts = counts(&database);
+    assert_eq!(counts.len(), 30);
+    assert!(
+        counts.iter().all(|(_, count)| *count == 1),
+        "applied twice: {counts:?}"
+    );
+    assert_eq!(projection::stored_position(&database).unwrap(), 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_ahead_of_the_view_is_recreated_from_the_stored_position() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let log = EventLog::open(client, &StreamSettings::default())
+        .await
+        .unwrap();
+    append_events(&log, 15).await;
+    let first = tempfile::tempdir().unwrap();
+    let database = Arc::new(Database::create(first.path().join("views.redb")).unwrap());
+    run_until(database, "view", &log, 15).await;
+    // The views are lost (a new volume): the consumer has acknowledged 15, the file has 0.
+    let second = tempfile::tempdir().unwrap();
+    let fresh = Arc::new(Database::create(second.path().join("views.redb")).unwrap());
+    let health = run_until(fresh.clone(), "view", &log, 15).await;
+    assert_eq!(health.consumer_recreations.get(), 1);
+    assert_eq!(counts(&fresh).len(), 15);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_event_stops_the_view_instead_of_being_skipped() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let log = EventLog::open(client.clone(), &StreamSettings::default())
+        .await
+        .unwrap();
+    append_events(&log, 3).await;
+    let context = async_nats::jetstream::new(client);
+    context
+        .publish("coffer.events.someone.exploded", "not msgpack".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    append_events(&log, 2).await;
+    let directory = tempfile::tempdir().unwrap();
+    let database = Arc::new(Database::create(directory.path().join("views.redb")).unwrap());
+    let engine = Engine::open(database.clone(), CountingView, "poisoned").unwrap();
+    let health = engine.health();
+    let (_stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(engine.run(log.clone(), stopped));
+    // The engine returns by itself: the view stopped.
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("view stops")
+        .unwrap();
+    let failure = health.failure().expect("failure recorded");
+    assert!(failure.contains("position 4"), "{failure}");
+    assert_eq!(health.decode_failures.get(), 1);
+    // Nothing at or after the poison event was applied; everything before it was.
+    assert_eq!(
+        counts(&database)
+            .iter()
+            .map(|(position, _)| *position)
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    let mut out = String::new();
+    health.render(&mut out);
+    assert!(out.contains("coffer_projection_failed 1"));
+}
