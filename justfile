@@ -43,7 +43,7 @@ lint:
 # Throughput and latency benchmarks against real processes (results: docs/benchmarks.md).
 bench: tools
     cargo build --release -p coffer
-    ./target/release/coffer bench --report docs/benchmarks-latest.md
+    COFFER_BIN=target/release/coffer cargo run --release -p bench -- --report docs/benchmarks-latest.md
 
 # Long soak of the bank workload (not part of `just test`).
 soak: tools build

@@ -310,6 +310,11 @@ impl CofferProcess {
         format!("http://127.0.0.1:{}", self.http_port)
     }
 
+    /// The OS process id while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: no chance to flush or ack.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

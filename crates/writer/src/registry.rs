@@ -22,7 +22,8 @@ use crate::{Error, Result};
 /// Limits of the actor population.
 #[derive(Debug, Clone)]
 pub struct RegistrySettings {
-    /// Most account actors alive at once. Default 100 000 (a few hundred bytes to a few KiB each).
+    /// Most account actors alive at once. Default 20 000: about 12 KiB each with a short
+    /// history (measured, docs/benchmarks.md), so about 250 MiB at the cap.
     pub actors_live_max: usize,
     /// An actor unused this long is stopped. Default 5 minutes.
     pub idle_timeout: Duration,
@@ -37,7 +38,7 @@ pub struct RegistrySettings {
 impl Default for RegistrySettings {
     fn default() -> Self {
         Self {
-            actors_live_max: 100_000,
+            actors_live_max: 20_000,
             idle_timeout: Duration::from_secs(300),
             mailbox_capacity: 1_000,
             call_timeout: Duration::from_secs(10),

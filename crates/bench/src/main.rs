@@ -1,0 +1,509 @@
+//! `coffer-bench`: starts nats-server, a writer and a reader (release builds, free ports, temp
+//! dirs) and measures throughput, latency and memory. Results are printed and written as a
+//! Markdown table (`--report`); `docs/benchmarks.md` records a run with its machine.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark fails loudly
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use domain::{AccountId, Amount, Currency, Event, OpenAccount, OverdraftLimit};
+use eventlog::{EventLog, EventMetadata, StreamSettings};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use testkit::{CofferProcess, NatsServer};
+
+#[derive(Parser)]
+#[command(about = "Coffer benchmarks against real processes")]
+struct Options {
+    /// Write the results as Markdown here.
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
+    /// Multiply the operation counts (1 = a few minutes on 2 cores).
+    #[arg(long, default_value_t = 1)]
+    scale: usize,
+}
+
+struct Results {
+    rows: Vec<(String, String)>,
+}
+
+impl Results {
+    fn add(&mut self, name: &str, value: String) {
+        println!("{name}: {value}");
+        self.rows.push((name.into(), value));
+    }
+}
+
+fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 * fraction) as usize).min(sorted.len() - 1);
+    sorted[index]
+}
+
+fn summary(mut latencies: Vec<Duration>, elapsed: Duration) -> String {
+    latencies.sort();
+    format!(
+        "{:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms ({} ops)",
+        latencies.len() as f64 / elapsed.as_secs_f64(),
+        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        latencies.len()
+    )
+}
+
+fn progress(length: u64, message: &str) -> ProgressBar {
+    let bar = ProgressBar::new(length);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(message.to_string());
+    bar
+}
+
+async fn post(client: &reqwest::Client, url: String, body: Value) -> Value {
+    let response = client.post(url).json(&body).send().await.unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    response.json().await.unwrap()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|value| value.trim().trim_end_matches(" kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Deposits from `clients` concurrent clients, each on its own account (or all on one).
+async fn deposits(writer: &str, clients: usize, per_client: usize, one_account: bool) -> String {
+    let http = reqwest::Client::new();
+    let shared = format!("hot-{}", uuid::Uuid::now_v7().simple());
+    post(
+        &http,
+        format!("{writer}/v1/accounts"),
+        json!({"account_id": shared, "currency": "EUR"}),
+    )
+    .await;
+    let bar = progress(
+        (clients * per_client) as u64,
+        &format!(
+            "deposits, {clients} clients{}",
+            if one_account { ", one account" } else { "" }
+        ),
+    );
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (http, writer, shared, bar) = (
+                http.clone(),
+                writer.to_string(),
+                shared.clone(),
+                bar.clone(),
+            );
+            tokio::spawn(async move {
+                let account = if one_account {
+                    shared
+                } else {
+                    let id = format!("b-{}", uuid::Uuid::now_v7().simple());
+                    post(
+                        &http,
+                        format!("{writer}/v1/accounts"),
+                        json!({"account_id": id, "currency": "EUR"}),
+                    )
+                    .await;
+                    id
+                };
+                let mut latencies = Vec::with_capacity(per_client);
+                for _ in 0..per_client {
+                    let begun = Instant::now();
+                    post(
+                        &http,
+                        format!("{writer}/v1/accounts/{account}/deposits"),
+                        json!({"amount": 1}),
+                    )
+                    .await;
+                    latencies.push(begun.elapsed());
+                    bar.inc(1);
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.unwrap());
+    }
+    bar.finish_and_clear();
+    summary(latencies, started.elapsed())
+}
+
+/// Time from a transfer's 202 to its `transfer_credited` event, one transfer at a time.
+async fn transfer_completion(writer: &str, nats_url: &str, transfers: usize) -> String {
+    let http = reqwest::Client::new();
+    let nats = async_nats::connect(nats_url).await.unwrap();
+    let mut credited = nats
+        .subscribe("coffer.events.*.transfer_credited")
+        .await
+        .unwrap();
+    let (from, to) = (
+        format!("tf-{}", uuid::Uuid::now_v7().simple()),
+        format!("tt-{}", uuid::Uuid::now_v7().simple()),
+    );
+    for id in [&from, &to] {
+        post(
+            &http,
+            format!("{writer}/v1/accounts"),
+            json!({"account_id": id, "currency": "EUR"}),
+        )
+        .await;
+    }
+    post(
+        &http,
+        format!("{writer}/v1/accounts/{from}/deposits"),
+        json!({"amount": 1_000_000}),
+    )
+    .await;
+    let bar = progress(transfers as u64, "transfer completion (light load)");
+    let mut latencies = Vec::new();
+    let started = Instant::now();
+    for _ in 0..transfers {
+        post(
+            &http,
+            format!("{writer}/v1/transfers"),
+            json!({"from": from, "to": to, "amount": 1}),
+        )
+        .await;
+        let accepted = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), credited.next())
+            .await
+            .unwrap()
+            .unwrap();
+        latencies.push(accepted.elapsed());
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    summary(latencies, started.elapsed())
+}
+
+/// Read-your-writes: a read with `min_position` right after each write, against a plain read.
+async fn read_your_writes(writer: &str, reader: &str, reads: usize) -> (String, String) {
+    let http = reqwest::Client::new();
+    let account = format!("ryw-{}", uuid::Uuid::now_v7().simple());
+    post(
+        &http,
+        format!("{writer}/v1/accounts"),
+        json!({"account_id": account, "currency": "EUR"}),
+    )
+    .await;
+    let bar = progress(reads as u64, "read-your-writes");
+    let (mut waiting, mut plain) = (Vec::new(), Vec::new());
+    let started = Instant::now();
+    for _ in 0..reads {
+        let reply = post(
+            &http,
+            format!("{writer}/v1/accounts/{account}/deposits"),
+            json!({"amount": 1}),
+        )
+        .await;
+        let position = reply["position"].as_u64().unwrap();
+        let begun = Instant::now();
+        let response = http
+            .get(format!(
+                "{reader}/v1/accounts/{account}?min_position={position}"
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        waiting.push(begun.elapsed());
+        let begun = Instant::now();
+        http.get(format!("{reader}/v1/accounts/{account}"))
+            .send()
+            .await
+            .unwrap();
+        plain.push(begun.elapsed());
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let elapsed = started.elapsed();
+    (summary(waiting, elapsed), summary(plain, elapsed))
+}
+
+/// Appends `accounts` x `per_account` events straight to the stream.
+async fn append_bulk(log: &Arc<EventLog>, accounts: usize, per_account: usize) -> Vec<AccountId> {
+    let bar = progress((accounts * per_account) as u64, "appending events");
+    let tasks: Vec<_> = (0..accounts)
+        .map(|_| {
+            let (log, bar) = (log.clone(), bar.clone());
+            tokio::spawn(async move {
+                let account =
+                    AccountId::parse(&format!("bulk-{}", uuid::Uuid::now_v7().simple())).unwrap();
+                let mut last = 0;
+                for index in 0..per_account {
+                    let event = if index == 0 {
+                        Event::AccountOpened(OpenAccount {
+                            currency: Currency::parse("EUR").unwrap(),
+                            owner: None,
+                            overdraft_limit: OverdraftLimit::default(),
+                        })
+                    } else {
+                        Event::Deposited {
+                            amount: Amount::new(1).unwrap(),
+                            reference: None,
+                        }
+                    };
+                    let metadata = EventMetadata {
+                        command_id: uuid::Uuid::now_v7().to_string(),
+                        ..Default::default()
+                    };
+                    last = log
+                        .append(&account, last, &event, &metadata)
+                        .await
+                        .unwrap()
+                        .position;
+                    bar.inc(1);
+                }
+                account
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.push(task.await.unwrap());
+    }
+    bar.finish_and_clear();
+    ids
+}
+
+/// Loading one account's history: batched direct get (what the actors use) against an
+/// ordered consumer.
+async fn history_load(log: &EventLog, account: &AccountId, repeats: usize) -> (String, String) {
+    let mut direct = Vec::new();
+    let mut ordered = Vec::new();
+    let filter = eventlog::subject::account_filter(account);
+    let stream = log
+        .context()
+        .get_stream_no_info(log.stream_name())
+        .await
+        .unwrap();
+    let expected = log.load_account(account, 0).await.unwrap().len();
+    for _ in 0..repeats {
+        let begun = Instant::now();
+        let events = log.load_account(account, 0).await.unwrap();
+        direct.push(begun.elapsed());
+        assert_eq!(events.len(), expected);
+
+        let begun = Instant::now();
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: filter.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let pending = consumer.cached_info().num_pending as usize;
+        let mut messages = consumer.messages().await.unwrap();
+        let mut count = 0;
+        while count < pending {
+            let message = messages.next().await.unwrap().unwrap();
+            // Decode as the direct-get path does, so both measure the same work.
+            let info = message.info().unwrap();
+            let headers = message.headers.clone().unwrap_or_default();
+            eventlog::log::decode_stored(
+                &message.subject,
+                info.stream_sequence,
+                info.published,
+                &headers,
+                &message.payload,
+            )
+            .unwrap();
+            count += 1;
+        }
+        ordered.push(begun.elapsed());
+        assert_eq!(count, expected);
+    }
+    let describe = |mut samples: Vec<Duration>| {
+        samples.sort();
+        format!(
+            "p50 {:.2} ms, p99 {:.2} ms ({expected} events, {} loads)",
+            percentile(&samples, 0.5).as_secs_f64() * 1e3,
+            percentile(&samples, 0.99).as_secs_f64() * 1e3,
+            samples.len()
+        )
+    };
+    (describe(direct), describe(ordered))
+}
+
+async fn wait_applied(reader: &str, position: u64, timeout: Duration) -> Duration {
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let response = http
+        .get(format!("{reader}/v1/accounts/none?min_position={position}"))
+        .timeout(timeout)
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(response.status(), 503, "reader did not catch up");
+    started.elapsed()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let options = Options::parse();
+    let scale = options.scale.max(1);
+    let mut results = Results { rows: Vec::new() };
+    let nats = NatsServer::start();
+    let writer = CofferProcess::start(
+        "bench-writer",
+        "writer",
+        &[("COFFER_NATS_URL", nats.url()), ("RUST_LOG", "warn".into())],
+    );
+    let data = tempfile::tempdir().context("temp dir")?;
+    let reader_env = [
+        ("COFFER_NATS_URL", nats.url()),
+        ("COFFER_DATA_DIR", data.path().display().to_string()),
+        ("COFFER_READER_NAME", "bench".into()),
+        ("COFFER_MIN_POSITION_WAIT_MS", "60000".into()),
+        ("RUST_LOG", "warn".into()),
+    ];
+    let reader = CofferProcess::start("bench-reader", "reader", &reader_env);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (w, r) = (writer.url(), reader.url());
+
+    results.add(
+        "deposit, 1 client",
+        deposits(&w, 1, 500 * scale, false).await,
+    );
+    results.add(
+        "deposit, 16 clients, 16 accounts",
+        deposits(&w, 16, 200 * scale, false).await,
+    );
+    results.add(
+        "deposit, 64 clients, 64 accounts",
+        deposits(&w, 64, 60 * scale, false).await,
+    );
+    results.add(
+        "deposit, 16 clients, one hot account",
+        deposits(&w, 16, 60 * scale, true).await,
+    );
+    results.add(
+        "transfer completion (202 -> transfer_credited), light load",
+        transfer_completion(&w, &nats.url(), 200 * scale).await,
+    );
+    let (waiting, plain) = read_your_writes(&w, &r, 300 * scale).await;
+    results.add(
+        "reader GET with min_position right after the write",
+        waiting,
+    );
+    results.add("reader GET without min_position", plain);
+
+    let client = async_nats::connect(nats.url()).await?;
+    let log = Arc::new(EventLog::open(client, &StreamSettings::default()).await?);
+    let long = append_bulk(&log, 1, 1_000).await;
+    let short = append_bulk(&log, 1, 10).await;
+    let (direct, ordered) = history_load(&log, &long[0], 30).await;
+    results.add("history load, batched direct get, 1000 events", direct);
+    results.add("history load, ordered consumer, 1000 events", ordered);
+    let (direct, ordered) = history_load(&log, &short[0], 100).await;
+    results.add("history load, batched direct get, 10 events", direct);
+    results.add("history load, ordered consumer, 10 events", ordered);
+
+    // Catch-up: a new reader applies the whole stream from scratch.
+    append_bulk(&log, 100, 200 * scale).await;
+    let last = log.last_position().await?;
+    let fresh_data = tempfile::tempdir()?;
+    let started = Instant::now();
+    let fresh = CofferProcess::start(
+        "bench-catch-up",
+        "reader",
+        &[
+            ("COFFER_NATS_URL", nats.url()),
+            ("COFFER_DATA_DIR", fresh_data.path().display().to_string()),
+            ("COFFER_READER_NAME", "catch-up".into()),
+            ("COFFER_MIN_POSITION_WAIT_MS", "600000".into()),
+            ("RUST_LOG", "warn".into()),
+        ],
+    );
+    wait_applied(&fresh.url(), last, Duration::from_secs(600)).await;
+    let elapsed = started.elapsed();
+    results.add(
+        "reader catch-up from empty (incl. start)",
+        format!(
+            "{last} events in {:.2} s = {:.0} events/s",
+            elapsed.as_secs_f64(),
+            last as f64 / elapsed.as_secs_f64()
+        ),
+    );
+    let size = std::fs::metadata(fresh_data.path().join("views.redb"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    results.add(
+        "reader views.redb size after catch-up",
+        format!("{:.1} MiB for {last} events", size as f64 / 1_048_576.0),
+    );
+
+    // Memory per live account actor: touch many accounts through the writer.
+    let writer_pid = writer.pid().context("writer pid")?;
+    let before = rss_kib(writer_pid);
+    let accounts = 5_000 * scale;
+    let http = reqwest::Client::new();
+    let bar = progress(accounts as u64, "opening accounts (actor memory)");
+    let ids: Vec<String> = (0..accounts)
+        .map(|index| format!("mem-{index}-{}", uuid::Uuid::now_v7().simple()))
+        .collect();
+    futures::stream::iter(ids)
+        .for_each_concurrent(32, |id| {
+            let (http, w, bar) = (http.clone(), w.clone(), bar.clone());
+            async move {
+                post(
+                    &http,
+                    format!("{w}/v1/accounts"),
+                    json!({"account_id": id, "currency": "EUR"}),
+                )
+                .await;
+                post(
+                    &http,
+                    format!("{w}/v1/accounts/{id}/deposits"),
+                    json!({"amount": 5}),
+                )
+                .await;
+                bar.inc(1);
+            }
+        })
+        .await;
+    bar.finish_and_clear();
+    let after = rss_kib(writer_pid);
+    results.add(
+        "writer RSS per live account actor",
+        format!(
+            "{:.0} bytes ({accounts} actors, RSS {before} KiB -> {after} KiB)",
+            (after.saturating_sub(before) * 1024) as f64 / accounts as f64
+        ),
+    );
+    results.add("writer RSS", format!("{after} KiB"));
+    results.add(
+        "reader RSS after the workloads",
+        format!("{} KiB", rss_kib(reader.pid().unwrap_or(0))),
+    );
+
+    if let Some(path) = options.report {
+        let mut markdown = String::from("| benchmark | result |\n|---|---|\n");
+        for (name, value) in &results.rows {
+            markdown.push_str(&format!("| {name} | {value} |\n"));
+        }
+        std::fs::write(&path, markdown).with_context(|| format!("write {}", path.display()))?;
+        println!("report written to {}", path.display());
+    }
+    Ok(())
+}
