@@ -4,5 +4,6 @@
 
 mod bank;
 mod cluster;
+mod decode;
 mod reader;
 mod support;
