@@ -22,10 +22,19 @@ up: tools
     ./scripts/up.sh target/release/coffer
 
 # Everything CI runs: unit, integration and end-to-end tests, the conformance suite, manifests.
-test: tools build
+test: tools build domain-purity
     cargo test --workspace --no-fail-fast
     just conformance
     just k8s-check
+
+# The domain crate must stay free of IO crates (ARCHITECTURE.md invariant).
+domain-purity:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if cargo tree -p domain -e normal --prefix none | grep -E '^(tokio|async-nats|redb|axum|ractor) '; then
+        echo "domain depends on an IO crate" >&2; exit 1
+    fi
+    echo "domain: no tokio, async-nats, redb, axum or ractor in its dependency tree"
 
 # The black-box contract suite in ../shared/conformance against real processes.
 conformance: build
