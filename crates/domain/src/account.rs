@@ -201,8 +201,9 @@ pub struct Account {
     /// Every transfer this account sent, so a redelivered or retried step is recognised however
     /// late it comes (the stream's dedup window is only minutes long).
     pub outgoing: HashMap<TransferId, OutgoingTransfer>,
-    /// Every transfer credited to this account, for the same reason.
-    pub credited: HashSet<TransferId>,
+    /// Every transfer credited to this account, by sender and id, for the same reason. The
+    /// sender is part of the key so that two senders' equal ids can never shadow each other.
+    pub credited: HashSet<(AccountId, TransferId)>,
     /// Transfers sent and not yet completed or refunded; closing waits for them.
     pub pending: BTreeMap<TransferId, Amount>,
 }
@@ -304,7 +305,10 @@ pub fn decide(state: &AccountState, command: &Command) -> Result<Vec<Event>, Dom
             currency,
             reference,
         } => {
-            if account.credited.contains(transfer_id) {
+            if account
+                .credited
+                .contains(&(from.clone(), transfer_id.clone()))
+            {
                 return Ok(Vec::new());
             }
             ensure_open(account)?;
@@ -442,8 +446,10 @@ pub fn evolve(state: &mut AccountState, event: &Event) {
             );
             account.pending.insert(transfer_id.clone(), *amount);
         }
-        Event::TransferCredited { transfer_id, .. } => {
-            account.credited.insert(transfer_id.clone());
+        Event::TransferCredited {
+            transfer_id, from, ..
+        } => {
+            account.credited.insert((from.clone(), transfer_id.clone()));
         }
         Event::TransferRefunded { transfer_id, .. } => {
             settle(account, transfer_id, Settlement::Refunded);

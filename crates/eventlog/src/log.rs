@@ -191,7 +191,7 @@ impl EventLog {
     ) -> Result<Vec<RecordedEvent>> {
         let filter = subject::account_filter(account);
         let mut events = Vec::new();
-        let mut next = after_position + 1;
+        let mut next = after_position.saturating_add(1);
         loop {
             let page = self
                 .direct_batch(serde_json::json!({
@@ -218,7 +218,7 @@ impl EventLog {
     ) -> Result<Vec<RecordedEvent>> {
         let page = self
             .direct_batch(serde_json::json!({
-                "seq": after_position + 1,
+                "seq": after_position.saturating_add(1),
                 "batch": limit.clamp(1, DIRECT_BATCH_SIZE_MAX),
             }))
             .await?;
@@ -241,6 +241,38 @@ impl EventLog {
             }))
             .await?;
         page.messages.iter().map(decode_direct).collect()
+    }
+
+    /// The position of `account`'s last event (0: none), answered by the stream leader. Direct
+    /// gets may be served by a lagging replica; this read is what a writer checks before it
+    /// refuses a command, so a refusal is never based on a stale copy.
+    pub async fn last_account_position(&self, account: &AccountId) -> Result<u64> {
+        if !self.is_connected() {
+            return Err(Error::Unavailable("not connected to NATS".into()));
+        }
+        let request = serde_json::json!({ "last_by_subj": subject::account_filter(account) });
+        let body =
+            serde_json::to_vec(&request).map_err(|error| Error::JetStream(error.to_string()))?;
+        let reply = tokio::time::timeout(
+            DIRECT_BATCH_TIMEOUT,
+            self.client.request(
+                format!("$JS.API.STREAM.MSG.GET.{}", self.stream_name),
+                body.into(),
+            ),
+        )
+        .await
+        .map_err(|_| Error::Unavailable("last position request timed out".into()))?
+        .map_err(|error| Error::Unavailable(error.to_string()))?;
+        let answer: serde_json::Value = serde_json::from_slice(&reply.payload)
+            .map_err(|error| Error::JetStream(format!("stream message answer: {error}")))?;
+        if let Some(sequence) = answer["message"]["seq"].as_u64() {
+            return Ok(sequence);
+        }
+        match answer["error"]["err_code"].as_u64() {
+            // 10037: no message found, the account has no events.
+            Some(10037) => Ok(0),
+            _ => Err(Error::JetStream(format!("stream message answer: {answer}"))),
+        }
     }
 
     /// The stream's last sequence: the newest position anyone can wait for.

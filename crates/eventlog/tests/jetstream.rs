@@ -72,6 +72,13 @@ async fn append_and_load_round_trip_with_positions() {
         .unwrap()
         .is_empty());
 
+    assert_eq!(log.last_account_position(&a).await.unwrap(), p2.position);
+    assert_eq!(
+        log.last_account_position(&account("none")).await.unwrap(),
+        0
+    );
+    assert!(log.read_after(u64::MAX, 10).await.unwrap().is_empty());
+
     let all = log.read_after(0, 10).await.unwrap();
     assert_eq!(
         all.iter().map(|e| e.position).collect::<Vec<_>>(),

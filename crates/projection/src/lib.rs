@@ -334,6 +334,7 @@ impl<P: Projector> Engine<P> {
         // The last message whose effect is settled (applied now or before), to ack up to it.
         let mut settled: Option<&jetstream::Message> = None;
         let mut poison = None;
+        let mut gap = None;
         for message in &messages {
             let info = message
                 .info()
@@ -343,6 +344,21 @@ impl<P: Projector> Engine<P> {
                 self.health.redeliveries_skipped.increment();
                 settled = Some(message);
                 continue;
+            }
+            // The stream never deletes (deny_delete, deny_purge, no limits), so positions are
+            // contiguous. A gap means deliveries were lost in flight: acking past it would
+            // acknowledge them unapplied (AckPolicy::All). Stop here; the consumer is re-created
+            // from the stored position.
+            let expected = events
+                .last()
+                .map_or(stored, |event: &RecordedEvent| event.position)
+                + 1;
+            if info.stream_sequence != expected {
+                gap = Some(Error::Nats(format!(
+                    "delivery gap: expected position {expected}, got {}",
+                    info.stream_sequence
+                )));
+                break;
             }
             let headers = message.headers.clone().unwrap_or_default();
             match decode_stored(
@@ -402,7 +418,7 @@ impl<P: Projector> Engine<P> {
                 tracing::debug!(%error, "batch ack failed; the batch will be redelivered and skipped");
             }
         }
-        match poison {
+        match poison.or(gap) {
             Some(error) => Err(error),
             None => Ok(()),
         }

@@ -16,7 +16,7 @@ use eventlog::{EventLog, EventMetadata, RecordedEvent};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use time::OffsetDateTime;
 
-use crate::idempotency::{self, AnswerStore, IdempotencyKey, KEY_RETENTION};
+use crate::idempotency::{self, AnswerStore, IdempotencyKey, TransferIdClaims, KEY_RETENTION};
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 use crate::request::CommandRequest;
@@ -26,11 +26,16 @@ use crate::{Error, Result};
 pub const CONFLICT_RETRIES_MAX: usize = 8;
 /// Keyed outcomes an actor keeps in memory; older ones are still answered from the KV bucket.
 pub const KEYS_PER_ACCOUNT_MAX: usize = 10_000;
+/// How many times a writer re-reads an account while a replica lags behind the stream leader.
+const FRESH_READ_ATTEMPTS_MAX: usize = 50;
+/// Pause between those re-reads.
+const FRESH_READ_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// What every account actor shares.
 pub struct ActorContext {
     pub log: EventLog,
     pub answers: AnswerStore,
+    pub transfer_ids: TransferIdClaims,
     pub metrics: Arc<Metrics>,
 }
 
@@ -92,7 +97,7 @@ impl Actor for AccountActor {
                 let _ = reply.send(answer);
             }
             AccountMessage::Settlement(transfer_id, reply) => {
-                let answer = state.catch_up().await.map(|()| {
+                let answer = state.catch_up_with_leader().await.map(|()| {
                     state
                         .account
                         .account()
@@ -126,6 +131,28 @@ impl AccountActorState {
         Ok(())
     }
 
+    /// Catches up at least to the position the stream leader has for this account. Direct gets
+    /// may come from a lagging replica; refusals and saga decisions must not.
+    async fn catch_up_with_leader(&mut self) -> Result<()> {
+        let leader_position = self
+            .context
+            .log
+            .last_account_position(self.account.id())
+            .await
+            .map_err(log_error)?;
+        for _ in 0..FRESH_READ_ATTEMPTS_MAX {
+            self.catch_up().await?;
+            if self.last_position >= leader_position {
+                return Ok(());
+            }
+            tokio::time::sleep(FRESH_READ_PAUSE).await;
+        }
+        Err(Error::Unavailable(format!(
+            "replica lags behind position {leader_position} of account {}",
+            self.account.id()
+        )))
+    }
+
     fn apply(&mut self, recorded: &RecordedEvent) {
         evolve(&mut self.account, &recorded.event);
         self.last_position = recorded.position;
@@ -155,6 +182,14 @@ impl AccountActorState {
         if let Some(key) = &request.idempotency_key {
             if let Some(outcome) = self.keys.recall(key.as_str(), &request_hash) {
                 self.context.metrics.idempotent_replays.increment();
+                // The first writer may have died before storing it: store it now, so the
+                // answer outlives this actor's bounded memory.
+                if outcome.is_ok() {
+                    self.context
+                        .answers
+                        .remember(self.id(), key, &request_hash, &outcome)
+                        .await;
+                }
                 return outcome;
             }
             if let Some(outcome) = self
@@ -207,11 +242,32 @@ impl AccountActorState {
                 .as_ref()
                 .map(|_| request_hash.to_owned()),
         };
+        // A refusal is final only once the state it was decided on is known to be current.
+        let mut verified_current = false;
+        let mut transfer_id_claimed = false;
         for _attempt in 0..=CONFLICT_RETRIES_MAX {
-            let events = decide(&self.account, &request.command)?;
+            let events = match decide(&self.account, &request.command) {
+                Ok(events) => events,
+                Err(rejection) if !verified_current => {
+                    tracing::debug!(account = %self.id(), %rejection, "refusal on cached state; re-reading");
+                    self.catch_up_with_leader().await?;
+                    verified_current = true;
+                    continue;
+                }
+                Err(rejection) => return Err(rejection.into()),
+            };
             let Some(event) = events.into_iter().next() else {
                 return Ok(self.already_applied(&request.command));
             };
+            if let (Event::TransferDebited { transfer_id, .. }, false) =
+                (&event, transfer_id_claimed)
+            {
+                self.context
+                    .transfer_ids
+                    .claim(transfer_id, self.account.id())
+                    .await?;
+                transfer_id_claimed = true;
+            }
             let appended = self
                 .context
                 .log
@@ -267,7 +323,9 @@ impl AccountActorState {
 /// repeated by a second process-manager instance.
 fn saga_command_id(command: &Command) -> Option<String> {
     match command {
-        Command::CreditTransfer { transfer_id, .. } => Some(format!("credit-{transfer_id}")),
+        Command::CreditTransfer {
+            transfer_id, from, ..
+        } => Some(format!("credit-{from}-{transfer_id}")),
         Command::RefundTransfer { transfer_id, .. } => Some(format!("refund-{transfer_id}")),
         Command::CompleteTransfer { transfer_id } => Some(format!("complete-{transfer_id}")),
         _ => None,

@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use domain::{AccountId, Command};
+use domain::{AccountId, Command, DomainError, TransferId};
 use problem::Problem;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -29,6 +29,9 @@ pub const KEY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 pub const KEY_LENGTH_MAX: usize = 128;
 /// KV bucket of keyed answers.
 pub const BUCKET: &str = "COFFER_IDEMPOTENCY";
+/// KV bucket mapping each transfer id to the account that sent it, forever: transfer ids are
+/// global (`GET /v1/transfers/{id}`), so a second sender may not reuse one.
+pub const TRANSFER_IDS_BUCKET: &str = "COFFER_TRANSFER_IDS";
 
 /// A validated `Idempotency-Key`: 1-128 printable ASCII characters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -176,12 +179,69 @@ impl AnswerStore {
         let Ok(bytes) = serde_json::to_vec(&record) else {
             return;
         };
-        if let Err(error) = self
+        // `create`: the first answer is the one a retry gets, whoever writes second.
+        match self
             .store
-            .put(Self::kv_key(account, key), bytes.into())
+            .create(Self::kv_key(account, key), bytes.into())
             .await
         {
-            tracing::warn!(%account, %error, "could not remember a refused keyed command");
+            Ok(_) => {}
+            Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(error) => tracing::warn!(%account, %error, "could not remember a keyed answer"),
+        }
+    }
+}
+
+/// Claims of transfer ids by their senders.
+#[derive(Clone)]
+pub struct TransferIdClaims {
+    store: kv::Store,
+}
+
+impl TransferIdClaims {
+    /// Creates the bucket if needed (idempotent).
+    pub async fn open(context: &jetstream::Context, replicas: usize) -> Result<Self> {
+        let store = match context.get_key_value(TRANSFER_IDS_BUCKET).await {
+            Ok(store) => store,
+            Err(_) => context
+                .create_key_value(kv::Config {
+                    bucket: TRANSFER_IDS_BUCKET.into(),
+                    description: "Transfer id -> sending account".into(),
+                    history: 1,
+                    storage: jetstream::stream::StorageType::File,
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|error| Error::Unavailable(format!("transfer id bucket: {error}")))?,
+        };
+        Ok(Self { store })
+    }
+
+    /// Claims `transfer_id` for `sender`; succeeds again for the same sender (a retry).
+    pub async fn claim(&self, transfer_id: &TransferId, sender: &AccountId) -> Result<()> {
+        let unavailable = |error: String| Error::Unavailable(format!("transfer id claim: {error}"));
+        match self
+            .store
+            .create(transfer_id.as_str(), sender.as_str().to_owned().into())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let owner = self
+                    .store
+                    .get(transfer_id.as_str())
+                    .await
+                    .map_err(|error| unavailable(error.to_string()))?;
+                if owner.as_deref() == Some(sender.as_str().as_bytes()) {
+                    Ok(())
+                } else {
+                    Err(Error::Rejected(DomainError::TransferIdReused(
+                        transfer_id.clone(),
+                    )))
+                }
+            }
+            Err(error) => Err(unavailable(error.to_string())),
         }
     }
 }

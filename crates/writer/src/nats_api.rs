@@ -18,6 +18,8 @@ use crate::Error;
 pub const SERVICE_NAME: &str = "coffer";
 /// Requests one writer handles at once per endpoint; more wait in the subscription.
 const CONCURRENCY_MAX: usize = 256;
+/// How long in-flight requests get to finish at shutdown.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// Starts the service and serves until `shutdown`; then stops it so other writers take over.
 pub async fn serve(
@@ -55,11 +57,19 @@ pub async fn serve(
         }));
     }
     let _ = shutdown.wait_for(|stop| *stop).await;
+    // Stop taking requests, then let the ones in flight finish (or fail) and answer.
     if let Err(error) = service.stop().await {
         tracing::warn!(%error, "stopping the NATS service");
     }
-    for task in tasks {
-        task.abort();
+    let aborts: Vec<_> = tasks.iter().map(|task| task.abort_handle()).collect();
+    if tokio::time::timeout(DRAIN_TIMEOUT, futures::future::join_all(tasks))
+        .await
+        .is_err()
+    {
+        tracing::warn!("NATS requests still in flight at shutdown were abandoned");
+        for abort in aborts {
+            abort.abort();
+        }
     }
     Ok(())
 }

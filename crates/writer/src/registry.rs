@@ -200,6 +200,12 @@ impl Registry {
         // Another caller may have spawned one meanwhile: keep theirs, stop ours.
         if let Some(entry) = population.by_account.get_mut(account) {
             actor.stop(None);
+            if entry.in_flight.load(Ordering::Relaxed) >= self.settings.mailbox_capacity {
+                return Err(Error::Unavailable(format!(
+                    "account {account} has {} commands queued; retry later",
+                    self.settings.mailbox_capacity
+                )));
+            }
             entry.last_used = Instant::now();
             entry.in_flight.fetch_add(1, Ordering::Relaxed);
             return Ok((entry.actor.clone(), InFlight(entry.in_flight.clone())));

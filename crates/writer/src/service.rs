@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::actor::ActorContext;
 use crate::http::{self, AppState};
-use crate::idempotency::AnswerStore;
+use crate::idempotency::{AnswerStore, TransferIdClaims};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistrySettings};
 use crate::{nats_api, transfers, Error, Result};
@@ -147,9 +147,11 @@ async fn try_set_up(
         .await
         .map_err(|error| Error::Unavailable(error.to_string()))?;
     let answers = AnswerStore::open(log.context(), config.stream.replicas).await?;
+    let transfer_ids = TransferIdClaims::open(log.context(), config.stream.replicas).await?;
     let context = Arc::new(ActorContext {
         log: log.clone(),
         answers,
+        transfer_ids,
         metrics: metrics.clone(),
     });
     Registry::start(context, config.registry.clone()).await

@@ -28,8 +28,9 @@ use crate::Error;
 pub const CONSUMER_NAME: &str = "coffer-transfers";
 /// Transfer events handled at once by one writer.
 const CONCURRENCY_MAX: usize = 64;
-/// Messages asked for in one pull.
-const PULL_BATCH_SIZE_MAX: usize = 256;
+/// Messages asked for in one pull: no more than are handled at once, so none waits locally
+/// while its ack wait runs out.
+const PULL_BATCH_SIZE_MAX: usize = CONCURRENCY_MAX;
 /// How long one pull waits for messages before asking again.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// Redelivery delay after a transient failure (NATS down, account busy).
@@ -126,6 +127,8 @@ async fn handle_message(message: jetstream::Message, registry: &Registry, metric
             return;
         }
     };
+    // Tell the server the step is under way, so its ack wait starts now and not at delivery.
+    let _ = message.ack_with(AckKind::Progress).await;
     let result = step(&recorded, registry, metrics).await;
     let acknowledgement = match result {
         Ok(()) => message.ack().await,
@@ -171,9 +174,15 @@ async fn step(
             let from = &recorded.account_id;
             match registry.settlement(from, transfer_id).await? {
                 Some(Settlement::Pending) => {}
-                settled => {
+                Some(settled) => {
                     tracing::debug!(%transfer_id, ?settled, "transfer already settled");
                     return Ok(());
+                }
+                // The sender must know a debit that is in the stream: retry, never drop it.
+                None => {
+                    return Err(Error::Unavailable(format!(
+                        "sender {from} does not show transfer {transfer_id} yet"
+                    )))
                 }
             }
             let credit = CommandRequest {

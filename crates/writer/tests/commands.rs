@@ -10,7 +10,7 @@ use eventlog::{EventLog, NatsSettings, StreamSettings};
 use serde_json::{json, Value};
 use testkit::NatsServer;
 use writer::actor::ActorContext;
-use writer::idempotency::AnswerStore;
+use writer::idempotency::{AnswerStore, TransferIdClaims};
 use writer::metrics::Metrics;
 use writer::registry::{Registry, RegistrySettings};
 use writer::request::CommandRequest;
@@ -549,10 +549,12 @@ async fn a_crashed_actor_is_replaced_and_loses_no_acknowledged_state() {
         .await
         .unwrap();
     let answers = AnswerStore::open(log.context(), 1).await.unwrap();
+    let transfer_ids = TransferIdClaims::open(log.context(), 1).await.unwrap();
     let metrics = Arc::new(Metrics::default());
     let context = Arc::new(ActorContext {
         log,
         answers,
+        transfer_ids,
         metrics: metrics.clone(),
     });
     let registry = Registry::start(context, RegistrySettings::default())
@@ -594,4 +596,62 @@ async fn a_crashed_actor_is_replaced_and_loses_no_acknowledged_state() {
         .unwrap();
     assert_eq!(after.body()["balance"].as_i64(), Some(42));
     registry.stop();
+}
+
+#[tokio::test]
+async fn a_refusal_is_never_decided_on_a_stale_cache() {
+    let nats = NatsServer::start();
+    let first = TestWriter::start(&nats.url(), RegistrySettings::default(), false).await;
+    let second = TestWriter::start(&nats.url(), RegistrySettings::default(), false).await;
+    let a = unique("stale");
+    first.open(&a, 0).await; // the first writer's actor now holds a balance of 0
+    assert_eq!(second.deposit(&a, 100, None).await.status, 200);
+    // On its cached state the first writer would refuse this; it must re-read and accept.
+    let withdrawn = first.withdraw(&a, 60).await;
+    assert_eq!(
+        (withdrawn.status, withdrawn.body["balance"].as_i64()),
+        (200, Some(40))
+    );
+    // A genuine refusal is still refused after the re-read.
+    let refused = first.withdraw(&a, 41).await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (422, "insufficient_funds")
+    );
+}
+
+#[tokio::test]
+async fn a_transfer_id_belongs_to_the_first_sender() {
+    let nats = NatsServer::start();
+    let writer = TestWriter::start(&nats.url(), RegistrySettings::default(), false).await;
+    let (a, b, c) = (unique("a"), unique("b"), unique("c"));
+    for account in [&a, &b, &c] {
+        writer.open(account, 0).await;
+        writer.deposit(account, 100, None).await;
+    }
+    let transfer_id = unique("shared");
+    let first = writer
+        .post(
+            "/v1/transfers",
+            json!({"transfer_id": transfer_id, "from": a, "to": b, "amount": 10}),
+            None,
+        )
+        .await;
+    assert_eq!(first.status, 202);
+    let other_sender = writer
+        .post(
+            "/v1/transfers",
+            json!({"transfer_id": transfer_id, "from": c, "to": b, "amount": 10}),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (other_sender.status, other_sender.code()),
+        (409, "idempotency_key_reused")
+    );
+    // C was not debited.
+    assert_eq!(
+        writer.deposit(&c, 1, None).await.body["balance"].as_i64(),
+        Some(101)
+    );
 }
