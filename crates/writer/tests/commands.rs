@@ -536,8 +536,12 @@ async fn nats_down_gives_503_quickly_and_recovers_without_a_restart() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    // The refused deposit of 5 was never appended (it was refused before sending).
-    assert_eq!(balance, 11);
+    // "unavailable" means nothing was sent; "outcome_unknown" means it may have landed.
+    if refused.code() == "unavailable" {
+        assert_eq!(balance, 11);
+    } else {
+        assert!(balance == 11 || balance == 16, "balance {balance}");
+    }
     writer.stop().await;
 }
 
