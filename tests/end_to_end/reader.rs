@@ -4,14 +4,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use domain::{AccountId, Amount, Currency, Event, OpenAccount, OverdraftLimit};
-use eventlog::{EventLog, EventMetadata, StreamSettings};
+use eventlog::{EventLog, StreamSettings};
 use serde_json::json;
 use testkit::NatsServer;
 
 use crate::support::{self, assert_views_equal_replay, read_stream, Http, Replay};
 
-/// Appends `accounts` histories of `per_account` events straight to the stream, concurrently.
+/// Appends `accounts` histories of `per_account` events straight to the stream.
 async fn populate(nats_url: &str, accounts: usize, per_account: usize) -> u64 {
     let client = async_nats::connect(nats_url).await.unwrap();
     let log = Arc::new(
@@ -19,51 +18,7 @@ async fn populate(nats_url: &str, accounts: usize, per_account: usize) -> u64 {
             .await
             .unwrap(),
     );
-    let mut tasks = Vec::new();
-    for index in 0..accounts {
-        let log = log.clone();
-        tasks.push(tokio::spawn(async move {
-            let account = AccountId::parse(&support::unique(&format!("bulk{index}"))).unwrap();
-            let metadata = EventMetadata {
-                command_id: String::new(),
-                correlation_id: "populate".into(),
-                ..Default::default()
-            };
-            let open = Event::AccountOpened(OpenAccount {
-                currency: Currency::parse("EUR").unwrap(),
-                owner: None,
-                overdraft_limit: OverdraftLimit::new(100).unwrap(),
-            });
-            let mut last = 0;
-            for step in 0..per_account {
-                let event = if step == 0 {
-                    open.clone()
-                } else if step % 4 == 0 {
-                    Event::Withdrawn {
-                        amount: Amount::new(3).unwrap(),
-                        reference: None,
-                    }
-                } else {
-                    Event::Deposited {
-                        amount: Amount::new(step as i128).unwrap(),
-                        reference: Some(format!("r{step}")),
-                    }
-                };
-                let metadata = EventMetadata {
-                    command_id: uuid::Uuid::now_v7().to_string(),
-                    ..metadata.clone()
-                };
-                last = log
-                    .append(&account, last, &event, &metadata)
-                    .await
-                    .unwrap()
-                    .position;
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
+    fixtures::append_histories(&log, accounts, per_account, || {}).await;
     log.last_position().await.unwrap()
 }
 

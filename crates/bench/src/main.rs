@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use domain::{AccountId, Amount, Currency, Event, OpenAccount, OverdraftLimit};
-use eventlog::{EventLog, EventMetadata, StreamSettings};
+use domain::AccountId;
+use eventlog::{EventLog, StreamSettings};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
@@ -251,45 +251,8 @@ async fn read_your_writes(writer: &str, reader: &str, reads: usize) -> (String, 
 /// Appends `accounts` x `per_account` events straight to the stream.
 async fn append_bulk(log: &Arc<EventLog>, accounts: usize, per_account: usize) -> Vec<AccountId> {
     let bar = progress((accounts * per_account) as u64, "appending events");
-    let tasks: Vec<_> = (0..accounts)
-        .map(|_| {
-            let (log, bar) = (log.clone(), bar.clone());
-            tokio::spawn(async move {
-                let account =
-                    AccountId::parse(&format!("bulk-{}", uuid::Uuid::now_v7().simple())).unwrap();
-                let mut last = 0;
-                for index in 0..per_account {
-                    let event = if index == 0 {
-                        Event::AccountOpened(OpenAccount {
-                            currency: Currency::parse("EUR").unwrap(),
-                            owner: None,
-                            overdraft_limit: OverdraftLimit::default(),
-                        })
-                    } else {
-                        Event::Deposited {
-                            amount: Amount::new(1).unwrap(),
-                            reference: None,
-                        }
-                    };
-                    let metadata = EventMetadata {
-                        command_id: uuid::Uuid::now_v7().to_string(),
-                        ..Default::default()
-                    };
-                    last = log
-                        .append(&account, last, &event, &metadata)
-                        .await
-                        .unwrap()
-                        .position;
-                    bar.inc(1);
-                }
-                account
-            })
-        })
-        .collect();
-    let mut ids = Vec::new();
-    for task in tasks {
-        ids.push(task.await.unwrap());
-    }
+    let ticker = bar.clone();
+    let ids = fixtures::append_histories(log, accounts, per_account, move || ticker.inc(1)).await;
     bar.finish_and_clear();
     ids
 }

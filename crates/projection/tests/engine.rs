@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer;
-use domain::{AccountId, Amount, Currency, Event, OpenAccount, OverdraftLimit};
-use eventlog::{EventLog, EventMetadata, RecordedEvent, StreamSettings};
+use eventlog::{EventLog, RecordedEvent, StreamSettings};
 use projection::{Engine, Projector};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use testkit::NatsServer;
@@ -38,31 +37,7 @@ impl Projector for CountingView {
 }
 
 async fn append_events(log: &EventLog, count: usize) {
-    let account = AccountId::parse(&format!("v-{}", uuid::Uuid::now_v7().simple())).unwrap();
-    let mut last = 0;
-    for index in 0..count {
-        let event = if index == 0 {
-            Event::AccountOpened(OpenAccount {
-                currency: Currency::parse("EUR").unwrap(),
-                owner: None,
-                overdraft_limit: OverdraftLimit::default(),
-            })
-        } else {
-            Event::Deposited {
-                amount: Amount::new(1).unwrap(),
-                reference: None,
-            }
-        };
-        let metadata = EventMetadata {
-            command_id: uuid::Uuid::now_v7().to_string(),
-            ..Default::default()
-        };
-        last = log
-            .append(&account, last, &event, &metadata)
-            .await
-            .unwrap()
-            .position;
-    }
+    fixtures::append_histories(&Arc::new(log.clone()), 1, count, || {}).await;
 }
 
 async fn run_until(
