@@ -43,9 +43,18 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/accounts", post(open_account))
-        .route("/v1/accounts/{id}/deposits", post(deposit))
-        .route("/v1/accounts/{id}/withdrawals", post(withdraw))
-        .route("/v1/accounts/{id}/close", post(close_account))
+        .route(
+            "/v1/accounts/{id}/deposits",
+            account_command(request::deposit, false),
+        )
+        .route(
+            "/v1/accounts/{id}/withdrawals",
+            account_command(request::withdraw, false),
+        )
+        .route(
+            "/v1/accounts/{id}/close",
+            account_command(request::close, true),
+        )
         .route("/v1/transfers", post(transfer))
         .route("/v1/events", get(events))
         .route("/healthz", get(|| async { "ok" }))
@@ -197,40 +206,22 @@ async fn open_account(
     .await
 }
 
-async fn deposit(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    command(&state, &headers, body, false, |body, _| {
-        Ok((request::addressed_account(&id)?, request::deposit(body)?))
-    })
-    .await
-}
-
-async fn withdraw(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    command(&state, &headers, body, false, |body, _| {
-        Ok((request::addressed_account(&id)?, request::withdraw(body)?))
-    })
-    .await
-}
-
-async fn close_account(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    command(&state, &headers, body, true, |body, _| {
-        Ok((request::addressed_account(&id)?, request::close(body)?))
-    })
-    .await
+/// A command on the account in the path: `parse` turns the body into the command.
+fn account_command(
+    parse: fn(&[u8]) -> Result<domain::Command, Error>,
+    empty_body_allowed: bool,
+) -> axum::routing::MethodRouter<AppState> {
+    post(
+        move |State(state): State<AppState>,
+              Path(id): Path<String>,
+              headers: HeaderMap,
+              body: Result<Bytes, BytesRejection>| async move {
+            command(&state, &headers, body, empty_body_allowed, |body, _| {
+                Ok((request::addressed_account(&id)?, parse(body)?))
+            })
+            .await
+        },
+    )
 }
 
 async fn transfer(

@@ -200,15 +200,7 @@ impl Registry {
         // Another caller may have spawned one meanwhile: keep theirs, stop ours.
         if let Some(entry) = population.by_account.get_mut(account) {
             actor.stop(None);
-            if entry.in_flight.load(Ordering::Relaxed) >= self.settings.mailbox_capacity {
-                return Err(Error::Unavailable(format!(
-                    "account {account} has {} commands queued; retry later",
-                    self.settings.mailbox_capacity
-                )));
-            }
-            entry.last_used = Instant::now();
-            entry.in_flight.fetch_add(1, Ordering::Relaxed);
-            return Ok((entry.actor.clone(), InFlight(entry.in_flight.clone())));
+            return self.take_slot(account, entry);
         }
         let in_flight = Arc::new(AtomicUsize::new(1));
         population.by_actor.insert(actor.get_id(), account.clone());
@@ -234,9 +226,18 @@ impl Registry {
         account: &AccountId,
     ) -> Result<Option<(ActorRef<AccountMessage>, InFlight)>> {
         let mut population = self.lock();
-        let Some(entry) = population.by_account.get_mut(account) else {
-            return Ok(None);
-        };
+        match population.by_account.get_mut(account) {
+            Some(entry) => self.take_slot(account, entry).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Takes a mailbox slot on a live actor, or refuses when its mailbox is full.
+    fn take_slot(
+        &self,
+        account: &AccountId,
+        entry: &mut Entry,
+    ) -> Result<(ActorRef<AccountMessage>, InFlight)> {
         if entry.in_flight.load(Ordering::Relaxed) >= self.settings.mailbox_capacity {
             return Err(Error::Unavailable(format!(
                 "account {account} has {} commands queued; retry later",
@@ -245,10 +246,7 @@ impl Registry {
         }
         entry.last_used = Instant::now();
         entry.in_flight.fetch_add(1, Ordering::Relaxed);
-        Ok(Some((
-            entry.actor.clone(),
-            InFlight(entry.in_flight.clone()),
-        )))
+        Ok((entry.actor.clone(), InFlight(entry.in_flight.clone())))
     }
 
     /// Stops least recently used idle actors until the population is within the cap.
