@@ -9,6 +9,11 @@
 //! restored from a backup, say), or still holds deliveries to a process that died between commit
 //! and ack, it is re-created to deliver from the stored position + 1.
 //!
+//! # A view ahead of its stream
+//! If the stream ends before the stored position (it was re-created, or restored from an older
+//! backup), the view stops with a clear error instead of consuming: new events would reuse
+//! positions the view already applied. Rebuild the view (delete its file) after such a restore.
+//!
 //! # Poison events
 //! An event this build cannot decode is never skipped silently: the view stops, `/readyz` says
 //! why, and `coffer_projection_decode_failures_total` counts it. Deploying a build that knows
@@ -45,6 +50,10 @@ pub enum Error {
     Nats(String),
     #[error("event at position {position} cannot be decoded: {message}")]
     Poison { position: u64, message: String },
+    /// The view has applied positions the stream does not hold (the stream was re-created or
+    /// restored from an older backup). Consuming on would assign new events to old positions.
+    #[error("the view has applied position {applied} but the stream ends at {stream_last}; rebuild the view")]
+    AheadOfStream { applied: u64, stream_last: u64 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -221,6 +230,16 @@ impl<P: Projector> Engine<P> {
                         .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(failure);
                     return;
                 }
+                Err(error @ Error::AheadOfStream { .. }) => {
+                    tracing::error!(consumer = %self.consumer_name, %error, "view stopped");
+                    *self
+                        .health
+                        .failure
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                        Some(format!("view stopped: {error}"));
+                    return;
+                }
                 Err(error) => {
                     tracing::warn!(consumer = %self.consumer_name, %error, "projection interrupted; resuming");
                 }
@@ -270,10 +289,17 @@ impl<P: Projector> Engine<P> {
     async fn consumer(&self, log: &EventLog) -> Result<consumer::PullConsumer> {
         let stream = log
             .context()
-            .get_stream_no_info(log.stream_name())
+            .get_stream(log.stream_name())
             .await
             .map_err(|error| Error::Nats(error.to_string()))?;
         let stored = self.position();
+        let stream_last = stream.cached_info().state.last_sequence;
+        if stream_last < stored {
+            return Err(Error::AheadOfStream {
+                applied: stored,
+                stream_last,
+            });
+        }
         match stream
             .get_consumer::<consumer::pull::Config>(&self.consumer_name)
             .await

@@ -173,3 +173,32 @@ async fn an_undecodable_event_stops_the_view_instead_of_being_skipped() {
     health.render(&mut out);
     assert!(out.contains("coffer_projection_failed 1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_ahead_of_a_recreated_stream_stops_instead_of_consuming() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let settings = StreamSettings::default();
+    let log = EventLog::open(client.clone(), &settings).await.unwrap();
+    append_events(&log, 10).await;
+    let directory = tempfile::tempdir().unwrap();
+    let database = Arc::new(Database::create(directory.path().join("views.redb")).unwrap());
+    run_until(database.clone(), "view", &log, 10).await;
+    // The stream is lost and re-created with fewer events than the view applied.
+    log.context().delete_stream("COFFER_EVENTS").await.unwrap();
+    let log = EventLog::open(client, &settings).await.unwrap();
+    append_events(&log, 3).await;
+    let engine = Engine::open(database.clone(), CountingView, "view").unwrap();
+    let health = engine.health();
+    let (_stop, stopped) = watch::channel(false);
+    tokio::time::timeout(Duration::from_secs(20), engine.run(log, stopped))
+        .await
+        .expect("view stops");
+    let failure = health.failure().expect("failure recorded");
+    assert!(failure.contains("stream ends at 3"), "{failure}");
+    assert_eq!(
+        counts(&database).len(),
+        10,
+        "nothing from the new stream was applied"
+    );
+}
