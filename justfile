@@ -25,7 +25,13 @@ up: tools
 test: tools build domain-purity
     cargo test --workspace --no-fail-fast
     just conformance
+    just openapi-check
     just k8s-check
+
+# docs/openapi.json is what the code generates, and a valid OpenAPI 3.1 document.
+openapi-check: build
+    target/debug/coffer openapi | diff -u docs/openapi.json - || (echo "docs/openapi.json is stale: target/debug/coffer openapi > docs/openapi.json" >&2; exit 1)
+    python3 -m openapi_spec_validator docs/openapi.json
 
 # The domain crate must stay free of IO crates (ARCHITECTURE.md invariant).
 domain-purity:

@@ -310,3 +310,34 @@ async fn min_position_answers_once_applied_and_503_after_the_bound() {
     assert!(started.elapsed() >= Duration::from_millis(400));
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_query_route_is_served() {
+    let nats = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let reader = support::reader("routes", &nats.url(), data.path(), &[]);
+    let http = Http::new();
+    for (_, path) in reader::openapi::ROUTES {
+        let reply = http
+            .get(&format!(
+                "{}{}",
+                reader.url(),
+                path.replace("{id}", "nobody")
+            ))
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 404, "{path}");
+        assert_ne!(reply.code(), "not_found", "{path} is not routed");
+    }
+    let document = http
+        .get(&format!("{}/openapi.json", reader.url()))
+        .await
+        .unwrap()
+        .body;
+    for (method, path) in reader::openapi::ROUTES {
+        assert!(
+            document["paths"][path][method].is_object(),
+            "{method} {path} undocumented"
+        );
+    }
+}

@@ -30,6 +30,8 @@ enum Commands {
     /// Reads one MessagePack event payload on stdin and prints it as JSON
     /// (for `nats sub 'coffer.events.>' --translate 'coffer decode'`).
     Decode,
+    /// Prints the OpenAPI document of both HTTP APIs (also in docs/openapi.json).
+    Openapi,
 }
 
 #[derive(Args, Clone)]
@@ -212,6 +214,17 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Commands::Decode => decode(),
+        Commands::Openapi => {
+            let document = problem::openapi_document(
+                "Coffer HTTP API (POST to writers, GET to readers; GET /v1/events to writers)",
+                &[
+                    writer::openapi::document_part(),
+                    reader::openapi::document_part(),
+                ],
+            );
+            println!("{}", serde_json::to_string_pretty(&document)?);
+            Ok(())
+        }
         Commands::Writer(args) => {
             init_logging();
             let config = writer::WriterConfig {

@@ -71,6 +71,50 @@ impl IntoResponse for Problem {
     }
 }
 
+/// Assembles an OpenAPI 3.1 document from parts (`{"paths", "components"}` objects), adding
+/// the problem schema every error response refers to.
+pub fn openapi_document(title: &str, parts: &[serde_json::Value]) -> serde_json::Value {
+    use serde_json::{json, Map, Value};
+    let mut paths = Map::new();
+    let mut components: Map<String, Value> = Map::new();
+    for part in parts {
+        if let Some(part_paths) = part["paths"].as_object() {
+            for (path, operations) in part_paths {
+                let entry = paths.entry(path.clone()).or_insert_with(|| json!({}));
+                if let (Some(entry), Some(operations)) =
+                    (entry.as_object_mut(), operations.as_object())
+                {
+                    entry.extend(operations.clone());
+                }
+            }
+        }
+        if let Some(part_components) = part["components"].as_object() {
+            for (kind, items) in part_components {
+                let entry = components.entry(kind.clone()).or_insert_with(|| json!({}));
+                if let (Some(entry), Some(items)) = (entry.as_object_mut(), items.as_object()) {
+                    entry.extend(items.clone());
+                }
+            }
+        }
+    }
+    let schemas = components.entry("schemas").or_insert_with(|| json!({}));
+    schemas["Problem"] = json!({
+        "type": "object",
+        "description": "RFC 9457 problem details with a machine-readable code",
+        "required": ["type", "title", "status", "detail", "code"],
+        "properties": {
+            "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+            "detail": {"type": "string"}, "code": {"type": "string"},
+        },
+    });
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": env!("CARGO_PKG_VERSION")},
+        "paths": paths,
+        "components": components,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,6 +46,15 @@ pub fn router(state: QueryState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route(
+            "/openapi.json",
+            get(|| async {
+                Json(problem::openapi_document(
+                    "Coffer query API (reader)",
+                    &[crate::openapi::document_part()],
+                ))
+            }),
+        )
         .fallback(|| async { Problem::not_found("not_found", "no such route") })
         .layer(middleware::from_fn_with_state(
             state.clone(),

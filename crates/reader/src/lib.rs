@@ -4,12 +4,14 @@
 //! - [`views`]: the account, statement and transfer views: pure folds plus the redb code that
 //!   stores them, run by the `projection` engine.
 //! - [`http`]: the query API, with read-your-writes waits on the applied position.
+//! - [`openapi`]: the query API's part of the OpenAPI document.
 //! - [`service`]: wiring, readiness and graceful shutdown.
 //!
 //! Reads come from the local redb file only, so they keep working while NATS or the writers are
 //! down; they are as fresh as the last applied position, which every response states.
 
 pub mod http;
+pub mod openapi;
 pub mod service;
 pub mod views;
 

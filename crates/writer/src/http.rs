@@ -60,6 +60,15 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route(
+            "/openapi.json",
+            get(|| async {
+                Json(problem::openapi_document(
+                    "Coffer command API (writer)",
+                    &[crate::openapi::document_part()],
+                ))
+            }),
+        )
         .fallback(|| async { Problem::not_found("not_found", "no such route") })
         .layer(DefaultBodyLimit::max(BODY_SIZE_MAX))
         .layer(PropagateRequestIdLayer::x_request_id())

@@ -10,6 +10,7 @@
 //! - [`registry`]: spawns, caps, passivates and supervises account actors.
 //! - [`transfers`]: the transfer process manager on its own durable consumer.
 //! - [`http`] and [`nats_api`]: the two command APIs, thin adapters over [`registry::Registry`].
+//! - [`openapi`]: the command API's part of the OpenAPI document, built from the same code.
 //! - [`service`]: wiring, readiness and graceful shutdown.
 
 pub mod actor;
@@ -18,6 +19,7 @@ pub mod http;
 pub mod idempotency;
 pub mod metrics;
 pub mod nats_api;
+pub mod openapi;
 pub mod outcome;
 pub mod registry;
 pub mod request;

@@ -659,3 +659,61 @@ async fn a_transfer_id_belongs_to_the_first_sender() {
         Some(101)
     );
 }
+
+#[tokio::test]
+async fn every_documented_route_is_served_and_the_document_is_served_too() {
+    let nats = NatsServer::start();
+    let writer = TestWriter::start(&nats.url(), RegistrySettings::default(), false).await;
+    for (method, path) in writer::openapi::ROUTES {
+        let url = format!("{}{}", writer.url, path.replace("{id}", "nobody"));
+        let response = match *method {
+            "post" => writer
+                .http
+                .post(&url)
+                .header("Content-Type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap(),
+            _ => writer.http.get(&url).send().await.unwrap(),
+        };
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        assert_ne!(status, 405, "{method} {path} not routed");
+        assert_ne!(body["code"], "not_found", "{method} {path} not routed");
+    }
+    let document: Value = writer
+        .http
+        .get(format!("{}/openapi.json", writer.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for (method, path) in writer::openapi::ROUTES {
+        assert!(
+            document["paths"][path][method].is_object(),
+            "{method} {path} undocumented"
+        );
+    }
+    // Every error code the writer can answer is documented.
+    let text = document.to_string();
+    for code in [
+        "invalid_request",
+        "account_not_found",
+        "account_exists",
+        "account_closed",
+        "insufficient_funds",
+        "balance_not_zero",
+        "transfer_pending",
+        "same_account",
+        "idempotency_key_reused",
+        "payload_too_large",
+        "unsupported_media_type",
+        "unavailable",
+        "outcome_unknown",
+    ] {
+        assert!(text.contains(code), "{code} undocumented");
+    }
+}

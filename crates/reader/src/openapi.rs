@@ -1,0 +1,79 @@
+//! The reader's part of the OpenAPI document, built next to the code that serves it; a test
+//! checks [`ROUTES`] against the router.
+
+use serde_json::{json, Value};
+
+/// Method and path of every query route.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/v1/accounts/{id}"),
+    ("get", "/v1/accounts/{id}/transactions"),
+    ("get", "/v1/transfers/{id}"),
+];
+
+fn problem(description: &str) -> Value {
+    json!({"description": description,
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}})
+}
+
+fn query(summary: &str, id_name: &str, schema: &str, not_found: &str, extra: &[Value]) -> Value {
+    let mut parameters = vec![
+        json!({"name": "id", "in": "path", "required": true, "description": id_name,
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}}),
+        json!({"$ref": "#/components/parameters/MinPosition"}),
+        json!({"$ref": "#/components/parameters/MinPositionHeader"}),
+    ];
+    parameters.extend(extra.iter().cloned());
+    json!({"get": {
+        "summary": summary,
+        "parameters": parameters,
+        "responses": {
+            "200": {"description": summary,
+                "headers": {"X-Coffer-Position": {"$ref": "#/components/headers/Position"}},
+                "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}},
+            "400": problem("Problem with code invalid_request"),
+            "404": problem(&format!("Problem with code {not_found}")),
+            "503": problem("Problem with code stale (min_position not applied within the bound)"),
+        },
+    }})
+}
+
+/// Paths and components of the query API.
+pub fn document_part() -> Value {
+    let page = [
+        json!({"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}}),
+        json!({"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+            "maximum": crate::http::STATEMENT_LIMIT_MAX, "default": 100}}),
+    ];
+    let paths = json!({
+        "/v1/accounts/{id}": query("Account view", "account id", "Account", "account_not_found", &[]),
+        "/v1/accounts/{id}/transactions": query("Statement, ascending by position", "account id", "Statement", "account_not_found", &page),
+        "/v1/transfers/{id}": query("Transfer view", "transfer id", "TransferView", "transfer_not_found", &[]),
+    });
+    let time = json!({"type": "string", "format": "date-time"});
+    let schemas = json!({
+        "Account": {"type": "object", "required": ["account_id", "currency", "balance", "overdraft_limit", "status", "version", "position", "opened_at", "updated_at"],
+            "properties": {"account_id": {"type": "string"}, "currency": {"type": "string"}, "owner": {"type": ["string", "null"]},
+                "balance": {"type": "integer"}, "overdraft_limit": {"type": "integer"}, "status": {"enum": ["open", "closed"]},
+                "version": {"type": "integer"}, "position": {"type": "integer"}, "opened_at": time, "updated_at": time}},
+        "Statement": {"type": "object", "required": ["items", "next"], "properties": {
+            "items": {"type": "array", "items": {"type": "object", "required": ["position", "type", "amount", "balance_after", "time"],
+                "properties": {"position": {"type": "integer"}, "type": {"type": "string"}, "amount": {"type": "integer"},
+                    "balance_after": {"type": "integer"}, "time": time, "transfer_id": {"type": "string"},
+                    "counterparty": {"type": "string"}, "reference": {"type": "string"}}}},
+            "next": {"type": "integer"}}},
+        "TransferView": {"type": "object", "required": ["transfer_id", "from", "to", "amount", "currency", "status", "initiated_at"],
+            "properties": {"transfer_id": {"type": "string"}, "from": {"type": "string"}, "to": {"type": "string"},
+                "amount": {"type": "integer"}, "currency": {"type": "string"}, "status": {"enum": ["pending", "completed", "failed"]},
+                "reason": {"type": "string"}, "initiated_at": time, "finished_at": time}},
+    });
+    let parameters = json!({
+        "MinPosition": {"name": "min_position", "in": "query", "required": false,
+            "description": "Wait until the view has applied this position (read-your-writes).",
+            "schema": {"type": "integer", "minimum": 0}},
+        "MinPositionHeader": {"name": "X-Coffer-Min-Position", "in": "header", "required": false,
+            "schema": {"type": "integer", "minimum": 0}},
+    });
+    let headers = json!({"Position": {"description": "The stream position the view has applied.",
+        "schema": {"type": "integer"}}});
+    json!({"paths": paths, "components": {"schemas": schemas, "parameters": parameters, "headers": headers}})
+}
