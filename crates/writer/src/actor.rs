@@ -16,7 +16,7 @@ use eventlog::{EventLog, EventMetadata, RecordedEvent};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use time::OffsetDateTime;
 
-use crate::idempotency::{self, AnswerStore, IdempotencyKey, TransferIdClaims, KEY_RETENTION};
+use crate::idempotency::{self, AnswerStore, TransferIdClaims, KEY_RETENTION};
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 use crate::request::CommandRequest;
@@ -376,9 +376,4 @@ impl KeyMemory {
             Err(Error::IdempotencyKeyReused)
         })
     }
-}
-
-/// Checks a key without the actor, for callers that need it before choosing an account.
-pub fn parse_key(text: Option<&str>) -> Result<Option<IdempotencyKey>> {
-    text.map(IdempotencyKey::parse).transpose()
 }

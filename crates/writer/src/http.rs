@@ -18,7 +18,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
-use crate::actor::parse_key;
+use crate::idempotency::IdempotencyKey;
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 use crate::registry::Registry;
@@ -128,16 +128,14 @@ fn request_id(headers: &HeaderMap) -> String {
         .to_owned()
 }
 
-fn idempotency_key(
-    headers: &HeaderMap,
-) -> Result<Option<crate::idempotency::IdempotencyKey>, Error> {
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, Error> {
     let text = match headers.get("idempotency-key") {
         None => None,
         Some(value) => Some(value.to_str().map_err(|_| {
             Error::InvalidRequest("Idempotency-Key must be printable ASCII".into())
         })?),
     };
-    parse_key(text)
+    IdempotencyKey::parse_optional(text)
 }
 
 async fn run(state: &AppState, request: CommandRequest) -> Response {
@@ -180,7 +178,7 @@ async fn command(
     empty_allowed: bool,
     parse: impl FnOnce(
         &[u8],
-        Option<&crate::idempotency::IdempotencyKey>,
+        Option<&IdempotencyKey>,
     ) -> Result<(domain::AccountId, domain::Command), Error>,
 ) -> Response {
     let body = match json_body(headers, body, empty_allowed) {

@@ -49,6 +49,11 @@ impl IdempotencyKey {
         }
     }
 
+    /// Parses an optional header value: absent is fine, present must be valid.
+    pub fn parse_optional(text: Option<&str>) -> Result<Option<Self>> {
+        text.map(Self::parse).transpose()
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -9,7 +9,6 @@ use async_nats::HeaderMap;
 use futures::StreamExt;
 use tokio::sync::watch;
 
-use crate::actor::parse_key;
 use crate::idempotency::IdempotencyKey;
 use crate::registry::Registry;
 use crate::request::{self, CommandRequest, Verb};
@@ -123,7 +122,7 @@ fn parse(verb: Verb, message: &async_nats::Message) -> Result<CommandRequest, Er
     let key_text = headers
         .get("Idempotency-Key")
         .map(|value| value.as_str().to_owned());
-    let key: Option<IdempotencyKey> = parse_key(key_text.as_deref())?;
+    let key: Option<IdempotencyKey> = IdempotencyKey::parse_optional(key_text.as_deref())?;
     let body = &message.payload;
     let (account_id, command) = match verb {
         Verb::Open => request::open(body, Some(account), key.as_ref())?,
