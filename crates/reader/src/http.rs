@@ -19,6 +19,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
 
 use crate::views::{self, AccountRow, StatementEntry, TransferRow, TransferStatus};
 
@@ -61,6 +62,8 @@ pub fn router(state: QueryState) -> Router {
             stamp_position,
         ))
         .layer(PropagateRequestIdLayer::x_request_id())
+        // Inside the id layers: every log line of a request carries its request id.
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
 }
@@ -322,4 +325,14 @@ async fn metrics(State(state): State<QueryState>) -> Response {
     let mut out = String::new();
     state.health.render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// The span of one HTTP request, named by method, path and request id.
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
 }

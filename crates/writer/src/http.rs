@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
 
 use crate::idempotency::IdempotencyKey;
 use crate::metrics::Metrics;
@@ -72,6 +73,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { Problem::not_found("not_found", "no such route") })
         .layer(DefaultBodyLimit::max(BODY_SIZE_MAX))
         .layer(PropagateRequestIdLayer::x_request_id())
+        // Inside the id layers: every log line of a request carries its request id.
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
 }
@@ -328,4 +331,14 @@ async fn metrics(State(state): State<AppState>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+/// The span of one HTTP request, named by method, path and request id.
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
 }
