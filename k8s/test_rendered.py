@@ -176,10 +176,10 @@ def check_pdb(docs, workload, what):
     check(f"PodDisruptionBudget selects the {what} pods", len(pdbs) == 1, f"{len(pdbs)} found")
 
 
-def check_app_probes(c, what):
+def check_app_probes(c, what, readiness="/readyz"):
     check(f"{what} liveness probe on /healthz", probe_path(c, "livenessProbe") == "/healthz",
           str(probe_path(c, "livenessProbe")))
-    check(f"{what} readiness probe on /readyz", probe_path(c, "readinessProbe") == "/readyz",
+    check(f"{what} readiness probe on {readiness}", probe_path(c, "readinessProbe") == readiness,
           str(probe_path(c, "readinessProbe")))
 
 
@@ -230,7 +230,8 @@ def check_reader(docs):
     mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
     check("reader COFFER_DATA_DIR is mounted from a volumeClaimTemplate",
           data_dir is not None and mounts.get(data_dir) in vcts, str(mounts))
-    check_app_probes(c, "reader")
+    # Readers stay routable while NATS is down: their views are local.
+    check_app_probes(c, "reader", readiness="/readyz?reads=1")
     check_pdb(docs, sts, "reader")
     headless = one(docs, "Service", sts["spec"].get("serviceName"))
     check("reader headless Service (StatefulSet serviceName, clusterIP None)",

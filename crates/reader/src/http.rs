@@ -300,9 +300,24 @@ async fn transfer(State(state): State<QueryState>, Path(id): Path<String>) -> Re
     }
 }
 
-async fn readyz(State(state): State<QueryState>) -> Response {
+#[derive(Debug, Deserialize)]
+struct ReadyQuery {
+    /// `reads=1`: ready to serve reads, whether or not NATS is reachable. Kubernetes uses this
+    /// for the reader's readiness probe, so that reads stay routed during a NATS outage (the
+    /// views are local); plain `/readyz` is the contract's full readiness.
+    reads: Option<String>,
+}
+
+async fn readyz(State(state): State<QueryState>, Query(query): Query<ReadyQuery>) -> Response {
     if let Some(failure) = state.health.failure() {
         return Problem::unavailable("view_failed", failure, 30).into_response();
+    }
+    if query
+        .reads
+        .as_deref()
+        .is_some_and(|reads| reads == "1" || reads == "true")
+    {
+        return (StatusCode::OK, "ready to serve reads").into_response();
     }
     let connected = state.nats.connection_state() == async_nats::connection::State::Connected;
     let consuming = state
