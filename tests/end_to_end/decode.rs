@@ -16,15 +16,10 @@ async fn decode_turns_a_stored_payload_into_json() {
     let http = Http::new();
     let account = support::unique("decode");
     let w = writer.url();
-    http.post(
-        &format!("{w}/v1/accounts"),
-        &json!({"account_id": account, "currency": "EUR"}),
-        None,
-    )
-    .await
-    .unwrap();
-    http.post(
-        &format!("{w}/v1/accounts/{account}/deposits"),
+    http.open_account(&w, &account).await;
+    http.deposit(
+        &w,
+        &account,
         &json!({"amount": 500, "reference": "invoice 7"}),
         None,
     )

@@ -110,20 +110,10 @@ async fn two_readers_with_different_names_see_the_same_views() {
     let w = writer.url();
     let accounts: Vec<String> = (0..5).map(|_| support::unique("pair")).collect();
     for account in &accounts {
-        http.post(
-            &format!("{w}/v1/accounts"),
-            &json!({"account_id": account, "currency": "EUR"}),
-            None,
-        )
-        .await
-        .unwrap();
-        http.post(
-            &format!("{w}/v1/accounts/{account}/deposits"),
-            &json!({"amount": 100}),
-            None,
-        )
-        .await
-        .unwrap();
+        http.open_account(&w, account).await;
+        http.deposit(&w, account, &json!({"amount": 100}), None)
+            .await
+            .unwrap();
     }
     let transfer = http
         .post(
@@ -180,19 +170,9 @@ async fn reads_are_served_while_nats_is_down_and_resume_after() {
     let http = Http::new();
     let (w, r) = (writer.url(), reader.url());
     let account = support::unique("offline");
-    http.post(
-        &format!("{w}/v1/accounts"),
-        &json!({"account_id": account, "currency": "EUR"}),
-        None,
-    )
-    .await
-    .unwrap();
+    http.open_account(&w, &account).await;
     let deposit = http
-        .post(
-            &format!("{w}/v1/accounts/{account}/deposits"),
-            &json!({"amount": 9}),
-            None,
-        )
+        .deposit(&w, &account, &json!({"amount": 9}), None)
         .await
         .unwrap();
     let position = deposit.body["position"].as_u64().unwrap();
@@ -230,11 +210,7 @@ async fn reads_are_served_while_nats_is_down_and_resume_after() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let position = loop {
         let reply = http
-            .post(
-                &format!("{w}/v1/accounts/{account}/deposits"),
-                &json!({"amount": 1}),
-                Some("after"),
-            )
+            .deposit(&w, &account, &json!({"amount": 1}), Some("after"))
             .await;
         if let Ok(reply) = reply {
             if reply.status == 200 {
@@ -271,21 +247,11 @@ async fn min_position_answers_once_applied_and_503_after_the_bound() {
     let http = Http::new();
     let (w, r) = (writer.url(), reader.url());
     let account = support::unique("ryw");
-    http.post(
-        &format!("{w}/v1/accounts"),
-        &json!({"account_id": account, "currency": "EUR"}),
-        None,
-    )
-    .await
-    .unwrap();
+    http.open_account(&w, &account).await;
     let mut waits = Vec::new();
     for amount in 1..=50i64 {
         let deposit = http
-            .post(
-                &format!("{w}/v1/accounts/{account}/deposits"),
-                &json!({"amount": amount}),
-                None,
-            )
+            .deposit(&w, &account, &json!({"amount": amount}), None)
             .await
             .unwrap();
         let position = deposit.body["position"].as_u64().unwrap();

@@ -116,6 +116,30 @@ impl Http {
         Ok(Reply { status, body })
     }
 
+    /// Opens a EUR account through the writer at `writer`.
+    pub async fn open_account(&self, writer: &str, account: &str) -> Reply {
+        let body = serde_json::json!({"account_id": account, "currency": "EUR"});
+        self.post(&format!("{writer}/v1/accounts"), &body, None)
+            .await
+            .unwrap()
+    }
+
+    /// Deposits `body` (`{"amount", "reference"?}`) through the writer at `writer`.
+    pub async fn deposit(
+        &self,
+        writer: &str,
+        account: &str,
+        body: &Value,
+        key: Option<&str>,
+    ) -> Result<Reply, String> {
+        self.post(
+            &format!("{writer}/v1/accounts/{account}/deposits"),
+            body,
+            key,
+        )
+        .await
+    }
+
     /// The value of a metric on `/metrics`.
     pub async fn metric(&self, base: &str, name: &str) -> Option<f64> {
         let text = self

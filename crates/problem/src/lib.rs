@@ -1,5 +1,6 @@
 //! RFC 9457 problem details (`application/problem+json`), the one error shape of every Coffer
-//! HTTP and NATS API. Each problem has a machine-readable `code` that clients switch on; `title`
+//! HTTP and NATS API, plus the other pieces both HTTP services share: the OpenAPI assembly, the
+//! routes every service has, and the request-id layers. Each problem has a machine-readable `code` that clients switch on; `title`
 //! and `detail` are for people.
 
 use axum::http::{header, HeaderValue, StatusCode};
@@ -113,6 +114,46 @@ pub fn openapi_document(title: &str, parts: &[serde_json::Value]) -> serde_json:
         "paths": paths,
         "components": components,
     })
+}
+
+/// Adds what every Coffer service answers besides its own API: `GET /healthz`,
+/// `GET /openapi.json` (this service's part of the document) and a problem+json 404 fallback.
+/// Call it after the service's own routes and before its layers.
+pub fn with_service_routes<S: Clone + Send + Sync + 'static>(
+    router: axum::Router<S>,
+    title: &'static str,
+    openapi_part: fn() -> serde_json::Value,
+) -> axum::Router<S> {
+    use axum::routing::get;
+    router
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/openapi.json",
+            get(move || async move { axum::Json(openapi_document(title, &[openapi_part()])) }),
+        )
+        .fallback(|| async { Problem::not_found("not_found", "no such route") })
+}
+
+/// Wraps a router in the request-id layers (`X-Request-Id` taken or generated, and echoed) with
+/// a tracing span per request inside them, so every log line of a request carries its id.
+pub fn with_request_ids<S: Clone + Send + Sync + 'static>(
+    router: axum::Router<S>,
+) -> axum::Router<S> {
+    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+    router
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// The span of one HTTP request, named by method, path and request id.
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
 }
 
 #[cfg(test)]

@@ -18,8 +18,6 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::watch;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
 
 use crate::views::{self, AccountRow, StatementEntry, TransferRow, TransferStatus};
 
@@ -40,32 +38,22 @@ pub struct QueryState {
 }
 
 pub fn router(state: QueryState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/v1/accounts/{id}", get(account))
         .route("/v1/accounts/{id}/transactions", get(transactions))
         .route("/v1/transfers/{id}", get(transfer))
-        .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route(
-            "/openapi.json",
-            get(|| async {
-                Json(problem::openapi_document(
-                    "Coffer query API (reader)",
-                    &[crate::openapi::document_part()],
-                ))
-            }),
-        )
-        .fallback(|| async { Problem::not_found("not_found", "no such route") })
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            stamp_position,
-        ))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        // Inside the id layers: every log line of a request carries its request id.
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .with_state(state)
+        .route("/metrics", get(metrics));
+    let router = problem::with_service_routes(
+        routes,
+        "Coffer query API (reader)",
+        crate::openapi::document_part,
+    )
+    .layer(middleware::from_fn_with_state(
+        state.clone(),
+        stamp_position,
+    ));
+    problem::with_request_ids(router).with_state(state)
 }
 
 /// Waits for `min_position` (query or header) before the handler runs, and stamps every
@@ -340,14 +328,4 @@ async fn metrics(State(state): State<QueryState>) -> Response {
     let mut out = String::new();
     state.health.render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
-}
-
-/// The span of one HTTP request, named by method, path and request id.
-fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
-    let request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or("");
-    tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
 }

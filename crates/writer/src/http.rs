@@ -16,8 +16,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
 
 use crate::idempotency::IdempotencyKey;
 use crate::metrics::Metrics;
@@ -42,7 +40,7 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/v1/accounts", post(open_account))
         .route(
             "/v1/accounts/{id}/deposits",
@@ -58,25 +56,15 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/transfers", post(transfer))
         .route("/v1/events", get(events))
-        .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route(
-            "/openapi.json",
-            get(|| async {
-                Json(problem::openapi_document(
-                    "Coffer command API (writer)",
-                    &[crate::openapi::document_part()],
-                ))
-            }),
-        )
-        .fallback(|| async { Problem::not_found("not_found", "no such route") })
-        .layer(DefaultBodyLimit::max(BODY_SIZE_MAX))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        // Inside the id layers: every log line of a request carries its request id.
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .with_state(state)
+        .route("/metrics", get(metrics));
+    let router = problem::with_service_routes(
+        routes,
+        "Coffer command API (writer)",
+        crate::openapi::document_part,
+    )
+    .layer(DefaultBodyLimit::max(BODY_SIZE_MAX));
+    problem::with_request_ids(router).with_state(state)
 }
 
 fn problem_response(error: &Error) -> Response {
@@ -331,14 +319,4 @@ async fn metrics(State(state): State<AppState>) -> Response {
         state.metrics.render(),
     )
         .into_response()
-}
-
-/// The span of one HTTP request, named by method, path and request id.
-fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
-    let request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or("");
-    tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
 }
