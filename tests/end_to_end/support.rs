@@ -187,7 +187,8 @@ pub struct Replay {
     pub withdrawn: i64,
     pub debits: HashMap<String, usize>,
     pub credits: HashMap<String, usize>,
-    pub refunds: HashMap<String, usize>,
+    /// How many deposits carry each reference (tests use unique references).
+    pub references: HashMap<String, usize>,
 }
 
 impl Replay {
@@ -208,16 +209,18 @@ impl Replay {
             entry.1 += 1;
             match &recorded.event {
                 Event::AccountClosed => entry.3 = true,
-                Event::Deposited { amount, .. } => replay.deposited += amount.signed(),
+                Event::Deposited { amount, reference } => {
+                    replay.deposited += amount.signed();
+                    if let Some(reference) = reference {
+                        *replay.references.entry(reference.clone()).or_default() += 1;
+                    }
+                }
                 Event::Withdrawn { amount, .. } => replay.withdrawn += amount.signed(),
                 Event::TransferDebited { transfer_id, .. } => {
                     *replay.debits.entry(transfer_id.to_string()).or_default() += 1
                 }
                 Event::TransferCredited { transfer_id, .. } => {
                     *replay.credits.entry(transfer_id.to_string()).or_default() += 1
-                }
-                Event::TransferRefunded { transfer_id, .. } => {
-                    *replay.refunds.entry(transfer_id.to_string()).or_default() += 1
                 }
                 _ => {}
             }

@@ -125,9 +125,13 @@ struct WriterArgs {
     /// Commands queued per account before 503.
     #[arg(long, env = "COFFER_MAILBOX_CAPACITY", default_value_t = 1_000)]
     mailbox_capacity: usize,
-    /// Run the transfer process manager in this writer.
-    #[arg(long, env = "COFFER_PROCESS_TRANSFERS", default_value_t = true, action = clap::ArgAction::Set)]
-    process_transfers: bool,
+    /// A command's deadline in milliseconds: it is not started, and nothing is appended for it,
+    /// later; its caller then answers `outcome_unknown`.
+    #[arg(long, env = "COFFER_COMMAND_DEADLINE_MS", default_value_t = 10_000)]
+    command_deadline_ms: u64,
+    /// Failpoint for tests: every command waits this long in its actor first.
+    #[arg(long, env = "COFFER_FAILPOINT_ACTOR_DELAY_MS", hide = true)]
+    failpoint_actor_delay_ms: Option<u64>,
 }
 
 #[derive(Args)]
@@ -235,9 +239,9 @@ async fn main() -> anyhow::Result<()> {
                     actors_live_max: args.actors_max,
                     idle_timeout: Duration::from_secs(args.actor_idle_seconds),
                     mailbox_capacity: args.mailbox_capacity,
-                    ..Default::default()
+                    call_timeout: Duration::from_millis(args.command_deadline_ms),
                 },
-                process_transfers: args.process_transfers,
+                failpoint_actor_delay: args.failpoint_actor_delay_ms.map(Duration::from_millis),
             };
             writer::run(config, shutdown_signal()).await?;
             Ok(())

@@ -1,20 +1,13 @@
 //! The account aggregate.
 //!
 //! `decide` holds every business rule and never mutates; `evolve` only applies facts and never
-//! refuses (an event is something that already happened). Every command yields zero or one event:
-//! zero when the command was already applied (a redelivered transfer step), one otherwise.
-
-use std::collections::{BTreeMap, HashMap, HashSet};
+//! refuses (an event is something that already happened). A single-account command yields one
+//! event; a transfer is a decision over two accounts ([`decide_transfer`]) that yields the debit of
+//! the sender and the credit of the receiver, which the event log commits together or not at all.
+//! State is bounded: it holds no per-transfer or per-request memory, so an account's cost does not
+//! grow with its history.
 
 use crate::values::{AccountId, Amount, Currency, OverdraftLimit, TransferId};
-
-/// Why a refund happened: machine-readable, stored in `transfer_refunded`.
-pub mod refund_reason {
-    pub const ACCOUNT_NOT_FOUND: &str = "account_not_found";
-    pub const ACCOUNT_CLOSED: &str = "account_closed";
-    pub const CURRENCY_MISMATCH: &str = "currency_mismatch";
-    pub const BALANCE_OVERFLOW: &str = "balance_overflow";
-}
 
 /// What opening an account needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,31 +29,16 @@ pub enum Command {
         amount: Amount,
         reference: Option<String>,
     },
-    /// The sender's half of a transfer: money leaves at once.
-    DebitTransfer {
-        transfer_id: TransferId,
-        to: AccountId,
-        amount: Amount,
-        reference: Option<String>,
-    },
-    /// The receiver's half, sent by the transfer process manager.
-    CreditTransfer {
-        transfer_id: TransferId,
-        from: AccountId,
-        amount: Amount,
-        currency: Currency,
-        reference: Option<String>,
-    },
-    /// Gives a failed transfer's money back to the sender.
-    RefundTransfer {
-        transfer_id: TransferId,
-        reason: String,
-    },
-    /// Tells the sender that the receiver was credited, so the transfer no longer blocks closing.
-    CompleteTransfer {
-        transfer_id: TransferId,
-    },
     Close,
+}
+
+/// A request to move money from one account (the one it is addressed to) to another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    pub transfer_id: TransferId,
+    pub to: AccountId,
+    pub amount: Amount,
+    pub reference: Option<String>,
 }
 
 /// A fact about one account. Names are past tense; amounts are positive and the type gives the
@@ -76,6 +54,8 @@ pub enum Event {
         amount: Amount,
         reference: Option<String>,
     },
+    /// The sender's half of a transfer; always committed together with the receiver's
+    /// [`Event::TransferCredited`].
     TransferDebited {
         transfer_id: TransferId,
         to: AccountId,
@@ -89,16 +69,6 @@ pub enum Event {
         amount: Amount,
         reference: Option<String>,
     },
-    TransferRefunded {
-        transfer_id: TransferId,
-        to: AccountId,
-        amount: Amount,
-        reason: String,
-    },
-    TransferCompleted {
-        transfer_id: TransferId,
-        to: AccountId,
-    },
     AccountClosed,
 }
 
@@ -111,8 +81,6 @@ impl Event {
             Event::Withdrawn { .. } => "withdrawn",
             Event::TransferDebited { .. } => "transfer_debited",
             Event::TransferCredited { .. } => "transfer_credited",
-            Event::TransferRefunded { .. } => "transfer_refunded",
-            Event::TransferCompleted { .. } => "transfer_completed",
             Event::AccountClosed => "account_closed",
         }
     }
@@ -120,26 +88,35 @@ impl Event {
     /// The signed change this event makes to the balance.
     pub fn balance_change(&self) -> i64 {
         match self {
-            Event::Deposited { amount, .. }
-            | Event::TransferCredited { amount, .. }
-            | Event::TransferRefunded { amount, .. } => amount.signed(),
+            Event::Deposited { amount, .. } | Event::TransferCredited { amount, .. } => {
+                amount.signed()
+            }
             Event::Withdrawn { amount, .. } | Event::TransferDebited { amount, .. } => {
                 -amount.signed()
             }
-            Event::AccountOpened(_) | Event::TransferCompleted { .. } | Event::AccountClosed => 0,
+            Event::AccountOpened(_) | Event::AccountClosed => 0,
         }
     }
+}
+
+/// The two events of an accepted transfer, in the order they are committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferEvents {
+    /// On the sender.
+    pub debit: Event,
+    /// On the receiver.
+    pub credit: Event,
 }
 
 /// A business rule refused the command. Nothing was appended.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DomainError {
-    #[error("account not found")]
-    AccountNotFound,
+    #[error("account {0} not found")]
+    AccountNotFound(AccountId),
     #[error("account already exists")]
     AccountExists,
-    #[error("account is closed")]
-    AccountClosed,
+    #[error("account {0} is closed")]
+    AccountClosed(AccountId),
     #[error("account holds {expected}, the operation is in {actual}")]
     CurrencyMismatch {
         expected: Currency,
@@ -151,18 +128,12 @@ pub enum DomainError {
         amount: u64,
         floor: i64,
     },
-    #[error("the balance would overflow a signed 64-bit integer")]
-    BalanceOverflow,
+    #[error("the balance of {0} would overflow a signed 64-bit integer")]
+    BalanceOverflow(AccountId),
     #[error("balance is {balance}, it must be zero to close")]
     BalanceNotZero { balance: i64 },
-    #[error("{pending} outgoing transfer(s) still pending")]
-    TransferPending { pending: usize },
     #[error("a transfer needs two different accounts")]
     SameAccount,
-    #[error("transfer id {0} was already used with other parameters")]
-    TransferIdReused(TransferId),
-    #[error("no outgoing transfer {0} on this account")]
-    UnknownTransfer(TransferId),
 }
 
 /// Lifecycle of an account.
@@ -172,24 +143,7 @@ pub enum Status {
     Closed,
 }
 
-/// An outgoing transfer as the sender knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutgoingTransfer {
-    pub to: AccountId,
-    pub amount: Amount,
-    pub reference: Option<String>,
-    pub settlement: Settlement,
-}
-
-/// What became of an outgoing transfer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settlement {
-    Pending,
-    Completed,
-    Refunded,
-}
-
-/// An opened account.
+/// An opened account: everything `decide` needs, and nothing that grows with its history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Account {
     pub id: AccountId,
@@ -198,14 +152,6 @@ pub struct Account {
     pub overdraft_limit: OverdraftLimit,
     pub balance: i64,
     pub status: Status,
-    /// Every transfer this account sent, so a redelivered or retried step is recognised however
-    /// late it comes (the stream's dedup window is only minutes long).
-    pub outgoing: HashMap<TransferId, OutgoingTransfer>,
-    /// Every transfer credited to this account, by sender and id, for the same reason. The
-    /// sender is part of the key so that two senders' equal ids can never shadow each other.
-    pub credited: HashSet<(AccountId, TransferId)>,
-    /// Transfers sent and not yet completed or refunded; closing waits for them.
-    pub pending: BTreeMap<TransferId, Amount>,
 }
 
 /// The state `decide` needs, rebuilt by folding the account's events with `evolve`.
@@ -238,23 +184,27 @@ impl AccountState {
     pub fn balance(&self) -> i64 {
         self.account().map_or(0, |account| account.balance)
     }
+
+    fn opened(&self) -> Result<&Account, DomainError> {
+        self.account()
+            .ok_or_else(|| DomainError::AccountNotFound(self.id().clone()))
+    }
 }
 
-/// Decides what a command does to an account. Pure: the same state and command always give the
+/// Decides what a single-account command does. Pure: the same state and command always give the
 /// same answer.
 pub fn decide(state: &AccountState, command: &Command) -> Result<Vec<Event>, DomainError> {
-    let account = match (state, command) {
-        (AccountState::Unopened(_), Command::Open(open)) => {
-            return Ok(vec![Event::AccountOpened(open.clone())]);
-        }
-        (AccountState::Opened(_), Command::Open(_)) => return Err(DomainError::AccountExists),
-        (AccountState::Unopened(_), _) => return Err(DomainError::AccountNotFound),
-        (AccountState::Opened(account), _) => account,
-    };
+    if let Command::Open(open) = command {
+        return match state {
+            AccountState::Unopened(_) => Ok(vec![Event::AccountOpened(open.clone())]),
+            AccountState::Opened(_) => Err(DomainError::AccountExists),
+        };
+    }
+    let account = state.opened()?;
+    ensure_open(account)?;
     match command {
         Command::Open(_) => Err(DomainError::AccountExists),
         Command::Deposit { amount, reference } => {
-            ensure_open(account)?;
             credit(account, *amount)?;
             Ok(vec![Event::Deposited {
                 amount: *amount,
@@ -262,114 +212,16 @@ pub fn decide(state: &AccountState, command: &Command) -> Result<Vec<Event>, Dom
             }])
         }
         Command::Withdraw { amount, reference } => {
-            ensure_open(account)?;
             debit(account, *amount)?;
             Ok(vec![Event::Withdrawn {
                 amount: *amount,
                 reference: reference.clone(),
             }])
         }
-        Command::DebitTransfer {
-            transfer_id,
-            to,
-            amount,
-            reference,
-        } => {
-            if let Some(existing) = account.outgoing.get(transfer_id) {
-                return if existing.to == *to
-                    && existing.amount == *amount
-                    && existing.reference == *reference
-                {
-                    Ok(Vec::new())
-                } else {
-                    Err(DomainError::TransferIdReused(transfer_id.clone()))
-                };
-            }
-            if *to == account.id {
-                return Err(DomainError::SameAccount);
-            }
-            ensure_open(account)?;
-            debit(account, *amount)?;
-            Ok(vec![Event::TransferDebited {
-                transfer_id: transfer_id.clone(),
-                to: to.clone(),
-                amount: *amount,
-                currency: account.currency,
-                reference: reference.clone(),
-            }])
-        }
-        Command::CreditTransfer {
-            transfer_id,
-            from,
-            amount,
-            currency,
-            reference,
-        } => {
-            if account
-                .credited
-                .contains(&(from.clone(), transfer_id.clone()))
-            {
-                return Ok(Vec::new());
-            }
-            ensure_open(account)?;
-            if *currency != account.currency {
-                return Err(DomainError::CurrencyMismatch {
-                    expected: account.currency,
-                    actual: *currency,
-                });
-            }
-            credit(account, *amount)?;
-            Ok(vec![Event::TransferCredited {
-                transfer_id: transfer_id.clone(),
-                from: from.clone(),
-                amount: *amount,
-                reference: reference.clone(),
-            }])
-        }
-        Command::RefundTransfer {
-            transfer_id,
-            reason,
-        } => {
-            let transfer = account
-                .outgoing
-                .get(transfer_id)
-                .ok_or_else(|| DomainError::UnknownTransfer(transfer_id.clone()))?;
-            if transfer.settlement != Settlement::Pending {
-                return Ok(Vec::new());
-            }
-            // A refund returns money this account already held, so it can only overflow if the
-            // balance rose by other credits meanwhile; refuse rather than wrap.
-            credit(account, transfer.amount)?;
-            Ok(vec![Event::TransferRefunded {
-                transfer_id: transfer_id.clone(),
-                to: transfer.to.clone(),
-                amount: transfer.amount,
-                reason: reason.clone(),
-            }])
-        }
-        Command::CompleteTransfer { transfer_id } => {
-            let transfer = account
-                .outgoing
-                .get(transfer_id)
-                .ok_or_else(|| DomainError::UnknownTransfer(transfer_id.clone()))?;
-            if transfer.settlement != Settlement::Pending {
-                return Ok(Vec::new());
-            }
-            Ok(vec![Event::TransferCompleted {
-                transfer_id: transfer_id.clone(),
-                to: transfer.to.clone(),
-            }])
-        }
         Command::Close => {
-            ensure_open(account)?;
             if account.balance != 0 {
                 return Err(DomainError::BalanceNotZero {
                     balance: account.balance,
-                });
-            }
-            if !account.pending.is_empty() {
-                return Err(DomainError::TransferPending {
-                    pending: account.pending.len(),
                 });
             }
             Ok(vec![Event::AccountClosed])
@@ -377,10 +229,50 @@ pub fn decide(state: &AccountState, command: &Command) -> Result<Vec<Event>, Dom
     }
 }
 
+/// Decides a transfer on the current state of both accounts. Both must exist, be open and hold
+/// the same currency; the sender must have the amount available and the receiver must not
+/// overflow. Pure, like [`decide`].
+pub fn decide_transfer(
+    from: &AccountState,
+    to: &AccountState,
+    transfer: &Transfer,
+) -> Result<TransferEvents, DomainError> {
+    if from.id() == to.id() || *to.id() != transfer.to {
+        return Err(DomainError::SameAccount);
+    }
+    let sender = from.opened()?;
+    let receiver = to.opened()?;
+    ensure_open(sender)?;
+    ensure_open(receiver)?;
+    if sender.currency != receiver.currency {
+        return Err(DomainError::CurrencyMismatch {
+            expected: receiver.currency,
+            actual: sender.currency,
+        });
+    }
+    debit(sender, transfer.amount)?;
+    credit(receiver, transfer.amount)?;
+    Ok(TransferEvents {
+        debit: Event::TransferDebited {
+            transfer_id: transfer.transfer_id.clone(),
+            to: receiver.id.clone(),
+            amount: transfer.amount,
+            currency: sender.currency,
+            reference: transfer.reference.clone(),
+        },
+        credit: Event::TransferCredited {
+            transfer_id: transfer.transfer_id.clone(),
+            from: sender.id.clone(),
+            amount: transfer.amount,
+            reference: transfer.reference.clone(),
+        },
+    })
+}
+
 fn ensure_open(account: &Account) -> Result<(), DomainError> {
     match account.status {
         Status::Open => Ok(()),
-        Status::Closed => Err(DomainError::AccountClosed),
+        Status::Closed => Err(DomainError::AccountClosed(account.id.clone())),
     }
 }
 
@@ -388,7 +280,7 @@ fn credit(account: &Account, amount: Amount) -> Result<i64, DomainError> {
     account
         .balance
         .checked_add(amount.signed())
-        .ok_or(DomainError::BalanceOverflow)
+        .ok_or_else(|| DomainError::BalanceOverflow(account.id.clone()))
 }
 
 fn debit(account: &Account, amount: Amount) -> Result<i64, DomainError> {
@@ -415,9 +307,6 @@ pub fn evolve(state: &mut AccountState, event: &Event) {
                 overdraft_limit: open.overdraft_limit,
                 balance: 0,
                 status: Status::Open,
-                outgoing: HashMap::new(),
-                credited: HashSet::new(),
-                pending: BTreeMap::new(),
             });
         }
         return;
@@ -426,45 +315,8 @@ pub fn evolve(state: &mut AccountState, event: &Event) {
         return;
     };
     account.balance = account.balance.saturating_add(event.balance_change());
-    match event {
-        Event::AccountOpened(_) | Event::Deposited { .. } | Event::Withdrawn { .. } => {}
-        Event::TransferDebited {
-            transfer_id,
-            to,
-            amount,
-            reference,
-            ..
-        } => {
-            account.outgoing.insert(
-                transfer_id.clone(),
-                OutgoingTransfer {
-                    to: to.clone(),
-                    amount: *amount,
-                    reference: reference.clone(),
-                    settlement: Settlement::Pending,
-                },
-            );
-            account.pending.insert(transfer_id.clone(), *amount);
-        }
-        Event::TransferCredited {
-            transfer_id, from, ..
-        } => {
-            account.credited.insert((from.clone(), transfer_id.clone()));
-        }
-        Event::TransferRefunded { transfer_id, .. } => {
-            settle(account, transfer_id, Settlement::Refunded);
-        }
-        Event::TransferCompleted { transfer_id, .. } => {
-            settle(account, transfer_id, Settlement::Completed);
-        }
-        Event::AccountClosed => account.status = Status::Closed,
-    }
-}
-
-fn settle(account: &mut Account, transfer_id: &TransferId, settlement: Settlement) {
-    account.pending.remove(transfer_id);
-    if let Some(transfer) = account.outgoing.get_mut(transfer_id) {
-        transfer.settlement = settlement;
+    if matches!(event, Event::AccountClosed) {
+        account.status = Status::Closed;
     }
 }
 

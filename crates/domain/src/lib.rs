@@ -2,15 +2,19 @@
 //!
 //! # Layout
 //! - [`values`]: validated newtypes (account id, transfer id, currency, amount, overdraft limit).
-//! - [`account`]: the account aggregate: its [`Command`]s, [`Event`]s, [`AccountState`], and the two
-//!   pure functions [`decide`] and [`evolve`].
+//! - [`account`]: the account aggregate: its [`Command`]s, [`Transfer`]s, [`Event`]s,
+//!   [`AccountState`], and the pure functions [`decide`], [`decide_transfer`] and [`evolve`].
 //!
 //! Nothing here knows about time, NATS, MessagePack, HTTP or storage: the adapters translate at the
-//! edges. Every command yields at most one event, which lets the event log append it with a single
-//! optimistic-concurrency check (see `ARCHITECTURE.md`).
+//! edges. A single-account command yields one event; a transfer yields one event on each of its two
+//! accounts, which the event log commits in one atomic batch guarded by both accounts'
+//! optimistic-concurrency checks (see `ARCHITECTURE.md`).
 
 pub mod account;
 pub mod values;
 
-pub use account::{decide, evolve, replay, AccountState, Command, DomainError, Event, OpenAccount};
+pub use account::{
+    decide, decide_transfer, evolve, replay, AccountState, Command, DomainError, Event,
+    OpenAccount, Transfer, TransferEvents,
+};
 pub use values::{AccountId, Amount, Currency, OverdraftLimit, TransferId, ValueError};

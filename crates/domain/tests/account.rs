@@ -2,10 +2,9 @@
 //! plus property tests over random command sequences.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use domain::account::{refund_reason, Settlement};
 use domain::{
-    decide, evolve, replay, AccountId, AccountState, Amount, Command, Currency, DomainError, Event,
-    OpenAccount, OverdraftLimit, TransferId,
+    decide, decide_transfer, evolve, replay, AccountId, AccountState, Amount, Command, Currency,
+    DomainError, Event, OpenAccount, OverdraftLimit, Transfer, TransferEvents, TransferId,
 };
 use proptest::prelude::*;
 
@@ -21,12 +20,15 @@ fn amount(units: i128) -> Amount {
 fn eur() -> Currency {
     Currency::parse("EUR").unwrap()
 }
-fn opened(limit: i128) -> Event {
+fn opened_in(currency: &str, limit: i128) -> Event {
     Event::AccountOpened(OpenAccount {
-        currency: eur(),
+        currency: Currency::parse(currency).unwrap(),
         owner: Some("alice".into()),
         overdraft_limit: OverdraftLimit::new(limit).unwrap(),
     })
+}
+fn opened(limit: i128) -> Event {
+    opened_in("EUR", limit)
 }
 fn deposited(units: i128) -> Event {
     Event::Deposited {
@@ -34,21 +36,12 @@ fn deposited(units: i128) -> Event {
         reference: None,
     }
 }
-fn debit(transfer: &str, to: &str, units: i128) -> Command {
-    Command::DebitTransfer {
-        transfer_id: tid(transfer),
+fn transfer(transfer_id: &str, to: &str, units: i128) -> Transfer {
+    Transfer {
+        transfer_id: tid(transfer_id),
         to: id(to),
         amount: amount(units),
-        reference: None,
-    }
-}
-fn debited(transfer: &str, to: &str, units: i128) -> Event {
-    Event::TransferDebited {
-        transfer_id: tid(transfer),
-        to: id(to),
-        amount: amount(units),
-        currency: eur(),
-        reference: None,
+        reference: Some("rent".into()),
     }
 }
 
@@ -56,8 +49,19 @@ fn debited(transfer: &str, to: &str, units: i128) -> Event {
 fn given(events: &[Event]) -> AccountState {
     replay(id("a"), events)
 }
+fn given_on(account: &str, events: &[Event]) -> AccountState {
+    replay(id(account), events)
+}
 fn then(events: &[Event], command: Command) -> Result<Vec<Event>, DomainError> {
     decide(&given(events), &command)
+}
+/// Given the histories of `a` (sender) and `b` (receiver), when `a` transfers.
+fn then_transfer(
+    sender: &[Event],
+    receiver: &[Event],
+    transfer: Transfer,
+) -> Result<TransferEvents, DomainError> {
+    decide_transfer(&given(sender), &given_on("b", receiver), &transfer)
 }
 
 #[test]
@@ -88,15 +92,13 @@ fn commands_on_an_unopened_account_are_not_found() {
             amount: amount(1),
             reference: None,
         },
-        debit("t1", "b", 1),
         Command::Close,
-        Command::RefundTransfer {
-            transfer_id: tid("t"),
-            reason: "x".into(),
-        },
     ];
     for command in commands {
-        assert_eq!(then(&[], command), Err(DomainError::AccountNotFound));
+        assert_eq!(
+            then(&[], command),
+            Err(DomainError::AccountNotFound(id("a")))
+        );
     }
 }
 
@@ -165,7 +167,7 @@ fn deposit_that_would_overflow_is_refused() {
                 reference: None
             }
         ),
-        Err(DomainError::BalanceOverflow)
+        Err(DomainError::BalanceOverflow(id("a")))
     );
 }
 
@@ -180,20 +182,20 @@ fn closed_accounts_refuse_money_movements() {
                 reference: None
             }
         ),
-        Err(DomainError::AccountClosed)
+        Err(DomainError::AccountClosed(id("a")))
     );
     assert_eq!(
         then(&history, Command::Close),
-        Err(DomainError::AccountClosed)
+        Err(DomainError::AccountClosed(id("a")))
     );
     assert_eq!(
-        then(&history, debit("t", "b", 1)),
-        Err(DomainError::AccountClosed)
+        then_transfer(&history, &[opened(0)], transfer("t", "b", 1)),
+        Err(DomainError::AccountClosed(id("a")))
     );
 }
 
 #[test]
-fn close_needs_zero_balance_and_no_pending_transfer() {
+fn close_needs_a_zero_balance() {
     assert_eq!(
         then(&[opened(0), deposited(10)], Command::Close),
         Err(DomainError::BalanceNotZero { balance: 10 })
@@ -202,153 +204,111 @@ fn close_needs_zero_balance_and_no_pending_transfer() {
         then(&[opened(0)], Command::Close),
         Ok(vec![Event::AccountClosed])
     );
-    // Overdraft lets the balance be negative with a pending transfer; refunding it returns to 0.
-    let pending = [opened(10), debited("t1", "b", 10), deposited(10)];
-    assert_eq!(
-        then(&pending, Command::Close),
-        Err(DomainError::TransferPending { pending: 1 })
-    );
 }
 
 #[test]
-fn transfer_debit_checks_funds_and_same_account() {
+fn a_transfer_debits_the_sender_and_credits_the_receiver_together() {
+    let events = then_transfer(
+        &[opened(0), deposited(100)],
+        &[opened(0)],
+        transfer("t1", "b", 60),
+    )
+    .unwrap();
     assert_eq!(
-        then(&[opened(0), deposited(100)], debit("t1", "b", 60)),
-        Ok(vec![debited("t1", "b", 60)])
+        events,
+        TransferEvents {
+            debit: Event::TransferDebited {
+                transfer_id: tid("t1"),
+                to: id("b"),
+                amount: amount(60),
+                currency: eur(),
+                reference: Some("rent".into()),
+            },
+            credit: Event::TransferCredited {
+                transfer_id: tid("t1"),
+                from: id("a"),
+                amount: amount(60),
+                reference: Some("rent".into()),
+            },
+        }
     );
+    let mut sender = given(&[opened(0), deposited(100)]);
+    let mut receiver = given_on("b", &[opened(0)]);
+    evolve(&mut sender, &events.debit);
+    evolve(&mut receiver, &events.credit);
+    assert_eq!((sender.balance(), receiver.balance()), (40, 60));
+}
+
+#[test]
+fn a_transfer_is_refused_on_either_side() {
+    let funded = [opened(0), deposited(100)];
     assert!(matches!(
-        then(&[opened(0), deposited(100)], debit("t1", "b", 101)),
+        then_transfer(&funded, &[opened(0)], transfer("t", "b", 101)),
         Err(DomainError::InsufficientFunds { .. })
     ));
     assert_eq!(
-        then(&[opened(0), deposited(100)], debit("t1", "a", 1)),
+        then_transfer(&funded, &[], transfer("t", "b", 1)),
+        Err(DomainError::AccountNotFound(id("b")))
+    );
+    assert_eq!(
+        then_transfer(&[], &[opened(0)], transfer("t", "b", 1)),
+        Err(DomainError::AccountNotFound(id("a")))
+    );
+    assert_eq!(
+        then_transfer(
+            &funded,
+            &[opened(0), Event::AccountClosed],
+            transfer("t", "b", 1)
+        ),
+        Err(DomainError::AccountClosed(id("b")))
+    );
+    assert_eq!(
+        then_transfer(&funded, &[opened_in("USD", 0)], transfer("t", "b", 1)),
+        Err(DomainError::CurrencyMismatch {
+            expected: Currency::parse("USD").unwrap(),
+            actual: eur(),
+        })
+    );
+    let max = domain::values::AMOUNT_MAX as i128;
+    let rich: Vec<Event> = std::iter::once(opened(0))
+        .chain((0..1024).map(|_| deposited(max)))
+        .collect();
+    assert_eq!(
+        then_transfer(&[opened(0), deposited(max)], &rich, transfer("t", "b", max)),
+        Err(DomainError::BalanceOverflow(id("b")))
+    );
+    assert_eq!(
+        decide_transfer(&given(&funded), &given(&funded), &transfer("t", "a", 1)),
+        Err(DomainError::SameAccount)
+    );
+    // The receiver's state must be the account the transfer names.
+    assert_eq!(
+        decide_transfer(
+            &given(&funded),
+            &given_on("c", &[opened(0)]),
+            &transfer("t", "b", 1)
+        ),
         Err(DomainError::SameAccount)
     );
 }
 
 #[test]
-fn transfer_debit_retry_is_a_no_op_and_reuse_is_refused() {
-    let history = [opened(0), deposited(100), debited("t1", "b", 60)];
-    assert_eq!(then(&history, debit("t1", "b", 60)), Ok(vec![]));
-    assert_eq!(
-        then(&history, debit("t1", "b", 61)),
-        Err(DomainError::TransferIdReused(tid("t1")))
-    );
-    assert_eq!(
-        then(&history, debit("t1", "c", 60)),
-        Err(DomainError::TransferIdReused(tid("t1")))
-    );
-}
-
-fn credit(transfer: &str, currency: &str) -> Command {
-    Command::CreditTransfer {
-        transfer_id: tid(transfer),
-        from: id("s"),
-        amount: amount(30),
-        currency: Currency::parse(currency).unwrap(),
-        reference: None,
-    }
-}
-
-#[test]
-fn transfer_credit_is_applied_once_and_checks_currency_and_status() {
-    let credited = Event::TransferCredited {
-        transfer_id: tid("t1"),
-        from: id("s"),
-        amount: amount(30),
-        reference: None,
-    };
-    assert_eq!(
-        then(&[opened(0)], credit("t1", "EUR")),
-        Ok(vec![credited.clone()])
-    );
-    assert_eq!(
-        then(&[opened(0), credited], credit("t1", "EUR")),
-        Ok(vec![])
-    );
-    assert!(matches!(
-        then(&[opened(0)], credit("t1", "USD")),
-        Err(DomainError::CurrencyMismatch { .. })
-    ));
-    assert_eq!(
-        then(&[opened(0), Event::AccountClosed], credit("t1", "EUR")),
-        Err(DomainError::AccountClosed)
-    );
-    assert_eq!(
-        then(&[], credit("t1", "EUR")),
-        Err(DomainError::AccountNotFound)
-    );
-}
-
-#[test]
-fn refund_returns_money_once_and_only_for_known_pending_transfers() {
-    let refund = Command::RefundTransfer {
-        transfer_id: tid("t1"),
-        reason: refund_reason::ACCOUNT_NOT_FOUND.into(),
-    };
-    let history = vec![opened(0), deposited(100), debited("t1", "ghost", 60)];
-    let events = then(&history, refund.clone()).unwrap();
-    assert_eq!(
-        events,
-        vec![Event::TransferRefunded {
-            transfer_id: tid("t1"),
-            to: id("ghost"),
-            amount: amount(60),
-            reason: refund_reason::ACCOUNT_NOT_FOUND.into()
-        }]
-    );
-    let mut after = history.clone();
-    after.extend(events);
-    let state = given(&after);
-    assert_eq!(state.balance(), 100);
-    assert_eq!(
-        state.account().unwrap().outgoing[&tid("t1")].settlement,
-        Settlement::Refunded
-    );
-    assert_eq!(then(&after, refund.clone()), Ok(vec![]));
-    assert_eq!(
-        then(&[opened(0)], refund),
-        Err(DomainError::UnknownTransfer(tid("t1")))
-    );
-}
-
-#[test]
-fn completing_a_transfer_unblocks_close_and_forbids_a_later_refund() {
-    let history = vec![
-        opened(0),
-        deposited(60),
-        debited("t1", "b", 60),
-        Event::TransferCompleted {
-            transfer_id: tid("t1"),
-            to: id("b"),
-        },
-    ];
-    assert_eq!(
-        then(&history, Command::Close),
-        Ok(vec![Event::AccountClosed])
-    );
-    let refund = Command::RefundTransfer {
-        transfer_id: tid("t1"),
-        reason: "late".into(),
-    };
-    assert_eq!(then(&history, refund), Ok(vec![]));
-    assert_eq!(
-        then(
-            &history,
-            Command::CompleteTransfer {
-                transfer_id: tid("t1")
-            }
-        ),
-        Ok(vec![])
-    );
+fn a_transfer_may_use_the_overdraft() {
+    assert!(then_transfer(&[opened(50)], &[opened(0)], transfer("t", "b", 50)).is_ok());
+    assert!(then_transfer(&[opened(50)], &[opened(0)], transfer("t", "b", 51)).is_err());
 }
 
 // ---------------------------------------------------------------------------------------------
-// Properties over random command sequences.
+// Properties over random command sequences on two accounts.
+
+#[derive(Debug, Clone)]
+enum Step {
+    On(bool, Command),
+    Transfer(bool, i128),
+}
 
 fn arbitrary_command() -> impl Strategy<Value = Command> {
     let money = 1i128..5_000;
-    let transfer = 0u8..6;
     prop_oneof![
         (0i128..2_000).prop_map(|limit| Command::Open(OpenAccount {
             currency: eur(),
@@ -359,58 +319,71 @@ fn arbitrary_command() -> impl Strategy<Value = Command> {
             amount: amount(units),
             reference: None
         }),
-        money.clone().prop_map(|units| Command::Withdraw {
+        money.prop_map(|units| Command::Withdraw {
             amount: amount(units),
             reference: None
-        }),
-        (transfer.clone(), money.clone()).prop_map(|(t, units)| debit(
-            &format!("t{t}"),
-            "b",
-            units
-        )),
-        (transfer.clone(), money).prop_map(|(t, units)| Command::CreditTransfer {
-            transfer_id: tid(&format!("in{t}")),
-            from: id("s"),
-            amount: amount(units),
-            currency: eur(),
-            reference: None,
-        }),
-        transfer.clone().prop_map(|t| Command::RefundTransfer {
-            transfer_id: tid(&format!("t{t}")),
-            reason: "test".into()
-        }),
-        transfer.prop_map(|t| Command::CompleteTransfer {
-            transfer_id: tid(&format!("t{t}"))
         }),
         Just(Command::Close),
     ]
 }
 
+fn arbitrary_step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        (any::<bool>(), arbitrary_command()).prop_map(|(first, command)| Step::On(first, command)),
+        (any::<bool>(), 1i128..5_000).prop_map(|(first, units)| Step::Transfer(first, units)),
+    ]
+}
+
+fn within_limit(state: &AccountState) -> bool {
+    state
+        .account()
+        .is_none_or(|account| account.balance >= account.overdraft_limit.floor())
+}
+
 proptest! {
     #[test]
-    fn replaying_accepted_events_equals_stepwise_state_and_respects_the_limit(
-        commands in proptest::collection::vec(arbitrary_command(), 0..80)
+    fn replaying_accepted_events_equals_stepwise_state_conserves_money_and_respects_limits(
+        steps in proptest::collection::vec(arbitrary_step(), 0..120)
     ) {
-        let mut state = AccountState::new(id("a"));
-        let mut history = Vec::new();
-        for command in &commands {
-            if let Ok(events) = decide(&state, command) {
-                prop_assert!(events.len() <= 1, "a command yielded {} events", events.len());
-                for event in events {
-                    evolve(&mut state, &event);
-                    history.push(event);
+        let mut states = [AccountState::new(id("a")), AccountState::new(id("b"))];
+        let mut histories: [Vec<Event>; 2] = [Vec::new(), Vec::new()];
+        let mut external = 0i64;
+        for (index, step) in steps.iter().enumerate() {
+            match step {
+                Step::On(first, command) => {
+                    let side = usize::from(!*first);
+                    if let Ok(events) = decide(&states[side], command) {
+                        prop_assert_eq!(events.len(), 1);
+                        for event in events {
+                            if matches!(event, Event::Deposited { .. } | Event::Withdrawn { .. }) {
+                                external += event.balance_change();
+                            }
+                            evolve(&mut states[side], &event);
+                            histories[side].push(event);
+                        }
+                    }
+                }
+                Step::Transfer(first, units) => {
+                    let (from, to) = if *first { (0, 1) } else { (1, 0) };
+                    let request = Transfer {
+                        transfer_id: tid(&format!("t{index}")),
+                        to: states[to].id().clone(),
+                        amount: amount(*units),
+                        reference: None,
+                    };
+                    if let Ok(events) = decide_transfer(&states[from], &states[to], &request) {
+                        evolve(&mut states[from], &events.debit);
+                        evolve(&mut states[to], &events.credit);
+                        histories[from].push(events.debit);
+                        histories[to].push(events.credit);
+                    }
                 }
             }
-            if let Some(account) = state.account() {
-                prop_assert!(
-                    account.balance >= account.overdraft_limit.floor(),
-                    "balance {} below -{}", account.balance, account.overdraft_limit.minor_units()
-                );
-            }
+            prop_assert!(within_limit(&states[0]) && within_limit(&states[1]), "{:?}", states);
         }
-        prop_assert_eq!(replay(id("a"), &history), state.clone());
-        // Conservation: the balance is exactly the signed sum of the events.
-        let sum: i64 = history.iter().map(Event::balance_change).sum();
-        prop_assert_eq!(state.balance(), sum);
+        prop_assert_eq!(&replay(id("a"), &histories[0]), &states[0]);
+        prop_assert_eq!(&replay(id("b"), &histories[1]), &states[1]);
+        // Conservation: transfers move money inside; only deposits and withdrawals change the sum.
+        prop_assert_eq!(states[0].balance() + states[1].balance(), external);
     }
 }

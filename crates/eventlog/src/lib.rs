@@ -5,11 +5,12 @@
 //! - [`subject`]: subject names for events and their filters.
 //! - [`connection`]: connecting with credentials and TLS from the environment.
 //! - [`codec`]: the wire payloads (MessagePack, named fields), event versions and upcasting.
-//! - [`log`]: [`EventLog`]: append with optimistic concurrency, load an account's history, read
-//!   ranges of the stream in order.
+//! - [`log`]: [`EventLog`]: atomic appends with optimistic concurrency, markers, loading an
+//!   account's history, reading ranges of the stream in order.
 //!
-//! Appends state the last sequence the writer saw on `coffer.events.{account}.>`, so the server
-//! refuses a stale writer (`Conflict`) and two writers can never both extend the same history.
+//! Every event appended states the last sequence the writer saw on `coffer.events.{account}.>`,
+//! so the server refuses a stale writer (`Conflict`) and two writers can never both extend the
+//! same history. Several events and markers go in one atomic batch: all are stored or none.
 
 pub mod codec;
 pub mod connection;
@@ -19,15 +20,21 @@ pub mod subject;
 
 pub use codec::{DecodeError, CURRENT_VERSIONS};
 pub use connection::NatsSettings;
-pub use log::{Appended, EventLog, EventMetadata, RecordedEvent};
+pub use log::{Appended, Entry, EventLog, EventMetadata, RecordedEvent, StoredMarker};
 pub use stream::StreamSettings;
 
 /// Everything that can go wrong talking to the event log.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Another writer appended to the account after the position this writer saw.
-    #[error("the account changed since position {expected_last_position}")]
-    Conflict { expected_last_position: u64 },
+    /// A condition of the append failed (another writer extended an account after the position
+    /// this writer saw, or a marker exists already); nothing was stored. The server tells the
+    /// current last position of the subject whose check failed, not which check it was.
+    #[error("a concurrency check failed (current last position {current_last_position:?})")]
+    Conflict { current_last_position: Option<u64> },
+    /// The batch held a message id the server has seen within its duplicate window; nothing
+    /// was stored.
+    #[error("duplicate message id: {0}")]
+    Duplicate(String),
     /// Nothing was sent: NATS is not reachable right now.
     #[error("NATS is unavailable: {0}")]
     Unavailable(String),

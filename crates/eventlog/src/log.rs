@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use async_nats::connection::State;
-use async_nats::jetstream::{self, context::PublishErrorKind};
-use async_nats::{HeaderMap, StatusCode};
+use async_nats::jetstream;
+use async_nats::{HeaderMap, RequestErrorKind, StatusCode};
+use base64::Engine as _;
 use bytes::Bytes;
 use domain::{AccountId, Event};
 use futures::StreamExt;
@@ -15,19 +16,20 @@ use crate::codec::{self, DecodeError};
 use crate::{subject, Error, Result, StreamSettings};
 
 /// Header names. The `Nats-*` ones are the server's; the `Coffer-*` ones describe the event for
-/// people reading the stream with `nats stream view`, and carry idempotency across writers.
+/// people reading the stream with `nats stream view` or `nats sub`.
 pub mod header {
-    pub const MESSAGE_ID: &str = "Nats-Msg-Id";
     pub const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
     pub const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str =
         "Nats-Expected-Last-Subject-Sequence-Subject";
+    pub const TTL: &str = "Nats-TTL";
+    pub const BATCH_ID: &str = "Nats-Batch-Id";
+    pub const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
+    pub const BATCH_COMMIT: &str = "Nats-Batch-Commit";
     pub const EVENT_TYPE: &str = "Coffer-Event-Type";
     pub const EVENT_VERSION: &str = "Coffer-Event-Version";
     pub const ACCOUNT_ID: &str = "Coffer-Account-Id";
     pub const COMMAND_ID: &str = "Coffer-Command-Id";
     pub const CORRELATION_ID: &str = "Coffer-Correlation-Id";
-    pub const IDEMPOTENCY_KEY: &str = "Coffer-Idempotency-Key";
-    pub const REQUEST_HASH: &str = "Coffer-Request-Hash";
     pub const CONTENT_TYPE: &str = "Content-Type";
     pub const MSGPACK: &str = "application/msgpack";
 }
@@ -38,19 +40,27 @@ const DIRECT_BATCH_SIZE_MAX: usize = 1_000;
 const DIRECT_BATCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for an append's acknowledgement before its outcome is unknown.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most messages in one atomic batch: the server's limit (ADR-50).
+pub const BATCH_SIZE_MAX: usize = 1_000;
+/// JetStream error codes the log tells apart.
+mod error_code {
+    /// A `Nats-Expected-Last-*` check failed; the description carries the current sequence.
+    pub const WRONG_LAST_SEQUENCE: u64 = 10071;
+    /// A batch held a `Nats-Msg-Id` the server has already seen.
+    pub const BATCH_DUPLICATE_MESSAGE_ID: u64 = 10201;
+    /// Too many batches in flight on the stream or the server.
+    pub const BATCH_TOO_MANY_INFLIGHT: u64 = 10210;
+    /// The batch was abandoned (a gap, or the server's batch timeout).
+    pub const BATCH_INCOMPLETE: u64 = 10176;
+}
 
 /// Who asked for an event and why, carried in headers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EventMetadata {
-    /// Unique per command; derived from the idempotency key when there is one, so the server's
-    /// duplicate window drops a retried append even when two writers race.
+    /// Unique per command; every event one command appends carries the same id.
     pub command_id: String,
-    /// Ties together everything one request caused (HTTP request id, or the transfer id).
+    /// Ties together everything one request caused (the HTTP request id, or the NATS one).
     pub correlation_id: String,
-    /// The client's `Idempotency-Key`, when given.
-    pub idempotency_key: Option<String>,
-    /// A hash of the request the key was first used with, to detect reuse with another request.
-    pub request_hash: Option<String>,
 }
 
 /// An event as stored: its position in the stream and its metadata.
@@ -64,12 +74,46 @@ pub struct RecordedEvent {
     pub metadata: EventMetadata,
 }
 
-/// The acknowledgement of an append.
+/// The acknowledgement of an append: where its messages were stored. The messages of one append
+/// are stored at consecutive positions, the first at `first_position`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
+    pub first_position: u64,
+    pub last_position: u64,
+}
+
+impl Appended {
+    /// The position of the `index`-th message of the append.
+    pub fn position_of(&self, index: usize) -> u64 {
+        self.first_position + index as u64
+    }
+}
+
+/// One message of an append.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Entry {
+    /// An event of `account`, stored only if the account's last event is at
+    /// `expected_last_position` (0: the account has no events yet).
+    Event {
+        account: AccountId,
+        expected_last_position: u64,
+        event: Event,
+        metadata: EventMetadata,
+    },
+    /// A marker outside the events, stored only if `subject` holds nothing (a marker that
+    /// expired with its `ttl` counts as nothing): the first claim of an id or key wins.
+    Marker {
+        subject: String,
+        payload: Vec<u8>,
+        ttl: Option<Duration>,
+    },
+}
+
+/// A marker as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMarker {
     pub position: u64,
-    /// The server recognised the `Nats-Msg-Id` and kept the earlier copy at `position`.
-    pub duplicate: bool,
+    pub payload: Vec<u8>,
 }
 
 /// The event log on one JetStream stream.
@@ -82,6 +126,106 @@ pub struct EventLog {
 
 fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
     headers.get(name).map(|value| value.as_str().to_owned())
+}
+
+/// The subject, headers and payload an entry is published with.
+fn message(entry: &Entry) -> Result<(String, HeaderMap, Bytes)> {
+    let mut headers = HeaderMap::new();
+    match entry {
+        Entry::Event {
+            account,
+            expected_last_position,
+            event,
+            metadata,
+        } => {
+            let (event_type, version, payload) = codec::encode(event)?;
+            headers.insert(
+                header::EXPECTED_LAST_SUBJECT_SEQUENCE,
+                expected_last_position.to_string().as_str(),
+            );
+            headers.insert(
+                header::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT,
+                subject::account_filter(account).as_str(),
+            );
+            headers.insert(header::EVENT_TYPE, event_type);
+            headers.insert(header::EVENT_VERSION, version.to_string().as_str());
+            headers.insert(header::ACCOUNT_ID, account.as_str());
+            headers.insert(header::COMMAND_ID, metadata.command_id.as_str());
+            headers.insert(header::CORRELATION_ID, metadata.correlation_id.as_str());
+            headers.insert(header::CONTENT_TYPE, header::MSGPACK);
+            Ok((
+                subject::append(account, event_type),
+                headers,
+                Bytes::from(payload),
+            ))
+        }
+        Entry::Marker {
+            subject,
+            payload,
+            ttl,
+        } => {
+            headers.insert(header::EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+            if let Some(ttl) = ttl {
+                headers.insert(header::TTL, format!("{}s", ttl.as_secs().max(1)).as_str());
+            }
+            headers.insert(header::CONTENT_TYPE, header::MSGPACK);
+            Ok((subject.clone(), headers, Bytes::from(payload.clone())))
+        }
+    }
+}
+
+/// What the server answers to a publish that reaches the stream.
+#[derive(Debug, serde::Deserialize)]
+struct PublishAnswer {
+    #[serde(default)]
+    seq: u64,
+    #[serde(default)]
+    count: Option<u64>,
+    #[serde(default)]
+    error: Option<ApiError>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+/// Turns the stream's answer to a (commit) publish into the positions or the error.
+fn acknowledgement(payload: &[u8], messages: usize) -> Result<Appended> {
+    let answer: PublishAnswer = serde_json::from_slice(payload).map_err(|error| {
+        Error::OutcomeUnknown(format!("unreadable publish acknowledgement: {error}"))
+    })?;
+    if let Some(error) = answer.error {
+        return Err(match error.err_code {
+            error_code::WRONG_LAST_SEQUENCE => Error::Conflict {
+                current_last_position: error
+                    .description
+                    .rsplit(':')
+                    .next()
+                    .and_then(|text| text.trim().parse().ok()),
+            },
+            error_code::BATCH_DUPLICATE_MESSAGE_ID => Error::Duplicate(error.description),
+            // Nothing was stored: too many batches in flight, or the batch fell apart.
+            error_code::BATCH_TOO_MANY_INFLIGHT | error_code::BATCH_INCOMPLETE => {
+                Error::Unavailable(error.description)
+            }
+            code => Error::JetStream(format!("{code}: {}", error.description)),
+        });
+    }
+    let count = answer.count.unwrap_or(1);
+    if answer.seq == 0 || count != messages as u64 {
+        return Err(Error::OutcomeUnknown(format!(
+            "acknowledgement of {messages} messages says seq {} count {count}",
+            answer.seq
+        )));
+    }
+    Ok(Appended {
+        first_position: answer.seq + 1 - count,
+        last_position: answer.seq,
+    })
 }
 
 impl EventLog {
@@ -128,59 +272,92 @@ impl EventLog {
         event: &Event,
         metadata: &EventMetadata,
     ) -> Result<Appended> {
+        self.append_atomic(&[Entry::Event {
+            account: account.clone(),
+            expected_last_position,
+            event: event.clone(),
+            metadata: metadata.clone(),
+        }])
+        .await
+    }
+
+    /// Appends `entries` all together or not at all: one JetStream atomic batch (ADR-50) whose
+    /// every message keeps its own condition, each checked against the stream as it was before
+    /// the batch. They are stored at consecutive positions in the given order. A single entry is
+    /// a plain publish.
+    ///
+    /// Errors: `Conflict` when any condition failed (nothing stored), `Unavailable` when nothing
+    /// was stored for another reason, `OutcomeUnknown` when the commit was sent and not answered.
+    pub async fn append_atomic(&self, entries: &[Entry]) -> Result<Appended> {
+        if entries.is_empty() || entries.len() > BATCH_SIZE_MAX {
+            return Err(Error::Encode(format!(
+                "an append holds 1 to {BATCH_SIZE_MAX} messages, not {}",
+                entries.len()
+            )));
+        }
         if !self.is_connected() {
             return Err(Error::Unavailable("not connected to NATS".into()));
         }
-        let (event_type, version, payload) = codec::encode(event)?;
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::MESSAGE_ID,
-            format!("{account}:{}", metadata.command_id).as_str(),
-        );
-        headers.insert(
-            header::EXPECTED_LAST_SUBJECT_SEQUENCE,
-            expected_last_position.to_string().as_str(),
-        );
-        headers.insert(
-            header::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT,
-            subject::account_filter(account).as_str(),
-        );
-        headers.insert(header::EVENT_TYPE, event_type);
-        headers.insert(header::EVENT_VERSION, version.to_string().as_str());
-        headers.insert(header::ACCOUNT_ID, account.as_str());
-        headers.insert(header::COMMAND_ID, metadata.command_id.as_str());
-        headers.insert(header::CORRELATION_ID, metadata.correlation_id.as_str());
-        if let Some(key) = &metadata.idempotency_key {
-            headers.insert(header::IDEMPOTENCY_KEY, key.as_str());
+        let messages = entries.iter().map(message).collect::<Result<Vec<_>>>()?;
+        let count = messages.len();
+        let batch_id = (count > 1).then(|| uuid::Uuid::now_v7().simple().to_string());
+        let mut commit = None;
+        for (index, (subject, mut headers, payload)) in messages.into_iter().enumerate() {
+            if let Some(batch_id) = &batch_id {
+                headers.insert(header::BATCH_ID, batch_id.as_str());
+                headers.insert(header::BATCH_SEQUENCE, (index + 1).to_string().as_str());
+            }
+            if index + 1 == count {
+                if batch_id.is_some() {
+                    headers.insert(header::BATCH_COMMIT, "1");
+                }
+                commit = Some((subject, headers, payload));
+            } else {
+                // Staged messages need no answer: the commit's answer covers the batch, and
+                // one connection keeps them in order before it.
+                self.client
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                    .map_err(|error| Error::Unavailable(format!("publish: {error}")))?;
+            }
         }
-        if let Some(hash) = &metadata.request_hash {
-            headers.insert(header::REQUEST_HASH, hash.as_str());
-        }
-        headers.insert(header::CONTENT_TYPE, header::MSGPACK);
-        let subject = subject::event(account, event_type);
-        let acknowledgement = self
-            .context
-            .publish_with_headers(subject, headers, Bytes::from(payload))
-            .await
-            .map_err(|error| Error::Unavailable(format!("publish: {error}")))?;
-        match acknowledgement.await {
-            Ok(ack) => Ok(Appended {
-                position: ack.sequence,
-                duplicate: ack.duplicate,
+        let Some((subject, headers, payload)) = commit else {
+            return Err(Error::Encode("an append needs a message".into()));
+        };
+        let request = async_nats::Request::new()
+            .headers(headers)
+            .payload(payload)
+            .timeout(Some(ACK_TIMEOUT));
+        match self.client.send_request(subject, request).await {
+            Ok(reply) => acknowledgement(&reply.payload, count),
+            Err(error) => Err(match error.kind() {
+                RequestErrorKind::NoResponders => {
+                    Error::Unavailable(format!("stream not reachable: {error}"))
+                }
+                _ => Error::OutcomeUnknown(error.to_string()),
             }),
-            Err(error) => match error.kind() {
-                PublishErrorKind::WrongLastSequence => Err(Error::Conflict {
-                    expected_last_position,
-                }),
-                PublishErrorKind::StreamNotFound => {
-                    Err(Error::Unavailable(format!("stream not reachable: {error}")))
-                }
-                PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
-                    Err(Error::OutcomeUnknown(error.to_string()))
-                }
-                _ => Err(Error::JetStream(error.to_string())),
-            },
         }
+    }
+
+    /// The marker stored on `subject`, if any, answered by the stream leader (a retry must not
+    /// miss a marker a lagging replica has not stored yet).
+    pub async fn read_marker(&self, subject: &str) -> Result<Option<StoredMarker>> {
+        let answer = self
+            .leader_get(serde_json::json!({ "last_by_subj": subject }))
+            .await?;
+        let Some(message) = answer else {
+            return Ok(None);
+        };
+        let payload = match message["data"].as_str() {
+            Some(data) => base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .map_err(|error| Error::JetStream(format!("marker payload: {error}")))?,
+            None => Vec::new(),
+        };
+        let position = message["seq"]
+            .as_u64()
+            .ok_or_else(|| Error::JetStream("marker without a sequence".into()))?;
+        Ok(Some(StoredMarker { position, payload }))
     }
 
     /// Loads `account`'s events after `after_position`, in order.
@@ -219,6 +396,7 @@ impl EventLog {
         let page = self
             .direct_batch(serde_json::json!({
                 "seq": after_position.saturating_add(1),
+                "next_by_subj": subject::ALL_EVENTS,
                 "batch": limit.clamp(1, DIRECT_BATCH_SIZE_MAX),
             }))
             .await?;
@@ -237,6 +415,7 @@ impl EventLog {
         let page = self
             .direct_batch(serde_json::json!({
                 "start_time": start,
+                "next_by_subj": subject::ALL_EVENTS,
                 "batch": limit.clamp(1, DIRECT_BATCH_SIZE_MAX),
             }))
             .await?;
@@ -247,10 +426,20 @@ impl EventLog {
     /// gets may be served by a lagging replica; this read is what a writer checks before it
     /// refuses a command, so a refusal is never based on a stale copy.
     pub async fn last_account_position(&self, account: &AccountId) -> Result<u64> {
+        let answer = self
+            .leader_get(serde_json::json!({ "last_by_subj": subject::account_filter(account) }))
+            .await?;
+        Ok(answer
+            .and_then(|message| message["seq"].as_u64())
+            .unwrap_or(0))
+    }
+
+    /// One `$JS.API.STREAM.MSG.GET` (served by the stream leader): the message, or `None`
+    /// when there is none.
+    async fn leader_get(&self, request: serde_json::Value) -> Result<Option<serde_json::Value>> {
         if !self.is_connected() {
             return Err(Error::Unavailable("not connected to NATS".into()));
         }
-        let request = serde_json::json!({ "last_by_subj": subject::account_filter(account) });
         let body =
             serde_json::to_vec(&request).map_err(|error| Error::JetStream(error.to_string()))?;
         let reply = tokio::time::timeout(
@@ -261,16 +450,16 @@ impl EventLog {
             ),
         )
         .await
-        .map_err(|_| Error::Unavailable("last position request timed out".into()))?
+        .map_err(|_| Error::Unavailable("stream message request timed out".into()))?
         .map_err(|error| Error::Unavailable(error.to_string()))?;
-        let answer: serde_json::Value = serde_json::from_slice(&reply.payload)
+        let mut answer: serde_json::Value = serde_json::from_slice(&reply.payload)
             .map_err(|error| Error::JetStream(format!("stream message answer: {error}")))?;
-        if let Some(sequence) = answer["message"]["seq"].as_u64() {
-            return Ok(sequence);
+        if answer["message"].is_object() {
+            return Ok(Some(answer["message"].take()));
         }
         match answer["error"]["err_code"].as_u64() {
-            // 10037: no message found, the account has no events.
-            Some(10037) => Ok(0),
+            // 10037: no message found.
+            Some(10037) => Ok(None),
             _ => Err(Error::JetStream(format!("stream message answer: {answer}"))),
         }
     }
@@ -404,8 +593,44 @@ pub fn decode_stored(
         metadata: EventMetadata {
             command_id: header_text(headers, header::COMMAND_ID).unwrap_or_default(),
             correlation_id: header_text(headers, header::CORRELATION_ID).unwrap_or_default(),
-            idempotency_key: header_text(headers, header::IDEMPOTENCY_KEY),
-            request_hash: header_text(headers, header::REQUEST_HASH),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acknowledgements_give_positions_or_the_failed_check() {
+        let appended = acknowledgement(br#"{"stream":"S","seq":12,"batch":"b","count":3}"#, 3);
+        assert_eq!(
+            appended.unwrap(),
+            Appended {
+                first_position: 10,
+                last_position: 12
+            }
+        );
+        assert_eq!(
+            acknowledgement(br#"{"stream":"S","seq":7}"#, 1).unwrap(),
+            Appended {
+                first_position: 7,
+                last_position: 7
+            }
+        );
+        let conflict = acknowledgement(
+            br#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 41"},"stream":"S","seq":0}"#,
+            2,
+        );
+        assert!(matches!(
+            conflict,
+            Err(Error::Conflict {
+                current_last_position: Some(41)
+            })
+        ));
+        assert!(matches!(
+            acknowledgement(br#"{"stream":"S","seq":12,"count":2}"#, 3),
+            Err(Error::OutcomeUnknown(_))
+        ));
+    }
 }

@@ -32,7 +32,24 @@ impl StreamSettings {
     pub fn config(&self) -> stream::Config {
         stream::Config {
             name: self.name.clone(),
-            subjects: vec![subject::ALL_EVENTS.into()],
+            // Events arrive on `coffer.append.>` and are stored as `coffer.events.>`; nothing
+            // ingests `coffer.events.>` itself, so the republished copies never loop back in.
+            subjects: vec![subject::ALL_APPENDS.into(), subject::ALL_MARKERS.into()],
+            subject_transform: Some(stream::SubjectTransform {
+                source: subject::ALL_APPENDS.into(),
+                destination: subject::ALL_EVENTS.into(),
+            }),
+            // Core subscribers of `coffer.events.>` get each event once it is stored, with its
+            // position in `Nats-Sequence`, and never a publish the stream refused.
+            republish: Some(stream::Republish {
+                source: subject::ALL_EVENTS.into(),
+                destination: subject::ALL_EVENTS.into(),
+                headers_only: false,
+            }),
+            // Transfers commit the debit, the credit and their markers together (ADR-50).
+            allow_atomic_publish: true,
+            // Idempotency-key markers expire after 24 hours (`Nats-TTL`).
+            allow_message_ttl: true,
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::Limits,
             num_replicas: self.replicas,
@@ -60,6 +77,10 @@ impl StreamSettings {
                     .config
                     .clone();
                 let differs = current.subjects != wanted.subjects
+                    || current.subject_transform != wanted.subject_transform
+                    || current.republish != wanted.republish
+                    || current.allow_atomic_publish != wanted.allow_atomic_publish
+                    || current.allow_message_ttl != wanted.allow_message_ttl
                     || current.num_replicas != wanted.num_replicas
                     || current.duplicate_window != wanted.duplicate_window
                     || current.allow_direct != wanted.allow_direct

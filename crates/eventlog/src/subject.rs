@@ -1,12 +1,26 @@
-//! Subjects: `coffer.events.{account_id}.{event_type}`. Account ids are restricted to
-//! `[A-Za-z0-9_-]`, so they are always a single subject token.
+//! Subjects. Writers append on `coffer.append.{account_id}.{event_type}`; the stream stores each
+//! event as `coffer.events.{account_id}.{event_type}` (a subject transform) and republishes it there
+//! once stored, so core subscribers of `coffer.events.>` see only committed events. Markers live
+//! under `coffer.ids.>`, outside the events, and are never republished. Account and transfer ids
+//! are restricted to `[A-Za-z0-9_-]`, so they are always a single subject token.
 
-use domain::AccountId;
+use domain::{AccountId, TransferId};
 
 pub const EVENTS_PREFIX: &str = "coffer.events";
-/// Every event in the stream.
+pub const APPEND_PREFIX: &str = "coffer.append";
+/// Every stored event.
 pub const ALL_EVENTS: &str = "coffer.events.>";
+/// What writers publish events on: the stream's ingest subjects for events.
+pub const ALL_APPENDS: &str = "coffer.append.>";
+/// Markers: idempotency keys and transfer-id claims.
+pub const ALL_MARKERS: &str = "coffer.ids.>";
 
+/// The subject an event of `account` is appended on.
+pub fn append(account: &AccountId, event_type: &str) -> String {
+    format!("{APPEND_PREFIX}.{account}.{event_type}")
+}
+
+/// The subject an event of `account` is stored and republished on.
 pub fn event(account: &AccountId, event_type: &str) -> String {
     format!("{EVENTS_PREFIX}.{account}.{event_type}")
 }
@@ -21,7 +35,18 @@ pub fn type_filter(event_type: &str) -> String {
     format!("{EVENTS_PREFIX}.*.{event_type}")
 }
 
-/// Splits a subject into `(account_id, event_type)`.
+/// The marker of an `Idempotency-Key` on `account`; `key_digest` is a hex digest of the key, so
+/// any printable key fits in one subject token.
+pub fn key_marker(account: &AccountId, key_digest: &str) -> String {
+    format!("coffer.ids.key.{account}.{key_digest}")
+}
+
+/// The marker that claims a transfer id (or hold id: they share one namespace) forever.
+pub fn transfer_marker(transfer_id: &TransferId) -> String {
+    format!("coffer.ids.transfer.{transfer_id}")
+}
+
+/// Splits a stored event subject into `(account_id, event_type)`.
 pub fn parse(subject: &str) -> Option<(&str, &str)> {
     let rest = subject.strip_prefix(EVENTS_PREFIX)?.strip_prefix('.')?;
     let (account, event_type) = rest.split_once('.')?;
@@ -37,8 +62,13 @@ mod tests {
         let account = AccountId::parse("acc-1").unwrap();
         let subject = event(&account, "deposited");
         assert_eq!(subject, "coffer.events.acc-1.deposited");
+        assert_eq!(
+            append(&account, "deposited"),
+            "coffer.append.acc-1.deposited"
+        );
         assert_eq!(parse(&subject), Some(("acc-1", "deposited")));
         assert_eq!(parse("coffer.cmd.acc-1.deposit"), None);
         assert_eq!(parse("coffer.events.a.b.c"), None);
+        assert_eq!(parse(&key_marker(&account, "ab12")), None);
     }
 }

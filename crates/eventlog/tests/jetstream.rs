@@ -2,7 +2,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use domain::{AccountId, Amount, Currency, Event, OpenAccount, OverdraftLimit};
-use eventlog::{Error, EventLog, EventMetadata, StreamSettings};
+use std::time::Duration;
+
+use domain::TransferId;
+use eventlog::{subject, Entry, Error, EventLog, EventMetadata, StreamSettings};
+use futures::StreamExt;
 use testkit::NatsServer;
 
 async fn log_on(server: &NatsServer) -> EventLog {
@@ -35,7 +39,6 @@ fn metadata() -> EventMetadata {
     EventMetadata {
         command_id: uuid::Uuid::now_v7().to_string(),
         correlation_id: "test".into(),
-        ..Default::default()
     }
 }
 
@@ -48,10 +51,10 @@ async fn append_and_load_round_trip_with_positions() {
     let p1 = log.append(&a, 0, &opened(), &metadata()).await.unwrap();
     let other = log.append(&b, 0, &opened(), &metadata()).await.unwrap();
     let p2 = log
-        .append(&a, p1.position, &deposited(10), &metadata())
+        .append(&a, p1.last_position, &deposited(10), &metadata())
         .await
         .unwrap();
-    assert!(p1.position < other.position && other.position < p2.position);
+    assert!(p1.last_position < other.last_position && other.last_position < p2.last_position);
 
     let history = log.load_account(&a, 0).await.unwrap();
     assert_eq!(
@@ -59,12 +62,15 @@ async fn append_and_load_round_trip_with_positions() {
             .iter()
             .map(|e| (e.position, e.event.clone()))
             .collect::<Vec<_>>(),
-        vec![(p1.position, opened()), (p2.position, deposited(10))]
+        vec![
+            (p1.last_position, opened()),
+            (p2.last_position, deposited(10))
+        ]
     );
     assert_eq!(history[1].subject, format!("coffer.events.{a}.deposited"));
     assert_eq!(history[1].metadata.correlation_id, "test");
     // Loading from a position skips what the caller already has.
-    let tail = log.load_account(&a, p1.position).await.unwrap();
+    let tail = log.load_account(&a, p1.last_position).await.unwrap();
     assert_eq!(tail.len(), 1);
     assert!(log
         .load_account(&account("none"), 0)
@@ -72,7 +78,10 @@ async fn append_and_load_round_trip_with_positions() {
         .unwrap()
         .is_empty());
 
-    assert_eq!(log.last_account_position(&a).await.unwrap(), p2.position);
+    assert_eq!(
+        log.last_account_position(&a).await.unwrap(),
+        p2.last_position
+    );
     assert_eq!(
         log.last_account_position(&account("none")).await.unwrap(),
         0
@@ -96,13 +105,13 @@ async fn long_histories_load_across_batches() {
         .append(&a, 0, &opened(), &metadata())
         .await
         .unwrap()
-        .position;
+        .last_position;
     for _ in 0..2_500 {
         last = log
             .append(&a, last, &deposited(1), &metadata())
             .await
             .unwrap()
-            .position;
+            .last_position;
     }
     let history = log.load_account(&a, 0).await.unwrap();
     assert_eq!(history.len(), 2_501);
@@ -117,11 +126,11 @@ async fn stale_expected_position_is_a_conflict() {
     let log = log_on(&server).await;
     let a = account("c");
     let p1 = log.append(&a, 0, &opened(), &metadata()).await.unwrap();
-    log.append(&a, p1.position, &deposited(1), &metadata())
+    log.append(&a, p1.last_position, &deposited(1), &metadata())
         .await
         .unwrap();
     let stale = log
-        .append(&a, p1.position, &deposited(2), &metadata())
+        .append(&a, p1.last_position, &deposited(2), &metadata())
         .await;
     assert!(matches!(stale, Err(Error::Conflict { .. })), "{stale:?}");
     // Other accounts' appends do not conflict with this one's.
@@ -150,24 +159,149 @@ async fn two_concurrent_opens_of_one_id_exactly_one_wins() {
     }
 }
 
+fn event_entry(account: &AccountId, expected: u64, event: Event) -> Entry {
+    Entry::Event {
+        account: account.clone(),
+        expected_last_position: expected,
+        event,
+        metadata: metadata(),
+    }
+}
+
+fn marker(subject: String, ttl: Option<Duration>) -> Entry {
+    Entry::Marker {
+        subject,
+        payload: b"first".to_vec(),
+        ttl,
+    }
+}
+
 #[tokio::test]
-async fn same_message_id_is_deduplicated() {
+async fn an_atomic_batch_commits_every_message_at_consecutive_positions_or_none() {
     let server = NatsServer::start();
     let log = log_on(&server).await;
-    let a = account("dup");
-    let meta = metadata();
-    let first = log.append(&a, 0, &opened(), &meta).await.unwrap();
-    // The server checks the expected sequence before the message id: a resend with the stale
-    // expectation is a conflict, and a resend on fresh state is dropped as a duplicate.
-    let stale = log.append(&a, 0, &opened(), &meta).await;
-    assert!(matches!(stale, Err(Error::Conflict { .. })), "{stale:?}");
-    let again = log
-        .append(&a, first.position, &opened(), &meta)
+    let (a, b) = (account("from"), account("to"));
+    let pa = log.append(&a, 0, &opened(), &metadata()).await.unwrap();
+    let pb = log.append(&b, 0, &opened(), &metadata()).await.unwrap();
+    let claim = subject::transfer_marker(&TransferId::parse("t-1").unwrap());
+    let batch = vec![
+        event_entry(&a, pa.last_position, deposited(1)),
+        event_entry(&b, pb.last_position, deposited(2)),
+        marker(claim.clone(), None),
+    ];
+    let appended = log.append_atomic(&batch).await.unwrap();
+    assert_eq!(appended.last_position, appended.first_position + 2);
+    assert_eq!(appended.first_position, pb.last_position + 1);
+    let stored = log.read_marker(&claim).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.position, stored.payload.as_slice()),
+        (appended.last_position, &b"first"[..])
+    );
+
+    // The same claim again fails the whole batch, although both accounts' checks pass.
+    let again = vec![
+        event_entry(&a, appended.first_position, deposited(5)),
+        event_entry(&b, appended.first_position + 1, deposited(5)),
+        marker(claim.clone(), None),
+    ];
+    let refused = log.append_atomic(&again).await;
+    assert!(
+        matches!(refused, Err(Error::Conflict { .. })),
+        "{refused:?}"
+    );
+    // A stale expectation on the second account fails it too, and says where that account is.
+    let stale = vec![
+        event_entry(&a, appended.first_position, deposited(5)),
+        event_entry(&b, pb.last_position, deposited(5)),
+        marker(
+            subject::transfer_marker(&TransferId::parse("t-2").unwrap()),
+            None,
+        ),
+    ];
+    let refused = log.append_atomic(&stale).await;
+    assert!(
+        matches!(refused, Err(Error::Conflict { current_last_position: Some(position) }) if position == appended.first_position + 1),
+        "{refused:?}"
+    );
+    assert!(log
+        .read_marker(&subject::transfer_marker(
+            &TransferId::parse("t-2").unwrap()
+        ))
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(log.load_account(&a, 0).await.unwrap().len(), 2);
+    assert_eq!(log.load_account(&b, 0).await.unwrap().len(), 2);
+    // The events endpoint's reads skip markers.
+    let everything = log.read_after(0, 100).await.unwrap();
+    assert_eq!(everything.len(), 4);
+    assert_eq!(log.last_position().await.unwrap(), appended.last_position);
+}
+
+#[tokio::test]
+async fn core_subscribers_see_only_committed_events_with_their_positions() {
+    let server = NatsServer::start();
+    let log = log_on(&server).await;
+    let mut events = log.client().subscribe("coffer.events.>").await.unwrap();
+    let a = account("sub");
+    let opened_at = log.append(&a, 0, &opened(), &metadata()).await.unwrap();
+    // Refused: a stale expectation, and a batch whose marker exists.
+    assert!(log.append(&a, 0, &opened(), &metadata()).await.is_err());
+    let claim = subject::transfer_marker(&TransferId::parse("sub-claim").unwrap());
+    log.append_atomic(&[marker(claim.clone(), None)])
         .await
         .unwrap();
-    assert!(again.duplicate);
-    assert_eq!(again.position, first.position);
-    assert_eq!(log.load_account(&a, 0).await.unwrap().len(), 1);
+    let failed = log
+        .append_atomic(&[
+            event_entry(&a, opened_at.last_position, deposited(1)),
+            marker(claim, None),
+        ])
+        .await;
+    assert!(matches!(failed, Err(Error::Conflict { .. })), "{failed:?}");
+    let deposit = log
+        .append(&a, opened_at.last_position, &deposited(3), &metadata())
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(300), events.next()).await
+    {
+        let headers = message.headers.unwrap();
+        seen.push((
+            message.subject.to_string(),
+            headers.get("Nats-Sequence").unwrap().as_str().to_owned(),
+        ));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (
+                subject::event(&a, "account_opened"),
+                opened_at.last_position.to_string()
+            ),
+            (
+                subject::event(&a, "deposited"),
+                deposit.last_position.to_string()
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_expired_key_marker_no_longer_claims_its_subject() {
+    let server = NatsServer::start();
+    let log = log_on(&server).await;
+    let key = "coffer.ids.key.acc.ttl-test".to_owned();
+    log.append_atomic(&[marker(key.clone(), Some(Duration::from_secs(1)))])
+        .await
+        .unwrap();
+    let second = log
+        .append_atomic(&[marker(key.clone(), Some(Duration::from_secs(1)))])
+        .await;
+    assert!(matches!(second, Err(Error::Conflict { .. })), "{second:?}");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert!(log.read_marker(&key).await.unwrap().is_none());
+    log.append_atomic(&[marker(key, None)]).await.unwrap();
 }
 
 #[tokio::test]
@@ -187,7 +321,17 @@ async fn stream_has_the_contract_configuration_and_ensure_is_idempotent() {
         .unwrap()
         .clone();
     let config = info.config;
-    assert_eq!(config.subjects, vec!["coffer.events.>".to_string()]);
+    assert_eq!(
+        config.subjects,
+        vec!["coffer.append.>".to_string(), "coffer.ids.>".to_string()]
+    );
+    assert_eq!(
+        config
+            .subject_transform
+            .map(|transform| transform.destination),
+        Some("coffer.events.>".to_string())
+    );
+    assert!(config.allow_atomic_publish && config.allow_message_ttl);
     assert_eq!(
         config.storage,
         async_nats::jetstream::stream::StorageType::File

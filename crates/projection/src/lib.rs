@@ -9,6 +9,13 @@
 //! restored from a backup, say), or still holds deliveries to a process that died between commit
 //! and ack, it is re-created to deliver from the stored position + 1.
 //!
+//! # Only events, and no gaps
+//! The consumer filters `coffer.events.>`: the stream also holds markers (idempotency keys,
+//! transfer ids) that some of them expire, so the positions a view applies are not contiguous.
+//! What is contiguous is the consumer's own delivery sequence: a delivery that skips one means a
+//! message was lost in flight, and the batch stops before it (acking past it would acknowledge it
+//! unapplied); the consumer is then re-created from the stored position.
+//!
 //! # A view ahead of its stream
 //! If the stream ends before the stored position (it was re-created, or restored from an older
 //! backup), the view stops with a clear error instead of consuming: new events would reuse
@@ -169,6 +176,8 @@ pub struct Engine<P: Projector> {
     /// Failpoint for crash tests: abort the process right after this many commits, before the
     /// ack, which is the window exactly-once has to survive.
     crash_after_commits: Option<u64>,
+    /// The consumer delivery sequence expected next; set when the consumer is (re)made.
+    next_delivery: AtomicU64,
 }
 
 impl<P: Projector> Engine<P> {
@@ -195,6 +204,7 @@ impl<P: Projector> Engine<P> {
             applied,
             health,
             crash_after_commits: None,
+            next_delivery: AtomicU64::new(1),
         })
     }
 
@@ -315,11 +325,22 @@ impl<P: Projector> Engine<P> {
                 // (the server would hold that back until its ack wait expires).
                 let acknowledged = info.ack_floor.stream_sequence;
                 let delivered = info.delivered.stream_sequence;
-                if acknowledged <= stored && delivered <= stored && info.num_ack_pending == 0 {
+                // And only if it is the consumer this engine makes (an operator may have made
+                // one by hand with another filter or ack policy).
+                let configured = info.config.filter_subject == eventlog::subject::ALL_EVENTS
+                    && info.config.ack_policy == consumer::AckPolicy::All;
+                if configured
+                    && acknowledged <= stored
+                    && delivered <= stored
+                    && info.num_ack_pending == 0
+                {
+                    self.next_delivery
+                        .store(info.delivered.consumer_sequence + 1, Ordering::Relaxed);
                     return Ok(existing);
                 }
                 tracing::info!(
                     consumer = %self.consumer_name,
+                    configured,
                     acknowledged,
                     delivered,
                     pending = info.num_ack_pending,
@@ -336,10 +357,12 @@ impl<P: Projector> Engine<P> {
             }
         }
         self.health.consumer_recreations.increment();
+        self.next_delivery.store(1, Ordering::Relaxed);
         stream
             .create_consumer(consumer::pull::Config {
                 durable_name: Some(self.consumer_name.clone()),
                 description: Some("Coffer reader views".into()),
+                filter_subject: eventlog::subject::ALL_EVENTS.into(),
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: stored + 1,
                 },
@@ -361,6 +384,7 @@ impl<P: Projector> Engine<P> {
         let mut settled: Option<&jetstream::Message> = None;
         let mut poison = None;
         let mut gap = None;
+        let mut next_delivery = self.next_delivery.load(Ordering::Relaxed);
         for message in &messages {
             let info = message
                 .info()
@@ -368,24 +392,21 @@ impl<P: Projector> Engine<P> {
             lag = Some(info.pending);
             if info.stream_sequence <= stored {
                 self.health.redeliveries_skipped.increment();
+                next_delivery = next_delivery.max(info.consumer_sequence + 1);
                 settled = Some(message);
                 continue;
             }
-            // The stream never deletes (deny_delete, deny_purge, no limits), so positions are
-            // contiguous. A gap means deliveries were lost in flight: acking past it would
-            // acknowledge them unapplied (AckPolicy::All). Stop here; the consumer is re-created
-            // from the stored position.
-            let expected = events
-                .last()
-                .map_or(stored, |event: &RecordedEvent| event.position)
-                + 1;
-            if info.stream_sequence != expected {
+            // Deliveries are numbered without gaps; a skipped number is a message lost in
+            // flight, and acking past it would acknowledge it unapplied (AckPolicy::All). Stop
+            // here; the consumer is re-created from the stored position.
+            if info.consumer_sequence != next_delivery {
                 gap = Some(Error::Nats(format!(
-                    "delivery gap: expected position {expected}, got {}",
-                    info.stream_sequence
+                    "delivery gap: expected delivery {next_delivery}, got {} (position {})",
+                    info.consumer_sequence, info.stream_sequence
                 )));
                 break;
             }
+            next_delivery += 1;
             let headers = message.headers.clone().unwrap_or_default();
             match decode_stored(
                 &message.subject,
@@ -434,6 +455,7 @@ impl<P: Projector> Engine<P> {
                 std::process::abort();
             }
         }
+        self.next_delivery.store(next_delivery, Ordering::Relaxed);
         if let Some(lag) = lag {
             self.health.lag.set(lag as i64);
         }

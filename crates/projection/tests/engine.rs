@@ -89,27 +89,38 @@ async fn deliveries_at_or_below_the_stored_position_are_skipped() {
     // The view reaches position 20 through one consumer...
     run_until(database.clone(), "first", &log, 20).await;
     // ...then a second consumer that starts from the beginning of the stream feeds it: it is
-    // reused (it is not ahead of the view), delivers 1..30, and 1..20 must be skipped.
+    // reused (it is not ahead of the view), delivers 1..31, and 1..20 must be skipped.
     let stream = log.context().get_stream("COFFER_EVENTS").await.unwrap();
     stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some("second".into()),
             ack_policy: consumer::AckPolicy::All,
+            filter_subject: "coffer.events.>".into(),
             ..Default::default()
         })
         .await
         .unwrap();
+    // A marker at position 21 leaves a hole in the event positions the view sees: it is not a
+    // lost delivery, and must not stop the view.
+    log.append_atomic(&[eventlog::Entry::Marker {
+        subject: "coffer.ids.transfer.hole".into(),
+        payload: Vec::new(),
+        ttl: None,
+    }])
+    .await
+    .unwrap();
     append_events(&log, 10).await;
-    let health = run_until(database.clone(), "second", &log, 30).await;
+    let health = run_until(database.clone(), "second", &log, 31).await;
     assert_eq!(health.redeliveries_skipped.get(), 20);
     assert_eq!(health.consumer_recreations.get(), 0);
     let counts = counts(&database);
     assert_eq!(counts.len(), 30);
+    assert!(!counts.iter().any(|(position, _)| *position == 21));
     assert!(
         counts.iter().all(|(_, count)| *count == 1),
         "applied twice: {counts:?}"
     );
-    assert_eq!(projection::stored_position(&database).unwrap(), 30);
+    assert_eq!(projection::stored_position(&database).unwrap(), 31);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +152,7 @@ async fn an_undecodable_event_stops_the_view_instead_of_being_skipped() {
     append_events(&log, 3).await;
     let context = async_nats::jetstream::new(client);
     context
-        .publish("coffer.events.someone.exploded", "not msgpack".into())
+        .publish("coffer.append.someone.exploded", "not msgpack".into())
         .await
         .unwrap()
         .await

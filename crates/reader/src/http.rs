@@ -19,7 +19,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::views::{self, AccountRow, StatementEntry, TransferRow, TransferStatus};
+use crate::views::{self, AccountRow, StatementEntry, TransferRow};
 
 /// Most statement entries one page returns.
 pub const STATEMENT_LIMIT_MAX: usize = 1_000;
@@ -259,25 +259,18 @@ async fn transfer(State(state): State<QueryState>, Path(id): Path<String>) -> Re
     })();
     match row {
         Ok(Some(row)) => {
-            let status = match row.status {
-                TransferStatus::Pending => "pending",
-                TransferStatus::Completed => "completed",
-                TransferStatus::Failed => "failed",
-            };
             let mut body = json!({
                 "transfer_id": row.transfer_id,
                 "from": row.from,
                 "to": row.to,
                 "amount": row.amount,
                 "currency": row.currency,
-                "status": status,
-                "initiated_at": rfc3339(row.initiated_at),
+                "status": "completed",
+                "position": row.position,
+                "time": rfc3339(row.time),
             });
-            if let Some(reason) = &row.reason {
-                body["reason"] = json!(reason);
-            }
-            if let Some(finished_at) = row.finished_at {
-                body["finished_at"] = json!(rfc3339(finished_at));
+            if let Some(reference) = &row.reference {
+                body["reference"] = json!(reference);
             }
             Json(body).into_response()
         }

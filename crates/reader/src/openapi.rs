@@ -61,10 +61,10 @@ pub fn document_part() -> Value {
                     "balance_after": {"type": "integer"}, "time": time, "transfer_id": {"type": "string"},
                     "counterparty": {"type": "string"}, "reference": {"type": "string"}}}},
             "next": {"type": "integer"}}},
-        "TransferView": {"type": "object", "required": ["transfer_id", "from", "to", "amount", "currency", "status", "initiated_at"],
+        "TransferView": {"type": "object", "required": ["transfer_id", "from", "to", "amount", "currency", "status", "position", "time"],
             "properties": {"transfer_id": {"type": "string"}, "from": {"type": "string"}, "to": {"type": "string"},
-                "amount": {"type": "integer"}, "currency": {"type": "string"}, "status": {"enum": ["pending", "completed", "failed"]},
-                "reason": {"type": "string"}, "initiated_at": time, "finished_at": time}},
+                "amount": {"type": "integer"}, "currency": {"type": "string"}, "status": {"const": "completed"},
+                "reference": {"type": "string"}, "position": {"type": "integer"}, "time": time}},
     });
     let parameters = json!({
         "MinPosition": {"name": "min_position", "in": "query", "required": false,

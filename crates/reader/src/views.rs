@@ -46,14 +46,8 @@ pub struct StatementEntry {
     pub reference: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TransferStatus {
-    Pending,
-    Completed,
-    Failed,
-}
-
+/// A transfer: committed whole (debit and credit in one atomic batch), so it is always
+/// completed; the row is written from the debit and given the credit's position.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransferRow {
     pub transfer_id: String,
@@ -61,12 +55,11 @@ pub struct TransferRow {
     pub to: String,
     pub amount: u64,
     pub currency: String,
-    pub status: TransferStatus,
-    pub reason: Option<String>,
+    pub reference: Option<String>,
+    /// Position of the transfer's last event (the credit).
+    pub position: u64,
     #[serde(with = "time::serde::rfc3339")]
-    pub initiated_at: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339::option", default)]
-    pub finished_at: Option<OffsetDateTime>,
+    pub time: OffsetDateTime,
 }
 
 /// The account row after `recorded`. Events before the account was opened leave it absent.
@@ -97,11 +90,9 @@ pub fn fold_account(row: Option<AccountRow>, recorded: &RecordedEvent) -> Option
     Some(row)
 }
 
-/// The statement line `recorded` adds, given the account row after it. Completion markers move
-/// no money and add no line.
+/// The statement line `recorded` adds, given the account row after it.
 pub fn statement_entry(after: &AccountRow, recorded: &RecordedEvent) -> Option<StatementEntry> {
     let (transfer_id, counterparty, reference) = match &recorded.event {
-        Event::TransferCompleted { .. } => return None,
         Event::Deposited { reference, .. } | Event::Withdrawn { reference, .. } => {
             (None, None, reference.clone())
         }
@@ -117,9 +108,6 @@ pub fn statement_entry(after: &AccountRow, recorded: &RecordedEvent) -> Option<S
             reference,
             ..
         } => (Some(transfer_id), Some(from), reference.clone()),
-        Event::TransferRefunded {
-            transfer_id, to, ..
-        } => (Some(transfer_id), Some(to), None),
         Event::AccountOpened(_) | Event::AccountClosed => (None, None, None),
     };
     Some(StatementEntry {
@@ -135,6 +123,8 @@ pub fn statement_entry(after: &AccountRow, recorded: &RecordedEvent) -> Option<S
 }
 
 /// The transfer row after `recorded`, or `None` when the event does not concern a transfer.
+/// The debit creates the row; the credit, committed in the same batch right after it, gives it
+/// its position and time.
 pub fn fold_transfer(row: Option<TransferRow>, recorded: &RecordedEvent) -> Option<TransferRow> {
     match (&recorded.event, row) {
         (
@@ -143,7 +133,7 @@ pub fn fold_transfer(row: Option<TransferRow>, recorded: &RecordedEvent) -> Opti
                 to,
                 amount,
                 currency,
-                ..
+                reference,
             },
             None,
         ) => Some(TransferRow {
@@ -152,20 +142,13 @@ pub fn fold_transfer(row: Option<TransferRow>, recorded: &RecordedEvent) -> Opti
             to: to.to_string(),
             amount: amount.minor_units(),
             currency: currency.to_string(),
-            status: TransferStatus::Pending,
-            reason: None,
-            initiated_at: recorded.time,
-            finished_at: None,
+            reference: reference.clone(),
+            position: recorded.position,
+            time: recorded.time,
         }),
         (Event::TransferCredited { .. }, Some(mut row)) => {
-            row.status = TransferStatus::Completed;
-            row.finished_at = Some(recorded.time);
-            Some(row)
-        }
-        (Event::TransferRefunded { reason, .. }, Some(mut row)) => {
-            row.status = TransferStatus::Failed;
-            row.reason = Some(reason.clone());
-            row.finished_at = Some(recorded.time);
+            row.position = recorded.position;
+            row.time = recorded.time;
             Some(row)
         }
         (_, row) => row,
@@ -176,8 +159,7 @@ pub fn fold_transfer(row: Option<TransferRow>, recorded: &RecordedEvent) -> Opti
 fn transfer_of(event: &Event) -> Option<&domain::TransferId> {
     match event {
         Event::TransferDebited { transfer_id, .. }
-        | Event::TransferCredited { transfer_id, .. }
-        | Event::TransferRefunded { transfer_id, .. } => Some(transfer_id),
+        | Event::TransferCredited { transfer_id, .. } => Some(transfer_id),
         _ => None,
     }
 }
@@ -290,7 +272,7 @@ mod tests {
     }
 
     #[test]
-    fn transfer_fold_goes_pending_then_completed_or_failed() {
+    fn transfer_fold_takes_the_debit_and_the_credits_position() {
         let transfer_id = TransferId::parse("t").unwrap();
         let debit = recorded(
             "a",
@@ -300,40 +282,26 @@ mod tests {
                 to: AccountId::parse("b").unwrap(),
                 amount: Amount::new(3).unwrap(),
                 currency: Currency::parse("EUR").unwrap(),
-                reference: None,
+                reference: Some("rent".into()),
             },
         );
-        let pending = fold_transfer(None, &debit).unwrap();
-        assert_eq!(pending.status, TransferStatus::Pending);
+        let row = fold_transfer(None, &debit).unwrap();
+        assert_eq!(
+            (row.from.as_str(), row.to.as_str(), row.amount, row.position),
+            ("a", "b", 3, 2)
+        );
         let credit = recorded(
             "b",
             3,
             Event::TransferCredited {
-                transfer_id: transfer_id.clone(),
+                transfer_id,
                 from: AccountId::parse("a").unwrap(),
                 amount: Amount::new(3).unwrap(),
-                reference: None,
+                reference: Some("rent".into()),
             },
         );
-        let done = fold_transfer(Some(pending.clone()), &credit).unwrap();
-        assert_eq!(
-            (done.status, done.finished_at.is_some()),
-            (TransferStatus::Completed, true)
-        );
-        let refund = recorded(
-            "a",
-            3,
-            Event::TransferRefunded {
-                transfer_id,
-                to: AccountId::parse("b").unwrap(),
-                amount: Amount::new(3).unwrap(),
-                reason: "account_closed".into(),
-            },
-        );
-        let failed = fold_transfer(Some(pending), &refund).unwrap();
-        assert_eq!(
-            (failed.status, failed.reason.as_deref()),
-            (TransferStatus::Failed, Some("account_closed"))
-        );
+        let row = fold_transfer(Some(row), &credit).unwrap();
+        assert_eq!((row.position, row.reference.as_deref()), (3, Some("rent")));
+        assert!(fold_transfer(None, &recorded("a", 4, Event::AccountClosed)).is_none());
     }
 }

@@ -1,61 +1,157 @@
-//! The account actor: one per live account, handling that account's commands one at a time.
+//! The account actor: one per live account in this writer, handling that account's commands one
+//! at a time.
 //!
-//! On its first message it loads the account's history from the stream. For each command it
-//! decides on its current state, appends the resulting event stating the last position it saw,
-//! evolves and replies. When another writer got there first the append is refused (`Conflict`):
-//! the actor loads the events it missed and decides again, at most [`CONFLICT_RETRIES_MAX`]
-//! times. Its state is only a cache of the stream, so a crashed or stopped actor loses nothing
-//! that was acknowledged.
+//! On its first command it loads the account's history. For each command it decides on its
+//! current state and appends what `decide` yields, together with the markers that make the
+//! answer exactly-once ([`crate::idempotency`]), in one atomic batch; every event states the last
+//! position seen for its account. A transfer is decided on the current state of both accounts and
+//! commits the debit, the credit and the transfer-id marker together, guarded by both accounts'
+//! checks: there is no later step that could run twice or in the wrong order.
+//!
+//! When another writer got there first the batch is refused (`Conflict`): the actor looks for a
+//! marker of the same request (a retry that raced its first attempt), else loads what it missed
+//! and decides again, at most [`CONFLICT_RETRIES_MAX`] times. Its state is only a cache of the
+//! stream and is bounded: it holds no per-transfer or per-key memory.
+//!
+//! Honesty: a command whose deadline has passed is never started, and no append is sent for it
+//! after its deadline; its caller has already answered `outcome_unknown`.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use domain::account::Settlement;
-use domain::{decide, evolve, AccountId, AccountState, Command, Event, TransferId};
-use eventlog::{EventLog, EventMetadata, RecordedEvent};
+use domain::{decide, decide_transfer, evolve, AccountId, AccountState, Event, Transfer};
+use eventlog::{Entry, EventLog, EventMetadata};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use time::OffsetDateTime;
+use tokio::time::Instant;
 
-use crate::idempotency::{self, AnswerStore, TransferIdClaims, KEY_RETENTION};
+use crate::idempotency::{self, KeyRecord, TransferRecord, KEY_RETENTION};
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
-use crate::request::CommandRequest;
+use crate::request::{CommandRequest, Intent};
 use crate::{Error, Result};
 
 /// How many times a command is re-decided after losing a race to another writer.
 pub const CONFLICT_RETRIES_MAX: usize = 8;
-/// Keyed outcomes an actor keeps in memory; older ones are still answered from the KV bucket.
-pub const KEYS_PER_ACCOUNT_MAX: usize = 10_000;
 /// How many times a writer re-reads an account while a replica lags behind the stream leader.
 const FRESH_READ_ATTEMPTS_MAX: usize = 50;
 /// Pause between those re-reads.
-const FRESH_READ_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+const FRESH_READ_PAUSE: Duration = Duration::from_millis(10);
+
+/// An account's state as of the position of its last event (0: no event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    pub state: AccountState,
+    pub position: u64,
+}
+
+impl Known {
+    fn new(account: AccountId) -> Self {
+        Self {
+            state: AccountState::new(account),
+            position: 0,
+        }
+    }
+
+    fn apply(&mut self, event: &Event, position: u64) {
+        evolve(&mut self.state, event);
+        self.position = position;
+    }
+}
+
+/// The newest state this writer knows of each account whose actor is live, so that a transfer
+/// reads its receiver without loading its history and without waiting on the receiver's actor
+/// (two actors waiting on each other would deadlock). Entries are only ever replaced by newer
+/// ones: every `Known` is the fold of a prefix of the account's committed events, so the one
+/// with the higher position is the more current. It is a cache: the stream's concurrency check
+/// catches anything stale.
+#[derive(Default)]
+pub struct AccountStates {
+    by_account: Mutex<HashMap<AccountId, Known>>,
+}
+
+impl AccountStates {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AccountId, Known>> {
+        // Entries are replaced whole, so a panic elsewhere cannot leave one half-written.
+        self.by_account
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn get(&self, account: &AccountId) -> Option<Known> {
+        self.lock().get(account).cloned()
+    }
+
+    /// Records `known` for its account's live actor (inserting the entry).
+    fn publish(&self, known: &Known) {
+        let mut states = self.lock();
+        match states.get_mut(known.state.id()) {
+            Some(entry) if entry.position >= known.position => {}
+            Some(entry) => *entry = known.clone(),
+            None => {
+                states.insert(known.state.id().clone(), known.clone());
+            }
+        }
+    }
+
+    /// Offers a newer state of an account another actor changed; kept only while the
+    /// account's own actor is live (the entry exists), so the map stays bounded by the actors.
+    fn offer(&self, known: &Known) {
+        if let Some(entry) = self.lock().get_mut(known.state.id()) {
+            if entry.position < known.position {
+                *entry = known.clone();
+            }
+        }
+    }
+
+    fn remove(&self, account: &AccountId) {
+        self.lock().remove(account);
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// What every account actor shares.
 pub struct ActorContext {
     pub log: EventLog,
-    pub answers: AnswerStore,
-    pub transfer_ids: TransferIdClaims,
     pub metrics: Arc<Metrics>,
+    pub states: AccountStates,
+    /// Failpoint for tests: every command waits this long before it is looked at, as if the
+    /// actor were busy, so that queued commands outlive their deadlines.
+    pub failpoint_delay: Option<Duration>,
+}
+
+/// Counts a command from the moment it is queued until its actor is done with it (or drops it
+/// unhandled), so the per-account bound counts queued work, not callers still waiting.
+pub struct Queued(pub(crate) Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 pub enum AccountMessage {
-    Execute(Box<CommandRequest>, RpcReplyPort<Result<Outcome>>),
-    /// Where an outgoing transfer stands, after catching up with the stream.
-    Settlement(TransferId, RpcReplyPort<Result<Option<Settlement>>>),
+    Execute {
+        request: Box<CommandRequest>,
+        reply: RpcReplyPort<Result<Outcome>>,
+        queued: Queued,
+    },
 }
 
 pub struct AccountActor;
 
 pub struct AccountActorState {
     context: Arc<ActorContext>,
-    account: AccountState,
+    known: Known,
+    /// False until the history is loaded, and again after an append whose outcome is unknown.
     loaded: bool,
-    /// Position of the account's last event seen; 0 before the first.
-    last_position: u64,
-    keys: KeyMemory,
-    /// Where each outgoing transfer was debited, to answer a retried transfer request.
-    debit_positions: HashMap<TransferId, u64>,
 }
 
 pub struct ActorArguments {
@@ -73,15 +169,21 @@ impl Actor for AccountActor {
         _myself: ActorRef<Self::Msg>,
         arguments: ActorArguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        // History is loaded on the first message, not here, so that spawning never waits on NATS.
+        // History is loaded on the first command, not here, so that spawning never waits on NATS.
         Ok(AccountActorState {
             context: arguments.context,
-            account: AccountState::new(arguments.account_id),
+            known: Known::new(arguments.account_id),
             loaded: false,
-            last_position: 0,
-            keys: KeyMemory::default(),
-            debit_positions: HashMap::new(),
         })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.context.states.remove(state.known.state.id());
+        Ok(())
     }
 
     async fn handle(
@@ -90,245 +192,415 @@ impl Actor for AccountActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match message {
-            AccountMessage::Execute(request, reply) => {
-                let answer = state.execute(*request).await;
-                // The caller may have timed out and gone; the outcome is in the stream anyway.
-                let _ = reply.send(answer);
-            }
-            AccountMessage::Settlement(transfer_id, reply) => {
-                let answer = state.catch_up_with_leader().await.map(|()| {
-                    state
-                        .account
-                        .account()
-                        .and_then(|account| account.outgoing.get(&transfer_id))
-                        .map(|transfer| transfer.settlement)
-                });
-                let _ = reply.send(answer);
-            }
+        let AccountMessage::Execute {
+            request,
+            reply,
+            queued,
+        } = message;
+        if let Some(delay) = state.context.failpoint_delay {
+            tokio::time::sleep(delay).await;
         }
+        let answer = if request
+            .deadline
+            .is_some_and(|deadline| Instant::now() >= deadline)
+        {
+            // The caller has answered `outcome_unknown` already; starting now would append
+            // something nobody is told about.
+            state.context.metrics.commands_expired.increment();
+            Err(Error::Unavailable(
+                "the command waited past its deadline and was not started".into(),
+            ))
+        } else {
+            state.execute(*request).await
+        };
+        drop(queued);
+        // The caller may have timed out and gone; then nothing was started after its deadline.
+        let _ = reply.send(answer);
         Ok(())
     }
 }
 
+/// The messages to append for a decision and the answer they give once committed.
+struct Plan {
+    entries: Vec<Entry>,
+    /// The answer, with the index of the entry whose position it reports.
+    outcome: Outcome,
+    answer_index: usize,
+    /// The new states of the accounts, with the index of each one's event.
+    changes: Vec<(Known, usize)>,
+}
+
 impl AccountActorState {
     fn id(&self) -> &AccountId {
-        self.account.id()
+        self.known.state.id()
     }
 
-    /// Loads the events appended after the last one this actor has seen.
+    fn adopt(&mut self, newer: Known) {
+        if newer.position > self.known.position {
+            self.known = newer;
+        }
+    }
+
+    /// Loads the account's events after the last one this actor has seen.
     async fn catch_up(&mut self) -> Result<()> {
-        let events = self
-            .context
-            .log
-            .load_account(self.account.id(), self.last_position)
-            .await
-            .map_err(log_error)?;
-        for recorded in events {
-            self.apply(&recorded);
+        if let Some(shared) = self.context.states.get(self.id()) {
+            self.adopt(shared);
         }
+        let known = load(&self.context.log, self.known.clone()).await?;
+        self.known = known;
         self.loaded = true;
+        self.context.states.publish(&self.known);
         Ok(())
-    }
-
-    /// Catches up at least to the position the stream leader has for this account. Direct gets
-    /// may come from a lagging replica; refusals and saga decisions must not.
-    async fn catch_up_with_leader(&mut self) -> Result<()> {
-        let leader_position = self
-            .context
-            .log
-            .last_account_position(self.account.id())
-            .await
-            .map_err(log_error)?;
-        for _ in 0..FRESH_READ_ATTEMPTS_MAX {
-            self.catch_up().await?;
-            if self.last_position >= leader_position {
-                return Ok(());
-            }
-            tokio::time::sleep(FRESH_READ_PAUSE).await;
-        }
-        Err(Error::Unavailable(format!(
-            "replica lags behind position {leader_position} of account {}",
-            self.account.id()
-        )))
-    }
-
-    fn apply(&mut self, recorded: &RecordedEvent) {
-        evolve(&mut self.account, &recorded.event);
-        self.last_position = recorded.position;
-        if let Event::TransferDebited { transfer_id, .. } = &recorded.event {
-            self.debit_positions
-                .insert(transfer_id.clone(), recorded.position);
-        }
-        if let (Some(key), Some(hash)) = (
-            &recorded.metadata.idempotency_key,
-            &recorded.metadata.request_hash,
-        ) {
-            let outcome = Outcome::of_event(
-                self.account.id(),
-                &recorded.event,
-                self.account.balance(),
-                recorded.position,
-            );
-            self.keys.remember(key, hash, outcome, recorded.time);
-        }
     }
 
     async fn execute(&mut self, request: CommandRequest) -> Result<Outcome> {
         if !self.loaded {
             self.catch_up().await?;
+        } else if let Some(shared) = self.context.states.get(self.id()) {
+            // A transfer decided by another actor of this writer may have credited us.
+            self.adopt(shared);
         }
-        let request_hash = idempotency::request_hash(self.id(), &request.command);
-        if let Some(key) = &request.idempotency_key {
-            if let Some(outcome) = self.keys.recall(key.as_str(), &request_hash) {
-                self.context.metrics.idempotent_replays.increment();
-                // The first writer may have died before storing it: store it now, so the
-                // answer outlives this actor's bounded memory.
-                if outcome.is_ok() {
-                    self.context
-                        .answers
-                        .remember(self.id(), key, &request_hash, &outcome)
-                        .await;
-                }
-                return outcome;
+        let request_hash = request
+            .idempotency_key
+            .as_ref()
+            .map(|_| idempotency::request_hash(self.id(), &request.intent));
+        let mut receiver = match &request.intent {
+            Intent::Transfer(transfer) if transfer.to != *self.id() => {
+                Some(self.receiver(&transfer.to).await?)
             }
-            if let Some(outcome) = self
-                .context
-                .answers
-                .lookup(self.id(), key, &request_hash)
-                .await?
-            {
-                self.context.metrics.idempotent_replays.increment();
-                return Ok(outcome);
-            }
-        }
-        let answer = self.decide_and_append(&request, &request_hash).await;
-        if let Some(key) = &request.idempotency_key {
-            let definitive = match &answer {
-                Ok(_) => true,
-                Err(error) => matches!(
-                    error,
-                    Error::Rejected(_) | Error::InvalidRequest(_) | Error::IdempotencyKeyReused
-                ),
-            };
-            if definitive {
-                self.context
-                    .answers
-                    .remember(self.id(), key, &request_hash, &answer)
-                    .await;
-            }
-        }
-        answer
-    }
-
-    async fn decide_and_append(
-        &mut self,
-        request: &CommandRequest,
-        request_hash: &str,
-    ) -> Result<Outcome> {
+            _ => None,
+        };
         let metadata = EventMetadata {
-            command_id: match &request.idempotency_key {
-                Some(key) => idempotency::command_id(self.id(), key),
-                None => saga_command_id(&request.command)
-                    .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
-            },
+            command_id: uuid::Uuid::now_v7().to_string(),
             correlation_id: request.correlation_id.clone(),
-            idempotency_key: request
-                .idempotency_key
-                .as_ref()
-                .map(|key| key.as_str().to_owned()),
-            request_hash: request
-                .idempotency_key
-                .as_ref()
-                .map(|_| request_hash.to_owned()),
         };
         // A refusal is final only once the state it was decided on is known to be current.
         let mut verified_current = false;
-        let mut transfer_id_claimed = false;
         for _attempt in 0..=CONFLICT_RETRIES_MAX {
-            let events = match decide(&self.account, &request.command) {
-                Ok(events) => events,
-                Err(rejection) if !verified_current => {
+            let decision = match &request.intent {
+                Intent::Account(command) => decide(&self.known.state, command)
+                    .map_err(Error::from)
+                    .and_then(|events| self.plan_account(events, &metadata)),
+                Intent::Transfer(transfer) => {
+                    let to = receiver
+                        .clone()
+                        .unwrap_or_else(|| Known::new(transfer.to.clone()));
+                    decide_transfer(&self.known.state, &to.state, transfer)
+                        .map_err(Error::from)
+                        .and_then(|events| self.plan_transfer(transfer, &to, events, &metadata))
+                }
+            };
+            let mut plan = match decision {
+                Ok(plan) => plan,
+                Err(Error::Rejected(rejection)) if !verified_current => {
                     tracing::debug!(account = %self.id(), %rejection, "refusal on cached state; re-reading");
                     self.catch_up_with_leader().await?;
+                    if let Some(to) = receiver.as_mut() {
+                        *to = fresh_from_leader(&self.context.log, to.clone()).await?;
+                    }
                     verified_current = true;
                     continue;
                 }
-                Err(rejection) => return Err(rejection.into()),
-            };
-            let Some(event) = events.into_iter().next() else {
-                return Ok(self.already_applied(&request.command));
-            };
-            if let (Event::TransferDebited { transfer_id, .. }, false) =
-                (&event, transfer_id_claimed)
-            {
-                self.context
-                    .transfer_ids
-                    .claim(transfer_id, self.account.id())
-                    .await?;
-                transfer_id_claimed = true;
-            }
-            let appended = self
-                .context
-                .log
-                .append(self.id(), self.last_position, &event, &metadata)
-                .await;
-            match appended {
-                Ok(appended) if !appended.duplicate => {
-                    let recorded = RecordedEvent {
-                        position: appended.position,
-                        subject: String::new(),
-                        account_id: self.id().clone(),
-                        time: OffsetDateTime::now_utc(),
-                        event: event.clone(),
-                        metadata: metadata.clone(),
-                    };
-                    self.apply(&recorded);
-                    return Ok(Outcome::of_event(
-                        self.id(),
-                        &event,
-                        self.account.balance(),
-                        appended.position,
-                    ));
+                Err(refusal @ Error::Rejected(_)) => {
+                    return self
+                        .refuse(&request, request_hash.as_deref(), refusal)
+                        .await;
                 }
-                Ok(_) | Err(eventlog::Error::Conflict { .. }) => {
-                    // Another writer (or our own earlier, unacknowledged attempt) appended first.
-                    self.context.metrics.conflicts.increment();
-                    self.catch_up().await?;
-                    if let Some(key) = &request.idempotency_key {
-                        if let Some(outcome) = self.keys.recall(key.as_str(), request_hash) {
-                            return outcome;
+                Err(error) => return Err(error),
+            };
+            if let (Some(key), Some(hash)) = (&request.idempotency_key, &request_hash) {
+                let offset = (plan.entries.len() - plan.answer_index) as u64;
+                plan.entries.push(Entry::Marker {
+                    subject: key.marker_subject(self.id()),
+                    payload: KeyRecord::success(hash, &plan.outcome, offset).encode()?,
+                    ttl: Some(KEY_RETENTION),
+                });
+            }
+            ensure_before(request.deadline)?;
+            match self.context.log.append_atomic(&plan.entries).await {
+                Ok(appended) => {
+                    for (mut known, index) in plan.changes {
+                        known.position = appended.position_of(index);
+                        if known.state.id() == self.id() {
+                            self.known = known;
+                            self.context.states.publish(&self.known);
+                        } else {
+                            self.context.states.offer(&known);
                         }
                     }
+                    return Ok(with_position(
+                        plan.outcome,
+                        appended.position_of(plan.answer_index),
+                    ));
                 }
-                Err(error) => return Err(log_error(error)),
+                Err(eventlog::Error::Conflict { .. } | eventlog::Error::Duplicate(_)) => {
+                    self.context.metrics.conflicts.increment();
+                    if let Some(first) =
+                        self.first_answer(&request, request_hash.as_deref()).await?
+                    {
+                        self.context.metrics.idempotent_replays.increment();
+                        return first;
+                    }
+                    self.catch_up().await?;
+                    if let Some(to) = receiver.as_mut() {
+                        *to = load(&self.context.log, to.clone()).await?;
+                    }
+                }
+                Err(error) => {
+                    if matches!(error, eventlog::Error::OutcomeUnknown(_)) {
+                        // The batch may be stored: reload before the next decision.
+                        self.loaded = false;
+                    }
+                    return Err(log_error(error));
+                }
             }
         }
         Err(Error::TooManyConflicts(CONFLICT_RETRIES_MAX))
     }
 
-    /// The answer to a command that `decide` found already applied.
-    fn already_applied(&self, command: &Command) -> Outcome {
-        match command {
-            Command::DebitTransfer { transfer_id, .. } => Outcome::TransferAccepted {
-                transfer_id: transfer_id.clone(),
-                position: self.debit_positions.get(transfer_id).copied().unwrap_or(0),
+    /// The receiver's current state as this writer knows it: from its live actor's last
+    /// state, or else from its history.
+    async fn receiver(&self, account: &AccountId) -> Result<Known> {
+        let known = self
+            .context
+            .states
+            .get(account)
+            .unwrap_or_else(|| Known::new(account.clone()));
+        load(&self.context.log, known).await
+    }
+
+    fn plan_account(&self, events: Vec<Event>, metadata: &EventMetadata) -> Result<Plan> {
+        let Some(event) = events.into_iter().next() else {
+            return Err(Error::Internal("decide yielded no event".into()));
+        };
+        let mut after = self.known.clone();
+        after.apply(&event, 0);
+        let account_id = self.id().clone();
+        let outcome = match &event {
+            Event::AccountOpened(_) => Outcome::Opened {
+                account_id,
+                position: 0,
             },
-            _ => Outcome::TransferStep { position: 0 },
+            Event::AccountClosed => Outcome::Closed {
+                account_id,
+                position: 0,
+            },
+            _ => Outcome::BalanceChanged {
+                account_id,
+                balance: after.state.balance(),
+                position: 0,
+            },
+        };
+        Ok(Plan {
+            entries: vec![Entry::Event {
+                account: self.id().clone(),
+                expected_last_position: self.known.position,
+                event,
+                metadata: metadata.clone(),
+            }],
+            outcome,
+            answer_index: 0,
+            changes: vec![(after, 0)],
+        })
+    }
+
+    fn plan_transfer(
+        &self,
+        transfer: &Transfer,
+        to: &Known,
+        events: domain::TransferEvents,
+        metadata: &EventMetadata,
+    ) -> Result<Plan> {
+        let mut sender_after = self.known.clone();
+        sender_after.apply(&events.debit, 0);
+        let mut receiver_after = to.clone();
+        receiver_after.apply(&events.credit, 0);
+        let entries = vec![
+            Entry::Event {
+                account: self.id().clone(),
+                expected_last_position: self.known.position,
+                event: events.debit,
+                metadata: metadata.clone(),
+            },
+            Entry::Event {
+                account: to.state.id().clone(),
+                expected_last_position: to.position,
+                event: events.credit,
+                metadata: metadata.clone(),
+            },
+            Entry::Marker {
+                subject: eventlog::subject::transfer_marker(&transfer.transfer_id),
+                // The marker follows the credit directly: the answer is one position before it.
+                payload: TransferRecord::new(self.id(), transfer, 1).encode()?,
+                ttl: None,
+            },
+        ];
+        Ok(Plan {
+            entries,
+            outcome: Outcome::TransferCompleted {
+                transfer_id: transfer.transfer_id.clone(),
+                position: 0,
+            },
+            answer_index: 1,
+            changes: vec![(sender_after, 0), (receiver_after, 1)],
+        })
+    }
+
+    /// The first answer to this request, if an earlier attempt of it (a retry's first try,
+    /// maybe through another writer) is committed: read from its key or transfer-id marker.
+    async fn first_answer(
+        &self,
+        request: &CommandRequest,
+        request_hash: Option<&str>,
+    ) -> Result<Option<Result<Outcome>>> {
+        if let (Some(key), Some(hash)) = (&request.idempotency_key, request_hash) {
+            let marker = self
+                .context
+                .log
+                .read_marker(&key.marker_subject(self.id()))
+                .await
+                .map_err(log_error)?;
+            if let Some(marker) = marker {
+                return Ok(Some(KeyRecord::replay(
+                    &marker.payload,
+                    marker.position,
+                    hash,
+                )));
+            }
         }
+        if let Intent::Transfer(transfer) = &request.intent {
+            let marker = self
+                .context
+                .log
+                .read_marker(&eventlog::subject::transfer_marker(&transfer.transfer_id))
+                .await
+                .map_err(log_error)?;
+            if let Some(marker) = marker {
+                return Ok(Some(TransferRecord::replay(
+                    &marker.payload,
+                    marker.position,
+                    self.id(),
+                    transfer,
+                )));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Answers a refusal decided on current state. A retry of a request that succeeded before
+    /// (its state has moved on since) gets its first answer instead; a keyed refusal is recorded
+    /// as a marker alone, so a retry gets the same refusal whatever happens meanwhile.
+    async fn refuse(
+        &self,
+        request: &CommandRequest,
+        request_hash: Option<&str>,
+        refusal: Error,
+    ) -> Result<Outcome> {
+        if let Some(first) = self.first_answer(request, request_hash).await? {
+            self.context.metrics.idempotent_replays.increment();
+            return first;
+        }
+        let (Some(key), Some(hash)) = (&request.idempotency_key, request_hash) else {
+            return Err(refusal);
+        };
+        ensure_before(request.deadline)?;
+        let marker = Entry::Marker {
+            subject: key.marker_subject(self.id()),
+            payload: KeyRecord::refusal(hash, &refusal.problem()).encode()?,
+            ttl: Some(KEY_RETENTION),
+        };
+        match self.context.log.append_atomic(&[marker]).await {
+            Ok(_) => Err(refusal),
+            Err(eventlog::Error::Conflict { .. }) => {
+                // A racing attempt of the same key recorded its answer first: that one counts.
+                match self.first_answer(request, request_hash).await? {
+                    Some(first) => first,
+                    None => Err(refusal),
+                }
+            }
+            Err(error) => Err(log_error(error)),
+        }
+    }
+
+    /// Catches up at least to the position the stream leader has for this account. Direct gets
+    /// may come from a lagging replica; refusals must not.
+    async fn catch_up_with_leader(&mut self) -> Result<()> {
+        if let Some(shared) = self.context.states.get(self.id()) {
+            self.adopt(shared);
+        }
+        self.known = fresh_from_leader(&self.context.log, self.known.clone()).await?;
+        self.loaded = true;
+        self.context.states.publish(&self.known);
+        Ok(())
     }
 }
 
-/// Saga steps get a deterministic command id, so the server's duplicate window drops a step
-/// repeated by a second process-manager instance.
-fn saga_command_id(command: &Command) -> Option<String> {
-    match command {
-        Command::CreditTransfer {
-            transfer_id, from, ..
-        } => Some(format!("credit-{from}-{transfer_id}")),
-        Command::RefundTransfer { transfer_id, .. } => Some(format!("refund-{transfer_id}")),
-        Command::CompleteTransfer { transfer_id } => Some(format!("complete-{transfer_id}")),
-        _ => None,
+/// `known` brought up to the account's last event as a direct get (any replica) sees it.
+async fn load(log: &EventLog, mut known: Known) -> Result<Known> {
+    let events = log
+        .load_account(known.state.id(), known.position)
+        .await
+        .map_err(log_error)?;
+    for recorded in events {
+        known.apply(&recorded.event, recorded.position);
+    }
+    Ok(known)
+}
+
+/// `known` brought up at least to the position the stream leader has for the account.
+async fn fresh_from_leader(log: &EventLog, known: Known) -> Result<Known> {
+    let leader_position = log
+        .last_account_position(known.state.id())
+        .await
+        .map_err(log_error)?;
+    let mut known = known;
+    for _ in 0..FRESH_READ_ATTEMPTS_MAX {
+        known = load(log, known).await?;
+        if known.position >= leader_position {
+            return Ok(known);
+        }
+        tokio::time::sleep(FRESH_READ_PAUSE).await;
+    }
+    Err(Error::Unavailable(format!(
+        "replica lags behind position {leader_position} of account {}",
+        known.state.id()
+    )))
+}
+
+/// Refuses to send anything more once the caller's deadline has passed.
+fn ensure_before(deadline: Option<Instant>) -> Result<()> {
+    match deadline {
+        Some(deadline) if Instant::now() >= deadline => Err(Error::Unavailable(
+            "the command reached its deadline before it could be appended".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn with_position(outcome: Outcome, position: u64) -> Outcome {
+    match outcome {
+        Outcome::Opened { account_id, .. } => Outcome::Opened {
+            account_id,
+            position,
+        },
+        Outcome::BalanceChanged {
+            account_id,
+            balance,
+            ..
+        } => Outcome::BalanceChanged {
+            account_id,
+            balance,
+            position,
+        },
+        Outcome::TransferCompleted { transfer_id, .. } => Outcome::TransferCompleted {
+            transfer_id,
+            position,
+        },
+        Outcome::Closed { account_id, .. } => Outcome::Closed {
+            account_id,
+            position,
+        },
+        replayed @ Outcome::Replayed { .. } => replayed,
     }
 }
 
@@ -336,44 +608,9 @@ fn log_error(error: eventlog::Error) -> Error {
     match error {
         eventlog::Error::Unavailable(detail) => Error::Unavailable(detail),
         eventlog::Error::OutcomeUnknown(detail) => Error::OutcomeUnknown(detail),
-        eventlog::Error::Conflict { .. } => Error::TooManyConflicts(0),
+        eventlog::Error::Conflict { .. } | eventlog::Error::Duplicate(_) => {
+            Error::TooManyConflicts(0)
+        }
         other => Error::Internal(other.to_string()),
-    }
-}
-
-/// Outcomes of keyed commands rebuilt from the stream, newest [`KEYS_PER_ACCOUNT_MAX`] within
-/// [`KEY_RETENTION`].
-#[derive(Default)]
-struct KeyMemory {
-    by_key: HashMap<String, (String, Outcome)>,
-    order: VecDeque<(OffsetDateTime, String)>,
-}
-
-impl KeyMemory {
-    fn remember(&mut self, key: &str, request_hash: &str, outcome: Outcome, time: OffsetDateTime) {
-        if self.by_key.contains_key(key) {
-            return; // The first outcome is the one a retry gets.
-        }
-        self.by_key
-            .insert(key.to_owned(), (request_hash.to_owned(), outcome));
-        self.order.push_back((time, key.to_owned()));
-        let horizon = OffsetDateTime::now_utc() - KEY_RETENTION;
-        while let Some((oldest_time, _)) = self.order.front() {
-            if self.order.len() <= KEYS_PER_ACCOUNT_MAX && *oldest_time >= horizon {
-                break;
-            }
-            if let Some((_, oldest_key)) = self.order.pop_front() {
-                self.by_key.remove(&oldest_key);
-            }
-        }
-    }
-
-    fn recall(&self, key: &str, request_hash: &str) -> Option<Result<Outcome>> {
-        let (first_hash, outcome) = self.by_key.get(key)?;
-        Some(if first_hash == request_hash {
-            Ok(outcome.clone())
-        } else {
-            Err(Error::IdempotencyKeyReused)
-        })
     }
 }

@@ -14,8 +14,8 @@ pub enum Error {
     /// A business rule refused the command; nothing was appended.
     #[error(transparent)]
     Rejected(#[from] DomainError),
-    /// The idempotency key was first used with a different request.
-    #[error("Idempotency-Key was already used with a different request")]
+    /// The idempotency key (or the transfer id) was first used with a different request.
+    #[error("the Idempotency-Key or transfer id was already used with a different request")]
     IdempotencyKeyReused,
     /// A retried request whose first outcome was a refusal: answered as it was then.
     #[error("{}", .0.detail)]
@@ -58,17 +58,14 @@ impl Error {
 
 fn rejected(rejection: &DomainError, detail: String) -> Problem {
     let (status, code, title) = match rejection {
-        DomainError::AccountNotFound => (404, "account_not_found", "Account not found"),
+        DomainError::AccountNotFound(_) => (404, "account_not_found", "Account not found"),
         DomainError::AccountExists => (409, "account_exists", "Account exists"),
-        DomainError::AccountClosed => (409, "account_closed", "Account closed"),
+        DomainError::AccountClosed(_) => (409, "account_closed", "Account closed"),
         DomainError::CurrencyMismatch { .. } => (409, "currency_mismatch", "Currency mismatch"),
-        DomainError::TransferIdReused(_) => (409, "idempotency_key_reused", "Transfer id reused"),
         DomainError::InsufficientFunds { .. } => (422, "insufficient_funds", "Insufficient funds"),
-        DomainError::BalanceOverflow => (422, "balance_overflow", "Balance overflow"),
+        DomainError::BalanceOverflow(_) => (422, "balance_overflow", "Balance overflow"),
         DomainError::BalanceNotZero { .. } => (422, "balance_not_zero", "Balance not zero"),
-        DomainError::TransferPending { .. } => (422, "transfer_pending", "Transfer pending"),
         DomainError::SameAccount => (422, "same_account", "Same account"),
-        DomainError::UnknownTransfer(_) => (404, "transfer_not_found", "Transfer not found"),
     };
     Problem::new(status, code, title, detail)
 }

@@ -21,7 +21,7 @@ use crate::idempotency::IdempotencyKey;
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 use crate::registry::Registry;
-use crate::request::{self, CommandRequest};
+use crate::request::{self, CommandRequest, Intent};
 use crate::Error;
 
 /// Largest request body: the contract's 64 KiB.
@@ -133,14 +133,14 @@ async fn run(state: &AppState, request: CommandRequest) -> Response {
     let Some(registry) = state.registry.get() else {
         return problem_response(&Error::Unavailable("the writer is starting".into()));
     };
-    let verb = format!("{:?}", request.command);
+    let verb = request.verb();
     let account = request.account_id.clone();
     match registry.execute(request).await {
         Ok(outcome) => outcome_response(&outcome),
         Err(error) => {
             let problem = error.problem();
             if problem.status >= 500 {
-                tracing::warn!(%account, %error, command = %verb, "command failed");
+                tracing::warn!(%account, %error, command = verb, "command failed");
             }
             problem.into_response()
         }
@@ -150,12 +150,10 @@ async fn run(state: &AppState, request: CommandRequest) -> Response {
 fn outcome_response(outcome: &Outcome) -> Response {
     let status = StatusCode::from_u16(outcome.status()).unwrap_or(StatusCode::OK);
     let body = outcome.body();
-    let mut response = (status, Json(body.clone())).into_response();
-    if status == StatusCode::ACCEPTED {
-        if let Some(id) = body["transfer_id"].as_str() {
-            if let Ok(location) = HeaderValue::from_str(&format!("/v1/transfers/{id}")) {
-                response.headers_mut().insert(header::LOCATION, location);
-            }
+    let mut response = (status, Json(body)).into_response();
+    if let Some(id) = outcome.transfer_id() {
+        if let Ok(location) = HeaderValue::from_str(&format!("/v1/transfers/{id}")) {
+            response.headers_mut().insert(header::LOCATION, location);
         }
     }
     response
@@ -167,10 +165,7 @@ async fn command(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     empty_allowed: bool,
-    parse: impl FnOnce(
-        &[u8],
-        Option<&IdempotencyKey>,
-    ) -> Result<(domain::AccountId, domain::Command), Error>,
+    parse: impl FnOnce(&[u8], Option<&IdempotencyKey>) -> Result<(domain::AccountId, Intent), Error>,
 ) -> Response {
     let body = match json_body(headers, body, empty_allowed) {
         Ok(body) => body,
@@ -180,16 +175,11 @@ async fn command(
         Ok(key) => key,
         Err(error) => return problem_response(&error),
     };
-    let (account_id, command) = match parse(&body, key.as_ref()) {
+    let (account_id, intent) = match parse(&body, key.as_ref()) {
         Ok(parsed) => parsed,
         Err(error) => return problem_response(&error),
     };
-    let request = CommandRequest {
-        account_id,
-        command,
-        idempotency_key: key,
-        correlation_id: request_id(headers),
-    };
+    let request = CommandRequest::new(account_id, intent, key, request_id(headers));
     run(state, request).await
 }
 
@@ -199,7 +189,7 @@ async fn open_account(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     command(&state, &headers, body, false, |body, key| {
-        request::open(body, None, key)
+        request::open(body, None, key).map(|(id, command)| (id, Intent::Account(command)))
     })
     .await
 }
@@ -215,7 +205,10 @@ fn account_command(
               headers: HeaderMap,
               body: Result<Bytes, BytesRejection>| async move {
             command(&state, &headers, body, empty_body_allowed, |body, _| {
-                Ok((request::addressed_account(&id)?, parse(body)?))
+                Ok((
+                    request::addressed_account(&id)?,
+                    Intent::Account(parse(body)?),
+                ))
             })
             .await
         },
@@ -229,6 +222,7 @@ async fn transfer(
 ) -> Response {
     command(&state, &headers, body, false, |body, key| {
         request::transfer(body, None, key)
+            .map(|(from, transfer)| (from, Intent::Transfer(transfer)))
     })
     .await
 }

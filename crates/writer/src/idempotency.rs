@@ -1,37 +1,34 @@
-//! `Idempotency-Key`: a retry with the same key on the same account returns the first outcome and
-//! appends nothing.
+//! Exactly-once answers: `Idempotency-Key`s and transfer ids.
 //!
-//! How it holds across writers and restarts:
-//! - A command that appends carries its key and a hash of its request in the event's headers
-//!   (`Coffer-Idempotency-Key`, `Coffer-Request-Hash`). An account actor rebuilds the outcome of
-//!   every keyed event of the last [`KEY_RETENTION`] from the stream, so whichever writer serves
-//!   the retry answers as the first one did. A racing retry on another writer loses the
-//!   optimistic-concurrency check, reloads, finds the key, and answers the same.
-//! - Every keyed answer, success or refusal, is also stored in the JetStream KV bucket [`BUCKET`]
-//!   with a [`KEY_RETENTION`] TTL: a refusal appends nothing, and an actor keeps only the last
-//!   `KEYS_PER_ACCOUNT_MAX` keys in memory.
-//! - The key also derives the event's `Nats-Msg-Id`, so the server drops a duplicate append.
+//! Both are claimed with *markers* in the event stream (`coffer.ids.>`), written in the same
+//! atomic batch as the events they answer for, each on the condition that its subject holds
+//! nothing yet. So a command and its claim are stored together or not at all, and of two racing
+//! requests only one claim is stored, whichever writers serve them.
+//! - A key marker (`coffer.ids.key.{account}.{digest}`) lives [`KEY_RETENTION`] (`Nats-TTL`)
+//!   and records the request's hash and its answer; a refusal is recorded as a marker alone.
+//! - A transfer marker (`coffer.ids.transfer.{id}`) lives forever and records the transfer's
+//!   parameters: the same id with the same parameters answers the first outcome, anything else
+//!   under that id is `409 idempotency_key_reused`.
+//!
+//! A marker's payload cannot hold the position of its own batch, so it records how far before
+//! the marker the answered position lies (`position_offset`); the messages of a batch are stored
+//! at consecutive positions.
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv};
-use domain::{AccountId, Command, DomainError, TransferId};
+use domain::{AccountId, Command, Transfer};
 use problem::Problem;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::outcome::Outcome;
+use crate::request::Intent;
 use crate::{Error, Result};
 
-/// How long a key is remembered: the contract promises at least 24 hours.
+/// How long a key is remembered: the contract promises 24 hours.
 pub const KEY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 /// Longest key accepted.
 pub const KEY_LENGTH_MAX: usize = 128;
-/// KV bucket of keyed answers.
-pub const BUCKET: &str = "COFFER_IDEMPOTENCY";
-/// KV bucket mapping each transfer id to the account that sent it, forever: transfer ids are
-/// global (`GET /v1/transfers/{id}`), so a second sender may not reuse one.
-pub const TRANSFER_IDS_BUCKET: &str = "COFFER_TRANSFER_IDS";
 
 /// A validated `Idempotency-Key`: 1-128 printable ASCII characters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -57,26 +54,63 @@ impl IdempotencyKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The marker subject of this key on `account`.
+    pub fn marker_subject(&self, account: &AccountId) -> String {
+        eventlog::subject::key_marker(account, &digest(&[self.as_str()])[..40])
+    }
 }
 
 fn digest(parts: &[&str]) -> String {
     let mut hasher = Sha256::new();
     for part in parts {
+        // Length-prefixed, so ("ab","c") and ("a","bc") stay apart whatever the parts hold.
+        hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part.as_bytes());
-        // A separator that cannot occur in ids keeps ("ab","c") and ("a","bc") apart.
-        hasher.update([0u8]);
     }
     hex::encode(hasher.finalize())
 }
 
-/// The command id of a keyed command: stable across retries, so it can be the `Nats-Msg-Id`.
-pub fn command_id(account: &AccountId, key: &IdempotencyKey) -> String {
-    format!("key-{}", &digest(&[account.as_str(), key.as_str()])[..32])
+fn optional(text: &Option<String>) -> String {
+    match text {
+        Some(text) => format!("some:{text}"),
+        None => "none".into(),
+    }
 }
 
 /// A fingerprint of what was asked, to tell a retry from a reuse of the key for something else.
-pub fn request_hash(account: &AccountId, command: &Command) -> String {
-    digest(&[account.as_str(), &format!("{command:?}")])[..32].to_owned()
+/// It is taken over an explicit canonical list of the validated fields, never over a `Debug`
+/// rendering, so it stays the same across builds and during rolling upgrades.
+pub fn request_hash(account: &AccountId, intent: &Intent) -> String {
+    let fields: Vec<String> = match intent {
+        Intent::Account(Command::Open(open)) => vec![
+            "open".into(),
+            open.currency.to_string(),
+            optional(&open.owner),
+            open.overdraft_limit.minor_units().to_string(),
+        ],
+        Intent::Account(Command::Deposit { amount, reference }) => vec![
+            "deposit".into(),
+            amount.minor_units().to_string(),
+            optional(reference),
+        ],
+        Intent::Account(Command::Withdraw { amount, reference }) => vec![
+            "withdraw".into(),
+            amount.minor_units().to_string(),
+            optional(reference),
+        ],
+        Intent::Account(Command::Close) => vec!["close".into()],
+        Intent::Transfer(transfer) => vec![
+            "transfer".into(),
+            transfer.transfer_id.to_string(),
+            transfer.to.to_string(),
+            transfer.amount.minor_units().to_string(),
+            optional(&transfer.reference),
+        ],
+    };
+    let mut parts = vec!["v1", account.as_str()];
+    parts.extend(fields.iter().map(String::as_str));
+    digest(&parts)[..32].to_owned()
 }
 
 /// An id derived from a key, for creates without an explicit id: retrying the create with the
@@ -85,175 +119,122 @@ pub fn derived_id(prefix: &str, scope: &str, key: &IdempotencyKey) -> String {
     format!("{prefix}{}", &digest(&[scope, key.as_str()])[..26])
 }
 
-/// What the KV bucket holds for a keyed command: the answer it got.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Answer {
-    request_hash: String,
-    status: u16,
-    body: serde_json::Value,
+/// What a key marker holds: the request it was first used with and the answer it got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub request_hash: String,
+    pub status: u16,
+    /// The answer's JSON body (an outcome, or a problem for a refusal).
+    pub body: String,
+    /// For a success: how many positions before the marker the answered event lies.
+    pub position_offset: Option<u64>,
 }
 
-/// The KV record of keyed answers.
-#[derive(Clone)]
-pub struct AnswerStore {
-    store: kv::Store,
-}
-
-impl AnswerStore {
-    /// Creates the bucket if needed (idempotent).
-    pub async fn open(context: &jetstream::Context, replicas: usize) -> Result<Self> {
-        let store = match context.get_key_value(BUCKET).await {
-            Ok(store) => store,
-            Err(_) => context
-                .create_key_value(kv::Config {
-                    bucket: BUCKET.into(),
-                    description: "First answers to keyed commands, by account and Idempotency-Key"
-                        .into(),
-                    history: 1,
-                    max_age: KEY_RETENTION,
-                    storage: jetstream::stream::StorageType::File,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|error| Error::Unavailable(format!("idempotency bucket: {error}")))?,
-        };
-        Ok(Self { store })
+impl KeyRecord {
+    /// The record of a success answered by `outcome`, whose event lies `position_offset`
+    /// positions before the marker.
+    pub fn success(request_hash: &str, outcome: &Outcome, position_offset: u64) -> Self {
+        Self {
+            request_hash: request_hash.to_owned(),
+            status: outcome.status(),
+            body: outcome.body().to_string(),
+            position_offset: Some(position_offset),
+        }
     }
 
-    fn kv_key(account: &AccountId, key: &IdempotencyKey) -> String {
-        format!("{account}.{}", &digest(&[key.as_str()])[..40])
+    /// The record of a refusal.
+    pub fn refusal(request_hash: &str, problem: &Problem) -> Self {
+        Self {
+            request_hash: request_hash.to_owned(),
+            status: problem.status,
+            body: String::from_utf8_lossy(&problem.to_json_bytes()).into_owned(),
+            position_offset: None,
+        }
     }
 
-    /// The stored answer for this key, if any: the outcome or problem to repeat, or
-    /// `IdempotencyKeyReused` when the key came with another request.
-    pub async fn lookup(
-        &self,
-        account: &AccountId,
-        key: &IdempotencyKey,
-        request_hash: &str,
-    ) -> Result<Option<Outcome>> {
-        let entry = self
-            .store
-            .get(Self::kv_key(account, key))
-            .await
-            .map_err(|error| Error::Unavailable(format!("idempotency lookup: {error}")))?;
-        let Some(bytes) = entry else {
-            return Ok(None);
-        };
-        let answer: Answer = serde_json::from_slice(&bytes)
-            .map_err(|error| Error::Internal(format!("corrupt idempotency record: {error}")))?;
-        if answer.request_hash != request_hash {
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        rmp_serde::to_vec_named(self).map_err(|error| Error::Internal(error.to_string()))
+    }
+
+    /// The first answer again, for a request with `request_hash`, given the marker stored at
+    /// `marker_position`.
+    pub fn replay(bytes: &[u8], marker_position: u64, request_hash: &str) -> Result<Outcome> {
+        let record: KeyRecord = rmp_serde::from_slice(bytes)
+            .map_err(|error| Error::Internal(format!("unreadable key marker: {error}")))?;
+        if record.request_hash != request_hash {
             return Err(Error::IdempotencyKeyReused);
         }
-        if answer.status >= 400 {
-            let problem: Problem = serde_json::from_value(answer.body)
-                .map_err(|error| Error::Internal(format!("corrupt idempotency record: {error}")))?;
+        let mut body: serde_json::Value = serde_json::from_str(&record.body)
+            .map_err(|error| Error::Internal(format!("unreadable key marker body: {error}")))?;
+        if record.status >= 400 {
+            let problem: Problem = serde_json::from_value(body)
+                .map_err(|error| Error::Internal(format!("unreadable key marker: {error}")))?;
             return Err(Error::Replayed(problem));
         }
-        Ok(Some(Outcome::Replayed {
-            status: answer.status,
-            body: answer.body,
-        }))
-    }
-
-    /// Remembers an answer. Best effort: a success is also recorded in the stream (and rebuilt
-    /// from it), and a refusal changed nothing, so deciding a retry afresh is still safe.
-    pub async fn remember(
-        &self,
-        account: &AccountId,
-        key: &IdempotencyKey,
-        request_hash: &str,
-        answer: &Result<Outcome>,
-    ) {
-        let (status, body) = match answer {
-            Ok(outcome) => (outcome.status(), outcome.body()),
-            Err(error) => {
-                let problem = error.problem();
-                (
-                    problem.status,
-                    serde_json::to_value(&problem).unwrap_or_default(),
-                )
-            }
-        };
-        let record = Answer {
-            request_hash: request_hash.to_owned(),
-            status,
+        if let Some(offset) = record.position_offset {
+            body["position"] = marker_position.saturating_sub(offset).into();
+        }
+        Ok(Outcome::Replayed {
+            status: record.status,
             body,
-        };
-        let Ok(bytes) = serde_json::to_vec(&record) else {
-            return;
-        };
-        // `create`: the first answer is the one a retry gets, whoever writes second.
-        match self
-            .store
-            .create(Self::kv_key(account, key), bytes.into())
-            .await
-        {
-            Ok(_) => {}
-            Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Err(error) => tracing::warn!(%account, %error, "could not remember a keyed answer"),
-        }
+        })
     }
 }
 
-/// Claims of transfer ids by their senders.
-#[derive(Clone)]
-pub struct TransferIdClaims {
-    store: kv::Store,
+/// What a transfer marker holds: the transfer's parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferRecord {
+    pub from: String,
+    pub to: String,
+    pub amount: u64,
+    pub reference: Option<String>,
+    /// How many positions before the marker the transfer's last event (the credit) lies.
+    pub position_offset: u64,
 }
 
-impl TransferIdClaims {
-    /// Creates the bucket if needed (idempotent).
-    pub async fn open(context: &jetstream::Context, replicas: usize) -> Result<Self> {
-        let store = match context.get_key_value(TRANSFER_IDS_BUCKET).await {
-            Ok(store) => store,
-            Err(_) => context
-                .create_key_value(kv::Config {
-                    bucket: TRANSFER_IDS_BUCKET.into(),
-                    description: "Transfer id -> sending account".into(),
-                    history: 1,
-                    storage: jetstream::stream::StorageType::File,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|error| Error::Unavailable(format!("transfer id bucket: {error}")))?,
-        };
-        Ok(Self { store })
+impl TransferRecord {
+    pub fn new(from: &AccountId, transfer: &Transfer, position_offset: u64) -> Self {
+        Self {
+            from: from.to_string(),
+            to: transfer.to.to_string(),
+            amount: transfer.amount.minor_units(),
+            reference: transfer.reference.clone(),
+            position_offset,
+        }
     }
 
-    /// Claims `transfer_id` for `sender`; succeeds again for the same sender (a retry).
-    pub async fn claim(&self, transfer_id: &TransferId, sender: &AccountId) -> Result<()> {
-        let unavailable = |error: String| Error::Unavailable(format!("transfer id claim: {error}"));
-        match self
-            .store
-            .create(transfer_id.as_str(), sender.as_str().to_owned().into())
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
-                let owner = self
-                    .store
-                    .get(transfer_id.as_str())
-                    .await
-                    .map_err(|error| unavailable(error.to_string()))?;
-                if owner.as_deref() == Some(sender.as_str().as_bytes()) {
-                    Ok(())
-                } else {
-                    Err(Error::Rejected(DomainError::TransferIdReused(
-                        transfer_id.clone(),
-                    )))
-                }
-            }
-            Err(error) => Err(unavailable(error.to_string())),
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        rmp_serde::to_vec_named(self).map_err(|error| Error::Internal(error.to_string()))
+    }
+
+    /// The first outcome of the transfer id again if `transfer` from `from` is the same
+    /// transfer; `409 idempotency_key_reused` if it is another one.
+    pub fn replay(
+        bytes: &[u8],
+        marker_position: u64,
+        from: &AccountId,
+        transfer: &Transfer,
+    ) -> Result<Outcome> {
+        let record: TransferRecord = rmp_serde::from_slice(bytes)
+            .map_err(|error| Error::Internal(format!("unreadable transfer marker: {error}")))?;
+        let same = TransferRecord {
+            position_offset: record.position_offset,
+            ..TransferRecord::new(from, transfer, 0)
+        };
+        if record != same {
+            return Err(Error::IdempotencyKeyReused);
         }
+        Ok(Outcome::TransferCompleted {
+            transfer_id: transfer.transfer_id.clone(),
+            position: marker_position.saturating_sub(record.position_offset),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use domain::{Amount, TransferId};
 
     #[test]
     fn keys_are_printable_ascii_up_to_128() {
@@ -265,20 +246,66 @@ mod tests {
         assert!(IdempotencyKey::parse("ключ").is_err());
     }
 
+    fn deposit(units: i128) -> Intent {
+        Intent::Account(Command::Deposit {
+            amount: Amount::new(units).unwrap(),
+            reference: None,
+        })
+    }
+
     #[test]
-    fn hashes_separate_accounts_and_requests() {
+    fn hashes_separate_accounts_and_requests_and_are_stable_across_builds() {
         let a = AccountId::parse("a").unwrap();
         let b = AccountId::parse("b").unwrap();
-        let key = IdempotencyKey::parse("k").unwrap();
-        assert_ne!(command_id(&a, &key), command_id(&b, &key));
-        assert_eq!(command_id(&a, &key), command_id(&a, &key));
-        let deposit = |units| Command::Deposit {
-            amount: domain::Amount::new(units).unwrap(),
-            reference: None,
-        };
         assert_eq!(request_hash(&a, &deposit(5)), request_hash(&a, &deposit(5)));
         assert_ne!(request_hash(&a, &deposit(5)), request_hash(&a, &deposit(6)));
-        let derived = derived_id("acc_", "open", &key);
-        assert!(AccountId::parse(&derived).is_ok());
+        assert_ne!(request_hash(&a, &deposit(5)), request_hash(&b, &deposit(5)));
+        // A golden value (sha256 over the length-prefixed fields, computed independently): the
+        // hash is stored in markers, so it must never change.
+        assert_eq!(
+            request_hash(&a, &deposit(5)),
+            "115728c05ff39bb213a63c1fec6cce53"
+        );
+        let key = IdempotencyKey::parse("k").unwrap();
+        assert!(AccountId::parse(&derived_id("acc_", "open", &key)).is_ok());
+        assert_ne!(key.marker_subject(&a), key.marker_subject(&b));
+    }
+
+    #[test]
+    fn markers_replay_the_first_answer_or_refuse_another_request() {
+        let a = AccountId::parse("a").unwrap();
+        let outcome = Outcome::BalanceChanged {
+            account_id: a.clone(),
+            balance: 5,
+            position: 0,
+        };
+        let record = KeyRecord::success("h1", &outcome, 1).encode().unwrap();
+        let replayed = KeyRecord::replay(&record, 10, "h1").unwrap();
+        assert_eq!(replayed.status(), 200);
+        assert_eq!(replayed.body()["position"], 9);
+        assert_eq!(replayed.body()["balance"], 5);
+        assert!(matches!(
+            KeyRecord::replay(&record, 10, "h2"),
+            Err(Error::IdempotencyKeyReused)
+        ));
+        let transfer = Transfer {
+            transfer_id: TransferId::parse("t").unwrap(),
+            to: AccountId::parse("b").unwrap(),
+            amount: Amount::new(3).unwrap(),
+            reference: None,
+        };
+        let record = TransferRecord::new(&a, &transfer, 1).encode().unwrap();
+        assert_eq!(
+            TransferRecord::replay(&record, 8, &a, &transfer).unwrap(),
+            Outcome::TransferCompleted {
+                transfer_id: transfer.transfer_id.clone(),
+                position: 7
+            }
+        );
+        let other_sender = AccountId::parse("c").unwrap();
+        assert!(matches!(
+            TransferRecord::replay(&record, 8, &other_sender, &transfer),
+            Err(Error::IdempotencyKeyReused)
+        ));
     }
 }

@@ -4,11 +4,11 @@
 //! - [`request`]: parsing JSON bodies (HTTP and NATS alike) into validated domain commands.
 //! - [`outcome`]: what a successful command answers, and how it is rendered.
 //! - [`error`]: [`Error`], every way a command can fail, mapped once to problem+json.
-//! - [`idempotency`]: `Idempotency-Key` handling: key checks, request hashes, the KV record of
-//!   refused commands.
-//! - [`actor`]: the per-account actor: rebuild from events, decide, append, evolve, reply.
-//! - [`registry`]: spawns, caps, passivates and supervises account actors.
-//! - [`transfers`]: the transfer process manager on its own durable consumer.
+//! - [`idempotency`]: exactly-once answers: `Idempotency-Key` and transfer-id markers, request
+//!   hashes.
+//! - [`actor`]: the per-account actor: rebuild from events, decide (a transfer on both
+//!   accounts), append atomically with the markers, evolve, reply.
+//! - [`registry`]: spawns, caps, passivates and supervises account actors; deadlines.
 //! - [`http`] and [`nats_api`]: the two command APIs, thin adapters over [`registry::Registry`].
 //! - [`openapi`]: the command API's part of the OpenAPI document, built from the same code.
 //! - [`service`]: wiring, readiness and graceful shutdown.
@@ -24,7 +24,6 @@ pub mod outcome;
 pub mod registry;
 pub mod request;
 pub mod service;
-pub mod transfers;
 
 pub use error::Error;
 pub use service::{run, WriterConfig};

@@ -13,10 +13,7 @@ pub struct Metrics {
     pub actors_started: Counter,
     pub actors_passivated: Counter,
     pub actors_failed: Counter,
-    pub transfer_credits: Counter,
-    pub transfer_refunds: Counter,
-    pub transfer_completions: Counter,
-    pub transfer_step_retries: Counter,
+    pub commands_expired: Counter,
 }
 
 impl Default for Metrics {
@@ -40,11 +37,11 @@ impl Default for Metrics {
             ),
             conflicts: Counter::new(
                 "coffer_writer_append_conflicts_total",
-                "Appends refused because another writer appended first.",
+                "Appends refused by a concurrency check (another writer appended first, or a marker existed).",
             ),
             idempotent_replays: Counter::new(
                 "coffer_writer_idempotent_replays_total",
-                "Retries answered with the first outcome of their Idempotency-Key.",
+                "Retries answered with the first outcome of their Idempotency-Key or transfer id.",
             ),
             actors_live: Gauge::new(
                 "coffer_writer_actors_live",
@@ -62,21 +59,9 @@ impl Default for Metrics {
                 "coffer_writer_actors_failed_total",
                 "Account actors that crashed and were removed by the supervisor.",
             ),
-            transfer_credits: Counter::new(
-                "coffer_writer_transfer_credits_total",
-                "Transfer credits applied by the process manager.",
-            ),
-            transfer_refunds: Counter::new(
-                "coffer_writer_transfer_refunds_total",
-                "Transfers refunded by the process manager.",
-            ),
-            transfer_completions: Counter::new(
-                "coffer_writer_transfer_completions_total",
-                "Transfers marked completed on the sender.",
-            ),
-            transfer_step_retries: Counter::new(
-                "coffer_writer_transfer_step_retries_total",
-                "Transfer steps redelivered after a transient failure.",
+            commands_expired: Counter::new(
+                "coffer_writer_commands_expired_total",
+                "Commands not started because they waited in their actor's mailbox past their deadline.",
             ),
         }
     }
@@ -94,10 +79,7 @@ impl Metrics {
             &self.actors_started,
             &self.actors_passivated,
             &self.actors_failed,
-            &self.transfer_credits,
-            &self.transfer_refunds,
-            &self.transfer_completions,
-            &self.transfer_step_retries,
+            &self.commands_expired,
         ] {
             counter.render(&mut out);
         }

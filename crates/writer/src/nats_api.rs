@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::idempotency::IdempotencyKey;
 use crate::registry::Registry;
-use crate::request::{self, CommandRequest, Verb};
+use crate::request::{self, CommandRequest, Intent, Verb};
 use crate::Error;
 
 pub const SERVICE_NAME: &str = "coffer";
@@ -124,27 +124,31 @@ fn parse(verb: Verb, message: &async_nats::Message) -> Result<CommandRequest, Er
         .map(|value| value.as_str().to_owned());
     let key: Option<IdempotencyKey> = IdempotencyKey::parse_optional(key_text.as_deref())?;
     let body = &message.payload;
-    let (account_id, command) = match verb {
-        Verb::Open => request::open(body, Some(account), key.as_ref())?,
+    let (account_id, intent) = match verb {
+        Verb::Open => {
+            let (id, command) = request::open(body, Some(account), key.as_ref())?;
+            (id, Intent::Account(command))
+        }
         Verb::Deposit => (
             request::addressed_account(account)?,
-            request::deposit(body)?,
+            Intent::Account(request::deposit(body)?),
         ),
         Verb::Withdraw => (
             request::addressed_account(account)?,
-            request::withdraw(body)?,
+            Intent::Account(request::withdraw(body)?),
         ),
-        Verb::Transfer => request::transfer(body, Some(account), key.as_ref())?,
-        Verb::Close => (request::addressed_account(account)?, request::close(body)?),
+        Verb::Transfer => {
+            let (from, transfer) = request::transfer(body, Some(account), key.as_ref())?;
+            (from, Intent::Transfer(transfer))
+        }
+        Verb::Close => (
+            request::addressed_account(account)?,
+            Intent::Account(request::close(body)?),
+        ),
     };
     let correlation_id = headers
         .get("Coffer-Correlation-Id")
         .map(|value| value.as_str().to_owned())
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    Ok(CommandRequest {
-        account_id,
-        command,
-        idempotency_key: key,
-        correlation_id,
-    })
+    Ok(CommandRequest::new(account_id, intent, key, correlation_id))
 }

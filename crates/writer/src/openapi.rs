@@ -2,7 +2,7 @@
 //! routes come from [`ROUTES`] (checked against the router by a test) and every error status and
 //! `code` from [`Error::problem`] over every rejection the domain has.
 
-use domain::{Currency, DomainError, TransferId};
+use domain::{AccountId, Currency, DomainError};
 use serde_json::{json, Map, Value};
 
 use crate::Error;
@@ -20,22 +20,19 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// One example of every error the writer answers, for the documented statuses and codes.
 fn every_error() -> Vec<Error> {
     let mut rejections = vec![
-        DomainError::AccountNotFound,
         DomainError::AccountExists,
-        DomainError::AccountClosed,
         DomainError::InsufficientFunds {
             balance: 0,
             amount: 1,
             floor: 0,
         },
-        DomainError::BalanceOverflow,
         DomainError::BalanceNotZero { balance: 1 },
-        DomainError::TransferPending { pending: 1 },
         DomainError::SameAccount,
     ];
-    if let Ok(transfer) = TransferId::parse("t") {
-        rejections.push(DomainError::TransferIdReused(transfer.clone()));
-        rejections.push(DomainError::UnknownTransfer(transfer));
+    if let Ok(account) = AccountId::parse("a") {
+        rejections.push(DomainError::AccountNotFound(account.clone()));
+        rejections.push(DomainError::AccountClosed(account.clone()));
+        rejections.push(DomainError::BalanceOverflow(account));
     }
     if let Ok(currency) = Currency::parse("EUR") {
         rejections.push(DomainError::CurrencyMismatch {
@@ -119,8 +116,8 @@ pub fn document_part() -> Value {
         "/v1/accounts": {"post": command("Open an account", Some("OpenAccount"), (201, "Opened"), &[400, 409, 413, 415, 503])},
         "/v1/accounts/{id}/deposits": {"post": with_account_id(command("Deposit", Some("MoneyMovement"), (200, "Balance"), &money_errors))},
         "/v1/accounts/{id}/withdrawals": {"post": with_account_id(command("Withdraw", Some("MoneyMovement"), (200, "Balance"), &money_errors))},
-        "/v1/accounts/{id}/close": {"post": with_account_id(command("Close an account (zero balance, no pending outgoing transfer)", None, (200, "Opened"), &money_errors))},
-        "/v1/transfers": {"post": command("Start a transfer: debit now, credit asynchronously", Some("Transfer"), (202, "TransferAccepted"), &money_errors)},
+        "/v1/accounts/{id}/close": {"post": with_account_id(command("Close an account (zero balance)", None, (200, "Opened"), &money_errors))},
+        "/v1/transfers": {"post": command("Transfer atomically: the debit and the credit are committed together or not at all", Some("Transfer"), (201, "TransferCompleted"), &money_errors)},
         "/v1/events": {"get": {
             "summary": "Events in stream order, decoded to JSON",
             "parameters": [
@@ -151,8 +148,8 @@ pub fn document_part() -> Value {
             "account_id": id, "position": {"type": "integer"}}},
         "Balance": {"type": "object", "required": ["account_id", "balance", "position"], "properties": {
             "account_id": id, "balance": {"type": "integer"}, "position": {"type": "integer"}}},
-        "TransferAccepted": {"type": "object", "required": ["transfer_id", "status", "position"], "properties": {
-            "transfer_id": id, "status": {"const": "pending"}, "position": {"type": "integer"}}},
+        "TransferCompleted": {"type": "object", "required": ["transfer_id", "status", "position"], "properties": {
+            "transfer_id": id, "status": {"const": "completed"}, "position": {"type": "integer"}}},
         "EventPage": {"type": "object", "required": ["events", "next"], "properties": {
             "events": {"type": "array", "items": {"type": "object", "required": ["position", "subject", "account_id", "type", "time", "data"]}},
             "next": {"type": "integer"}}},

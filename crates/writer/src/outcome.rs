@@ -1,7 +1,7 @@
-//! What a command that succeeded answers. The same outcome is rebuilt from the stream for a
-//! retried request, so a retry gets the first answer whichever writer served it.
+//! What a command that succeeded answers. A retry with the same key or transfer id gets the same
+//! answer again, read back from the marker written with the first one.
 
-use domain::{AccountId, Event, TransferId};
+use domain::{AccountId, TransferId};
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,7 +15,8 @@ pub enum Outcome {
         balance: i64,
         position: u64,
     },
-    TransferAccepted {
+    /// Both sides of the transfer are committed; `position` is the credit's.
+    TransferCompleted {
         transfer_id: TransferId,
         position: u64,
     },
@@ -23,47 +24,17 @@ pub enum Outcome {
         account_id: AccountId,
         position: u64,
     },
-    /// A step of the transfer saga (credit, refund, completion); `position` is 0 when the step
-    /// had already been applied and nothing was appended.
-    TransferStep { position: u64 },
-    /// The first answer to a keyed request, read back from the idempotency bucket.
+    /// The first answer to a keyed request, read back from its marker.
     Replayed { status: u16, body: Value },
 }
 
 impl Outcome {
-    /// The answer the command got, given the event it appended and the balance after it.
-    pub fn of_event(account_id: &AccountId, event: &Event, balance: i64, position: u64) -> Self {
-        match event {
-            Event::AccountOpened(_) => Outcome::Opened {
-                account_id: account_id.clone(),
-                position,
-            },
-            Event::Deposited { .. } | Event::Withdrawn { .. } => Outcome::BalanceChanged {
-                account_id: account_id.clone(),
-                balance,
-                position,
-            },
-            Event::TransferDebited { transfer_id, .. } => Outcome::TransferAccepted {
-                transfer_id: transfer_id.clone(),
-                position,
-            },
-            Event::AccountClosed => Outcome::Closed {
-                account_id: account_id.clone(),
-                position,
-            },
-            Event::TransferCredited { .. }
-            | Event::TransferRefunded { .. }
-            | Event::TransferCompleted { .. } => Outcome::TransferStep { position },
-        }
-    }
-
-    /// The HTTP status of the answer (also used for NATS replies' logging).
+    /// The HTTP status of the answer.
     pub fn status(&self) -> u16 {
         match self {
-            Outcome::Opened { .. } => 201,
-            Outcome::TransferAccepted { .. } => 202,
+            Outcome::Opened { .. } | Outcome::TransferCompleted { .. } => 201,
             Outcome::Replayed { status, .. } => *status,
-            _ => 200,
+            Outcome::BalanceChanged { .. } | Outcome::Closed { .. } => 200,
         }
     }
 
@@ -84,13 +55,12 @@ impl Outcome {
             } => {
                 json!({"account_id": account_id.as_str(), "balance": balance, "position": position})
             }
-            Outcome::TransferAccepted {
+            Outcome::TransferCompleted {
                 transfer_id,
                 position,
             } => {
-                json!({"transfer_id": transfer_id.as_str(), "status": "pending", "position": position})
+                json!({"transfer_id": transfer_id.as_str(), "status": "completed", "position": position})
             }
-            Outcome::TransferStep { position } => json!({"position": position}),
             Outcome::Replayed { body, .. } => body.clone(),
         }
     }
@@ -99,10 +69,18 @@ impl Outcome {
         match self {
             Outcome::Opened { position, .. }
             | Outcome::BalanceChanged { position, .. }
-            | Outcome::TransferAccepted { position, .. }
-            | Outcome::Closed { position, .. }
-            | Outcome::TransferStep { position } => *position,
+            | Outcome::TransferCompleted { position, .. }
+            | Outcome::Closed { position, .. } => *position,
             Outcome::Replayed { body, .. } => body["position"].as_u64().unwrap_or(0),
+        }
+    }
+
+    /// The transfer this answer is about, for the `Location` header.
+    pub fn transfer_id(&self) -> Option<String> {
+        match self {
+            Outcome::TransferCompleted { transfer_id, .. } => Some(transfer_id.to_string()),
+            Outcome::Replayed { body, .. } => body["transfer_id"].as_str().map(str::to_owned),
+            _ => None,
         }
     }
 }

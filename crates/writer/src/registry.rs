@@ -2,19 +2,24 @@
 //! least recently used idle one is stopped first), stops idle ones, and, through a supervisor
 //! actor, forgets actors that crashed so the next command starts a fresh one that reloads from
 //! the stream.
+//!
+//! Every command gets a deadline ([`RegistrySettings::call_timeout`] from now). The actor never
+//! starts it after that, and the caller waits a little longer ([`ANSWER_GRACE`]) for an append
+//! sent just before it, then answers `outcome_unknown`. A command counts against its account's
+//! bound from being queued until its actor is done with it, however its caller fares, and only
+//! actors with nothing queued are stopped.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use domain::account::Settlement;
-use domain::{AccountId, TransferId};
+use domain::AccountId;
 use ractor::{
     rpc::CallResult, Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent,
 };
 
-use crate::actor::{AccountActor, AccountMessage, ActorArguments, ActorContext};
+use crate::actor::{AccountActor, AccountMessage, ActorArguments, ActorContext, Queued};
 use crate::outcome::Outcome;
 use crate::request::CommandRequest;
 use crate::{Error, Result};
@@ -30,8 +35,8 @@ pub struct RegistrySettings {
     /// Commands queued for one account beyond this are refused with 503, so one hot account
     /// cannot take all memory. Default 1 000.
     pub mailbox_capacity: usize,
-    /// How long a caller waits for an actor's answer. Default 10 s: above the append ack timeout
-    /// plus a history load.
+    /// A command's deadline, from when it is queued: the actor does not start it, or send
+    /// anything for it, later. Default 10 s: room for a queue, a history load and an append.
     pub call_timeout: Duration,
 }
 
@@ -46,11 +51,16 @@ impl Default for RegistrySettings {
     }
 }
 
+/// How long past a command's deadline its caller still waits for the answer: an append sent
+/// just before the deadline is answered within the acknowledgement timeout.
+pub const ANSWER_GRACE: Duration =
+    Duration::from_millis(eventlog::log::ACK_TIMEOUT.as_millis() as u64 + 500);
+
 struct Entry {
     actor: ActorRef<AccountMessage>,
     last_used: Instant,
-    /// Commands sent and not yet answered: the mailbox depth.
-    in_flight: Arc<AtomicUsize>,
+    /// Commands queued and not yet finished by the actor: the mailbox depth.
+    queued: Arc<AtomicUsize>,
 }
 
 #[derive(Default)]
@@ -82,15 +92,6 @@ pub struct Registry {
     context: Arc<ActorContext>,
     supervisor: ActorRef<()>,
     settings: RegistrySettings,
-}
-
-/// Decrements the mailbox depth when a call ends, however it ends.
-struct InFlight(Arc<AtomicUsize>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 impl Registry {
@@ -125,22 +126,27 @@ impl Registry {
     }
 
     /// Runs a command on its account's actor.
-    pub async fn execute(&self, request: CommandRequest) -> Result<Outcome> {
+    pub async fn execute(&self, mut request: CommandRequest) -> Result<Outcome> {
         let started = Instant::now();
         let account = request.account_id.clone();
-        let (actor, in_flight) = self.acquire(&account).await?;
+        let deadline = tokio::time::Instant::now() + self.settings.call_timeout;
+        request.deadline = Some(deadline);
+        let (actor, queued) = self.acquire(&account).await?;
         let result = actor
             .call(
-                |reply| AccountMessage::Execute(Box::new(request), reply),
-                Some(self.settings.call_timeout),
+                |reply| AccountMessage::Execute {
+                    request: Box::new(request),
+                    reply,
+                    queued,
+                },
+                Some(self.settings.call_timeout + ANSWER_GRACE),
             )
             .await;
-        drop(in_flight);
         let answer = match result {
             Ok(CallResult::Success(answer)) => answer,
             Ok(CallResult::Timeout) => Err(Error::OutcomeUnknown(format!(
                 "account {account} did not answer within {:?}",
-                self.settings.call_timeout
+                self.settings.call_timeout + ANSWER_GRACE
             ))),
             // The actor died while holding the command: it may have appended before dying.
             Ok(CallResult::SenderError) | Err(_) => Err(Error::OutcomeUnknown(format!(
@@ -157,31 +163,8 @@ impl Registry {
         answer
     }
 
-    /// Where an outgoing transfer of `account` stands (None: the account never sent it).
-    pub async fn settlement(
-        &self,
-        account: &AccountId,
-        transfer_id: &TransferId,
-    ) -> Result<Option<Settlement>> {
-        let (actor, in_flight) = self.acquire(account).await?;
-        let transfer_id = transfer_id.clone();
-        let result = actor
-            .call(
-                |reply| AccountMessage::Settlement(transfer_id, reply),
-                Some(self.settings.call_timeout),
-            )
-            .await;
-        drop(in_flight);
-        match result {
-            Ok(CallResult::Success(answer)) => answer,
-            _ => Err(Error::Unavailable(format!(
-                "account {account} did not answer"
-            ))),
-        }
-    }
-
     /// The actor for `account`, spawning it if needed, with its mailbox slot taken.
-    async fn acquire(&self, account: &AccountId) -> Result<(ActorRef<AccountMessage>, InFlight)> {
+    async fn acquire(&self, account: &AccountId) -> Result<(ActorRef<AccountMessage>, Queued)> {
         if let Some(taken) = self.take_existing(account)? {
             return Ok(taken);
         }
@@ -202,14 +185,14 @@ impl Registry {
             actor.stop(None);
             return self.take_slot(account, entry);
         }
-        let in_flight = Arc::new(AtomicUsize::new(1));
+        let queued = Arc::new(AtomicUsize::new(1));
         population.by_actor.insert(actor.get_id(), account.clone());
         population.by_account.insert(
             account.clone(),
             Entry {
                 actor: actor.clone(),
                 last_used: Instant::now(),
-                in_flight: in_flight.clone(),
+                queued: queued.clone(),
             },
         );
         self.context.metrics.actors_started.increment();
@@ -218,13 +201,13 @@ impl Registry {
             .actors_live
             .set(population.by_account.len() as i64);
         self.evict_over_cap(&mut population);
-        Ok((actor, InFlight(in_flight)))
+        Ok((actor, Queued(queued)))
     }
 
     fn take_existing(
         &self,
         account: &AccountId,
-    ) -> Result<Option<(ActorRef<AccountMessage>, InFlight)>> {
+    ) -> Result<Option<(ActorRef<AccountMessage>, Queued)>> {
         let mut population = self.lock();
         match population.by_account.get_mut(account) {
             Some(entry) => self.take_slot(account, entry).map(Some),
@@ -232,21 +215,23 @@ impl Registry {
         }
     }
 
-    /// Takes a mailbox slot on a live actor, or refuses when its mailbox is full.
+    /// Takes a mailbox slot on a live actor, or refuses when its mailbox is full. Called under
+    /// the population lock, which passivation also takes: an actor with a slot taken is never
+    /// stopped.
     fn take_slot(
         &self,
         account: &AccountId,
         entry: &mut Entry,
-    ) -> Result<(ActorRef<AccountMessage>, InFlight)> {
-        if entry.in_flight.load(Ordering::Relaxed) >= self.settings.mailbox_capacity {
+    ) -> Result<(ActorRef<AccountMessage>, Queued)> {
+        if entry.queued.load(Ordering::Acquire) >= self.settings.mailbox_capacity {
             return Err(Error::Unavailable(format!(
                 "account {account} has {} commands queued; retry later",
                 self.settings.mailbox_capacity
             )));
         }
         entry.last_used = Instant::now();
-        entry.in_flight.fetch_add(1, Ordering::Relaxed);
-        Ok((entry.actor.clone(), InFlight(entry.in_flight.clone())))
+        entry.queued.fetch_add(1, Ordering::AcqRel);
+        Ok((entry.actor.clone(), Queued(entry.queued.clone())))
     }
 
     /// Stops least recently used idle actors until the population is within the cap.
@@ -261,7 +246,7 @@ impl Registry {
         let mut idle: Vec<(Instant, AccountId)> = population
             .by_account
             .iter()
-            .filter(|(_, entry)| entry.in_flight.load(Ordering::Relaxed) == 0)
+            .filter(|(_, entry)| entry.queued.load(Ordering::Acquire) == 0)
             .map(|(account, entry)| (entry.last_used, account.clone()))
             .collect();
         idle.sort_unstable_by_key(|(last_used, _)| *last_used);
@@ -270,10 +255,14 @@ impl Registry {
         }
     }
 
+    /// Stops an actor with nothing queued. It is removed from the population first, so no new
+    /// command reaches it; `drain` lets it finish anything already in its mailbox regardless.
     fn passivate(&self, population: &mut Population, account: &AccountId) {
         if let Some(entry) = population.by_account.remove(account) {
             population.by_actor.remove(&entry.actor.get_id());
-            entry.actor.stop(Some("passivated".into()));
+            if let Err(error) = entry.actor.drain() {
+                tracing::debug!(%account, %error, "passivating an actor that is already stopping");
+            }
             self.context.metrics.actors_passivated.increment();
             self.context
                 .metrics
@@ -304,7 +293,7 @@ impl Registry {
             .by_account
             .iter()
             .filter(|(_, entry)| {
-                entry.in_flight.load(Ordering::Relaxed) == 0
+                entry.queued.load(Ordering::Acquire) == 0
                     && now.duration_since(entry.last_used) >= self.settings.idle_timeout
             })
             .map(|(account, _)| account.clone())

@@ -1,8 +1,11 @@
 //! Parsing request bodies into validated commands. HTTP and NATS share this, so both APIs accept
 //! and refuse exactly the same things.
 
-use domain::{AccountId, Amount, Command, Currency, OpenAccount, OverdraftLimit, TransferId};
+use domain::{
+    AccountId, Amount, Command, Currency, OpenAccount, OverdraftLimit, Transfer, TransferId,
+};
 use serde_json::{Map, Value};
+use tokio::time::Instant;
 
 use crate::idempotency::{self, IdempotencyKey};
 use crate::{Error, Result};
@@ -40,30 +43,84 @@ impl Verb {
     }
 }
 
+/// What a request asks of the account it is addressed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Intent {
+    /// A command on that account alone.
+    Account(Command),
+    /// A transfer from that account to another.
+    Transfer(Transfer),
+}
+
 /// A validated command for one account, with what idempotency needs.
 #[derive(Debug, Clone)]
 pub struct CommandRequest {
+    /// The account acted on: the sender of a transfer.
     pub account_id: AccountId,
-    pub command: Command,
+    pub intent: Intent,
     pub idempotency_key: Option<IdempotencyKey>,
-    /// Ties the resulting event to the request that caused it.
+    /// Ties the resulting events to the request that caused them.
     pub correlation_id: String,
+    /// After this instant the command is not started and nothing more is appended for it: its
+    /// caller has answered `outcome_unknown` by then. Set by the registry.
+    pub deadline: Option<Instant>,
+}
+
+impl CommandRequest {
+    pub fn new(
+        account_id: AccountId,
+        intent: Intent,
+        idempotency_key: Option<IdempotencyKey>,
+        correlation_id: String,
+    ) -> Self {
+        Self {
+            account_id,
+            intent,
+            idempotency_key,
+            correlation_id,
+            deadline: None,
+        }
+    }
+
+    /// A short name of what is asked, for logs.
+    pub fn verb(&self) -> &'static str {
+        match &self.intent {
+            Intent::Account(Command::Open(_)) => "open",
+            Intent::Account(Command::Deposit { .. }) => "deposit",
+            Intent::Account(Command::Withdraw { .. }) => "withdraw",
+            Intent::Account(Command::Close) => "close",
+            Intent::Transfer(_) => "transfer",
+        }
+    }
 }
 
 fn invalid(detail: impl Into<String>) -> Error {
     Error::InvalidRequest(detail.into())
 }
 
-/// Parses a JSON object body. An empty body counts as `{}` only where `empty_allowed`.
-fn object(body: &[u8], empty_allowed: bool) -> Result<Map<String, Value>> {
+/// Parses a JSON object body whose fields are all among `fields`: a field the operation does not
+/// define is refused by name (contract v2: strict bodies), so a client never believes a field was
+/// honoured when it was not. An empty body counts as `{}` only where `empty_allowed`.
+fn object(body: &[u8], fields: &[&str], empty_allowed: bool) -> Result<Map<String, Value>> {
     if empty_allowed && body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(invalid("the body must be a JSON object")),
-        Err(error) => Err(invalid(format!("malformed JSON: {error}"))),
+    let map = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => map,
+        Ok(_) => return Err(invalid("the body must be a JSON object")),
+        Err(error) => return Err(invalid(format!("malformed JSON: {error}"))),
+    };
+    if let Some(unknown) = map.keys().find(|key| !fields.contains(&key.as_str())) {
+        return Err(invalid(format!(
+            "unknown field {unknown:?}: this operation takes {}",
+            if fields.is_empty() {
+                "no fields".to_owned()
+            } else {
+                fields.join(", ")
+            }
+        )));
     }
+    Ok(map)
 }
 
 fn integer(map: &Map<String, Value>, field: &str) -> Result<Option<i128>> {
@@ -125,7 +182,11 @@ pub fn open(
     addressed: Option<&str>,
     key: Option<&IdempotencyKey>,
 ) -> Result<(AccountId, Command)> {
-    let map = object(body, false)?;
+    let map = object(
+        body,
+        &["account_id", "currency", "owner", "overdraft_limit"],
+        false,
+    )?;
     let currency = match map.get("currency") {
         Some(Value::String(code)) => Currency::parse(code).map_err(|e| invalid(e.to_string()))?,
         Some(_) => return Err(invalid("currency must be a string")),
@@ -155,7 +216,7 @@ pub fn open(
 
 /// `deposit`: `{"amount", "reference"?}`.
 pub fn deposit(body: &[u8]) -> Result<Command> {
-    let map = object(body, false)?;
+    let map = object(body, &["amount", "reference"], false)?;
     Ok(Command::Deposit {
         amount: amount(&map)?,
         reference: free_text(&map, "reference")?,
@@ -164,7 +225,7 @@ pub fn deposit(body: &[u8]) -> Result<Command> {
 
 /// `withdraw`: `{"amount", "reference"?}`.
 pub fn withdraw(body: &[u8]) -> Result<Command> {
-    let map = object(body, false)?;
+    let map = object(body, &["amount", "reference"], false)?;
     Ok(Command::Withdraw {
         amount: amount(&map)?,
         reference: free_text(&map, "reference")?,
@@ -177,8 +238,12 @@ pub fn transfer(
     body: &[u8],
     addressed: Option<&str>,
     key: Option<&IdempotencyKey>,
-) -> Result<(AccountId, Command)> {
-    let map = object(body, false)?;
+) -> Result<(AccountId, Transfer)> {
+    let map = object(
+        body,
+        &["transfer_id", "from", "to", "amount", "reference"],
+        false,
+    )?;
     let from = match (addressed, text(&map, "from")?) {
         (Some(addressed), body_from) => {
             let id = account_id(addressed)?;
@@ -196,18 +261,18 @@ pub fn transfer(
         (None, None) => TransferId::parse(&uuid::Uuid::now_v7().simple().to_string())
             .map_err(|error| invalid(error.to_string()))?,
     };
-    let command = Command::DebitTransfer {
+    let transfer = Transfer {
         transfer_id,
         to,
         amount: amount(&map)?,
         reference: free_text(&map, "reference")?,
     };
-    Ok((from, command))
+    Ok((from, transfer))
 }
 
 /// `close`: an empty body or `{}`.
 pub fn close(body: &[u8]) -> Result<Command> {
-    object(body, true)?;
+    object(body, &[], true)?;
     Ok(Command::Close)
 }
 
@@ -279,5 +344,20 @@ mod tests {
         assert!(close(b"").is_ok());
         assert!(close(b"{}").is_ok());
         assert!(close(b"{x").is_err());
+        assert!(close(br#"{"force":true}"#).is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let refused = |result: Result<Command>| match result {
+            Err(Error::InvalidRequest(detail)) => detail,
+            other => panic!("accepted: {other:?}"),
+        };
+        let detail = refused(deposit(br#"{"amount":5,"account_id":"other"}"#));
+        assert!(detail.contains("account_id"), "{detail}");
+        assert!(refused(withdraw(br#"{"amount":5,"memo":"x"}"#)).contains("memo"));
+        let misspelt = transfer(br#"{"from":"a","to":"b","amount":1,"amout":2}"#, None, None);
+        assert!(matches!(misspelt, Err(Error::InvalidRequest(detail)) if detail.contains("amout")));
+        assert!(open(br#"{"currency":"EUR","limit":5}"#, None, None).is_err());
     }
 }

@@ -1,5 +1,4 @@
-//! Wiring of the writer process: NATS, the stream, actors, process manager, both APIs, and a
-//! graceful shutdown.
+//! Wiring of the writer process: NATS, the stream, actors, both APIs, and a graceful shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,12 +8,11 @@ use std::time::Duration;
 use eventlog::{EventLog, NatsSettings, StreamSettings};
 use tokio::sync::watch;
 
-use crate::actor::ActorContext;
+use crate::actor::{AccountStates, ActorContext};
 use crate::http::{self, AppState};
-use crate::idempotency::{AnswerStore, TransferIdClaims};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistrySettings};
-use crate::{nats_api, transfers, Error, Result};
+use crate::{nats_api, Error, Result};
 
 /// Everything the writer is configured with.
 #[derive(Debug, Clone)]
@@ -24,11 +22,11 @@ pub struct WriterConfig {
     pub http_address: SocketAddr,
     pub stream: StreamSettings,
     pub registry: RegistrySettings,
-    /// Whether this writer runs the transfer process manager. Default true; every writer can.
-    pub process_transfers: bool,
+    /// Failpoint for tests: every command waits this long in its actor before it is looked at.
+    pub failpoint_actor_delay: Option<Duration>,
 }
 
-/// Pause between attempts to set up the stream and bucket while NATS is not reachable.
+/// Pause between attempts to set up the stream while NATS is not reachable.
 const SETUP_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// In-flight requests get this long to finish after a shutdown signal: the contract gives 10 s
 /// to exit, and flushing NATS needs a moment after.
@@ -97,8 +95,7 @@ pub async fn run(
     Ok(())
 }
 
-/// Sets up the stream, bucket and actors (retrying while NATS is away), then starts the
-/// process manager and the NATS API.
+/// Sets up the stream and actors (retrying while NATS is away), then starts the NATS API.
 async fn set_up(
     config: WriterConfig,
     log: EventLog,
@@ -115,16 +112,8 @@ async fn set_up(
             }
         }
     };
-    let _ = registry_cell.set(registry.clone());
+    let _ = registry_cell.set(registry);
     tracing::info!("writer ready");
-    if config.process_transfers {
-        tokio::spawn(transfers::run(
-            log.clone(),
-            registry.clone(),
-            metrics.clone(),
-            stop.clone(),
-        ));
-    }
     loop {
         match nats_api::serve(log.client().clone(), registry_cell.clone(), stop.clone()).await {
             Ok(()) => return,
@@ -146,13 +135,11 @@ async fn try_set_up(
         .ensure(log.context())
         .await
         .map_err(|error| Error::Unavailable(error.to_string()))?;
-    let answers = AnswerStore::open(log.context(), config.stream.replicas).await?;
-    let transfer_ids = TransferIdClaims::open(log.context(), config.stream.replicas).await?;
     let context = Arc::new(ActorContext {
         log: log.clone(),
-        answers,
-        transfer_ids,
         metrics: metrics.clone(),
+        states: AccountStates::default(),
+        failpoint_delay: config.failpoint_actor_delay,
     });
     Registry::start(context, config.registry.clone()).await
 }

@@ -9,11 +9,10 @@ use domain::AccountId;
 use eventlog::{EventLog, NatsSettings, StreamSettings};
 use serde_json::{json, Value};
 use testkit::NatsServer;
-use writer::actor::ActorContext;
-use writer::idempotency::{AnswerStore, TransferIdClaims};
+use writer::actor::{AccountStates, ActorContext};
 use writer::metrics::Metrics;
 use writer::registry::{Registry, RegistrySettings};
-use writer::request::CommandRequest;
+use writer::request::{CommandRequest, Intent};
 use writer::WriterConfig;
 
 /// A writer running in this process on its own port, stopped on drop.
@@ -37,7 +36,16 @@ impl Reply {
 }
 
 impl TestWriter {
-    async fn start(nats_url: &str, registry: RegistrySettings, process_transfers: bool) -> Self {
+    async fn start(nats_url: &str, registry: RegistrySettings) -> Self {
+        Self::start_with(nats_url, registry, StreamSettings::default(), None).await
+    }
+
+    async fn start_with(
+        nats_url: &str,
+        registry: RegistrySettings,
+        stream: StreamSettings,
+        failpoint_actor_delay: Option<Duration>,
+    ) -> Self {
         let port = testkit::free_port();
         let config = WriterConfig {
             nats: NatsSettings {
@@ -46,9 +54,9 @@ impl TestWriter {
                 ..Default::default()
             },
             http_address: format!("127.0.0.1:{port}").parse().unwrap(),
-            stream: StreamSettings::default(),
+            stream,
             registry,
-            process_transfers,
+            failpoint_actor_delay,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -183,8 +191,7 @@ fn unique(prefix: &str) -> String {
 #[tokio::test]
 async fn every_command_status_code_of_the_contract() {
     let nats = NatsServer::start();
-    // Without the process manager transfers stay pending, which `transfer_pending` needs.
-    let writer = TestWriter::start(&nats.url(), RegistrySettings::default(), false).await;
+    let writer = TestWriter::start(&nats.url(), RegistrySettings::default()).await;
     let a = unique("a");
     let b = unique("b");
 
@@ -238,8 +245,8 @@ async fn every_command_status_code_of_the_contract() {
             None,
         )
         .await;
-    assert_eq!(transfer.status, 202);
-    assert_eq!(transfer.body["status"], "pending");
+    assert_eq!(transfer.status, 201);
+    assert_eq!(transfer.body["status"], "completed");
     assert_eq!(transfer.headers["location"], "/v1/transfers/t-1");
     let reused = writer
         .post(
@@ -259,23 +266,60 @@ async fn every_command_status_code_of_the_contract() {
             None,
         )
         .await;
-    assert_eq!((retried.status, &retried.body), (202, &transfer.body));
+    assert_eq!((retried.status, &retried.body), (201, &transfer.body));
+    assert_eq!(retried.headers["location"], "/v1/transfers/t-1");
 
-    let pending = writer
+    // Both sides moved at once: a has 0 and can close, b has the 70.
+    let closed_a = writer
         .post(&format!("/v1/accounts/{a}/close"), json!({}), None)
         .await;
-    assert_eq!((pending.status, pending.code()), (422, "transfer_pending"));
+    assert_eq!(closed_a.status, 200, "{:?}", closed_a.body);
     let not_zero = writer
         .post(&format!("/v1/accounts/{b}/close"), json!({}), None)
         .await;
     assert_eq!(
-        not_zero.status, 200,
-        "b has balance 0 (credit not processed): {:?}",
-        not_zero.body
+        (not_zero.status, not_zero.code()),
+        (422, "balance_not_zero")
     );
-    let closed = writer.deposit(&b, 5, None).await;
+    let closed = writer.deposit(&a, 5, None).await;
     assert_eq!((closed.status, closed.code()), (409, "account_closed"));
-    writer.deposit(&a, 5, None).await;
+    let to_closed = writer
+        .post(
+            "/v1/transfers",
+            json!({"from": b, "to": a, "amount": 1}),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (to_closed.status, to_closed.code()),
+        (409, "account_closed")
+    );
+    let to_nobody = writer
+        .post(
+            "/v1/transfers",
+            json!({"from": b, "to": unique("ghost"), "amount": 1}),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (to_nobody.status, to_nobody.code()),
+        (404, "account_not_found")
+    );
+    let unknown_field = writer
+        .post(
+            &format!("/v1/accounts/{b}/deposits"),
+            json!({"amount": 5, "account_id": "other"}),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (unknown_field.status, unknown_field.code()),
+        (400, "invalid_request")
+    );
+    assert!(unknown_field.body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("account_id"));
 
     let c = unique("c");
     writer.open(&c, 0).await;
@@ -321,7 +365,7 @@ async fn every_command_status_code_of_the_contract() {
 #[tokio::test]
 async fn idempotent_retry_in_process_after_restart_and_through_another_writer() {
     let nats = NatsServer::start();
-    let first = TestWriter::start(&nats.url(), RegistrySettings::default(), true).await;
+    let first = TestWriter::start(&nats.url(), RegistrySettings::default()).await;
     let a = unique("idem");
     first.open(&a, 0).await;
     let key = unique("k");
@@ -340,7 +384,7 @@ async fn idempotent_retry_in_process_after_restart_and_through_another_writer() 
     first.deposit(&a, 10_000, None).await;
     first.stop().await;
 
-    let restarted = TestWriter::start(&nats.url(), RegistrySettings::default(), true).await;
+    let restarted = TestWriter::start(&nats.url(), RegistrySettings::default()).await;
     let after_restart = restarted.deposit(&a, 250, Some(&key)).await;
     assert_eq!(
         (after_restart.status, &after_restart.body),
@@ -352,7 +396,7 @@ async fn idempotent_retry_in_process_after_restart_and_through_another_writer() 
         (422, "insufficient_funds")
     );
 
-    let second = TestWriter::start(&nats.url(), RegistrySettings::default(), true).await;
+    let second = TestWriter::start(&nats.url(), RegistrySettings::default()).await;
     let through_second = second.deposit(&a, 250, Some(&key)).await;
     assert_eq!(
         (through_second.status, &through_second.body),
@@ -407,8 +451,8 @@ impl TestWriter {
 async fn two_writers_hammering_the_same_accounts_lose_no_update() {
     let nats = NatsServer::start();
     let writers = Arc::new([
-        TestWriter::start(&nats.url(), RegistrySettings::default(), false).await,
-        TestWriter::start(&nats.url(), RegistrySettings::default(), false).await,
+        TestWriter::start(&nats.url(), RegistrySettings::default()).await,
+        TestWriter::start(&nats.url(), RegistrySettings::default()).await,
     ]);
     let accounts: Vec<String> = (0..4).map(|_| unique("hot")).collect();
     for account in &accounts {
@@ -472,7 +516,7 @@ async fn passivation_under_a_low_actor_cap_keeps_balances_right() {
         idle_timeout: Duration::from_millis(100),
         ..Default::default()
     };
-    let writer = TestWriter::start(&nats.url(), settings, false).await;
+    let writer = TestWriter::start(&nats.url(), settings).await;
     let accounts: Vec<String> = (0..12).map(|_| unique("cold")).collect();
     for account in &accounts {
         writer.open(account, 0).await;
@@ -497,7 +541,7 @@ async fn passivation_under_a_low_actor_cap_keeps_balances_right() {
 #[tokio::test]
 async fn nats_down_gives_503_quickly_and_recovers_without_a_restart() {
     let mut nats = NatsServer::start();
-    let writer = TestWriter::start(&nats.url(), RegistrySettings::default(), false).await;
+    let writer = TestWriter::start(&nats.url(), RegistrySettings::default()).await;
     let a = unique("outage");
     writer.open(&a, 0).await;
     writer.deposit(&a, 10, None).await;
@@ -552,30 +596,31 @@ async fn a_crashed_actor_is_replaced_and_loses_no_acknowledged_state() {
     let log = EventLog::open(client, &StreamSettings::default())
         .await
         .unwrap();
-    let answers = AnswerStore::open(log.context(), 1).await.unwrap();
-    let transfer_ids = TransferIdClaims::open(log.context(), 1).await.unwrap();
     let metrics = Arc::new(Metrics::default());
     let context = Arc::new(ActorContext {
         log,
-        answers,
-        transfer_ids,
         metrics: metrics.clone(),
+        states: AccountStates::default(),
+        failpoint_delay: None,
     });
     let registry = Registry::start(context, RegistrySettings::default())
         .await
         .unwrap();
     let account = AccountId::parse(&unique("crash")).unwrap();
-    let request = |body: &[u8], open: bool| CommandRequest {
-        account_id: account.clone(),
-        command: if open {
+    let request = |body: &[u8], open: bool| {
+        let command = if open {
             writer::request::open(body, Some(account.as_str()), None)
                 .unwrap()
                 .1
         } else {
             writer::request::deposit(body).unwrap()
-        },
-        idempotency_key: None,
-        correlation_id: "test".into(),
+        };
+        CommandRequest::new(
+            account.clone(),
+            Intent::Account(command),
+            None,
+            "test".into(),
+        )
     };
     registry
         .execute(request(br#"{"currency":"EUR"}"#, true))
@@ -605,8 +650,8 @@ async fn a_crashed_actor_is_replaced_and_loses_no_acknowledged_state() {
 #[tokio::test]
 async fn a_refusal_is_never_decided_on_a_stale_cache() {
     let nats = NatsServer::start();
-    let first = TestWriter::start(&nats.url(), RegistrySettings::default(), false).await;
-    let second = TestWriter::start(&nats.url(), RegistrySettings::default(), false).await;
+    let first = TestWriter::start(&nats.url(), RegistrySettings::default()).await;
+    let second = TestWriter::start(&nats.url(), RegistrySettings::default()).await;
     let a = unique("stale");
     first.open(&a, 0).await; // the first writer's actor now holds a balance of 0
     assert_eq!(second.deposit(&a, 100, None).await.status, 200);
@@ -627,7 +672,7 @@ async fn a_refusal_is_never_decided_on_a_stale_cache() {
 #[tokio::test]
 async fn a_transfer_id_belongs_to_the_first_sender() {
     let nats = NatsServer::start();
-    let writer = TestWriter::start(&nats.url(), RegistrySettings::default(), false).await;
+    let writer = TestWriter::start(&nats.url(), RegistrySettings::default()).await;
     let (a, b, c) = (unique("a"), unique("b"), unique("c"));
     for account in [&a, &b, &c] {
         writer.open(account, 0).await;
@@ -641,7 +686,7 @@ async fn a_transfer_id_belongs_to_the_first_sender() {
             None,
         )
         .await;
-    assert_eq!(first.status, 202);
+    assert_eq!(first.status, 201);
     let other_sender = writer
         .post(
             "/v1/transfers",
@@ -663,7 +708,7 @@ async fn a_transfer_id_belongs_to_the_first_sender() {
 #[tokio::test]
 async fn every_documented_route_is_served_and_the_document_is_served_too() {
     let nats = NatsServer::start();
-    let writer = TestWriter::start(&nats.url(), RegistrySettings::default(), false).await;
+    let writer = TestWriter::start(&nats.url(), RegistrySettings::default()).await;
     for (method, path) in writer::openapi::ROUTES {
         let url = format!("{}{}", writer.url, path.replace("{id}", "nobody"));
         let response = match *method {
@@ -706,7 +751,6 @@ async fn every_documented_route_is_served_and_the_document_is_served_too() {
         "account_closed",
         "insufficient_funds",
         "balance_not_zero",
-        "transfer_pending",
         "same_account",
         "idempotency_key_reused",
         "payload_too_large",
@@ -716,4 +760,229 @@ async fn every_documented_route_is_served_and_the_document_is_served_too() {
     ] {
         assert!(text.contains(code), "{code} undocumented");
     }
+}
+
+/// Every event of the stream, in order.
+async fn stored_events(nats_url: &str) -> Vec<eventlog::RecordedEvent> {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let log = EventLog::new(client, &StreamSettings::default());
+    let mut events = Vec::new();
+    loop {
+        let after = events
+            .last()
+            .map_or(0, |event: &eventlog::RecordedEvent| event.position);
+        let page = log.read_after(after, 1_000).await.unwrap();
+        if page.is_empty() {
+            return events;
+        }
+        events.extend(page);
+    }
+}
+
+#[tokio::test]
+async fn transfers_racing_the_receivers_opening_through_slow_actors_are_all_or_nothing() {
+    // Two writers whose actors take 100 ms per command, with a 300 ms deadline: most queued
+    // transfers outlive their deadline. Meanwhile the receiver is being opened. The old saga
+    // could refund a transfer and later credit it; here every transfer must be wholly applied
+    // or wholly absent, and nothing may be appended for a command after its deadline.
+    let nats = NatsServer::start();
+    let deadline = Duration::from_millis(300);
+    let slow = Some(Duration::from_millis(100));
+    let settings = || RegistrySettings {
+        call_timeout: deadline,
+        ..Default::default()
+    };
+    let writers = Arc::new([
+        TestWriter::start_with(&nats.url(), settings(), StreamSettings::default(), slow).await,
+        TestWriter::start_with(&nats.url(), settings(), StreamSettings::default(), slow).await,
+    ]);
+    let senders: Vec<String> = (0..2).map(|_| unique("sender")).collect();
+    for sender in &senders {
+        assert_eq!(writers[0].open(sender, 0).await.status, 201);
+        assert_eq!(writers[0].deposit(sender, 10_000, None).await.status, 200);
+    }
+    let receiver = unique("receiver");
+    let mut tasks = Vec::new();
+    for index in 0..40usize {
+        let (task_writers, sender, to) = (
+            writers.clone(),
+            senders[index % 2].clone(),
+            receiver.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let writers = task_writers;
+            let receiver = to;
+            let transfer_id = format!("race-{index}-{}", uuid::Uuid::now_v7().simple());
+            let sent = time::OffsetDateTime::now_utc();
+            let reply = writers[index % 2]
+                .post(
+                    "/v1/transfers",
+                    json!({"transfer_id": transfer_id, "from": sender, "to": receiver, "amount": 10}),
+                    None,
+                )
+                .await;
+            (transfer_id, sent, reply.status, reply.code().to_owned())
+        }));
+        if index == 10 {
+            let (writers, receiver) = (writers.clone(), receiver.clone());
+            tasks.push(tokio::spawn(async move {
+                let reply = writers[1].open(&receiver, 0).await;
+                (
+                    "open".to_owned(),
+                    time::OffsetDateTime::now_utc(),
+                    reply.status,
+                    reply.code().to_owned(),
+                )
+            }));
+        }
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+    let opened = outcomes
+        .iter()
+        .any(|(id, _, status, _)| id == "open" && *status == 201);
+    if !opened {
+        // The open itself may have expired in the slow queue; open it now.
+        assert_eq!(writers[0].open(&receiver, 0).await.status, 201);
+    }
+    let events = stored_events(&nats.url()).await;
+    let mut debits = std::collections::HashMap::new();
+    let mut credits = std::collections::HashMap::new();
+    for event in &events {
+        match &event.event {
+            domain::Event::TransferDebited { transfer_id, .. } => {
+                debits.insert(transfer_id.to_string(), event.time);
+            }
+            domain::Event::TransferCredited { transfer_id, .. } => {
+                credits.insert(transfer_id.to_string(), event.time);
+            }
+            _ => {}
+        }
+    }
+    let mut expired = 0;
+    for (transfer_id, sent, status, code) in outcomes.iter().filter(|(id, ..)| id != "open") {
+        let debited = debits.get(transfer_id);
+        assert_eq!(
+            debited.is_some(),
+            credits.contains_key(transfer_id),
+            "{transfer_id} is half applied"
+        );
+        match (*status, code.as_str()) {
+            (201, _) => assert!(debited.is_some(), "{transfer_id} acknowledged but absent"),
+            (404, "account_not_found") => {
+                assert!(debited.is_none(), "{transfer_id} refused but applied")
+            }
+            (503, "outcome_unknown" | "unavailable") => expired += 1,
+            other => panic!("{transfer_id}: unexpected answer {other:?}"),
+        }
+        if let Some(stored) = debited {
+            // Appends are sent before the deadline; the ack arrives within a few milliseconds.
+            let latest = *sent + deadline + Duration::from_millis(500);
+            assert!(
+                *stored <= latest,
+                "{transfer_id} was stored at {stored}, after its deadline ({latest})"
+            );
+        }
+    }
+    assert!(
+        expired > 0,
+        "no command outlived its deadline; the test proves nothing"
+    );
+    // Money is conserved: 20 000 deposited, moved only by whole transfers.
+    let moved = 10 * debits.len() as i64;
+    let mut total = 0;
+    for (writer_index, account) in senders.iter().chain([&receiver]).enumerate() {
+        let reply = writers[writer_index % 2].deposit(account, 1, None).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        total += reply.body["balance"].as_i64().unwrap() - 1;
+    }
+    assert_eq!(total, 20_000);
+    let receiver_balance = writers[0].deposit(&receiver, 1, None).await.body["balance"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(receiver_balance, moved + 2);
+    let expired_in_actors = writers[0]
+        .metric("coffer_writer_commands_expired_total")
+        .await
+        + writers[1]
+            .metric("coffer_writer_commands_expired_total")
+            .await;
+    assert!(
+        expired_in_actors > 0.0,
+        "no actor skipped an expired command"
+    );
+}
+
+#[tokio::test]
+async fn idempotency_holds_past_the_duplicate_window_for_any_number_of_keys() {
+    let nats = NatsServer::start();
+    let stream = StreamSettings {
+        duplicate_window: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let writer = TestWriter::start_with(
+        &nats.url(),
+        RegistrySettings::default(),
+        stream.clone(),
+        None,
+    )
+    .await;
+    let account = unique("merchant");
+    writer.open(&account, 0).await;
+    let first = writer.deposit(&account, 5, Some("key-0")).await;
+    assert_eq!(first.status, 200);
+    let refused = writer
+        .withdraw_keyed(&account, 1_000_000, "refused-key")
+        .await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (422, "insufficient_funds")
+    );
+    // More keyed commands than any in-memory key window would hold.
+    let writer = Arc::new(writer);
+    let mut tasks = Vec::new();
+    for client in 0..16usize {
+        let (writer, account) = (writer.clone(), account.clone());
+        tasks.push(tokio::spawn(async move {
+            for index in (1 + client..=10_000).step_by(16) {
+                let reply = writer
+                    .deposit(&account, 1, Some(&format!("key-{index}")))
+                    .await;
+                assert_eq!(reply.status, 200, "{:?}", reply.body);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let writer = Arc::into_inner(writer).unwrap();
+    writer.stop().await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // past the server's duplicate window
+    let restarted =
+        TestWriter::start_with(&nats.url(), RegistrySettings::default(), stream, None).await;
+    let before = stored_events(&nats.url()).await.len();
+    let retried = restarted.deposit(&account, 5, Some("key-0")).await;
+    assert_eq!((retried.status, &retried.body), (200, &first.body));
+    let refused_again = restarted
+        .withdraw_keyed(&account, 1_000_000, "refused-key")
+        .await;
+    assert_eq!(
+        (refused_again.status, &refused_again.body),
+        (422, &refused.body)
+    );
+    let reused = restarted.deposit(&account, 6, Some("key-0")).await;
+    assert_eq!(
+        (reused.status, reused.code()),
+        (409, "idempotency_key_reused")
+    );
+    assert_eq!(
+        stored_events(&nats.url()).await.len(),
+        before,
+        "a retry appended"
+    );
+    let balance = restarted.deposit(&account, 1, None).await.body["balance"].as_i64();
+    assert_eq!(balance, Some(5 + 10_000 + 1));
+    restarted.stop().await;
 }
