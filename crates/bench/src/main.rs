@@ -159,51 +159,61 @@ async fn deposits(writer: &str, clients: usize, per_client: usize, one_account: 
     summary(latencies, started.elapsed())
 }
 
-/// Time from a transfer's 202 to its `transfer_credited` event, one transfer at a time.
-async fn transfer_completion(writer: &str, nats_url: &str, transfers: usize) -> String {
+/// Transfers (one atomic batch each: debit, credit, transfer-id marker) from `clients`
+/// concurrent clients, each between its own two accounts: the latency of a 201, comparable to a
+/// deposit's in the same run.
+async fn transfers(writer: &str, clients: usize, per_client: usize) -> String {
     let http = reqwest::Client::new();
-    let nats = async_nats::connect(nats_url).await.unwrap();
-    let mut credited = nats
-        .subscribe("coffer.events.*.transfer_credited")
-        .await
-        .unwrap();
-    let (from, to) = (
-        format!("tf-{}", uuid::Uuid::now_v7().simple()),
-        format!("tt-{}", uuid::Uuid::now_v7().simple()),
+    let bar = progress(
+        (clients * per_client) as u64,
+        &format!("transfers, {clients} clients"),
     );
-    for id in [&from, &to] {
-        post(
-            &http,
-            format!("{writer}/v1/accounts"),
-            json!({"account_id": id, "currency": "EUR"}),
-        )
-        .await;
-    }
-    post(
-        &http,
-        format!("{writer}/v1/accounts/{from}/deposits"),
-        json!({"amount": 1_000_000}),
-    )
-    .await;
-    let bar = progress(transfers as u64, "transfer completion (light load)");
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (http, writer, bar) = (http.clone(), writer.to_string(), bar.clone());
+            tokio::spawn(async move {
+                let (from, to) = (
+                    format!("tf-{}", uuid::Uuid::now_v7().simple()),
+                    format!("tt-{}", uuid::Uuid::now_v7().simple()),
+                );
+                for id in [&from, &to] {
+                    post(
+                        &http,
+                        format!("{writer}/v1/accounts"),
+                        json!({"account_id": id, "currency": "EUR"}),
+                    )
+                    .await;
+                }
+                post(
+                    &http,
+                    format!("{writer}/v1/accounts/{from}/deposits"),
+                    json!({"amount": 1_000_000}),
+                )
+                .await;
+                let mut latencies = Vec::with_capacity(per_client);
+                for _ in 0..per_client {
+                    let begun = Instant::now();
+                    let answer = post(
+                        &http,
+                        format!("{writer}/v1/transfers"),
+                        json!({"from": from, "to": to, "amount": 1}),
+                    )
+                    .await;
+                    assert_eq!(answer["status"], "completed", "{answer}");
+                    latencies.push(begun.elapsed());
+                    bar.inc(1);
+                }
+                latencies
+            })
+        })
+        .collect();
     let mut latencies = Vec::new();
-    for _ in 0..transfers {
-        post(
-            &http,
-            format!("{writer}/v1/transfers"),
-            json!({"from": from, "to": to, "amount": 1}),
-        )
-        .await;
-        let accepted = Instant::now();
-        tokio::time::timeout(Duration::from_secs(10), credited.next())
-            .await
-            .unwrap()
-            .unwrap();
-        latencies.push(accepted.elapsed());
-        bar.inc(1);
+    for task in tasks {
+        latencies.extend(task.await.unwrap());
     }
     bar.finish_and_clear();
-    latency_summary(latencies)
+    summary(latencies, started.elapsed())
 }
 
 /// Read-your-writes: a read with `min_position` right after each write, against a plain read.
@@ -369,8 +379,12 @@ async fn main() -> anyhow::Result<()> {
         deposits(&w, 16, 60 * scale, true).await,
     );
     results.add(
-        "transfer completion (202 -> transfer_credited), light load",
-        transfer_completion(&w, &nats.url(), 200 * scale).await,
+        "transfer (atomic, 201 completed), 1 client",
+        transfers(&w, 1, 500 * scale).await,
+    );
+    results.add(
+        "transfer (atomic, 201 completed), 16 clients, 16 account pairs",
+        transfers(&w, 16, 200 * scale).await,
     );
     let (waiting, plain) = read_your_writes(&w, &r, 300 * scale).await;
     results.add(
