@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use domain::AccountId;
-use eventlog::{EventLog, StreamSettings};
+use domain::{AccountId, Amount, Currency, Event, OpenAccount, OverdraftLimit, TransferId};
+use eventlog::{Entry, EventLog, EventMetadata, StreamSettings};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
@@ -267,6 +267,82 @@ async fn append_bulk(log: &Arc<EventLog>, accounts: usize, per_account: usize) -
     ids
 }
 
+/// The raw JetStream cost of what a command appends, one append at a time on two fresh
+/// accounts: a single publish with its concurrency check (a deposit's event) against an atomic
+/// batch of two checked events and a marker (a transfer). The writer's figures sit on top.
+async fn append_baseline(log: &EventLog, appends: usize) -> (String, String) {
+    let metadata = EventMetadata {
+        command_id: "bench".into(),
+        correlation_id: "bench".into(),
+    };
+    let deposit = || Event::Deposited {
+        amount: Amount::new(1).unwrap(),
+        reference: None,
+    };
+    let opened = Event::AccountOpened(OpenAccount {
+        currency: Currency::parse("EUR").unwrap(),
+        owner: None,
+        overdraft_limit: OverdraftLimit::default(),
+    });
+    let (a, b) = (
+        AccountId::parse(&format!("raw-a-{}", uuid::Uuid::now_v7().simple())).unwrap(),
+        AccountId::parse(&format!("raw-b-{}", uuid::Uuid::now_v7().simple())).unwrap(),
+    );
+    let mut last_a = log
+        .append(&a, 0, &opened, &metadata)
+        .await
+        .unwrap()
+        .last_position;
+    let mut last_b = log
+        .append(&b, 0, &opened, &metadata)
+        .await
+        .unwrap()
+        .last_position;
+    let bar = progress((2 * appends) as u64, "raw appends");
+    let mut single = Vec::with_capacity(appends);
+    for _ in 0..appends {
+        let begun = Instant::now();
+        last_a = log
+            .append(&a, last_a, &deposit(), &metadata)
+            .await
+            .unwrap()
+            .last_position;
+        single.push(begun.elapsed());
+        bar.inc(1);
+    }
+    let mut batches = Vec::with_capacity(appends);
+    for _ in 0..appends {
+        let transfer_id = TransferId::parse(&uuid::Uuid::now_v7().simple().to_string()).unwrap();
+        let batch = [
+            Entry::Event {
+                account: a.clone(),
+                expected_last_position: last_a,
+                event: deposit(),
+                metadata: metadata.clone(),
+            },
+            Entry::Event {
+                account: b.clone(),
+                expected_last_position: last_b,
+                event: deposit(),
+                metadata: metadata.clone(),
+            },
+            Entry::Marker {
+                subject: eventlog::subject::transfer_marker(&transfer_id),
+                payload: vec![0],
+                ttl: None,
+            },
+        ];
+        let begun = Instant::now();
+        let appended = log.append_atomic(&batch).await.unwrap();
+        batches.push(begun.elapsed());
+        last_a = appended.position_of(0);
+        last_b = appended.position_of(1);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    (latency_summary(single), latency_summary(batches))
+}
+
 /// Loading one account's history: batched direct get (what the actors use) against an
 /// ordered consumer.
 async fn history_load(log: &EventLog, account: &AccountId, repeats: usize) -> (String, String) {
@@ -403,6 +479,12 @@ async fn main() -> anyhow::Result<()> {
     let (direct, ordered) = history_load(&log, &short[0], 100).await;
     results.add("history load, batched direct get, 10 events", direct);
     results.add("history load, ordered consumer, 10 events", ordered);
+    let (single, batch) = append_baseline(&log, 300).await;
+    results.add("raw JetStream: one checked publish (R1)", single);
+    results.add(
+        "raw JetStream: atomic batch, 2 checked events + marker (R1)",
+        batch,
+    );
 
     // Catch-up: a new reader applies the whole stream from scratch.
     append_bulk(&log, 100, 200 * scale).await;
