@@ -307,6 +307,31 @@ async fn bank_workload_conserves_money_through_a_writer_crash() {
     }
     let last = events.last().unwrap().position;
     assert_views_equal_replay(&http, &reader.url(), &replay, last).await;
+    // The reader's conservation audit agrees, and every account's hash chain is intact.
+    let audit = http
+        .get(&format!("{}/v1/audit?min_position={last}", reader.url()))
+        .await
+        .unwrap();
+    assert_eq!(audit.status, 200, "{:?}", audit.body);
+    assert_eq!(audit.body["balanced"], true, "{:?}", audit.body);
+    assert_eq!(
+        audit.body["currencies"]["EUR"]["balances"].as_i64(),
+        Some(seeded)
+    );
+    let breaks = http
+        .metric(&reader.url(), "coffer_reader_chain_breaks_total")
+        .await;
+    assert_eq!(breaks, Some(0.0), "the reader found chain breaks");
+    let verify = std::process::Command::new(testkit::coffer_binary())
+        .args(["verify"])
+        .env("COFFER_NATS_URL", nats.url())
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "coffer verify: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
     println!(
         "bank: {} acknowledged, {} refused ({} for the receiver), {} unknown, {} retried acknowledged, {} events",
         ledger.acknowledged.len(),

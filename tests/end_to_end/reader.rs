@@ -297,7 +297,9 @@ async fn every_documented_query_route_is_served() {
             ))
             .await
             .unwrap();
-        assert_eq!(reply.status, 404, "{path}");
+        // Routes with an id answer 404 for an unknown one; the audit always answers.
+        let expected = if path.contains("{id}") { 404 } else { 200 };
+        assert_eq!(reply.status, expected, "{path}");
         assert_ne!(reply.code(), "not_found", "{path} is not routed");
     }
     let document = http

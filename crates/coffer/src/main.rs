@@ -23,7 +23,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Commands {
-    /// Command side: account actors, HTTP and NATS command APIs, transfer process manager.
+    /// Command side: account actors, atomic transfers, HTTP and NATS command APIs.
     Writer(WriterArgs),
     /// Query side: projections in redb served over HTTP.
     Reader(ReaderArgs),
@@ -32,6 +32,18 @@ enum Commands {
     Decode,
     /// Prints the OpenAPI document of both HTTP APIs (also in docs/openapi.json).
     Openapi,
+    /// Recomputes the hash chains (`Coffer-Chain`) from the stream and prints, per broken
+    /// account, the first position that does not match; exits 1 if any.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Verify one account only (default: the whole stream, with a progress bar).
+    #[arg(long)]
+    account: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -213,11 +225,100 @@ fn decode() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Most events read per page while verifying.
+const VERIFY_PAGE_SIZE: usize = 1_000;
+/// How long `coffer verify` waits for its NATS connection.
+const VERIFY_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `coffer verify`: returns whether every chain is intact.
+async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
+    let client = args
+        .nats
+        .settings("coffer-verify")
+        .connect()
+        .await
+        .context("connect to NATS")?;
+    // The connection is made in the background (services start before NATS does); a one-shot
+    // command waits for it instead.
+    let connected_by = tokio::time::Instant::now() + VERIFY_CONNECT_TIMEOUT;
+    while client.connection_state() != async_nats::connection::State::Connected {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < connected_by,
+            "could not connect to NATS within {VERIFY_CONNECT_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let log = eventlog::EventLog::new(client, &args.nats.stream());
+    let mut verifier = eventlog::chain::Verifier::default();
+    let mut check = |recorded: &eventlog::RecordedEvent| {
+        verifier.check(
+            recorded.account_id.as_str(),
+            recorded.position,
+            recorded.event.event_type(),
+            recorded.version,
+            &recorded.payload,
+            recorded.chain.as_deref(),
+        );
+    };
+    match &args.account {
+        Some(account) => {
+            let account = domain::AccountId::parse(account).context("account id")?;
+            for recorded in log
+                .load_account(&account, 0)
+                .await
+                .context("read the account")?
+            {
+                check(&recorded);
+            }
+        }
+        None => {
+            let last = log.last_position().await.context("read the stream")?;
+            let bar = indicatif::ProgressBar::new(last);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "verifying {bar:40} {pos}/{len} positions ({per_sec}, {eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let mut after = 0;
+            loop {
+                let page = log
+                    .read_after(after, VERIFY_PAGE_SIZE)
+                    .await
+                    .context("read the stream")?;
+                let Some(newest) = page.last().map(|recorded| recorded.position) else {
+                    break;
+                };
+                page.iter().for_each(&mut check);
+                after = newest;
+                bar.set_position(newest.min(last));
+            }
+            bar.finish_and_clear();
+        }
+    }
+    for (account, position) in &verifier.first_breaks {
+        println!("{account}: chain broken at position {position}");
+    }
+    println!(
+        "{} events checked, {} account(s) with a broken chain",
+        verifier.events_checked,
+        verifier.first_breaks.len()
+    );
+    Ok(verifier.first_breaks.is_empty())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Commands::Decode => decode(),
+        Commands::Verify(args) => {
+            if verify(args).await? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
         Commands::Openapi => {
             let document = problem::openapi_document(
                 "Coffer HTTP API (POST to writers, GET to readers; GET /v1/events to writers)",

@@ -4,6 +4,7 @@
 //! - [`stream`]: the `COFFER_EVENTS` stream's configuration and its idempotent creation.
 //! - [`subject`]: subject names for events and their filters.
 //! - [`connection`]: connecting with credentials and TLS from the environment.
+//! - [`chain`]: the per-account hash chain (`Coffer-Chain`) and its verifier.
 //! - [`codec`]: the wire payloads (MessagePack, named fields), event versions and upcasting.
 //! - [`log`]: [`EventLog`]: atomic appends with optimistic concurrency, markers, loading an
 //!   account's history, reading ranges of the stream in order.
@@ -12,6 +13,7 @@
 //! so the server refuses a stale writer (`Conflict`) and two writers can never both extend the
 //! same history. Several events and markers go in one atomic batch: all are stored or none.
 
+pub mod chain;
 pub mod codec;
 pub mod connection;
 pub mod log;

@@ -30,6 +30,7 @@ pub mod header {
     pub const ACCOUNT_ID: &str = "Coffer-Account-Id";
     pub const COMMAND_ID: &str = "Coffer-Command-Id";
     pub const CORRELATION_ID: &str = "Coffer-Correlation-Id";
+    pub const CHAIN: &str = "Coffer-Chain";
     pub const CONTENT_TYPE: &str = "Content-Type";
     pub const MSGPACK: &str = "application/msgpack";
 }
@@ -72,6 +73,24 @@ pub struct RecordedEvent {
     pub time: OffsetDateTime,
     pub event: Event,
     pub metadata: EventMetadata,
+    /// The stored `Coffer-Chain` value, if the event carries one.
+    pub chain: Option<String>,
+    /// The stored payload version and bytes, from which the chain is recomputed.
+    pub version: u32,
+    pub payload: Bytes,
+}
+
+impl RecordedEvent {
+    /// The chain value this event should carry after an event whose value is `previous`.
+    pub fn expected_chain(&self, previous: &str) -> String {
+        crate::chain::link(
+            previous,
+            self.account_id.as_str(),
+            self.event.event_type(),
+            self.version,
+            &self.payload,
+        )
+    }
 }
 
 /// The acknowledgement of an append: where its messages were stored. The messages of one append
@@ -99,6 +118,8 @@ pub enum Entry {
         expected_last_position: u64,
         event: Event,
         metadata: EventMetadata,
+        /// Its `Coffer-Chain` value ([`crate::chain::next`] of the account's previous one).
+        chain: String,
     },
     /// A marker outside the events, stored only if `subject` holds nothing (a marker that
     /// expired with its `ttl` counts as nothing): the first claim of an id or key wins.
@@ -137,8 +158,10 @@ fn message(entry: &Entry) -> Result<(String, HeaderMap, Bytes)> {
             expected_last_position,
             event,
             metadata,
+            chain,
         } => {
             let (event_type, version, payload) = codec::encode(event)?;
+            headers.insert(header::CHAIN, chain.as_str());
             headers.insert(
                 header::EXPECTED_LAST_SUBJECT_SEQUENCE,
                 expected_last_position.to_string().as_str(),
@@ -264,7 +287,9 @@ impl EventLog {
     }
 
     /// Appends one event to `account`, on the condition that the account's last event is at
-    /// `expected_last_position` (0: the account has no events yet).
+    /// `expected_last_position` (0: the account has no events yet), chained after that event
+    /// (its `Coffer-Chain` is read from the stream leader first). A convenience for fixtures and
+    /// tools; the writer knows its accounts' chains and uses [`EventLog::append_atomic`].
     pub async fn append(
         &self,
         account: &AccountId,
@@ -272,11 +297,26 @@ impl EventLog {
         event: &Event,
         metadata: &EventMetadata,
     ) -> Result<Appended> {
+        let previous = self
+            .leader_get(serde_json::json!({ "last_by_subj": subject::account_filter(account) }))
+            .await?;
+        let previous_chain = previous
+            .as_ref()
+            .and_then(|message| message["hdrs"].as_str())
+            .and_then(|encoded| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(encoded)
+                    .ok()
+            })
+            .and_then(|raw| stored_header(&raw, header::CHAIN))
+            .unwrap_or_else(|| crate::chain::GENESIS.to_owned());
+        let chain = crate::chain::next(&previous_chain, account, event)?;
         self.append_atomic(&[Entry::Event {
             account: account.clone(),
             expected_last_position,
             event: event.clone(),
             metadata: metadata.clone(),
+            chain,
         }])
         .await
     }
@@ -537,6 +577,19 @@ struct DirectPage {
     last_sequence: Option<u64>,
 }
 
+/// A header's value in the raw `NATS/1.0` header block the stream message API returns.
+fn stored_header(raw: &[u8], name: &str) -> Option<String> {
+    String::from_utf8_lossy(raw)
+        .lines()
+        .skip(1)
+        .find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_owned())
+        })
+}
+
 fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {
     headers
         .get(name)
@@ -560,7 +613,7 @@ fn decode_direct(message: &async_nats::Message) -> Result<RecordedEvent> {
         position,
         time,
         headers,
-        &message.payload,
+        message.payload.clone(),
     )?)
 }
 
@@ -570,7 +623,7 @@ pub fn decode_stored(
     position: u64,
     time: OffsetDateTime,
     headers: &HeaderMap,
-    payload: &[u8],
+    payload: Bytes,
 ) -> Result<RecordedEvent, DecodeError> {
     let (account, subject_type) = subject::parse(subject).ok_or(DecodeError::Header("subject"))?;
     let event_type =
@@ -583,7 +636,7 @@ pub fn decode_stored(
     };
     let account_id =
         AccountId::parse(account).map_err(|_| DecodeError::Header(header::ACCOUNT_ID))?;
-    let event = codec::decode(&event_type, version, payload)?;
+    let event = codec::decode(&event_type, version, &payload)?;
     Ok(RecordedEvent {
         position,
         subject: subject.to_owned(),
@@ -594,12 +647,22 @@ pub fn decode_stored(
             command_id: header_text(headers, header::COMMAND_ID).unwrap_or_default(),
             correlation_id: header_text(headers, header::CORRELATION_ID).unwrap_or_default(),
         },
+        chain: header_text(headers, header::CHAIN),
+        version,
+        payload,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_headers_are_found_by_name() {
+        let raw = b"NATS/1.0\r\nCoffer-Chain: abc\r\nContent-Type: application/msgpack\r\n\r\n";
+        assert_eq!(stored_header(raw, "Coffer-Chain").as_deref(), Some("abc"));
+        assert_eq!(stored_header(raw, "Missing"), None);
+    }
 
     #[test]
     fn acknowledgements_give_positions_or_the_failed_check() {

@@ -63,11 +63,31 @@ impl StreamSettings {
         }
     }
 
-    /// Creates the stream, or updates it when the settings it manages differ. Idempotent, so
-    /// every writer and reader may call it on start. A failed update of an existing stream is
-    /// only logged: a consume-only reader may lack the permission, and the stream still works.
-    pub async fn ensure(&self, context: &jetstream::Context) -> Result<stream::Stream> {
+    /// The existing configuration with the settings Coffer manages applied, and nothing
+    /// weakened: replicas are never lowered (a process started with defaults must not turn an
+    /// R3 stream into R1), and every field Coffer does not manage (limits an operator set, such
+    /// as `max_age`, `max_bytes`, placement) is kept as it is.
+    pub fn merged_into(&self, current: &stream::Config) -> stream::Config {
         let wanted = self.config();
+        let mut merged = current.clone();
+        merged.subjects = wanted.subjects;
+        merged.subject_transform = wanted.subject_transform;
+        merged.republish = wanted.republish;
+        merged.allow_atomic_publish = true;
+        merged.allow_message_ttl = true;
+        merged.allow_direct = true;
+        merged.deny_delete = true;
+        merged.deny_purge = true;
+        merged.duplicate_window = wanted.duplicate_window;
+        merged.num_replicas = current.num_replicas.max(wanted.num_replicas);
+        merged
+    }
+
+    /// Creates the stream, or updates it when the settings it manages differ ([`Self::merged_into`]).
+    /// Idempotent, so every writer and reader may call it on start. A failed update of an
+    /// existing stream is only logged: a consume-only reader may lack the permission, and the
+    /// stream still works.
+    pub async fn ensure(&self, context: &jetstream::Context) -> Result<stream::Stream> {
         match context.get_stream(&self.name).await {
             Ok(mut existing) => {
                 let current = existing
@@ -76,24 +96,23 @@ impl StreamSettings {
                     .map_err(|error| Error::JetStream(format!("stream info: {error}")))?
                     .config
                     .clone();
-                let differs = current.subjects != wanted.subjects
-                    || current.subject_transform != wanted.subject_transform
-                    || current.republish != wanted.republish
-                    || current.allow_atomic_publish != wanted.allow_atomic_publish
-                    || current.allow_message_ttl != wanted.allow_message_ttl
-                    || current.num_replicas != wanted.num_replicas
-                    || current.duplicate_window != wanted.duplicate_window
-                    || current.allow_direct != wanted.allow_direct
-                    || current.deny_delete != wanted.deny_delete
-                    || current.deny_purge != wanted.deny_purge;
-                if differs {
-                    if let Err(error) = context.update_stream(wanted).await {
+                if current.num_replicas > self.replicas {
+                    tracing::warn!(
+                        stream = %self.name,
+                        existing = current.num_replicas,
+                        configured = self.replicas,
+                        "the stream has more replicas than configured; keeping them"
+                    );
+                }
+                let merged = self.merged_into(&current);
+                if merged != current {
+                    if let Err(error) = context.update_stream(merged).await {
                         tracing::warn!(%error, stream = %self.name, "could not update the stream");
                     }
                 }
             }
             Err(_) => {
-                if let Err(error) = context.create_stream(wanted).await {
+                if let Err(error) = context.create_stream(self.config()).await {
                     // Another process may have created it between our check and our create.
                     tracing::debug!(%error, "create stream failed; checking whether it exists now");
                 }
@@ -103,5 +122,37 @@ impl StreamSettings {
             .get_stream(&self.name)
             .await
             .map_err(|error| Error::Unavailable(format!("get stream: {error}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merging_never_lowers_replicas_or_drops_operator_limits() {
+        let operator = stream::Config {
+            num_replicas: 3,
+            max_age: Duration::from_secs(86_400 * 365),
+            max_bytes: 1 << 40,
+            ..StreamSettings::default().config()
+        };
+        let merged = StreamSettings::default().merged_into(&operator);
+        assert_eq!(merged.num_replicas, 3);
+        assert_eq!(merged.max_age, operator.max_age);
+        assert_eq!(merged.max_bytes, operator.max_bytes);
+        let more = StreamSettings {
+            replicas: 5,
+            ..Default::default()
+        };
+        assert_eq!(more.merged_into(&operator).num_replicas, 5);
+        // What Coffer manages is set whatever was there.
+        let stripped = stream::Config {
+            allow_atomic_publish: false,
+            republish: None,
+            ..operator
+        };
+        let merged = StreamSettings::default().merged_into(&stripped);
+        assert!(merged.allow_atomic_publish && merged.republish.is_some());
     }
 }

@@ -159,10 +159,13 @@ async fn two_concurrent_opens_of_one_id_exactly_one_wins() {
     }
 }
 
+/// An event entry; these tests check positions and conditions, not chains, so every event is
+/// chained as if it were its account's first.
 fn event_entry(account: &AccountId, expected: u64, event: Event) -> Entry {
     Entry::Event {
         account: account.clone(),
         expected_last_position: expected,
+        chain: eventlog::chain::next(eventlog::chain::GENESIS, account, &event).unwrap(),
         event,
         metadata: metadata(),
     }
@@ -357,4 +360,26 @@ async fn nats_down_is_unavailable_not_a_hang() {
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     assert!(log.load_account(&a, 0).await.is_err());
+}
+
+#[tokio::test]
+async fn single_appends_chain_each_event_to_its_accounts_previous_one() {
+    let server = NatsServer::start();
+    let log = log_on(&server).await;
+    let a = account("chain");
+    let first = log.append(&a, 0, &opened(), &metadata()).await.unwrap();
+    log.append(&a, first.last_position, &deposited(4), &metadata())
+        .await
+        .unwrap();
+    let history = log.load_account(&a, 0).await.unwrap();
+    let mut previous = eventlog::chain::GENESIS.to_owned();
+    for recorded in &history {
+        let stored = recorded
+            .chain
+            .clone()
+            .expect("every event carries Coffer-Chain");
+        assert_eq!(stored, recorded.expected_chain(&previous));
+        previous = stored;
+    }
+    assert_eq!(history.len(), 2);
 }

@@ -390,15 +390,11 @@ impl<P: Projector> Engine<P> {
                 .info()
                 .map_err(|error| Error::Nats(error.to_string()))?;
             lag = Some(info.pending);
-            if info.stream_sequence <= stored {
-                self.health.redeliveries_skipped.increment();
-                next_delivery = next_delivery.max(info.consumer_sequence + 1);
-                settled = Some(message);
-                continue;
-            }
             // Deliveries are numbered without gaps; a skipped number is a message lost in
-            // flight, and acking past it would acknowledge it unapplied (AckPolicy::All). Stop
-            // here; the consumer is re-created from the stored position.
+            // flight, and acking past it would acknowledge it unapplied (AckPolicy::All). This
+            // holds for redeliveries of applied events too: one of them after a lost delivery
+            // must not carry the ack past it. Stop here; the consumer is re-created from the
+            // stored position.
             if info.consumer_sequence != next_delivery {
                 gap = Some(Error::Nats(format!(
                     "delivery gap: expected delivery {next_delivery}, got {} (position {})",
@@ -407,13 +403,18 @@ impl<P: Projector> Engine<P> {
                 break;
             }
             next_delivery += 1;
+            if info.stream_sequence <= stored {
+                self.health.redeliveries_skipped.increment();
+                settled = Some(message);
+                continue;
+            }
             let headers = message.headers.clone().unwrap_or_default();
             match decode_stored(
                 &message.subject,
                 info.stream_sequence,
                 info.published,
                 &headers,
-                &message.payload,
+                message.payload.clone(),
             ) {
                 Ok(recorded) => {
                     events.push(recorded);

@@ -19,7 +19,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::views::{self, AccountRow, StatementEntry, TransferRow};
+use crate::views::{self, AccountRow, AuditRow, Integrity, StatementEntry, TransferRow};
 
 /// Most statement entries one page returns.
 pub const STATEMENT_LIMIT_MAX: usize = 1_000;
@@ -35,6 +35,7 @@ pub struct QueryState {
     /// Longest `min_position` wait before `503 stale`.
     pub min_position_wait: Duration,
     pub nats: async_nats::Client,
+    pub integrity: Arc<Integrity>,
 }
 
 pub fn router(state: QueryState) -> Router {
@@ -42,6 +43,7 @@ pub fn router(state: QueryState) -> Router {
         .route("/v1/accounts/{id}", get(account))
         .route("/v1/accounts/{id}/transactions", get(transactions))
         .route("/v1/transfers/{id}", get(transfer))
+        .route("/v1/audit", get(audit))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
     let router = problem::with_service_routes(
@@ -317,8 +319,49 @@ async fn readyz(State(state): State<QueryState>, Query(query): Query<ReadyQuery>
     }
 }
 
+/// The conservation audit at the last settled position the view has applied.
+async fn audit(State(state): State<QueryState>) -> Response {
+    let row: Result<Option<AuditRow>, Problem> = (|| {
+        let transaction = state.database.begin_read().map_err(storage_problem)?;
+        let table = transaction
+            .open_table(views::AUDIT)
+            .map_err(storage_problem)?;
+        let bytes = table.get(views::AUDIT_SETTLED).map_err(storage_problem)?;
+        bytes
+            .map(|bytes| views::decode(bytes.value()).map_err(storage_problem))
+            .transpose()
+    })();
+    match row {
+        Ok(row) => {
+            let row = row.unwrap_or_default();
+            let currencies: serde_json::Map<String, Value> = row
+                .currencies
+                .iter()
+                .map(|(currency, sums)| {
+                    (
+                        currency.clone(),
+                        json!({
+                            "balances": sums.balances,
+                            "external_in": sums.external_in,
+                            "external_out": sums.external_out,
+                        }),
+                    )
+                })
+                .collect();
+            Json(json!({
+                "position": row.position,
+                "currencies": currencies,
+                "balanced": row.balanced(),
+            }))
+            .into_response()
+        }
+        Err(problem) => problem.into_response(),
+    }
+}
+
 async fn metrics(State(state): State<QueryState>) -> Response {
     let mut out = String::new();
     state.health.render(&mut out);
+    state.integrity.render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

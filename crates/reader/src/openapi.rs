@@ -8,6 +8,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/accounts/{id}"),
     ("get", "/v1/accounts/{id}/transactions"),
     ("get", "/v1/transfers/{id}"),
+    ("get", "/v1/audit"),
 ];
 
 fn problem(description: &str) -> Value {
@@ -48,9 +49,24 @@ pub fn document_part() -> Value {
         "/v1/accounts/{id}": query("Account view", "account id", "Account", "account_not_found", &[]),
         "/v1/accounts/{id}/transactions": query("Statement, ascending by position", "account id", "Statement", "account_not_found", &page),
         "/v1/transfers/{id}": query("Transfer view", "transfer id", "TransferView", "transfer_not_found", &[]),
+        "/v1/audit": {"get": {
+            "summary": "Conservation audit: per currency, the sum of balances against deposits minus withdrawals",
+            "parameters": [{"$ref": "#/components/parameters/MinPosition"}, {"$ref": "#/components/parameters/MinPositionHeader"}],
+            "responses": {
+                "200": {"description": "The audit at the last position the view applied with no transfer half applied",
+                    "headers": {"X-Coffer-Position": {"$ref": "#/components/headers/Position"}},
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Audit"}}}},
+                "400": problem("Problem with code invalid_request"),
+                "503": problem("Problem with code stale (min_position not applied within the bound)"),
+            }}},
     });
     let time = json!({"type": "string", "format": "date-time"});
+    let sums = json!({"type": "object", "required": ["balances", "external_in", "external_out"], "properties": {
+        "balances": {"type": "integer"}, "external_in": {"type": "integer"}, "external_out": {"type": "integer"}}});
     let schemas = json!({
+        "Audit": {"type": "object", "required": ["position", "currencies", "balanced"], "properties": {
+            "position": {"type": "integer"}, "currencies": {"type": "object", "additionalProperties": sums},
+            "balanced": {"type": "boolean"}}},
         "Account": {"type": "object", "required": ["account_id", "currency", "balance", "overdraft_limit", "status", "version", "position", "opened_at", "updated_at"],
             "properties": {"account_id": {"type": "string"}, "currency": {"type": "string"}, "owner": {"type": ["string", "null"]},
                 "balance": {"type": "integer"}, "overdraft_limit": {"type": "integer"}, "status": {"enum": ["open", "closed"]},

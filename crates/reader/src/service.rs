@@ -49,7 +49,9 @@ pub async fn run(
         redb::Database::create(&path)
             .map_err(|error| Error::Storage(format!("open {}: {error}", path.display())))?,
     );
-    let engine = Engine::open(database.clone(), LedgerViews, &config.reader_name)?
+    let views = LedgerViews::default();
+    let integrity = views.integrity.clone();
+    let engine = Engine::open(database.clone(), views, &config.reader_name)?
         .crash_after_commits(config.crash_after_commits);
     let applied = engine.applied();
     let health = engine.health();
@@ -88,6 +90,7 @@ pub async fn run(
         health,
         min_position_wait: config.min_position_wait,
         nats: client.clone(),
+        integrity,
     };
     let server = axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown);
     if let Err(error) = server.await {

@@ -1,8 +1,16 @@
 //! The views, as pure functions of the old row and an event, plus the redb code that stores
 //! them. Rows are MessagePack (named fields) so a field can be added without a migration.
+//!
+//! Integrity rides along in the same transaction: every event's `Coffer-Chain` is checked
+//! against its account's previous value, and the conservation audit keeps per-currency sums
+//! (no full scan per request).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use domain::Event;
 use eventlog::RecordedEvent;
+use prometheus_text::Counter;
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -13,6 +21,99 @@ pub const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("account
 pub const STATEMENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("statements");
 /// Transfer id -> [`TransferRow`].
 pub const TRANSFERS: TableDefinition<&str, &[u8]> = TableDefinition::new("transfers");
+/// [`AUDIT_RUNNING`] and [`AUDIT_SETTLED`] -> [`AuditRow`].
+pub const AUDIT: TableDefinition<&str, &[u8]> = TableDefinition::new("audit");
+/// The sums after the last applied event.
+pub const AUDIT_RUNNING: &str = "running";
+/// The sums at the last position where no transfer was half applied (its debit and credit are
+/// consecutive events, but a batch may end between them): what `GET /v1/audit` answers.
+pub const AUDIT_SETTLED: &str = "settled";
+
+fn genesis() -> String {
+    eventlog::chain::GENESIS.to_owned()
+}
+
+/// Money in one currency, in minor units. `i128`: the sum of many `i64` balances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CurrencySums {
+    /// Every account's balance, summed.
+    pub balances: i128,
+    /// Deposits (and opening balances) summed.
+    pub external_in: i128,
+    /// Withdrawals summed.
+    pub external_out: i128,
+}
+
+impl CurrencySums {
+    pub fn balanced(&self) -> bool {
+        self.balances == self.external_in - self.external_out
+    }
+}
+
+/// The conservation audit as of `position`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRow {
+    pub position: u64,
+    pub currencies: BTreeMap<String, CurrencySums>,
+    /// A transfer whose debit is applied and whose credit is not yet.
+    pub transfer_in_flight: Option<String>,
+}
+
+impl AuditRow {
+    pub fn balanced(&self) -> bool {
+        self.currencies.values().all(CurrencySums::balanced)
+    }
+
+    /// Adds `recorded`, an event of an account held in `currency`.
+    pub fn apply(&mut self, currency: &str, recorded: &RecordedEvent) {
+        let sums = self.currencies.entry(currency.to_owned()).or_default();
+        let change = i128::from(recorded.event.balance_change());
+        sums.balances += change;
+        match &recorded.event {
+            Event::Deposited { .. } => sums.external_in += change,
+            Event::Withdrawn { .. } => sums.external_out -= change,
+            Event::TransferDebited { transfer_id, .. } => {
+                self.transfer_in_flight = Some(transfer_id.to_string());
+            }
+            Event::TransferCredited { transfer_id, .. } => {
+                if self.transfer_in_flight.as_deref() == Some(transfer_id.as_str()) {
+                    self.transfer_in_flight = None;
+                }
+            }
+            Event::AccountOpened(_) | Event::AccountClosed => {}
+        }
+        self.position = recorded.position;
+    }
+}
+
+/// Integrity findings, counted for `/metrics`.
+#[derive(Debug)]
+pub struct Integrity {
+    pub chain_breaks: Counter,
+    pub audit_unbalanced: Counter,
+}
+
+impl Default for Integrity {
+    fn default() -> Self {
+        Self {
+            chain_breaks: Counter::new(
+                "coffer_reader_chain_breaks_total",
+                "Events whose Coffer-Chain does not follow from their account's previous event.",
+            ),
+            audit_unbalanced: Counter::new(
+                "coffer_reader_audit_unbalanced_total",
+                "Settled positions at which some currency's balances did not equal deposits minus withdrawals.",
+            ),
+        }
+    }
+}
+
+impl Integrity {
+    pub fn render(&self, out: &mut String) {
+        self.chain_breaks.render(out);
+        self.audit_unbalanced.render(out);
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountRow {
@@ -22,6 +123,9 @@ pub struct AccountRow {
     pub balance: i64,
     pub overdraft_limit: u64,
     pub closed: bool,
+    /// `Coffer-Chain` of the account's last event, which its next one must build on.
+    #[serde(default = "genesis")]
+    pub chain: String,
     /// Number of events of the account applied.
     pub version: u64,
     /// Position of the account's last event.
@@ -72,6 +176,7 @@ pub fn fold_account(row: Option<AccountRow>, recorded: &RecordedEvent) -> Option
             balance: 0,
             overdraft_limit: open.overdraft_limit.minor_units(),
             closed: false,
+            chain: genesis(),
             version: 0,
             position: 0,
             opened_at: recorded.time,
@@ -122,44 +227,27 @@ pub fn statement_entry(after: &AccountRow, recorded: &RecordedEvent) -> Option<S
     })
 }
 
-/// The transfer row after `recorded`, or `None` when the event does not concern a transfer.
-/// The debit creates the row; the credit, committed in the same batch right after it, gives it
-/// its position and time.
-pub fn fold_transfer(row: Option<TransferRow>, recorded: &RecordedEvent) -> Option<TransferRow> {
-    match (&recorded.event, row) {
-        (
-            Event::TransferDebited {
-                transfer_id,
-                to,
-                amount,
-                currency,
-                reference,
-            },
-            None,
-        ) => Some(TransferRow {
+/// The transfer row `recorded` creates, if any. The row is written from the credit, the
+/// transfer's last event: debit and credit are committed together, but a reader's batch may end
+/// between them, and the transfer must not show before the receiver has its money.
+/// `receiver_currency` is the currency of the credited account (the sender's too).
+pub fn transfer_row(recorded: &RecordedEvent, receiver_currency: &str) -> Option<TransferRow> {
+    match &recorded.event {
+        Event::TransferCredited {
+            transfer_id,
+            from,
+            amount,
+            reference,
+        } => Some(TransferRow {
             transfer_id: transfer_id.to_string(),
-            from: recorded.account_id.to_string(),
-            to: to.to_string(),
+            from: from.to_string(),
+            to: recorded.account_id.to_string(),
             amount: amount.minor_units(),
-            currency: currency.to_string(),
+            currency: receiver_currency.to_owned(),
             reference: reference.clone(),
             position: recorded.position,
             time: recorded.time,
         }),
-        (Event::TransferCredited { .. }, Some(mut row)) => {
-            row.position = recorded.position;
-            row.time = recorded.time;
-            Some(row)
-        }
-        (_, row) => row,
-    }
-}
-
-/// The transfer an event concerns, if any.
-fn transfer_of(event: &Event) -> Option<&domain::TransferId> {
-    match event {
-        Event::TransferDebited { transfer_id, .. }
-        | Event::TransferCredited { transfer_id, .. } => Some(transfer_id),
         _ => None,
     }
 }
@@ -172,14 +260,29 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, redb::Err
     rmp_serde::from_slice(bytes).map_err(|error| redb::Error::Corrupted(error.to_string()))
 }
 
-/// The account, statement and transfer views.
-pub struct LedgerViews;
+/// The account, statement, transfer and audit views.
+#[derive(Default)]
+pub struct LedgerViews {
+    pub integrity: Arc<Integrity>,
+}
+
+/// Reads one MessagePack row.
+fn read_row<T: for<'de> Deserialize<'de>>(
+    table: &redb::Table<&str, &[u8]>,
+    key: &str,
+) -> Result<Option<T>, redb::Error> {
+    match table.get(key)? {
+        Some(bytes) => Ok(Some(decode(bytes.value())?)),
+        None => Ok(None),
+    }
+}
 
 impl projection::Projector for LedgerViews {
     fn initialize(&self, transaction: &WriteTransaction) -> Result<(), redb::Error> {
         transaction.open_table(ACCOUNTS)?;
         transaction.open_table(STATEMENTS)?;
         transaction.open_table(TRANSFERS)?;
+        transaction.open_table(AUDIT)?;
         Ok(())
     }
 
@@ -191,28 +294,51 @@ impl projection::Projector for LedgerViews {
         let mut accounts = transaction.open_table(ACCOUNTS)?;
         let mut statements = transaction.open_table(STATEMENTS)?;
         let mut transfers = transaction.open_table(TRANSFERS)?;
+        let mut audit_table = transaction.open_table(AUDIT)?;
+        let mut audit: AuditRow = read_row(&audit_table, AUDIT_RUNNING)?.unwrap_or_default();
+        let mut settled: Option<AuditRow> = None;
         for recorded in events {
             let account_id = recorded.account_id.as_str();
-            let old: Option<AccountRow> = match accounts.get(account_id)? {
-                Some(bytes) => Some(decode(bytes.value())?),
-                None => None,
-            };
-            if let Some(row) = fold_account(old, recorded) {
+            let old: Option<AccountRow> = read_row(&accounts, account_id)?;
+            let previous_chain = old.as_ref().map_or_else(genesis, |row| row.chain.clone());
+            let expected_chain = recorded.expected_chain(&previous_chain);
+            if recorded.chain.as_deref() != Some(expected_chain.as_str()) {
+                self.integrity.chain_breaks.increment();
+                tracing::warn!(
+                    account = account_id,
+                    position = recorded.position,
+                    "hash chain break: Coffer-Chain does not follow from the account's previous event"
+                );
+            }
+            if let Some(mut row) = fold_account(old, recorded) {
+                // Later events build on what is stored, so one break is counted once.
+                row.chain = recorded.chain.clone().unwrap_or(expected_chain);
+                audit.apply(&row.currency, recorded);
+                if audit.transfer_in_flight.is_none() {
+                    settled = Some(audit.clone());
+                }
+                if let Some(transfer) = transfer_row(recorded, &row.currency) {
+                    transfers
+                        .insert(transfer.transfer_id.as_str(), encode(&transfer)?.as_slice())?;
+                }
                 if let Some(entry) = statement_entry(&row, recorded) {
                     statements
                         .insert((account_id, recorded.position), encode(&entry)?.as_slice())?;
                 }
                 accounts.insert(account_id, encode(&row)?.as_slice())?;
             }
-            if let Some(transfer_id) = transfer_of(&recorded.event) {
-                let old: Option<TransferRow> = match transfers.get(transfer_id.as_str())? {
-                    Some(bytes) => Some(decode(bytes.value())?),
-                    None => None,
-                };
-                if let Some(row) = fold_transfer(old, recorded) {
-                    transfers.insert(transfer_id.as_str(), encode(&row)?.as_slice())?;
-                }
+        }
+        audit_table.insert(AUDIT_RUNNING, encode(&audit)?.as_slice())?;
+        if let Some(settled) = settled {
+            if !settled.balanced() {
+                self.integrity.audit_unbalanced.increment();
+                tracing::error!(
+                    position = settled.position,
+                    currencies = ?settled.currencies,
+                    "conservation audit unbalanced: balances differ from deposits minus withdrawals"
+                );
             }
+            audit_table.insert(AUDIT_SETTLED, encode(&settled)?.as_slice())?;
         }
         Ok(())
     }
@@ -232,6 +358,9 @@ mod tests {
             time: OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(position as i64),
             event,
             metadata: EventMetadata::default(),
+            chain: None,
+            version: 1,
+            payload: Default::default(),
         }
     }
 
@@ -272,7 +401,7 @@ mod tests {
     }
 
     #[test]
-    fn transfer_fold_takes_the_debit_and_the_credits_position() {
+    fn a_transfer_row_comes_from_the_credit_alone() {
         let transfer_id = TransferId::parse("t").unwrap();
         let debit = recorded(
             "a",
@@ -285,11 +414,7 @@ mod tests {
                 reference: Some("rent".into()),
             },
         );
-        let row = fold_transfer(None, &debit).unwrap();
-        assert_eq!(
-            (row.from.as_str(), row.to.as_str(), row.amount, row.position),
-            ("a", "b", 3, 2)
-        );
+        assert!(transfer_row(&debit, "EUR").is_none());
         let credit = recorded(
             "b",
             3,
@@ -300,8 +425,14 @@ mod tests {
                 reference: Some("rent".into()),
             },
         );
-        let row = fold_transfer(Some(row), &credit).unwrap();
-        assert_eq!((row.position, row.reference.as_deref()), (3, Some("rent")));
-        assert!(fold_transfer(None, &recorded("a", 4, Event::AccountClosed)).is_none());
+        let row = transfer_row(&credit, "EUR").unwrap();
+        assert_eq!(
+            (row.from.as_str(), row.to.as_str(), row.amount, row.position),
+            ("a", "b", 3, 3)
+        );
+        assert_eq!(
+            (row.currency.as_str(), row.reference.as_deref()),
+            ("EUR", Some("rent"))
+        );
     }
 }

@@ -38,11 +38,13 @@ const FRESH_READ_ATTEMPTS_MAX: usize = 50;
 /// Pause between those re-reads.
 const FRESH_READ_PAUSE: Duration = Duration::from_millis(10);
 
-/// An account's state as of the position of its last event (0: no event).
+/// An account's state as of the position of its last event (0: no event), with that event's
+/// chain value, which the account's next event builds on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Known {
     pub state: AccountState,
     pub position: u64,
+    pub chain: String,
 }
 
 impl Known {
@@ -50,12 +52,14 @@ impl Known {
         Self {
             state: AccountState::new(account),
             position: 0,
+            chain: eventlog::chain::GENESIS.to_owned(),
         }
     }
 
-    fn apply(&mut self, event: &Event, position: u64) {
+    fn apply(&mut self, event: &Event, position: u64, chain: String) {
         evolve(&mut self.state, event);
         self.position = position;
+        self.chain = chain;
     }
 }
 
@@ -260,10 +264,9 @@ impl AccountActorState {
             // A transfer decided by another actor of this writer may have credited us.
             self.adopt(shared);
         }
-        let request_hash = request
-            .idempotency_key
-            .as_ref()
-            .map(|_| idempotency::request_hash(self.id(), &request.intent));
+        let request_hash = request.idempotency_key.as_ref().map(|_| {
+            idempotency::request_hash(self.id(), &request.intent, request.transfer_id_generated)
+        });
         let mut receiver = match &request.intent {
             Intent::Transfer(transfer) if transfer.to != *self.id() => {
                 Some(self.receiver(&transfer.to).await?)
@@ -373,8 +376,10 @@ impl AccountActorState {
         let Some(event) = events.into_iter().next() else {
             return Err(Error::Internal("decide yielded no event".into()));
         };
+        let chain =
+            eventlog::chain::next(&self.known.chain, self.id(), &event).map_err(log_error)?;
         let mut after = self.known.clone();
-        after.apply(&event, 0);
+        after.apply(&event, 0, chain.clone());
         let account_id = self.id().clone();
         let outcome = match &event {
             Event::AccountOpened(_) => Outcome::Opened {
@@ -397,6 +402,7 @@ impl AccountActorState {
                 expected_last_position: self.known.position,
                 event,
                 metadata: metadata.clone(),
+                chain,
             }],
             outcome,
             answer_index: 0,
@@ -411,22 +417,28 @@ impl AccountActorState {
         events: domain::TransferEvents,
         metadata: &EventMetadata,
     ) -> Result<Plan> {
+        let debit_chain = eventlog::chain::next(&self.known.chain, self.id(), &events.debit)
+            .map_err(log_error)?;
+        let credit_chain =
+            eventlog::chain::next(&to.chain, to.state.id(), &events.credit).map_err(log_error)?;
         let mut sender_after = self.known.clone();
-        sender_after.apply(&events.debit, 0);
+        sender_after.apply(&events.debit, 0, debit_chain.clone());
         let mut receiver_after = to.clone();
-        receiver_after.apply(&events.credit, 0);
+        receiver_after.apply(&events.credit, 0, credit_chain.clone());
         let entries = vec![
             Entry::Event {
                 account: self.id().clone(),
                 expected_last_position: self.known.position,
                 event: events.debit,
                 metadata: metadata.clone(),
+                chain: debit_chain,
             },
             Entry::Event {
                 account: to.state.id().clone(),
                 expected_last_position: to.position,
                 event: events.credit,
                 metadata: metadata.clone(),
+                chain: credit_chain,
             },
             Entry::Marker {
                 subject: eventlog::subject::transfer_marker(&transfer.transfer_id),
@@ -542,7 +554,12 @@ async fn load(log: &EventLog, mut known: Known) -> Result<Known> {
         .await
         .map_err(log_error)?;
     for recorded in events {
-        known.apply(&recorded.event, recorded.position);
+        // The stored value is what the next event must build on, whatever it is.
+        let chain = recorded
+            .chain
+            .clone()
+            .unwrap_or_else(|| recorded.expected_chain(&known.chain));
+        known.apply(&recorded.event, recorded.position, chain);
     }
     Ok(known)
 }

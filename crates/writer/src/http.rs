@@ -165,7 +165,10 @@ async fn command(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     empty_allowed: bool,
-    parse: impl FnOnce(&[u8], Option<&IdempotencyKey>) -> Result<(domain::AccountId, Intent), Error>,
+    parse: impl FnOnce(
+        &[u8],
+        Option<&IdempotencyKey>,
+    ) -> Result<(domain::AccountId, Intent, bool), Error>,
 ) -> Response {
     let body = match json_body(headers, body, empty_allowed) {
         Ok(body) => body,
@@ -175,11 +178,12 @@ async fn command(
         Ok(key) => key,
         Err(error) => return problem_response(&error),
     };
-    let (account_id, intent) = match parse(&body, key.as_ref()) {
+    let (account_id, intent, transfer_id_generated) = match parse(&body, key.as_ref()) {
         Ok(parsed) => parsed,
         Err(error) => return problem_response(&error),
     };
-    let request = CommandRequest::new(account_id, intent, key, request_id(headers));
+    let request = CommandRequest::new(account_id, intent, key, request_id(headers))
+        .with_generated_transfer_id(transfer_id_generated);
     run(state, request).await
 }
 
@@ -189,7 +193,7 @@ async fn open_account(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     command(&state, &headers, body, false, |body, key| {
-        request::open(body, None, key).map(|(id, command)| (id, Intent::Account(command)))
+        request::open(body, None, key).map(|(id, command)| (id, Intent::Account(command), false))
     })
     .await
 }
@@ -208,6 +212,7 @@ fn account_command(
                 Ok((
                     request::addressed_account(&id)?,
                     Intent::Account(parse(body)?),
+                    false,
                 ))
             })
             .await
@@ -220,9 +225,9 @@ async fn transfer(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    command(&state, &headers, body, false, |body, key| {
-        request::transfer(body, None, key)
-            .map(|(from, transfer)| (from, Intent::Transfer(transfer)))
+    command(&state, &headers, body, false, |body, _| {
+        request::transfer(body, None)
+            .map(|(from, transfer, generated)| (from, Intent::Transfer(transfer), generated))
     })
     .await
 }

@@ -80,8 +80,9 @@ fn optional(text: &Option<String>) -> String {
 
 /// A fingerprint of what was asked, to tell a retry from a reuse of the key for something else.
 /// It is taken over an explicit canonical list of the validated fields, never over a `Debug`
-/// rendering, so it stays the same across builds and during rolling upgrades.
-pub fn request_hash(account: &AccountId, intent: &Intent) -> String {
+/// rendering, so it stays the same across builds and during rolling upgrades. A transfer id the
+/// server made is not part of the request.
+pub fn request_hash(account: &AccountId, intent: &Intent, transfer_id_generated: bool) -> String {
     let fields: Vec<String> = match intent {
         Intent::Account(Command::Open(open)) => vec![
             "open".into(),
@@ -102,7 +103,11 @@ pub fn request_hash(account: &AccountId, intent: &Intent) -> String {
         Intent::Account(Command::Close) => vec!["close".into()],
         Intent::Transfer(transfer) => vec![
             "transfer".into(),
-            transfer.transfer_id.to_string(),
+            if transfer_id_generated {
+                "generated".into()
+            } else {
+                format!("id:{}", transfer.transfer_id)
+            },
             transfer.to.to_string(),
             transfer.amount.minor_units().to_string(),
             optional(&transfer.reference),
@@ -257,13 +262,22 @@ mod tests {
     fn hashes_separate_accounts_and_requests_and_are_stable_across_builds() {
         let a = AccountId::parse("a").unwrap();
         let b = AccountId::parse("b").unwrap();
-        assert_eq!(request_hash(&a, &deposit(5)), request_hash(&a, &deposit(5)));
-        assert_ne!(request_hash(&a, &deposit(5)), request_hash(&a, &deposit(6)));
-        assert_ne!(request_hash(&a, &deposit(5)), request_hash(&b, &deposit(5)));
+        assert_eq!(
+            request_hash(&a, &deposit(5), false),
+            request_hash(&a, &deposit(5), false)
+        );
+        assert_ne!(
+            request_hash(&a, &deposit(5), false),
+            request_hash(&a, &deposit(6), false)
+        );
+        assert_ne!(
+            request_hash(&a, &deposit(5), false),
+            request_hash(&b, &deposit(5), false)
+        );
         // A golden value (sha256 over the length-prefixed fields, computed independently): the
         // hash is stored in markers, so it must never change.
         assert_eq!(
-            request_hash(&a, &deposit(5)),
+            request_hash(&a, &deposit(5), false),
             "115728c05ff39bb213a63c1fec6cce53"
         );
         let key = IdempotencyKey::parse("k").unwrap();

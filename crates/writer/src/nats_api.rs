@@ -124,6 +124,7 @@ fn parse(verb: Verb, message: &async_nats::Message) -> Result<CommandRequest, Er
         .map(|value| value.as_str().to_owned());
     let key: Option<IdempotencyKey> = IdempotencyKey::parse_optional(key_text.as_deref())?;
     let body = &message.payload;
+    let mut transfer_id_generated = false;
     let (account_id, intent) = match verb {
         Verb::Open => {
             let (id, command) = request::open(body, Some(account), key.as_ref())?;
@@ -138,7 +139,8 @@ fn parse(verb: Verb, message: &async_nats::Message) -> Result<CommandRequest, Er
             Intent::Account(request::withdraw(body)?),
         ),
         Verb::Transfer => {
-            let (from, transfer) = request::transfer(body, Some(account), key.as_ref())?;
+            let (from, transfer, generated) = request::transfer(body, Some(account))?;
+            transfer_id_generated = generated;
             (from, Intent::Transfer(transfer))
         }
         Verb::Close => (
@@ -150,5 +152,6 @@ fn parse(verb: Verb, message: &async_nats::Message) -> Result<CommandRequest, Er
         .get("Coffer-Correlation-Id")
         .map(|value| value.as_str().to_owned())
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    Ok(CommandRequest::new(account_id, intent, key, correlation_id))
+    Ok(CommandRequest::new(account_id, intent, key, correlation_id)
+        .with_generated_transfer_id(transfer_id_generated))
 }

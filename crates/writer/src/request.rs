@@ -64,6 +64,9 @@ pub struct CommandRequest {
     /// After this instant the command is not started and nothing more is appended for it: its
     /// caller has answered `outcome_unknown` by then. Set by the registry.
     pub deadline: Option<Instant>,
+    /// The transfer id was made by the server, so it is not part of what the client asked
+    /// (a keyed retry gets another one and must still count as the same request).
+    pub transfer_id_generated: bool,
 }
 
 impl CommandRequest {
@@ -79,7 +82,14 @@ impl CommandRequest {
             idempotency_key,
             correlation_id,
             deadline: None,
+            transfer_id_generated: false,
         }
+    }
+
+    /// Marks the transfer id as made by the server.
+    pub fn with_generated_transfer_id(mut self, generated: bool) -> Self {
+        self.transfer_id_generated = generated;
+        self
     }
 
     /// A short name of what is asked, for logs.
@@ -233,12 +243,11 @@ pub fn withdraw(body: &[u8]) -> Result<Command> {
 }
 
 /// `transfer`: HTTP `{"transfer_id"?, "from", "to", "amount", "reference"?}`; over NATS the
-/// sender is the subject's account and `from` may be omitted.
-pub fn transfer(
-    body: &[u8],
-    addressed: Option<&str>,
-    key: Option<&IdempotencyKey>,
-) -> Result<(AccountId, Transfer)> {
+/// sender is the subject's account and `from` may be omitted. Without a `transfer_id` the server
+/// makes a fresh one (the third value is then true): an `Idempotency-Key` retry is answered from
+/// the key's marker, which holds the id of the first attempt, so the id is not derived from the
+/// key (it would outlive the key's 24 hours and turn a later reuse of the key into a replay).
+pub fn transfer(body: &[u8], addressed: Option<&str>) -> Result<(AccountId, Transfer, bool)> {
     let map = object(
         body,
         &["transfer_id", "from", "to", "amount", "reference"],
@@ -254,11 +263,10 @@ pub fn transfer(
         (None, None) => return Err(invalid("from is required")),
     };
     let to = account_id(text(&map, "to")?.ok_or_else(|| invalid("to is required"))?)?;
-    let transfer_id = match (text(&map, "transfer_id")?, key) {
-        (Some(id), _) => TransferId::parse(id).map_err(|error| invalid(error.to_string()))?,
-        (None, Some(key)) => TransferId::parse(&idempotency::derived_id("tr_", from.as_str(), key))
-            .map_err(|error| invalid(error.to_string()))?,
-        (None, None) => TransferId::parse(&uuid::Uuid::now_v7().simple().to_string())
+    let given = text(&map, "transfer_id")?;
+    let transfer_id = match given {
+        Some(id) => TransferId::parse(id).map_err(|error| invalid(error.to_string()))?,
+        None => TransferId::parse(&uuid::Uuid::now_v7().simple().to_string())
             .map_err(|error| invalid(error.to_string()))?,
     };
     let transfer = Transfer {
@@ -267,7 +275,7 @@ pub fn transfer(
         amount: amount(&map)?,
         reference: free_text(&map, "reference")?,
     };
-    Ok((from, transfer))
+    Ok((from, transfer, given.is_none()))
 }
 
 /// `close`: an empty body or `{}`.
@@ -356,7 +364,7 @@ mod tests {
         let detail = refused(deposit(br#"{"amount":5,"account_id":"other"}"#));
         assert!(detail.contains("account_id"), "{detail}");
         assert!(refused(withdraw(br#"{"amount":5,"memo":"x"}"#)).contains("memo"));
-        let misspelt = transfer(br#"{"from":"a","to":"b","amount":1,"amout":2}"#, None, None);
+        let misspelt = transfer(br#"{"from":"a","to":"b","amount":1,"amout":2}"#, None);
         assert!(matches!(misspelt, Err(Error::InvalidRequest(detail)) if detail.contains("amout")));
         assert!(open(br#"{"currency":"EUR","limit":5}"#, None, None).is_err());
     }

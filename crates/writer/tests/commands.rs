@@ -414,6 +414,47 @@ async fn idempotent_retry_in_process_after_restart_and_through_another_writer() 
     let check = second.deposit(&a, 1, None).await;
     assert_eq!(check.body["balance"].as_i64(), Some(250 + 10_000 + 7 + 1));
 
+    // A keyed transfer without an id: the server makes one, and a retry (through another
+    // writer) answers the first transfer, id included, without moving money again.
+    let other = unique("payee");
+    second.open(&other, 0).await;
+    let transfer_key = unique("transfer-key");
+    let sent = second
+        .post(
+            "/v1/transfers",
+            json!({"from": a, "to": other, "amount": 5}),
+            Some(&transfer_key),
+        )
+        .await;
+    let resent = restarted
+        .post(
+            "/v1/transfers",
+            json!({"from": a, "to": other, "amount": 5}),
+            Some(&transfer_key),
+        )
+        .await;
+    assert_eq!((sent.status, resent.status), (201, 201));
+    assert_eq!(sent.body, resent.body);
+    let changed = restarted
+        .post(
+            "/v1/transfers",
+            json!({"from": a, "to": other, "amount": 6}),
+            Some(&transfer_key),
+        )
+        .await;
+    assert_eq!(
+        (changed.status, changed.code()),
+        (409, "idempotency_key_reused")
+    );
+    assert_eq!(
+        second.deposit(&other, 1, None).await.body["balance"].as_i64(),
+        Some(6)
+    );
+    assert_eq!(
+        second.deposit(&a, 1, None).await.body["balance"].as_i64(),
+        Some(250 + 10_000 + 7 + 1 - 5 + 1)
+    );
+
     // A create without an id but with a key makes one account, however often it is retried.
     let create_key = unique("create");
     let created = second
