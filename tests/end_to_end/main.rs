@@ -5,5 +5,6 @@
 mod bank;
 mod cluster;
 mod decode;
+mod holds;
 mod reader;
 mod support;

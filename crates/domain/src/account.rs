@@ -7,6 +7,8 @@
 //! State is bounded: it holds no per-transfer or per-request memory, so an account's cost does not
 //! grow with its history.
 
+use std::collections::BTreeMap;
+
 use crate::values::{AccountId, Amount, Currency, OverdraftLimit, TransferId};
 
 /// What opening an account needs.
@@ -41,6 +43,48 @@ pub struct Transfer {
     pub reference: Option<String>,
 }
 
+/// A request to reserve money on the account it is addressed to (`from`) for `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlaceHold {
+    /// Hold ids share one namespace with transfer ids.
+    pub hold_id: TransferId,
+    pub to: AccountId,
+    pub amount: Amount,
+    /// Seconds from placement to expiry (1 to [`HOLD_SECONDS_MAX`]).
+    pub expires_in_seconds: i64,
+    pub reference: Option<String>,
+}
+
+/// Longest a hold may live: one week.
+pub const HOLD_SECONDS_MAX: i64 = 604_800;
+
+/// A request to move some or all of a held amount to the hold's receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture {
+    pub hold_id: TransferId,
+    /// Default: all of it.
+    pub amount: Option<Amount>,
+}
+
+/// How a hold ends without a capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// A client voided it.
+    Void,
+    /// Its time ran out (the system, no client).
+    Expire,
+}
+
+/// A hold not yet settled, as the account that placed it knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenHold {
+    pub to: AccountId,
+    pub amount: Amount,
+    /// Unix seconds from which the hold can no longer be captured or voided.
+    pub expires_at: i64,
+    pub reference: Option<String>,
+}
+
 /// A fact about one account. Names are past tense; amounts are positive and the type gives the
 /// direction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +114,28 @@ pub enum Event {
         reference: Option<String>,
     },
     AccountClosed,
+    /// Money reserved on this account for `to`; the balance does not change, what is
+    /// available does.
+    HoldPlaced {
+        hold_id: TransferId,
+        to: AccountId,
+        amount: Amount,
+        /// Unix seconds.
+        expires_at: i64,
+        reference: Option<String>,
+    },
+    /// `amount` of the hold left this account (credited to the hold's `to` in the same batch);
+    /// the rest of the hold is released.
+    HoldCaptured {
+        hold_id: TransferId,
+        amount: Amount,
+    },
+    HoldVoided {
+        hold_id: TransferId,
+    },
+    HoldExpired {
+        hold_id: TransferId,
+    },
 }
 
 impl Event {
@@ -82,6 +148,10 @@ impl Event {
             Event::TransferDebited { .. } => "transfer_debited",
             Event::TransferCredited { .. } => "transfer_credited",
             Event::AccountClosed => "account_closed",
+            Event::HoldPlaced { .. } => "hold_placed",
+            Event::HoldCaptured { .. } => "hold_captured",
+            Event::HoldVoided { .. } => "hold_voided",
+            Event::HoldExpired { .. } => "hold_expired",
         }
     }
 
@@ -91,18 +161,22 @@ impl Event {
             Event::Deposited { amount, .. } | Event::TransferCredited { amount, .. } => {
                 amount.signed()
             }
-            Event::Withdrawn { amount, .. } | Event::TransferDebited { amount, .. } => {
-                -amount.signed()
-            }
-            Event::AccountOpened(_) | Event::AccountClosed => 0,
+            Event::Withdrawn { amount, .. }
+            | Event::TransferDebited { amount, .. }
+            | Event::HoldCaptured { amount, .. } => -amount.signed(),
+            Event::AccountOpened(_)
+            | Event::AccountClosed
+            | Event::HoldPlaced { .. }
+            | Event::HoldVoided { .. }
+            | Event::HoldExpired { .. } => 0,
         }
     }
 }
 
-/// The two events of an accepted transfer, in the order they are committed.
+/// The two events of an accepted transfer (or capture), in the order they are committed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransferEvents {
-    /// On the sender.
+    /// On the sender: `transfer_debited`, or `hold_captured`.
     pub debit: Event,
     /// On the receiver.
     pub credit: Event,
@@ -134,6 +208,16 @@ pub enum DomainError {
     BalanceNotZero { balance: i64 },
     #[error("a transfer needs two different accounts")]
     SameAccount,
+    #[error("no hold {0} on this account")]
+    HoldNotFound(TransferId),
+    #[error("hold {0} is settled (captured, voided or expired)")]
+    HoldSettled(TransferId),
+    #[error("capture of {requested} exceeds the {held} held")]
+    AmountExceedsHold { held: u64, requested: u64 },
+    #[error("{count} hold(s) from this account are open")]
+    HoldsOpen { count: usize },
+    #[error("hold {hold_id} expires in {seconds} s, not yet")]
+    HoldNotDue { hold_id: TransferId, seconds: i64 },
 }
 
 /// Lifecycle of an account.
@@ -143,7 +227,8 @@ pub enum Status {
     Closed,
 }
 
-/// An opened account: everything `decide` needs, and nothing that grows with its history.
+/// An opened account: everything `decide` needs, and nothing that grows with its history (open
+/// holds are bounded by what is reserved now, not by how many there ever were).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Account {
     pub id: AccountId,
@@ -152,6 +237,19 @@ pub struct Account {
     pub overdraft_limit: OverdraftLimit,
     pub balance: i64,
     pub status: Status,
+    /// Holds from this account not yet settled.
+    pub holds: BTreeMap<TransferId, OpenHold>,
+    /// Their amounts summed.
+    pub held: i64,
+}
+
+impl Account {
+    /// What withdrawals, transfers and new holds may take: balance + overdraft limit - held.
+    pub fn available(&self) -> i64 {
+        self.balance
+            .saturating_add(self.overdraft_limit.minor_units() as i64)
+            .saturating_sub(self.held)
+    }
 }
 
 /// The state `decide` needs, rebuilt by folding the account's events with `evolve`.
@@ -224,6 +322,11 @@ pub fn decide(state: &AccountState, command: &Command) -> Result<Vec<Event>, Dom
                     balance: account.balance,
                 });
             }
+            if !account.holds.is_empty() {
+                return Err(DomainError::HoldsOpen {
+                    count: account.holds.len(),
+                });
+            }
             Ok(vec![Event::AccountClosed])
         }
     }
@@ -237,19 +340,7 @@ pub fn decide_transfer(
     to: &AccountState,
     transfer: &Transfer,
 ) -> Result<TransferEvents, DomainError> {
-    if from.id() == to.id() || *to.id() != transfer.to {
-        return Err(DomainError::SameAccount);
-    }
-    let sender = from.opened()?;
-    let receiver = to.opened()?;
-    ensure_open(sender)?;
-    ensure_open(receiver)?;
-    if sender.currency != receiver.currency {
-        return Err(DomainError::CurrencyMismatch {
-            expected: receiver.currency,
-            actual: sender.currency,
-        });
-    }
+    let (sender, receiver) = counterparties(from, to, &transfer.to)?;
     debit(sender, transfer.amount)?;
     credit(receiver, transfer.amount)?;
     Ok(TransferEvents {
@@ -269,6 +360,132 @@ pub fn decide_transfer(
     })
 }
 
+/// Checks the receiver of a transfer, hold or capture against the sender: both open, one
+/// currency, and different accounts.
+fn counterparties<'a>(
+    from: &'a AccountState,
+    to: &'a AccountState,
+    named_to: &AccountId,
+) -> Result<(&'a Account, &'a Account), DomainError> {
+    if from.id() == to.id() || to.id() != named_to {
+        return Err(DomainError::SameAccount);
+    }
+    let sender = from.opened()?;
+    let receiver = to.opened()?;
+    ensure_open(sender)?;
+    ensure_open(receiver)?;
+    if sender.currency != receiver.currency {
+        return Err(DomainError::CurrencyMismatch {
+            expected: receiver.currency,
+            actual: sender.currency,
+        });
+    }
+    Ok((sender, receiver))
+}
+
+/// Decides placing a hold at `now` (unix seconds): both accounts exist, are open and share the
+/// currency, and `from` has the amount available. The event goes on `from` alone.
+pub fn decide_hold(
+    from: &AccountState,
+    to: &AccountState,
+    hold: &PlaceHold,
+    now: i64,
+) -> Result<Event, DomainError> {
+    let (sender, _) = counterparties(from, to, &hold.to)?;
+    debit(sender, hold.amount)?;
+    Ok(Event::HoldPlaced {
+        hold_id: hold.hold_id.clone(),
+        to: hold.to.clone(),
+        amount: hold.amount,
+        expires_at: now.saturating_add(hold.expires_in_seconds),
+        reference: hold.reference.clone(),
+    })
+}
+
+/// The open hold `hold_id` of `from`, if it can still be settled by a client at `now`.
+fn live_hold<'a>(
+    from: &'a AccountState,
+    hold_id: &TransferId,
+    now: i64,
+) -> Result<(&'a Account, &'a OpenHold), DomainError> {
+    let account = from.opened()?;
+    let hold = account
+        .holds
+        .get(hold_id)
+        .ok_or_else(|| DomainError::HoldNotFound(hold_id.clone()))?;
+    if now >= hold.expires_at {
+        return Err(DomainError::HoldSettled(hold_id.clone()));
+    }
+    Ok((account, hold))
+}
+
+/// Decides a capture at `now`: the hold is open and not expired, the amount at most the held
+/// one, and the receiver is still open, in the currency, and does not overflow. Yields
+/// `hold_captured` on `from` and `transfer_credited` on `to` (transfer id = hold id).
+pub fn decide_capture(
+    from: &AccountState,
+    to: &AccountState,
+    capture: &Capture,
+    now: i64,
+) -> Result<TransferEvents, DomainError> {
+    let (_, hold) = live_hold(from, &capture.hold_id, now)?;
+    let amount = capture.amount.unwrap_or(hold.amount);
+    if amount > hold.amount {
+        return Err(DomainError::AmountExceedsHold {
+            held: hold.amount.minor_units(),
+            requested: amount.minor_units(),
+        });
+    }
+    let (sender, receiver) = counterparties(from, to, &hold.to)?;
+    credit(receiver, amount)?;
+    Ok(TransferEvents {
+        debit: Event::HoldCaptured {
+            hold_id: capture.hold_id.clone(),
+            amount,
+        },
+        credit: Event::TransferCredited {
+            transfer_id: capture.hold_id.clone(),
+            from: sender.id.clone(),
+            amount,
+            reference: hold.reference.clone(),
+        },
+    })
+}
+
+/// Decides releasing a hold: a void needs it open and not expired at `now`; an expiry needs it
+/// open and due (`now >= expires_at`).
+pub fn decide_release(
+    from: &AccountState,
+    hold_id: &TransferId,
+    release: Release,
+    now: i64,
+) -> Result<Event, DomainError> {
+    match release {
+        Release::Void => {
+            live_hold(from, hold_id, now)?;
+            Ok(Event::HoldVoided {
+                hold_id: hold_id.clone(),
+            })
+        }
+        Release::Expire => {
+            let account = from.opened()?;
+            let hold = account
+                .holds
+                .get(hold_id)
+                .ok_or_else(|| DomainError::HoldNotFound(hold_id.clone()))?;
+            if now < hold.expires_at {
+                return Err(DomainError::HoldNotDue {
+                    hold_id: hold_id.clone(),
+                    seconds: hold.expires_at - now,
+                });
+            }
+            Ok(Event::HoldExpired {
+                hold_id: hold_id.clone(),
+            })
+        }
+    }
+}
+
 fn ensure_open(account: &Account) -> Result<(), DomainError> {
     match account.status {
         Status::Open => Ok(()),
@@ -283,10 +500,12 @@ fn credit(account: &Account, amount: Amount) -> Result<i64, DomainError> {
         .ok_or_else(|| DomainError::BalanceOverflow(account.id.clone()))
 }
 
+/// Takes `amount` from what is available (holds count against it).
 fn debit(account: &Account, amount: Amount) -> Result<i64, DomainError> {
     let floor = account.overdraft_limit.floor();
-    match account.balance.checked_sub(amount.signed()) {
-        Some(after) if after >= floor => Ok(after),
+    let after = account.balance.checked_sub(amount.signed());
+    match after.and_then(|after| after.checked_sub(account.held)) {
+        Some(available_after) if available_after >= floor => Ok(after.unwrap_or(0)),
         _ => Err(DomainError::InsufficientFunds {
             balance: account.balance,
             amount: amount.minor_units(),
@@ -307,6 +526,8 @@ pub fn evolve(state: &mut AccountState, event: &Event) {
                 overdraft_limit: open.overdraft_limit,
                 balance: 0,
                 status: Status::Open,
+                holds: BTreeMap::new(),
+                held: 0,
             });
         }
         return;
@@ -315,8 +536,34 @@ pub fn evolve(state: &mut AccountState, event: &Event) {
         return;
     };
     account.balance = account.balance.saturating_add(event.balance_change());
-    if matches!(event, Event::AccountClosed) {
-        account.status = Status::Closed;
+    match event {
+        Event::AccountClosed => account.status = Status::Closed,
+        Event::HoldPlaced {
+            hold_id,
+            to,
+            amount,
+            expires_at,
+            reference,
+        } => {
+            account.held = account.held.saturating_add(amount.signed());
+            account.holds.insert(
+                hold_id.clone(),
+                OpenHold {
+                    to: to.clone(),
+                    amount: *amount,
+                    expires_at: *expires_at,
+                    reference: reference.clone(),
+                },
+            );
+        }
+        Event::HoldCaptured { hold_id, .. }
+        | Event::HoldVoided { hold_id }
+        | Event::HoldExpired { hold_id } => {
+            if let Some(hold) = account.holds.remove(hold_id) {
+                account.held = account.held.saturating_sub(hold.amount.signed());
+            }
+        }
+        _ => {}
     }
 }
 

@@ -3,8 +3,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use domain::{
-    decide, decide_transfer, evolve, replay, AccountId, AccountState, Amount, Command, Currency,
-    DomainError, Event, OpenAccount, OverdraftLimit, Transfer, TransferEvents, TransferId,
+    decide, decide_capture, decide_hold, decide_release, decide_transfer, evolve, replay,
+    AccountId, AccountState, Amount, Capture, Command, Currency, DomainError, Event, OpenAccount,
+    OverdraftLimit, PlaceHold, Release, Transfer, TransferEvents, TransferId,
 };
 use proptest::prelude::*;
 
@@ -299,12 +300,219 @@ fn a_transfer_may_use_the_overdraft() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Holds.
+
+const NOW: i64 = 1_800_000_000;
+
+fn hold(hold_id: &str, units: i128, seconds: i64) -> PlaceHold {
+    PlaceHold {
+        hold_id: tid(hold_id),
+        to: id("b"),
+        amount: amount(units),
+        expires_in_seconds: seconds,
+        reference: Some("booking".into()),
+    }
+}
+
+fn placed(hold_id: &str, units: i128, expires_at: i64) -> Event {
+    Event::HoldPlaced {
+        hold_id: tid(hold_id),
+        to: id("b"),
+        amount: amount(units),
+        expires_at,
+        reference: Some("booking".into()),
+    }
+}
+
+#[test]
+fn a_hold_reserves_available_money_but_not_the_balance() {
+    let funded = [opened(0), deposited(1000)];
+    let event = decide_hold(
+        &given(&funded),
+        &given_on("b", &[opened(0)]),
+        &hold("h1", 600, 60),
+        NOW,
+    )
+    .unwrap();
+    assert_eq!(event, placed("h1", 600, NOW + 60));
+    let history = [opened(0), deposited(1000), event];
+    let state = given(&history);
+    let account = state.account().unwrap();
+    assert_eq!(
+        (account.balance, account.held, account.available()),
+        (1000, 600, 400)
+    );
+    // Withdrawals, transfers and new holds see only what is available.
+    assert!(matches!(
+        then(
+            &history,
+            Command::Withdraw {
+                amount: amount(401),
+                reference: None
+            }
+        ),
+        Err(DomainError::InsufficientFunds { .. })
+    ));
+    assert!(then_transfer(&history, &[opened(0)], transfer("t", "b", 401)).is_err());
+    assert!(then_transfer(&history, &[opened(0)], transfer("t", "b", 400)).is_ok());
+    assert!(matches!(
+        decide_hold(
+            &state,
+            &given_on("b", &[opened(0)]),
+            &hold("h2", 401, 60),
+            NOW
+        ),
+        Err(DomainError::InsufficientFunds { .. })
+    ));
+    // Closing waits for the hold, even at a zero balance.
+    let on_overdraft = [opened(100), placed("h3", 50, NOW + 60)];
+    assert_eq!(
+        then(&on_overdraft, Command::Close),
+        Err(DomainError::HoldsOpen { count: 1 })
+    );
+}
+
+#[test]
+fn a_hold_needs_an_open_receiver_in_the_same_currency() {
+    let funded = [opened(0), deposited(1000)];
+    let refused = |receiver: &[Event]| {
+        decide_hold(
+            &given(&funded),
+            &given_on("b", receiver),
+            &hold("h", 1, 60),
+            NOW,
+        )
+    };
+    assert_eq!(refused(&[]), Err(DomainError::AccountNotFound(id("b"))));
+    assert_eq!(
+        refused(&[opened(0), Event::AccountClosed]),
+        Err(DomainError::AccountClosed(id("b")))
+    );
+    assert!(matches!(
+        refused(&[opened_in("USD", 0)]),
+        Err(DomainError::CurrencyMismatch { .. })
+    ));
+}
+
+#[test]
+fn a_capture_moves_part_of_a_hold_and_releases_the_rest() {
+    let history = [opened(0), deposited(1000), placed("h1", 600, NOW + 60)];
+    let receiver = [opened(0)];
+    let capture = |units: Option<i128>| Capture {
+        hold_id: tid("h1"),
+        amount: units.map(amount),
+    };
+    assert_eq!(
+        decide_capture(
+            &given(&history),
+            &given_on("b", &receiver),
+            &capture(Some(601)),
+            NOW
+        ),
+        Err(DomainError::AmountExceedsHold {
+            held: 600,
+            requested: 601
+        })
+    );
+    let events = decide_capture(
+        &given(&history),
+        &given_on("b", &receiver),
+        &capture(Some(250)),
+        NOW,
+    )
+    .unwrap();
+    let mut sender = given(&history);
+    let mut payee = given_on("b", &receiver);
+    evolve(&mut sender, &events.debit);
+    evolve(&mut payee, &events.credit);
+    let account = sender.account().unwrap();
+    assert_eq!(
+        (account.balance, account.held, account.available()),
+        (750, 0, 750)
+    );
+    assert_eq!(payee.balance(), 250);
+    // Settled: a second capture or a void finds no open hold.
+    assert_eq!(
+        decide_capture(&sender, &payee, &capture(None), NOW),
+        Err(DomainError::HoldNotFound(tid("h1")))
+    );
+    assert_eq!(
+        decide_release(&sender, &tid("h1"), Release::Void, NOW),
+        Err(DomainError::HoldNotFound(tid("h1")))
+    );
+    // The whole hold by default.
+    let all = decide_capture(
+        &given(&history),
+        &given_on("b", &receiver),
+        &capture(None),
+        NOW,
+    )
+    .unwrap();
+    assert_eq!(
+        all.debit,
+        Event::HoldCaptured {
+            hold_id: tid("h1"),
+            amount: amount(600)
+        }
+    );
+    // The receiver is checked again at capture.
+    assert_eq!(
+        decide_capture(
+            &given(&history),
+            &given_on("b", &[opened(0), Event::AccountClosed]),
+            &capture(None),
+            NOW
+        ),
+        Err(DomainError::AccountClosed(id("b")))
+    );
+}
+
+#[test]
+fn from_expires_at_on_a_hold_is_settled_for_clients_and_due_for_the_system() {
+    let history = [opened(0), deposited(100), placed("h1", 100, NOW + 60)];
+    let state = given(&history);
+    assert_eq!(
+        decide_release(&state, &tid("h1"), Release::Expire, NOW + 59),
+        Err(DomainError::HoldNotDue {
+            hold_id: tid("h1"),
+            seconds: 1
+        })
+    );
+    assert_eq!(
+        decide_release(&state, &tid("h1"), Release::Void, NOW + 60),
+        Err(DomainError::HoldSettled(tid("h1")))
+    );
+    assert_eq!(
+        decide_capture(
+            &state,
+            &given_on("b", &[opened(0)]),
+            &Capture {
+                hold_id: tid("h1"),
+                amount: None
+            },
+            NOW + 60
+        ),
+        Err(DomainError::HoldSettled(tid("h1")))
+    );
+    let expired = decide_release(&state, &tid("h1"), Release::Expire, NOW + 60).unwrap();
+    let mut state = state;
+    evolve(&mut state, &expired);
+    let account = state.account().unwrap();
+    assert_eq!((account.balance, account.available()), (100, 100));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Properties over random command sequences on two accounts.
 
 #[derive(Debug, Clone)]
 enum Step {
     On(bool, Command),
     Transfer(bool, i128),
+    Hold(bool, i128, i64),
+    Capture(bool, usize, Option<i128>),
+    Void(bool, usize),
+    Expire(bool, usize),
+    Tick(i64),
 }
 
 fn arbitrary_command() -> impl Strategy<Value = Command> {
@@ -331,13 +539,25 @@ fn arbitrary_step() -> impl Strategy<Value = Step> {
     prop_oneof![
         (any::<bool>(), arbitrary_command()).prop_map(|(first, command)| Step::On(first, command)),
         (any::<bool>(), 1i128..5_000).prop_map(|(first, units)| Step::Transfer(first, units)),
+        (any::<bool>(), 1i128..3_000, 1i64..100)
+            .prop_map(|(first, units, seconds)| Step::Hold(first, units, seconds)),
+        (any::<bool>(), 0usize..4, proptest::option::of(1i128..3_000))
+            .prop_map(|(first, index, units)| Step::Capture(first, index, units)),
+        (any::<bool>(), 0usize..4).prop_map(|(first, index)| Step::Void(first, index)),
+        (any::<bool>(), 0usize..4).prop_map(|(first, index)| Step::Expire(first, index)),
+        (1i64..50).prop_map(Step::Tick),
     ]
 }
 
+/// The `index`-th open hold of an account, if it has that many.
+fn nth_hold(state: &AccountState, index: usize) -> Option<TransferId> {
+    state.account()?.holds.keys().nth(index).cloned()
+}
+
 fn within_limit(state: &AccountState) -> bool {
-    state
-        .account()
-        .is_none_or(|account| account.balance >= account.overdraft_limit.floor())
+    state.account().is_none_or(|account| {
+        account.balance >= account.overdraft_limit.floor() && account.available() >= 0
+    })
 }
 
 proptest! {
@@ -348,7 +568,9 @@ proptest! {
         let mut states = [AccountState::new(id("a")), AccountState::new(id("b"))];
         let mut histories: [Vec<Event>; 2] = [Vec::new(), Vec::new()];
         let mut external = 0i64;
+        let mut now = NOW;
         for (index, step) in steps.iter().enumerate() {
+            let pair = |first: bool| if first { (0, 1) } else { (1, 0) };
             match step {
                 Step::On(first, command) => {
                     let side = usize::from(!*first);
@@ -378,12 +600,50 @@ proptest! {
                         histories[to].push(events.credit);
                     }
                 }
+                Step::Hold(first, units, seconds) => {
+                    let (from, to) = pair(*first);
+                    let request = PlaceHold {
+                        hold_id: tid(&format!("h{index}")),
+                        to: states[to].id().clone(),
+                        amount: amount(*units),
+                        expires_in_seconds: *seconds,
+                        reference: None,
+                    };
+                    if let Ok(event) = decide_hold(&states[from], &states[to], &request, now) {
+                        evolve(&mut states[from], &event);
+                        histories[from].push(event);
+                    }
+                }
+                Step::Capture(first, which, units) => {
+                    let (from, to) = pair(*first);
+                    if let Some(hold_id) = nth_hold(&states[from], *which) {
+                        let request = Capture { hold_id, amount: units.map(amount) };
+                        if let Ok(events) = decide_capture(&states[from], &states[to], &request, now) {
+                            evolve(&mut states[from], &events.debit);
+                            evolve(&mut states[to], &events.credit);
+                            histories[from].push(events.debit);
+                            histories[to].push(events.credit);
+                        }
+                    }
+                }
+                Step::Void(first, which) | Step::Expire(first, which) => {
+                    let (from, _) = pair(*first);
+                    let release = if matches!(step, Step::Void(..)) { Release::Void } else { Release::Expire };
+                    if let Some(hold_id) = nth_hold(&states[from], *which) {
+                        if let Ok(event) = decide_release(&states[from], &hold_id, release, now) {
+                            evolve(&mut states[from], &event);
+                            histories[from].push(event);
+                        }
+                    }
+                }
+                Step::Tick(seconds) => now += seconds,
             }
             prop_assert!(within_limit(&states[0]) && within_limit(&states[1]), "{:?}", states);
         }
         prop_assert_eq!(&replay(id("a"), &histories[0]), &states[0]);
         prop_assert_eq!(&replay(id("b"), &histories[1]), &states[1]);
-        // Conservation: transfers move money inside; only deposits and withdrawals change the sum.
+        // Conservation: transfers and captures move money inside; only deposits and withdrawals
+        // change the sum.
         prop_assert_eq!(states[0].balance() + states[1].balance(), external);
     }
 }

@@ -23,6 +23,10 @@ pub const CURRENT_VERSIONS: &[(&str, u32)] = &[
     ("transfer_debited", 1),
     ("transfer_credited", 1),
     ("account_closed", 1),
+    ("hold_placed", 1),
+    ("hold_captured", 1),
+    ("hold_voided", 1),
+    ("hold_expired", 1),
 ];
 
 /// Why a stored payload could not become an event.
@@ -92,6 +96,48 @@ struct TransferCredited {
 #[derive(Debug, Serialize, Deserialize)]
 struct AccountClosed {}
 
+#[derive(Debug, Serialize, Deserialize)]
+struct HoldPlaced {
+    hold_id: String,
+    to: String,
+    amount: u64,
+    /// RFC 3339, as everywhere else times are shown.
+    expires_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reference: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct HoldCaptured {
+    hold_id: String,
+    amount: u64,
+}
+
+/// `hold_voided` and `hold_expired`.
+#[derive(Debug, Serialize, Deserialize)]
+struct HoldReleased {
+    hold_id: String,
+}
+
+fn rfc3339(unix_seconds: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix_seconds)
+        .ok()
+        .and_then(|time| {
+            time.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn unix_seconds(event_type: &str, text: &str) -> Result<i64, DecodeError> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map(time::OffsetDateTime::unix_timestamp)
+        .map_err(|error| DecodeError::Payload {
+            event_type: event_type.into(),
+            message: format!("expires_at: {error}"),
+        })
+}
+
 /// The current wire shape of an event, one variant per type.
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
@@ -101,6 +147,9 @@ enum Payload {
     TransferDebited(TransferDebited),
     TransferCredited(TransferCredited),
     AccountClosed(AccountClosed),
+    HoldPlaced(HoldPlaced),
+    HoldCaptured(HoldCaptured),
+    HoldReleased(HoldReleased),
 }
 
 fn payload(event: &Event) -> Payload {
@@ -141,6 +190,28 @@ fn payload(event: &Event) -> Payload {
             reference: reference.clone(),
         }),
         Event::AccountClosed => Payload::AccountClosed(AccountClosed {}),
+        Event::HoldPlaced {
+            hold_id,
+            to,
+            amount,
+            expires_at,
+            reference,
+        } => Payload::HoldPlaced(HoldPlaced {
+            hold_id: hold_id.to_string(),
+            to: to.to_string(),
+            amount: amount.minor_units(),
+            expires_at: rfc3339(*expires_at),
+            reference: reference.clone(),
+        }),
+        Event::HoldCaptured { hold_id, amount } => Payload::HoldCaptured(HoldCaptured {
+            hold_id: hold_id.to_string(),
+            amount: amount.minor_units(),
+        }),
+        Event::HoldVoided { hold_id } | Event::HoldExpired { hold_id } => {
+            Payload::HoldReleased(HoldReleased {
+                hold_id: hold_id.to_string(),
+            })
+        }
     }
 }
 
@@ -254,6 +325,32 @@ pub fn decode(event_type: &str, version: u32, bytes: &[u8]) -> Result<Event, Dec
                 reference: wire.reference,
             }
         }
+        "hold_placed" => {
+            let wire: HoldPlaced = read(event_type, bytes)?;
+            Event::HoldPlaced {
+                hold_id: checked(event_type, TransferId::parse(&wire.hold_id))?,
+                to: checked(event_type, AccountId::parse(&wire.to))?,
+                amount: checked(event_type, Amount::new(wire.amount.into()))?,
+                expires_at: unix_seconds(event_type, &wire.expires_at)?,
+                reference: wire.reference,
+            }
+        }
+        "hold_captured" => {
+            let wire: HoldCaptured = read(event_type, bytes)?;
+            Event::HoldCaptured {
+                hold_id: checked(event_type, TransferId::parse(&wire.hold_id))?,
+                amount: checked(event_type, Amount::new(wire.amount.into()))?,
+            }
+        }
+        "hold_voided" | "hold_expired" => {
+            let wire: HoldReleased = read(event_type, bytes)?;
+            let hold_id = checked(event_type, TransferId::parse(&wire.hold_id))?;
+            if event_type == "hold_voided" {
+                Event::HoldVoided { hold_id }
+            } else {
+                Event::HoldExpired { hold_id }
+            }
+        }
         _ => {
             let _: AccountClosed = read(event_type, bytes)?;
             Event::AccountClosed
@@ -303,6 +400,22 @@ mod tests {
             reference: Some("x".into()),
         });
         round_trip(Event::AccountClosed);
+        let hold = TransferId::parse("h1").unwrap();
+        round_trip(Event::HoldPlaced {
+            hold_id: hold.clone(),
+            to: AccountId::parse("b").unwrap(),
+            amount,
+            expires_at: 1_800_000_000,
+            reference: Some("booking".into()),
+        });
+        round_trip(Event::HoldCaptured {
+            hold_id: hold.clone(),
+            amount,
+        });
+        round_trip(Event::HoldVoided {
+            hold_id: hold.clone(),
+        });
+        round_trip(Event::HoldExpired { hold_id: hold });
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub mod header {
     pub const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str =
         "Nats-Expected-Last-Subject-Sequence-Subject";
     pub const TTL: &str = "Nats-TTL";
+    pub const SCHEDULE: &str = "Nats-Schedule";
+    pub const SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
     pub const BATCH_ID: &str = "Nats-Batch-Id";
     pub const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
     pub const BATCH_COMMIT: &str = "Nats-Batch-Commit";
@@ -137,12 +139,13 @@ pub struct StoredMarker {
     pub payload: Vec<u8>,
 }
 
-/// The event log on one JetStream stream.
+/// The event log on one JetStream stream (and the schedules stream beside it).
 #[derive(Clone)]
 pub struct EventLog {
     client: async_nats::Client,
     context: jetstream::Context,
     stream_name: String,
+    schedules_name: String,
 }
 
 fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -267,7 +270,12 @@ impl EventLog {
             client,
             context,
             stream_name: settings.name.clone(),
+            schedules_name: settings.schedules_name.clone(),
         }
+    }
+
+    pub fn schedules_name(&self) -> &str {
+        &self.schedules_name
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -379,25 +387,68 @@ impl EventLog {
         }
     }
 
+    /// Schedules `payload` to be stored on `target` at `at` (`Nats-Schedule: @at`), kept on
+    /// `subject` until then, in the schedules stream. The first schedule on a subject stays: a
+    /// second one (a retry) is a no-op, and `Ok(false)` says so.
+    pub async fn schedule(
+        &self,
+        subject: &str,
+        target: &str,
+        at: OffsetDateTime,
+        payload: Vec<u8>,
+    ) -> Result<bool> {
+        if !self.is_connected() {
+            return Err(Error::Unavailable("not connected to NATS".into()));
+        }
+        let at = at
+            .to_offset(time::UtcOffset::UTC)
+            .replace_nanosecond(0)
+            .map_err(|error| Error::Encode(error.to_string()))?
+            .format(&Rfc3339)
+            .map_err(|error| Error::Encode(error.to_string()))?;
+        let mut headers = HeaderMap::new();
+        headers.insert(header::SCHEDULE, format!("@at {at}").as_str());
+        headers.insert(header::SCHEDULE_TARGET, target);
+        headers.insert(header::EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+        let request = async_nats::Request::new()
+            .headers(headers)
+            .payload(payload.into())
+            .timeout(Some(ACK_TIMEOUT));
+        let reply = self
+            .client
+            .send_request(subject.to_owned(), request)
+            .await
+            .map_err(|error| match error.kind() {
+                RequestErrorKind::NoResponders => {
+                    Error::Unavailable(format!("schedules stream not reachable: {error}"))
+                }
+                _ => Error::OutcomeUnknown(error.to_string()),
+            })?;
+        match acknowledgement(&reply.payload, 1) {
+            Ok(_) => Ok(true),
+            Err(Error::Conflict { .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The message last stored on `subject` of the schedules stream (a due expiry), if any.
+    pub async fn read_scheduled(&self, subject: &str) -> Result<Option<StoredMarker>> {
+        let answer = self
+            .leader_get_from(
+                &self.schedules_name,
+                serde_json::json!({ "last_by_subj": subject }),
+            )
+            .await?;
+        stored_message(answer)
+    }
+
     /// The marker stored on `subject`, if any, answered by the stream leader (a retry must not
     /// miss a marker a lagging replica has not stored yet).
     pub async fn read_marker(&self, subject: &str) -> Result<Option<StoredMarker>> {
         let answer = self
             .leader_get(serde_json::json!({ "last_by_subj": subject }))
             .await?;
-        let Some(message) = answer else {
-            return Ok(None);
-        };
-        let payload = match message["data"].as_str() {
-            Some(data) => base64::engine::general_purpose::STANDARD
-                .decode(data)
-                .map_err(|error| Error::JetStream(format!("marker payload: {error}")))?,
-            None => Vec::new(),
-        };
-        let position = message["seq"]
-            .as_u64()
-            .ok_or_else(|| Error::JetStream("marker without a sequence".into()))?;
-        Ok(Some(StoredMarker { position, payload }))
+        stored_message(answer)
     }
 
     /// Loads `account`'s events after `after_position`, in order.
@@ -477,6 +528,14 @@ impl EventLog {
     /// One `$JS.API.STREAM.MSG.GET` (served by the stream leader): the message, or `None`
     /// when there is none.
     async fn leader_get(&self, request: serde_json::Value) -> Result<Option<serde_json::Value>> {
+        self.leader_get_from(&self.stream_name, request).await
+    }
+
+    async fn leader_get_from(
+        &self,
+        stream: &str,
+        request: serde_json::Value,
+    ) -> Result<Option<serde_json::Value>> {
         if !self.is_connected() {
             return Err(Error::Unavailable("not connected to NATS".into()));
         }
@@ -484,10 +543,8 @@ impl EventLog {
             serde_json::to_vec(&request).map_err(|error| Error::JetStream(error.to_string()))?;
         let reply = tokio::time::timeout(
             DIRECT_BATCH_TIMEOUT,
-            self.client.request(
-                format!("$JS.API.STREAM.MSG.GET.{}", self.stream_name),
-                body.into(),
-            ),
+            self.client
+                .request(format!("$JS.API.STREAM.MSG.GET.{stream}"), body.into()),
         )
         .await
         .map_err(|_| Error::Unavailable("stream message request timed out".into()))?
@@ -588,6 +645,23 @@ fn stored_header(raw: &[u8], name: &str) -> Option<String> {
                 .eq_ignore_ascii_case(name)
                 .then(|| value.trim().to_owned())
         })
+}
+
+/// A message from the stream message API as a [`StoredMarker`].
+fn stored_message(answer: Option<serde_json::Value>) -> Result<Option<StoredMarker>> {
+    let Some(message) = answer else {
+        return Ok(None);
+    };
+    let payload = match message["data"].as_str() {
+        Some(data) => base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .map_err(|error| Error::JetStream(format!("marker payload: {error}")))?,
+        None => Vec::new(),
+    };
+    let position = message["seq"]
+        .as_u64()
+        .ok_or_else(|| Error::JetStream("marker without a sequence".into()))?;
+    Ok(Some(StoredMarker { position, payload }))
 }
 
 fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {

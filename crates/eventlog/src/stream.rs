@@ -1,4 +1,10 @@
-//! The `COFFER_EVENTS` stream's configuration.
+//! The streams' configuration: `COFFER_EVENTS`, the log, and `COFFER_SCHEDULES`, where hold
+//! expiries wait for their time.
+//!
+//! Schedules live in a stream of their own because nats-server forces roll-ups on and
+//! `deny_purge` off on any stream that allows message schedules (a one-shot schedule is purged
+//! once it fired): on the event log that would let a publisher with `Nats-Rollup` erase an
+//! account's history.
 
 use std::time::Duration;
 
@@ -16,6 +22,8 @@ pub struct StreamSettings {
     /// How long the server remembers `Nats-Msg-Id`s to drop duplicates. Default 2 minutes;
     /// longer windows cost server memory per message. Idempotency beyond it is the writer's job.
     pub duplicate_window: Duration,
+    /// The schedules stream's name. Default `COFFER_SCHEDULES`.
+    pub schedules_name: String,
 }
 
 impl Default for StreamSettings {
@@ -24,9 +32,14 @@ impl Default for StreamSettings {
             name: "COFFER_EVENTS".into(),
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
+            schedules_name: "COFFER_SCHEDULES".into(),
         }
     }
 }
+
+/// How long a schedule or a due message is kept: longer than the longest hold (a week), so a
+/// schedule always outlives its hold, and due messages do not pile up forever.
+pub const SCHEDULES_MAX_AGE: Duration = Duration::from_secs(8 * 24 * 60 * 60);
 
 impl StreamSettings {
     pub fn config(&self) -> stream::Config {
@@ -63,6 +76,23 @@ impl StreamSettings {
         }
     }
 
+    /// The schedules stream: `Nats-Schedule` messages on `coffer.schedules.>` and what they
+    /// deliver on `coffer.due.>`.
+    pub fn schedules_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.schedules_name.clone(),
+            description: Some("Coffer hold expiries waiting for their time".into()),
+            subjects: vec![subject::ALL_SCHEDULES.into(), subject::ALL_DUE.into()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            num_replicas: self.replicas,
+            max_age: SCHEDULES_MAX_AGE,
+            allow_direct: true,
+            allow_message_schedules: true,
+            ..Default::default()
+        }
+    }
+
     /// The existing configuration with the settings Coffer manages applied, and nothing
     /// weakened: replicas are never lowered (a process started with defaults must not turn an
     /// R3 stream into R1), and every field Coffer does not manage (limits an operator set, such
@@ -88,6 +118,7 @@ impl StreamSettings {
     /// existing stream is only logged: a consume-only reader may lack the permission, and the
     /// stream still works.
     pub async fn ensure(&self, context: &jetstream::Context) -> Result<stream::Stream> {
+        self.ensure_schedules(context).await?;
         match context.get_stream(&self.name).await {
             Ok(mut existing) => {
                 let current = existing
@@ -122,6 +153,41 @@ impl StreamSettings {
             .get_stream(&self.name)
             .await
             .map_err(|error| Error::Unavailable(format!("get stream: {error}")))
+    }
+}
+
+impl StreamSettings {
+    /// Creates the schedules stream if it is missing, or raises its replicas; nothing else of
+    /// an existing one is changed.
+    async fn ensure_schedules(&self, context: &jetstream::Context) -> Result<()> {
+        match context.get_stream(&self.schedules_name).await {
+            Ok(mut existing) => {
+                let current = existing
+                    .info()
+                    .await
+                    .map_err(|error| Error::JetStream(format!("stream info: {error}")))?
+                    .config
+                    .clone();
+                if current.num_replicas < self.replicas || !current.allow_message_schedules {
+                    let mut merged = current.clone();
+                    merged.num_replicas = current.num_replicas.max(self.replicas);
+                    merged.allow_message_schedules = true;
+                    if let Err(error) = context.update_stream(merged).await {
+                        tracing::warn!(%error, stream = %self.schedules_name, "could not update the stream");
+                    }
+                }
+            }
+            Err(_) => {
+                if let Err(error) = context.create_stream(self.schedules_config()).await {
+                    tracing::debug!(%error, "create schedules stream failed; checking whether it exists now");
+                }
+            }
+        }
+        context
+            .get_stream(&self.schedules_name)
+            .await
+            .map(|_| ())
+            .map_err(|error| Error::Unavailable(format!("get schedules stream: {error}")))
     }
 }
 

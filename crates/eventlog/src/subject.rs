@@ -14,6 +14,12 @@ pub const ALL_EVENTS: &str = "coffer.events.>";
 pub const ALL_APPENDS: &str = "coffer.append.>";
 /// Markers: idempotency keys and transfer-id claims.
 pub const ALL_MARKERS: &str = "coffer.ids.>";
+/// Messages scheduled with the stream (`Nats-Schedule`): hold expiries.
+pub const ALL_SCHEDULES: &str = "coffer.schedules.>";
+/// What the schedules deliver when they fire: `coffer.due.hold-expiry.{from}.{hold_id}`.
+pub const ALL_DUE: &str = "coffer.due.>";
+/// Due hold expiries, for the writers' expiry consumer.
+pub const DUE_HOLD_EXPIRIES: &str = "coffer.due.hold-expiry.>";
 
 /// The subject an event of `account` is appended on.
 pub fn append(account: &AccountId, event_type: &str) -> String {
@@ -46,6 +52,23 @@ pub fn transfer_marker(transfer_id: &TransferId) -> String {
     format!("coffer.ids.transfer.{transfer_id}")
 }
 
+/// The schedule of a hold's expiry.
+pub fn hold_expiry_schedule(hold_id: &TransferId) -> String {
+    format!("coffer.schedules.hold-expiry.{hold_id}")
+}
+
+/// Where a hold's expiry is delivered when it is due.
+pub fn hold_expiry_due(from: &AccountId, hold_id: &TransferId) -> String {
+    format!("coffer.due.hold-expiry.{from}.{hold_id}")
+}
+
+/// Splits a due hold expiry subject into `(from, hold_id)`.
+pub fn parse_hold_expiry_due(subject: &str) -> Option<(&str, &str)> {
+    let rest = subject.strip_prefix("coffer.due.hold-expiry.")?;
+    let (from, hold_id) = rest.split_once('.')?;
+    (!hold_id.contains('.')).then_some((from, hold_id))
+}
+
 /// Splits a stored event subject into `(account_id, event_type)`.
 pub fn parse(subject: &str) -> Option<(&str, &str)> {
     let rest = subject.strip_prefix(EVENTS_PREFIX)?.strip_prefix('.')?;
@@ -70,5 +93,10 @@ mod tests {
         assert_eq!(parse("coffer.cmd.acc-1.deposit"), None);
         assert_eq!(parse("coffer.events.a.b.c"), None);
         assert_eq!(parse(&key_marker(&account, "ab12")), None);
+        let hold = TransferId::parse("h-1").unwrap();
+        assert_eq!(
+            parse_hold_expiry_due(&hold_expiry_due(&account, &hold)),
+            Some(("acc-1", "h-1"))
+        );
     }
 }

@@ -383,3 +383,57 @@ async fn single_appends_chain_each_event_to_its_accounts_previous_one() {
     }
     assert_eq!(history.len(), 2);
 }
+
+#[tokio::test]
+async fn a_schedule_delivers_its_message_at_its_time_and_the_first_one_stays() {
+    let server = NatsServer::start();
+    let log = log_on(&server).await;
+    let a = account("sched");
+    let hold = TransferId::parse("sched-hold").unwrap();
+    let due = subject::hold_expiry_due(&a, &hold);
+    let at = time::OffsetDateTime::now_utc() + Duration::from_secs(2);
+    let schedule = subject::hold_expiry_schedule(&hold);
+    assert!(log
+        .schedule(&schedule, &due, at, b"first".to_vec())
+        .await
+        .unwrap());
+    // A retry does not move it.
+    assert!(!log
+        .schedule(
+            &schedule,
+            &due,
+            at + Duration::from_secs(60),
+            b"second".to_vec()
+        )
+        .await
+        .unwrap());
+    assert!(
+        log.read_scheduled(&due).await.unwrap().is_none(),
+        "fired early"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let fired = loop {
+        if let Some(message) = log.read_scheduled(&due).await.unwrap() {
+            break message;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the schedule never fired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(fired.payload, b"first");
+    assert!(time::OffsetDateTime::now_utc() >= at.replace_nanosecond(0).unwrap());
+    // The event log itself keeps its protections: no purge, no roll-ups.
+    let events = log
+        .context()
+        .get_stream("COFFER_EVENTS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    assert!(events.deny_purge && !events.allow_rollup && !events.allow_message_schedules);
+}

@@ -44,6 +44,7 @@ pub fn router(state: QueryState) -> Router {
         .route("/v1/accounts/{id}/transactions", get(transactions))
         .route("/v1/transfers/{id}", get(transfer))
         .route("/v1/audit", get(audit))
+        .route("/v1/holds/{id}", get(hold))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
     let router = problem::with_service_routes(
@@ -137,6 +138,11 @@ fn account_json(row: &AccountRow) -> Value {
         "owner": row.owner,
         "balance": row.balance,
         "overdraft_limit": row.overdraft_limit,
+        "held": row.held,
+        "available": row
+            .balance
+            .saturating_add(row.overdraft_limit as i64)
+            .saturating_sub(row.held),
         "status": if row.closed { "closed" } else { "open" },
         "version": row.version,
         "position": row.position,
@@ -316,6 +322,41 @@ async fn readyz(State(state): State<QueryState>, Query(query): Query<ReadyQuery>
             1,
         )
         .into_response()
+    }
+}
+
+async fn hold(State(state): State<QueryState>, Path(id): Path<String>) -> Response {
+    let row: Result<Option<views::HoldRow>, Problem> = (|| {
+        let transaction = state.database.begin_read().map_err(storage_problem)?;
+        let table = transaction
+            .open_table(views::HOLDS)
+            .map_err(storage_problem)?;
+        let bytes = table.get(id.as_str()).map_err(storage_problem)?;
+        bytes
+            .map(|bytes| views::decode(bytes.value()).map_err(storage_problem))
+            .transpose()
+    })();
+    match row {
+        Ok(Some(row)) => {
+            let expires_at = OffsetDateTime::from_unix_timestamp(row.expires_at)
+                .map(rfc3339)
+                .unwrap_or_default();
+            let mut body = json!({
+                "hold_id": row.hold_id,
+                "from": row.from,
+                "to": row.to,
+                "amount": row.amount,
+                "status": row.status,
+                "expires_at": expires_at,
+                "position": row.position,
+            });
+            if let Some(captured) = row.captured_amount {
+                body["captured_amount"] = json!(captured);
+            }
+            Json(body).into_response()
+        }
+        Ok(None) => Problem::not_found("hold_not_found", format!("no hold {id}")).into_response(),
+        Err(problem) => problem.into_response(),
     }
 }
 

@@ -9,6 +9,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/accounts/{id}/transactions"),
     ("get", "/v1/transfers/{id}"),
     ("get", "/v1/audit"),
+    ("get", "/v1/holds/{id}"),
 ];
 
 fn problem(description: &str) -> Value {
@@ -49,6 +50,7 @@ pub fn document_part() -> Value {
         "/v1/accounts/{id}": query("Account view", "account id", "Account", "account_not_found", &[]),
         "/v1/accounts/{id}/transactions": query("Statement, ascending by position", "account id", "Statement", "account_not_found", &page),
         "/v1/transfers/{id}": query("Transfer view", "transfer id", "TransferView", "transfer_not_found", &[]),
+        "/v1/holds/{id}": query("Hold view", "hold id", "HoldView", "hold_not_found", &[]),
         "/v1/audit": {"get": {
             "summary": "Conservation audit: per currency, the sum of balances against deposits minus withdrawals",
             "parameters": [{"$ref": "#/components/parameters/MinPosition"}, {"$ref": "#/components/parameters/MinPositionHeader"}],
@@ -64,12 +66,17 @@ pub fn document_part() -> Value {
     let sums = json!({"type": "object", "required": ["balances", "external_in", "external_out"], "properties": {
         "balances": {"type": "integer"}, "external_in": {"type": "integer"}, "external_out": {"type": "integer"}}});
     let schemas = json!({
+        "HoldView": {"type": "object", "required": ["hold_id", "from", "to", "amount", "status", "expires_at", "position"], "properties": {
+            "hold_id": {"type": "string"}, "from": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "integer"},
+            "status": {"enum": ["held", "captured", "voided", "expired"]}, "captured_amount": {"type": "integer"},
+            "expires_at": time, "position": {"type": "integer"}}},
         "Audit": {"type": "object", "required": ["position", "currencies", "balanced"], "properties": {
             "position": {"type": "integer"}, "currencies": {"type": "object", "additionalProperties": sums},
             "balanced": {"type": "boolean"}}},
         "Account": {"type": "object", "required": ["account_id", "currency", "balance", "overdraft_limit", "status", "version", "position", "opened_at", "updated_at"],
             "properties": {"account_id": {"type": "string"}, "currency": {"type": "string"}, "owner": {"type": ["string", "null"]},
-                "balance": {"type": "integer"}, "overdraft_limit": {"type": "integer"}, "status": {"enum": ["open", "closed"]},
+                "balance": {"type": "integer"}, "overdraft_limit": {"type": "integer"}, "held": {"type": "integer"},
+                "available": {"type": "integer"}, "status": {"enum": ["open", "closed"]},
                 "version": {"type": "integer"}, "position": {"type": "integer"}, "opened_at": time, "updated_at": time}},
         "Statement": {"type": "object", "required": ["items", "next"], "properties": {
             "items": {"type": "array", "items": {"type": "object", "required": ["position", "type", "amount", "balance_after", "time"],

@@ -21,6 +21,8 @@ pub const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("account
 pub const STATEMENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("statements");
 /// Transfer id -> [`TransferRow`].
 pub const TRANSFERS: TableDefinition<&str, &[u8]> = TableDefinition::new("transfers");
+/// Hold id -> [`HoldRow`].
+pub const HOLDS: TableDefinition<&str, &[u8]> = TableDefinition::new("holds");
 /// [`AUDIT_RUNNING`] and [`AUDIT_SETTLED`] -> [`AuditRow`].
 pub const AUDIT: TableDefinition<&str, &[u8]> = TableDefinition::new("audit");
 /// The sums after the last applied event.
@@ -72,7 +74,11 @@ impl AuditRow {
         match &recorded.event {
             Event::Deposited { .. } => sums.external_in += change,
             Event::Withdrawn { .. } => sums.external_out -= change,
-            Event::TransferDebited { transfer_id, .. } => {
+            Event::TransferDebited { transfer_id, .. }
+            | Event::HoldCaptured {
+                hold_id: transfer_id,
+                ..
+            } => {
                 self.transfer_in_flight = Some(transfer_id.to_string());
             }
             Event::TransferCredited { transfer_id, .. } => {
@@ -80,7 +86,11 @@ impl AuditRow {
                     self.transfer_in_flight = None;
                 }
             }
-            Event::AccountOpened(_) | Event::AccountClosed => {}
+            Event::AccountOpened(_)
+            | Event::AccountClosed
+            | Event::HoldPlaced { .. }
+            | Event::HoldVoided { .. }
+            | Event::HoldExpired { .. } => {}
         }
         self.position = recorded.position;
     }
@@ -126,6 +136,9 @@ pub struct AccountRow {
     /// `Coffer-Chain` of the account's last event, which its next one must build on.
     #[serde(default = "genesis")]
     pub chain: String,
+    /// Open holds from this account, summed.
+    #[serde(default)]
+    pub held: i64,
     /// Number of events of the account applied.
     pub version: u64,
     /// Position of the account's last event.
@@ -166,6 +179,72 @@ pub struct TransferRow {
     pub time: OffsetDateTime,
 }
 
+/// A hold and what became of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldRow {
+    pub hold_id: String,
+    pub from: String,
+    pub to: String,
+    pub amount: u64,
+    /// `held`, `captured`, `voided` or `expired`.
+    pub status: String,
+    pub captured_amount: Option<u64>,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Position of the hold's last event (for a capture: the receiver's credit).
+    pub position: u64,
+}
+
+/// The hold row after `recorded` (an event of the hold's `from`), or `None` when the event is
+/// not about a hold.
+pub fn fold_hold(row: Option<HoldRow>, recorded: &RecordedEvent) -> Option<HoldRow> {
+    let (mut row, status) = match (&recorded.event, row) {
+        (
+            Event::HoldPlaced {
+                hold_id,
+                to,
+                amount,
+                expires_at,
+                ..
+            },
+            _,
+        ) => (
+            HoldRow {
+                hold_id: hold_id.to_string(),
+                from: recorded.account_id.to_string(),
+                to: to.to_string(),
+                amount: amount.minor_units(),
+                status: String::new(),
+                captured_amount: None,
+                expires_at: *expires_at,
+                position: 0,
+            },
+            "held",
+        ),
+        (Event::HoldCaptured { amount, .. }, Some(mut row)) => {
+            row.captured_amount = Some(amount.minor_units());
+            (row, "captured")
+        }
+        (Event::HoldVoided { .. }, Some(row)) => (row, "voided"),
+        (Event::HoldExpired { .. }, Some(row)) => (row, "expired"),
+        _ => return None,
+    };
+    row.status = status.into();
+    row.position = recorded.position;
+    Some(row)
+}
+
+/// The hold an event of its `from` is about.
+fn hold_of(event: &Event) -> Option<&domain::TransferId> {
+    match event {
+        Event::HoldPlaced { hold_id, .. }
+        | Event::HoldCaptured { hold_id, .. }
+        | Event::HoldVoided { hold_id }
+        | Event::HoldExpired { hold_id } => Some(hold_id),
+        _ => None,
+    }
+}
+
 /// The account row after `recorded`. Events before the account was opened leave it absent.
 pub fn fold_account(row: Option<AccountRow>, recorded: &RecordedEvent) -> Option<AccountRow> {
     let mut row = match (&recorded.event, row) {
@@ -177,6 +256,7 @@ pub fn fold_account(row: Option<AccountRow>, recorded: &RecordedEvent) -> Option
             overdraft_limit: open.overdraft_limit.minor_units(),
             closed: false,
             chain: genesis(),
+            held: 0,
             version: 0,
             position: 0,
             opened_at: recorded.time,
@@ -213,6 +293,15 @@ pub fn statement_entry(after: &AccountRow, recorded: &RecordedEvent) -> Option<S
             reference,
             ..
         } => (Some(transfer_id), Some(from), reference.clone()),
+        Event::HoldPlaced {
+            hold_id,
+            to,
+            reference,
+            ..
+        } => (Some(hold_id), Some(to), reference.clone()),
+        Event::HoldCaptured { hold_id, .. }
+        | Event::HoldVoided { hold_id }
+        | Event::HoldExpired { hold_id } => (Some(hold_id), None, None),
         Event::AccountOpened(_) | Event::AccountClosed => (None, None, None),
     };
     Some(StatementEntry {
@@ -283,6 +372,7 @@ impl projection::Projector for LedgerViews {
         transaction.open_table(STATEMENTS)?;
         transaction.open_table(TRANSFERS)?;
         transaction.open_table(AUDIT)?;
+        transaction.open_table(HOLDS)?;
         Ok(())
     }
 
@@ -295,6 +385,7 @@ impl projection::Projector for LedgerViews {
         let mut statements = transaction.open_table(STATEMENTS)?;
         let mut transfers = transaction.open_table(TRANSFERS)?;
         let mut audit_table = transaction.open_table(AUDIT)?;
+        let mut holds = transaction.open_table(HOLDS)?;
         let mut audit: AuditRow = read_row(&audit_table, AUDIT_RUNNING)?.unwrap_or_default();
         let mut settled: Option<AuditRow> = None;
         for recorded in events {
@@ -313,6 +404,22 @@ impl projection::Projector for LedgerViews {
             if let Some(mut row) = fold_account(old, recorded) {
                 // Later events build on what is stored, so one break is counted once.
                 row.chain = recorded.chain.clone().unwrap_or(expected_chain);
+                if let Some(hold_id) = hold_of(&recorded.event) {
+                    let before: Option<HoldRow> = read_row(&holds, hold_id.as_str())?;
+                    let held_before = before
+                        .as_ref()
+                        .filter(|hold| hold.status == "held")
+                        .map_or(0, |hold| hold.amount as i64);
+                    if let Some(hold) = fold_hold(before, recorded) {
+                        let held_after = if hold.status == "held" {
+                            hold.amount as i64
+                        } else {
+                            0
+                        };
+                        row.held = row.held.saturating_add(held_after - held_before);
+                        holds.insert(hold_id.as_str(), encode(&hold)?.as_slice())?;
+                    }
+                }
                 audit.apply(&row.currency, recorded);
                 if audit.transfer_in_flight.is_none() {
                     settled = Some(audit.clone());

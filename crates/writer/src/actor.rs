@@ -20,7 +20,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use domain::{decide, decide_transfer, evolve, AccountId, AccountState, Event, Transfer};
+use domain::{
+    decide, decide_capture, decide_hold, decide_release, decide_transfer, evolve, AccountId,
+    AccountState, DomainError, Event, Release, Transfer, TransferEvents,
+};
 use eventlog::{Entry, EventLog, EventMetadata};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::time::Instant;
@@ -232,6 +235,15 @@ struct Plan {
     answer_index: usize,
     /// The new states of the accounts, with the index of each one's event.
     changes: Vec<(Known, usize)>,
+    /// A hold's expiry, scheduled before the batch is appended.
+    expiry: Option<Expiry>,
+}
+
+/// A message the schedules stream delivers when a hold is due.
+struct Expiry {
+    schedule: String,
+    due: String,
+    at: time::OffsetDateTime,
 }
 
 impl AccountActorState {
@@ -267,12 +279,7 @@ impl AccountActorState {
         let request_hash = request.idempotency_key.as_ref().map(|_| {
             idempotency::request_hash(self.id(), &request.intent, request.transfer_id_generated)
         });
-        let mut receiver = match &request.intent {
-            Intent::Transfer(transfer) if transfer.to != *self.id() => {
-                Some(self.receiver(&transfer.to).await?)
-            }
-            _ => None,
-        };
+        let mut receiver: Option<Known> = None;
         let metadata = EventMetadata {
             command_id: uuid::Uuid::now_v7().to_string(),
             correlation_id: request.correlation_id.clone(),
@@ -280,17 +287,43 @@ impl AccountActorState {
         // A refusal is final only once the state it was decided on is known to be current.
         let mut verified_current = false;
         for _attempt in 0..=CONFLICT_RETRIES_MAX {
+            // The other account the decision reads: a transfer's or hold's receiver, or the
+            // receiver of the hold being captured (known from this account's state).
+            let counterparty = self.counterparty(&request.intent);
+            match (&counterparty, &receiver) {
+                (Some(id), Some(known)) if known.state.id() == id => {}
+                (Some(id), _) if id != self.id() => receiver = Some(self.receiver(id).await?),
+                _ => receiver = None,
+            }
+            let to = match (&counterparty, &receiver) {
+                (_, Some(known)) => known.clone(),
+                (Some(id), None) => Known::new(id.clone()),
+                (None, None) => Known::new(self.id().clone()),
+            };
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
             let decision = match &request.intent {
                 Intent::Account(command) => decide(&self.known.state, command)
                     .map_err(Error::from)
                     .and_then(|events| self.plan_account(events, &metadata)),
                 Intent::Transfer(transfer) => {
-                    let to = receiver
-                        .clone()
-                        .unwrap_or_else(|| Known::new(transfer.to.clone()));
                     decide_transfer(&self.known.state, &to.state, transfer)
                         .map_err(Error::from)
                         .and_then(|events| self.plan_transfer(transfer, &to, events, &metadata))
+                }
+                Intent::Hold(hold) => decide_hold(&self.known.state, &to.state, hold, now)
+                    .map_err(Error::from)
+                    .and_then(|event| self.plan_hold(hold, event, &metadata)),
+                Intent::Capture(capture) => {
+                    decide_capture(&self.known.state, &to.state, capture, now)
+                        .map_err(Error::from)
+                        .and_then(|events| {
+                            self.plan_capture(&capture.hold_id, &to, events, &metadata)
+                        })
+                }
+                Intent::Release(hold_id, release) => {
+                    decide_release(&self.known.state, hold_id, *release, now)
+                        .map_err(Error::from)
+                        .and_then(|event| self.plan_release(hold_id, *release, event, &metadata))
                 }
             };
             let mut plan = match decision {
@@ -320,6 +353,15 @@ impl AccountActorState {
                 });
             }
             ensure_before(request.deadline)?;
+            if let Some(expiry) = &plan.expiry {
+                // The first schedule of a hold id stays; a later (retried) one would be due no
+                // earlier, and an early one is retried until the hold is due.
+                self.context
+                    .log
+                    .schedule(&expiry.schedule, &expiry.due, expiry.at, Vec::new())
+                    .await
+                    .map_err(log_error)?;
+            }
             match self.context.log.append_atomic(&plan.entries).await {
                 Ok(appended) => {
                     for (mut known, index) in plan.changes {
@@ -331,10 +373,7 @@ impl AccountActorState {
                             self.context.states.offer(&known);
                         }
                     }
-                    return Ok(with_position(
-                        plan.outcome,
-                        appended.position_of(plan.answer_index),
-                    ));
+                    return Ok(plan.outcome.at(appended.position_of(plan.answer_index)));
                 }
                 Err(eventlog::Error::Conflict { .. } | eventlog::Error::Duplicate(_)) => {
                     self.context.metrics.conflicts.increment();
@@ -361,6 +400,134 @@ impl AccountActorState {
         Err(Error::TooManyConflicts(CONFLICT_RETRIES_MAX))
     }
 
+    /// The account, other than this one, that `intent` is decided on too.
+    fn counterparty(&self, intent: &Intent) -> Option<AccountId> {
+        match intent {
+            Intent::Transfer(transfer) => Some(transfer.to.clone()),
+            Intent::Hold(hold) => Some(hold.to.clone()),
+            Intent::Capture(capture) => self
+                .known
+                .state
+                .account()
+                .and_then(|account| account.holds.get(&capture.hold_id))
+                .map(|hold| hold.to.clone()),
+            Intent::Account(_) | Intent::Release(..) => None,
+        }
+    }
+
+    /// The events and the answer of a single event on this account, with `markers` after it.
+    fn plan_single(
+        &self,
+        event: Event,
+        outcome: Outcome,
+        markers: Vec<Entry>,
+        metadata: &EventMetadata,
+    ) -> Result<Plan> {
+        let chain =
+            eventlog::chain::next(&self.known.chain, self.id(), &event).map_err(log_error)?;
+        let mut after = self.known.clone();
+        after.apply(&event, 0, chain.clone());
+        let mut entries = vec![Entry::Event {
+            account: self.id().clone(),
+            expected_last_position: self.known.position,
+            event,
+            metadata: metadata.clone(),
+            chain,
+        }];
+        entries.extend(markers);
+        Ok(Plan {
+            entries,
+            outcome,
+            answer_index: 0,
+            changes: vec![(after, 0)],
+            expiry: None,
+        })
+    }
+
+    /// A hold: `hold_placed` and the claim of its id (a marker in the transfer-id namespace) in
+    /// one batch, and its expiry, scheduled in the schedules stream *before* the batch is
+    /// appended: a placed hold always has an expiry (a schedule for a hold that was then refused
+    /// finds nothing to expire).
+    fn plan_hold(
+        &self,
+        hold: &domain::PlaceHold,
+        event: Event,
+        metadata: &EventMetadata,
+    ) -> Result<Plan> {
+        let Event::HoldPlaced { expires_at, .. } = &event else {
+            return Err(Error::Internal("decide_hold yielded another event".into()));
+        };
+        let expires_at = *expires_at;
+        let at = time::OffsetDateTime::from_unix_timestamp(expires_at)
+            .map_err(|error| Error::Internal(error.to_string()))?;
+        let markers = vec![Entry::Marker {
+            subject: eventlog::subject::transfer_marker(&hold.hold_id),
+            payload: TransferRecord::for_hold(self.id(), hold, expires_at, 1).encode()?,
+            ttl: None,
+        }];
+        let outcome = Outcome::HoldPlaced {
+            hold_id: hold.hold_id.clone(),
+            expires_at,
+            position: 0,
+        };
+        let mut plan = self.plan_single(event, outcome, markers, metadata)?;
+        plan.expiry = Some(Expiry {
+            schedule: eventlog::subject::hold_expiry_schedule(&hold.hold_id),
+            due: eventlog::subject::hold_expiry_due(self.id(), &hold.hold_id),
+            at,
+        });
+        Ok(plan)
+    }
+
+    /// A capture: `hold_captured` here, `transfer_credited` on the receiver, and the hold's
+    /// settlement marker, together: a hold settles once.
+    fn plan_capture(
+        &self,
+        hold_id: &domain::TransferId,
+        to: &Known,
+        events: TransferEvents,
+        metadata: &EventMetadata,
+    ) -> Result<Plan> {
+        let Event::HoldCaptured { amount, .. } = &events.debit else {
+            return Err(Error::Internal(
+                "decide_capture yielded another event".into(),
+            ));
+        };
+        let outcome = Outcome::HoldCaptured {
+            hold_id: hold_id.clone(),
+            amount: amount.minor_units(),
+            position: 0,
+        };
+        let settled = Entry::Marker {
+            subject: idempotency::settlement_marker(hold_id),
+            payload: Vec::new(),
+            ttl: None,
+        };
+        self.plan_pair(to, events, settled, outcome, metadata)
+    }
+
+    /// A void or an expiry: one event on this account. No marker is needed: every settlement of
+    /// a hold is an event of this same account, so its concurrency check lets only one of them
+    /// commit; a single event is also a plain publish, much cheaper than a batch, which matters
+    /// when many holds come due at once.
+    fn plan_release(
+        &self,
+        hold_id: &domain::TransferId,
+        release: Release,
+        event: Event,
+        metadata: &EventMetadata,
+    ) -> Result<Plan> {
+        let outcome = Outcome::HoldReleased {
+            hold_id: hold_id.clone(),
+            status: match release {
+                Release::Void => "voided",
+                Release::Expire => "expired",
+            },
+            position: 0,
+        };
+        self.plan_single(event, outcome, Vec::new(), metadata)
+    }
+
     /// The receiver's current state as this writer knows it: from its live actor's last
     /// state, or else from its history.
     async fn receiver(&self, account: &AccountId) -> Result<Known> {
@@ -376,10 +543,6 @@ impl AccountActorState {
         let Some(event) = events.into_iter().next() else {
             return Err(Error::Internal("decide yielded no event".into()));
         };
-        let chain =
-            eventlog::chain::next(&self.known.chain, self.id(), &event).map_err(log_error)?;
-        let mut after = self.known.clone();
-        after.apply(&event, 0, chain.clone());
         let account_id = self.id().clone();
         let outcome = match &event {
             Event::AccountOpened(_) => Outcome::Opened {
@@ -390,31 +553,47 @@ impl AccountActorState {
                 account_id,
                 position: 0,
             },
-            _ => Outcome::BalanceChanged {
-                account_id,
-                balance: after.state.balance(),
-                position: 0,
-            },
+            _ => {
+                let mut after = self.known.state.clone();
+                evolve(&mut after, &event);
+                Outcome::BalanceChanged {
+                    account_id,
+                    balance: after.balance(),
+                    position: 0,
+                }
+            }
         };
-        Ok(Plan {
-            entries: vec![Entry::Event {
-                account: self.id().clone(),
-                expected_last_position: self.known.position,
-                event,
-                metadata: metadata.clone(),
-                chain,
-            }],
-            outcome,
-            answer_index: 0,
-            changes: vec![(after, 0)],
-        })
+        self.plan_single(event, outcome, Vec::new(), metadata)
     }
 
     fn plan_transfer(
         &self,
         transfer: &Transfer,
         to: &Known,
-        events: domain::TransferEvents,
+        events: TransferEvents,
+        metadata: &EventMetadata,
+    ) -> Result<Plan> {
+        // The marker follows the credit directly: the answer is one position before it.
+        let claim = Entry::Marker {
+            subject: eventlog::subject::transfer_marker(&transfer.transfer_id),
+            payload: TransferRecord::new(self.id(), transfer, 1).encode()?,
+            ttl: None,
+        };
+        let outcome = Outcome::TransferCompleted {
+            transfer_id: transfer.transfer_id.clone(),
+            position: 0,
+        };
+        self.plan_pair(to, events, claim, outcome, metadata)
+    }
+
+    /// Money leaving this account and arriving on `to`, then `marker`: the answer is the
+    /// credit's position, so a reader that shows it shows both sides.
+    fn plan_pair(
+        &self,
+        to: &Known,
+        events: TransferEvents,
+        marker: Entry,
+        outcome: Outcome,
         metadata: &EventMetadata,
     ) -> Result<Plan> {
         let debit_chain = eventlog::chain::next(&self.known.chain, self.id(), &events.debit)
@@ -440,21 +619,14 @@ impl AccountActorState {
                 metadata: metadata.clone(),
                 chain: credit_chain,
             },
-            Entry::Marker {
-                subject: eventlog::subject::transfer_marker(&transfer.transfer_id),
-                // The marker follows the credit directly: the answer is one position before it.
-                payload: TransferRecord::new(self.id(), transfer, 1).encode()?,
-                ttl: None,
-            },
+            marker,
         ];
         Ok(Plan {
             entries,
-            outcome: Outcome::TransferCompleted {
-                transfer_id: transfer.transfer_id.clone(),
-                position: 0,
-            },
+            outcome,
             answer_index: 1,
             changes: vec![(sender_after, 0), (receiver_after, 1)],
+            expiry: None,
         })
     }
 
@@ -480,20 +652,34 @@ impl AccountActorState {
                 )));
             }
         }
-        if let Intent::Transfer(transfer) = &request.intent {
+        let claimed = match &request.intent {
+            Intent::Transfer(transfer) => Some(&transfer.transfer_id),
+            Intent::Hold(hold) => Some(&hold.hold_id),
+            _ => None,
+        };
+        if let Some(id) = claimed {
             let marker = self
                 .context
                 .log
-                .read_marker(&eventlog::subject::transfer_marker(&transfer.transfer_id))
+                .read_marker(&eventlog::subject::transfer_marker(id))
                 .await
                 .map_err(log_error)?;
             if let Some(marker) = marker {
-                return Ok(Some(TransferRecord::replay(
-                    &marker.payload,
-                    marker.position,
-                    self.id(),
-                    transfer,
-                )));
+                return Ok(Some(match &request.intent {
+                    Intent::Hold(hold) => TransferRecord::replay_hold(
+                        &marker.payload,
+                        marker.position,
+                        self.id(),
+                        hold,
+                    ),
+                    Intent::Transfer(transfer) => TransferRecord::replay(
+                        &marker.payload,
+                        marker.position,
+                        self.id(),
+                        transfer,
+                    ),
+                    _ => return Ok(None),
+                }));
             }
         }
         Ok(None)
@@ -512,6 +698,7 @@ impl AccountActorState {
             self.context.metrics.idempotent_replays.increment();
             return first;
         }
+        let refusal = self.settled_or_unknown(refusal).await?;
         let (Some(key), Some(hash)) = (&request.idempotency_key, request_hash) else {
             return Err(refusal);
         };
@@ -532,6 +719,26 @@ impl AccountActorState {
             }
             Err(error) => Err(log_error(error)),
         }
+    }
+
+    /// A hold this account does not hold open is either settled (its id was claimed by a hold
+    /// of this account: `409 hold_settled`) or not this account's (`404 hold_not_found`).
+    async fn settled_or_unknown(&self, refusal: Error) -> Result<Error> {
+        let Error::Rejected(DomainError::HoldNotFound(hold_id)) = &refusal else {
+            return Ok(refusal);
+        };
+        let claim = self
+            .context
+            .log
+            .read_marker(&eventlog::subject::transfer_marker(hold_id))
+            .await
+            .map_err(log_error)?;
+        Ok(match claim {
+            Some(claim) if TransferRecord::is_hold_of(&claim.payload, self.id()) => {
+                Error::Rejected(DomainError::HoldSettled(hold_id.clone()))
+            }
+            _ => refusal,
+        })
     }
 
     /// Catches up at least to the position the stream leader has for this account. Direct gets
@@ -591,33 +798,6 @@ fn ensure_before(deadline: Option<Instant>) -> Result<()> {
             "the command reached its deadline before it could be appended".into(),
         )),
         _ => Ok(()),
-    }
-}
-
-fn with_position(outcome: Outcome, position: u64) -> Outcome {
-    match outcome {
-        Outcome::Opened { account_id, .. } => Outcome::Opened {
-            account_id,
-            position,
-        },
-        Outcome::BalanceChanged {
-            account_id,
-            balance,
-            ..
-        } => Outcome::BalanceChanged {
-            account_id,
-            balance,
-            position,
-        },
-        Outcome::TransferCompleted { transfer_id, .. } => Outcome::TransferCompleted {
-            transfer_id,
-            position,
-        },
-        Outcome::Closed { account_id, .. } => Outcome::Closed {
-            account_id,
-            position,
-        },
-        replayed @ Outcome::Replayed { .. } => replayed,
     }
 }
 

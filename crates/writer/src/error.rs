@@ -66,6 +66,14 @@ fn rejected(rejection: &DomainError, detail: String) -> Problem {
         DomainError::BalanceOverflow(_) => (422, "balance_overflow", "Balance overflow"),
         DomainError::BalanceNotZero { .. } => (422, "balance_not_zero", "Balance not zero"),
         DomainError::SameAccount => (422, "same_account", "Same account"),
+        DomainError::HoldNotFound(_) => (404, "hold_not_found", "Hold not found"),
+        DomainError::HoldSettled(_) => (409, "hold_settled", "Hold settled"),
+        DomainError::AmountExceedsHold { .. } => {
+            (422, "amount_exceeds_hold", "Amount exceeds hold")
+        }
+        DomainError::HoldsOpen { .. } => (422, "holds_open", "Holds open"),
+        // Only the system expires holds; a hold not yet due is retried later, never shown.
+        DomainError::HoldNotDue { .. } => (409, "hold_not_due", "Hold not due"),
     };
     Problem::new(status, code, title, detail)
 }

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::idempotency::IdempotencyKey;
+use crate::idempotency::{IdempotencyKey, TransferRecord};
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 use crate::registry::Registry;
@@ -55,6 +55,9 @@ pub fn router(state: AppState) -> Router {
             account_command(request::close, true),
         )
         .route("/v1/transfers", post(transfer))
+        .route("/v1/holds", post(place_hold))
+        .route("/v1/holds/{id}/capture", post(capture_hold))
+        .route("/v1/holds/{id}/void", post(void_hold))
         .route("/v1/events", get(events))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
@@ -151,8 +154,8 @@ fn outcome_response(outcome: &Outcome) -> Response {
     let status = StatusCode::from_u16(outcome.status()).unwrap_or(StatusCode::OK);
     let body = outcome.body();
     let mut response = (status, Json(body)).into_response();
-    if let Some(id) = outcome.transfer_id() {
-        if let Ok(location) = HeaderValue::from_str(&format!("/v1/transfers/{id}")) {
+    if let Some(path) = outcome.location() {
+        if let Ok(location) = HeaderValue::from_str(&path) {
             response.headers_mut().insert(header::LOCATION, location);
         }
     }
@@ -228,6 +231,89 @@ async fn transfer(
     command(&state, &headers, body, false, |body, _| {
         request::transfer(body, None)
             .map(|(from, transfer, generated)| (from, Intent::Transfer(transfer), generated))
+    })
+    .await
+}
+
+async fn place_hold(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    command(&state, &headers, body, false, |body, _| {
+        request::hold(body, None)
+            .map(|(from, hold, generated)| (from, Intent::Hold(hold), generated))
+    })
+    .await
+}
+
+/// The account a hold was placed on, from its id's claim in the stream: capture and void name
+/// only the hold, and the decision belongs to that account's actor.
+async fn hold_sender(state: &AppState, hold_id: &str) -> Result<domain::AccountId, Error> {
+    let hold_id = request::hold_reference(hold_id)?;
+    let claim = state
+        .log
+        .read_marker(&eventlog::subject::transfer_marker(&hold_id))
+        .await
+        .map_err(|error| Error::Unavailable(error.to_string()))?;
+    let not_found = || Error::Rejected(domain::DomainError::HoldNotFound(hold_id.clone()));
+    let claim = claim.ok_or_else(not_found)?;
+    let record = TransferRecord::decode(&claim.payload)?;
+    let from = record.hold_sender().ok_or_else(not_found)?;
+    request::addressed_account(from)
+}
+
+/// A capture or void of the hold in the path: the body is parsed first (so a bad body is a
+/// `400` whatever the hold), then the hold's account is found.
+async fn settle_hold(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    id: &str,
+    parse: impl FnOnce(&[u8]) -> Result<Intent, Error>,
+) -> Response {
+    let body = match json_body(headers, body, true) {
+        Ok(body) => body,
+        Err(problem) => return problem.into_response(),
+    };
+    let (key, intent) = match idempotency_key(headers).and_then(|key| Ok((key, parse(&body)?))) {
+        Ok(parsed) => parsed,
+        Err(error) => return problem_response(&error),
+    };
+    let from = match hold_sender(state, id).await {
+        Ok(from) => from,
+        Err(error) => return problem_response(&error),
+    };
+    run(
+        state,
+        CommandRequest::new(from, intent, key, request_id(headers)),
+    )
+    .await
+}
+
+async fn capture_hold(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    settle_hold(&state, &headers, body, &id, |body| {
+        Ok(Intent::Capture(request::capture(body, &id)?))
+    })
+    .await
+}
+
+async fn void_hold(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    settle_hold(&state, &headers, body, &id, |body| {
+        Ok(Intent::Release(
+            request::void(body, &id)?,
+            domain::Release::Void,
+        ))
     })
     .await
 }

@@ -16,7 +16,7 @@
 
 use std::time::Duration;
 
-use domain::{AccountId, Command, Transfer};
+use domain::{AccountId, Command, PlaceHold, Release, Transfer, TransferId};
 use problem::Problem;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -112,6 +112,27 @@ pub fn request_hash(account: &AccountId, intent: &Intent, transfer_id_generated:
             transfer.amount.minor_units().to_string(),
             optional(&transfer.reference),
         ],
+        Intent::Hold(hold) => vec![
+            "hold".into(),
+            if transfer_id_generated {
+                "generated".into()
+            } else {
+                format!("id:{}", hold.hold_id)
+            },
+            hold.to.to_string(),
+            hold.amount.minor_units().to_string(),
+            hold.expires_in_seconds.to_string(),
+            optional(&hold.reference),
+        ],
+        Intent::Capture(capture) => vec![
+            "capture".into(),
+            capture.hold_id.to_string(),
+            capture
+                .amount
+                .map_or_else(|| "all".into(), |amount| amount.minor_units().to_string()),
+        ],
+        Intent::Release(hold_id, Release::Void) => vec!["void".into(), hold_id.to_string()],
+        Intent::Release(hold_id, Release::Expire) => vec!["expire".into(), hold_id.to_string()],
     };
     let mut parts = vec!["v1", account.as_str()];
     parts.extend(fields.iter().map(String::as_str));
@@ -186,15 +207,27 @@ impl KeyRecord {
     }
 }
 
-/// What a transfer marker holds: the transfer's parameters.
+/// What a transfer marker holds: the transfer's (or hold's: they share the namespace)
+/// parameters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransferRecord {
     pub from: String,
     pub to: String,
     pub amount: u64,
     pub reference: Option<String>,
-    /// How many positions before the marker the transfer's last event (the credit) lies.
+    /// How many positions before the marker the answered event lies (a transfer's credit, a
+    /// hold's `hold_placed`).
     pub position_offset: u64,
+    /// Set for a hold: its lifetime as asked and when it expires (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<HoldTerms>,
+}
+
+/// What distinguishes a hold's id claim from a transfer's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldTerms {
+    pub expires_in_seconds: i64,
+    pub expires_at: i64,
 }
 
 impl TransferRecord {
@@ -205,9 +238,74 @@ impl TransferRecord {
             amount: transfer.amount.minor_units(),
             reference: transfer.reference.clone(),
             position_offset,
+            hold: None,
         }
     }
 
+    pub fn for_hold(
+        from: &AccountId,
+        hold: &PlaceHold,
+        expires_at: i64,
+        position_offset: u64,
+    ) -> Self {
+        Self {
+            from: from.to_string(),
+            to: hold.to.to_string(),
+            amount: hold.amount.minor_units(),
+            reference: hold.reference.clone(),
+            position_offset,
+            hold: Some(HoldTerms {
+                expires_in_seconds: hold.expires_in_seconds,
+                expires_at,
+            }),
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        rmp_serde::from_slice(bytes)
+            .map_err(|error| Error::Internal(format!("unreadable transfer marker: {error}")))
+    }
+
+    /// The account a hold was placed on, if this claim is a hold's.
+    pub fn hold_sender(&self) -> Option<&str> {
+        self.hold.map(|_| self.from.as_str())
+    }
+
+    /// The first outcome of the hold id again if `hold` from `from` is the same request;
+    /// `409 idempotency_key_reused` if it is another one.
+    pub fn replay_hold(
+        bytes: &[u8],
+        marker_position: u64,
+        from: &AccountId,
+        hold: &PlaceHold,
+    ) -> Result<Outcome> {
+        let record = Self::decode(bytes)?;
+        let Some(terms) = record.hold else {
+            return Err(Error::IdempotencyKeyReused);
+        };
+        let same = Self::for_hold(from, hold, terms.expires_at, record.position_offset);
+        if record != same {
+            return Err(Error::IdempotencyKeyReused);
+        }
+        Ok(Outcome::HoldPlaced {
+            hold_id: hold.hold_id.clone(),
+            expires_at: terms.expires_at,
+            position: marker_position.saturating_sub(record.position_offset),
+        })
+    }
+
+    /// Whether `hold_id`'s claim is a hold placed on `from`.
+    pub fn is_hold_of(bytes: &[u8], from: &AccountId) -> bool {
+        Self::decode(bytes).is_ok_and(|record| record.hold_sender() == Some(from.as_str()))
+    }
+}
+
+/// The subject that records a hold's settlement, written with the capture, void or expiry.
+pub fn settlement_marker(hold_id: &TransferId) -> String {
+    format!("coffer.ids.hold-settled.{hold_id}")
+}
+
+impl TransferRecord {
     pub fn encode(&self) -> Result<Vec<u8>> {
         rmp_serde::to_vec_named(self).map_err(|error| Error::Internal(error.to_string()))
     }
@@ -220,8 +318,7 @@ impl TransferRecord {
         from: &AccountId,
         transfer: &Transfer,
     ) -> Result<Outcome> {
-        let record: TransferRecord = rmp_serde::from_slice(bytes)
-            .map_err(|error| Error::Internal(format!("unreadable transfer marker: {error}")))?;
+        let record = TransferRecord::decode(bytes)?;
         let same = TransferRecord {
             position_offset: record.position_offset,
             ..TransferRecord::new(from, transfer, 0)

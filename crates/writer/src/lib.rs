@@ -8,6 +8,7 @@
 //!   hashes.
 //! - [`actor`]: the per-account actor: rebuild from events, decide (a transfer on both
 //!   accounts), append atomically with the markers, evolve, reply.
+//! - [`expiry`]: hold expiry: due messages the stream schedules, on a consumer all writers share.
 //! - [`registry`]: spawns, caps, passivates and supervises account actors; deadlines.
 //! - [`http`] and [`nats_api`]: the two command APIs, thin adapters over [`registry::Registry`].
 //! - [`openapi`]: the command API's part of the OpenAPI document, built from the same code.
@@ -15,6 +16,7 @@
 
 pub mod actor;
 pub mod error;
+pub mod expiry;
 pub mod http;
 pub mod idempotency;
 pub mod metrics;

@@ -28,7 +28,9 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let service = client
         .service_builder()
-        .description("Coffer ledger commands: open, deposit, withdraw, transfer, close")
+        .description(
+            "Coffer ledger commands: open, deposit, withdraw, transfer, close, hold, capture, void",
+        )
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|error| Error::Unavailable(format!("start NATS service: {error}")))?;
@@ -146,6 +148,19 @@ fn parse(verb: Verb, message: &async_nats::Message) -> Result<CommandRequest, Er
         Verb::Close => (
             request::addressed_account(account)?,
             Intent::Account(request::close(body)?),
+        ),
+        Verb::Hold => {
+            let (from, hold, generated) = request::hold(body, Some(account))?;
+            transfer_id_generated = generated;
+            (from, Intent::Hold(hold))
+        }
+        Verb::Capture => (
+            request::addressed_account(account)?,
+            Intent::Capture(request::capture_message(body)?),
+        ),
+        Verb::Void => (
+            request::addressed_account(account)?,
+            Intent::Release(request::void_message(body)?, domain::Release::Void),
         ),
     };
     let correlation_id = headers

@@ -14,6 +14,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/accounts/{id}/withdrawals"),
     ("post", "/v1/accounts/{id}/close"),
     ("post", "/v1/transfers"),
+    ("post", "/v1/holds"),
+    ("post", "/v1/holds/{id}/capture"),
+    ("post", "/v1/holds/{id}/void"),
     ("get", "/v1/events"),
 ];
 
@@ -29,6 +32,15 @@ fn every_error() -> Vec<Error> {
         DomainError::BalanceNotZero { balance: 1 },
         DomainError::SameAccount,
     ];
+    if let Ok(hold) = domain::TransferId::parse("h") {
+        rejections.push(DomainError::HoldNotFound(hold.clone()));
+        rejections.push(DomainError::HoldSettled(hold));
+    }
+    rejections.push(DomainError::AmountExceedsHold {
+        held: 1,
+        requested: 2,
+    });
+    rejections.push(DomainError::HoldsOpen { count: 1 });
     if let Ok(account) = AccountId::parse("a") {
         rejections.push(DomainError::AccountNotFound(account.clone()));
         rejections.push(DomainError::AccountClosed(account.clone()));
@@ -109,6 +121,13 @@ fn with_account_id(mut operation: Value) -> Value {
     operation
 }
 
+fn with_hold_id(mut operation: Value) -> Value {
+    if let Some(parameters) = operation["parameters"].as_array_mut() {
+        parameters.push(json!({"$ref": "#/components/parameters/HoldId"}));
+    }
+    operation
+}
+
 /// Paths and components of the command API.
 pub fn document_part() -> Value {
     let money_errors = [400, 404, 409, 413, 415, 422, 503];
@@ -118,6 +137,9 @@ pub fn document_part() -> Value {
         "/v1/accounts/{id}/withdrawals": {"post": with_account_id(command("Withdraw", Some("MoneyMovement"), (200, "Balance"), &money_errors))},
         "/v1/accounts/{id}/close": {"post": with_account_id(command("Close an account (zero balance)", None, (200, "Opened"), &money_errors))},
         "/v1/transfers": {"post": command("Transfer atomically: the debit and the credit are committed together or not at all", Some("Transfer"), (201, "TransferCompleted"), &money_errors)},
+        "/v1/holds": {"post": command("Place a hold: reserve money on `from` for `to` until captured, voided or expired", Some("PlaceHold"), (201, "HoldPlaced"), &money_errors)},
+        "/v1/holds/{id}/capture": {"post": with_hold_id(command("Capture all or part of a hold: debit and credit together, the rest released", Some("Capture"), (200, "HoldCaptured"), &money_errors))},
+        "/v1/holds/{id}/void": {"post": with_hold_id(command("Void a hold: release everything", None, (200, "HoldReleased"), &money_errors))},
         "/v1/events": {"get": {
             "summary": "Events in stream order, decoded to JSON",
             "parameters": [
@@ -144,6 +166,17 @@ pub fn document_part() -> Value {
         "Transfer": {"type": "object", "required": ["from", "to", "amount"], "properties": {
             "transfer_id": id, "from": id, "to": id, "amount": amount,
             "reference": {"type": "string", "maxLength": crate::request::TEXT_LENGTH_MAX}}},
+        "PlaceHold": {"type": "object", "required": ["from", "to", "amount"], "additionalProperties": false, "properties": {
+            "hold_id": id, "from": id, "to": id, "amount": amount,
+            "expires_in_seconds": {"type": "integer", "minimum": 1, "maximum": domain::account::HOLD_SECONDS_MAX, "default": crate::request::HOLD_SECONDS_DEFAULT},
+            "reference": {"type": "string", "maxLength": crate::request::TEXT_LENGTH_MAX}}},
+        "Capture": {"type": "object", "additionalProperties": false, "properties": {"amount": amount}},
+        "HoldPlaced": {"type": "object", "required": ["hold_id", "status", "expires_at", "position"], "properties": {
+            "hold_id": id, "status": {"const": "held"}, "expires_at": {"type": "string", "format": "date-time"}, "position": {"type": "integer"}}},
+        "HoldCaptured": {"type": "object", "required": ["hold_id", "status", "amount", "position"], "properties": {
+            "hold_id": id, "status": {"const": "captured"}, "amount": {"type": "integer"}, "position": {"type": "integer"}}},
+        "HoldReleased": {"type": "object", "required": ["hold_id", "status", "position"], "properties": {
+            "hold_id": id, "status": {"const": "voided"}, "position": {"type": "integer"}}},
         "Opened": {"type": "object", "required": ["account_id", "position"], "properties": {
             "account_id": id, "position": {"type": "integer"}}},
         "Balance": {"type": "object", "required": ["account_id", "balance", "position"], "properties": {
@@ -159,6 +192,7 @@ pub fn document_part() -> Value {
             "description": "A retry with the same key on the same account within 24 h returns the first outcome and appends nothing.",
             "schema": {"type": "string", "minLength": 1, "maxLength": crate::idempotency::KEY_LENGTH_MAX}},
         "AccountId": {"name": "id", "in": "path", "required": true, "schema": id},
+        "HoldId": {"name": "id", "in": "path", "required": true, "schema": id},
     });
     json!({"paths": paths, "components": {"schemas": schemas, "parameters": parameters}})
 }

@@ -1,8 +1,10 @@
 //! Parsing request bodies into validated commands. HTTP and NATS share this, so both APIs accept
 //! and refuse exactly the same things.
 
+use domain::account::HOLD_SECONDS_MAX;
 use domain::{
-    AccountId, Amount, Command, Currency, OpenAccount, OverdraftLimit, Transfer, TransferId,
+    AccountId, Amount, Capture, Command, Currency, OpenAccount, OverdraftLimit, PlaceHold, Release,
+    Transfer, TransferId,
 };
 use serde_json::{Map, Value};
 use tokio::time::Instant;
@@ -21,15 +23,21 @@ pub enum Verb {
     Withdraw,
     Transfer,
     Close,
+    Hold,
+    Capture,
+    Void,
 }
 
 impl Verb {
-    pub const ALL: [Verb; 5] = [
+    pub const ALL: [Verb; 8] = [
         Verb::Open,
         Verb::Deposit,
         Verb::Withdraw,
         Verb::Transfer,
         Verb::Close,
+        Verb::Hold,
+        Verb::Capture,
+        Verb::Void,
     ];
 
     pub fn name(self) -> &'static str {
@@ -39,6 +47,9 @@ impl Verb {
             Verb::Withdraw => "withdraw",
             Verb::Transfer => "transfer",
             Verb::Close => "close",
+            Verb::Hold => "hold",
+            Verb::Capture => "capture",
+            Verb::Void => "void",
         }
     }
 }
@@ -50,6 +61,12 @@ pub enum Intent {
     Account(Command),
     /// A transfer from that account to another.
     Transfer(Transfer),
+    /// A hold placed on that account for another.
+    Hold(PlaceHold),
+    /// A capture of one of that account's holds.
+    Capture(Capture),
+    /// A void or expiry of one of that account's holds.
+    Release(TransferId, Release),
 }
 
 /// A validated command for one account, with what idempotency needs.
@@ -100,6 +117,10 @@ impl CommandRequest {
             Intent::Account(Command::Withdraw { .. }) => "withdraw",
             Intent::Account(Command::Close) => "close",
             Intent::Transfer(_) => "transfer",
+            Intent::Hold(_) => "hold",
+            Intent::Capture(_) => "capture",
+            Intent::Release(_, Release::Void) => "void",
+            Intent::Release(_, Release::Expire) => "expire",
         }
     }
 }
@@ -276,6 +297,102 @@ pub fn transfer(body: &[u8], addressed: Option<&str>) -> Result<(AccountId, Tran
         reference: free_text(&map, "reference")?,
     };
     Ok((from, transfer, given.is_none()))
+}
+
+/// Default lifetime of a hold: one hour.
+pub const HOLD_SECONDS_DEFAULT: i64 = 3_600;
+
+/// `hold`: HTTP `{"hold_id"?, "from", "to", "amount", "expires_in_seconds"?, "reference"?}`; over
+/// NATS the sender is the subject's account. Without a `hold_id` the server makes one (the third
+/// value is then true), as for transfers.
+pub fn hold(body: &[u8], addressed: Option<&str>) -> Result<(AccountId, PlaceHold, bool)> {
+    let map = object(
+        body,
+        &[
+            "hold_id",
+            "from",
+            "to",
+            "amount",
+            "expires_in_seconds",
+            "reference",
+        ],
+        false,
+    )?;
+    let from = match (addressed, text(&map, "from")?) {
+        (Some(addressed), body_from) => {
+            let id = account_id(addressed)?;
+            same_account(body_from, &id)?;
+            id
+        }
+        (None, Some(from)) => account_id(from)?,
+        (None, None) => return Err(invalid("from is required")),
+    };
+    let to = account_id(text(&map, "to")?.ok_or_else(|| invalid("to is required"))?)?;
+    let given = text(&map, "hold_id")?;
+    let hold_id = TransferId::parse(
+        &given
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string()),
+    )
+    .map_err(|error| invalid(format!("hold_id: {error}")))?;
+    let expires_in_seconds = match integer(&map, "expires_in_seconds")? {
+        None => HOLD_SECONDS_DEFAULT,
+        Some(seconds) if (1..=i128::from(HOLD_SECONDS_MAX)).contains(&seconds) => seconds as i64,
+        Some(_) => {
+            return Err(invalid(format!(
+                "expires_in_seconds must be an integer from 1 to {HOLD_SECONDS_MAX}"
+            )))
+        }
+    };
+    let hold = PlaceHold {
+        hold_id,
+        to,
+        amount: amount(&map)?,
+        expires_in_seconds,
+        reference: free_text(&map, "reference")?,
+    };
+    Ok((from, hold, given.is_none()))
+}
+
+/// `capture` over HTTP: `{"amount"?}` (the hold is in the path).
+pub fn capture(body: &[u8], hold_id: &str) -> Result<Capture> {
+    let map = object(body, &["amount"], true)?;
+    capture_from(&map, hold_id)
+}
+
+fn capture_from(map: &Map<String, Value>, hold_id: &str) -> Result<Capture> {
+    let amount = match integer(map, "amount")? {
+        None => None,
+        Some(units) => Some(Amount::new(units).map_err(|error| invalid(error.to_string()))?),
+    };
+    Ok(Capture {
+        hold_id: hold_reference(hold_id)?,
+        amount,
+    })
+}
+
+/// `capture` over NATS: `{"hold_id", "amount"?}`.
+pub fn capture_message(body: &[u8]) -> Result<Capture> {
+    let map = object(body, &["hold_id", "amount"], false)?;
+    let hold_id = text(&map, "hold_id")?.ok_or_else(|| invalid("hold_id is required"))?;
+    capture_from(&map, hold_id)
+}
+
+/// `void` over HTTP: an empty body or `{}` (the hold is in the path).
+pub fn void(body: &[u8], hold_id: &str) -> Result<TransferId> {
+    object(body, &[], true)?;
+    hold_reference(hold_id)
+}
+
+/// `void` over NATS: `{"hold_id"}`.
+pub fn void_message(body: &[u8]) -> Result<TransferId> {
+    let map = object(body, &["hold_id"], false)?;
+    hold_reference(text(&map, "hold_id")?.ok_or_else(|| invalid("hold_id is required"))?)
+}
+
+/// Parses a hold id given in a path or body.
+pub fn hold_reference(text: &str) -> Result<TransferId> {
+    TransferId::parse(text).map_err(|error| invalid(format!("hold_id: {error}")))
 }
 
 /// `close`: an empty body or `{}`.

@@ -12,7 +12,7 @@ use crate::actor::{AccountStates, ActorContext};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistrySettings};
-use crate::{nats_api, Error, Result};
+use crate::{expiry, nats_api, Error, Result};
 
 /// Everything the writer is configured with.
 #[derive(Debug, Clone)]
@@ -112,8 +112,9 @@ async fn set_up(
             }
         }
     };
-    let _ = registry_cell.set(registry);
+    let _ = registry_cell.set(registry.clone());
     tracing::info!("writer ready");
+    tokio::spawn(expiry::run(log.clone(), registry, stop.clone()));
     loop {
         match nats_api::serve(log.client().clone(), registry_cell.clone(), stop.clone()).await {
             Ok(()) => return,

@@ -1027,3 +1027,156 @@ async fn idempotency_holds_past_the_duplicate_window_for_any_number_of_keys() {
     assert_eq!(balance, Some(5 + 10_000 + 1));
     restarted.stop().await;
 }
+
+#[tokio::test]
+async fn capture_void_and_expiry_racing_through_two_writers_settle_each_hold_once() {
+    let nats = NatsServer::start();
+    let writers = Arc::new([
+        TestWriter::start(&nats.url(), RegistrySettings::default()).await,
+        TestWriter::start(&nats.url(), RegistrySettings::default()).await,
+    ]);
+    let (a, b) = (unique("payer"), unique("payee"));
+    writers[0].open(&a, 0).await;
+    writers[0].open(&b, 0).await;
+    writers[0].deposit(&a, 100_000, None).await;
+    // Three groups of ten holds: settled early (capture then void, or void then capture), raced
+    // at the edge of expiry (capture and void at once, through different writers), and left
+    // alone (only the system expires them).
+    let mut placed = Vec::new();
+    for index in 0..30usize {
+        let hold = unique(&format!("h{index}"));
+        let reply = writers[index % 2]
+            .post(
+                "/v1/holds",
+                json!({"hold_id": hold, "from": a, "to": b, "amount": 100, "expires_in_seconds": 4}),
+                None,
+            )
+            .await;
+        assert_eq!(reply.status, 201, "{:?}", reply.body);
+        assert_eq!(
+            reply.headers["location"],
+            format!("/v1/holds/{hold}").as_str()
+        );
+        let expires_at = time::OffsetDateTime::parse(
+            reply.body["expires_at"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap();
+        placed.push((index, hold, expires_at));
+    }
+    let mut tasks = Vec::new();
+    for (index, hold, expires_at) in placed.clone() {
+        let writers = writers.clone();
+        tasks.push(tokio::spawn(async move {
+            let capture_path = format!("/v1/holds/{hold}/capture");
+            let void_path = format!("/v1/holds/{hold}/void");
+            let capture = || writers[index % 2].post(&capture_path, json!({"amount": 60}), None);
+            let void = || writers[(index + 1) % 2].post(&void_path, json!({}), None);
+            let (first, second) = match index / 10 {
+                0 if index % 2 == 0 => {
+                    let first = capture().await;
+                    (first, void().await)
+                }
+                0 => {
+                    let first = void().await;
+                    (capture().await, first)
+                }
+                1 => {
+                    let edge = expires_at
+                        - time::OffsetDateTime::now_utc()
+                        - time::Duration::milliseconds(50);
+                    if edge.is_positive() {
+                        tokio::time::sleep(edge.unsigned_abs()).await;
+                    }
+                    tokio::join!(capture(), void())
+                }
+                _ => return (index, hold, 0, String::new(), 0, String::new()),
+            };
+            (
+                index,
+                hold,
+                first.status,
+                first.code().to_owned(),
+                second.status,
+                second.code().to_owned(),
+            )
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    // Expiry comes without a client, within 2 s of expires_at.
+    let last_expiry = placed.iter().map(|(_, _, at)| *at).max().unwrap();
+    let wait = last_expiry - time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    if wait.is_positive() {
+        tokio::time::sleep(wait.unsigned_abs()).await;
+    }
+    let events = stored_events(&nats.url()).await;
+    let mut captured_total = 0;
+    let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
+    for (index, hold, capture_status, capture_code, void_status, void_code) in &answers {
+        let settlements: Vec<(&str, time::OffsetDateTime)> = events
+            .iter()
+            .filter_map(|event| {
+                let kind = match &event.event {
+                    domain::Event::HoldCaptured { hold_id, amount } if hold_id.as_str() == hold => {
+                        captured_total += amount.minor_units();
+                        "captured"
+                    }
+                    domain::Event::HoldVoided { hold_id } if hold_id.as_str() == hold => "voided",
+                    domain::Event::HoldExpired { hold_id } if hold_id.as_str() == hold => "expired",
+                    _ => return None,
+                };
+                Some((kind, event.time))
+            })
+            .collect();
+        assert_eq!(settlements.len(), 1, "{hold} settled as {settlements:?}");
+        let (kind, at) = settlements[0];
+        let answered = match (*capture_status, *void_status) {
+            (200, 409) => "captured",
+            (409, 200) => "voided",
+            (409, 409) | (0, 0) => "expired",
+            other => {
+                panic!("{hold}: capture and void answered {other:?} ({capture_code}, {void_code})")
+            }
+        };
+        assert_eq!(kind, answered, "{hold}");
+        match index / 10 {
+            0 => assert_eq!(kind, if index % 2 == 0 { "captured" } else { "voided" }),
+            2 => {
+                assert_eq!(kind, "expired");
+                let expires_at = placed[*index].2;
+                assert!(
+                    at - expires_at <= time::Duration::seconds(2),
+                    "{hold} expired at {at}, due {expires_at}"
+                );
+            }
+            _ => {}
+        }
+        for (status, code) in [(capture_status, capture_code), (void_status, void_code)] {
+            if *status == 409 {
+                assert_eq!(code, "hold_settled");
+            }
+        }
+        *kinds.entry(kind).or_default() += 1;
+    }
+    println!("holds settled: {kinds:?}");
+    // Money is conserved and nothing stays reserved.
+    let payer = writers[0].deposit(&a, 1, None).await.body["balance"]
+        .as_i64()
+        .unwrap()
+        - 1;
+    let payee = writers[1].deposit(&b, 1, None).await.body["balance"]
+        .as_i64()
+        .unwrap()
+        - 1;
+    assert_eq!(payee as u64, captured_total);
+    assert_eq!(payer + payee, 100_000);
+    let withdraw_all = writers[0].withdraw(&a, payer + 1).await;
+    assert_eq!(
+        withdraw_all.status, 200,
+        "money still held: {:?}",
+        withdraw_all.body
+    );
+}

@@ -1,0 +1,138 @@
+//! Hold expiry without a client. Placing a hold first schedules a message with the schedules
+//! stream (`Nats-Schedule: @at {expires_at}`), which the server stores on
+//! `coffer.due.hold-expiry.{from}.{hold_id}` when it is due. Every writer pulls those from one
+//! shared durable consumer and hands each to the hold's account, which appends `hold_expired`
+//! if the hold is still open (a capture or void that came first wins; the account's
+//! concurrency check and the settlement marker make the hold settle once).
+//!
+//! The schedule lives in the stream, so expiry survives any writer restart: a due message waits
+//! in the consumer until some writer is up, then is handled at once. A message is acknowledged
+//! only once its hold is settled; a failure is retried after [`RETRY_DELAY`], and a schedule that
+//! fired before this writer's clock reached `expires_at` is retried when it has.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{consumer, AckKind};
+use domain::{DomainError, Release};
+use eventlog::{subject, EventLog};
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use crate::registry::Registry;
+use crate::request::{CommandRequest, Intent};
+use crate::Error;
+
+/// The durable consumer all writers share.
+pub const CONSUMER_NAME: &str = "coffer-hold-expiry";
+/// Due expiries one writer handles at once.
+const CONCURRENCY_MAX: usize = 64;
+/// Redelivery delay after a transient failure (NATS down, account busy).
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Pause before re-creating the consumer after an error.
+const RECONNECT_DELAY: Duration = Duration::from_millis(500);
+/// How long the server waits for an ack before redelivering to another writer: above a
+/// command's deadline plus its answer grace.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+
+pub fn consumer_config() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(CONSUMER_NAME.into()),
+        description: Some("Coffer hold expiries, shared by the writers".into()),
+        filter_subject: subject::DUE_HOLD_EXPIRIES.into(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_wait: ACK_WAIT,
+        max_deliver: -1,
+        max_ack_pending: 10_000,
+        ..Default::default()
+    }
+}
+
+/// Runs until `shutdown` turns true.
+pub async fn run(log: EventLog, registry: Registry, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            result = consume(&log, &registry) => {
+                if let Err(error) = result {
+                    tracing::warn!(%error, "hold expiry consumer interrupted; resuming");
+                }
+            }
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RECONNECT_DELAY) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+async fn consume(log: &EventLog, registry: &Registry) -> Result<(), Error> {
+    let nats = |error: &dyn std::fmt::Display| Error::Unavailable(error.to_string());
+    let stream = log
+        .context()
+        .get_stream(log.schedules_name())
+        .await
+        .map_err(|error| nats(&error))?;
+    let consumer = stream
+        .get_or_create_consumer(CONSUMER_NAME, consumer_config())
+        .await
+        .map_err(|error| nats(&error))?;
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(CONCURRENCY_MAX)
+        .messages()
+        .await
+        .map_err(|error| nats(&error))?;
+    messages
+        .for_each_concurrent(CONCURRENCY_MAX, |message| async move {
+            match message {
+                Ok(message) => handle(registry, message).await,
+                Err(error) => tracing::warn!(%error, "hold expiry delivery failed"),
+            }
+        })
+        .await;
+    Err(Error::Unavailable(
+        "hold expiry message stream ended".into(),
+    ))
+}
+
+async fn handle(registry: &Registry, message: async_nats::jetstream::Message) {
+    let Some((from, hold_id)) =
+        subject::parse_hold_expiry_due(&message.subject).and_then(|(from, hold_id)| {
+            Some((
+                domain::AccountId::parse(from).ok()?,
+                domain::TransferId::parse(hold_id).ok()?,
+            ))
+        })
+    else {
+        tracing::error!(subject = %message.subject, "unreadable hold expiry; dropping it");
+        let _ = message.ack_with(AckKind::Term).await;
+        return;
+    };
+    let request = CommandRequest::new(
+        from.clone(),
+        Intent::Release(hold_id.clone(), Release::Expire),
+        None,
+        format!("hold-expiry-{hold_id}"),
+    );
+    let acknowledgement = match registry.execute(request).await {
+        Ok(_) => {
+            tracing::info!(account = %from, hold = %hold_id, "hold expired");
+            AckKind::Ack
+        }
+        // Settled before it was due, or already expired by another writer: nothing to do.
+        Err(Error::Rejected(DomainError::HoldNotFound(_) | DomainError::HoldSettled(_))) => {
+            AckKind::Ack
+        }
+        Err(Error::Rejected(DomainError::HoldNotDue { seconds, .. })) => {
+            AckKind::Nak(Some(Duration::from_secs(seconds.clamp(1, 60) as u64)))
+        }
+        Err(error) => {
+            tracing::warn!(account = %from, hold = %hold_id, %error, "hold expiry failed; retrying");
+            AckKind::Nak(Some(RETRY_DELAY))
+        }
+    };
+    if let Err(error) = message.ack_with(acknowledgement).await {
+        tracing::debug!(%error, "hold expiry ack failed; it will be redelivered");
+    }
+}

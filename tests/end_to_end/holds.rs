@@ -1,0 +1,128 @@
+//! Holds expire without a client: a thousand of them come due while one writer is killed with
+//! SIGKILL and the other restarted, and each still expires within 2 s of its `expires_at`,
+//! exactly once, with the money back where it was.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use testkit::NatsServer;
+use time::OffsetDateTime;
+
+use crate::support::{self, read_stream, Http};
+
+const HOLDS: usize = 1_000;
+const PAYERS: usize = 20;
+const CLIENTS: usize = 16;
+/// Long enough to place every hold and restart the writers before the first comes due.
+const EXPIRES_IN_SECONDS: i64 = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_holds_expire_on_time_across_writer_restarts() {
+    let nats = NatsServer::start();
+    let mut first = support::writer("hold-writer-a", &nats.url(), &[]);
+    let mut second = support::writer("hold-writer-b", &nats.url(), &[]);
+    let http = Http::new();
+    let (a, b) = (first.url(), second.url());
+    let payee = support::unique("payee");
+    http.open_account(&a, &payee).await;
+    let payers: Vec<String> = (0..PAYERS).map(|_| support::unique("payer")).collect();
+    for payer in &payers {
+        http.open_account(&a, payer).await;
+        http.deposit(&a, payer, &json!({"amount": 1_000_000}), None)
+            .await
+            .unwrap();
+    }
+    let payers = Arc::new(payers);
+    let mut tasks = Vec::new();
+    for client in 0..CLIENTS {
+        let (http, payers, payee) = (http.clone(), payers.clone(), payee.clone());
+        let writer = if client % 2 == 0 {
+            a.clone()
+        } else {
+            b.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut placed = Vec::new();
+            for index in (client..HOLDS).step_by(CLIENTS) {
+                let body = json!({"from": payers[index % PAYERS], "to": payee, "amount": 10,
+                    "expires_in_seconds": EXPIRES_IN_SECONDS});
+                let reply = http
+                    .post(&format!("{writer}/v1/holds"), &body, None)
+                    .await
+                    .unwrap();
+                assert_eq!(reply.status, 201, "{:?}", reply.body);
+                let expires_at = OffsetDateTime::parse(
+                    reply.body["expires_at"].as_str().unwrap(),
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .unwrap();
+                placed.push((
+                    reply.body["hold_id"].as_str().unwrap().to_owned(),
+                    expires_at,
+                ));
+            }
+            placed
+        }));
+    }
+    let mut placed = Vec::new();
+    for task in tasks {
+        placed.extend(task.await.unwrap());
+    }
+    let first_due = placed.iter().map(|(_, at)| *at).min().unwrap();
+    let last_due = placed.iter().map(|(_, at)| *at).max().unwrap();
+    assert!(
+        first_due > OffsetDateTime::now_utc() + Duration::from_secs(2),
+        "placing the holds took too long to restart the writers before they came due"
+    );
+    // One writer dies hard, the other restarts; the dead one comes back after the holds are due.
+    first.kill();
+    second.terminate(Duration::from_secs(10));
+    second.restart();
+    support::wait_ready(&second.url());
+    let until_due = last_due - OffsetDateTime::now_utc();
+    if until_due.is_positive() {
+        tokio::time::sleep(until_due.unsigned_abs()).await;
+    }
+    first.restart();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let events = read_stream(&nats.url()).await;
+    let mut expired = std::collections::HashMap::new();
+    for event in &events {
+        if let domain::Event::HoldExpired { hold_id } = &event.event {
+            assert!(
+                expired.insert(hold_id.to_string(), event.time).is_none(),
+                "{hold_id} expired twice"
+            );
+        }
+    }
+    let mut latest = time::Duration::ZERO;
+    for (hold_id, expires_at) in &placed {
+        let at = expired
+            .get(hold_id)
+            .unwrap_or_else(|| panic!("{hold_id} never expired"));
+        let late = *at - *expires_at;
+        assert!(!late.is_negative(), "{hold_id} expired {late} early");
+        latest = latest.max(late);
+    }
+    println!(
+        "holds: {} expired, latest {latest} after its expires_at",
+        placed.len()
+    );
+    assert!(
+        latest <= time::Duration::seconds(2),
+        "a hold expired {latest} after its expires_at"
+    );
+    // Every payer has its money available again: a withdrawal of all of it succeeds.
+    let payer = &payers[0];
+    let withdrawn = http
+        .post(
+            &format!("{}/v1/accounts/{payer}/withdrawals", second.url()),
+            &json!({"amount": 1_000_000}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(withdrawn.status, 200, "{:?}", withdrawn.body);
+}
