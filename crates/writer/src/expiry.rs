@@ -33,6 +33,10 @@ const RECONNECT_DELAY: Duration = Duration::from_millis(500);
 /// How long the server waits for an ack before redelivering to another writer: above a
 /// command's deadline plus its answer grace.
 const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long after it fired a due expiry whose hold is not (yet) in the stream is retried: the
+/// schedule is written before the hold's batch, which may still be on its way (the longest a
+/// command may take is its deadline plus the answer grace, well below this).
+const UNPLACED_RETRY_WINDOW: Duration = Duration::from_secs(60);
 
 pub fn consumer_config() -> consumer::pull::Config {
     consumer::pull::Config {
@@ -86,7 +90,7 @@ async fn consume(log: &EventLog, registry: &Registry) -> Result<(), Error> {
     messages
         .for_each_concurrent(CONCURRENCY_MAX, |message| async move {
             match message {
-                Ok(message) => handle(registry, message).await,
+                Ok(message) => handle(log, registry, message).await,
                 Err(error) => tracing::warn!(%error, "hold expiry delivery failed"),
             }
         })
@@ -96,7 +100,7 @@ async fn consume(log: &EventLog, registry: &Registry) -> Result<(), Error> {
     ))
 }
 
-async fn handle(registry: &Registry, message: async_nats::jetstream::Message) {
+async fn handle(log: &EventLog, registry: &Registry, message: async_nats::jetstream::Message) {
     let Some((from, hold_id)) =
         subject::parse_hold_expiry_due(&message.subject).and_then(|(from, hold_id)| {
             Some((
@@ -121,8 +125,22 @@ async fn handle(registry: &Registry, message: async_nats::jetstream::Message) {
             AckKind::Ack
         }
         // Settled before it was due, or already expired by another writer: nothing to do.
-        Err(Error::Rejected(DomainError::HoldNotFound(_) | DomainError::HoldSettled(_))) => {
-            AckKind::Ack
+        Err(Error::Rejected(DomainError::HoldSettled(_))) => AckKind::Ack,
+        // Not on the account: settled (its id is claimed), refused (never claimed), or still on
+        // its way (the schedule goes first): the last is retried for a while.
+        Err(Error::Rejected(DomainError::HoldNotFound(_))) => {
+            let claimed = log
+                .read_marker(&subject::transfer_marker(&hold_id))
+                .await
+                .map(|claim| claim.is_some());
+            let fired_recently = message.info().is_ok_and(|info| {
+                time::OffsetDateTime::now_utc() - info.published < UNPLACED_RETRY_WINDOW
+            });
+            match claimed {
+                Ok(false) if fired_recently => AckKind::Nak(Some(RETRY_DELAY)),
+                Ok(_) => AckKind::Ack,
+                Err(_) => AckKind::Nak(Some(RETRY_DELAY)),
+            }
         }
         Err(Error::Rejected(DomainError::HoldNotDue { seconds, .. })) => {
             AckKind::Nak(Some(Duration::from_secs(seconds.clamp(1, 60) as u64)))
