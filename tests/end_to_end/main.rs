@@ -6,5 +6,6 @@ mod bank;
 mod cluster;
 mod decode;
 mod holds;
+mod integrity;
 mod reader;
 mod support;
