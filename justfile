@@ -44,7 +44,7 @@ domain-purity:
 
 # Contract v2 cases whose issue is still open (map: ../shared/conformance/CASES.md). They run, and a
 # failure is reported as PEND; take a case off when its issue is resolved.
-conformance_pending := "bearer_tokens,balance_as_of"
+conformance_pending := ""
 
 # The black-box contract suite in ../shared/conformance against real processes.
 conformance: build

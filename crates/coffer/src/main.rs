@@ -144,6 +144,33 @@ struct WriterArgs {
     /// Failpoint for tests: every command waits this long in its actor first.
     #[arg(long, env = "COFFER_FAILPOINT_ACTOR_DELAY_MS", hide = true)]
     failpoint_actor_delay_ms: Option<u64>,
+    #[command(flatten)]
+    token: TokenArgs,
+}
+
+/// The HTTP API's bearer token.
+#[derive(Args)]
+struct TokenArgs {
+    /// Require `Authorization: Bearer <token>` on the API (probes and metrics stay open).
+    #[arg(long = "http-token", env = "COFFER_HTTP_TOKEN", hide_env_values = true)]
+    http_token: Option<String>,
+    /// The same, read from a file (a mounted Secret); used when --http-token is not given.
+    #[arg(long = "http-token-file", env = "COFFER_HTTP_TOKEN_FILE")]
+    http_token_file: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    fn token(&self) -> anyhow::Result<Option<problem::BearerToken>> {
+        let text = match (&self.http_token, &self.http_token_file) {
+            (Some(token), _) => token.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .with_context(|| format!("read the HTTP token from {}", path.display()))?,
+            (None, None) => return Ok(None),
+        };
+        problem::BearerToken::new(&text)
+            .map(Some)
+            .context("the HTTP token is empty")
+    }
 }
 
 #[derive(Args)]
@@ -177,6 +204,12 @@ struct ReaderArgs {
     /// Crash tests only: abort after this many view commits, before acking them.
     #[arg(long, env = "COFFER_FAILPOINT_CRASH_AFTER_COMMITS", hide = true)]
     failpoint_crash_after_commits: Option<u64>,
+    /// `/readyz` is 200 once the view is within this many positions of the stream's last event
+    /// as seen at start.
+    #[arg(long, env = "COFFER_READY_MAX_LAG", default_value_t = 1_000)]
+    ready_max_lag: u64,
+    #[command(flatten)]
+    token: TokenArgs,
 }
 
 fn init_logging() {
@@ -343,6 +376,7 @@ async fn main() -> anyhow::Result<()> {
                     call_timeout: Duration::from_millis(args.command_deadline_ms),
                 },
                 failpoint_actor_delay: args.failpoint_actor_delay_ms.map(Duration::from_millis),
+                http_token: args.token.token()?,
             };
             writer::run(config, shutdown_signal()).await?;
             Ok(())
@@ -359,6 +393,8 @@ async fn main() -> anyhow::Result<()> {
                 reader_name: args.reader_name,
                 min_position_wait: Duration::from_millis(args.min_position_wait_ms),
                 crash_after_commits: args.failpoint_crash_after_commits,
+                ready_max_lag: args.ready_max_lag,
+                http_token: args.token.token()?,
             };
             reader::run(config, shutdown_signal()).await?;
             Ok(())

@@ -134,6 +134,77 @@ pub fn with_service_routes<S: Clone + Send + Sync + 'static>(
         .fallback(|| async { Problem::not_found("not_found", "no such route") })
 }
 
+/// Paths that stay open when a token is configured: probes and metrics (contract v2).
+pub const OPEN_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics"];
+
+/// The bearer token the HTTP API requires (`COFFER_HTTP_TOKEN`, or read from a file such as a
+/// mounted Secret with `COFFER_HTTP_TOKEN_FILE`). Its `Debug` does not show it.
+#[derive(Clone)]
+pub struct BearerToken(std::sync::Arc<[u8]>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("BearerToken(..)")
+    }
+}
+
+impl BearerToken {
+    /// A token; surrounding whitespace (a file's trailing newline) is not part of it. An empty
+    /// token is refused: it would let every request in.
+    pub fn new(token: &str) -> Option<Self> {
+        let token = token.trim();
+        (!token.is_empty()).then(|| Self(token.as_bytes().into()))
+    }
+
+    /// Whether an `Authorization` header value carries this token. Constant time in the
+    /// token's bytes, so response timing does not reveal how much of a guess was right.
+    pub fn accepts(&self, authorization: Option<&[u8]>) -> bool {
+        use subtle::ConstantTimeEq;
+        let Some(presented) = authorization.and_then(|value| value.strip_prefix(b"Bearer ")) else {
+            return false;
+        };
+        bool::from(presented.ct_eq(&self.0))
+    }
+}
+
+/// Requires `Authorization: Bearer {token}` on every route but [`OPEN_PATHS`] when a token is
+/// configured; without one, nothing is checked (local use).
+pub fn with_bearer_token<S: Clone + Send + Sync + 'static>(
+    router: axum::Router<S>,
+    token: Option<BearerToken>,
+) -> axum::Router<S> {
+    let Some(token) = token else {
+        return router;
+    };
+    router.layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let token = token.clone();
+            async move {
+                let open = OPEN_PATHS.contains(&request.uri().path());
+                let presented = request
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .map(HeaderValue::as_bytes);
+                if open || token.accepts(presented) {
+                    next.run(request).await
+                } else {
+                    let mut response = Problem::new(
+                        401,
+                        "unauthorized",
+                        "Unauthorized",
+                        "this API requires Authorization: Bearer <token>",
+                    )
+                    .into_response();
+                    response
+                        .headers_mut()
+                        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                    response
+                }
+            }
+        },
+    ))
+}
+
 /// Wraps a router in the request-id layers (`X-Request-Id` taken or generated, and echoed) with
 /// a tracing span per request inside them, so every log line of a request carries its id.
 pub fn with_request_ids<S: Clone + Send + Sync + 'static>(
@@ -159,6 +230,18 @@ fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Spa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_are_compared_whole_and_never_empty() {
+        let token = BearerToken::new("s3cret\n").unwrap();
+        assert!(token.accepts(Some(b"Bearer s3cret")));
+        assert!(!token.accepts(Some(b"Bearer s3cre")));
+        assert!(!token.accepts(Some(b"Bearer s3cret2")));
+        assert!(!token.accepts(Some(b"Basic s3cret")));
+        assert!(!token.accepts(None));
+        assert!(BearerToken::new("  ").is_none());
+        assert_eq!(format!("{token:?}"), "BearerToken(..)");
+    }
 
     #[test]
     fn problem_serialises_rfc9457_fields_and_code() {

@@ -88,6 +88,12 @@ pub struct ViewHealth {
     pub failure: Mutex<Option<String>>,
     /// The consumer is set up and pulling.
     pub consuming: AtomicBool,
+    /// Events the consumer had to deliver when this process first set it up: what "caught up
+    /// with the stream as seen at start" means. Counted in events (the filter leaves markers
+    /// out), so the lag readiness allows is a number of events.
+    pub pending_at_start: AtomicU64,
+    /// Whether `pending_at_start` is known (the consumer was set up once).
+    pub start_known: AtomicBool,
     pub events_applied: Counter,
     pub batches_committed: Counter,
     pub decode_failures: Counter,
@@ -103,6 +109,8 @@ impl Default for ViewHealth {
         Self {
             failure: Mutex::new(None),
             consuming: AtomicBool::new(false),
+            pending_at_start: AtomicU64::new(0),
+            start_known: AtomicBool::new(false),
             events_applied: Counter::new(
                 "coffer_projection_events_applied_total",
                 "Events applied to the views.",
@@ -133,6 +141,14 @@ impl Default for ViewHealth {
 }
 
 impl ViewHealth {
+    /// Whether the view has applied all but `lag_max` of the events the stream held beyond it
+    /// when this process started consuming.
+    pub fn caught_up(&self, lag_max: u64) -> bool {
+        self.start_known.load(Ordering::Acquire)
+            && self.events_applied.get().saturating_add(lag_max)
+                >= self.pending_at_start.load(Ordering::Relaxed)
+    }
+
     pub fn failure(&self) -> Option<String> {
         self.failure
             .lock()
@@ -271,7 +287,19 @@ impl<P: Projector> Engine<P> {
         if !log.is_connected() {
             return Err(Error::Nats("not connected".into()));
         }
-        let consumer = self.consumer(log).await?;
+        let mut consumer = self.consumer(log).await?;
+        if !self.health.start_known.load(Ordering::Acquire) {
+            let pending = consumer
+                .info()
+                .await
+                .map_err(|error| Error::Nats(error.to_string()))?
+                .num_pending;
+            self.health
+                .pending_at_start
+                .store(pending, Ordering::Relaxed);
+            self.health.start_known.store(true, Ordering::Release);
+            tracing::info!(consumer = %self.consumer_name, pending, "events to catch up with at start");
+        }
         let messages = consumer
             .stream()
             .max_messages_per_batch(BATCH_SIZE_MAX)

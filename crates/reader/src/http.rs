@@ -36,12 +36,17 @@ pub struct QueryState {
     pub min_position_wait: Duration,
     pub nats: async_nats::Client,
     pub integrity: Arc<Integrity>,
+    pub catch_up: Arc<crate::service::CatchUp>,
+    /// Largest lag (in positions) behind the catch-up target at which `/readyz` is 200.
+    pub ready_max_lag: u64,
+    pub http_token: Option<problem::BearerToken>,
 }
 
 pub fn router(state: QueryState) -> Router {
     let routes = Router::new()
         .route("/v1/accounts/{id}", get(account))
         .route("/v1/accounts/{id}/transactions", get(transactions))
+        .route("/v1/accounts/{id}/balance", get(balance_as_of))
         .route("/v1/transfers/{id}", get(transfer))
         .route("/v1/audit", get(audit))
         .route("/v1/holds/{id}", get(hold))
@@ -56,7 +61,31 @@ pub fn router(state: QueryState) -> Router {
         state.clone(),
         stamp_position,
     ));
+    // Outside the position stamp, so an unauthorized request waits for nothing.
+    let router = problem::with_bearer_token(router, state.http_token.clone());
     problem::with_request_ids(router).with_state(state)
+}
+
+/// Waits until the view has applied `wanted`, up to the configured bound; then `503 stale`.
+async fn wait_applied(state: &QueryState, wanted: u64) -> Result<(), Problem> {
+    let mut applied = state.applied.clone();
+    let reached = tokio::time::timeout(
+        state.min_position_wait,
+        applied.wait_for(|position| *position >= wanted),
+    )
+    .await;
+    if matches!(reached, Ok(Ok(_))) {
+        return Ok(());
+    }
+    let current = *state.applied.borrow();
+    Err(Problem::unavailable(
+        "stale",
+        format!(
+            "the view has applied position {current}, not {wanted}, after waiting {} ms",
+            state.min_position_wait.as_millis()
+        ),
+        1,
+    ))
 }
 
 /// Waits for `min_position` (query or header) before the handler runs, and stamps every
@@ -67,23 +96,8 @@ async fn stamp_position(State(state): State<QueryState>, request: Request, next:
         Err(problem) => return with_position(problem.into_response(), *state.applied.borrow()),
     };
     if let Some(wanted) = wanted {
-        let mut applied = state.applied.clone();
-        let reached = tokio::time::timeout(
-            state.min_position_wait,
-            applied.wait_for(|position| *position >= wanted),
-        )
-        .await;
-        if !matches!(reached, Ok(Ok(_))) {
-            let current = *state.applied.borrow();
-            let problem = Problem::unavailable(
-                "stale",
-                format!(
-                    "the view has applied position {current}, not {wanted}, after waiting {} ms",
-                    state.min_position_wait.as_millis()
-                ),
-                1,
-            );
-            return with_position(problem.into_response(), current);
+        if let Err(problem) = wait_applied(&state, wanted).await {
+            return with_position(problem.into_response(), *state.applied.borrow());
         }
     }
     // Read the position before the handler reads the view: the view is at least this fresh.
@@ -172,6 +186,91 @@ async fn account(State(state): State<QueryState>, Path(id): Path<String>) -> Res
         Ok(None) => account_not_found(&id).into_response(),
         Err(problem) => problem.into_response(),
     }
+}
+
+#[derive(Debug, Deserialize)]
+struct BalanceQuery {
+    position: Option<String>,
+    at: Option<String>,
+    /// Read by the position stamp; accepted here so it is not refused as unknown.
+    #[allow(dead_code)]
+    min_position: Option<String>,
+}
+
+/// The balance as of a position or a time: the account's last statement line at or before the
+/// bound, found with one range lookup (no scan of the history). A position the view has not
+/// applied yet is waited for like `min_position`.
+async fn balance_as_of(
+    State(state): State<QueryState>,
+    Path(id): Path<String>,
+    Query(query): Query<BalanceQuery>,
+) -> Response {
+    match balance_line(&state, &id, &query).await {
+        Ok(entry) => Json(json!({
+            "account_id": id,
+            "balance": entry.balance_after,
+            "position": entry.position,
+            "time": rfc3339(entry.time),
+        }))
+        .into_response(),
+        Err(problem) => problem.into_response(),
+    }
+}
+
+async fn balance_line(
+    state: &QueryState,
+    id: &str,
+    query: &BalanceQuery,
+) -> Result<StatementEntry, Problem> {
+    let position = match (&query.position, &query.at) {
+        (Some(position), None) => {
+            let position = position.parse::<u64>().map_err(|_| {
+                Problem::invalid_request("position must be a non-negative integer position")
+            })?;
+            wait_applied(state, position).await?;
+            Some(position)
+        }
+        (None, Some(at)) => {
+            let at = OffsetDateTime::parse(at, &Rfc3339)
+                .map_err(|_| Problem::invalid_request("at must be an RFC 3339 time"))?;
+            let transaction = state.database.begin_read().map_err(storage_problem)?;
+            let times = transaction
+                .open_table(views::STATEMENT_TIMES)
+                .map_err(storage_problem)?;
+            let found = times
+                .range((id, i128::MIN)..=(id, at.unix_timestamp_nanos()))
+                .map_err(storage_problem)?
+                .next_back()
+                .transpose()
+                .map_err(storage_problem)?
+                .map(|(_, position)| position.value());
+            found
+        }
+        _ => {
+            return Err(Problem::invalid_request(
+                "give exactly one of position and at",
+            ))
+        }
+    };
+    let not_then = || {
+        Problem::not_found(
+            "account_not_found",
+            format!("account {id} did not exist at that bound"),
+        )
+    };
+    let position = position.ok_or_else(not_then)?;
+    let transaction = state.database.begin_read().map_err(storage_problem)?;
+    let statements = transaction
+        .open_table(views::STATEMENTS)
+        .map_err(storage_problem)?;
+    let line = statements
+        .range((id, 0)..=(id, position))
+        .map_err(storage_problem)?
+        .next_back()
+        .transpose()
+        .map_err(storage_problem)?
+        .ok_or_else(not_then)?;
+    views::decode(line.1.value()).map_err(storage_problem)
 }
 
 #[derive(Debug, Deserialize)]
@@ -298,9 +397,27 @@ struct ReadyQuery {
 }
 
 async fn readyz(State(state): State<QueryState>, Query(query): Query<ReadyQuery>) -> Response {
+    use std::sync::atomic::Ordering;
     if let Some(failure) = state.health.failure() {
         return Problem::unavailable("view_failed", failure, 30).into_response();
     }
+    let catch_up = &state.catch_up;
+    let caught_up =
+        catch_up.reached.load(Ordering::Relaxed) || state.health.caught_up(state.ready_max_lag);
+    if !caught_up {
+        let health = &state.health;
+        let detail = if health.start_known.load(Ordering::Acquire) {
+            format!(
+                "catching up: {} of the {} events pending at start applied",
+                health.events_applied.get(),
+                health.pending_at_start.load(Ordering::Relaxed)
+            )
+        } else {
+            "not consuming yet (NATS unreachable since start)".to_owned()
+        };
+        return Problem::unavailable("catching_up", detail, 1).into_response();
+    }
+    catch_up.reached.store(true, Ordering::Relaxed);
     if query
         .reads
         .as_deref()
@@ -318,7 +435,7 @@ async fn readyz(State(state): State<QueryState>, Query(query): Query<ReadyQuery>
     } else {
         Problem::unavailable(
             "unavailable",
-            "not connected to NATS yet; reads are served from the local view",
+            "not connected to NATS; reads are served from the local view",
             1,
         )
         .into_response()

@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/accounts/{id}"),
     ("get", "/v1/accounts/{id}/transactions"),
+    ("get", "/v1/accounts/{id}/balance"),
     ("get", "/v1/transfers/{id}"),
     ("get", "/v1/audit"),
     ("get", "/v1/holds/{id}"),
@@ -50,6 +51,10 @@ pub fn document_part() -> Value {
         "/v1/accounts/{id}": query("Account view", "account id", "Account", "account_not_found", &[]),
         "/v1/accounts/{id}/transactions": query("Statement, ascending by position", "account id", "Statement", "account_not_found", &page),
         "/v1/transfers/{id}": query("Transfer view", "transfer id", "TransferView", "transfer_not_found", &[]),
+        "/v1/accounts/{id}/balance": query("Balance as of a position or a time: the account's last event at or before it", "account id", "BalanceAsOf", "account_not_found (also when the account did not exist at the bound)", &[
+            json!({"name": "position", "in": "query", "description": "A stream position (exclusive with at); waited for like min_position", "schema": {"type": "integer", "minimum": 0}}),
+            json!({"name": "at", "in": "query", "description": "An RFC 3339 time (exclusive with position)", "schema": {"type": "string", "format": "date-time"}}),
+        ]),
         "/v1/holds/{id}": query("Hold view", "hold id", "HoldView", "hold_not_found", &[]),
         "/v1/audit": {"get": {
             "summary": "Conservation audit: per currency, the sum of balances against deposits minus withdrawals",
@@ -66,6 +71,8 @@ pub fn document_part() -> Value {
     let sums = json!({"type": "object", "required": ["balances", "external_in", "external_out"], "properties": {
         "balances": {"type": "integer"}, "external_in": {"type": "integer"}, "external_out": {"type": "integer"}}});
     let schemas = json!({
+        "BalanceAsOf": {"type": "object", "required": ["account_id", "balance", "position", "time"], "properties": {
+            "account_id": {"type": "string"}, "balance": {"type": "integer"}, "position": {"type": "integer"}, "time": time}},
         "HoldView": {"type": "object", "required": ["hold_id", "from", "to", "amount", "status", "expires_at", "position"], "properties": {
             "hold_id": {"type": "string"}, "from": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "integer"},
             "status": {"enum": ["held", "captured", "voided", "expired"]}, "captured_amount": {"type": "integer"},

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,9 +30,22 @@ pub struct ReaderConfig {
     pub min_position_wait: Duration,
     /// Crash-test failpoint: abort after this many commits, before acking.
     pub crash_after_commits: Option<u64>,
+    /// `/readyz` is 200 only once the view is within this many positions of the stream's last
+    /// event as seen at start (`COFFER_READY_MAX_LAG`, default 1 000).
+    pub ready_max_lag: u64,
+    /// The bearer token the query API requires (`COFFER_HTTP_TOKEN`); none: no auth.
+    pub http_token: Option<problem::BearerToken>,
 }
 
 const SETUP_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Whether the view has caught up with the stream as it was when this reader started.
+#[derive(Debug, Default)]
+pub struct CatchUp {
+    /// Set the first time the view was within the lag bound; readiness for reads then stays,
+    /// NATS or not (the views are local).
+    pub reached: AtomicBool,
+}
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
 
 pub async fn run(
@@ -69,6 +83,7 @@ pub async fn run(
     let log = EventLog::new(client.clone(), &config.stream);
     let (stop_sender, stop_receiver) = watch::channel(false);
 
+    let catch_up = Arc::new(CatchUp::default());
     let stream_settings = config.stream.clone();
     let engine_log = log.clone();
     let engine_stop = stop_receiver.clone();
@@ -91,6 +106,9 @@ pub async fn run(
         min_position_wait: config.min_position_wait,
         nats: client.clone(),
         integrity,
+        catch_up,
+        ready_max_lag: config.ready_max_lag,
+        http_token: config.http_token.clone(),
     };
     let server = axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown);
     if let Err(error) = server.await {

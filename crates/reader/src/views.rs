@@ -21,6 +21,10 @@ pub const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("account
 pub const STATEMENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("statements");
 /// Transfer id -> [`TransferRow`].
 pub const TRANSFERS: TableDefinition<&str, &[u8]> = TableDefinition::new("transfers");
+/// (account id, event time in unix nanoseconds) -> position: finds the statement line in force
+/// at a time without scanning the history (`GET /v1/accounts/{id}/balance?at=`).
+pub const STATEMENT_TIMES: TableDefinition<(&str, i128), u64> =
+    TableDefinition::new("statement_times");
 /// Hold id -> [`HoldRow`].
 pub const HOLDS: TableDefinition<&str, &[u8]> = TableDefinition::new("holds");
 /// [`AUDIT_RUNNING`] and [`AUDIT_SETTLED`] -> [`AuditRow`].
@@ -373,6 +377,7 @@ impl projection::Projector for LedgerViews {
         transaction.open_table(TRANSFERS)?;
         transaction.open_table(AUDIT)?;
         transaction.open_table(HOLDS)?;
+        transaction.open_table(STATEMENT_TIMES)?;
         Ok(())
     }
 
@@ -386,6 +391,7 @@ impl projection::Projector for LedgerViews {
         let mut transfers = transaction.open_table(TRANSFERS)?;
         let mut audit_table = transaction.open_table(AUDIT)?;
         let mut holds = transaction.open_table(HOLDS)?;
+        let mut statement_times = transaction.open_table(STATEMENT_TIMES)?;
         let mut audit: AuditRow = read_row(&audit_table, AUDIT_RUNNING)?.unwrap_or_default();
         let mut settled: Option<AuditRow> = None;
         for recorded in events {
@@ -431,6 +437,10 @@ impl projection::Projector for LedgerViews {
                 if let Some(entry) = statement_entry(&row, recorded) {
                     statements
                         .insert((account_id, recorded.position), encode(&entry)?.as_slice())?;
+                    statement_times.insert(
+                        (account_id, recorded.time.unix_timestamp_nanos()),
+                        recorded.position,
+                    )?;
                 }
                 accounts.insert(account_id, encode(&row)?.as_slice())?;
             }

@@ -37,6 +37,8 @@ pub struct AppState {
     pub registry: Arc<OnceLock<Registry>>,
     pub log: EventLog,
     pub metrics: Arc<Metrics>,
+    /// The bearer token the command API requires (`COFFER_HTTP_TOKEN`); none: no auth.
+    pub http_token: Option<problem::BearerToken>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -67,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         crate::openapi::document_part,
     )
     .layer(DefaultBodyLimit::max(BODY_SIZE_MAX));
+    let router = problem::with_bearer_token(router, state.http_token.clone());
     problem::with_request_ids(router).with_state(state)
 }
 

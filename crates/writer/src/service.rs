@@ -24,6 +24,8 @@ pub struct WriterConfig {
     pub registry: RegistrySettings,
     /// Failpoint for tests: every command waits this long in its actor before it is looked at.
     pub failpoint_actor_delay: Option<Duration>,
+    /// The bearer token the command API requires (`COFFER_HTTP_TOKEN`); none: no auth.
+    pub http_token: Option<problem::BearerToken>,
 }
 
 /// Pause between attempts to set up the stream while NATS is not reachable.
@@ -64,6 +66,7 @@ pub async fn run(
         registry: registry_cell.clone(),
         log: log.clone(),
         metrics: metrics.clone(),
+        http_token: config.http_token.clone(),
     };
     let (http_stop_sender, http_stop_receiver) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {

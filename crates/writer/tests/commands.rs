@@ -57,6 +57,7 @@ impl TestWriter {
             stream,
             registry,
             failpoint_actor_delay,
+            http_token: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
