@@ -16,7 +16,7 @@ const PAYERS: usize = 20;
 const CLIENTS: usize = 16;
 /// Seconds from the start to the common due second: long enough to place every hold and
 /// restart the writers before it.
-const DUE_AFTER_SECONDS: i64 = 10;
+const DUE_AFTER_SECONDS: i64 = 25;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_holds_expire_on_time_across_writer_restarts() {
