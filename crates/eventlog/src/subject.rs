@@ -52,9 +52,10 @@ pub fn transfer_marker(transfer_id: &TransferId) -> String {
     format!("coffer.ids.transfer.{transfer_id}")
 }
 
-/// The schedule of a hold's expiry.
-pub fn hold_expiry_schedule(hold_id: &TransferId) -> String {
-    format!("coffer.schedules.hold-expiry.{hold_id}")
+/// The schedule of a hold's expiry: one per account, hold id and expiry time, so an attempt
+/// refused on one account (or retried with another time) never stands in for another's.
+pub fn hold_expiry_schedule(from: &AccountId, hold_id: &TransferId, expires_at: i64) -> String {
+    format!("coffer.schedules.hold-expiry.{from}.{hold_id}.{expires_at}")
 }
 
 /// Where a hold's expiry is delivered when it is due.

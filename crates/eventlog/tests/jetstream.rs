@@ -392,7 +392,7 @@ async fn a_schedule_delivers_its_message_at_its_time_and_the_first_one_stays() {
     let hold = TransferId::parse("sched-hold").unwrap();
     let due = subject::hold_expiry_due(&a, &hold);
     let at = time::OffsetDateTime::now_utc() + Duration::from_secs(2);
-    let schedule = subject::hold_expiry_schedule(&hold);
+    let schedule = subject::hold_expiry_schedule(&a, &hold, at.unix_timestamp());
     assert!(log
         .schedule(&schedule, &due, at, b"first".to_vec())
         .await

@@ -140,7 +140,7 @@ pub const OPEN_PATHS: &[&str] = &["/healthz", "/readyz", "/metrics"];
 /// The bearer token the HTTP API requires (`COFFER_HTTP_TOKEN`, or read from a file such as a
 /// mounted Secret with `COFFER_HTTP_TOKEN_FILE`). Its `Debug` does not show it.
 #[derive(Clone)]
-pub struct BearerToken(std::sync::Arc<[u8]>);
+pub struct BearerToken(std::sync::Arc<[u8; 32]>);
 
 impl std::fmt::Debug for BearerToken {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -153,18 +153,28 @@ impl BearerToken {
     /// token is refused: it would let every request in.
     pub fn new(token: &str) -> Option<Self> {
         let token = token.trim();
-        (!token.is_empty()).then(|| Self(token.as_bytes().into()))
+        (!token.is_empty()).then(|| Self(std::sync::Arc::new(digest(token.as_bytes()))))
     }
 
-    /// Whether an `Authorization` header value carries this token. Constant time in the
-    /// token's bytes, so response timing does not reveal how much of a guess was right.
+    /// Whether an `Authorization` header value carries this token (the scheme is
+    /// case-insensitive, RFC 9110). Digests of equal length are compared in constant time, so
+    /// response timing reveals neither how much of a guess was right nor the token's length.
     pub fn accepts(&self, authorization: Option<&[u8]>) -> bool {
         use subtle::ConstantTimeEq;
-        let Some(presented) = authorization.and_then(|value| value.strip_prefix(b"Bearer ")) else {
+        let Some(value) = authorization else {
             return false;
         };
-        bool::from(presented.ct_eq(&self.0))
+        let scheme = b"bearer ";
+        if value.len() <= scheme.len() || !value[..scheme.len()].eq_ignore_ascii_case(scheme) {
+            return false;
+        }
+        bool::from(digest(&value[scheme.len()..]).ct_eq(self.0.as_ref()))
     }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
 }
 
 /// Requires `Authorization: Bearer {token}` on every route but [`OPEN_PATHS`] when a token is
@@ -238,6 +248,8 @@ mod tests {
         assert!(!token.accepts(Some(b"Bearer s3cre")));
         assert!(!token.accepts(Some(b"Bearer s3cret2")));
         assert!(!token.accepts(Some(b"Basic s3cret")));
+        assert!(token.accepts(Some(b"bearer s3cret")));
+        assert!(!token.accepts(Some(b"Bearer ")));
         assert!(!token.accepts(None));
         assert!(BearerToken::new("  ").is_none());
         assert_eq!(format!("{token:?}"), "BearerToken(..)");

@@ -144,9 +144,13 @@ impl ViewHealth {
     /// Whether the view has applied all but `lag_max` of the events the stream held beyond it
     /// when this process started consuming.
     pub fn caught_up(&self, lag_max: u64) -> bool {
+        // Deliveries skipped as already applied count too: they were pending at start.
+        let delivered = self
+            .events_applied
+            .get()
+            .saturating_add(self.redeliveries_skipped.get());
         self.start_known.load(Ordering::Acquire)
-            && self.events_applied.get().saturating_add(lag_max)
-                >= self.pending_at_start.load(Ordering::Relaxed)
+            && delivered.saturating_add(lag_max) >= self.pending_at_start.load(Ordering::Relaxed)
     }
 
     pub fn failure(&self) -> Option<String> {

@@ -499,9 +499,9 @@ async fn audit(State(state): State<QueryState>) -> Response {
                     (
                         currency.clone(),
                         json!({
-                            "balances": sums.balances,
-                            "external_in": sums.external_in,
-                            "external_out": sums.external_out,
+                            "balances": money_json(sums.balances),
+                            "external_in": money_json(sums.external_in),
+                            "external_out": money_json(sums.external_out),
                         }),
                     )
                 })
@@ -514,6 +514,15 @@ async fn audit(State(state): State<QueryState>) -> Response {
             .into_response()
         }
         Err(problem) => problem.into_response(),
+    }
+}
+
+/// A sum of money as a JSON integer; beyond what JSON integers carry here (sums of many `i64`
+/// balances can be), as a decimal string rather than a panic.
+fn money_json(sum: i128) -> Value {
+    match i64::try_from(sum) {
+        Ok(value) => json!(value),
+        Err(_) => json!(sum.to_string()),
     }
 }
 

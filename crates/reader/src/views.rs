@@ -70,8 +70,20 @@ impl AuditRow {
         self.currencies.values().all(CurrencySums::balanced)
     }
 
-    /// Adds `recorded`, an event of an account held in `currency`.
-    pub fn apply(&mut self, currency: &str, recorded: &RecordedEvent) {
+    /// Adds `recorded`, an event of an account held in `currency`. Returns false when a debit
+    /// was not followed by its credit (they are committed together, one after the other): the
+    /// pair is broken, the sums keep the debit, and the audit will say so.
+    pub fn apply(&mut self, currency: &str, recorded: &RecordedEvent) -> bool {
+        let mut paired = true;
+        if let Some(open) = self.transfer_in_flight.take() {
+            let completes = matches!(&recorded.event,
+                Event::TransferCredited { transfer_id, .. } if transfer_id.as_str() == open);
+            if completes {
+                self.transfer_in_flight = Some(open);
+            } else {
+                paired = false;
+            }
+        }
         let sums = self.currencies.entry(currency.to_owned()).or_default();
         let change = i128::from(recorded.event.balance_change());
         sums.balances += change;
@@ -97,6 +109,7 @@ impl AuditRow {
             | Event::HoldExpired { .. } => {}
         }
         self.position = recorded.position;
+        paired
     }
 }
 
@@ -426,7 +439,13 @@ impl projection::Projector for LedgerViews {
                         holds.insert(hold_id.as_str(), encode(&hold)?.as_slice())?;
                     }
                 }
-                audit.apply(&row.currency, recorded);
+                if !audit.apply(&row.currency, recorded) {
+                    self.integrity.audit_unbalanced.increment();
+                    tracing::error!(
+                        position = recorded.position,
+                        "conservation audit: a debit at the previous position has no credit"
+                    );
+                }
                 if audit.transfer_in_flight.is_none() {
                     settled = Some(audit.clone());
                 }
@@ -515,6 +534,50 @@ mod tests {
         let row = fold_account(Some(row), &recorded("a", 9, Event::AccountClosed)).unwrap();
         assert!(row.closed);
         assert!(fold_account(None, &deposit).is_none());
+    }
+
+    #[test]
+    fn the_audit_settles_only_after_a_credit_and_flags_a_debit_without_one() {
+        let transfer_id = TransferId::parse("t").unwrap();
+        let debit = recorded(
+            "a",
+            2,
+            Event::TransferDebited {
+                transfer_id: transfer_id.clone(),
+                to: AccountId::parse("b").unwrap(),
+                amount: Amount::new(3).unwrap(),
+                currency: Currency::parse("EUR").unwrap(),
+                reference: None,
+            },
+        );
+        let credit = recorded(
+            "b",
+            3,
+            Event::TransferCredited {
+                transfer_id,
+                from: AccountId::parse("a").unwrap(),
+                amount: Amount::new(3).unwrap(),
+                reference: None,
+            },
+        );
+        let deposit = recorded(
+            "a",
+            1,
+            Event::Deposited {
+                amount: Amount::new(10).unwrap(),
+                reference: None,
+            },
+        );
+        let mut audit = AuditRow::default();
+        assert!(audit.apply("EUR", &deposit));
+        assert!(audit.apply("EUR", &debit));
+        assert!(audit.transfer_in_flight.is_some() && !audit.balanced());
+        assert!(audit.apply("EUR", &credit));
+        assert!(audit.transfer_in_flight.is_none() && audit.balanced());
+        // A debit followed by anything but its credit is a broken pair, and stays unbalanced.
+        assert!(audit.apply("EUR", &debit));
+        assert!(!audit.apply("EUR", &deposit));
+        assert!(audit.transfer_in_flight.is_none() && !audit.balanced());
     }
 
     #[test]

@@ -352,7 +352,15 @@ impl AccountActorState {
             let counterparty = self.counterparty(&request.intent);
             match (&counterparty, &receiver) {
                 (Some(id), Some(known)) if known.state.id() == id => {}
-                (Some(id), _) if id != self.id() => receiver = Some(self.receiver(id).await?),
+                (Some(id), _) if id != self.id() => {
+                    let mut known = self.receiver(id).await?;
+                    if verified_current {
+                        // Found only now (a capture's receiver): a refusal must not rest on a
+                        // lagging replica's copy of it either.
+                        known = fresh_from_leader(&self.context.log, known).await?;
+                    }
+                    receiver = Some(known);
+                }
                 _ => receiver = None,
             }
             let to = match (&counterparty, &receiver) {
@@ -414,8 +422,9 @@ impl AccountActorState {
             }
             ensure_before(request.deadline)?;
             if let Some(expiry) = &plan.expiry {
-                // The first schedule of a hold id stays; a later (retried) one would be due no
-                // earlier, and an early one is retried until the hold is due.
+                // One schedule per account, hold and time: a retry with the same time finds it
+                // in place; an earlier one left by a refused attempt fires, finds the hold not
+                // due, and is retried until it is.
                 self.context
                     .log
                     .schedule(&expiry.schedule, &expiry.due, expiry.at, Vec::new())
@@ -532,7 +541,7 @@ impl AccountActorState {
         };
         let mut plan = self.plan_single(event, outcome, markers, metadata)?;
         plan.expiry = Some(Expiry {
-            schedule: eventlog::subject::hold_expiry_schedule(&hold.hold_id),
+            schedule: eventlog::subject::hold_expiry_schedule(self.id(), &hold.hold_id, expires_at),
             due: eventlog::subject::hold_expiry_due(self.id(), &hold.hold_id),
             at,
         });

@@ -30,9 +30,14 @@ const CONCURRENCY_MAX: usize = 64;
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Pause before re-creating the consumer after an error.
 const RECONNECT_DELAY: Duration = Duration::from_millis(500);
-/// How long the server waits for an ack before redelivering to another writer: above a
-/// command's deadline plus its answer grace.
-const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long the server waits for an ack before redelivering to another writer. Short, so a
+/// writer that dies holding due expiries delays them by no more than this; a handler that
+/// takes longer tells the server it is still working ([`PROGRESS_PERIOD`]).
+const ACK_WAIT: Duration = Duration::from_secs(2);
+/// How often a handler in progress says so.
+const PROGRESS_PERIOD: Duration = Duration::from_millis(700);
+/// Due expiries asked for at once: a few, so none waits long in this writer's hands.
+const PULL_BATCH_SIZE_MAX: usize = 16;
 /// How long after it fired a due expiry whose hold is not (yet) in the stream is retried: the
 /// schedule is written before the hold's batch, which may still be on its way (the longest a
 /// command may take is its deadline plus the answer grace, well below this).
@@ -83,7 +88,7 @@ async fn consume(log: &EventLog, registry: &Registry) -> Result<(), Error> {
         .map_err(|error| nats(&error))?;
     let messages = consumer
         .stream()
-        .max_messages_per_batch(CONCURRENCY_MAX)
+        .max_messages_per_batch(PULL_BATCH_SIZE_MAX)
         .messages()
         .await
         .map_err(|error| nats(&error))?;
@@ -119,7 +124,19 @@ async fn handle(log: &EventLog, registry: &Registry, message: async_nats::jetstr
         None,
         format!("hold-expiry-{hold_id}"),
     );
-    let acknowledgement = match registry.execute(request).await {
+    let handled = registry.execute(request);
+    tokio::pin!(handled);
+    let mut progress = tokio::time::interval(PROGRESS_PERIOD);
+    progress.tick().await;
+    let answer = loop {
+        tokio::select! {
+            answer = &mut handled => break answer,
+            _ = progress.tick() => {
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        }
+    };
+    let acknowledgement = match answer {
         Ok(_) => {
             tracing::info!(account = %from, hold = %hold_id, "hold expired");
             AckKind::Ack
