@@ -10,3 +10,4 @@ mod holds;
 mod integrity;
 mod reader;
 mod support;
+mod tail;

@@ -35,6 +35,36 @@ enum Commands {
     /// Recomputes the hash chains (`Coffer-Chain`) from the stream and prints, per broken
     /// account, the first position that does not match; exits 1 if any.
     Verify(VerifyArgs),
+    /// Operator views of the event log.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Prints events as JSON lines, in stream order (an ordered consumer: no state on the
+    /// server, any number of users at once).
+    Tail(TailArgs),
+}
+
+#[derive(Args)]
+struct TailArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Only this account's events.
+    #[arg(long)]
+    account: Option<String>,
+    /// Only events of this type (e.g. `deposited`).
+    #[arg(long = "type")]
+    event_type: Option<String>,
+    /// Start at this position (default: the beginning of the stream).
+    #[arg(long)]
+    from_position: Option<u64>,
+    /// Keep printing new events as they are committed (default: stop at the end).
+    #[arg(long)]
+    follow: bool,
 }
 
 #[derive(Args)]
@@ -258,21 +288,13 @@ fn decode() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Most events read per page while verifying.
-const VERIFY_PAGE_SIZE: usize = 1_000;
-/// How long `coffer verify` waits for its NATS connection.
-const VERIFY_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// `coffer verify`: returns whether every chain is intact.
-async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
+/// Waits for a one-shot command's NATS connection (services connect in the background).
+async fn connected(args: &NatsArgs, name: &str) -> anyhow::Result<async_nats::Client> {
     let client = args
-        .nats
-        .settings("coffer-verify")
+        .settings(name)
         .connect()
         .await
         .context("connect to NATS")?;
-    // The connection is made in the background (services start before NATS does); a one-shot
-    // command waits for it instead.
     let connected_by = tokio::time::Instant::now() + VERIFY_CONNECT_TIMEOUT;
     while client.connection_state() != async_nats::connection::State::Connected {
         anyhow::ensure!(
@@ -281,6 +303,98 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    Ok(client)
+}
+
+/// `coffer events tail`.
+async fn tail(args: TailArgs) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer;
+    use futures::StreamExt;
+    use std::io::Write;
+    let account = match &args.account {
+        Some(account) => domain::AccountId::parse(account)
+            .context("--account")?
+            .to_string(),
+        None => "*".into(),
+    };
+    let event_type = match &args.event_type {
+        Some(event_type)
+            if !event_type.is_empty()
+                && event_type
+                    .bytes()
+                    .all(|byte| byte.is_ascii_lowercase() || byte == b'_') =>
+        {
+            event_type.clone()
+        }
+        Some(other) => anyhow::bail!("--type {other:?} is not an event type (snake_case)"),
+        None => "*".into(),
+    };
+    let client = connected(&args.nats, "coffer-events-tail").await?;
+    let settings = args.nats.stream();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream(&settings.name)
+        .await
+        .context("the event stream")?;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: format!(
+                "{}.{account}.{event_type}",
+                eventlog::subject::EVENTS_PREFIX
+            ),
+            deliver_policy: match args.from_position {
+                Some(position) => consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: position.max(1),
+                },
+                None => consumer::DeliverPolicy::All,
+            },
+            ..Default::default()
+        })
+        .await
+        .context("create an ordered consumer")?;
+    let mut remaining = consumer.cached_info().num_pending;
+    if remaining == 0 && !args.follow {
+        return Ok(());
+    }
+    let mut messages = consumer.messages().await.context("consume")?;
+    let mut out = std::io::stdout().lock();
+    while let Some(message) = messages.next().await {
+        let message = message.context("receive")?;
+        let info = message.info().map_err(|error| anyhow::anyhow!("{error}"))?;
+        let (position, published) = (info.stream_sequence, info.published);
+        let headers = message.headers.clone().unwrap_or_default();
+        let line = match eventlog::log::decode_stored(
+            &message.subject,
+            position,
+            published,
+            &headers,
+            message.payload.clone(),
+        ) {
+            Ok(recorded) => writer::http::event_json(&recorded),
+            // An event this build cannot read is shown, not skipped.
+            Err(error) => serde_json::json!({
+                "position": position,
+                "subject": message.subject.as_str(),
+                "error": error.to_string(),
+            }),
+        };
+        writeln!(out, "{line}")?;
+        remaining = remaining.saturating_sub(1);
+        if remaining == 0 && !args.follow {
+            break;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Most events read per page while verifying.
+const VERIFY_PAGE_SIZE: usize = 1_000;
+/// How long a one-shot command (`verify`, `events tail`) waits for its NATS connection.
+const VERIFY_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `coffer verify`: returns whether every chain is intact.
+async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
+    let client = connected(&args.nats, "coffer-verify").await?;
     let log = eventlog::EventLog::new(client, &args.nats.stream());
     let mut verifier = eventlog::chain::Verifier::default();
     let mut check = |recorded: &eventlog::RecordedEvent| {
@@ -345,6 +459,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Commands::Decode => decode(),
+        Commands::Events {
+            command: EventsCommand::Tail(args),
+        } => tail(args).await,
         Commands::Verify(args) => {
             if verify(args).await? {
                 Ok(())
