@@ -412,3 +412,54 @@ async fn the_balance_as_of_a_position_or_a_time_comes_from_the_statement() {
     let future = as_of(format!("position={}", positions[2] + 1_000)).await;
     assert_eq!((future.status, future.code()), (503, "stale"));
 }
+
+fn projection_status(nats_url: &str, reader_name: &str) -> serde_json::Value {
+    let output = std::process::Command::new(testkit::coffer_binary())
+        .args(["projection", "status", "--reader-name", reader_name])
+        .env("COFFER_NATS_URL", nats_url)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projection_status_shows_the_applied_position_and_the_lag() {
+    let nats = NatsServer::start();
+    let last = populate(&nats.url(), 5, 20).await;
+    let data = tempfile::tempdir().unwrap();
+    let http = Http::new();
+    let mut reader = support::reader("status", &nats.url(), data.path(), &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while applied(&http, &reader.url()).await < last {
+        assert!(Instant::now() < deadline, "reader did not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The ack follows the commit: wait for the consumer to show it.
+    let caught_up = loop {
+        let status = projection_status(&nats.url(), "status");
+        if status["applied_position"].as_u64() == Some(last) {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never showed the view caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(caught_up["applied_position"].as_u64(), Some(last));
+    assert_eq!(caught_up["lag_events"].as_u64(), Some(0));
+    // The reader stops; the stream moves on without it.
+    reader.kill();
+    let newer = populate(&nats.url(), 1, 7).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let behind = projection_status(&nats.url(), "status");
+    assert_eq!(behind["applied_position"].as_u64(), Some(last));
+    assert_eq!(behind["stream_last_position"].as_u64(), Some(newer));
+    assert_eq!(behind["lag_events"].as_u64(), Some(7));
+    assert!(behind["lag_seconds"].as_f64().unwrap() > 0.0);
+}

@@ -40,6 +40,31 @@ enum Commands {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Operator views of a reader's projection.
+    Projection {
+        #[command(subcommand)]
+        command: ProjectionCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProjectionCommand {
+    /// How far a reader's view is: applied position, the stream's end, lag in events and
+    /// seconds, from its durable consumer (no need to reach the reader itself).
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// The reader's durable consumer name (its `COFFER_READER_NAME`).
+    #[arg(
+        long = "reader-name",
+        env = "COFFER_READER_NAME",
+        default_value = "reader"
+    )]
+    reader_name: String,
 }
 
 #[derive(Subcommand)]
@@ -387,6 +412,57 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `coffer projection status`: one JSON object.
+async fn projection_status(args: StatusArgs) -> anyhow::Result<()> {
+    let client = connected(&args.nats, "coffer-projection-status").await?;
+    let settings = args.nats.stream();
+    let log = eventlog::EventLog::new(client, &settings);
+    let mut stream = log
+        .context()
+        .get_stream(&settings.name)
+        .await
+        .context("the event stream")?;
+    let stream_end = stream
+        .info()
+        .await
+        .context("stream info")?
+        .state
+        .last_sequence;
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer(&args.reader_name)
+        .await
+        .map_err(|error| {
+            anyhow::anyhow!(
+                "no consumer {:?} ({error}): is the reader running?",
+                args.reader_name
+            )
+        })?;
+    let info = consumer.info().await.context("consumer info")?;
+    // The ack floor is what the view has committed (it acks after each commit).
+    let applied = info.ack_floor.stream_sequence;
+    let lag_events = info.num_pending + info.num_ack_pending as u64;
+    let oldest_unapplied = log
+        .read_after(applied, 1)
+        .await
+        .context("read the stream")?
+        .into_iter()
+        .next();
+    let lag_seconds = oldest_unapplied.map_or(0.0, |event| {
+        (time::OffsetDateTime::now_utc() - event.time)
+            .as_seconds_f64()
+            .max(0.0)
+    });
+    let status = serde_json::json!({
+        "reader": args.reader_name,
+        "applied_position": applied,
+        "stream_last_position": stream_end,
+        "lag_events": lag_events,
+        "lag_seconds": (lag_seconds * 1000.0).round() / 1000.0,
+    });
+    println!("{}", serde_json::to_string_pretty(&status)?);
+    Ok(())
+}
+
 /// Most events read per page while verifying.
 const VERIFY_PAGE_SIZE: usize = 1_000;
 /// How long a one-shot command (`verify`, `events tail`) waits for its NATS connection.
@@ -462,6 +538,9 @@ async fn main() -> anyhow::Result<()> {
         Commands::Events {
             command: EventsCommand::Tail(args),
         } => tail(args).await,
+        Commands::Projection {
+            command: ProjectionCommand::Status(args),
+        } => projection_status(args).await,
         Commands::Verify(args) => {
             if verify(args).await? {
                 Ok(())
