@@ -7,6 +7,7 @@ mod bank;
 mod cluster;
 mod decode;
 mod holds;
+mod import;
 mod integrity;
 mod reader;
 mod support;

@@ -40,11 +40,26 @@ enum Commands {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Imports accounts from another system with their balances (CSV with the header
+    /// `account_id,currency,balance[,owner][,overdraft_limit]`, or JSON lines): each opens its
+    /// account and books an `opening_balance`; re-running the same file appends nothing.
+    Import(ImportArgs),
     /// Operator views of a reader's projection.
     Projection {
         #[command(subcommand)]
         command: ProjectionCommand,
     },
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// The file to import.
+    file: PathBuf,
+    /// Rows imported at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
 }
 
 #[derive(Subcommand)]
@@ -412,6 +427,66 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `coffer import`: returns whether every row was imported or already present.
+async fn import(args: ImportArgs) -> anyhow::Result<bool> {
+    use futures::StreamExt;
+    use writer::import::{import_row, parse, RowOutcome};
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("read {}", args.file.display()))?;
+    let (rows, mut refused) = parse(&text);
+    let client = connected(&args.nats, "coffer-import").await?;
+    let log = eventlog::EventLog::open(client, &args.nats.stream())
+        .await
+        .context("the event stream")?;
+    let bar = indicatif::ProgressBar::new(rows.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "importing {bar:40} {pos}/{len} rows ({per_sec}, {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = std::time::Instant::now();
+    let outcomes: Vec<_> = futures::stream::iter(&rows)
+        .map(|row| {
+            let (log, bar) = (&log, &bar);
+            async move {
+                let outcome = import_row(log, row).await;
+                bar.inc(1);
+                (row.line, outcome)
+            }
+        })
+        .buffer_unordered(args.concurrency.max(1))
+        .collect()
+        .await;
+    bar.finish_and_clear();
+    let (mut imported, mut present, mut failed) = (0usize, 0usize, 0usize);
+    for (line, outcome) in outcomes {
+        match outcome {
+            Ok(RowOutcome::Imported { .. }) => imported += 1,
+            Ok(RowOutcome::AlreadyPresent) => present += 1,
+            Ok(RowOutcome::Refused(reason)) => refused.push((line, reason)),
+            Err(error) => {
+                failed += 1;
+                refused.push((line, format!("not imported, retry the file: {error}")));
+            }
+        }
+    }
+    refused.sort();
+    for (line, reason) in &refused {
+        println!("line {line}: refused: {reason}");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "imported {imported}, already present {present}, refused {} ({:.0} rows/s)",
+        refused.len() - failed,
+        rows.len() as f64 / elapsed.max(f64::EPSILON)
+    );
+    if failed > 0 {
+        println!("{failed} row(s) could not be written (NATS): run the import again");
+    }
+    Ok(refused.is_empty())
+}
+
 /// `coffer projection status`: one JSON object.
 async fn projection_status(args: StatusArgs) -> anyhow::Result<()> {
     let client = connected(&args.nats, "coffer-projection-status").await?;
@@ -541,6 +616,13 @@ async fn main() -> anyhow::Result<()> {
         Commands::Projection {
             command: ProjectionCommand::Status(args),
         } => projection_status(args).await,
+        Commands::Import(args) => {
+            if import(args).await? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
         Commands::Verify(args) => {
             if verify(args).await? {
                 Ok(())

@@ -136,6 +136,11 @@ pub enum Event {
     HoldExpired {
         hold_id: TransferId,
     },
+    /// The balance an account had in the system it was imported from (`coffer import`), booked
+    /// right after its opening; may be negative down to the overdraft limit.
+    OpeningBalance {
+        balance: i64,
+    },
 }
 
 impl Event {
@@ -152,6 +157,7 @@ impl Event {
             Event::HoldCaptured { .. } => "hold_captured",
             Event::HoldVoided { .. } => "hold_voided",
             Event::HoldExpired { .. } => "hold_expired",
+            Event::OpeningBalance { .. } => "opening_balance",
         }
     }
 
@@ -164,6 +170,7 @@ impl Event {
             Event::Withdrawn { amount, .. }
             | Event::TransferDebited { amount, .. }
             | Event::HoldCaptured { amount, .. } => -amount.signed(),
+            Event::OpeningBalance { balance } => *balance,
             Event::AccountOpened(_)
             | Event::AccountClosed
             | Event::HoldPlaced { .. }
@@ -358,6 +365,31 @@ pub fn decide_transfer(
             reference: transfer.reference.clone(),
         },
     })
+}
+
+/// Decides importing an account with the balance it had elsewhere: it must not exist yet, and
+/// a negative balance needs an overdraft limit at least as large. Yields `account_opened` and
+/// `opening_balance`, appended together.
+pub fn decide_import(
+    state: &AccountState,
+    open: &OpenAccount,
+    balance: i64,
+) -> Result<Vec<Event>, DomainError> {
+    if state.account().is_some() {
+        return Err(DomainError::AccountExists);
+    }
+    let floor = open.overdraft_limit.floor();
+    if balance < floor {
+        return Err(DomainError::InsufficientFunds {
+            balance: 0,
+            amount: balance.unsigned_abs(),
+            floor,
+        });
+    }
+    Ok(vec![
+        Event::AccountOpened(open.clone()),
+        Event::OpeningBalance { balance },
+    ])
 }
 
 /// Checks the receiver of a transfer, hold or capture against the sender: both open, one

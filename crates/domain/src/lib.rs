@@ -14,8 +14,8 @@ pub mod account;
 pub mod values;
 
 pub use account::{
-    decide, decide_capture, decide_hold, decide_release, decide_transfer, evolve, replay,
-    AccountState, Capture, Command, DomainError, Event, OpenAccount, PlaceHold, Release, Transfer,
-    TransferEvents,
+    decide, decide_capture, decide_hold, decide_import, decide_release, decide_transfer, evolve,
+    replay, AccountState, Capture, Command, DomainError, Event, OpenAccount, PlaceHold, Release,
+    Transfer, TransferEvents,
 };
 pub use values::{AccountId, Amount, Currency, OverdraftLimit, TransferId, ValueError};

@@ -299,6 +299,33 @@ fn a_transfer_may_use_the_overdraft() {
     assert!(then_transfer(&[opened(50)], &[opened(0)], transfer("t", "b", 51)).is_err());
 }
 
+#[test]
+fn an_import_opens_with_a_balance_a_negative_one_within_the_limit() {
+    let open = |limit: i128| OpenAccount {
+        currency: eur(),
+        owner: Some("legacy".into()),
+        overdraft_limit: OverdraftLimit::new(limit).unwrap(),
+    };
+    let events = domain::decide_import(&given(&[]), &open(0), 250).unwrap();
+    assert_eq!(
+        events,
+        vec![
+            Event::AccountOpened(open(0)),
+            Event::OpeningBalance { balance: 250 }
+        ]
+    );
+    assert_eq!(given(&events).balance(), 250);
+    assert!(domain::decide_import(&given(&[]), &open(100), -100).is_ok());
+    assert!(matches!(
+        domain::decide_import(&given(&[]), &open(99), -100),
+        Err(DomainError::InsufficientFunds { .. })
+    ));
+    assert_eq!(
+        domain::decide_import(&given(&[opened(0)]), &open(0), 1),
+        Err(DomainError::AccountExists)
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Holds.
 

@@ -27,6 +27,7 @@ pub const CURRENT_VERSIONS: &[(&str, u32)] = &[
     ("hold_captured", 1),
     ("hold_voided", 1),
     ("hold_expired", 1),
+    ("opening_balance", 1),
 ];
 
 /// Why a stored payload could not become an event.
@@ -113,6 +114,11 @@ struct HoldCaptured {
     amount: u64,
 }
 
+#[derive(Debug, Serialize, Deserialize)]
+struct OpeningBalance {
+    balance: i64,
+}
+
 /// `hold_voided` and `hold_expired`.
 #[derive(Debug, Serialize, Deserialize)]
 struct HoldReleased {
@@ -150,6 +156,7 @@ enum Payload {
     HoldPlaced(HoldPlaced),
     HoldCaptured(HoldCaptured),
     HoldReleased(HoldReleased),
+    OpeningBalance(OpeningBalance),
 }
 
 fn payload(event: &Event) -> Payload {
@@ -211,6 +218,9 @@ fn payload(event: &Event) -> Payload {
             Payload::HoldReleased(HoldReleased {
                 hold_id: hold_id.to_string(),
             })
+        }
+        Event::OpeningBalance { balance } => {
+            Payload::OpeningBalance(OpeningBalance { balance: *balance })
         }
     }
 }
@@ -342,6 +352,12 @@ pub fn decode(event_type: &str, version: u32, bytes: &[u8]) -> Result<Event, Dec
                 amount: checked(event_type, Amount::new(wire.amount.into()))?,
             }
         }
+        "opening_balance" => {
+            let wire: OpeningBalance = read(event_type, bytes)?;
+            Event::OpeningBalance {
+                balance: wire.balance,
+            }
+        }
         "hold_voided" | "hold_expired" => {
             let wire: HoldReleased = read(event_type, bytes)?;
             let hold_id = checked(event_type, TransferId::parse(&wire.hold_id))?;
@@ -416,6 +432,7 @@ mod tests {
             hold_id: hold.clone(),
         });
         round_trip(Event::HoldExpired { hold_id: hold });
+        round_trip(Event::OpeningBalance { balance: -42 });
     }
 
     #[test]

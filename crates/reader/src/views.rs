@@ -88,7 +88,8 @@ impl AuditRow {
         let change = i128::from(recorded.event.balance_change());
         sums.balances += change;
         match &recorded.event {
-            Event::Deposited { .. } => sums.external_in += change,
+            // Money from outside: deposits, and what imported accounts held elsewhere.
+            Event::Deposited { .. } | Event::OpeningBalance { .. } => sums.external_in += change,
             Event::Withdrawn { .. } => sums.external_out -= change,
             Event::TransferDebited { transfer_id, .. }
             | Event::HoldCaptured {
@@ -319,7 +320,9 @@ pub fn statement_entry(after: &AccountRow, recorded: &RecordedEvent) -> Option<S
         Event::HoldCaptured { hold_id, .. }
         | Event::HoldVoided { hold_id }
         | Event::HoldExpired { hold_id } => (Some(hold_id), None, None),
-        Event::AccountOpened(_) | Event::AccountClosed => (None, None, None),
+        Event::AccountOpened(_) | Event::AccountClosed | Event::OpeningBalance { .. } => {
+            (None, None, None)
+        }
     };
     Some(StatementEntry {
         position: recorded.position,

@@ -6,6 +6,7 @@
 //! - [`error`]: [`Error`], every way a command can fail, mapped once to problem+json.
 //! - [`idempotency`]: exactly-once answers: `Idempotency-Key` and transfer-id markers, request
 //!   hashes.
+//! - [`import`]: `coffer import`: accounts from another system with their opening balances.
 //! - [`actor`]: the per-account actor: rebuild from events, decide (a transfer on both
 //!   accounts), append atomically with the markers, evolve, reply.
 //! - [`expiry`]: hold expiry: due messages the stream schedules, on a consumer all writers share.
@@ -19,6 +20,7 @@ pub mod error;
 pub mod expiry;
 pub mod http;
 pub mod idempotency;
+pub mod import;
 pub mod metrics;
 pub mod nats_api;
 pub mod openapi;

@@ -1,0 +1,205 @@
+//! `coffer import`: the retroactive step. Accounts kept by another system come in with the
+//! balance they had there: each row opens its account and books an `opening_balance` event, the
+//! two in one atomic batch on condition that the account has no events yet. So a row is
+//! imported whole or not at all, and a re-run of the same file appends nothing (its accounts
+//! exist: "already present"). The audit counts opening balances as money from outside.
+//!
+//! Input: CSV with the header `account_id,currency,balance[,owner][,overdraft_limit]`, or JSON
+//! lines with the same fields. A row that is not valid is refused with its line number and the
+//! reason, and the others go on.
+
+use domain::{decide_import, AccountId, AccountState, Currency, OpenAccount, OverdraftLimit};
+use eventlog::{Entry, EventLog, EventMetadata};
+use serde::Deserialize;
+
+use crate::request::TEXT_LENGTH_MAX;
+use crate::{Error, Result};
+
+/// One account to import.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportRow {
+    /// Line in the file (1 is a CSV header), for the summary.
+    pub line: usize,
+    pub account_id: AccountId,
+    pub open: OpenAccount,
+    pub balance: i64,
+}
+
+/// What became of a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowOutcome {
+    Imported {
+        position: u64,
+    },
+    /// The account has events already (a re-run, or an account opened otherwise).
+    AlreadyPresent,
+    Refused(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Fields {
+    account_id: String,
+    currency: String,
+    balance: i64,
+    #[serde(default)]
+    owner: Option<String>,
+    #[serde(default)]
+    overdraft_limit: Option<u64>,
+}
+
+fn row(line: usize, fields: Fields) -> std::result::Result<ImportRow, String> {
+    let account_id = AccountId::parse(&fields.account_id).map_err(|error| error.to_string())?;
+    let currency = Currency::parse(&fields.currency).map_err(|error| error.to_string())?;
+    let overdraft_limit = OverdraftLimit::new(fields.overdraft_limit.unwrap_or(0).into())
+        .map_err(|error| error.to_string())?;
+    let owner = fields.owner.filter(|owner| !owner.is_empty());
+    if owner
+        .as_ref()
+        .is_some_and(|owner| owner.len() > TEXT_LENGTH_MAX)
+    {
+        return Err(format!("owner must be at most {TEXT_LENGTH_MAX} bytes"));
+    }
+    Ok(ImportRow {
+        line,
+        account_id,
+        open: OpenAccount {
+            currency,
+            owner,
+            overdraft_limit,
+        },
+        balance: fields.balance,
+    })
+}
+
+/// Parses a file: the rows to import, and the lines refused with why.
+pub fn parse(text: &str) -> (Vec<ImportRow>, Vec<(usize, String)>) {
+    let json_lines = text.trim_start().starts_with('{');
+    let mut rows = Vec::new();
+    let mut refused = Vec::new();
+    if json_lines {
+        for (index, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let number = index + 1;
+            match serde_json::from_str::<Fields>(line)
+                .map_err(|error| error.to_string())
+                .and_then(|fields| row(number, fields))
+            {
+                Ok(row) => rows.push(row),
+                Err(reason) => refused.push((number, reason)),
+            }
+        }
+    } else {
+        let mut reader = csv::ReaderBuilder::new()
+            .trim(csv::Trim::All)
+            .from_reader(text.as_bytes());
+        let headers = match reader.headers() {
+            Ok(headers) => Some(headers.clone()),
+            Err(error) => {
+                refused.push((1, format!("header: {error}")));
+                None
+            }
+        };
+        for record in reader.records() {
+            let (number, fields) = match record {
+                Ok(record) => {
+                    let number = record
+                        .position()
+                        .map_or(0, |position| position.line() as usize);
+                    (
+                        number,
+                        record
+                            .deserialize::<Fields>(headers.as_ref())
+                            .map_err(|error| error.to_string()),
+                    )
+                }
+                Err(error) => (
+                    error
+                        .position()
+                        .map_or(0, |position| position.line() as usize),
+                    Err(error.to_string()),
+                ),
+            };
+            match fields.and_then(|fields| row(number, fields)) {
+                Ok(row) => rows.push(row),
+                Err(reason) => refused.push((number, reason)),
+            }
+        }
+    }
+    (rows, refused)
+}
+
+/// Imports one row: `account_opened` and `opening_balance` together, if the account has no
+/// events yet.
+pub async fn import_row(log: &EventLog, row: &ImportRow) -> Result<RowOutcome> {
+    let events = match decide_import(
+        &AccountState::new(row.account_id.clone()),
+        &row.open,
+        row.balance,
+    ) {
+        Ok(events) => events,
+        Err(refusal) => return Ok(RowOutcome::Refused(refusal.to_string())),
+    };
+    let metadata = EventMetadata {
+        command_id: uuid::Uuid::now_v7().to_string(),
+        correlation_id: format!("import-line-{}", row.line),
+    };
+    let mut chain = eventlog::chain::GENESIS.to_owned();
+    let mut entries = Vec::with_capacity(events.len());
+    for event in events {
+        chain = eventlog::chain::next(&chain, &row.account_id, &event)
+            .map_err(|error| Error::Internal(error.to_string()))?;
+        entries.push(Entry::Event {
+            account: row.account_id.clone(),
+            // Both are checked against the stream before the batch: the account has nothing.
+            expected_last_position: 0,
+            event,
+            metadata: metadata.clone(),
+            chain: chain.clone(),
+        });
+    }
+    match log.append_atomic(&entries).await {
+        Ok(appended) => Ok(RowOutcome::Imported {
+            position: appended.last_position,
+        }),
+        Err(eventlog::Error::Conflict { .. }) => Ok(RowOutcome::AlreadyPresent),
+        Err(eventlog::Error::Unavailable(detail)) => Err(Error::Unavailable(detail)),
+        Err(eventlog::Error::OutcomeUnknown(detail)) => Err(Error::OutcomeUnknown(detail)),
+        Err(other) => Err(Error::Internal(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_and_json_lines_give_the_same_rows_and_name_bad_lines() {
+        let csv = "account_id,currency,balance,owner,overdraft_limit\n\
+                   a-1,EUR,250,Alice,\n\
+                   a-2,EUR,-50,,100\n\
+                   bad id,EUR,1,,\n\
+                   a-3,eur,1,,\n\
+                   a-4,EUR,1.5,,\n";
+        let (rows, refused) = parse(csv);
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].line, rows[0].balance), (2, 250));
+        assert_eq!(rows[0].open.owner.as_deref(), Some("Alice"));
+        assert_eq!(
+            (rows[1].balance, rows[1].open.overdraft_limit.minor_units()),
+            (-50, 100)
+        );
+        let lines: Vec<usize> = refused.iter().map(|(line, _)| *line).collect();
+        assert_eq!(lines, vec![4, 5, 6]);
+        let json = "{\"account_id\":\"a-1\",\"currency\":\"EUR\",\"balance\":250,\"owner\":\"Alice\"}\n\
+                    {\"account_id\":\"a-2\",\"currency\":\"EUR\",\"balance\":-50,\"overdraft_limit\":100}\n\
+                    {\"account_id\":\"a-3\",\"currency\":\"EUR\",\"balance\":1,\"colour\":\"red\"}\n";
+        let (json_rows, json_refused) = parse(json);
+        assert_eq!(json_rows.len(), 2);
+        assert_eq!(json_rows[0].open, rows[0].open);
+        assert_eq!(json_refused.len(), 1);
+        assert!(json_refused[0].1.contains("colour"), "{json_refused:?}");
+    }
+}
