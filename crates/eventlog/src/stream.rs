@@ -195,6 +195,28 @@ impl StreamSettings {
 mod tests {
     use super::*;
 
+    /// `nats/stream-*.json` are what the code creates (for `nats stream add --config`). To
+    /// regenerate them: `COFFER_WRITE_NATS_CONFIG=1 cargo test -p eventlog nats_files`.
+    #[test]
+    fn nats_files_are_the_configurations_the_code_creates() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats");
+        let settings = StreamSettings::default();
+        for (file, config) in [
+            ("stream-coffer-events.json", settings.config()),
+            ("stream-coffer-schedules.json", settings.schedules_config()),
+        ] {
+            let wanted = serde_json::to_value(&config).unwrap();
+            let path = root.join(file);
+            if std::env::var("COFFER_WRITE_NATS_CONFIG").is_ok() {
+                let text = serde_json::to_string_pretty(&wanted).unwrap() + "\n";
+                std::fs::write(&path, text).unwrap();
+            }
+            let stored: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            assert_eq!(stored, wanted, "{file} differs from what the code creates");
+        }
+    }
+
     #[test]
     fn merging_never_lowers_replicas_or_drops_operator_limits() {
         let operator = stream::Config {
