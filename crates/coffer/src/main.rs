@@ -57,8 +57,8 @@ struct ImportArgs {
     nats: NatsArgs,
     /// The file to import.
     file: PathBuf,
-    /// Rows imported at once.
-    #[arg(long, default_value_t = 64)]
+    /// Batches (of up to 400 rows) written at once.
+    #[arg(long, default_value_t = 4)]
     concurrency: usize,
 }
 
@@ -430,7 +430,7 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
 /// `coffer import`: returns whether every row was imported or already present.
 async fn import(args: ImportArgs) -> anyhow::Result<bool> {
     use futures::StreamExt;
-    use writer::import::{import_row, parse, RowOutcome};
+    use writer::import::{import_chunk, parse, RowOutcome, ROWS_PER_BATCH_MAX};
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("read {}", args.file.display()))?;
     let (rows, mut refused) = parse(&text);
@@ -446,18 +446,21 @@ async fn import(args: ImportArgs) -> anyhow::Result<bool> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let started = std::time::Instant::now();
-    let outcomes: Vec<_> = futures::stream::iter(&rows)
-        .map(|row| {
+    let outcomes: Vec<_> = futures::stream::iter(rows.chunks(ROWS_PER_BATCH_MAX))
+        .map(|chunk| {
             let (log, bar) = (&log, &bar);
             async move {
-                let outcome = import_row(log, row).await;
-                bar.inc(1);
-                (row.line, outcome)
+                let outcomes = import_chunk(log, chunk).await;
+                bar.inc(chunk.len() as u64);
+                outcomes
             }
         })
         .buffer_unordered(args.concurrency.max(1))
-        .collect()
-        .await;
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     bar.finish_and_clear();
     let (mut imported, mut present, mut failed) = (0usize, 0usize, 0usize);
     for (line, outcome) in outcomes {
