@@ -372,6 +372,19 @@ impl EventLog {
         let Some((subject, headers, payload)) = commit else {
             return Err(Error::Encode("an append needs a message".into()));
         };
+        self.publish_acknowledged(subject, headers, payload, count)
+            .await
+    }
+
+    /// Publishes the last (or only) message of an append as a request and reads the stream's
+    /// acknowledgement of the `count` messages it completes.
+    async fn publish_acknowledged(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+        count: usize,
+    ) -> Result<Appended> {
         let request = async_nats::Request::new()
             .headers(headers)
             .payload(payload)
@@ -410,21 +423,10 @@ impl EventLog {
         headers.insert(header::SCHEDULE, format!("@at {at}").as_str());
         headers.insert(header::SCHEDULE_TARGET, target);
         headers.insert(header::EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
-        let request = async_nats::Request::new()
-            .headers(headers)
-            .payload(payload.into())
-            .timeout(Some(ACK_TIMEOUT));
-        let reply = self
-            .client
-            .send_request(subject.to_owned(), request)
-            .await
-            .map_err(|error| match error.kind() {
-                RequestErrorKind::NoResponders => {
-                    Error::Unavailable(format!("schedules stream not reachable: {error}"))
-                }
-                _ => Error::OutcomeUnknown(error.to_string()),
-            })?;
-        match acknowledgement(&reply.payload, 1) {
+        let appended = self
+            .publish_acknowledged(subject.to_owned(), headers, payload.into(), 1)
+            .await;
+        match appended {
             Ok(_) => Ok(true),
             Err(Error::Conflict { .. }) => Ok(false),
             Err(error) => Err(error),

@@ -116,79 +116,61 @@ impl StreamSettings {
     /// Creates the stream, or updates it when the settings it manages differ ([`Self::merged_into`]).
     /// Idempotent, so every writer and reader may call it on start. A failed update of an
     /// existing stream is only logged: a consume-only reader may lack the permission, and the
-    /// stream still works.
+    /// stream still works. The schedules stream is ensured the same way.
     pub async fn ensure(&self, context: &jetstream::Context) -> Result<stream::Stream> {
-        self.ensure_schedules(context).await?;
-        match context.get_stream(&self.name).await {
-            Ok(mut existing) => {
-                let current = existing
-                    .info()
-                    .await
-                    .map_err(|error| Error::JetStream(format!("stream info: {error}")))?
-                    .config
-                    .clone();
-                if current.num_replicas > self.replicas {
-                    tracing::warn!(
-                        stream = %self.name,
-                        existing = current.num_replicas,
-                        configured = self.replicas,
-                        "the stream has more replicas than configured; keeping them"
-                    );
-                }
-                let merged = self.merged_into(&current);
-                if merged != current {
-                    if let Err(error) = context.update_stream(merged).await {
-                        tracing::warn!(%error, stream = %self.name, "could not update the stream");
-                    }
-                }
-            }
-            Err(_) => {
-                if let Err(error) = context.create_stream(self.config()).await {
-                    // Another process may have created it between our check and our create.
-                    tracing::debug!(%error, "create stream failed; checking whether it exists now");
-                }
-            }
-        }
-        context
-            .get_stream(&self.name)
-            .await
-            .map_err(|error| Error::Unavailable(format!("get stream: {error}")))
+        ensure_stream(context, self.schedules_config(), |current| {
+            let mut merged = current.clone();
+            merged.num_replicas = current.num_replicas.max(self.replicas);
+            merged.allow_message_schedules = true;
+            merged
+        })
+        .await?;
+        ensure_stream(context, self.config(), |current| self.merged_into(current)).await
     }
 }
 
-impl StreamSettings {
-    /// Creates the schedules stream if it is missing, or raises its replicas; nothing else of
-    /// an existing one is changed.
-    async fn ensure_schedules(&self, context: &jetstream::Context) -> Result<()> {
-        match context.get_stream(&self.schedules_name).await {
-            Ok(mut existing) => {
-                let current = existing
-                    .info()
-                    .await
-                    .map_err(|error| Error::JetStream(format!("stream info: {error}")))?
-                    .config
-                    .clone();
-                if current.num_replicas < self.replicas || !current.allow_message_schedules {
-                    let mut merged = current.clone();
-                    merged.num_replicas = current.num_replicas.max(self.replicas);
-                    merged.allow_message_schedules = true;
-                    if let Err(error) = context.update_stream(merged).await {
-                        tracing::warn!(%error, stream = %self.schedules_name, "could not update the stream");
-                    }
-                }
+/// Creates `wanted` if there is no stream of its name; otherwise updates the existing one to
+/// `merge(existing)` when that differs, never lowering its replicas.
+async fn ensure_stream(
+    context: &jetstream::Context,
+    wanted: stream::Config,
+    merge: impl Fn(&stream::Config) -> stream::Config,
+) -> Result<stream::Stream> {
+    let name = wanted.name.clone();
+    match context.get_stream(&name).await {
+        Ok(mut existing) => {
+            let current = existing
+                .info()
+                .await
+                .map_err(|error| Error::JetStream(format!("stream info: {error}")))?
+                .config
+                .clone();
+            if current.num_replicas > wanted.num_replicas {
+                tracing::warn!(
+                    stream = %name,
+                    existing = current.num_replicas,
+                    configured = wanted.num_replicas,
+                    "the stream has more replicas than configured; keeping them"
+                );
             }
-            Err(_) => {
-                if let Err(error) = context.create_stream(self.schedules_config()).await {
-                    tracing::debug!(%error, "create schedules stream failed; checking whether it exists now");
+            let merged = merge(&current);
+            if merged != current {
+                if let Err(error) = context.update_stream(merged).await {
+                    tracing::warn!(%error, stream = %name, "could not update the stream");
                 }
             }
         }
-        context
-            .get_stream(&self.schedules_name)
-            .await
-            .map(|_| ())
-            .map_err(|error| Error::Unavailable(format!("get schedules stream: {error}")))
+        Err(_) => {
+            if let Err(error) = context.create_stream(wanted).await {
+                // Another process may have created it between our check and our create.
+                tracing::debug!(%error, stream = %name, "create stream failed; checking whether it exists now");
+            }
+        }
     }
+    context
+        .get_stream(&name)
+        .await
+        .map_err(|error| Error::Unavailable(format!("get stream {name}: {error}")))
 }
 
 #[cfg(test)]

@@ -165,15 +165,22 @@ fn account_json(row: &AccountRow) -> Value {
     })
 }
 
-fn read_account(database: &Database, id: &str) -> Result<Option<AccountRow>, Problem> {
+/// One MessagePack row of a view, read in its own transaction.
+fn read_row<T: for<'de> serde::Deserialize<'de>>(
+    database: &Database,
+    table: redb::TableDefinition<&str, &[u8]>,
+    key: &str,
+) -> Result<Option<T>, Problem> {
     let transaction = database.begin_read().map_err(storage_problem)?;
-    let table = transaction
-        .open_table(views::ACCOUNTS)
-        .map_err(storage_problem)?;
-    let bytes = table.get(id).map_err(storage_problem)?;
+    let table = transaction.open_table(table).map_err(storage_problem)?;
+    let bytes = table.get(key).map_err(storage_problem)?;
     bytes
         .map(|bytes| views::decode(bytes.value()).map_err(storage_problem))
         .transpose()
+}
+
+fn read_account(database: &Database, id: &str) -> Result<Option<AccountRow>, Problem> {
+    read_row(database, views::ACCOUNTS, id)
 }
 
 fn account_not_found(id: &str) -> Problem {
@@ -354,16 +361,8 @@ fn statement_page(database: &Database, id: &str, page: &PageQuery) -> Result<Val
 }
 
 async fn transfer(State(state): State<QueryState>, Path(id): Path<String>) -> Response {
-    let row: Result<Option<TransferRow>, Problem> = (|| {
-        let transaction = state.database.begin_read().map_err(storage_problem)?;
-        let table = transaction
-            .open_table(views::TRANSFERS)
-            .map_err(storage_problem)?;
-        let bytes = table.get(id.as_str()).map_err(storage_problem)?;
-        bytes
-            .map(|bytes| views::decode(bytes.value()).map_err(storage_problem))
-            .transpose()
-    })();
+    let row: Result<Option<TransferRow>, Problem> =
+        read_row(&state.database, views::TRANSFERS, id.as_str());
     match row {
         Ok(Some(row)) => {
             let mut body = json!({
@@ -443,16 +442,8 @@ async fn readyz(State(state): State<QueryState>, Query(query): Query<ReadyQuery>
 }
 
 async fn hold(State(state): State<QueryState>, Path(id): Path<String>) -> Response {
-    let row: Result<Option<views::HoldRow>, Problem> = (|| {
-        let transaction = state.database.begin_read().map_err(storage_problem)?;
-        let table = transaction
-            .open_table(views::HOLDS)
-            .map_err(storage_problem)?;
-        let bytes = table.get(id.as_str()).map_err(storage_problem)?;
-        bytes
-            .map(|bytes| views::decode(bytes.value()).map_err(storage_problem))
-            .transpose()
-    })();
+    let row: Result<Option<views::HoldRow>, Problem> =
+        read_row(&state.database, views::HOLDS, id.as_str());
     match row {
         Ok(Some(row)) => {
             let expires_at = OffsetDateTime::from_unix_timestamp(row.expires_at)
@@ -479,16 +470,8 @@ async fn hold(State(state): State<QueryState>, Path(id): Path<String>) -> Respon
 
 /// The conservation audit at the last settled position the view has applied.
 async fn audit(State(state): State<QueryState>) -> Response {
-    let row: Result<Option<AuditRow>, Problem> = (|| {
-        let transaction = state.database.begin_read().map_err(storage_problem)?;
-        let table = transaction
-            .open_table(views::AUDIT)
-            .map_err(storage_problem)?;
-        let bytes = table.get(views::AUDIT_SETTLED).map_err(storage_problem)?;
-        bytes
-            .map(|bytes| views::decode(bytes.value()).map_err(storage_problem))
-            .transpose()
-    })();
+    let row: Result<Option<AuditRow>, Problem> =
+        read_row(&state.database, views::AUDIT, views::AUDIT_SETTLED);
     match row {
         Ok(row) => {
             let row = row.unwrap_or_default();

@@ -429,7 +429,7 @@ impl AccountActorState {
                     .log
                     .schedule(&expiry.schedule, &expiry.due, expiry.at, Vec::new())
                     .await
-                    .map_err(log_error)?;
+                    .map_err(Error::from)?;
             }
             match self.context.log.append_atomic(&plan.entries).await {
                 Ok(appended) => {
@@ -462,7 +462,7 @@ impl AccountActorState {
                         // The batch may be stored: reload before the next decision.
                         self.loaded = false;
                     }
-                    return Err(log_error(error));
+                    return Err(Error::from(error));
                 }
             }
         }
@@ -493,7 +493,7 @@ impl AccountActorState {
         metadata: &EventMetadata,
     ) -> Result<Plan> {
         let chain =
-            eventlog::chain::next(&self.known.chain, self.id(), &event).map_err(log_error)?;
+            eventlog::chain::next(&self.known.chain, self.id(), &event).map_err(Error::from)?;
         let mut after = self.known.clone();
         after.apply(&event, 0, chain.clone());
         let mut entries = vec![Entry::Event {
@@ -668,9 +668,9 @@ impl AccountActorState {
         metadata: &EventMetadata,
     ) -> Result<Plan> {
         let debit_chain = eventlog::chain::next(&self.known.chain, self.id(), &events.debit)
-            .map_err(log_error)?;
+            .map_err(Error::from)?;
         let credit_chain =
-            eventlog::chain::next(&to.chain, to.state.id(), &events.credit).map_err(log_error)?;
+            eventlog::chain::next(&to.chain, to.state.id(), &events.credit).map_err(Error::from)?;
         let mut sender_after = self.known.clone();
         sender_after.apply(&events.debit, 0, debit_chain.clone());
         let mut receiver_after = to.clone();
@@ -714,7 +714,7 @@ impl AccountActorState {
                 .log
                 .read_marker(&key.marker_subject(self.id()))
                 .await
-                .map_err(log_error)?;
+                .map_err(Error::from)?;
             if let Some(marker) = marker {
                 return Ok(Some(KeyRecord::replay(
                     &marker.payload,
@@ -734,7 +734,7 @@ impl AccountActorState {
                 .log
                 .read_marker(&eventlog::subject::transfer_marker(id))
                 .await
-                .map_err(log_error)?;
+                .map_err(Error::from)?;
             if let Some(marker) = marker {
                 return Ok(Some(match &request.intent {
                     Intent::Hold(hold) => TransferRecord::replay_hold(
@@ -788,7 +788,7 @@ impl AccountActorState {
                     None => Err(refusal),
                 }
             }
-            Err(error) => Err(log_error(error)),
+            Err(error) => Err(Error::from(error)),
         }
     }
 
@@ -803,7 +803,7 @@ impl AccountActorState {
             .log
             .read_marker(&eventlog::subject::transfer_marker(hold_id))
             .await
-            .map_err(log_error)?;
+            .map_err(Error::from)?;
         Ok(match claim {
             Some(claim) if TransferRecord::is_hold_of(&claim.payload, self.id()) => {
                 Error::Rejected(DomainError::HoldSettled(hold_id.clone()))
@@ -830,7 +830,7 @@ async fn load(log: &EventLog, mut known: Known) -> Result<Known> {
     let events = log
         .load_account(known.state.id(), known.position)
         .await
-        .map_err(log_error)?;
+        .map_err(Error::from)?;
     for recorded in events {
         // The stored value is what the next event must build on, whatever it is.
         let chain = recorded
@@ -847,7 +847,7 @@ async fn fresh_from_leader(log: &EventLog, known: Known) -> Result<Known> {
     let leader_position = log
         .last_account_position(known.state.id())
         .await
-        .map_err(log_error)?;
+        .map_err(Error::from)?;
     let mut known = known;
     for _ in 0..FRESH_READ_ATTEMPTS_MAX {
         known = load(log, known).await?;
@@ -869,17 +869,6 @@ fn ensure_before(deadline: Option<Instant>) -> Result<()> {
             "the command reached its deadline before it could be appended".into(),
         )),
         _ => Ok(()),
-    }
-}
-
-fn log_error(error: eventlog::Error) -> Error {
-    match error {
-        eventlog::Error::Unavailable(detail) => Error::Unavailable(detail),
-        eventlog::Error::OutcomeUnknown(detail) => Error::OutcomeUnknown(detail),
-        eventlog::Error::Conflict { .. } | eventlog::Error::Duplicate(_) => {
-            Error::TooManyConflicts(0)
-        }
-        other => Error::Internal(other.to_string()),
     }
 }
 

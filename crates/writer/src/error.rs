@@ -33,6 +33,21 @@ pub enum Error {
     Internal(String),
 }
 
+/// The event log's errors as a command sees them: a conflict that reaches an answer means the
+/// retries ran out; anything unexpected is internal.
+impl From<eventlog::Error> for Error {
+    fn from(error: eventlog::Error) -> Self {
+        match error {
+            eventlog::Error::Unavailable(detail) => Error::Unavailable(detail),
+            eventlog::Error::OutcomeUnknown(detail) => Error::OutcomeUnknown(detail),
+            eventlog::Error::Conflict { .. } | eventlog::Error::Duplicate(_) => {
+                Error::TooManyConflicts(0)
+            }
+            other => Error::Internal(other.to_string()),
+        }
+    }
+}
+
 impl Error {
     pub fn problem(&self) -> Problem {
         let detail = self.to_string();

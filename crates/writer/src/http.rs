@@ -257,8 +257,7 @@ async fn hold_sender(state: &AppState, hold_id: &str) -> Result<domain::AccountI
     let claim = state
         .log
         .read_marker(&eventlog::subject::transfer_marker(&hold_id))
-        .await
-        .map_err(|error| Error::Unavailable(error.to_string()))?;
+        .await?;
     let not_found = || Error::Rejected(domain::DomainError::HoldNotFound(hold_id.clone()));
     let claim = claim.ok_or_else(not_found)?;
     let record = TransferRecord::decode(&claim.payload)?;

@@ -152,60 +152,22 @@ pub async fn import_chunk(log: &EventLog, rows: &[ImportRow]) -> Vec<(usize, Res
             Err(error) => outcomes.push((row.line, Err(error))),
         }
     }
-    if planned.is_empty() {
-        return outcomes;
-    }
-    let batch: Vec<Entry> = planned
-        .iter()
-        .flat_map(|(_, entries)| entries.iter().cloned())
-        .collect();
-    match log.append_atomic(&batch).await {
-        Ok(appended) => {
-            let mut index = 0;
-            for (row, entries) in &planned {
-                index += entries.len();
-                outcomes.push((
-                    row.line,
-                    Ok(RowOutcome::Imported {
-                        position: appended.position_of(index - 1),
-                    }),
-                ));
-            }
-        }
+    match append_rows(log, &planned).await {
+        Ok(imported) => outcomes.extend(imported),
         Err(eventlog::Error::Conflict { .. } | eventlog::Error::Duplicate(_)) => {
             // Some account exists: find which (one cheap leader read each), then write the
             // others together, and only if that races again, one at a time.
             let mut fresh = Vec::new();
-            for (row, entries) in &planned {
+            for (row, entries) in planned {
                 match log.last_account_position(&row.account_id).await {
-                    Ok(0) => fresh.push((*row, entries)),
+                    Ok(0) => fresh.push((row, entries)),
                     Ok(_) => outcomes.push((row.line, Ok(RowOutcome::AlreadyPresent))),
-                    Err(error) => outcomes.push((row.line, Err(log_error(error)))),
+                    Err(error) => outcomes.push((row.line, Err(error.into()))),
                 }
             }
-            let batch: Vec<Entry> = fresh
-                .iter()
-                .flat_map(|(_, entries)| entries.iter().cloned())
-                .collect();
-            let written = if batch.is_empty() {
-                None
-            } else {
-                log.append_atomic(&batch).await.ok()
-            };
-            match written {
-                Some(appended) => {
-                    let mut index = 0;
-                    for (row, entries) in &fresh {
-                        index += entries.len();
-                        outcomes.push((
-                            row.line,
-                            Ok(RowOutcome::Imported {
-                                position: appended.position_of(index - 1),
-                            }),
-                        ));
-                    }
-                }
-                None => {
+            match append_rows(log, &fresh).await {
+                Ok(imported) => outcomes.extend(imported),
+                Err(_) => {
                     for (row, _) in &fresh {
                         outcomes.push((row.line, import_row(log, row).await));
                     }
@@ -213,7 +175,7 @@ pub async fn import_chunk(log: &EventLog, rows: &[ImportRow]) -> Vec<(usize, Res
             }
         }
         Err(error) => {
-            let error = log_error(error);
+            let error = Error::from(error);
             for (row, _) in &planned {
                 outcomes.push((row.line, Err(error.clone())));
             }
@@ -222,12 +184,29 @@ pub async fn import_chunk(log: &EventLog, rows: &[ImportRow]) -> Vec<(usize, Res
     outcomes
 }
 
-fn log_error(error: eventlog::Error) -> Error {
-    match error {
-        eventlog::Error::Unavailable(detail) => Error::Unavailable(detail),
-        eventlog::Error::OutcomeUnknown(detail) => Error::OutcomeUnknown(detail),
-        other => Error::Internal(other.to_string()),
+/// Appends the rows' messages in one atomic batch; each row is imported at the position of
+/// its last message.
+async fn append_rows(
+    log: &EventLog,
+    rows: &[(&ImportRow, Vec<Entry>)],
+) -> eventlog::Result<Vec<(usize, Result<RowOutcome>)>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
     }
+    let batch: Vec<Entry> = rows
+        .iter()
+        .flat_map(|(_, entries)| entries.iter().cloned())
+        .collect();
+    let appended = log.append_atomic(&batch).await?;
+    let mut index = 0;
+    Ok(rows
+        .iter()
+        .map(|(row, entries)| {
+            index += entries.len();
+            let position = appended.position_of(index - 1);
+            (row.line, Ok(RowOutcome::Imported { position }))
+        })
+        .collect())
 }
 
 /// A row's two messages, or why the row is refused.
@@ -247,8 +226,7 @@ fn entries(row: &ImportRow) -> Result<std::result::Result<Vec<Entry>, String>> {
     let mut chain = eventlog::chain::GENESIS.to_owned();
     let mut entries = Vec::with_capacity(events.len());
     for event in events {
-        chain = eventlog::chain::next(&chain, &row.account_id, &event)
-            .map_err(|error| Error::Internal(error.to_string()))?;
+        chain = eventlog::chain::next(&chain, &row.account_id, &event)?;
         entries.push(Entry::Event {
             account: row.account_id.clone(),
             // Both are checked against the stream before the batch: the account has nothing.
@@ -273,7 +251,7 @@ pub async fn import_row(log: &EventLog, row: &ImportRow) -> Result<RowOutcome> {
             position: appended.last_position,
         }),
         Err(eventlog::Error::Conflict { .. }) => Ok(RowOutcome::AlreadyPresent),
-        Err(error) => Err(log_error(error)),
+        Err(error) => Err(error.into()),
     }
 }
 

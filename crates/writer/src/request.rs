@@ -206,6 +206,20 @@ fn same_account(body_id: Option<&str>, addressed: &AccountId) -> Result<()> {
     }
 }
 
+/// The account money leaves: the subject's over NATS (a `from` in the body must agree), the
+/// body's `from` over HTTP.
+fn sender(map: &Map<String, Value>, addressed: Option<&str>) -> Result<AccountId> {
+    match (addressed, text(map, "from")?) {
+        (Some(addressed), body_from) => {
+            let id = account_id(addressed)?;
+            same_account(body_from, &id)?;
+            Ok(id)
+        }
+        (None, Some(from)) => account_id(from),
+        (None, None) => Err(invalid("from is required")),
+    }
+}
+
 /// `open`: `{"account_id"?, "currency", "owner"?, "overdraft_limit"?}`. Over NATS the account
 /// comes from the subject (`addressed`).
 pub fn open(
@@ -274,15 +288,7 @@ pub fn transfer(body: &[u8], addressed: Option<&str>) -> Result<(AccountId, Tran
         &["transfer_id", "from", "to", "amount", "reference"],
         false,
     )?;
-    let from = match (addressed, text(&map, "from")?) {
-        (Some(addressed), body_from) => {
-            let id = account_id(addressed)?;
-            same_account(body_from, &id)?;
-            id
-        }
-        (None, Some(from)) => account_id(from)?,
-        (None, None) => return Err(invalid("from is required")),
-    };
+    let from = sender(&map, addressed)?;
     let to = account_id(text(&map, "to")?.ok_or_else(|| invalid("to is required"))?)?;
     let given = text(&map, "transfer_id")?;
     let transfer_id = match given {
@@ -318,15 +324,7 @@ pub fn hold(body: &[u8], addressed: Option<&str>) -> Result<(AccountId, PlaceHol
         ],
         false,
     )?;
-    let from = match (addressed, text(&map, "from")?) {
-        (Some(addressed), body_from) => {
-            let id = account_id(addressed)?;
-            same_account(body_from, &id)?;
-            id
-        }
-        (None, Some(from)) => account_id(from)?,
-        (None, None) => return Err(invalid("from is required")),
-    };
+    let from = sender(&map, addressed)?;
     let to = account_id(text(&map, "to")?.ok_or_else(|| invalid("to is required"))?)?;
     let given = text(&map, "hold_id")?;
     let hold_id = TransferId::parse(
