@@ -10,5 +10,6 @@ mod holds;
 mod import;
 mod integrity;
 mod reader;
+mod rebuild;
 mod support;
 mod tail;

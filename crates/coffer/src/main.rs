@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod reader_api;
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use eventlog::{NatsSettings, StreamSettings};
@@ -67,6 +69,19 @@ enum ProjectionCommand {
     /// How far a reader's view is: applied position, the stream's end, lag in events and
     /// seconds, from its durable consumer (no need to reach the reader itself).
     Status(StatusArgs),
+    /// Builds a fresh view from position 0 beside the serving one, on the reader itself, with
+    /// a progress bar, and swaps it in when caught up (no read fails or goes back meanwhile).
+    /// Reaches the reader over its HTTP API (`POST /v1/projection/rebuild`, behind its token).
+    Rebuild(RebuildArgs),
+}
+
+#[derive(Args)]
+struct RebuildArgs {
+    #[command(flatten)]
+    reader: reader_api::ReaderAccess,
+    /// Start the rebuild and return at once (follow it with `GET /v1/projection/rebuild`).
+    #[arg(long)]
+    no_wait: bool,
 }
 
 #[derive(Args)]
@@ -619,6 +634,15 @@ async fn main() -> anyhow::Result<()> {
         Commands::Projection {
             command: ProjectionCommand::Status(args),
         } => projection_status(args).await,
+        Commands::Projection {
+            command: ProjectionCommand::Rebuild(args),
+        } => {
+            if reader_api::rebuild(&args.reader, !args.no_wait).await? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
         Commands::Import(args) => {
             if import(args).await? {
                 Ok(())

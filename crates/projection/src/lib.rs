@@ -19,7 +19,7 @@
 //! # A view ahead of its stream
 //! If the stream ends before the stored position (it was re-created, or restored from an older
 //! backup), the view stops with a clear error instead of consuming: new events would reuse
-//! positions the view already applied. Rebuild the view (delete its file) after such a restore.
+//! positions the view already applied. Rebuild the view (`coffer projection rebuild`) after such a restore.
 //!
 //! # Poison events
 //! An event this build cannot decode is never skipped silently: the view stops, `/readyz` says

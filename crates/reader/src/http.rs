@@ -11,15 +11,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use problem::Problem;
-use projection::ViewHealth;
 use redb::{Database, ReadableDatabase};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use tokio::sync::watch;
 
-use crate::views::{self, AccountRow, AuditRow, Integrity, StatementEntry, TransferRow};
+use crate::rebuild::Rebuilder;
+use crate::served::Served;
+use crate::views::{self, AccountRow, AuditRow, StatementEntry, TransferRow};
 
 /// Most statement entries one page returns.
 pub const STATEMENT_LIMIT_MAX: usize = 1_000;
@@ -29,13 +29,11 @@ pub const MIN_POSITION_HEADER: &str = "x-coffer-min-position";
 
 #[derive(Clone)]
 pub struct QueryState {
-    pub database: Arc<Database>,
-    pub applied: watch::Receiver<u64>,
-    pub health: Arc<ViewHealth>,
+    pub served: Arc<Served>,
+    pub rebuilder: Arc<Rebuilder>,
     /// Longest `min_position` wait before `503 stale`.
     pub min_position_wait: Duration,
     pub nats: async_nats::Client,
-    pub integrity: Arc<Integrity>,
     pub catch_up: Arc<crate::service::CatchUp>,
     /// Largest lag (in positions) behind the catch-up target at which `/readyz` is 200.
     pub ready_max_lag: u64,
@@ -50,6 +48,10 @@ pub fn router(state: QueryState) -> Router {
         .route("/v1/transfers/{id}", get(transfer))
         .route("/v1/audit", get(audit))
         .route("/v1/holds/{id}", get(hold))
+        .route(
+            "/v1/projection/rebuild",
+            get(rebuild_status).post(start_rebuild),
+        )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
     let router = problem::with_service_routes(
@@ -68,7 +70,7 @@ pub fn router(state: QueryState) -> Router {
 
 /// Waits until the view has applied `wanted`, up to the configured bound; then `503 stale`.
 async fn wait_applied(state: &QueryState, wanted: u64) -> Result<(), Problem> {
-    let mut applied = state.applied.clone();
+    let mut applied = state.served.position();
     let reached = tokio::time::timeout(
         state.min_position_wait,
         applied.wait_for(|position| *position >= wanted),
@@ -77,7 +79,7 @@ async fn wait_applied(state: &QueryState, wanted: u64) -> Result<(), Problem> {
     if matches!(reached, Ok(Ok(_))) {
         return Ok(());
     }
-    let current = *state.applied.borrow();
+    let current = state.served.position_now();
     Err(Problem::unavailable(
         "stale",
         format!(
@@ -93,15 +95,15 @@ async fn wait_applied(state: &QueryState, wanted: u64) -> Result<(), Problem> {
 async fn stamp_position(State(state): State<QueryState>, request: Request, next: Next) -> Response {
     let wanted = match min_position(request.uri().query(), request.headers()) {
         Ok(wanted) => wanted,
-        Err(problem) => return with_position(problem.into_response(), *state.applied.borrow()),
+        Err(problem) => return with_position(problem.into_response(), state.served.position_now()),
     };
     if let Some(wanted) = wanted {
         if let Err(problem) = wait_applied(&state, wanted).await {
-            return with_position(problem.into_response(), *state.applied.borrow());
+            return with_position(problem.into_response(), state.served.position_now());
         }
     }
     // Read the position before the handler reads the view: the view is at least this fresh.
-    let position = *state.applied.borrow();
+    let position = state.served.position_now();
     with_position(next.run(request).await, position)
 }
 
@@ -188,7 +190,7 @@ fn account_not_found(id: &str) -> Problem {
 }
 
 async fn account(State(state): State<QueryState>, Path(id): Path<String>) -> Response {
-    match read_account(&state.database, &id) {
+    match read_account(&state.served.current().database, &id) {
         Ok(Some(row)) => Json(account_json(&row)).into_response(),
         Ok(None) => account_not_found(&id).into_response(),
         Err(problem) => problem.into_response(),
@@ -237,10 +239,25 @@ async fn balance_line(
             wait_applied(state, position).await?;
             Some(position)
         }
+        (None, Some(_)) => None,
+        _ => {
+            return Err(Problem::invalid_request(
+                "give exactly one of position and at",
+            ))
+        }
+    };
+    // One view and one read transaction for both lookups, whatever a rebuild swaps meanwhile.
+    let transaction = state
+        .served
+        .current()
+        .database
+        .begin_read()
+        .map_err(storage_problem)?;
+    let position = match (position, &query.at) {
+        (Some(position), _) => Some(position),
         (None, Some(at)) => {
             let at = OffsetDateTime::parse(at, &Rfc3339)
                 .map_err(|_| Problem::invalid_request("at must be an RFC 3339 time"))?;
-            let transaction = state.database.begin_read().map_err(storage_problem)?;
             let times = transaction
                 .open_table(views::STATEMENT_TIMES)
                 .map_err(storage_problem)?;
@@ -253,11 +270,7 @@ async fn balance_line(
                 .map(|(_, position)| position.value());
             found
         }
-        _ => {
-            return Err(Problem::invalid_request(
-                "give exactly one of position and at",
-            ))
-        }
+        (None, None) => None,
     };
     let not_then = || {
         Problem::not_found(
@@ -266,7 +279,6 @@ async fn balance_line(
         )
     };
     let position = position.ok_or_else(not_then)?;
-    let transaction = state.database.begin_read().map_err(storage_problem)?;
     let statements = transaction
         .open_table(views::STATEMENTS)
         .map_err(storage_problem)?;
@@ -311,7 +323,7 @@ async fn transactions(
     Path(id): Path<String>,
     Query(page): Query<PageQuery>,
 ) -> Response {
-    match statement_page(&state.database, &id, &page) {
+    match statement_page(&state.served.current().database, &id, &page) {
         Ok(body) => Json(body).into_response(),
         Err(problem) => problem.into_response(),
     }
@@ -361,8 +373,11 @@ fn statement_page(database: &Database, id: &str, page: &PageQuery) -> Result<Val
 }
 
 async fn transfer(State(state): State<QueryState>, Path(id): Path<String>) -> Response {
-    let row: Result<Option<TransferRow>, Problem> =
-        read_row(&state.database, views::TRANSFERS, id.as_str());
+    let row: Result<Option<TransferRow>, Problem> = read_row(
+        &state.served.current().database,
+        views::TRANSFERS,
+        id.as_str(),
+    );
     match row {
         Ok(Some(row)) => {
             let mut body = json!({
@@ -397,14 +412,15 @@ struct ReadyQuery {
 
 async fn readyz(State(state): State<QueryState>, Query(query): Query<ReadyQuery>) -> Response {
     use std::sync::atomic::Ordering;
-    if let Some(failure) = state.health.failure() {
+    let view = state.served.current();
+    if let Some(failure) = view.health.failure() {
         return Problem::unavailable("view_failed", failure, 30).into_response();
     }
     let catch_up = &state.catch_up;
     let caught_up =
-        catch_up.reached.load(Ordering::Relaxed) || state.health.caught_up(state.ready_max_lag);
+        catch_up.reached.load(Ordering::Relaxed) || view.health.caught_up(state.ready_max_lag);
     if !caught_up {
-        let health = &state.health;
+        let health = &view.health;
         let detail = if health.start_known.load(Ordering::Acquire) {
             format!(
                 "catching up: {} of the {} events pending at start applied",
@@ -425,7 +441,7 @@ async fn readyz(State(state): State<QueryState>, Query(query): Query<ReadyQuery>
         return (StatusCode::OK, "ready to serve reads").into_response();
     }
     let connected = state.nats.connection_state() == async_nats::connection::State::Connected;
-    let consuming = state
+    let consuming = view
         .health
         .consuming
         .load(std::sync::atomic::Ordering::Relaxed);
@@ -443,7 +459,7 @@ async fn readyz(State(state): State<QueryState>, Query(query): Query<ReadyQuery>
 
 async fn hold(State(state): State<QueryState>, Path(id): Path<String>) -> Response {
     let row: Result<Option<views::HoldRow>, Problem> =
-        read_row(&state.database, views::HOLDS, id.as_str());
+        read_row(&state.served.current().database, views::HOLDS, id.as_str());
     match row {
         Ok(Some(row)) => {
             let expires_at = OffsetDateTime::from_unix_timestamp(row.expires_at)
@@ -470,8 +486,11 @@ async fn hold(State(state): State<QueryState>, Path(id): Path<String>) -> Respon
 
 /// The conservation audit at the last settled position the view has applied.
 async fn audit(State(state): State<QueryState>) -> Response {
-    let row: Result<Option<AuditRow>, Problem> =
-        read_row(&state.database, views::AUDIT, views::AUDIT_SETTLED);
+    let row: Result<Option<AuditRow>, Problem> = read_row(
+        &state.served.current().database,
+        views::AUDIT,
+        views::AUDIT_SETTLED,
+    );
     match row {
         Ok(row) => {
             let row = row.unwrap_or_default();
@@ -509,9 +528,31 @@ fn money_json(sum: i128) -> Value {
     }
 }
 
+/// Starts a blue/green rebuild of this reader's views (`coffer projection rebuild`).
+async fn start_rebuild(State(state): State<QueryState>) -> Response {
+    match state.rebuilder.start() {
+        Ok(status) => (StatusCode::ACCEPTED, Json(status)).into_response(),
+        Err(running) => Problem::new(
+            409,
+            "rebuild_running",
+            "Rebuild running",
+            format!(
+                "a rebuild started at {} is running; follow it with GET /v1/projection/rebuild",
+                running.started_at.unwrap_or_default()
+            ),
+        )
+        .into_response(),
+    }
+}
+
+async fn rebuild_status(State(state): State<QueryState>) -> Response {
+    Json(state.rebuilder.status()).into_response()
+}
+
 async fn metrics(State(state): State<QueryState>) -> Response {
     let mut out = String::new();
-    state.health.render(&mut out);
-    state.integrity.render(&mut out);
+    let view = state.served.current();
+    view.health.render(&mut out);
+    view.integrity.render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

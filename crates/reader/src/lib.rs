@@ -5,6 +5,8 @@
 //!   stores them, run by the `projection` engine.
 //! - [`http`]: the query API, with read-your-writes waits on the applied position.
 //! - [`openapi`]: the query API's part of the OpenAPI document.
+//! - [`served`]: the view being served and the position responses state.
+//! - [`rebuild`]: blue/green rebuild of the views beside the serving one.
 //! - [`service`]: wiring, readiness and graceful shutdown.
 //!
 //! Reads come from the local redb file only, so they keep working while NATS or the writers are
@@ -12,6 +14,8 @@
 
 pub mod http;
 pub mod openapi;
+pub mod rebuild;
+pub mod served;
 pub mod service;
 pub mod views;
 

@@ -11,6 +11,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/transfers/{id}"),
     ("get", "/v1/audit"),
     ("get", "/v1/holds/{id}"),
+    ("get", "/v1/projection/rebuild"),
+    ("post", "/v1/projection/rebuild"),
 ];
 
 fn problem(description: &str) -> Value {
@@ -66,11 +68,38 @@ pub fn document_part() -> Value {
                 "400": problem("Problem with code invalid_request"),
                 "503": problem("Problem with code stale (min_position not applied within the bound)"),
             }}},
+        "/v1/projection/rebuild": {
+            "post": {
+                "summary": "Start a blue/green rebuild of this reader's views: a fresh view from position 0, swapped in once caught up (`coffer projection rebuild`)",
+                "responses": {
+                    "202": {"description": "Rebuild started",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RebuildStatus"}}}},
+                    "401": problem("Problem with code unauthorized (a token is configured)"),
+                    "409": problem("Problem with code rebuild_running (one rebuild at a time)"),
+                }},
+            "get": {
+                "summary": "The last rebuild's progress",
+                "responses": {
+                    "200": {"description": "Rebuild status",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RebuildStatus"}}}},
+                    "401": problem("Problem with code unauthorized (a token is configured)"),
+                }}},
     });
     let time = json!({"type": "string", "format": "date-time"});
     let sums = json!({"type": "object", "required": ["balances", "external_in", "external_out"], "properties": {
         "balances": {"type": "integer"}, "external_in": {"type": "integer"}, "external_out": {"type": "integer"}}});
     let schemas = json!({
+        "RebuildStatus": {"type": "object",
+            "required": ["state", "started_at", "finished_at", "applied_position", "target_position", "pending_events", "events_applied", "error"],
+            "properties": {
+                "state": {"enum": ["idle", "building", "swapping", "completed", "failed"]},
+                "started_at": {"type": ["string", "null"], "format": "date-time"},
+                "finished_at": {"type": ["string", "null"], "format": "date-time"},
+                "applied_position": {"type": "integer", "description": "Position the new view has applied"},
+                "target_position": {"type": "integer", "description": "The serving view's position; the new view swaps in once it has applied it"},
+                "pending_events": {"type": "integer"},
+                "events_applied": {"type": "integer"},
+                "error": {"type": ["string", "null"]}}},
         "BalanceAsOf": {"type": "object", "required": ["account_id", "balance", "position", "time"], "properties": {
             "account_id": {"type": "string"}, "balance": {"type": "integer"}, "position": {"type": "integer"}, "time": time}},
         "HoldView": {"type": "object", "required": ["hold_id", "from", "to", "amount", "status", "expires_at", "position"], "properties": {

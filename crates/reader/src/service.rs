@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventlog::{EventLog, NatsSettings, StreamSettings};
-use projection::Engine;
 use tokio::sync::watch;
 
 use crate::http::{self, QueryState};
-use crate::views::LedgerViews;
+use crate::rebuild::Rebuilder;
+use crate::served::Served;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -58,18 +58,14 @@ pub async fn run(
             config.data_directory.display()
         ))
     })?;
-    let path = config.data_directory.join("views.redb");
+    // A rebuild that did not finish before the last stop: the serving file is the old view.
+    crate::rebuild::remove_file_if_any(&config.data_directory.join(crate::rebuild::REBUILD_FILE))
+        .map_err(Error::Storage)?;
+    let path = config.data_directory.join(crate::rebuild::VIEWS_FILE);
     let database = Arc::new(
         redb::Database::create(&path)
             .map_err(|error| Error::Storage(format!("open {}: {error}", path.display())))?,
     );
-    let views = LedgerViews::default();
-    let integrity = views.integrity.clone();
-    let engine = Engine::open(database.clone(), views, &config.reader_name)?
-        .crash_after_commits(config.crash_after_commits);
-    let applied = engine.applied();
-    let health = engine.health();
-    tracing::info!(path = %path.display(), position = *applied.borrow(), "views loaded");
 
     // Listen before consuming, so the port is up as soon as the view starts to move.
     let listener = tokio::net::TcpListener::bind(config.http_address)
@@ -83,30 +79,49 @@ pub async fn run(
     let log = EventLog::new(client.clone(), &config.stream);
     let (stop_sender, stop_receiver) = watch::channel(false);
 
-    let catch_up = Arc::new(CatchUp::default());
+    // The stream may not exist yet if no writer ever ran: the engine waits until it does,
+    // creating it like a writer would.
+    let ready_log = log.clone();
     let stream_settings = config.stream.clone();
-    let engine_log = log.clone();
-    let engine_stop = stop_receiver.clone();
-    let engine_task = tokio::spawn(async move {
-        // The stream may not exist yet if no writer ever ran: create it like a writer would.
-        while stream_settings.ensure(engine_log.context()).await.is_err() {
-            if *engine_stop.borrow() {
-                return;
+    let mut ready_stop = stop_receiver.clone();
+    let reader_name = config.reader_name.clone();
+    let stream_ready = async move {
+        while stream_settings.ensure(ready_log.context()).await.is_err() {
+            tokio::select! {
+                _ = tokio::time::sleep(SETUP_RETRY_DELAY) => {}
+                _ = ready_stop.wait_for(|stop| *stop) => return,
             }
-            tokio::time::sleep(SETUP_RETRY_DELAY).await;
         }
-        engine.run(engine_log, engine_stop).await;
-    });
+        crate::rebuild::delete_consumer(
+            &ready_log,
+            &crate::rebuild::rebuild_consumer(&reader_name),
+        )
+        .await;
+    };
+    let (view, engine) = crate::served::start_view(
+        database,
+        &config.reader_name,
+        &log,
+        config.crash_after_commits,
+        stream_ready,
+    )?;
+    tracing::info!(path = %path.display(), position = view.applied_position(), "views loaded");
+    let served = Served::new(view, engine);
+    let rebuilder = Rebuilder::new(
+        served.clone(),
+        log.clone(),
+        &config.data_directory,
+        &config.reader_name,
+        stop_receiver.clone(),
+    );
 
     tracing::info!(address = %config.http_address, reader = %config.reader_name, "reader HTTP API listening");
     let state = QueryState {
-        database,
-        applied,
-        health,
+        served: served.clone(),
+        rebuilder: rebuilder.clone(),
         min_position_wait: config.min_position_wait,
         nats: client.clone(),
-        integrity,
-        catch_up,
+        catch_up: Arc::new(CatchUp::default()),
         ready_max_lag: config.ready_max_lag,
         http_token: config.http_token.clone(),
     };
@@ -116,10 +131,13 @@ pub async fn run(
     }
     tracing::info!("shutting down the reader");
     let _ = stop_sender.send(true);
-    if tokio::time::timeout(DRAIN_TIMEOUT, engine_task)
-        .await
-        .is_err()
-    {
+    let stopped = async {
+        rebuilder.stopped().await;
+        if let Some(engine) = served.take_engine() {
+            engine.stop().await;
+        }
+    };
+    if tokio::time::timeout(DRAIN_TIMEOUT, stopped).await.is_err() {
         tracing::warn!("projection did not stop in time");
     }
     let _ = client.flush().await;
