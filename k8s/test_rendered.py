@@ -192,6 +192,7 @@ def check_writer(docs):
         return
     check("writer runs `coffer writer`", c.get("args") == ["writer"], str(c.get("args")))
     env = env_of(c)
+    check("writer logs JSON", env.get("COFFER_LOG_FORMAT", {}).get("value") == "json")
     check("writer COFFER_STREAM_REPLICAS=3", env.get("COFFER_STREAM_REPLICAS", {}).get("value") == "3",
           str(env.get("COFFER_STREAM_REPLICAS")))
     check("writer COFFER_NATS_URL=nats://nats:4222",
@@ -217,6 +218,7 @@ def check_reader(docs):
         return
     check("reader runs `coffer reader`", c.get("args") == ["reader"], str(c.get("args")))
     env = env_of(c)
+    check("reader logs JSON", env.get("COFFER_LOG_FORMAT", {}).get("value") == "json")
     name_ref = env.get("COFFER_READER_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
     check("reader COFFER_READER_NAME from metadata.name", name_ref == "metadata.name", str(name_ref))
     check("reader COFFER_STREAM_REPLICAS=3 (it may create the stream first)",

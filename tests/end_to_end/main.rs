@@ -13,3 +13,4 @@ mod reader;
 mod rebuild;
 mod support;
 mod tail;
+mod traces;

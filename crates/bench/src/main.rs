@@ -274,6 +274,7 @@ async fn append_baseline(log: &EventLog, appends: usize) -> (String, String) {
     let metadata = EventMetadata {
         command_id: "bench".into(),
         correlation_id: "bench".into(),
+        traceparent: None,
     };
     let deposit = || Event::Deposited {
         amount: Amount::new(1).unwrap(),

@@ -33,6 +33,8 @@ pub mod header {
     pub const COMMAND_ID: &str = "Coffer-Command-Id";
     pub const CORRELATION_ID: &str = "Coffer-Correlation-Id";
     pub const CHAIN: &str = "Coffer-Chain";
+    /// W3C trace context of the request that caused the event.
+    pub const TRACEPARENT: &str = trace_context::HEADER;
     pub const CONTENT_TYPE: &str = "Content-Type";
     pub const MSGPACK: &str = "application/msgpack";
 }
@@ -64,6 +66,26 @@ pub struct EventMetadata {
     pub command_id: String,
     /// Ties together everything one request caused (the HTTP request id, or the NATS one).
     pub correlation_id: String,
+    /// The W3C `traceparent` of the writer's hop of the request, if it had one.
+    pub traceparent: Option<String>,
+}
+
+impl EventMetadata {
+    /// The trace id of `traceparent`, for log lines (`trace_id`).
+    pub fn trace_id(&self) -> Option<String> {
+        self.traceparent
+            .as_deref()
+            .and_then(trace_context::TraceParent::parse)
+            .map(|trace| trace.trace_id())
+    }
+
+    /// Whether the caller asked for this trace to be recorded (the sampled flag).
+    pub fn sampled(&self) -> bool {
+        self.traceparent
+            .as_deref()
+            .and_then(trace_context::TraceParent::parse)
+            .is_some_and(|trace| trace.sampled())
+    }
 }
 
 /// An event as stored: its position in the stream and its metadata.
@@ -178,6 +200,9 @@ fn message(entry: &Entry) -> Result<(String, HeaderMap, Bytes)> {
             headers.insert(header::ACCOUNT_ID, account.as_str());
             headers.insert(header::COMMAND_ID, metadata.command_id.as_str());
             headers.insert(header::CORRELATION_ID, metadata.correlation_id.as_str());
+            if let Some(traceparent) = &metadata.traceparent {
+                headers.insert(header::TRACEPARENT, traceparent.as_str());
+            }
             headers.insert(header::CONTENT_TYPE, header::MSGPACK);
             Ok((
                 subject::append(account, event_type),
@@ -722,6 +747,7 @@ pub fn decode_stored(
         metadata: EventMetadata {
             command_id: header_text(headers, header::COMMAND_ID).unwrap_or_default(),
             correlation_id: header_text(headers, header::CORRELATION_ID).unwrap_or_default(),
+            traceparent: header_text(headers, header::TRACEPARENT),
         },
         chain: header_text(headers, header::CHAIN),
         version,

@@ -39,6 +39,7 @@ fn metadata() -> EventMetadata {
     EventMetadata {
         command_id: uuid::Uuid::now_v7().to_string(),
         correlation_id: "test".into(),
+        traceparent: None,
     }
 }
 

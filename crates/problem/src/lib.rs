@@ -225,6 +225,42 @@ pub fn with_request_ids<S: Clone + Send + Sync + 'static>(
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(axum::middleware::from_fn(continue_trace))
+}
+
+/// Continues the caller's W3C trace (or starts one): the request's `traceparent` becomes this
+/// service's hop, which handlers pass on (to NATS, into events), and the response carries it,
+/// so a caller that sent none learns the trace id.
+async fn continue_trace(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let trace = trace_context::TraceParent::continue_from(
+        request
+            .headers()
+            .get(trace_context::HEADER)
+            .and_then(|value| value.to_str().ok()),
+    );
+    let value = HeaderValue::from_str(&trace.to_string());
+    if let Ok(value) = &value {
+        request
+            .headers_mut()
+            .insert(trace_context::HEADER, value.clone());
+    }
+    let mut response = next.run(request).await;
+    if let Ok(value) = value {
+        response.headers_mut().insert(trace_context::HEADER, value);
+    }
+    response
+}
+
+/// The trace of a request that went through [`with_request_ids`].
+pub fn request_trace(headers: &axum::http::HeaderMap) -> trace_context::TraceParent {
+    headers
+        .get(trace_context::HEADER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(trace_context::TraceParent::parse)
+        .unwrap_or_else(trace_context::TraceParent::new_root)
 }
 
 /// The span of one HTTP request, named by method, path and request id.
@@ -234,7 +270,14 @@ fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Spa
         .get("x-request-id")
         .and_then(|value| value.to_str().ok())
         .unwrap_or("");
-    tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
+    let trace_id = request
+        .headers()
+        .get(trace_context::HEADER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(trace_context::TraceParent::parse)
+        .map(|trace| trace.trace_id())
+        .unwrap_or_default();
+    tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id, trace_id)
 }
 
 #[cfg(test)]

@@ -286,6 +286,27 @@ impl<P: Projector> Engine<P> {
         *self.applied.borrow()
     }
 
+    /// One line per applied event with its trace id, so a write can be followed from the
+    /// request to each view: at `info` when the caller asked for the trace to be recorded
+    /// (sampled flag), at `debug` otherwise (a catch-up would flood `info`).
+    fn log_applied(&self, events: &[RecordedEvent]) {
+        for recorded in events {
+            let sampled = recorded.metadata.sampled();
+            if sampled || tracing::enabled!(tracing::Level::DEBUG) {
+                let trace_id = recorded.metadata.trace_id().unwrap_or_default();
+                let (consumer, position) = (&self.consumer_name, recorded.position);
+                let (account, event_type) =
+                    (recorded.account_id.as_str(), recorded.event.event_type());
+                let correlation_id = &recorded.metadata.correlation_id;
+                if sampled {
+                    tracing::info!(%consumer, position, account, event_type, %trace_id, %correlation_id, "event applied");
+                } else {
+                    tracing::debug!(%consumer, position, account, event_type, %trace_id, %correlation_id, "event applied");
+                }
+            }
+        }
+    }
+
     /// Sets up the consumer at the stored position, then applies batches until an error.
     async fn consume(&self, log: &EventLog) -> Result<()> {
         if !log.is_connected() {
@@ -466,11 +487,12 @@ impl<P: Projector> Engine<P> {
             let count = events.len() as u64;
             let database = self.database.clone();
             let projector = self.projector.clone();
-            tokio::task::spawn_blocking(move || {
-                commit(&database, projector.as_ref(), &events, newest)
+            let events = tokio::task::spawn_blocking(move || {
+                commit(&database, projector.as_ref(), &events, newest).map(|()| events)
             })
             .await
             .map_err(storage)??;
+            self.log_applied(&events);
             self.health.events_applied.add(count);
             self.health.batches_committed.increment();
             self.health

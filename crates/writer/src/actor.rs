@@ -343,6 +343,7 @@ impl AccountActorState {
         let metadata = EventMetadata {
             command_id: uuid::Uuid::now_v7().to_string(),
             correlation_id: request.correlation_id.clone(),
+            traceparent: Some(request.trace.to_string()),
         };
         // A refusal is final only once the state it was decided on is known to be current.
         let mut verified_current = false;

@@ -189,7 +189,8 @@ async fn command(
         Err(error) => return problem_response(&error),
     };
     let request = CommandRequest::new(account_id, intent, key, request_id(headers))
-        .with_generated_transfer_id(transfer_id_generated);
+        .with_generated_transfer_id(transfer_id_generated)
+        .with_trace(problem::request_trace(headers));
     run(state, request).await
 }
 
@@ -288,7 +289,8 @@ async fn settle_hold(
     };
     run(
         state,
-        CommandRequest::new(from, intent, key, request_id(headers)),
+        CommandRequest::new(from, intent, key, request_id(headers))
+            .with_trace(problem::request_trace(headers)),
     )
     .await
 }

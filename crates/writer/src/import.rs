@@ -222,6 +222,7 @@ fn entries(row: &ImportRow) -> Result<std::result::Result<Vec<Entry>, String>> {
     let metadata = EventMetadata {
         command_id: uuid::Uuid::now_v7().to_string(),
         correlation_id: format!("import-line-{}", row.line),
+        traceparent: None,
     };
     let mut chain = eventlog::chain::GENESIS.to_owned();
     let mut entries = Vec::with_capacity(events.len());

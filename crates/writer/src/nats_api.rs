@@ -167,6 +167,13 @@ fn parse(verb: Verb, message: &async_nats::Message) -> Result<CommandRequest, Er
         .get("Coffer-Correlation-Id")
         .map(|value| value.as_str().to_owned())
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let trace = trace_context::TraceParent::continue_from(
+        headers
+            .get(trace_context::HEADER)
+            .map(async_nats::HeaderValue::as_str),
+    );
+    tracing::debug!(trace_id = %trace.trace_id(), %correlation_id, verb = verb.name(), "NATS command");
     Ok(CommandRequest::new(account_id, intent, key, correlation_id)
-        .with_generated_transfer_id(transfer_id_generated))
+        .with_generated_transfer_id(transfer_id_generated)
+        .with_trace(trace))
 }

@@ -84,6 +84,8 @@ pub struct CommandRequest {
     /// The transfer id was made by the server, so it is not part of what the client asked
     /// (a keyed retry gets another one and must still count as the same request).
     pub transfer_id_generated: bool,
+    /// The writer's hop of the request's W3C trace; its events carry it.
+    pub trace: trace_context::TraceParent,
 }
 
 impl CommandRequest {
@@ -100,7 +102,14 @@ impl CommandRequest {
             correlation_id,
             deadline: None,
             transfer_id_generated: false,
+            trace: trace_context::TraceParent::new_root(),
         }
+    }
+
+    /// Sets the trace the request continues.
+    pub fn with_trace(mut self, trace: trace_context::TraceParent) -> Self {
+        self.trace = trace;
+        self
     }
 
     /// Marks the transfer id as made by the server.
