@@ -2,6 +2,7 @@
 //! `cargo build -p coffer`, which `just test` does).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod account_cli;
 mod auth;
 mod bank;
 mod cluster;

@@ -123,6 +123,25 @@ async fn a_rebuild_swaps_in_a_fresh_view_without_a_failed_or_regressing_read() {
             deposited
         })
     };
+    // More writers on the same account, so commits keep landing while the views swap.
+    let busy: Vec<_> = (0..3)
+        .map(|_| {
+            let (http, stop) = (http.clone(), stop.clone());
+            let (writer_url, account) = (writer.url(), account.clone());
+            tokio::spawn(async move {
+                let mut deposited = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let reply = http
+                        .deposit(&writer_url, &account, &json!({"amount": 1}), None)
+                        .await
+                        .unwrap();
+                    assert_eq!(reply.status, 200, "{:?}", reply.body);
+                    deposited += 1;
+                }
+                deposited
+            })
+        })
+        .collect();
     // Plain reads: the stated position and the balance never go back.
     let reads = {
         let (stop, seen) = (stop.clone(), seen.clone());
@@ -184,7 +203,10 @@ async fn a_rebuild_swaps_in_a_fresh_view_without_a_failed_or_regressing_read() {
     // Keep writing and reading a little after the swap, on the moved engine.
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
-    let deposited = writes.await.unwrap();
+    let mut deposited = writes.await.unwrap();
+    for task in busy {
+        deposited += task.await.unwrap();
+    }
     reads.await.unwrap();
     let failures = seen.failures.lock().unwrap().clone();
     assert!(

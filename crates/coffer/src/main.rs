@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod account;
 mod reader_api;
 
 use anyhow::Context;
@@ -46,6 +47,12 @@ enum Commands {
     /// `account_id,currency,balance[,owner][,overdraft_limit]`, or JSON lines): each opens its
     /// account and books an `opening_balance`; re-running the same file appends nothing.
     Import(ImportArgs),
+    /// Open accounts, move money and show balances from a terminal: writes over NATS, reads
+    /// from a reader's HTTP API, `--output table|json`.
+    Account {
+        #[command(subcommand)]
+        command: account::AccountCommand,
+    },
     /// Operator views of a reader's projection.
     Projection {
         #[command(subcommand)]
@@ -638,6 +645,13 @@ async fn main() -> anyhow::Result<()> {
             command: ProjectionCommand::Rebuild(args),
         } => {
             if reader_api::rebuild(&args.reader, !args.no_wait).await? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
+        Commands::Account { command } => {
+            if account::run(command).await? {
                 Ok(())
             } else {
                 std::process::exit(1)

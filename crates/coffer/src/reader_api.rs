@@ -106,19 +106,27 @@ const REBUILD_POLL: Duration = Duration::from_millis(200);
 pub async fn rebuild(access: &ReaderAccess, wait: bool) -> anyhow::Result<bool> {
     let client = ReaderClient::new(access)?;
     let started = client.post(REBUILD_PATH).await?;
-    match started.status {
-        202 => {}
-        409 => eprintln!("a rebuild is already running; following it"),
+    let following_another = match (started.status, started.body["code"].as_str()) {
+        (202, _) => false,
+        (409, Some("rebuild_running")) if wait => {
+            eprintln!("a rebuild is already running; following it");
+            true
+        }
         _ => anyhow::bail!(
             "the reader refused the rebuild ({}): {}",
             started.status,
             started.detail()
         ),
-    }
+    };
     if !wait {
         println!("{}", serde_json::to_string_pretty(&started.body)?);
         return Ok(true);
     }
+    // The status must stay the one of the rebuild we started: another start time means another
+    // replica answered (a load-balanced URL) or the reader restarted.
+    let mut started_at = (!following_another)
+        .then(|| started.body["started_at"].as_str().map(str::to_owned))
+        .flatten();
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -135,6 +143,17 @@ pub async fn rebuild(access: &ReaderAccess, wait: bool) -> anyhow::Result<bool> 
             answer.detail()
         );
         let status = &answer.body;
+        let this_start = status["started_at"].as_str().map(str::to_owned);
+        if started_at.is_none() {
+            started_at.clone_from(&this_start);
+        }
+        anyhow::ensure!(
+            this_start.is_some() && this_start == started_at,
+            "the rebuild status belongs to another rebuild (started {:?}, ours {:?}): the reader \
+             restarted, or the URL reaches several replicas (use one replica's address)",
+            this_start,
+            started_at
+        );
         let number = |field: &str| status.get(field).and_then(Value::as_u64).unwrap_or(0);
         let applied = number("applied_position");
         // The consumer's pending count says how far the stream goes beyond what is applied.
@@ -148,7 +167,7 @@ pub async fn rebuild(access: &ReaderAccess, wait: bool) -> anyhow::Result<bool> 
                 println!("{}", serde_json::to_string_pretty(status)?);
                 return Ok(true);
             }
-            Some("failed") => {
+            Some("failed" | "unfinished") => {
                 bar.abandon();
                 println!("{}", serde_json::to_string_pretty(status)?);
                 return Ok(false);

@@ -228,6 +228,16 @@ impl<P: Projector> Engine<P> {
         })
     }
 
+    /// Reports into `health` instead of a fresh one: an engine restarted on the same view keeps
+    /// its counters and its catch-up state.
+    pub fn with_health(mut self, health: Arc<ViewHealth>) -> Self {
+        health
+            .applied_position
+            .store(self.position(), Ordering::Relaxed);
+        self.health = health;
+        self
+    }
+
     /// The applied position, updated after each commit; waiters use it for read-your-writes.
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
@@ -238,15 +248,19 @@ impl<P: Projector> Engine<P> {
     }
 
     /// Consumes until `shutdown` turns true or the view fails on a poison event.
+    ///
+    /// A stop never interrupts a batch: the batch being applied is committed (or fails) before
+    /// `run` returns, so whoever opens the file next reads a checkpoint no later commit moves.
     pub async fn run(self, log: EventLog, mut shutdown: watch::Receiver<bool>) {
         loop {
             if *shutdown.borrow() {
                 return;
             }
-            let result = tokio::select! {
-                result = self.consume(&log) => result,
-                _ = shutdown.wait_for(|stop| *stop) => return,
-            };
+            let result = self.consume(&log, &mut shutdown).await;
+            if *shutdown.borrow() {
+                self.health.consuming.store(false, Ordering::Relaxed);
+                return;
+            }
             self.health.consuming.store(false, Ordering::Relaxed);
             match result {
                 Err(Error::Poison { position, message }) => {
@@ -307,11 +321,36 @@ impl<P: Projector> Engine<P> {
         }
     }
 
-    /// Sets up the consumer at the stored position, then applies batches until an error.
-    async fn consume(&self, log: &EventLog) -> Result<()> {
+    /// Sets up the consumer at the stored position, then applies batches until an error or a
+    /// stop (seen only between batches).
+    async fn consume(&self, log: &EventLog, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
         if !log.is_connected() {
             return Err(Error::Nats("not connected".into()));
         }
+        // Setting up is only NATS requests: safe to abandon on a stop.
+        let set_up = tokio::select! {
+            set_up = self.set_up(log) => set_up?,
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+        };
+        let mut batches = set_up.ready_chunks(BATCH_SIZE_MAX);
+        loop {
+            let chunk = tokio::select! {
+                chunk = batches.next() => chunk,
+                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            };
+            let Some(chunk) = chunk else {
+                return Err(Error::Nats("message stream ended".into()));
+            };
+            let mut batch = Vec::with_capacity(chunk.len());
+            for message in chunk {
+                batch.push(message.map_err(|error| Error::Nats(error.to_string()))?);
+            }
+            self.apply_batch(batch).await?;
+        }
+    }
+
+    /// The consumer and its message stream, from the stored position.
+    async fn set_up(&self, log: &EventLog) -> Result<consumer::pull::Stream> {
         let mut consumer = self.consumer(log).await?;
         if !self.health.start_known.load(Ordering::Acquire) {
             let pending = consumer
@@ -335,17 +374,9 @@ impl<P: Projector> Engine<P> {
             .await
             .map_err(|error| Error::Nats(error.to_string()))?;
         self.health.consuming.store(true, Ordering::Relaxed);
-        // Everything already delivered goes into one batch, so a catch-up commits in large
-        // transactions while a single new event is applied at once.
-        let mut batches = messages.ready_chunks(BATCH_SIZE_MAX);
-        while let Some(chunk) = batches.next().await {
-            let mut batch = Vec::with_capacity(chunk.len());
-            for message in chunk {
-                batch.push(message.map_err(|error| Error::Nats(error.to_string()))?);
-            }
-            self.apply_batch(batch).await?;
-        }
-        Err(Error::Nats("message stream ended".into()))
+        // Everything already delivered goes into one batch (`ready_chunks` in `consume`), so a
+        // catch-up commits in large transactions while a single new event is applied at once.
+        Ok(messages)
     }
 
     /// The durable consumer, created or re-created to deliver after the stored position.

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::rebuild::Rebuilder;
+use crate::rebuild::{Rebuilder, Refusal};
 use crate::served::Served;
 use crate::views::{self, AccountRow, AuditRow, StatementEntry, TransferRow};
 
@@ -103,8 +103,10 @@ async fn stamp_position(State(state): State<QueryState>, request: Request, next:
         }
     }
     // Read the position before the handler reads the view: the view is at least this fresh.
-    let position = state.served.position_now();
-    with_position(next.run(request).await, position)
+    // And after: a repair swap may have lowered it meanwhile (see `served`); the lower holds.
+    let before = state.served.position_now();
+    let response = next.run(request).await;
+    with_position(response, before.min(state.served.position_now()))
 }
 
 fn with_position(mut response: Response, position: u64) -> Response {
@@ -529,10 +531,25 @@ fn money_json(sum: i128) -> Value {
 }
 
 /// Starts a blue/green rebuild of this reader's views (`coffer projection rebuild`).
-async fn start_rebuild(State(state): State<QueryState>) -> Response {
+///
+/// Without a bearer token configured, only local callers may start one (`kubectl
+/// port-forward`, `kubectl exec`): a rebuild costs a full replay and a second copy of the views.
+async fn start_rebuild(
+    State(state): State<QueryState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+) -> Response {
+    if !rebuild_allowed(state.http_token.is_some(), peer.ip()) {
+        return Problem::new(
+            403,
+            "forbidden",
+            "Forbidden",
+            "without COFFER_HTTP_TOKEN, rebuilds are accepted from this host only (port-forward or exec)",
+        )
+        .into_response();
+    }
     match state.rebuilder.start() {
         Ok(status) => (StatusCode::ACCEPTED, Json(status)).into_response(),
-        Err(running) => Problem::new(
+        Err(Refusal::Running(running)) => Problem::new(
             409,
             "rebuild_running",
             "Rebuild running",
@@ -542,7 +559,26 @@ async fn start_rebuild(State(state): State<QueryState>) -> Response {
             ),
         )
         .into_response(),
+        Err(Refusal::Unfinished(reason)) => Problem::new(
+            409,
+            "rebuild_unfinished",
+            "Rebuild unfinished",
+            format!("restart the reader before another rebuild: {reason}"),
+        )
+        .into_response(),
+        Err(Refusal::NotReady) => Problem::unavailable(
+            "not_ready",
+            "the serving view has not set up its consumer yet; retry shortly",
+            1,
+        )
+        .into_response(),
     }
+}
+
+/// Whether a caller at `peer` may start a rebuild (a token, when configured, was checked
+/// already by the auth layer).
+fn rebuild_allowed(token_configured: bool, peer: std::net::IpAddr) -> bool {
+    token_configured || peer.is_loopback()
 }
 
 async fn rebuild_status(State(state): State<QueryState>) -> Response {
@@ -555,4 +591,22 @@ async fn metrics(State(state): State<QueryState>) -> Response {
     view.health.render(&mut out);
     view.integrity.render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rebuilds_come_from_this_host_unless_a_token_guards_them() {
+        let local = std::net::IpAddr::from([127, 0, 0, 1]);
+        let remote = std::net::IpAddr::from([10, 0, 0, 7]);
+        assert!(rebuild_allowed(false, local));
+        assert!(rebuild_allowed(
+            false,
+            std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+        ));
+        assert!(!rebuild_allowed(false, remote));
+        assert!(rebuild_allowed(true, remote));
+    }
 }

@@ -75,7 +75,9 @@ pub fn document_part() -> Value {
                     "202": {"description": "Rebuild started",
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RebuildStatus"}}}},
                     "401": problem("Problem with code unauthorized (a token is configured)"),
-                    "409": problem("Problem with code rebuild_running (one rebuild at a time)"),
+                    "403": problem("Problem with code forbidden (no token configured and the caller is not on the reader's host)"),
+                    "409": problem("Problem with code rebuild_running (one rebuild at a time) or rebuild_unfinished (restart the reader first)"),
+                    "503": problem("Problem with code not_ready (the serving view has not set up its consumer yet)"),
                 }},
             "get": {
                 "summary": "The last rebuild's progress",
@@ -92,7 +94,7 @@ pub fn document_part() -> Value {
         "RebuildStatus": {"type": "object",
             "required": ["state", "started_at", "finished_at", "applied_position", "target_position", "pending_events", "events_applied", "error"],
             "properties": {
-                "state": {"enum": ["idle", "building", "swapping", "completed", "failed"]},
+                "state": {"enum": ["idle", "building", "swapping", "completed", "failed", "unfinished"]},
                 "started_at": {"type": ["string", "null"], "format": "date-time"},
                 "finished_at": {"type": ["string", "null"], "format": "date-time"},
                 "applied_position": {"type": "integer", "description": "Position the new view has applied"},

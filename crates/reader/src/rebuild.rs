@@ -21,13 +21,35 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::served::{start_view, Served, View};
+use crate::served::{start_view, Running, Served, StartView, View};
 
 /// The serving view's file name in the data directory.
 pub const VIEWS_FILE: &str = "views.redb";
 /// Where a rebuild builds the next view.
 pub const REBUILD_FILE: &str = "views.rebuild.redb";
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+/// How long the serving view's engine may stay stopped while the new view reaches its last
+/// position (normally one batch).
+const SWAP_WAIT_MAX: Duration = Duration::from_secs(30);
+const DELETE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a rebuild was not started.
+#[derive(Debug)]
+pub enum Refusal {
+    Running(RebuildStatus),
+    /// The serving view's engine has not set up its consumer yet.
+    NotReady,
+    /// An earlier rebuild's view serves but could not be finished.
+    Unfinished(String),
+}
+
+/// How a rebuild ended, when not completed.
+enum Failure {
+    /// Before the swap: the old view serves on, the new file and consumer are removed.
+    Abandoned(String),
+    /// After the swap: the new view serves, but not under the usual file or consumer name.
+    Unfinished(String),
+}
 
 /// The rebuild consumer of a reader.
 pub fn rebuild_consumer(reader_name: &str) -> String {
@@ -44,7 +66,10 @@ pub enum RebuildState {
     /// The new view serves; its engine moves to the reader's consumer name.
     Swapping,
     Completed,
+    /// Abandoned before the swap; the old view serves on.
     Failed,
+    /// Swapped in, but the file rename or the engine move failed; restart the reader.
+    Unfinished,
 }
 
 /// What `GET /v1/projection/rebuild` answers.
@@ -127,12 +152,27 @@ impl Rebuilder {
         self.lock_status().clone()
     }
 
-    /// Starts a rebuild; a running one is returned as the error (one at a time).
-    pub fn start(self: &Arc<Self>) -> Result<RebuildStatus, RebuildStatus> {
+    /// Starts a rebuild, unless one runs, the serving view has not set up its consumer yet, or
+    /// an earlier rebuild swapped its view in but could not finish (restart the reader first).
+    pub fn start(self: &Arc<Self>) -> Result<RebuildStatus, Refusal> {
+        let serving = self.served.current();
+        let set_up = serving
+            .health
+            .start_known
+            .load(std::sync::atomic::Ordering::Acquire)
+            || serving.health.failure().is_some();
         let status = {
             let mut status = self.lock_status();
             if status.running() {
-                return Err(status.clone());
+                return Err(Refusal::Running(status.clone()));
+            }
+            if status.state == RebuildState::Unfinished {
+                return Err(Refusal::Unfinished(
+                    status.error.clone().unwrap_or_default(),
+                ));
+            }
+            if !set_up {
+                return Err(Refusal::NotReady);
             }
             *status = RebuildStatus {
                 state: RebuildState::Building,
@@ -155,9 +195,14 @@ impl Rebuilder {
                         "rebuilt view swapped in"
                     );
                 }
-                Err(error) => {
-                    tracing::error!(%error, "view rebuild failed; the serving view is unchanged");
+                Err(Failure::Abandoned(error)) => {
+                    tracing::error!(%error, "view rebuild abandoned; the serving view is unchanged");
                     status.state = RebuildState::Failed;
+                    status.error = Some(error);
+                }
+                Err(Failure::Unfinished(error)) => {
+                    tracing::error!(%error, "the rebuilt view serves, but the rebuild could not finish");
+                    status.state = RebuildState::Unfinished;
                     status.error = Some(error);
                 }
             }
@@ -185,42 +230,68 @@ impl Rebuilder {
         self.data_directory.join(REBUILD_FILE)
     }
 
-    async fn build(&self) -> Result<(), String> {
+    fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    async fn build(&self) -> Result<(), Failure> {
         let path = self.next_path();
-        remove_file_if_any(&path)?;
-        let database = Arc::new(
-            redb::Database::create(&path)
-                .map_err(|error| format!("create {}: {error}", path.display()))?,
-        );
+        remove_file_if_any(&path).map_err(Failure::Abandoned)?;
+        let database =
+            Arc::new(redb::Database::create(&path).map_err(|error| {
+                Failure::Abandoned(format!("create {}: {error}", path.display()))
+            })?);
         let consumer = rebuild_consumer(&self.reader_name);
         tracing::info!(path = %path.display(), %consumer, "rebuilding the views from position 0");
-        let (view, engine) = start_view(
-            database.clone(),
-            &consumer,
+        let started = start_view(
             &self.log,
-            None,
-            std::future::ready(()),
-        )
-        .map_err(|error| error.to_string())?;
-        let mut view = Arc::new(view);
+            StartView {
+                database: database.clone(),
+                consumer_name: &consumer,
+                crash_after_commits: None,
+                ready: std::future::ready(()),
+                continues: None,
+            },
+        );
+        let (view, engine) = started.map_err(|error| Failure::Abandoned(error.to_string()))?;
+        let view = Arc::new(view);
         let mut engine = Some(engine);
-        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
-        loop {
-            tick.tick().await;
-            if *self.shutdown.borrow() || view.health.failure().is_some() {
-                let reason = view
-                    .health
-                    .failure()
-                    .unwrap_or_else(|| "the reader is shutting down".into());
+        match self.catch_up(&view).await {
+            Ok(()) => {}
+            Err(error) => {
                 if let Some(engine) = engine.take() {
                     engine.stop().await;
                 }
                 drop(view);
                 drop(database);
                 self.forget(&consumer, &path).await;
-                return Err(reason);
+                return Err(Failure::Abandoned(error));
             }
-            self.progress(&view);
+        }
+        if let Err(error) = self.swap_in(view.clone(), engine.take()).await {
+            drop(view);
+            drop(database);
+            self.forget(&consumer, &path).await;
+            return Err(Failure::Abandoned(error));
+        }
+        self.finish(database, &view, &path, &consumer)
+            .await
+            .map_err(Failure::Unfinished)
+    }
+
+    /// Waits until the new view has applied what the serving view has (or, if the serving view
+    /// stopped on an error, until it has caught up with the stream).
+    async fn catch_up(&self, view: &View) -> Result<(), String> {
+        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+        loop {
+            tick.tick().await;
+            if let Some(failure) = view.health.failure() {
+                return Err(failure);
+            }
+            if self.shutting_down() {
+                return Err("the reader is shutting down".into());
+            }
+            self.progress(view);
             if !view
                 .health
                 .start_known
@@ -228,54 +299,126 @@ impl Rebuilder {
             {
                 continue;
             }
-            let caught_up = view.health.caught_up(0);
-            match self.served.swap_if_caught_up(view, engine, caught_up) {
-                Ok((old_view, old_engine)) => {
-                    if let Some(old_engine) = old_engine {
-                        old_engine.stop().await;
-                    }
-                    self.delete_consumer(&old_view.consumer_name).await;
-                    break;
-                }
-                Err((back_view, back_engine)) => {
-                    view = back_view;
-                    engine = back_engine;
-                }
+            let serving = self.served.current();
+            let repair = serving.health.failure().is_some() && view.health.caught_up(0);
+            if repair || view.applied_position() >= serving.applied_position() {
+                return Ok(());
             }
         }
+    }
+
+    /// Stops the serving engine (its last batch committed), waits until the new view holds
+    /// everything the old one does, and swaps. If that wait fails, the old engine is started
+    /// again and the old view keeps serving.
+    async fn swap_in(&self, view: Arc<View>, engine: Option<Running>) -> Result<(), String> {
+        let serving = self.served.current();
+        let repair = serving.health.failure().is_some();
+        if let Some(old_engine) = self.served.take_engine() {
+            old_engine.stop().await;
+        }
+        let held = serving.applied_position();
+        let mut applied = view.applied.clone();
+        let reached = matches!(
+            tokio::time::timeout(
+                SWAP_WAIT_MAX,
+                applied.wait_for(|position| repair || *position >= held),
+            )
+            .await,
+            Ok(Ok(_))
+        );
+        if !reached || view.health.failure().is_some() {
+            self.restart(&serving).await;
+            if let Some(engine) = engine {
+                engine.stop().await;
+            }
+            return Err(format!(
+                "the new view did not reach position {held} within {SWAP_WAIT_MAX:?}"
+            ));
+        }
+        match self.served.swap(view, engine, repair) {
+            Ok((old_view, _)) => {
+                self.delete_consumer(&old_view.consumer_name).await;
+                Ok(())
+            }
+            Err((_, engine)) => {
+                self.restart(&serving).await;
+                if let Some(engine) = engine {
+                    engine.stop().await;
+                }
+                Err("the new view fell behind the served position".into())
+            }
+        }
+    }
+
+    /// Starts the serving view's engine again, on its own consumer.
+    async fn restart(&self, serving: &View) {
+        let started = start_view(
+            &self.log,
+            StartView {
+                database: serving.database.clone(),
+                consumer_name: &serving.consumer_name,
+                crash_after_commits: None,
+                ready: std::future::ready(()),
+                continues: Some(serving),
+            },
+        );
+        match started {
+            Ok((_, engine)) => {
+                self.served.set_engine(engine);
+            }
+            Err(error) => {
+                tracing::error!(%error, "could not restart the serving view's engine; restart the reader")
+            }
+        }
+    }
+
+    /// After the swap: the new file takes the serving name and its engine the reader's own
+    /// consumer name.
+    async fn finish(
+        &self,
+        database: Arc<redb::Database>,
+        view: &View,
+        path: &Path,
+        consumer: &str,
+    ) -> Result<(), String> {
         self.lock_status().state = RebuildState::Swapping;
         let serving = self.data_directory.join(VIEWS_FILE);
-        std::fs::rename(&path, &serving).map_err(|error| {
+        std::fs::rename(path, &serving).map_err(|error| {
             format!(
-                "the rebuilt view serves, but renaming {} to {} failed ({error}); a restart serves the old view",
+                "the rebuilt view serves, but renaming {} to {} failed ({error}); restart the reader (it then serves the old view)",
                 path.display(),
                 serving.display()
             )
         })?;
-        // Move the engine to the reader's own consumer: stop it, start it again on the same file.
+        if self.shutting_down() {
+            // The next start serves views.redb (this view) and re-creates the reader's consumer.
+            return Ok(());
+        }
         if let Some(engine) = self.served.take_engine() {
             engine.stop().await;
         }
-        let (view, engine) = start_view(
-            database,
-            &self.reader_name,
+        let started = start_view(
             &self.log,
-            None,
-            std::future::ready(()),
-        )
-        .map_err(|error| error.to_string())?;
-        self.progress(&view);
-        if let Err((_, engine)) = self
-            .served
-            .swap_if_caught_up(Arc::new(view), Some(engine), false)
-        {
+            StartView {
+                database,
+                consumer_name: &self.reader_name,
+                crash_after_commits: None,
+                ready: std::future::ready(()),
+                continues: Some(view),
+            },
+        );
+        let (moved, engine) = started.map_err(|error| {
+            format!("the rebuilt view serves, but its engine did not restart ({error}); restart the reader")
+        })?;
+        self.progress(&moved);
+        if let Err((_, engine)) = self.served.swap(Arc::new(moved), Some(engine), false) {
             // Cannot happen (same file, same position), but never leave the view without an engine.
             if let Some(engine) = engine {
                 self.served.set_engine(engine);
             }
             return Err("the restarted view was behind the served position".into());
         }
-        self.delete_consumer(&consumer).await;
+        self.delete_consumer(consumer).await;
         Ok(())
     }
 
@@ -302,17 +445,26 @@ impl Rebuilder {
 
 /// Deletes a durable consumer if it exists (best effort: a leftover costs the server little).
 pub async fn delete_consumer(log: &EventLog, name: &str) {
-    let result = match log.context().get_stream(log.stream_name()).await {
-        Ok(stream) => stream
+    let delete = async {
+        let stream = log
+            .context()
+            .get_stream(log.stream_name())
+            .await
+            .map_err(|error| error.to_string())?;
+        stream
             .delete_consumer(name)
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string()),
-        Err(error) => Err(error.to_string()),
+            .map_err(|error| error.to_string())
     };
-    match result {
-        Ok(()) => tracing::info!(consumer = name, "deleted consumer"),
-        Err(error) => tracing::debug!(consumer = name, %error, "consumer not deleted"),
+    // Bounded, so a slow NATS cannot hold a rebuild or a shutdown.
+    match tokio::time::timeout(DELETE_TIMEOUT, delete).await {
+        Ok(Ok(())) => tracing::info!(consumer = name, "deleted consumer"),
+        Ok(Err(error)) => tracing::debug!(consumer = name, %error, "consumer not deleted"),
+        Err(_) => tracing::warn!(
+            consumer = name,
+            "consumer not deleted in time; delete it by hand"
+        ),
     }
 }
 
@@ -329,8 +481,8 @@ pub fn remove_file_if_any(path: &Path) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    /// One rebuild at a time: a second start while one runs is refused with the running one,
-    /// and a start after it finished begins a new one.
+    /// A rebuild starts once the serving view is set up, one at a time: a second start while
+    /// one runs is refused with the running one, and a start after it finished begins anew.
     #[tokio::test(flavor = "current_thread")]
     async fn a_second_rebuild_is_refused_while_one_runs() {
         let nats = testkit::NatsServer::start();
@@ -339,17 +491,34 @@ mod tests {
         let log = EventLog::open(client, &settings).await.unwrap();
         let data = tempfile::tempdir().unwrap();
         let database = Arc::new(redb::Database::create(data.path().join(VIEWS_FILE)).unwrap());
-        let (view, engine) =
-            start_view(database, "unit", &log, None, std::future::ready(())).unwrap();
+        let start = StartView {
+            database,
+            consumer_name: "unit",
+            crash_after_commits: None,
+            ready: std::future::ready(()),
+            continues: None,
+        };
+        let (view, engine) = start_view(&log, start).unwrap();
+        let health = view.health.clone();
         let served = Served::new(view, engine);
         let (_stop, shutdown) = watch::channel(false);
         let rebuilder = Rebuilder::new(served, log, data.path(), "unit", shutdown);
 
+        // The serving engine has not set up its consumer yet (its task has not run).
+        assert!(matches!(rebuilder.start(), Err(Refusal::NotReady)));
+        while !health
+            .start_known
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let first = rebuilder.start().unwrap();
         assert_eq!(first.state, RebuildState::Building);
         // The current-thread runtime has not run the rebuild task yet: it is still running.
-        let refused = rebuilder.start().unwrap_err();
-        assert_eq!(refused.started_at, first.started_at);
+        match rebuilder.start() {
+            Err(Refusal::Running(running)) => assert_eq!(running.started_at, first.started_at),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
         rebuilder.stopped().await;
         assert_eq!(rebuilder.status().state, RebuildState::Completed);
         assert!(rebuilder.start().is_ok());

@@ -4,11 +4,13 @@
 //! [`crate::rebuild`]) swaps another in while requests run, so handlers take the current view
 //! once per request ([`Served::current`]) and read only from it.
 //!
-//! The position stamped on responses and awaited by `min_position` is the *served* position: the
-//! largest position the serving view had applied. It never goes back, across a swap too: a view
-//! is swapped in only once it has applied at least that position, and only the serving view's
-//! engine may raise it, both under one lock. So `X-Coffer-Position` never claims more than the
-//! view a handler then reads holds.
+//! The *served* position, stamped on responses and awaited by `min_position`, follows the
+//! serving view's applied position (a follower task raises it after each commit, so it may lag
+//! the file by a commit, never lead it). A normal swap happens only once the new view has
+//! applied everything the old one holds (its engine stopped first, see the rebuild), and only
+//! raises the served position: reads never go back, in position or in content. A repair swap
+//! (the serving view had stopped on an error) may lower it; the query API then stamps the lower
+//! of the positions before and after its read, so no response claims more than it read.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -45,8 +47,8 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops the engine and waits for its task (a commit in progress finishes first: the
-    /// engine applies nothing twice, however it is stopped).
+    /// Stops the engine and waits for its task. The engine stops between batches only, so
+    /// once this returns the file's checkpoint is final and the applied position exact.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
@@ -104,24 +106,20 @@ impl Served {
         *self.position.borrow()
     }
 
-    /// Swaps `view` in if it has applied at least the served position; returns the view and
-    /// engine it replaced. Otherwise hands `view` and `engine` back.
-    ///
-    /// One exception: a serving view that stopped on an error (ahead of a re-created stream,
-    /// say) is replaced by a view that has caught up with the stream (`caught_up`), even at a
-    /// lower position; the served position then follows the new view down. That is the repair
-    /// the operator asked for, and the old positions meant another stream.
-    pub fn swap_if_caught_up(
+    /// Swaps `view` in if it has applied at least the served position (or, for a `repair`,
+    /// whatever it has applied: the served position then follows it down); returns the view and
+    /// engine it replaced. Otherwise hands `view` and `engine` back. A caller that needs the new
+    /// view to hold everything the old one shows stops the old engine and waits first.
+    pub fn swap(
         self: &Arc<Self>,
         view: Arc<View>,
         engine: Option<Running>,
-        caught_up: bool,
+        repair: bool,
     ) -> Result<Serving, Serving> {
         let follower = view.applied.clone();
         let (generation, replaced) = {
             let mut slot = self.lock();
             let applied = view.applied_position();
-            let repair = caught_up && slot.view.health.failure().is_some();
             if applied < *self.position.borrow() && !repair {
                 return Err((view, engine));
             }
@@ -186,30 +184,51 @@ impl Served {
     }
 }
 
-/// Opens the views in `database` and starts their engine on `consumer_name` once `ready`
-/// completes (the stream exists).
-pub fn start_view(
-    database: Arc<Database>,
-    consumer_name: &str,
-    log: &EventLog,
-    crash_after_commits: Option<u64>,
-    ready: impl std::future::Future<Output = ()> + Send + 'static,
-) -> crate::Result<(View, Running)> {
-    let views = LedgerViews::default();
+/// How to start a view's engine.
+pub struct StartView<'a, R> {
+    pub database: Arc<Database>,
+    pub consumer_name: &'a str,
+    pub crash_after_commits: Option<u64>,
+    /// Completes once the stream exists; the engine starts then (or never, if stopped first).
+    pub ready: R,
+    /// The view this engine continues on the same file (moved to another consumer): its
+    /// health and integrity counters carry on.
+    pub continues: Option<&'a View>,
+}
+
+/// Opens the views in the file and starts their engine.
+pub fn start_view<R>(log: &EventLog, start: StartView<'_, R>) -> crate::Result<(View, Running)>
+where
+    R: std::future::Future<Output = ()> + Send + 'static,
+{
+    let views = match start.continues {
+        Some(view) => LedgerViews {
+            integrity: view.integrity.clone(),
+        },
+        None => LedgerViews::default(),
+    };
     let integrity = views.integrity.clone();
-    let engine = projection::Engine::open(database.clone(), views, consumer_name)?
-        .crash_after_commits(crash_after_commits);
+    let mut engine = projection::Engine::open(start.database.clone(), views, start.consumer_name)?
+        .crash_after_commits(start.crash_after_commits);
+    if let Some(view) = start.continues {
+        engine = engine.with_health(view.health.clone());
+    }
     let view = View {
-        database,
+        database: start.database,
         health: engine.health(),
         integrity,
         applied: engine.applied(),
-        consumer_name: consumer_name.to_owned(),
+        consumer_name: start.consumer_name.to_owned(),
     };
     let (stop, stop_receiver) = watch::channel(false);
     let log = log.clone();
+    let ready = start.ready;
+    let mut stopped = stop_receiver.clone();
     let task = tokio::spawn(async move {
-        ready.await;
+        tokio::select! {
+            _ = ready => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
         engine.run(log, stop_receiver).await;
     });
     Ok((view, Running { stop, task }))

@@ -99,11 +99,14 @@ pub async fn run(
         .await;
     };
     let (view, engine) = crate::served::start_view(
-        database,
-        &config.reader_name,
         &log,
-        config.crash_after_commits,
-        stream_ready,
+        crate::served::StartView {
+            database,
+            consumer_name: &config.reader_name,
+            crash_after_commits: config.crash_after_commits,
+            ready: stream_ready,
+            continues: None,
+        },
     )?;
     tracing::info!(path = %path.display(), position = view.applied_position(), "views loaded");
     let served = Served::new(view, engine);
@@ -125,7 +128,11 @@ pub async fn run(
         ready_max_lag: config.ready_max_lag,
         http_token: config.http_token.clone(),
     };
-    let server = axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown);
+    let server = axum::serve(
+        listener,
+        http::router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown);
     if let Err(error) = server.await {
         tracing::warn!(%error, "HTTP server error");
     }
