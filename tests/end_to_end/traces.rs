@@ -1,6 +1,7 @@
 //! One W3C trace followed across processes: from the HTTP request (or NATS command), through
 //! the event's headers in the stream, to the reader's log line when it applies the event.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -134,4 +135,101 @@ async fn a_trace_goes_from_the_request_through_the_event_to_the_reader_log() {
             (NATS_TRACE.to_string(), traces[1].0)
         ]
     );
+}
+
+/// A stand-in OTLP/HTTP collector: records the body of every export.
+async fn collector() -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let bodies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let kept = bodies.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let kept = kept.clone();
+            async move {
+                kept.lock().unwrap().push(body.to_vec());
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, bodies)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+fn hex_bytes(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|index| u8::from_str_radix(&text[index..index + 2], 16).unwrap())
+        .collect()
+}
+
+/// With OTLP configured, the writer exports its request span (child of the caller's span), the
+/// event carries that span as its parent, and the reader exports its apply span under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_otlp_configured_writer_and_reader_export_one_trace() {
+    let (collector_url, bodies) = collector().await;
+    let otlp = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector_url.clone()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_string()),
+    ];
+    let nats = NatsServer::start();
+    let writer = support::writer("w", &nats.url(), &otlp);
+    let data = tempfile::tempdir().unwrap();
+    let reader = support::reader("otlp", &nats.url(), data.path(), &otlp);
+    support::wait_ready(&reader.url());
+    let account = support::unique("otlp");
+    let opened = reqwest::Client::new()
+        .post(format!("{}/v1/accounts", writer.url()))
+        .header("traceparent", SAMPLED)
+        .json(&json!({"account_id": account, "currency": "EUR"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(opened.status(), 201);
+    let hop = trace_context::TraceParent::parse(opened.headers()["traceparent"].to_str().unwrap())
+        .unwrap();
+    assert_eq!(hop.trace_id(), SAMPLED_TRACE);
+    let events = read_stream(&nats.url()).await;
+    assert_eq!(
+        events[0].metadata.traceparent.as_deref(),
+        Some(hop.to_string().as_str()),
+        "the event's parent is the writer's exported request span"
+    );
+
+    // Protobuf carries ids as raw bytes: find the trace id, and the writer's span id both as a
+    // span (writer) and as a parent (reader).
+    let (trace, span, caller) = (
+        hex_bytes(SAMPLED_TRACE),
+        hex_bytes(&hop.span_id()),
+        hex_bytes("00f067aa0ba902b7"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let exported = bodies.lock().unwrap().clone();
+        let from = |service: &str| {
+            exported
+                .iter()
+                .filter(|body| contains(body, service.as_bytes()))
+                .any(|body| contains(body, &trace) && contains(body, &span))
+        };
+        let writer_linked = exported
+            .iter()
+            .any(|body| contains(body, b"coffer-writer") && contains(body, &caller));
+        if from("coffer-writer") && from("coffer-reader") && writer_linked {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no linked spans exported: {} bodies",
+            exported.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

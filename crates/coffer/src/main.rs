@@ -8,6 +8,7 @@ use std::time::Duration;
 
 mod account;
 mod reader_api;
+mod telemetry;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -302,20 +303,6 @@ struct ReaderArgs {
     ready_max_lag: u64,
     #[command(flatten)]
     token: TokenArgs,
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json = std::env::var("COFFER_LOG_FORMAT").is_ok_and(|format| format == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 /// Completes on SIGTERM or Ctrl-C.
@@ -683,7 +670,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Commands::Writer(args) => {
-            init_logging();
+            let _telemetry = telemetry::init("coffer-writer")?;
             let config = writer::WriterConfig {
                 nats: args.nats.settings("coffer-writer"),
                 http_address: args.http_address,
@@ -701,7 +688,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Commands::Reader(args) => {
-            init_logging();
+            let _telemetry = telemetry::init("coffer-reader")?;
             let config = reader::ReaderConfig {
                 nats: args
                     .nats

@@ -223,9 +223,10 @@ pub fn with_request_ids<S: Clone + Send + Sync + 'static>(
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
     router
         .layer(PropagateRequestIdLayer::x_request_id())
+        // Inside the request span, so the hop it passes on is that span when it is exported.
+        .layer(axum::middleware::from_fn(continue_trace))
         .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(axum::middleware::from_fn(continue_trace))
 }
 
 /// Continues the caller's W3C trace (or starts one): the request's `traceparent` becomes this
@@ -235,12 +236,15 @@ async fn continue_trace(
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let trace = trace_context::TraceParent::continue_from(
+    let span = tracing::Span::current();
+    let trace = trace_context::otel::hop(
+        &span,
         request
             .headers()
             .get(trace_context::HEADER)
             .and_then(|value| value.to_str().ok()),
     );
+    span.record("trace_id", trace.trace_id());
     let value = HeaderValue::from_str(&trace.to_string());
     if let Ok(value) = &value {
         request
@@ -270,14 +274,16 @@ fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Spa
         .get("x-request-id")
         .and_then(|value| value.to_str().ok())
         .unwrap_or("");
-    let trace_id = request
-        .headers()
-        .get(trace_context::HEADER)
-        .and_then(|value| value.to_str().ok())
-        .and_then(trace_context::TraceParent::parse)
-        .map(|trace| trace.trace_id())
-        .unwrap_or_default();
-    tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id, trace_id)
+    // `trace_id` is recorded by `continue_trace`; the caller's span is the parent (exported).
+    let span = tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id, trace_id = tracing::field::Empty);
+    trace_context::otel::link(
+        &span,
+        request
+            .headers()
+            .get(trace_context::HEADER)
+            .and_then(|value| value.to_str().ok()),
+    );
+    span
 }
 
 #[cfg(test)]

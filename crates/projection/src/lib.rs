@@ -313,7 +313,19 @@ impl<P: Projector> Engine<P> {
                     (recorded.account_id.as_str(), recorded.event.event_type());
                 let correlation_id = &recorded.metadata.correlation_id;
                 if sampled {
-                    tracing::info!(%consumer, position, account, event_type, %trace_id, %correlation_id, "event applied");
+                    // A span of its own, child of the writer's hop, for exported traces.
+                    let span = tracing::info_span!("apply", %consumer, position, account, event_type, %trace_id);
+                    if let Some(parent) = recorded
+                        .metadata
+                        .traceparent
+                        .as_deref()
+                        .and_then(trace_context::TraceParent::parse)
+                    {
+                        trace_context::otel::set_parent(&span, &parent);
+                    }
+                    span.in_scope(|| {
+                        tracing::info!(%consumer, position, account, event_type, %trace_id, %correlation_id, "event applied");
+                    });
                 } else {
                     tracing::debug!(%consumer, position, account, event_type, %trace_id, %correlation_id, "event applied");
                 }

@@ -4,6 +4,10 @@
 //! event's own headers, to the reader that applies it, so one trace id finds every log line of a
 //! write on every process. A caller's `traceparent` is continued (same trace id, a new span id
 //! for our hop); a request without a valid one starts a new trace, not sampled.
+//!
+//! When an OpenTelemetry layer is installed (OTLP export configured), [`otel`] ties the
+//! `tracing` spans to the same trace: a request span's parent is the caller's span, and the
+//! `traceparent` passed on is the exported span's own context, so the trace is one tree.
 
 use std::fmt;
 
@@ -138,6 +142,58 @@ impl fmt::Display for TraceParent {
             hex(&self.parent_id),
             self.flags
         )
+    }
+}
+
+/// The bridge to exported OpenTelemetry spans; every function is a no-op (or `None`) when no
+/// OpenTelemetry layer is installed.
+pub mod otel {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    use super::TraceParent;
+
+    /// Makes `parent` (a remote span: the caller's, or the writer's for an event) the parent
+    /// of `span` in exported traces.
+    pub fn set_parent(span: &tracing::Span, parent: &TraceParent) {
+        let remote = SpanContext::new(
+            TraceId::from_bytes(parent.trace_id),
+            SpanId::from_bytes(parent.parent_id),
+            TraceFlags::new(parent.flags),
+            true,
+            TraceState::default(),
+        );
+        let context = opentelemetry::Context::new().with_remote_span_context(remote);
+        // Fails only when the span is disabled or already started exporting: nothing to link.
+        let _ = span.set_parent(context);
+    }
+
+    /// The exported span's own context as a `traceparent`, if `span` is exported.
+    pub fn of_span(span: &tracing::Span) -> Option<TraceParent> {
+        let context = span.context();
+        let span_context = context.span().span_context().clone();
+        span_context.is_valid().then(|| TraceParent {
+            trace_id: span_context.trace_id().to_bytes(),
+            parent_id: span_context.span_id().to_bytes(),
+            flags: span_context.trace_flags().to_u8(),
+        })
+    }
+
+    /// Links a new span to the caller's trace in `header`. Call it before the span is first
+    /// entered: an exported span's parent is fixed once it starts.
+    pub fn link(span: &tracing::Span, header: Option<&str>) {
+        if let Some(parent) = header.and_then(TraceParent::parse) {
+            set_parent(span, &parent);
+        }
+    }
+
+    /// This service's hop of a request that came with `header`, inside `span` (linked first):
+    /// the exported span's context when spans are exported, else the caller's trace continued
+    /// with a new span id, else a new trace.
+    pub fn hop(span: &tracing::Span, header: Option<&str>) -> TraceParent {
+        of_span(span).unwrap_or_else(|| TraceParent::continue_from(header))
     }
 }
 

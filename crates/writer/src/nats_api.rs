@@ -8,6 +8,7 @@ use async_nats::service::{self, ServiceExt};
 use async_nats::HeaderMap;
 use futures::StreamExt;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::idempotency::IdempotencyKey;
 use crate::registry::Registry;
@@ -52,7 +53,13 @@ pub async fn serve(
                 .for_each_concurrent(CONCURRENCY_MAX, |request| {
                     let registry = registry.clone();
                     let client = client.clone();
-                    async move { handle(verb, request, &registry, &client).await }
+                    let span = tracing::info_span!(
+                        "nats",
+                        subject = %request.message.subject,
+                        trace_id = tracing::field::Empty
+                    );
+                    trace_context::otel::link(&span, traceparent(&request.message));
+                    async move { handle(verb, request, &registry, &client).await }.instrument(span)
                 })
                 .await;
         }));
@@ -81,8 +88,12 @@ async fn handle(
     registry: &OnceLock<Registry>,
     client: &async_nats::Client,
 ) {
+    // The command's hop of the caller's trace, linked to the request span when it is exported.
+    let span = tracing::Span::current();
+    let trace = trace_context::otel::hop(&span, traceparent(&request.message));
+    span.record("trace_id", trace.trace_id());
     let answer = match registry.get() {
-        Some(registry) => match parse(verb, &request.message) {
+        Some(registry) => match parse(verb, &request.message, trace) {
             Ok(command) => registry.execute(command).await,
             Err(error) => Err(error),
         },
@@ -116,7 +127,19 @@ async fn handle(
     }
 }
 
-fn parse(verb: Verb, message: &async_nats::Message) -> Result<CommandRequest, Error> {
+fn traceparent(message: &async_nats::Message) -> Option<&str> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(trace_context::HEADER))
+        .map(async_nats::HeaderValue::as_str)
+}
+
+fn parse(
+    verb: Verb,
+    message: &async_nats::Message,
+    trace: trace_context::TraceParent,
+) -> Result<CommandRequest, Error> {
     let account = message.subject.split('.').nth(2).ok_or_else(|| {
         Error::InvalidRequest("subject must be coffer.cmd.{account_id}.{verb}".into())
     })?;
@@ -167,12 +190,6 @@ fn parse(verb: Verb, message: &async_nats::Message) -> Result<CommandRequest, Er
         .get("Coffer-Correlation-Id")
         .map(|value| value.as_str().to_owned())
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    let trace = trace_context::TraceParent::continue_from(
-        headers
-            .get(trace_context::HEADER)
-            .map(async_nats::HeaderValue::as_str),
-    );
-    tracing::debug!(trace_id = %trace.trace_id(), %correlation_id, verb = verb.name(), "NATS command");
     Ok(CommandRequest::new(account_id, intent, key, correlation_id)
         .with_generated_transfer_id(transfer_id_generated)
         .with_trace(trace))
