@@ -8,6 +8,7 @@ mod bank;
 mod cluster;
 mod decode;
 mod holds;
+mod http_limits;
 mod import;
 mod integrity;
 mod reader;

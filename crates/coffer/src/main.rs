@@ -239,6 +239,36 @@ struct WriterArgs {
     failpoint_actor_delay_ms: Option<u64>,
     #[command(flatten)]
     token: TokenArgs,
+    #[command(flatten)]
+    limits: HttpLimitsArgs,
+}
+
+/// Limits of an HTTP API.
+#[derive(Args)]
+struct HttpLimitsArgs {
+    /// Connections served at once; more wait in the listen backlog.
+    #[arg(long, env = "COFFER_HTTP_MAX_CONNECTIONS", default_value_t = 4_096)]
+    http_max_connections: usize,
+    /// Time to receive a request's headers (slow clients are cut off).
+    #[arg(long, env = "COFFER_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    http_header_timeout_ms: u64,
+    /// Time to receive a request's body: then 408.
+    #[arg(long, env = "COFFER_HTTP_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    http_body_timeout_ms: u64,
+    /// Time for a whole request: then 408 (longer than the command deadline plus its grace).
+    #[arg(long, env = "COFFER_HTTP_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    http_request_timeout_ms: u64,
+}
+
+impl HttpLimitsArgs {
+    fn limits(&self) -> problem::HttpLimits {
+        problem::HttpLimits {
+            max_connections: self.http_max_connections,
+            header_read_timeout: Duration::from_millis(self.http_header_timeout_ms),
+            body_read_timeout: Duration::from_millis(self.http_body_timeout_ms),
+            request_timeout: Duration::from_millis(self.http_request_timeout_ms),
+        }
+    }
 }
 
 /// The HTTP API's bearer token.
@@ -301,8 +331,13 @@ struct ReaderArgs {
     /// as seen at start.
     #[arg(long, env = "COFFER_READY_MAX_LAG", default_value_t = 1_000)]
     ready_max_lag: u64,
+    /// Most requests waiting for `min_position` at once; more are answered 503 at once.
+    #[arg(long, env = "COFFER_MAX_POSITION_WAITERS", default_value_t = 1_024)]
+    max_position_waiters: usize,
     #[command(flatten)]
     token: TokenArgs,
+    #[command(flatten)]
+    limits: HttpLimitsArgs,
 }
 
 /// Completes on SIGTERM or Ctrl-C.
@@ -683,6 +718,7 @@ async fn main() -> anyhow::Result<()> {
                 },
                 failpoint_actor_delay: args.failpoint_actor_delay_ms.map(Duration::from_millis),
                 http_token: args.token.token()?,
+                http_limits: args.limits.limits(),
             };
             writer::run(config, shutdown_signal()).await?;
             Ok(())
@@ -701,6 +737,8 @@ async fn main() -> anyhow::Result<()> {
                 crash_after_commits: args.failpoint_crash_after_commits,
                 ready_max_lag: args.ready_max_lag,
                 http_token: args.token.token()?,
+                http_limits: args.limits.limits(),
+                max_position_waiters: args.max_position_waiters,
             };
             reader::run(config, shutdown_signal()).await?;
             Ok(())

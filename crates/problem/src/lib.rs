@@ -1,7 +1,12 @@
 //! RFC 9457 problem details (`application/problem+json`), the one error shape of every Coffer
 //! HTTP and NATS API, plus the other pieces both HTTP services share: the OpenAPI assembly, the
-//! routes every service has, and the request-id layers. Each problem has a machine-readable `code` that clients switch on; `title`
+//! routes every service has, the request-id and trace layers, and [`server`]: serving with
+//! connection limits and timeouts. Each problem has a machine-readable `code` that clients switch on; `title`
 //! and `detail` are for people.
+
+pub mod server;
+
+pub use server::{serve, HttpLimits};
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -26,6 +26,8 @@ pub const STATEMENT_LIMIT_MAX: usize = 1_000;
 const STATEMENT_LIMIT_DEFAULT: usize = 100;
 pub const POSITION_HEADER: &str = "x-coffer-position";
 pub const MIN_POSITION_HEADER: &str = "x-coffer-min-position";
+/// How long a read waits for its position before asking whether the stream holds it at all.
+const BEYOND_CHECK_AFTER: Duration = Duration::from_millis(100);
 
 #[derive(Clone)]
 pub struct QueryState {
@@ -38,6 +40,9 @@ pub struct QueryState {
     /// Largest lag (in positions) behind the catch-up target at which `/readyz` is 200.
     pub ready_max_lag: u64,
     pub http_token: Option<problem::BearerToken>,
+    /// Permits for reads waiting on `min_position` (or a balance position).
+    pub waiters: Arc<tokio::sync::Semaphore>,
+    pub stream_end: Arc<crate::stream_end::StreamEnd>,
 }
 
 pub fn router(state: QueryState) -> Router {
@@ -69,10 +74,40 @@ pub fn router(state: QueryState) -> Router {
 }
 
 /// Waits until the view has applied `wanted`, up to the configured bound; then `503 stale`.
+///
+/// A read beyond the bound on waiting reads is answered at once (`503 unavailable`): waits are
+/// cheap, but not free. A position beyond the stream's last one is answered after a short grace
+/// (`503 stale`): a position a writer acknowledged is nearly always applied within it, so the
+/// stream is asked only about positions that are likely bogus.
 async fn wait_applied(state: &QueryState, wanted: u64) -> Result<(), Problem> {
+    if state.served.position_now() >= wanted {
+        return Ok(());
+    }
+    let Ok(_waiting) = state.waiters.try_acquire() else {
+        return Err(Problem::unavailable(
+            "unavailable",
+            "too many reads are waiting for a position; retry shortly",
+            1,
+        ));
+    };
     let mut applied = state.served.position();
+    let grace = BEYOND_CHECK_AFTER.min(state.min_position_wait);
+    let early = matches!(
+        tokio::time::timeout(grace, applied.wait_for(|position| *position >= wanted)).await,
+        Ok(Ok(_))
+    );
+    if early {
+        return Ok(());
+    }
+    if let Some(last) = state.stream_end.beyond(wanted).await {
+        return Err(Problem::unavailable(
+            "stale",
+            format!("position {wanted} is beyond the stream's last position {last}"),
+            1,
+        ));
+    }
     let reached = tokio::time::timeout(
-        state.min_position_wait,
+        state.min_position_wait.saturating_sub(grace),
         applied.wait_for(|position| *position >= wanted),
     )
     .await;
@@ -594,8 +629,130 @@ async fn metrics(State(state): State<QueryState>) -> Response {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::served::{Running, View};
+    use tower::ServiceExt as _;
+
+    /// A query API over an empty view that never advances, on a stream holding `events`.
+    async fn frozen_reader(
+        nats: &testkit::NatsServer,
+        events: u64,
+        waiters: usize,
+    ) -> (Router, tempfile::TempDir) {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let log = eventlog::EventLog::open(client.clone(), &eventlog::StreamSettings::default())
+            .await
+            .unwrap();
+        for index in 0..events {
+            let account = domain::AccountId::parse(&format!("acc-{index}")).unwrap();
+            let opened = domain::Event::AccountOpened(domain::OpenAccount {
+                currency: domain::Currency::parse("EUR").unwrap(),
+                owner: None,
+                overdraft_limit: domain::OverdraftLimit::new(0).unwrap(),
+            });
+            log.append(&account, 0, &opened, &eventlog::EventMetadata::default())
+                .await
+                .unwrap();
+        }
+        let data = tempfile::tempdir().unwrap();
+        let database = Arc::new(redb::Database::create(data.path().join("views.redb")).unwrap());
+        let (_applied, receiver) = tokio::sync::watch::channel(0);
+        std::mem::forget(_applied); // the view stays at 0, never closed
+        let view = View {
+            database,
+            health: Arc::default(),
+            integrity: Arc::default(),
+            applied: receiver,
+            consumer_name: "frozen".into(),
+        };
+        let (stop, _) = tokio::sync::watch::channel(false);
+        let served = Served::new(
+            view,
+            Running {
+                stop,
+                task: tokio::spawn(async {}),
+            },
+        );
+        let (_, shutdown) = tokio::sync::watch::channel(false);
+        let rebuilder =
+            Rebuilder::new(served.clone(), log.clone(), data.path(), "frozen", shutdown);
+        let state = QueryState {
+            served,
+            rebuilder,
+            min_position_wait: Duration::from_millis(600),
+            nats: client,
+            catch_up: Arc::default(),
+            ready_max_lag: 0,
+            http_token: None,
+            waiters: Arc::new(tokio::sync::Semaphore::new(waiters)),
+            stream_end: Arc::new(crate::stream_end::StreamEnd::new(log)),
+        };
+        (router(state), data)
+    }
+
+    async fn get(router: &Router, uri: &str) -> (StatusCode, Value, Duration) {
+        let started = std::time::Instant::now();
+        let request = axum::http::Request::get(uri)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            started.elapsed(),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_position_beyond_the_stream_is_answered_at_once_and_waiters_are_bounded() {
+        let nats = testkit::NatsServer::start();
+        let (router, _data) = frozen_reader(&nats, 3, 1).await;
+        // Within the stream but not applied: waited for, then stale.
+        let (status, body, took) = get(&router, "/v1/accounts/acc-0?min_position=3").await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("stale"))
+        );
+        assert!(took >= Duration::from_millis(600), "{took:?}");
+        // Beyond the stream's last position: at once.
+        let (status, body, took) = get(&router, "/v1/accounts/acc-0?min_position=4").await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("stale"))
+        );
+        assert!(body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("beyond the stream's last position 3"));
+        assert!(took < Duration::from_millis(400), "{took:?}");
+        // One waiter allowed: a second is refused at once while the first waits.
+        let first = tokio::spawn({
+            let router = router.clone();
+            async move { get(&router, "/v1/accounts/acc-0?min_position=2").await }
+        });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (status, body, took) = get(&router, "/v1/accounts/acc-0?min_position=2").await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("unavailable"))
+        );
+        assert!(took < Duration::from_millis(300), "{took:?}");
+        let (status, body, _) = first.await.unwrap();
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("stale"))
+        );
+        // The permit is back: the next waiter waits again.
+        let (_, body, took) = get(&router, "/v1/accounts/acc-0?min_position=2").await;
+        assert_eq!(body["code"].as_str(), Some("stale"));
+        assert!(took >= Duration::from_millis(600), "{took:?}");
+    }
 
     #[test]
     fn rebuilds_come_from_this_host_unless_a_token_guards_them() {

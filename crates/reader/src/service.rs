@@ -35,6 +35,11 @@ pub struct ReaderConfig {
     pub ready_max_lag: u64,
     /// The bearer token the query API requires (`COFFER_HTTP_TOKEN`); none: no auth.
     pub http_token: Option<problem::BearerToken>,
+    /// Connection limit and read/request timeouts of the HTTP API.
+    pub http_limits: problem::HttpLimits,
+    /// Most requests waiting for `min_position` at once; more are answered `503` at once
+    /// (`COFFER_MAX_POSITION_WAITERS`, default 1 024).
+    pub max_position_waiters: usize,
 }
 
 const SETUP_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -127,15 +132,10 @@ pub async fn run(
         catch_up: Arc::new(CatchUp::default()),
         ready_max_lag: config.ready_max_lag,
         http_token: config.http_token.clone(),
+        waiters: Arc::new(tokio::sync::Semaphore::new(config.max_position_waiters)),
+        stream_end: Arc::new(crate::stream_end::StreamEnd::new(log.clone())),
     };
-    let server = axum::serve(
-        listener,
-        http::router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown);
-    if let Err(error) = server.await {
-        tracing::warn!(%error, "HTTP server error");
-    }
+    problem::serve(listener, http::router(state), config.http_limits, shutdown).await;
     tracing::info!("shutting down the reader");
     let _ = stop_sender.send(true);
     let stopped = async {

@@ -84,7 +84,14 @@ fn json_body(
     empty_allowed: bool,
 ) -> Result<Bytes, Problem> {
     let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        if problem::server::is_body_timeout(&rejection) {
+            Problem::new(
+                408,
+                "request_timeout",
+                "Request timeout",
+                "the request body was not received in time",
+            )
+        } else if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             Problem::new(
                 413,
                 "payload_too_large",

@@ -26,6 +26,8 @@ pub struct WriterConfig {
     pub failpoint_actor_delay: Option<Duration>,
     /// The bearer token the command API requires (`COFFER_HTTP_TOKEN`); none: no auth.
     pub http_token: Option<problem::BearerToken>,
+    /// Connection limit and read/request timeouts of the HTTP API.
+    pub http_limits: problem::HttpLimits,
 }
 
 /// Pause between attempts to set up the stream while NATS is not reachable.
@@ -68,13 +70,13 @@ pub async fn run(
         metrics: metrics.clone(),
         http_token: config.http_token.clone(),
     };
+    let http_limits = config.http_limits;
     let (http_stop_sender, http_stop_receiver) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        axum::serve(listener, http::router(state))
-            .with_graceful_shutdown(async move {
-                let _ = http_stop_receiver.await;
-            })
-            .await
+        problem::serve(listener, http::router(state), http_limits, async move {
+            let _ = http_stop_receiver.await;
+        })
+        .await
     });
 
     shutdown.await;
@@ -82,8 +84,7 @@ pub async fn run(
     let _ = stop_sender.send(true);
     let _ = http_stop_sender.send(());
     match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(error))) => tracing::warn!(%error, "HTTP server error while draining"),
+        Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::warn!(%error, "HTTP server task failed"),
         Err(_) => tracing::warn!("in-flight requests did not finish in time"),
     }

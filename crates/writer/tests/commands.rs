@@ -58,6 +58,7 @@ impl TestWriter {
             registry,
             failpoint_actor_delay,
             http_token: None,
+            http_limits: problem::HttpLimits::default(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
