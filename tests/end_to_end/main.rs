@@ -13,6 +13,7 @@ mod import;
 mod integrity;
 mod reader;
 mod rebuild;
+mod storage;
 mod support;
 mod tail;
 mod traces;

@@ -331,6 +331,9 @@ struct ReaderArgs {
     /// as seen at start.
     #[arg(long, env = "COFFER_READY_MAX_LAG", default_value_t = 1_000)]
     ready_max_lag: u64,
+    /// Test failpoint: while this file exists, writes to the view file fail (a full disk).
+    #[arg(long, env = "COFFER_FAILPOINT_STORAGE_FILE", hide = true)]
+    failpoint_storage_file: Option<PathBuf>,
     /// Most requests waiting for `min_position` at once; more are answered 503 at once.
     #[arg(long, env = "COFFER_MAX_POSITION_WAITERS", default_value_t = 1_024)]
     max_position_waiters: usize,
@@ -739,6 +742,7 @@ async fn main() -> anyhow::Result<()> {
                 http_token: args.token.token()?,
                 http_limits: args.limits.limits(),
                 max_position_waiters: args.max_position_waiters,
+                failpoint_storage_file: args.failpoint_storage_file,
             };
             reader::run(config, shutdown_signal()).await?;
             Ok(())

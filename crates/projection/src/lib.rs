@@ -102,6 +102,8 @@ pub struct ViewHealth {
     /// Events in the stream not yet applied, as the server reported with the last delivery.
     pub lag: Gauge,
     pub applied_position: AtomicU64,
+    /// The view stopped on a storage error: its file must be reopened.
+    pub storage_failed: AtomicBool,
 }
 
 impl Default for ViewHealth {
@@ -136,6 +138,7 @@ impl Default for ViewHealth {
                 "Stream events not yet applied to the views.",
             ),
             applied_position: AtomicU64::new(0),
+            storage_failed: AtomicBool::new(false),
         }
     }
 }
@@ -151,6 +154,15 @@ impl ViewHealth {
             .saturating_add(self.redeliveries_skipped.get());
         self.start_known.load(Ordering::Acquire)
             && delivered.saturating_add(lag_max) >= self.pending_at_start.load(Ordering::Relaxed)
+    }
+
+    /// Clears a failure once the view runs again (its file reopened).
+    pub fn recovered(&self) {
+        self.storage_failed.store(false, Ordering::Release);
+        *self
+            .failure
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
     }
 
     pub fn failure(&self) -> Option<String> {
@@ -282,6 +294,19 @@ impl<P: Projector> Engine<P> {
                         .lock()
                         .unwrap_or_else(|poisoned| poisoned.into_inner()) =
                         Some(format!("view stopped: {error}"));
+                    return;
+                }
+                Err(Error::Storage(message)) => {
+                    // redb refuses every operation after an I/O error until the file is
+                    // reopened, which only the owner of the file can do (the reader service).
+                    tracing::error!(consumer = %self.consumer_name, %message, "view storage failed; stopping until it is reopened");
+                    self.health.storage_failed.store(true, Ordering::Release);
+                    *self
+                        .health
+                        .failure
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                        Some(format!("view storage failed: {message}"));
                     return;
                 }
                 Err(error) => {

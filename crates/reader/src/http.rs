@@ -170,6 +170,22 @@ fn min_position(query: Option<&str>, headers: &HeaderMap) -> Result<Option<u64>,
     }
 }
 
+/// The serving view's file, or `503 unavailable` while it is being reopened after a storage
+/// failure.
+fn view_database(state: &QueryState) -> Result<Arc<Database>, Problem> {
+    let view = state.served.current();
+    view.database.clone().ok_or_else(|| {
+        Problem::unavailable(
+            "unavailable",
+            format!(
+                "the view's storage is being reopened ({})",
+                view.health.failure().unwrap_or_default()
+            ),
+            1,
+        )
+    })
+}
+
 fn storage_problem(error: impl std::fmt::Display) -> Problem {
     tracing::error!(%error, "view read failed");
     Problem::new(
@@ -227,7 +243,7 @@ fn account_not_found(id: &str) -> Problem {
 }
 
 async fn account(State(state): State<QueryState>, Path(id): Path<String>) -> Response {
-    match read_account(&state.served.current().database, &id) {
+    match view_database(&state).and_then(|database| read_account(&database, &id)) {
         Ok(Some(row)) => Json(account_json(&row)).into_response(),
         Ok(None) => account_not_found(&id).into_response(),
         Err(problem) => problem.into_response(),
@@ -284,10 +300,7 @@ async fn balance_line(
         }
     };
     // One view and one read transaction for both lookups, whatever a rebuild swaps meanwhile.
-    let transaction = state
-        .served
-        .current()
-        .database
+    let transaction = view_database(state)?
         .begin_read()
         .map_err(storage_problem)?;
     let position = match (position, &query.at) {
@@ -360,7 +373,7 @@ async fn transactions(
     Path(id): Path<String>,
     Query(page): Query<PageQuery>,
 ) -> Response {
-    match statement_page(&state.served.current().database, &id, &page) {
+    match view_database(&state).and_then(|database| statement_page(&database, &id, &page)) {
         Ok(body) => Json(body).into_response(),
         Err(problem) => problem.into_response(),
     }
@@ -410,11 +423,8 @@ fn statement_page(database: &Database, id: &str, page: &PageQuery) -> Result<Val
 }
 
 async fn transfer(State(state): State<QueryState>, Path(id): Path<String>) -> Response {
-    let row: Result<Option<TransferRow>, Problem> = read_row(
-        &state.served.current().database,
-        views::TRANSFERS,
-        id.as_str(),
-    );
+    let row: Result<Option<TransferRow>, Problem> = view_database(&state)
+        .and_then(|database| read_row(&database, views::TRANSFERS, id.as_str()));
     match row {
         Ok(Some(row)) => {
             let mut body = json!({
@@ -496,7 +506,7 @@ async fn readyz(State(state): State<QueryState>, Query(query): Query<ReadyQuery>
 
 async fn hold(State(state): State<QueryState>, Path(id): Path<String>) -> Response {
     let row: Result<Option<views::HoldRow>, Problem> =
-        read_row(&state.served.current().database, views::HOLDS, id.as_str());
+        view_database(&state).and_then(|database| read_row(&database, views::HOLDS, id.as_str()));
     match row {
         Ok(Some(row)) => {
             let expires_at = OffsetDateTime::from_unix_timestamp(row.expires_at)
@@ -523,11 +533,8 @@ async fn hold(State(state): State<QueryState>, Path(id): Path<String>) -> Respon
 
 /// The conservation audit at the last settled position the view has applied.
 async fn audit(State(state): State<QueryState>) -> Response {
-    let row: Result<Option<AuditRow>, Problem> = read_row(
-        &state.served.current().database,
-        views::AUDIT,
-        views::AUDIT_SETTLED,
-    );
+    let row: Result<Option<AuditRow>, Problem> = view_database(&state)
+        .and_then(|database| read_row(&database, views::AUDIT, views::AUDIT_SETTLED));
     match row {
         Ok(row) => {
             let row = row.unwrap_or_default();
@@ -661,7 +668,7 @@ mod tests {
         let (_applied, receiver) = tokio::sync::watch::channel(0);
         std::mem::forget(_applied); // the view stays at 0, never closed
         let view = View {
-            database,
+            database: Some(database),
             health: Arc::default(),
             integrity: Arc::default(),
             applied: receiver,

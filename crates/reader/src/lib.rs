@@ -17,6 +17,7 @@ pub mod openapi;
 pub mod rebuild;
 pub mod served;
 pub mod service;
+pub mod storage;
 pub mod stream_end;
 pub mod views;
 

@@ -156,11 +156,12 @@ impl Rebuilder {
     /// an earlier rebuild swapped its view in but could not finish (restart the reader first).
     pub fn start(self: &Arc<Self>) -> Result<RebuildStatus, Refusal> {
         let serving = self.served.current();
-        let set_up = serving
-            .health
-            .start_known
-            .load(std::sync::atomic::Ordering::Acquire)
-            || serving.health.failure().is_some();
+        let set_up = serving.database.is_some()
+            && (serving
+                .health
+                .start_known
+                .load(std::sync::atomic::Ordering::Acquire)
+                || serving.health.failure().is_some());
         let status = {
             let mut status = self.lock_status();
             if status.running() {
@@ -268,15 +269,19 @@ impl Rebuilder {
                 return Err(Failure::Abandoned(error));
             }
         }
+        let maintenance = self.served.maintenance.lock().await;
         if let Err(error) = self.swap_in(view.clone(), engine.take()).await {
             drop(view);
             drop(database);
             self.forget(&consumer, &path).await;
             return Err(Failure::Abandoned(error));
         }
-        self.finish(database, &view, &path, &consumer)
+        let finished = self
+            .finish(database, &view, &path, &consumer)
             .await
-            .map_err(Failure::Unfinished)
+            .map_err(Failure::Unfinished);
+        drop(maintenance);
+        finished
     }
 
     /// Waits until the new view has applied what the serving view has (or, if the serving view
@@ -352,10 +357,14 @@ impl Rebuilder {
 
     /// Starts the serving view's engine again, on its own consumer.
     async fn restart(&self, serving: &View) {
+        let Some(database) = serving.database.clone() else {
+            tracing::error!("the serving view's file is closed; its engine was not restarted");
+            return;
+        };
         let started = start_view(
             &self.log,
             StartView {
-                database: serving.database.clone(),
+                database,
                 consumer_name: &serving.consumer_name,
                 crash_after_commits: None,
                 ready: std::future::ready(()),

@@ -25,7 +25,8 @@ use crate::views::{Integrity, LedgerViews};
 
 /// One view: its redb file, its engine's health and applied position, and how to stop it.
 pub struct View {
-    pub database: Arc<Database>,
+    /// `None` while the file is closed to be reopened after a storage failure.
+    pub database: Option<Arc<Database>>,
     pub health: Arc<ViewHealth>,
     pub integrity: Arc<Integrity>,
     /// The engine's applied position (a `watch` the engine updates after each commit).
@@ -68,6 +69,9 @@ struct Slot {
 pub struct Served {
     slot: Mutex<Slot>,
     position: watch::Sender<u64>,
+    /// Held by whoever replaces the view and its engine (a rebuild, a storage recovery), so
+    /// two replacements never interleave.
+    pub maintenance: tokio::sync::Mutex<()>,
 }
 
 impl Served {
@@ -80,6 +84,7 @@ impl Served {
                 engine: Some(engine),
             }),
             position,
+            maintenance: tokio::sync::Mutex::new(()),
         });
         let follower = served.current().applied.clone();
         served.follow(0, follower);
@@ -214,7 +219,7 @@ where
         engine = engine.with_health(view.health.clone());
     }
     let view = View {
-        database: start.database,
+        database: Some(start.database),
         health: engine.health(),
         integrity,
         applied: engine.applied(),

@@ -40,6 +40,8 @@ pub struct ReaderConfig {
     /// Most requests waiting for `min_position` at once; more are answered `503` at once
     /// (`COFFER_MAX_POSITION_WAITERS`, default 1 024).
     pub max_position_waiters: usize,
+    /// Storage failpoint for tests: while this file exists, writes to the view file fail.
+    pub failpoint_storage_file: Option<PathBuf>,
 }
 
 const SETUP_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -68,8 +70,8 @@ pub async fn run(
         .map_err(Error::Storage)?;
     let path = config.data_directory.join(crate::rebuild::VIEWS_FILE);
     let database = Arc::new(
-        redb::Database::create(&path)
-            .map_err(|error| Error::Storage(format!("open {}: {error}", path.display())))?,
+        crate::storage::open(&path, config.failpoint_storage_file.as_deref())
+            .map_err(Error::Storage)?,
     );
 
     // Listen before consuming, so the port is up as soon as the view starts to move.
@@ -123,6 +125,13 @@ pub async fn run(
         stop_receiver.clone(),
     );
 
+    let recovery = tokio::spawn(crate::storage::recover(
+        served.clone(),
+        log.clone(),
+        path.clone(),
+        config.failpoint_storage_file.clone(),
+        stop_receiver.clone(),
+    ));
     tracing::info!(address = %config.http_address, reader = %config.reader_name, "reader HTTP API listening");
     let state = QueryState {
         served: served.clone(),
@@ -139,6 +148,7 @@ pub async fn run(
     tracing::info!("shutting down the reader");
     let _ = stop_sender.send(true);
     let stopped = async {
+        let _ = recovery.await;
         rebuilder.stopped().await;
         if let Some(engine) = served.take_engine() {
             engine.stop().await;
