@@ -169,3 +169,57 @@ async fn idle_connections_past_the_limit_wait_and_are_cut_off_by_the_header_time
         assert!(until_closed(stream, Duration::from_secs(5)).await.is_some());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off() {
+    let nats = NatsServer::start();
+    let writer = support::writer(
+        "w",
+        &nats.url(),
+        &[("COFFER_HTTP_BODY_TIMEOUT_MS", "1000".into())],
+    );
+    let address = writer.url().trim_start_matches("http://").to_owned();
+    let mut stream = TcpStream::connect(&address).await.unwrap();
+    // Pipelined requests for a large document, far more than the socket buffers hold, and no
+    // reading: the server's writes stall.
+    let request = b"GET /openapi.json HTTP/1.1\r\nHost: coffer\r\n\r\n";
+    let pipelined: Vec<u8> = request
+        .iter()
+        .copied()
+        .cycle()
+        .take(request.len() * 2_000)
+        .collect();
+    let (mut reader, mut sender) = stream.into_split();
+    let sending = tokio::spawn(async move {
+        let _ = sender.write_all(&pipelined).await;
+        sender
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Now read: what was buffered arrives, then the server's close, long before 2 000 answers.
+    let mut received = 0usize;
+    let mut buffer = vec![0u8; 1 << 16];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout_at(deadline, reader.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(read)) => received += read,
+            Err(_) => panic!("the stalled connection was never closed ({received} bytes read)"),
+        }
+    }
+    assert!(
+        received < 2_000 * 50_000,
+        "every answer arrived: {received} bytes"
+    );
+    drop(sending);
+    stream = TcpStream::connect(&address).await.unwrap();
+    drop(stream);
+    // The server is fine for everyone else.
+    let account = support::unique("after");
+    assert_eq!(
+        Http::new()
+            .open_account(&writer.url(), &account)
+            .await
+            .status,
+        201
+    );
+}

@@ -54,11 +54,21 @@ enum Commands {
         #[command(subcommand)]
         command: account::AccountCommand,
     },
+    /// Creates or updates what the services use (streams COFFER_EVENTS and COFFER_SCHEDULES,
+    /// the writers' shared hold-expiry consumer) without weakening what exists; run it with
+    /// the setup role when the services' NATS users may not (a Kubernetes Job). Idempotent.
+    Setup(SetupArgs),
     /// Operator views of a reader's projection.
     Projection {
         #[command(subcommand)]
         command: ProjectionCommand,
     },
+}
+
+#[derive(Args)]
+struct SetupArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
 }
 
 #[derive(Args)]
@@ -170,6 +180,10 @@ struct NatsArgs {
     /// Client key for mutual TLS.
     #[arg(long = "nats-tls-key", env = "COFFER_NATS_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// Prefix of this client's reply inboxes (each role its own, e.g. `_INBOX_writer`, so
+    /// permissions keep other users' replies private).
+    #[arg(long = "nats-inbox-prefix", env = "COFFER_NATS_INBOX_PREFIX")]
+    inbox_prefix: Option<String>,
     /// Replicas of the event stream and buckets: 1 on one node, 3 in a cluster.
     #[arg(
         long = "stream-replicas",
@@ -198,6 +212,7 @@ impl NatsArgs {
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             client_name: client_name.into(),
+            inbox_prefix: self.inbox_prefix.clone(),
         }
     }
 
@@ -247,26 +262,32 @@ struct WriterArgs {
 #[derive(Args)]
 struct HttpLimitsArgs {
     /// Connections served at once; more wait in the listen backlog.
-    #[arg(long, env = "COFFER_HTTP_MAX_CONNECTIONS", default_value_t = 4_096)]
-    http_max_connections: usize,
+    #[arg(long, env = "COFFER_HTTP_MAX_CONNECTIONS", default_value_t = 4_096,
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    http_max_connections: u32,
     /// Time to receive a request's headers (slow clients are cut off).
-    #[arg(long, env = "COFFER_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "COFFER_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     http_header_timeout_ms: u64,
     /// Time to receive a request's body: then 408.
-    #[arg(long, env = "COFFER_HTTP_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "COFFER_HTTP_BODY_TIMEOUT_MS", default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     http_body_timeout_ms: u64,
     /// Time for a whole request: then 408 (longer than the command deadline plus its grace).
-    #[arg(long, env = "COFFER_HTTP_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(long, env = "COFFER_HTTP_REQUEST_TIMEOUT_MS", default_value_t = 30_000,
+        value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     http_request_timeout_ms: u64,
 }
 
 impl HttpLimitsArgs {
     fn limits(&self) -> problem::HttpLimits {
         problem::HttpLimits {
-            max_connections: self.http_max_connections,
+            max_connections: self.http_max_connections as usize,
             header_read_timeout: Duration::from_millis(self.http_header_timeout_ms),
             body_read_timeout: Duration::from_millis(self.http_body_timeout_ms),
             request_timeout: Duration::from_millis(self.http_request_timeout_ms),
+            // Within the contract's 10 s for a SIGTERM, with room for the rest of the stop.
+            drain_timeout: Duration::from_secs(7),
         }
     }
 }
@@ -335,8 +356,9 @@ struct ReaderArgs {
     #[arg(long, env = "COFFER_FAILPOINT_STORAGE_FILE", hide = true)]
     failpoint_storage_file: Option<PathBuf>,
     /// Most requests waiting for `min_position` at once; more are answered 503 at once.
-    #[arg(long, env = "COFFER_MAX_POSITION_WAITERS", default_value_t = 1_024)]
-    max_position_waiters: usize,
+    #[arg(long, env = "COFFER_MAX_POSITION_WAITERS", default_value_t = 1_024,
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_position_waiters: u32,
     #[command(flatten)]
     token: TokenArgs,
     #[command(flatten)]
@@ -537,6 +559,48 @@ async fn import(args: ImportArgs) -> anyhow::Result<bool> {
     Ok(refused.is_empty())
 }
 
+/// `coffer setup`: streams and the shared consumer, checked after; prints what it found.
+async fn setup(args: SetupArgs) -> anyhow::Result<()> {
+    let client = connected(&args.nats, "coffer-setup").await?;
+    let settings = args.nats.stream();
+    let context = async_nats::jetstream::new(client);
+    settings
+        .ensure(&context)
+        .await
+        .context("create or update the streams")?;
+    // `ensure` tolerates an update it may not make (services run it too); setup must not.
+    let mut events = context
+        .get_stream(&settings.name)
+        .await
+        .context("the event stream")?;
+    let current = events.info().await.context("stream info")?.config.clone();
+    anyhow::ensure!(
+        settings.merged_into(&current) == current,
+        "stream {} could not be brought up to date: does this user have the setup role?",
+        settings.name
+    );
+    let schedules = context
+        .get_stream(&settings.schedules_name)
+        .await
+        .context("the schedules stream")?;
+    schedules
+        .get_or_create_consumer(
+            writer::expiry::CONSUMER_NAME,
+            writer::expiry::consumer_config(),
+        )
+        .await
+        .map_err(|error| anyhow::anyhow!("the hold-expiry consumer: {error}"))?;
+    let summary = serde_json::json!({
+        "streams": [
+            {"name": settings.name, "replicas": current.num_replicas, "subjects": current.subjects},
+            {"name": settings.schedules_name},
+        ],
+        "consumers": [{"stream": settings.schedules_name, "name": writer::expiry::CONSUMER_NAME}],
+    });
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
 /// `coffer projection status`: one JSON object.
 async fn projection_status(args: StatusArgs) -> anyhow::Result<()> {
     let client = connected(&args.nats, "coffer-projection-status").await?;
@@ -675,6 +739,7 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1)
             }
         }
+        Commands::Setup(args) => setup(args).await,
         Commands::Account { command } => {
             if account::run(command).await? {
                 Ok(())
@@ -741,7 +806,7 @@ async fn main() -> anyhow::Result<()> {
                 ready_max_lag: args.ready_max_lag,
                 http_token: args.token.token()?,
                 http_limits: args.limits.limits(),
-                max_position_waiters: args.max_position_waiters,
+                max_position_waiters: args.max_position_waiters as usize,
                 failpoint_storage_file: args.failpoint_storage_file,
             };
             reader::run(config, shutdown_signal()).await?;

@@ -23,6 +23,9 @@ pub struct NatsSettings {
     pub tls_key: Option<PathBuf>,
     /// Connection name shown by `nats server report connections`.
     pub client_name: String,
+    /// Prefix of this client's reply inboxes (`COFFER_NATS_INBOX_PREFIX`; NATS's `_INBOX` when
+    /// unset): give each role its own, so permissions can keep others' replies private.
+    pub inbox_prefix: Option<String>,
 }
 
 /// How long one connection attempt may take. Short, so a dead server is noticed quickly.
@@ -44,6 +47,9 @@ impl NatsSettings {
             });
         if let (Some(user), Some(password)) = (&self.user, &self.password) {
             options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(prefix) = &self.inbox_prefix {
+            options = options.custom_inbox_prefix(prefix.clone());
         }
         if let Some(token) = &self.token {
             options = options.token(token.clone());

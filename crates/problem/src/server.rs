@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
-use axum::http::StatusCode;
+use axum::response::IntoResponse as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -23,11 +23,17 @@ pub struct HttpLimits {
     /// From a connection's first byte (or the end of the previous request) to the end of the
     /// request headers (`COFFER_HTTP_HEADER_TIMEOUT_MS`).
     pub header_read_timeout: Duration,
-    /// Reading the request body (`COFFER_HTTP_BODY_TIMEOUT_MS`): `408 request_timeout`.
+    /// The longest pause while reading a request body (`COFFER_HTTP_BODY_TIMEOUT_MS`):
+    /// `408 request_timeout`. Also the longest a response write may stall (a client that
+    /// does not read): the connection is then closed.
     pub body_read_timeout: Duration,
-    /// The whole request, handler included (`COFFER_HTTP_REQUEST_TIMEOUT_MS`): `408`. Longer
-    /// than any answer the services wait for (a writer's command deadline plus grace).
+    /// The whole request, handler included (`COFFER_HTTP_REQUEST_TIMEOUT_MS`): `408
+    /// request_timeout`. Longer than any answer the services wait for (a writer's command
+    /// deadline plus grace), so a writer always answers before it.
     pub request_timeout: Duration,
+    /// How long open connections may take to finish after the stop signal; then they are
+    /// dropped.
+    pub drain_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -37,6 +43,7 @@ impl Default for HttpLimits {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(8),
         }
     }
 }
@@ -49,13 +56,24 @@ pub async fn serve(
     limits: HttpLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let request_timeout = limits.request_timeout;
     let router = router
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
             limits.body_read_timeout,
         ))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            limits.request_timeout,
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+                match tokio::time::timeout(request_timeout, next.run(request)).await {
+                    Ok(response) => response,
+                    Err(_) => crate::Problem::new(
+                        408,
+                        "request_timeout",
+                        "Request timeout",
+                        format!("the request took longer than {request_timeout:?}"),
+                    )
+                    .into_response(),
+                }
+            },
         ));
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let (stop, stopped) = watch::channel(false);
@@ -64,7 +82,10 @@ pub async fn serve(
         let _ = stop.send(true);
     });
     let mut accepting = stopped.clone();
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        // Reap finished connection tasks as we go.
+        while connections.try_join_next().is_some() {}
         let permit = tokio::select! {
             permit = permits.clone().acquire_owned() => permit,
             _ = stop_signalled(&mut accepting) => break,
@@ -89,7 +110,8 @@ pub async fn serve(
             },
         );
         let mut stopped = stopped.clone();
-        tokio::spawn(async move {
+        let stream = WriteTimeout::new(stream, limits.body_read_timeout);
+        connections.spawn(async move {
             let _permit = permit;
             // HTTP/1.1 only: its header timeout also covers a connection that sends nothing
             // (protocol auto-detection would wait for a first byte without one).
@@ -116,10 +138,98 @@ pub async fn serve(
             }
         });
     }
-    // Wait for the connections to drain: every permit back.
-    let _ = permits
-        .acquire_many(u32::try_from(limits.max_connections.max(1)).unwrap_or(u32::MAX))
-        .await;
+    // New connections now wait in no backlog of ours.
+    drop(listener);
+    // Let the connections drain, within the bound; then drop what is left.
+    let drained = tokio::time::timeout(limits.drain_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            "connections still open after the drain timeout; closing them"
+        );
+        connections.shutdown().await;
+    }
+}
+
+/// A connection whose writes fail once they make no progress for `timeout` (a client that
+/// stops reading would otherwise hold its connection, and a shutdown, forever).
+struct WriteTimeout<T> {
+    inner: T,
+    timeout: Duration,
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteTimeout<T> {
+    fn new(inner: T, timeout: Duration) -> Self {
+        Self {
+            inner,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// Turns a pending write into an error once it has been pending for the timeout.
+    fn watch<R>(
+        &mut self,
+        context: &mut std::task::Context<'_>,
+        poll: std::task::Poll<std::io::Result<R>>,
+    ) -> std::task::Poll<std::io::Result<R>> {
+        use std::future::Future as _;
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let timeout = self.timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match stalled.as_mut().poll(context) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteTimeout<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffer: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(context, buffer)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteTimeout<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write(context, data);
+        self.watch(context, poll)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_flush(context);
+        self.watch(context, poll)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(context)
+    }
 }
 
 /// Completes once the stop signal is set. (The guard `wait_for` returns is not `Send`; it is

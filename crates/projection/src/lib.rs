@@ -559,7 +559,11 @@ impl<P: Projector> Engine<P> {
                 commit(&database, projector.as_ref(), &events, newest).map(|()| events)
             })
             .await
-            .map_err(storage)??;
+            // A panic in the views' code is not a storage fault: stop, do not reopen.
+            .map_err(|error| Error::Poison {
+                position: newest,
+                message: format!("applying the batch panicked: {error}"),
+            })??;
             self.log_applied(&events);
             self.health.events_applied.add(count);
             self.health.batches_committed.increment();

@@ -174,7 +174,13 @@ fn min_position(query: Option<&str>, headers: &HeaderMap) -> Result<Option<u64>,
 /// failure.
 fn view_database(state: &QueryState) -> Result<Arc<Database>, Problem> {
     let view = state.served.current();
-    view.database.clone().ok_or_else(|| {
+    // Between a failed commit and the file's closing, redb refuses reads too: say so.
+    let failed = view
+        .health
+        .storage_failed
+        .load(std::sync::atomic::Ordering::Acquire);
+    let database = if failed { None } else { view.database.clone() };
+    database.ok_or_else(|| {
         Problem::unavailable(
             "unavailable",
             format!(
@@ -669,6 +675,7 @@ mod tests {
         std::mem::forget(_applied); // the view stays at 0, never closed
         let view = View {
             database: Some(database),
+            path: data.path().join("views.redb"),
             health: Arc::default(),
             integrity: Arc::default(),
             applied: receiver,

@@ -248,6 +248,7 @@ impl Rebuilder {
             &self.log,
             StartView {
                 database: database.clone(),
+                path: path.clone(),
                 consumer_name: &consumer,
                 crash_after_commits: None,
                 ready: std::future::ready(()),
@@ -365,6 +366,7 @@ impl Rebuilder {
             &self.log,
             StartView {
                 database,
+                path: serving.path.clone(),
                 consumer_name: &serving.consumer_name,
                 crash_after_commits: None,
                 ready: std::future::ready(()),
@@ -410,6 +412,7 @@ impl Rebuilder {
             &self.log,
             StartView {
                 database,
+                path: serving.clone(),
                 consumer_name: &self.reader_name,
                 crash_after_commits: None,
                 ready: std::future::ready(()),
@@ -502,6 +505,7 @@ mod tests {
         let database = Arc::new(redb::Database::create(data.path().join(VIEWS_FILE)).unwrap());
         let start = StartView {
             database,
+            path: data.path().join(VIEWS_FILE),
             consumer_name: "unit",
             crash_after_commits: None,
             ready: std::future::ready(()),

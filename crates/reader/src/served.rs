@@ -27,6 +27,8 @@ use crate::views::{Integrity, LedgerViews};
 pub struct View {
     /// `None` while the file is closed to be reopened after a storage failure.
     pub database: Option<Arc<Database>>,
+    /// The file's path (`views.redb`, or the rebuild's file until it is renamed).
+    pub path: std::path::PathBuf,
     pub health: Arc<ViewHealth>,
     pub integrity: Arc<Integrity>,
     /// The engine's applied position (a `watch` the engine updates after each commit).
@@ -192,6 +194,7 @@ impl Served {
 /// How to start a view's engine.
 pub struct StartView<'a, R> {
     pub database: Arc<Database>,
+    pub path: std::path::PathBuf,
     pub consumer_name: &'a str,
     pub crash_after_commits: Option<u64>,
     /// Completes once the stream exists; the engine starts then (or never, if stopped first).
@@ -220,6 +223,7 @@ where
     }
     let view = View {
         database: Some(start.database),
+        path: start.path,
         health: engine.health(),
         integrity,
         applied: engine.applied(),

@@ -109,6 +109,7 @@ pub async fn run(
         &log,
         crate::served::StartView {
             database,
+            path: path.clone(),
             consumer_name: &config.reader_name,
             crash_after_commits: config.crash_after_commits,
             ready: stream_ready,
@@ -128,7 +129,6 @@ pub async fn run(
     let recovery = tokio::spawn(crate::storage::recover(
         served.clone(),
         log.clone(),
-        path.clone(),
         config.failpoint_storage_file.clone(),
         stop_receiver.clone(),
     ));

@@ -23,8 +23,11 @@ use crate::served::{start_view, Served, StartView, View};
 const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 const REOPEN_BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// How long reads in flight may keep the failed file open before it is reopened anyway.
+/// How long to wait for reads in flight to let go of the failed file before trying to reopen
+/// (a reopen while they hold it fails and is retried).
 const RELEASE_WAIT_MAX: Duration = Duration::from_secs(10);
+/// A view that ran this long after a reopen starts the next recovery at the first backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
 
 /// Opens (or creates) the view file; with `failpoint`, writes fail while that file exists (a
 /// test's stand-in for a full disk, exercising redb's real failure path).
@@ -55,34 +58,38 @@ pub fn open(path: &Path, failpoint: Option<&Path>) -> Result<Database, String> {
 pub async fn recover(
     served: Arc<Served>,
     log: EventLog,
-    path: PathBuf,
     failpoint: Option<PathBuf>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Kept across failures: a disk that fails again soon after a reopen is retried ever more
+    // slowly instead of every check interval.
+    let mut backoff = REOPEN_BACKOFF_FIRST;
+    let mut last_reopened: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(CHECK_INTERVAL) => {}
             _ = shutdown.changed() => return,
         }
-        let failed = served
-            .current()
-            .health
-            .storage_failed
-            .load(std::sync::atomic::Ordering::Acquire);
-        if !failed {
+        if !storage_failed(&served.current()) {
             continue;
         }
         let _maintenance = served.maintenance.lock().await;
+        // A rebuild may have replaced the failed view while we waited for the lock.
         let serving = served.current();
-        if serving.database.is_none() {
+        if !storage_failed(&serving) || serving.database.is_none() {
             continue;
         }
+        if last_reopened.is_none_or(|at| at.elapsed() > STABLE_AFTER) {
+            backoff = REOPEN_BACKOFF_FIRST;
+        }
+        let path = serving.path.clone();
         tracing::warn!(path = %path.display(), "reopening the view file after a storage failure");
         if let Some(engine) = served.take_engine() {
             engine.stop().await;
         }
         let closed = Arc::new(View {
             database: None,
+            path: path.clone(),
             health: serving.health.clone(),
             integrity: serving.integrity.clone(),
             applied: serving.applied.clone(),
@@ -94,52 +101,64 @@ pub async fn recover(
         };
         drop(serving);
         if let Some(database) = released {
+            // Reads in flight hold the file; redb refuses a second open while they do.
             let deadline = tokio::time::Instant::now() + RELEASE_WAIT_MAX;
             while Arc::strong_count(&database) > 1 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             drop(database);
         }
-        let mut backoff = REOPEN_BACKOFF_FIRST;
         loop {
-            if *shutdown.borrow() {
-                return;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => return,
             }
-            match reopen(&closed, &log, &path, failpoint.as_deref()) {
+            backoff = (backoff * 2).min(REOPEN_BACKOFF_MAX);
+            match reopen(&closed, &log, failpoint.clone()).await {
                 Ok((view, engine)) => {
                     closed.health.recovered();
-                    if served.swap(Arc::new(view), Some(engine), false).is_err() {
+                    // The file is the truth: if it holds less than was served (it cannot,
+                    // the checkpoint is committed with the rows), serve it anyway.
+                    let view = Arc::new(view);
+                    if let Err((view, engine)) = served.swap(view, Some(engine), false) {
                         tracing::error!("the reopened view is behind the served position");
+                        let _ = served.swap(view, engine, true);
                     }
+                    last_reopened = Some(tokio::time::Instant::now());
                     tracing::info!(path = %path.display(), "view file reopened; the view resumes");
                     break;
                 }
                 Err(error) => {
                     tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "the view file cannot be reopened yet");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => return,
-                    }
-                    backoff = (backoff * 2).min(REOPEN_BACKOFF_MAX);
                 }
             }
         }
     }
 }
 
-/// Opens the file again and starts its engine, continuing the closed view's health. Fails
-/// (to be retried) while the disk refuses writes: opening the engine writes.
-fn reopen(
+fn storage_failed(view: &View) -> bool {
+    view.health
+        .storage_failed
+        .load(std::sync::atomic::Ordering::Acquire)
+}
+
+/// Opens the file again (off the async threads: opening may repair it) and starts its engine,
+/// continuing the closed view's health. Fails, to be retried, while the disk refuses writes:
+/// opening the engine writes.
+async fn reopen(
     closed: &View,
     log: &EventLog,
-    path: &Path,
-    failpoint: Option<&Path>,
+    failpoint: Option<PathBuf>,
 ) -> Result<(View, crate::served::Running), String> {
-    let database = Arc::new(open(path, failpoint)?);
+    let path = closed.path.clone();
+    let database = tokio::task::spawn_blocking(move || open(&path, failpoint.as_deref()))
+        .await
+        .map_err(|error| error.to_string())??;
     start_view(
         log,
         StartView {
-            database,
+            database: Arc::new(database),
+            path: closed.path.clone(),
             consumer_name: &closed.consumer_name,
             crash_after_commits: None,
             ready: std::future::ready(()),

@@ -2,7 +2,7 @@
 //! waits for a position the stream does not hold (yet), instead of holding it for the whole
 //! `min_position` bound.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use eventlog::EventLog;
@@ -13,9 +13,7 @@ const REFRESH_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct StreamEnd {
     log: EventLog,
     last: AtomicU64,
-    /// Whether `last` was ever read from the server.
-    known: AtomicBool,
-    /// When the last lookup started: reads that asked before it share its answer.
+    /// When the last *successful* lookup started: reads that asked before it share its answer.
     looked_up: Mutex<Option<Instant>>,
 }
 
@@ -24,7 +22,6 @@ impl StreamEnd {
         Self {
             log,
             last: AtomicU64::new(0),
-            known: AtomicBool::new(false),
             looked_up: Mutex::new(None),
         }
     }
@@ -38,20 +35,20 @@ impl StreamEnd {
             return None;
         }
         let asked = Instant::now();
-        {
-            let mut looked_up = self.looked_up.lock().await;
-            if looked_up.is_none_or(|started| started < asked) {
-                let started = Instant::now();
-                if let Ok(Ok(last)) =
-                    tokio::time::timeout(REFRESH_TIMEOUT, self.log.last_position()).await
-                {
-                    self.last.fetch_max(last, Ordering::AcqRel);
-                    self.known.store(true, Ordering::Release);
-                }
+        let mut looked_up = self.looked_up.lock().await;
+        if looked_up.is_none_or(|started| started < asked) {
+            let started = Instant::now();
+            if let Ok(Ok(last)) =
+                tokio::time::timeout(REFRESH_TIMEOUT, self.log.last_position()).await
+            {
+                self.last.fetch_max(last, Ordering::AcqRel);
                 *looked_up = Some(started);
             }
         }
+        // Only a lookup that started after the question answers it: a failed one (NATS
+        // unreachable) leaves the read to wait as usual.
+        let fresh = looked_up.is_some_and(|started| started >= asked);
         let last = self.last.load(Ordering::Acquire);
-        (self.known.load(Ordering::Acquire) && position > last).then_some(last)
+        (fresh && position > last).then_some(last)
     }
 }

@@ -92,6 +92,9 @@ pub struct NatsServer {
     directory: tempfile::TempDir,
     routes: Vec<u16>,
     child: Option<Child>,
+    /// Appended to the generated configuration (an `include`, say).
+    extra_config: String,
+    environment: Vec<(String, String)>,
 }
 
 impl NatsServer {
@@ -100,22 +103,42 @@ impl NatsServer {
         Self::start_node("n1".into(), free_port(), None, Vec::new())
     }
 
+    /// Starts a single-node server with `extra_config` appended to its configuration and
+    /// `environment` set (NATS config variables such as `$PASSWORD` read it).
+    pub fn start_with(extra_config: &str, environment: &[(&str, &str)]) -> Self {
+        let mut server = Self::prepare("n1".into(), free_port(), None, Vec::new());
+        server.extra_config = extra_config.to_owned();
+        server.environment = environment
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect();
+        server.write_config();
+        server.spawn();
+        server
+    }
+
     fn start_node(name: String, port: u16, cluster_port: Option<u16>, routes: Vec<u16>) -> Self {
+        let mut server = Self::prepare(name, port, cluster_port, routes);
+        server.write_config();
+        server.spawn();
+        server
+    }
+
+    fn prepare(name: String, port: u16, cluster_port: Option<u16>, routes: Vec<u16>) -> Self {
         let directory = tempfile::Builder::new()
             .prefix("coffer-nats-")
             .tempdir()
             .expect("temp dir");
-        let mut server = Self {
+        Self {
             port,
             cluster_port,
             name,
             directory,
             routes,
             child: None,
-        };
-        server.write_config();
-        server.spawn();
-        server
+            extra_config: String::new(),
+            environment: Vec::new(),
+        }
     }
 
     fn write_config(&self) {
@@ -137,6 +160,8 @@ impl NatsServer {
                 routes.join(", ")
             ));
         }
+        config.push_str(&self.extra_config);
+        config.push('\n');
         let mut file = std::fs::File::create(self.config_path()).expect("write nats config");
         file.write_all(config.as_bytes())
             .expect("write nats config");
@@ -159,6 +184,7 @@ impl NatsServer {
         let mut child = Command::new(nats_server_binary())
             .arg("-c")
             .arg(self.config_path())
+            .envs(self.environment.iter().map(|(key, value)| (key, value)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

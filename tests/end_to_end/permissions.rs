@@ -1,0 +1,297 @@
+//! The whole system under the shipped least-privilege configuration (`nats/accounts.conf`):
+//! `coffer setup` (setup role) makes the streams, writer and reader run as their own users, and
+//! every forbidden action is refused for each role.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use serde_json::json;
+use testkit::NatsServer;
+
+use crate::support::{self, Http};
+
+const PASSWORDS: [(&str, &str); 3] = [
+    ("COFFER_NATS_SETUP_PASSWORD", "setup-secret"),
+    ("COFFER_NATS_WRITER_PASSWORD", "writer-secret"),
+    ("COFFER_NATS_READER_PASSWORD", "reader-secret"),
+];
+
+fn server() -> NatsServer {
+    // nats-server resolves includes against the including file's directory: inline the file.
+    let accounts =
+        std::fs::read_to_string(testkit::workspace_root().join("nats/accounts.conf")).unwrap();
+    NatsServer::start_with(&accounts, &PASSWORDS)
+}
+
+fn role_environment(user: &str, password: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("COFFER_NATS_USER", user.to_owned()),
+        ("COFFER_NATS_PASSWORD", password.to_owned()),
+        ("COFFER_NATS_INBOX_PREFIX", format!("_INBOX_{user}")),
+    ]
+}
+
+async fn connect_as(url: &str, user: &str, password: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .custom_inbox_prefix(format!("_INBOX_{user}"))
+        .request_timeout(Some(Duration::from_millis(1_500)))
+        .connect(url)
+        .await
+        .unwrap()
+}
+
+/// Messages and configuration of the event stream, as the setup role sees them.
+async fn events_state(setup: &jetstream::Context) -> (u64, i64) {
+    let mut stream = setup.get_stream("COFFER_EVENTS").await.unwrap();
+    let info = stream.info().await.unwrap();
+    (info.state.last_sequence, info.config.max_messages)
+}
+
+/// Whether anything arrives on `subscription` within a short while.
+async fn receives(mut subscription: async_nats::Subscriber) -> bool {
+    tokio::time::timeout(Duration::from_millis(400), subscription.next())
+        .await
+        .is_ok_and(|message| message.is_some())
+}
+
+/// The forbidden JetStream actions a role may try; each must fail and change nothing.
+async fn assert_no_stream_management(role: &str, context: &jetstream::Context) {
+    assert!(
+        context.delete_stream("COFFER_EVENTS").await.is_err(),
+        "{role} deleted the stream"
+    );
+    let mut config = jetstream::stream::Config {
+        name: "COFFER_EVENTS".into(),
+        max_messages: 1,
+        ..Default::default()
+    };
+    config.subjects = vec!["coffer.append.>".into()];
+    assert!(
+        context.update_stream(config).await.is_err(),
+        "{role} updated the stream"
+    );
+    assert!(
+        context
+            .create_stream(jetstream::stream::Config {
+                name: format!("ROGUE_{}", role.to_uppercase()),
+                subjects: vec![format!("rogue.{role}.>")],
+                ..Default::default()
+            })
+            .await
+            .is_err(),
+        "{role} created a stream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_does_its_work_and_nothing_else() {
+    let nats = server();
+    let url = nats.url();
+    let writer = testkit::CofferProcess::start("w", "writer", &{
+        let mut environment = role_environment("writer", "writer-secret");
+        environment.push(("COFFER_NATS_URL", url.clone()));
+        environment
+    });
+    let data = tempfile::tempdir().unwrap();
+    let reader = support::reader(
+        "reader-0",
+        &url,
+        data.path(),
+        &role_environment("reader", "reader-secret"),
+    );
+    // Without the streams, and without the right to make them, the services wait.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        support::status_of(&format!("{}/readyz", writer.url())).unwrap(),
+        503
+    );
+
+    let output = std::process::Command::new(testkit::coffer_binary())
+        .arg("setup")
+        .env("COFFER_NATS_URL", &url)
+        .env("COFFER_NATS_USER", "setup")
+        .env("COFFER_NATS_PASSWORD", "setup-secret")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    support::wait_ready(&writer.url());
+    support::wait_ready(&reader.url());
+
+    // The work: accounts, a transfer, a hold that expires (the shared consumer), reads.
+    let http = Http::new();
+    let (w, r) = (writer.url(), reader.url());
+    let (a, b) = (support::unique("perm-a"), support::unique("perm-b"));
+    for account in [&a, &b] {
+        assert_eq!(http.open_account(&w, account).await.status, 201);
+    }
+    http.deposit(&w, &a, &json!({"amount": 100}), None)
+        .await
+        .unwrap();
+    let transfer = http
+        .post(
+            &format!("{w}/v1/transfers"),
+            &json!({"from": a, "to": b, "amount": 30}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(transfer.status, 201, "{:?}", transfer.body);
+    let hold = http
+        .post(
+            &format!("{w}/v1/holds"),
+            &json!({"from": a, "to": b, "amount": 20, "expires_in_seconds": 1}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(hold.status, 201, "{:?}", hold.body);
+    let hold_id = hold.body["hold_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let view = http.get(&format!("{r}/v1/holds/{hold_id}")).await.unwrap();
+        if view.body["status"] == "expired" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hold never expired: {:?}",
+            view.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let read = http
+        .get(&format!(
+            "{r}/v1/accounts/{b}?min_position={}",
+            transfer.body["position"]
+        ))
+        .await
+        .unwrap();
+    assert_eq!(read.body["balance"], 30);
+    // NATS clients reach the writers' micro service (here as the setup role).
+    let setup_client = connect_as(&url, "setup", "setup-secret").await;
+    let reply = setup_client
+        .request(format!("coffer.cmd.{a}.deposit"), r#"{"amount":1}"#.into())
+        .await
+        .unwrap();
+    assert!(reply.headers.is_none(), "{:?}", reply.payload);
+
+    let setup = jetstream::new(setup_client.clone());
+    let (last_before, max_before) = events_state(&setup).await;
+    // What `nats sub 'coffer.events.>'` users see: only the stream may publish there.
+    let watcher = setup_client.subscribe("coffer.events.>").await.unwrap();
+    setup_client.flush().await.unwrap();
+
+    // The writer's user.
+    let writer_client = connect_as(&url, "writer", "writer-secret").await;
+    let writer_js = jetstream::new(writer_client.clone());
+    writer_client
+        .publish(format!("coffer.events.{a}.deposited"), "forged".into())
+        .await
+        .unwrap();
+    writer_client.flush().await.unwrap();
+    assert_no_stream_management("writer", &writer_js).await;
+    let readers_consumer = writer_js
+        .get_stream("COFFER_EVENTS")
+        .await
+        .unwrap()
+        .delete_consumer("reader-0")
+        .await;
+    assert!(
+        readers_consumer.is_err(),
+        "the writer deleted a reader's consumer"
+    );
+    let snooping = writer_client.subscribe("_INBOX_reader.>").await.unwrap();
+    let plain_inboxes = writer_client.subscribe("_INBOX.>").await.unwrap();
+
+    // The reader's user.
+    let reader_client = connect_as(&url, "reader", "reader-secret").await;
+    let reader_js = jetstream::new(reader_client.clone());
+    for subject in [
+        format!("coffer.append.{a}.deposited"),
+        format!("coffer.events.{a}.deposited"),
+        format!("coffer.ids.transfer.{a}"),
+    ] {
+        reader_client
+            .publish(subject, "forged".into())
+            .await
+            .unwrap();
+    }
+    reader_client.flush().await.unwrap();
+    assert_no_stream_management("reader", &reader_js).await;
+    // Stream info is allowed; the writers' consumer is not.
+    let reader_schedules = reader_js.get_stream("COFFER_SCHEDULES").await.unwrap();
+    assert!(
+        reader_schedules
+            .get_consumer::<jetstream::consumer::pull::Config>("coffer-hold-expiry")
+            .await
+            .is_err(),
+        "the reader reached the writers' consumer"
+    );
+    assert!(
+        reader_schedules
+            .delete_consumer("coffer-hold-expiry")
+            .await
+            .is_err(),
+        "the reader deleted the writers' consumer"
+    );
+    assert!(
+        reader_client
+            .request(format!("coffer.cmd.{a}.deposit"), r#"{"amount":1}"#.into())
+            .await
+            .is_err(),
+        "the reader sent a command"
+    );
+    let reader_snooping = reader_client.subscribe("_INBOX_writer.>").await.unwrap();
+
+    // Someone replies to the other roles' inboxes: the snoopers get nothing.
+    setup_client
+        .publish("_INBOX_reader.x", "private".into())
+        .await
+        .unwrap();
+    setup_client
+        .publish("_INBOX.x", "private".into())
+        .await
+        .unwrap();
+    setup_client
+        .publish("_INBOX_writer.x", "private".into())
+        .await
+        .unwrap();
+    setup_client.flush().await.unwrap();
+    assert!(
+        !receives(snooping).await,
+        "the writer read a reader's replies"
+    );
+    assert!(
+        !receives(plain_inboxes).await,
+        "the writer read other replies"
+    );
+    assert!(
+        !receives(reader_snooping).await,
+        "the reader read a writer's replies"
+    );
+    assert!(
+        !receives(watcher).await,
+        "a forged event reached coffer.events.> subscribers"
+    );
+
+    // Nothing forged was stored, nothing was reconfigured, and both consumers still exist.
+    let (last_after, max_after) = events_state(&setup).await;
+    assert_eq!((last_after, max_after), (last_before, max_before));
+    let events = setup.get_stream("COFFER_EVENTS").await.unwrap();
+    assert!(events.consumer_info("reader-0").await.is_ok());
+    let schedules = setup.get_stream("COFFER_SCHEDULES").await.unwrap();
+    assert!(schedules.consumer_info("coffer-hold-expiry").await.is_ok());
+    assert!(setup.get_stream("ROGUE_WRITER").await.is_err());
+    assert!(setup.get_stream("ROGUE_READER").await.is_err());
+    // And the system still works for its own users.
+    let after = http
+        .deposit(&w, &b, &json!({"amount": 5}), None)
+        .await
+        .unwrap();
+    assert_eq!(after.status, 200);
+}
