@@ -17,4 +17,5 @@ mod rebuild;
 mod storage;
 mod support;
 mod tail;
+mod tls;
 mod traces;

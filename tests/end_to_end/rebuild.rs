@@ -306,6 +306,22 @@ async fn rebuild_behind_the_token_and_without_a_reader() {
 /// a rebuild replaces it with a view of the new stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_repairs_a_view_ahead_of_a_re_created_stream() {
+    repair_after_re_creation(5, 10, 1, 3).await;
+}
+
+/// The same when the new stream has grown past the view's position: the positions look
+/// plausible, the stream's creation time tells.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_notices_a_re_created_stream_that_grew_past_it_and_a_rebuild_repairs_it() {
+    repair_after_re_creation(2, 5, 6, 10).await;
+}
+
+async fn repair_after_re_creation(
+    old_accounts: usize,
+    old_each: usize,
+    new_accounts: usize,
+    new_each: usize,
+) {
     let nats = NatsServer::start();
     let client = async_nats::connect(nats.url()).await.unwrap();
     let populate = |accounts, per_account| {
@@ -320,7 +336,7 @@ async fn a_rebuild_repairs_a_view_ahead_of_a_re_created_stream() {
             log.last_position().await.unwrap()
         }
     };
-    let old_last = populate(5, 10).await;
+    let old_last = populate(old_accounts, old_each).await;
     let data = tempfile::tempdir().unwrap();
     let reader = support::reader("rp", &nats.url(), data.path(), &[]);
     support::wait_ready(&reader.url());
@@ -334,8 +350,11 @@ async fn a_rebuild_repairs_a_view_ahead_of_a_re_created_stream() {
         .delete_stream("COFFER_EVENTS")
         .await
         .unwrap();
-    let new_last = populate(1, 3).await;
-    assert!(new_last < old_last);
+    let new_last = populate(new_accounts, new_each).await;
+    assert_eq!(
+        new_last < old_last,
+        new_accounts * new_each < old_accounts * old_each
+    );
     let failed = loop {
         let ready = http.get(&format!("{}/readyz", reader.url())).await.unwrap();
         if ready.code() == "view_failed" {
@@ -348,7 +367,10 @@ async fn a_rebuild_repairs_a_view_ahead_of_a_re_created_stream() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(failed.body["detail"].as_str().unwrap().contains("rebuild"));
+    assert!(failed.body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("rebuild the view"));
 
     let output = rebuild(&reader.url()).await;
     assert!(

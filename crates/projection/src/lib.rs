@@ -20,6 +20,8 @@
 //! If the stream ends before the stored position (it was re-created, or restored from an older
 //! backup), the view stops with a clear error instead of consuming: new events would reuse
 //! positions the view already applied. Rebuild the view (`coffer projection rebuild`) after such a restore.
+//! A stream that was re-created and has since grown past the view's position is caught by its
+//! creation time, stored with the checkpoint: the view stops the same way.
 //!
 //! # Poison events
 //! An event this build cannot decode is never skipped silently: the view stops, `/readyz` says
@@ -41,6 +43,9 @@ use tokio::sync::watch;
 /// Where the engine records the last applied stream position, in the same file as the views.
 const CHECKPOINT: TableDefinition<&str, u64> = TableDefinition::new("checkpoint");
 const CHECKPOINT_KEY: &str = "applied_position";
+/// The creation time (Unix nanoseconds) of the stream the view was built from: a stream deleted
+/// and created again is another log, whatever its positions say.
+const STREAM_CREATED_KEY: &str = "stream_created_unix_ns";
 
 /// Largest batch applied in one transaction, in events: bounds memory and commit latency.
 pub const BATCH_SIZE_MAX: usize = 1_000;
@@ -61,6 +66,10 @@ pub enum Error {
     /// restored from an older backup). Consuming on would assign new events to old positions.
     #[error("the view has applied position {applied} but the stream ends at {stream_last}; rebuild the view")]
     AheadOfStream { applied: u64, stream_last: u64 },
+    /// The stream was created after the view's stream (deleted and created again, or another
+    /// stream of the same name): its positions mean other events.
+    #[error("the view was built from a stream created at {stored} (Unix ns), this one was created at {current}; rebuild the view")]
+    StreamReplaced { stored: u64, current: u64 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -210,6 +219,8 @@ pub struct Engine<P: Projector> {
     crash_after_commits: Option<u64>,
     /// The consumer delivery sequence expected next; set when the consumer is (re)made.
     next_delivery: AtomicU64,
+    /// Creation time of the stream the view follows (0: not known yet); stored with each commit.
+    stream_created: AtomicU64,
 }
 
 impl<P: Projector> Engine<P> {
@@ -226,6 +237,7 @@ impl<P: Projector> Engine<P> {
         projector.initialize(&transaction).map_err(storage)?;
         transaction.commit().map_err(storage)?;
         let position = stored_position(&database)?;
+        let stream_created = stored_value(&database, STREAM_CREATED_KEY)?;
         let health = Arc::new(ViewHealth::default());
         health.applied_position.store(position, Ordering::Relaxed);
         let (applied, _) = watch::channel(position);
@@ -237,6 +249,7 @@ impl<P: Projector> Engine<P> {
             health,
             crash_after_commits: None,
             next_delivery: AtomicU64::new(1),
+            stream_created: AtomicU64::new(stream_created),
         })
     }
 
@@ -286,7 +299,7 @@ impl<P: Projector> Engine<P> {
                         .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(failure);
                     return;
                 }
-                Err(error @ Error::AheadOfStream { .. }) => {
+                Err(error @ (Error::AheadOfStream { .. } | Error::StreamReplaced { .. })) => {
                     tracing::error!(consumer = %self.consumer_name, %error, "view stopped");
                     *self
                         .health
@@ -424,6 +437,17 @@ impl<P: Projector> Engine<P> {
             .await
             .map_err(|error| Error::Nats(error.to_string()))?;
         let stored = self.position();
+        let created =
+            u64::try_from(stream.cached_info().created.unix_timestamp_nanos()).unwrap_or(0);
+        let recorded = self.stream_created.load(Ordering::Relaxed);
+        if recorded != 0 && created != 0 && recorded != created {
+            return Err(Error::StreamReplaced {
+                stored: recorded,
+                current: created,
+            });
+        }
+        // A view made before this check (or a new one) adopts the stream it first reads.
+        self.stream_created.store(created, Ordering::Relaxed);
         let stream_last = stream.cached_info().state.last_sequence;
         if stream_last < stored {
             return Err(Error::AheadOfStream {
@@ -555,8 +579,9 @@ impl<P: Projector> Engine<P> {
             let count = events.len() as u64;
             let database = self.database.clone();
             let projector = self.projector.clone();
+            let created = self.stream_created.load(Ordering::Relaxed);
             let events = tokio::task::spawn_blocking(move || {
-                commit(&database, projector.as_ref(), &events, newest).map(|()| events)
+                commit(&database, projector.as_ref(), &events, newest, created).map(|()| events)
             })
             .await
             // A panic in the views' code is not a storage fault: stop, do not reopen.
@@ -605,18 +630,26 @@ fn commit<P: Projector>(
     projector: &P,
     events: &[RecordedEvent],
     newest: u64,
+    stream_created: u64,
 ) -> Result<()> {
     let transaction = database.begin_write().map_err(storage)?;
     projector.apply(&transaction, events).map_err(storage)?;
     {
         let mut checkpoint = transaction.open_table(CHECKPOINT).map_err(storage)?;
         checkpoint.insert(CHECKPOINT_KEY, newest).map_err(storage)?;
+        checkpoint
+            .insert(STREAM_CREATED_KEY, stream_created)
+            .map_err(storage)?;
     }
     transaction.commit().map_err(storage)
 }
 
 /// The position stored with the views (0 for a new file).
 pub fn stored_position(database: &Database) -> Result<u64> {
+    stored_value(database, CHECKPOINT_KEY)
+}
+
+fn stored_value(database: &Database, key: &str) -> Result<u64> {
     use redb::ReadableDatabase;
     let transaction = database.begin_read().map_err(storage)?;
     let table = match transaction.open_table(CHECKPOINT) {
@@ -625,7 +658,7 @@ pub fn stored_position(database: &Database) -> Result<u64> {
         Err(error) => return Err(storage(error)),
     };
     let position = table
-        .get(CHECKPOINT_KEY)
+        .get(key)
         .map_err(storage)?
         .map(|value| value.value())
         .unwrap_or(0);
