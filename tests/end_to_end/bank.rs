@@ -1,6 +1,7 @@
 //! The bank workload (after Jepsen's "bank" test): concurrent clients move money between
-//! accounts over HTTP and NATS, retrying with the same transfer id, while a writer process is
-//! killed with SIGKILL and restarted. Transfers are atomic: each one in the stream has exactly one
+//! accounts over HTTP and NATS, retrying with the same transfer id, while a fault strikes: a
+//! writer process killed with SIGKILL and restarted, nats-server killed and restarted, or
+//! nats-server frozen (SIGSTOP) for five seconds. Transfers are atomic: each one in the stream has exactly one
 //! debit and exactly one credit, every acknowledged one is there, every refused one is not, money
 //! is conserved, no balance is below its limit, and the views equal a replay.
 //!
@@ -8,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -30,6 +31,16 @@ struct Ledger {
     /// Transfers never answered definitely despite retries: may or may not exist.
     unknown: HashSet<String>,
     retried_acknowledged: usize,
+    /// When each acknowledgement arrived: the longest gap is the stall a fault caused.
+    acknowledged_at: Vec<Instant>,
+}
+
+/// What strikes mid-run.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    WriterKilled,
+    NatsKilled,
+    NatsPaused,
 }
 
 enum Channel {
@@ -119,16 +130,22 @@ async fn client(
                 Some((status, body)) if status < 500 => {
                     panic!("unexpected {status} {body} for {request}")
                 }
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                // Back off: a restarting nats-server takes a second or two.
+                _ => {
+                    let pause = 100 * (attempt as u64 + 1);
+                    tokio::time::sleep(Duration::from_millis(pause.min(1_000))).await
+                }
             }
         }
         match outcome {
             Some(Ok(body)) => {
-                ledger
-                    .lock()
-                    .unwrap()
-                    .acknowledged
-                    .insert(transfer_id.clone(), body.clone());
+                {
+                    let mut ledger = ledger.lock().unwrap();
+                    ledger
+                        .acknowledged
+                        .insert(transfer_id.clone(), body.clone());
+                    ledger.acknowledged_at.push(Instant::now());
+                }
                 // Some clients retry an acknowledged transfer on purpose: same answer, no effect.
                 if random.random_bool(0.1) {
                     if let Some((status, repeated)) =
@@ -160,9 +177,23 @@ async fn client(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bank_workload_conserves_money_through_a_writer_crash() {
+    bank(Fault::WriterKilled).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bank_workload_conserves_money_through_nats_killed_and_restarted() {
+    bank(Fault::NatsKilled).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bank_workload_conserves_money_through_nats_frozen_for_five_seconds() {
+    bank(Fault::NatsPaused).await;
+}
+
+async fn bank(fault: Fault) {
     let soak = std::env::var("COFFER_SOAK").is_ok();
     let operations = if soak { 400 } else { 40 };
-    let nats = NatsServer::start();
+    let mut nats = NatsServer::start();
     let mut first = support::writer("writer-a", &nats.url(), &[]);
     let second = support::writer("writer-b", &nats.url(), &[]);
     let data = tempfile::tempdir().unwrap();
@@ -238,14 +269,29 @@ async fn bank_workload_conserves_money_through_a_writer_crash() {
             ledger.clone(),
         )));
     }
-    // Kill writer A mid-run with SIGKILL, then bring it back.
+    let started = Instant::now();
     tokio::time::sleep(Duration::from_millis(if soak { 5_000 } else { 700 })).await;
-    first.kill();
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    first.restart();
+    match fault {
+        Fault::WriterKilled => {
+            first.kill();
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            first.restart();
+        }
+        Fault::NatsKilled => {
+            nats.kill();
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            nats.restart();
+        }
+        Fault::NatsPaused => {
+            nats.pause();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            nats.resume();
+        }
+    }
     for client in clients {
         client.await.unwrap();
     }
+    let finished = Instant::now();
 
     // No saga to wait for: once every client has its answer, the stream is final.
     let events = read_stream(&nats.url()).await;
@@ -332,9 +378,22 @@ async fn bank_workload_conserves_money_through_a_writer_crash() {
         "coffer verify: {}",
         String::from_utf8_lossy(&verify.stdout)
     );
+    let mut times = ledger.acknowledged_at.clone();
+    times.insert(0, started);
+    times.push(finished);
+    times.sort();
+    let stall = times
+        .windows(2)
+        .map(|pair| pair[1] - pair[0])
+        .max()
+        .unwrap_or_default();
+    let duplicates = replay.debits.values().filter(|debits| **debits > 1).count();
     println!(
-        "bank: {} acknowledged, {} refused ({} for the receiver), {} unknown, {} retried acknowledged, {} events",
+        "bank ({fault:?}): {} attempted, {} acknowledged, {} in the stream, {} duplicates, {} refused ({} for the receiver), {} unknown, {} retried acknowledged, longest stall {stall:?}, {} events",
+        CLIENTS * operations,
         ledger.acknowledged.len(),
+        replay.debits.len(),
+        duplicates,
         ledger.refused.len(),
         refused_for_the_receiver,
         ledger.unknown.len(),

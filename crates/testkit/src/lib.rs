@@ -212,6 +212,27 @@ impl NatsServer {
         self.spawn();
     }
 
+    /// SIGSTOP: the process freezes with its connections open (a stalled VM, a GC pause).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`NatsServer::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .arg(signal)
+                .arg(child.id().to_string())
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill {signal} failed");
+        }
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
