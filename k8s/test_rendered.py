@@ -148,13 +148,41 @@ def check_nats(docs):
     routes = [f"nats://nats-{i}.nats-headless:6222" for i in range(3)]
     check("NATS config: routes to nats-{0,1,2}.nats-headless:6222", all(r in lines for r in routes))
 
+    # Least privilege: the mounted accounts.conf is nats/accounts.conf itself.
+    accounts = (cm or {}).get("data", {}).get("accounts.conf")
+    shipped = (REPO / "nats/accounts.conf").read_text(encoding="utf-8")
+    check("NATS ConfigMap accounts.conf is nats/accounts.conf", accounts == shipped)
+    check("NATS config includes ./accounts.conf", "include ./accounts.conf" in lines)
+    check("NATS config: jetstream max_file_store set",
+          any(l.startswith("max_file_store:") for l in lines))
+    env = env_of(c)
+    secret_env = {name: e for name, e in env.items() if "secretKeyRef" in (e.get("valueFrom") or {})}
+    check("NATS user passwords come from a Secret",
+          {f"COFFER_NATS_{r}_PASSWORD" for r in ("SETUP", "WRITER", "READER")} <= set(secret_env),
+          str(sorted(secret_env)))
+    limit = (((c.get("resources") or {}).get("limits") or {}).get("memory"))
+    gomem = env.get("GOMEMLIMIT", {}).get("value")
+    check("NATS GOMEMLIMIT is a value below the memory limit",
+          gomem is not None and limit is not None and size_bytes(gomem) < size_bytes(limit),
+          f"GOMEMLIMIT={gomem} limit={limit}")
+    store = env.get("JS_MAX_FILE_STORE", {}).get("value")
+    claim = (spec.get("volumeClaimTemplates") or [{}])[0].get("spec", {}).get("resources", {}).get("requests", {}).get("storage")
+    check("NATS max_file_store below the JetStream volume",
+          store is not None and claim is not None and size_bytes(store) < size_bytes(claim),
+          f"max_file_store={store} volume={claim}")
+    check("NATS fsGroupChangePolicy OnRootMismatch",
+          (pod_spec(sts).get("securityContext") or {}).get("fsGroupChangePolicy") == "OnRootMismatch")
+
     nats_bin = nats_server_binary()
     if nats_bin:
         with tempfile.TemporaryDirectory() as tmp:
+            for name, text in ((cm or {}).get("data") or {}).items():
+                (Path(tmp) / name).write_text(text, encoding="utf-8")
             p = Path(tmp) / "nats.conf"
-            p.write_text(conf, encoding="utf-8")
+            variables = {name: e["value"] for name, e in env.items() if "value" in e}
+            variables.update({name: "checked-password" for name in secret_env})
             res = subprocess.run([nats_bin, "-t", "-c", str(p)], capture_output=True, text=True,
-                                 env={**os.environ, "POD_NAME": "nats-0"}, check=False)
+                                 env={**os.environ, **variables, "POD_NAME": "nats-0"}, check=False)
             check(f"NATS config accepted by `{nats_bin} -t`", res.returncode == 0,
                   (res.stdout + res.stderr).strip())
     else:
@@ -168,6 +196,62 @@ def check_nats(docs):
     client = one(docs, "Service", "nats")
     check("NATS client Service `nats` on 4222",
           client is not None and any(p.get("port") == 4222 for p in client["spec"].get("ports", [])))
+
+
+def size_bytes(text: str) -> float:
+    """A Kubernetes quantity or NATS size (900MiB, 1Gi, 9G, 45G) in bytes."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B?|[KMGT]B?)?", str(text).strip())
+    if not match:
+        return float("nan")
+    number, unit = float(match.group(1)), (match.group(2) or "").rstrip("B")
+    powers = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+              "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    return number * powers.get(unit, float("nan"))
+
+
+def check_roles(docs, prod: bool):
+    """Least privilege in the manifests: each service runs as its NATS user with its own
+    inbox prefix, `coffer setup` runs as a Job with the setup user, NetworkPolicies fence NATS."""
+    for kind, name, cname, role in (("Deployment", "coffer-writer", "writer", "writer"),
+                                    ("StatefulSet", "coffer-reader", "reader", "reader")):
+        c = container(one(docs, kind, name), cname)
+        env = env_of(c)
+        check(f"{role} runs as NATS user {role}", env.get("COFFER_NATS_USER", {}).get("value") == role)
+        check(f"{role} inbox prefix _INBOX_{role}",
+              env.get("COFFER_NATS_INBOX_PREFIX", {}).get("value") == f"_INBOX_{role}")
+        password = ((env.get("COFFER_NATS_PASSWORD") or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+        check(f"{role} password from Secret coffer-nats-users",
+              password.get("name") == "coffer-nats-users" and password.get("key") == f"{role}-password")
+        volumes = {v["name"]: v for v in pod_spec(one(docs, kind, name)).get("volumes", [])}
+        mounts = {m["mountPath"]: m["name"] for m in (c or {}).get("volumeMounts", [])}
+        projected = (volumes.get(mounts.get("/etc/coffer/nats")) or {}).get("projected")
+        check(f"{role} mounts NATS TLS/creds Secrets as files at /etc/coffer/nats", projected is not None)
+    job = one(docs, "Job", "coffer-setup")
+    c = container(job, "setup") if job else None
+    check("Job coffer-setup runs `coffer setup` as the setup user",
+          c is not None and c.get("args") == ["setup"]
+          and env_of(c).get("COFFER_NATS_USER", {}).get("value") == "setup")
+    policy = one(docs, "NetworkPolicy", "nats")
+    ingress = (policy or {}).get("spec", {}).get("ingress", [])
+    ports = {p.get("port"): rule.get("from") for rule in ingress for p in rule.get("ports", [])}
+    check("NetworkPolicy: NATS 4222 only from Coffer pods",
+          ports.get(4222) == [{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "coffer"}}}],
+          str(ports.get(4222)))
+    check("NetworkPolicy: NATS 6222 only from NATS pods",
+          ports.get(6222) == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "nats"}}}],
+          str(ports.get(6222)))
+    reader = one(docs, "StatefulSet", "coffer-reader")
+    check("reader fsGroupChangePolicy OnRootMismatch",
+          (pod_spec(reader).get("securityContext") or {}).get("fsGroupChangePolicy") == "OnRootMismatch")
+    if prod:
+        affinity = (pod_spec(one(docs, "StatefulSet", "nats")).get("affinity") or {}).get("podAntiAffinity") or {}
+        check("prod: NATS pods never share a node (required anti-affinity)",
+              bool(affinity.get("requiredDuringSchedulingIgnoredDuringExecution")), str(affinity))
+        gw = find(docs, "Gateway")[0]
+        listeners = gw["spec"].get("listeners", [])
+        check("prod: the Gateway serves HTTPS only, with a certificate",
+              listeners and all(l.get("protocol") == "HTTPS" and l.get("tls", {}).get("certificateRefs")
+                                for l in listeners), str(listeners))
 
 
 def check_pdb(docs, workload, what):
@@ -323,9 +407,12 @@ def check_gateway(docs):
         ("GET", "/v1/accounts/acc-1", reader),
         ("GET", "/v1/accounts/acc-1/transactions", reader),
         ("GET", "/v1/transfers/t-1", reader),
+        ("GET", "/metrics", None),
+        ("GET", "/readyz", None),
     ]:
         got = route_backend(rules, method, path)
-        check(f"HTTPRoute: {method} {path} -> {want[0][0]}:{want[0][1]}", got == want, str(got))
+        where = f"{want[0][0]}:{want[0][1]}" if want else "not routed (stays inside the cluster)"
+        check(f"HTTPRoute: {method} {path} -> {where}", got == want, str(got))
     svcs = {s["metadata"]["name"]: {p.get("port") for p in s["spec"].get("ports", [])}
             for s in find(docs, "Service")}
     for rule in rules:
@@ -351,6 +438,7 @@ def main(argv) -> int:
         check_reader(docs)
         check_security(docs)
         check_gateway(docs)
+        check_roles(docs, prod="prod" in Path(path).name)
     print(f"{PASSED} passed, {FAILED} failed")
     return 1 if FAILED else 0
 
