@@ -1,7 +1,8 @@
 //! The bank workload (after Jepsen's "bank" test): concurrent clients move money between
 //! accounts over HTTP and NATS, retrying with the same transfer id, while a fault strikes: a
-//! writer process killed with SIGKILL and restarted, nats-server killed and restarted, or
-//! nats-server frozen (SIGSTOP) for five seconds. Transfers are atomic: each one in the stream has exactly one
+//! writer process killed with SIGKILL and restarted, nats-server killed and restarted,
+//! nats-server frozen (SIGSTOP) for five seconds, or, on a 3-node cluster with the streams at
+//! R3, the stream leader killed and restarted. Transfers are atomic: each one in the stream has exactly one
 //! debit and exactly one credit, every acknowledged one is there, every refused one is not, money
 //! is conserved, no balance is below its limit, and the views equal a replay.
 //!
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use testkit::NatsServer;
+use testkit::{NatsCluster, NatsServer};
 
 use crate::support::{self, assert_views_equal_replay, read_stream, Http, Replay};
 
@@ -41,6 +42,29 @@ enum Fault {
     WriterKilled,
     NatsKilled,
     NatsPaused,
+    LeaderKilled,
+}
+
+/// One server, or a 3-node cluster for the leader fault.
+enum Nats {
+    Single(NatsServer),
+    Cluster(NatsCluster),
+}
+
+impl Nats {
+    fn urls(&self) -> String {
+        match self {
+            Nats::Single(server) => server.url(),
+            Nats::Cluster(cluster) => cluster.urls(),
+        }
+    }
+
+    fn single(&mut self) -> &mut NatsServer {
+        match self {
+            Nats::Single(server) => server,
+            Nats::Cluster(_) => panic!("a single-server fault on a cluster"),
+        }
+    }
 }
 
 enum Channel {
@@ -190,14 +214,27 @@ async fn bank_workload_conserves_money_through_nats_frozen_for_five_seconds() {
     bank(Fault::NatsPaused).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bank_workload_conserves_money_through_the_r3_stream_leader_killed() {
+    bank(Fault::LeaderKilled).await;
+}
+
 async fn bank(fault: Fault) {
     let soak = std::env::var("COFFER_SOAK").is_ok();
     let operations = if soak { 400 } else { 40 };
-    let mut nats = NatsServer::start();
-    let mut first = support::writer("writer-a", &nats.url(), &[]);
-    let second = support::writer("writer-b", &nats.url(), &[]);
+    let mut nats = match fault {
+        Fault::LeaderKilled => Nats::Cluster(NatsCluster::start()),
+        _ => Nats::Single(NatsServer::start()),
+    };
+    let urls = nats.urls();
+    let replicas = match fault {
+        Fault::LeaderKilled => vec![("COFFER_STREAM_REPLICAS", "3".to_string())],
+        _ => Vec::new(),
+    };
+    let mut first = support::writer("writer-a", &urls, &replicas);
+    let second = support::writer("writer-b", &urls, &replicas);
     let data = tempfile::tempdir().unwrap();
-    let reader = support::reader("bank-reader", &nats.url(), data.path(), &[]);
+    let reader = support::reader("bank-reader", &urls, data.path(), &replicas);
     let http = Http::new();
     let (a, b) = (first.url(), second.url());
 
@@ -252,7 +289,9 @@ async fn bank(fault: Fault) {
     let senders = Arc::new(eur.clone());
     let ledger = Arc::new(Mutex::new(Ledger::default()));
 
-    let nats_client = async_nats::connect(nats.url()).await.unwrap();
+    let servers: Vec<async_nats::ServerAddr> =
+        urls.split(',').map(|url| url.parse().unwrap()).collect();
+    let nats_client = async_nats::connect(servers).await.unwrap();
     let mut clients = Vec::new();
     for seed in 0..CLIENTS as u64 {
         let channel = if seed % 2 == 0 {
@@ -278,14 +317,26 @@ async fn bank(fault: Fault) {
             first.restart();
         }
         Fault::NatsKilled => {
-            nats.kill();
+            nats.single().kill();
             tokio::time::sleep(Duration::from_millis(800)).await;
-            nats.restart();
+            nats.single().restart();
         }
         Fault::NatsPaused => {
-            nats.pause();
+            nats.single().pause();
             tokio::time::sleep(Duration::from_secs(5)).await;
-            nats.resume();
+            nats.single().resume();
+        }
+        Fault::LeaderKilled => {
+            let leader = crate::cluster::stream_leader(&urls)
+                .await
+                .expect("the stream has a leader");
+            let Nats::Cluster(cluster) = &mut nats else {
+                unreachable!("the leader fault runs on a cluster")
+            };
+            let node = cluster.node_by_name(&leader).expect("the leader is a node");
+            node.kill();
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            node.restart();
         }
     }
     for client in clients {
@@ -294,7 +345,7 @@ async fn bank(fault: Fault) {
     let finished = Instant::now();
 
     // No saga to wait for: once every client has its answer, the stream is final.
-    let events = read_stream(&nats.url()).await;
+    let events = read_stream(&urls).await;
     let replay = Replay::of(&events);
     let ledger = std::mem::take(&mut *ledger.lock().unwrap());
     assert!(
@@ -370,7 +421,7 @@ async fn bank(fault: Fault) {
     assert_eq!(breaks, Some(0.0), "the reader found chain breaks");
     let verify = std::process::Command::new(testkit::coffer_binary())
         .args(["verify"])
-        .env("COFFER_NATS_URL", nats.url())
+        .env("COFFER_NATS_URL", &urls)
         .output()
         .unwrap();
     assert!(

@@ -13,7 +13,7 @@ use crate::support::{self, assert_views_equal_replay, read_stream, Http, Replay}
 
 const LOAD_TASKS: usize = 4;
 
-async fn stream_leader(urls: &str) -> Option<String> {
+pub async fn stream_leader(urls: &str) -> Option<String> {
     let servers: Vec<async_nats::ServerAddr> =
         urls.split(',').filter_map(|url| url.parse().ok()).collect();
     let client = async_nats::connect(servers).await.ok()?;
