@@ -403,6 +403,24 @@ async fn bank(fault: Fault) {
         );
     }
     let last = events.last().unwrap().position;
+    // The reader resumes by itself; after a leader change its pull may wait out a missed
+    // heartbeat first, so allow it more than the 5 s a read waits.
+    let catching_up = Instant::now();
+    loop {
+        let applied = http
+            .metric(&reader.url(), "coffer_projection_applied_position")
+            .await
+            .unwrap_or(0.0) as u64;
+        if applied >= last {
+            break;
+        }
+        assert!(
+            catching_up.elapsed() < Duration::from_secs(60),
+            "the reader stayed at {applied} of {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reader_caught_up = catching_up.elapsed();
     assert_views_equal_replay(&http, &reader.url(), &replay, last).await;
     // The reader's conservation audit agrees, and every account's hash chain is intact.
     let audit = http
@@ -440,7 +458,7 @@ async fn bank(fault: Fault) {
         .unwrap_or_default();
     let duplicates = replay.debits.values().filter(|debits| **debits > 1).count();
     println!(
-        "bank ({fault:?}): {} attempted, {} acknowledged, {} in the stream, {} duplicates, {} refused ({} for the receiver), {} unknown, {} retried acknowledged, longest stall {stall:?}, {} events",
+        "bank ({fault:?}): {} attempted, {} acknowledged, {} in the stream, {} duplicates, {} refused ({} for the receiver), {} unknown, {} retried acknowledged, longest stall {stall:?}, {} events, reader caught up {reader_caught_up:?} after the last answer",
         CLIENTS * operations,
         ledger.acknowledged.len(),
         replay.debits.len(),

@@ -36,8 +36,11 @@ use async_nats::jetstream::{self, consumer};
 use eventlog::log::decode_stored;
 use eventlog::{EventLog, RecordedEvent};
 use futures::StreamExt;
-use prometheus_text::{Counter, Gauge};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
 use redb::{Database, TableDefinition, WriteTransaction};
+use time::OffsetDateTime;
 use tokio::sync::watch;
 
 /// Where the engine records the last applied stream position, in the same file as the views.
@@ -110,6 +113,9 @@ pub struct ViewHealth {
     pub consumer_recreations: Counter,
     /// Events in the stream not yet applied, as the server reported with the last delivery.
     pub lag: Gauge,
+    /// While events are pending: the age of the newest applied event, in seconds (how far
+    /// behind the view may be, at most); 0 when caught up.
+    pub lag_seconds: Gauge<f64, AtomicU64>,
     pub applied_position: AtomicU64,
     /// The view stopped on a storage error: its file must be reopened.
     pub storage_failed: AtomicBool,
@@ -122,30 +128,13 @@ impl Default for ViewHealth {
             consuming: AtomicBool::new(false),
             pending_at_start: AtomicU64::new(0),
             start_known: AtomicBool::new(false),
-            events_applied: Counter::new(
-                "coffer_projection_events_applied_total",
-                "Events applied to the views.",
-            ),
-            batches_committed: Counter::new(
-                "coffer_projection_batches_committed_total",
-                "redb transactions committed by the projection.",
-            ),
-            decode_failures: Counter::new(
-                "coffer_projection_decode_failures_total",
-                "Events that could not be decoded; the view stops at the first.",
-            ),
-            redeliveries_skipped: Counter::new(
-                "coffer_projection_redeliveries_skipped_total",
-                "Redelivered events at or below the stored position, skipped.",
-            ),
-            consumer_recreations: Counter::new(
-                "coffer_projection_consumer_recreations_total",
-                "Times the durable consumer was (re)created from the stored position.",
-            ),
-            lag: Gauge::new(
-                "coffer_projection_lag_events",
-                "Stream events not yet applied to the views.",
-            ),
+            events_applied: Counter::default(),
+            batches_committed: Counter::default(),
+            decode_failures: Counter::default(),
+            redeliveries_skipped: Counter::default(),
+            consumer_recreations: Counter::default(),
+            lag: Gauge::default(),
+            lag_seconds: Gauge::default(),
             applied_position: AtomicU64::new(0),
             storage_failed: AtomicBool::new(false),
         }
@@ -181,29 +170,63 @@ impl ViewHealth {
             .clone()
     }
 
-    pub fn render(&self, out: &mut String) {
-        for counter in [
-            &self.events_applied,
-            &self.batches_committed,
-            &self.decode_failures,
-            &self.redeliveries_skipped,
-            &self.consumer_recreations,
-        ] {
-            counter.render(out);
+    /// Adds the view's metrics to `registry` (rendered by the service's `/metrics`).
+    pub fn register(&self, registry: &mut Registry) {
+        let counters = [
+            (
+                "coffer_projection_events_applied",
+                "Events applied to the views.",
+                &self.events_applied,
+            ),
+            (
+                "coffer_projection_batches_committed",
+                "redb transactions committed by the projection.",
+                &self.batches_committed,
+            ),
+            (
+                "coffer_projection_decode_failures",
+                "Events that could not be decoded; the view stops at the first.",
+                &self.decode_failures,
+            ),
+            (
+                "coffer_projection_redeliveries_skipped",
+                "Redelivered events at or below the stored position, skipped.",
+                &self.redeliveries_skipped,
+            ),
+            (
+                "coffer_projection_consumer_recreations",
+                "Times the durable consumer was (re)created from the stored position.",
+                &self.consumer_recreations,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
         }
-        self.lag.render(out);
-        let applied = Gauge::new(
+        registry.register(
+            "coffer_projection_lag_events",
+            "Stream events not yet applied to the views.",
+            self.lag.clone(),
+        );
+        registry.register_with_unit(
+            "coffer_projection_lag",
+            "While events are pending, the age of the newest applied event; 0 when caught up.",
+            Unit::Seconds,
+            self.lag_seconds.clone(),
+        );
+        let applied: Gauge = Gauge::default();
+        applied.set(self.applied_position.load(Ordering::Relaxed) as i64);
+        registry.register(
             "coffer_projection_applied_position",
             "Last stream position applied to the views.",
+            applied,
         );
-        applied.set(self.applied_position.load(Ordering::Relaxed) as i64);
-        applied.render(out);
-        let failed = Gauge::new(
+        let failed: Gauge = Gauge::default();
+        failed.set(i64::from(self.failure().is_some()));
+        registry.register(
             "coffer_projection_failed",
             "1 when the view stopped on an error.",
+            failed,
         );
-        failed.set(i64::from(self.failure().is_some()));
-        failed.render(out);
     }
 }
 
@@ -289,7 +312,7 @@ impl<P: Projector> Engine<P> {
             self.health.consuming.store(false, Ordering::Relaxed);
             match result {
                 Err(Error::Poison { position, message }) => {
-                    self.health.decode_failures.increment();
+                    self.health.decode_failures.inc();
                     let failure = format!("view stopped at position {position}: {message}");
                     tracing::error!(consumer = %self.consumer_name, position, %message, "view stopped on an undecodable event");
                     *self
@@ -501,7 +524,7 @@ impl<P: Projector> Engine<P> {
                 tracing::info!(consumer = %self.consumer_name, %error, stored, "creating the durable consumer");
             }
         }
-        self.health.consumer_recreations.increment();
+        self.health.consumer_recreations.inc();
         self.next_delivery.store(1, Ordering::Relaxed);
         stream
             .create_consumer(consumer::pull::Config {
@@ -549,7 +572,7 @@ impl<P: Projector> Engine<P> {
             }
             next_delivery += 1;
             if info.stream_sequence <= stored {
-                self.health.redeliveries_skipped.increment();
+                self.health.redeliveries_skipped.inc();
                 settled = Some(message);
                 continue;
             }
@@ -575,6 +598,7 @@ impl<P: Projector> Engine<P> {
                 }
             }
         }
+        let newest_time = events.last().map(|event| event.time);
         if let Some(newest) = events.last().map(|event| event.position) {
             let count = events.len() as u64;
             let database = self.database.clone();
@@ -590,8 +614,8 @@ impl<P: Projector> Engine<P> {
                 message: format!("applying the batch panicked: {error}"),
             })??;
             self.log_applied(&events);
-            self.health.events_applied.add(count);
-            self.health.batches_committed.increment();
+            self.health.events_applied.inc_by(count);
+            self.health.batches_committed.inc();
             self.health
                 .applied_position
                 .store(newest, Ordering::Relaxed);
@@ -610,6 +634,14 @@ impl<P: Projector> Engine<P> {
         self.next_delivery.store(next_delivery, Ordering::Relaxed);
         if let Some(lag) = lag {
             self.health.lag.set(lag as i64);
+            let behind = match newest_time {
+                Some(time) if lag > 0 => {
+                    (OffsetDateTime::now_utc() - time).as_seconds_f64().max(0.0)
+                }
+                Some(_) => 0.0,
+                None => self.health.lag_seconds.get(),
+            };
+            self.health.lag_seconds.set(behind);
         }
         // With AckPolicy::All, acknowledging a message acknowledges everything before it.
         // A lost ack only causes a redelivery, which the position check skips.

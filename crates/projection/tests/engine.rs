@@ -180,9 +180,11 @@ async fn an_undecodable_event_stops_the_view_instead_of_being_skipped() {
             .collect::<Vec<_>>(),
         vec![1, 2, 3]
     );
+    let mut registry = prometheus_client::registry::Registry::default();
+    health.register(&mut registry);
     let mut out = String::new();
-    health.render(&mut out);
-    assert!(out.contains("coffer_projection_failed 1"));
+    prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+    assert!(out.contains("coffer_projection_failed 1"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -636,9 +636,20 @@ async fn rebuild_status(State(state): State<QueryState>) -> Response {
 async fn metrics(State(state): State<QueryState>) -> Response {
     let mut out = String::new();
     let view = state.served.current();
-    view.health.render(&mut out);
-    view.integrity.render(&mut out);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    let mut registry = prometheus_client::registry::Registry::default();
+    view.health.register(&mut registry);
+    view.integrity.register(&mut registry);
+    if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        tracing::warn!(%error, "encoding the metrics");
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
 }
 
 #[cfg(test)]

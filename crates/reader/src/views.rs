@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use domain::Event;
 use eventlog::RecordedEvent;
-use prometheus_text::Counter;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -115,31 +116,24 @@ impl AuditRow {
 }
 
 /// Integrity findings, counted for `/metrics`.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Integrity {
     pub chain_breaks: Counter,
     pub audit_unbalanced: Counter,
 }
 
-impl Default for Integrity {
-    fn default() -> Self {
-        Self {
-            chain_breaks: Counter::new(
-                "coffer_reader_chain_breaks_total",
-                "Events whose Coffer-Chain does not follow from their account's previous event.",
-            ),
-            audit_unbalanced: Counter::new(
-                "coffer_reader_audit_unbalanced_total",
-                "Settled positions at which some currency's balances did not equal deposits minus withdrawals.",
-            ),
-        }
-    }
-}
-
 impl Integrity {
-    pub fn render(&self, out: &mut String) {
-        self.chain_breaks.render(out);
-        self.audit_unbalanced.render(out);
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "coffer_reader_chain_breaks",
+            "Events whose Coffer-Chain does not follow from their account's previous event.",
+            self.chain_breaks.clone(),
+        );
+        registry.register(
+            "coffer_reader_audit_unbalanced",
+            "Settled positions at which some currency's balances did not equal deposits minus withdrawals.",
+            self.audit_unbalanced.clone(),
+        );
     }
 }
 
@@ -416,7 +410,7 @@ impl projection::Projector for LedgerViews {
             let previous_chain = old.as_ref().map_or_else(genesis, |row| row.chain.clone());
             let expected_chain = recorded.expected_chain(&previous_chain);
             if recorded.chain.as_deref() != Some(expected_chain.as_str()) {
-                self.integrity.chain_breaks.increment();
+                self.integrity.chain_breaks.inc();
                 tracing::warn!(
                     account = account_id,
                     position = recorded.position,
@@ -443,7 +437,7 @@ impl projection::Projector for LedgerViews {
                     }
                 }
                 if !audit.apply(&row.currency, recorded) {
-                    self.integrity.audit_unbalanced.increment();
+                    self.integrity.audit_unbalanced.inc();
                     tracing::error!(
                         position = recorded.position,
                         "conservation audit: a debit at the previous position has no credit"
@@ -470,7 +464,7 @@ impl projection::Projector for LedgerViews {
         audit_table.insert(AUDIT_RUNNING, encode(&audit)?.as_slice())?;
         if let Some(settled) = settled {
             if !settled.balanced() {
-                self.integrity.audit_unbalanced.increment();
+                self.integrity.audit_unbalanced.inc();
                 tracing::error!(
                     position = settled.position,
                     currencies = ?settled.currencies,

@@ -273,7 +273,7 @@ impl Actor for AccountActor {
         {
             // The caller has answered `outcome_unknown` already; starting now would append
             // something nobody is told about.
-            state.context.metrics.commands_expired.increment();
+            state.context.metrics.commands_expired.inc();
             Err(Error::Unavailable(
                 "the command waited past its deadline and was not started".into(),
             ))
@@ -432,7 +432,16 @@ impl AccountActorState {
                     .await
                     .map_err(Error::from)?;
             }
-            match self.context.log.append_atomic(&plan.entries).await {
+            let appending = std::time::Instant::now();
+            let appended = self.context.log.append_atomic(&plan.entries).await;
+            let metrics = &self.context.metrics;
+            metrics
+                .append_duration
+                .observe(appending.elapsed().as_secs_f64());
+            metrics
+                .append_batch_messages
+                .observe(plan.entries.len() as f64);
+            match appended {
                 Ok(appended) => {
                     for (mut known, index) in plan.changes {
                         known.position = appended.position_of(index);
@@ -446,11 +455,11 @@ impl AccountActorState {
                     return Ok(plan.outcome.at(appended.position_of(plan.answer_index)));
                 }
                 Err(eventlog::Error::Conflict { .. } | eventlog::Error::Duplicate(_)) => {
-                    self.context.metrics.conflicts.increment();
+                    self.context.metrics.conflicts.inc();
                     if let Some(first) =
                         self.first_answer(&request, request_hash.as_deref()).await?
                     {
-                        self.context.metrics.idempotent_replays.increment();
+                        self.context.metrics.idempotent_replays.inc();
                         return first;
                     }
                     self.catch_up().await?;
@@ -767,7 +776,7 @@ impl AccountActorState {
         refusal: Error,
     ) -> Result<Outcome> {
         if let Some(first) = self.first_answer(request, request_hash).await? {
-            self.context.metrics.idempotent_replays.increment();
+            self.context.metrics.idempotent_replays.inc();
             return first;
         }
         let refusal = self.settled_or_unknown(refusal).await?;

@@ -1,12 +1,25 @@
-//! The writer's metrics, served at `/metrics`.
+//! The writer's metrics (prometheus-client), served at `/metrics` in the OpenMetrics text
+//! format.
 
-use prometheus_text::{Counter, Gauge, Histogram};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+/// The content type of [`Metrics::render`] (and of the reader's `/metrics`).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 pub struct Metrics {
     pub commands_succeeded: Counter,
     pub commands_refused: Counter,
     pub commands_failed: Counter,
+    /// From receiving a command to answering it, in seconds.
     pub command_duration: Histogram,
+    /// One append (single publish or atomic batch) until JetStream acknowledged it, in seconds.
+    pub append_duration: Histogram,
+    /// Messages per append: events and markers of one command.
+    pub append_batch_messages: Histogram,
     pub conflicts: Counter,
     pub idempotent_replays: Counter,
     pub actors_live: Gauge,
@@ -16,75 +29,151 @@ pub struct Metrics {
     pub commands_expired: Counter,
 }
 
+/// 0.25 ms to about 8 s.
+fn duration_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.000_25, 2.0, 16)
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self {
-            commands_succeeded: Counter::new(
-                "coffer_writer_commands_succeeded_total",
-                "Commands that appended an event or were answered from an earlier one.",
-            ),
-            commands_refused: Counter::new(
-                "coffer_writer_commands_refused_total",
-                "Commands refused by validation or a business rule (4xx).",
-            ),
-            commands_failed: Counter::new(
-                "coffer_writer_commands_failed_total",
-                "Commands that failed for infrastructure reasons (5xx).",
-            ),
-            command_duration: Histogram::new(
-                "coffer_writer_command_duration_seconds",
-                "Time from receiving a command to answering it.",
-            ),
-            conflicts: Counter::new(
-                "coffer_writer_append_conflicts_total",
-                "Appends refused by a concurrency check (another writer appended first, or a marker existed).",
-            ),
-            idempotent_replays: Counter::new(
-                "coffer_writer_idempotent_replays_total",
-                "Retries answered with the first outcome of their Idempotency-Key or transfer id.",
-            ),
-            actors_live: Gauge::new(
-                "coffer_writer_actors_live",
-                "Account actors currently in memory.",
-            ),
-            actors_started: Counter::new(
-                "coffer_writer_actors_started_total",
-                "Account actors started.",
-            ),
-            actors_passivated: Counter::new(
-                "coffer_writer_actors_passivated_total",
-                "Account actors stopped for idleness or the live cap.",
-            ),
-            actors_failed: Counter::new(
-                "coffer_writer_actors_failed_total",
-                "Account actors that crashed and were removed by the supervisor.",
-            ),
-            commands_expired: Counter::new(
-                "coffer_writer_commands_expired_total",
-                "Commands not started because they waited in their actor's mailbox past their deadline.",
-            ),
+            commands_succeeded: Counter::default(),
+            commands_refused: Counter::default(),
+            commands_failed: Counter::default(),
+            command_duration: Histogram::new(duration_buckets()),
+            append_duration: Histogram::new(duration_buckets()),
+            append_batch_messages: Histogram::new([
+                1.0, 2.0, 3.0, 4.0, 6.0, 10.0, 50.0, 200.0, 1_000.0,
+            ]),
+            conflicts: Counter::default(),
+            idempotent_replays: Counter::default(),
+            actors_live: Gauge::default(),
+            actors_started: Counter::default(),
+            actors_passivated: Counter::default(),
+            actors_failed: Counter::default(),
+            commands_expired: Counter::default(),
         }
     }
 }
 
 impl Metrics {
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        for counter in [
-            &self.commands_succeeded,
-            &self.commands_refused,
-            &self.commands_failed,
-            &self.conflicts,
-            &self.idempotent_replays,
-            &self.actors_started,
-            &self.actors_passivated,
-            &self.actors_failed,
-            &self.commands_expired,
-        ] {
-            counter.render(&mut out);
+    fn register(&self, registry: &mut Registry) {
+        let counters = [
+            (
+                "coffer_writer_commands_succeeded",
+                "Commands that appended an event or were answered from an earlier one.",
+                &self.commands_succeeded,
+            ),
+            (
+                "coffer_writer_commands_refused",
+                "Commands refused by validation or a business rule (4xx).",
+                &self.commands_refused,
+            ),
+            (
+                "coffer_writer_commands_failed",
+                "Commands that failed for infrastructure reasons (5xx).",
+                &self.commands_failed,
+            ),
+            (
+                "coffer_writer_append_conflicts",
+                "Appends refused by a concurrency check (another writer appended first, or a marker existed).",
+                &self.conflicts,
+            ),
+            (
+                "coffer_writer_idempotent_replays",
+                "Retries answered with the first outcome of their Idempotency-Key or transfer id.",
+                &self.idempotent_replays,
+            ),
+            (
+                "coffer_writer_actors_started",
+                "Account actors started.",
+                &self.actors_started,
+            ),
+            (
+                "coffer_writer_actors_passivated",
+                "Account actors stopped for idleness or the live cap.",
+                &self.actors_passivated,
+            ),
+            (
+                "coffer_writer_actors_failed",
+                "Account actors that crashed and were removed by the supervisor.",
+                &self.actors_failed,
+            ),
+            (
+                "coffer_writer_commands_expired",
+                "Commands not started because they waited in their actor's mailbox past their deadline.",
+                &self.commands_expired,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
         }
-        self.actors_live.render(&mut out);
-        self.command_duration.render(&mut out);
+        registry.register(
+            "coffer_writer_actors_live",
+            "Account actors currently in memory.",
+            self.actors_live.clone(),
+        );
+        registry.register_with_unit(
+            "coffer_writer_command_duration",
+            "Time from receiving a command to answering it.",
+            Unit::Seconds,
+            self.command_duration.clone(),
+        );
+        registry.register_with_unit(
+            "coffer_writer_append_duration",
+            "Time from sending an append (a publish or an atomic batch) to its acknowledgement.",
+            Unit::Seconds,
+            self.append_duration.clone(),
+        );
+        registry.register(
+            "coffer_writer_append_batch_messages",
+            "Messages per append: a command's events and markers.",
+            self.append_batch_messages.clone(),
+        );
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn render(&self) -> String {
+        let mut registry = Registry::default();
+        self.register(&mut registry);
+        let mut out = String::new();
+        if let Err(error) = encode(&mut out, &registry) {
+            tracing::warn!(%error, "encoding the metrics");
+        }
         out
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render_with_conventional_names_and_units() {
+        let metrics = Metrics::default();
+        metrics.conflicts.inc();
+        metrics.command_duration.observe(0.002);
+        metrics.append_batch_messages.observe(3.0);
+        metrics.actors_live.set(7);
+        let text = metrics.render();
+        assert!(
+            text.contains("coffer_writer_append_conflicts_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# UNIT coffer_writer_command_duration_seconds seconds"),
+            "{text}"
+        );
+        assert!(
+            text.contains("coffer_writer_command_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("coffer_writer_append_batch_messages_bucket{le=\"3.0\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("coffer_writer_actors_live 7"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

@@ -154,12 +154,14 @@ impl Registry {
             ))),
         };
         let metrics = &self.context.metrics;
-        metrics.command_duration.observe(started.elapsed());
+        metrics
+            .command_duration
+            .observe(started.elapsed().as_secs_f64());
         match &answer {
-            Ok(_) => metrics.commands_succeeded.increment(),
-            Err(error) if error.problem().status < 500 => metrics.commands_refused.increment(),
-            Err(_) => metrics.commands_failed.increment(),
-        }
+            Ok(_) => metrics.commands_succeeded.inc(),
+            Err(error) if error.problem().status < 500 => metrics.commands_refused.inc(),
+            Err(_) => metrics.commands_failed.inc(),
+        };
         answer
     }
 
@@ -195,7 +197,7 @@ impl Registry {
                 queued: queued.clone(),
             },
         );
-        self.context.metrics.actors_started.increment();
+        self.context.metrics.actors_started.inc();
         self.context
             .metrics
             .actors_live
@@ -263,7 +265,7 @@ impl Registry {
             if let Err(error) = entry.actor.drain() {
                 tracing::debug!(%account, %error, "passivating an actor that is already stopping");
             }
-            self.context.metrics.actors_passivated.increment();
+            self.context.metrics.actors_passivated.inc();
             self.context
                 .metrics
                 .actors_live
@@ -371,7 +373,7 @@ impl Actor for Supervisor {
         let removed = population.forget_actor(cell.get_id());
         if failed || removed {
             if failed {
-                state.context.metrics.actors_failed.increment();
+                state.context.metrics.actors_failed.inc();
             }
             state
                 .context
