@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use testkit::NatsServer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::{self, Http};
@@ -12,7 +12,10 @@ use crate::support::{self, Http};
 const HEADER_TIMEOUT_MS: u64 = 1_500;
 
 /// Reads until the server closes the connection; returns what it sent and when it closed.
-async fn until_closed(mut stream: TcpStream, bound: Duration) -> Option<(String, Instant)> {
+async fn until_closed(
+    mut stream: impl AsyncRead + Unpin,
+    bound: Duration,
+) -> Option<(String, Instant)> {
     let mut received = Vec::new();
     let mut buffer = [0u8; 1024];
     let deadline = tokio::time::Instant::now() + bound;
@@ -59,24 +62,16 @@ async fn slow_clients_are_cut_off_and_do_not_stop_a_normal_request() {
     let watchers: Vec<_> = slow
         .into_iter()
         .map(|stream| {
-            let (mut reader, mut writer) = stream.into_split();
+            let (reader, mut writer) = stream.into_split();
             tokio::spawn(async move {
                 let trickle = tokio::spawn(async move {
                     while writer.write_all(b"a").await.is_ok() {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 });
-                let mut buffer = [0u8; 256];
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-                let closed = loop {
-                    match tokio::time::timeout_at(deadline, reader.read(&mut buffer)).await {
-                        Ok(Ok(0)) | Ok(Err(_)) => break Some(Instant::now()),
-                        Ok(Ok(_)) => continue,
-                        Err(_) => break None,
-                    }
-                };
+                let closed = until_closed(reader, Duration::from_secs(10)).await;
                 trickle.abort();
-                closed
+                closed.map(|(_, at)| at)
             })
         })
         .collect();

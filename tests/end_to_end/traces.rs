@@ -13,6 +13,19 @@ const SAMPLED: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 const SAMPLED_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const NATS_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 
+/// Opens `account` with the sampled [`SAMPLED`] traceparent; returns the one the writer echoed.
+async fn open_with_trace(writer: &str, account: &str) -> trace_context::TraceParent {
+    let opened = reqwest::Client::new()
+        .post(format!("{writer}/v1/accounts"))
+        .header("traceparent", SAMPLED)
+        .json(&json!({"account_id": account, "currency": "EUR"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(opened.status(), 201);
+    trace_context::TraceParent::parse(opened.headers()["traceparent"].to_str().unwrap()).unwrap()
+}
+
 /// The reader's JSON log lines saying an event was applied, as (trace id, position).
 fn applied_lines(log: &str) -> Vec<(String, u64)> {
     log.lines()
@@ -47,17 +60,7 @@ async fn a_trace_goes_from_the_request_through_the_event_to_the_reader_log() {
     let client = reqwest::Client::new();
 
     // HTTP with a sampled traceparent: continued (same trace, our own span id) and echoed.
-    let opened = client
-        .post(format!("{}/v1/accounts", writer.url()))
-        .header("traceparent", SAMPLED)
-        .json(&json!({"account_id": account, "currency": "EUR"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(opened.status(), 201);
-    let echoed =
-        trace_context::TraceParent::parse(opened.headers()["traceparent"].to_str().unwrap())
-            .unwrap();
+    let echoed = open_with_trace(&writer.url(), &account).await;
     assert_eq!(echoed.trace_id(), SAMPLED_TRACE);
     assert_ne!(echoed.span_id(), "00f067aa0ba902b7");
     assert!(echoed.sampled());
@@ -185,16 +188,7 @@ async fn with_otlp_configured_writer_and_reader_export_one_trace() {
     let reader = support::reader("otlp", &nats.url(), data.path(), &otlp);
     support::wait_ready(&reader.url());
     let account = support::unique("otlp");
-    let opened = reqwest::Client::new()
-        .post(format!("{}/v1/accounts", writer.url()))
-        .header("traceparent", SAMPLED)
-        .json(&json!({"account_id": account, "currency": "EUR"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(opened.status(), 201);
-    let hop = trace_context::TraceParent::parse(opened.headers()["traceparent"].to_str().unwrap())
-        .unwrap();
+    let hop = open_with_trace(&writer.url(), &account).await;
     assert_eq!(hop.trace_id(), SAMPLED_TRACE);
     let events = read_stream(&nats.url()).await;
     assert_eq!(

@@ -305,16 +305,28 @@ struct TokenArgs {
 
 impl TokenArgs {
     fn token(&self) -> anyhow::Result<Option<problem::BearerToken>> {
-        let text = match (&self.http_token, &self.http_token_file) {
-            (Some(token), _) => token.clone(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .with_context(|| format!("read the HTTP token from {}", path.display()))?,
-            (None, None) => return Ok(None),
+        let Some(text) = token_text(self.http_token.as_deref(), self.http_token_file.as_deref())?
+        else {
+            return Ok(None);
         };
         problem::BearerToken::new(&text)
             .map(Some)
             .context("the HTTP token is empty")
     }
+}
+
+/// A bearer token given as text, or else read from a file (a mounted Secret); trimmed.
+fn token_text(
+    token: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<String>> {
+    let text = match (token, file) {
+        (Some(token), _) => token.to_owned(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("read the HTTP token from {}", path.display()))?,
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(text.trim().to_owned()))
 }
 
 #[derive(Args)]

@@ -51,16 +51,10 @@ pub struct ReaderClient {
 
 impl ReaderClient {
     pub fn new(access: &ReaderAccess) -> anyhow::Result<Self> {
-        let token = match (&access.http_token, &access.http_token_file) {
-            (Some(token), _) => Some(token.trim().to_owned()),
-            (None, Some(path)) => Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("read the HTTP token from {}", path.display()))?
-                    .trim()
-                    .to_owned(),
-            ),
-            (None, None) => None,
-        };
+        let token = crate::token_text(
+            access.http_token.as_deref(),
+            access.http_token_file.as_deref(),
+        )?;
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .build()

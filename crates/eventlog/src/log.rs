@@ -71,20 +71,16 @@ pub struct EventMetadata {
 }
 
 impl EventMetadata {
-    /// The trace id of `traceparent`, for log lines (`trace_id`).
-    pub fn trace_id(&self) -> Option<String> {
+    /// The stored `traceparent`, parsed (`None` when absent or invalid).
+    pub fn trace(&self) -> Option<trace_context::TraceParent> {
         self.traceparent
             .as_deref()
             .and_then(trace_context::TraceParent::parse)
-            .map(|trace| trace.trace_id())
     }
 
-    /// Whether the caller asked for this trace to be recorded (the sampled flag).
-    pub fn sampled(&self) -> bool {
-        self.traceparent
-            .as_deref()
-            .and_then(trace_context::TraceParent::parse)
-            .is_some_and(|trace| trace.sampled())
+    /// The trace id of `traceparent`, for log lines (`trace_id`).
+    pub fn trace_id(&self) -> Option<String> {
+        self.trace().map(|trace| trace.trace_id())
     }
 }
 

@@ -4,7 +4,6 @@
 //! and its task for as long as it likes.)
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -12,7 +11,7 @@ use axum::response::IntoResponse as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tower::ServiceExt as _;
 
 /// The limits; every field has a flag and an environment variable in the `coffer` binary.
@@ -75,7 +74,7 @@ pub async fn serve(
                 }
             },
         ));
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let max_connections = limits.max_connections.max(1);
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -83,14 +82,15 @@ pub async fn serve(
     });
     let mut accepting = stopped.clone();
     let mut connections = tokio::task::JoinSet::new();
-    loop {
-        // Reap finished connection tasks as we go.
+    'accepting: loop {
+        // The open connections are the tasks in the set: at the limit, wait for one to end.
         while connections.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => permit,
-            _ = stop_signalled(&mut accepting) => break,
-        };
-        let Ok(permit) = permit else { break };
+        while connections.len() >= max_connections {
+            tokio::select! {
+                _ = connections.join_next() => {}
+                _ = stop_signalled(&mut accepting) => break 'accepting,
+            }
+        }
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -112,7 +112,6 @@ pub async fn serve(
         let mut stopped = stopped.clone();
         let stream = WriteTimeout::new(stream, limits.body_read_timeout);
         connections.spawn(async move {
-            let _permit = permit;
             // HTTP/1.1 only: its header timeout also covers a connection that sends nothing
             // (protocol auto-detection would wait for a first byte without one).
             let connection = hyper::server::conn::http1::Builder::new()

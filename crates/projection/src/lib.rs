@@ -365,10 +365,13 @@ impl<P: Projector> Engine<P> {
     /// request to each view: at `info` when the caller asked for the trace to be recorded
     /// (sampled flag), at `debug` otherwise (a catch-up would flood `info`).
     fn log_applied(&self, events: &[RecordedEvent]) {
+        let debug = tracing::enabled!(tracing::Level::DEBUG);
         for recorded in events {
-            let sampled = recorded.metadata.sampled();
-            if sampled || tracing::enabled!(tracing::Level::DEBUG) {
-                let trace_id = recorded.metadata.trace_id().unwrap_or_default();
+            // Parsed once per event.
+            let trace = recorded.metadata.trace();
+            let sampled = trace.is_some_and(|trace| trace.sampled());
+            if sampled || debug {
+                let trace_id = trace.map(|trace| trace.trace_id()).unwrap_or_default();
                 let (consumer, position) = (&self.consumer_name, recorded.position);
                 let (account, event_type) =
                     (recorded.account_id.as_str(), recorded.event.event_type());
@@ -376,13 +379,8 @@ impl<P: Projector> Engine<P> {
                 if sampled {
                     // A span of its own, child of the writer's hop, for exported traces.
                     let span = tracing::info_span!("apply", %consumer, position, account, event_type, %trace_id);
-                    if let Some(parent) = recorded
-                        .metadata
-                        .traceparent
-                        .as_deref()
-                        .and_then(trace_context::TraceParent::parse)
-                    {
-                        trace_context::otel::set_parent(&span, &parent);
+                    if let Some(parent) = &trace {
+                        trace_context::otel::set_parent(&span, parent);
                     }
                     span.in_scope(|| {
                         tracing::info!(%consumer, position, account, event_type, %trace_id, %correlation_id, "event applied");

@@ -258,9 +258,19 @@ impl Rebuilder {
         let (view, engine) = started.map_err(|error| Failure::Abandoned(error.to_string()))?;
         let view = Arc::new(view);
         let mut engine = Some(engine);
-        match self.catch_up(&view).await {
-            Ok(()) => {}
+        let swapped = match self.catch_up(&view).await {
+            Ok(()) => {
+                let maintenance = self.served.maintenance.lock().await;
+                self.swap_in(view.clone(), engine.take())
+                    .await
+                    .map(|()| maintenance)
+            }
+            Err(error) => Err(error),
+        };
+        let maintenance = match swapped {
+            Ok(maintenance) => maintenance,
             Err(error) => {
+                // Abandoned before the swap: the old view serves on; remove what was built.
                 if let Some(engine) = engine.take() {
                     engine.stop().await;
                 }
@@ -269,14 +279,7 @@ impl Rebuilder {
                 self.forget(&consumer, &path).await;
                 return Err(Failure::Abandoned(error));
             }
-        }
-        let maintenance = self.served.maintenance.lock().await;
-        if let Err(error) = self.swap_in(view.clone(), engine.take()).await {
-            drop(view);
-            drop(database);
-            self.forget(&consumer, &path).await;
-            return Err(Failure::Abandoned(error));
-        }
+        };
         let finished = self
             .finish(database, &view, &path, &consumer)
             .await
@@ -343,7 +346,7 @@ impl Rebuilder {
         }
         match self.served.swap(view, engine, repair) {
             Ok((old_view, _)) => {
-                self.delete_consumer(&old_view.consumer_name).await;
+                delete_consumer(&self.log, &old_view.consumer_name).await;
                 Ok(())
             }
             Err((_, engine)) => {
@@ -430,7 +433,7 @@ impl Rebuilder {
             }
             return Err("the restarted view was behind the served position".into());
         }
-        self.delete_consumer(consumer).await;
+        delete_consumer(&self.log, consumer).await;
         Ok(())
     }
 
@@ -444,14 +447,10 @@ impl Rebuilder {
 
     /// Removes an abandoned rebuild: its consumer and its file.
     async fn forget(&self, consumer: &str, path: &Path) {
-        self.delete_consumer(consumer).await;
+        delete_consumer(&self.log, consumer).await;
         if let Err(error) = remove_file_if_any(path) {
             tracing::warn!(%error, "could not remove the abandoned rebuild file");
         }
-    }
-
-    async fn delete_consumer(&self, name: &str) {
-        delete_consumer(&self.log, name).await;
     }
 }
 
