@@ -285,7 +285,36 @@ async fn every_documented_query_route_is_served() {
     let data = tempfile::tempdir().unwrap();
     let reader = support::reader("routes", &nats.url(), data.path(), &[]);
     let http = Http::new();
-    for (_, path) in reader::openapi::ROUTES {
+    let document = http
+        .get(&format!("{}/openapi.json", reader.url()))
+        .await
+        .unwrap()
+        .body;
+    let mut operations = Vec::new();
+    for (path, methods) in document["paths"].as_object().unwrap() {
+        for method in methods.as_object().unwrap().keys() {
+            operations.push(format!("{method} {path}"));
+        }
+    }
+    operations.sort();
+    assert_eq!(
+        operations,
+        [
+            "get /v1/accounts/{id}",
+            "get /v1/accounts/{id}/balance",
+            "get /v1/accounts/{id}/transactions",
+            "get /v1/audit",
+            "get /v1/holds/{id}",
+            "get /v1/projection/rebuild",
+            "get /v1/transfers/{id}",
+            "post /v1/projection/rebuild",
+        ]
+    );
+    for operation in operations
+        .iter()
+        .filter(|operation| operation.starts_with("get "))
+    {
+        let path = &operation["get ".len()..];
         let reply = http
             .get(&format!(
                 "{}{}",
@@ -295,7 +324,7 @@ async fn every_documented_query_route_is_served() {
             .await
             .unwrap();
         // Routes with an id answer 404 for an unknown one (or 400: the balance needs a bound);
-        // the audit always answers.
+        // the others always answer.
         let expected: &[u16] = if path.contains("{id}") {
             &[404, 400]
         } else {
@@ -303,17 +332,6 @@ async fn every_documented_query_route_is_served() {
         };
         assert!(expected.contains(&reply.status), "{path}: {}", reply.status);
         assert_ne!(reply.code(), "not_found", "{path} is not routed");
-    }
-    let document = http
-        .get(&format!("{}/openapi.json", reader.url()))
-        .await
-        .unwrap()
-        .body;
-    for (method, path) in reader::openapi::ROUTES {
-        assert!(
-            document["paths"][path][method].is_object(),
-            "{method} {path} undocumented"
-        );
     }
 }
 

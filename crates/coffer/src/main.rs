@@ -490,7 +490,9 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
             &headers,
             message.payload.clone(),
         ) {
-            Ok(recorded) => writer::http::event_json(&recorded),
+            Ok(recorded) => {
+                serde_json::to_value(writer::http::event_json(&recorded)).unwrap_or_default()
+            }
             // An event this build cannot read is shown, not skipped.
             Err(error) => serde_json::json!({
                 "position": position,
@@ -774,14 +776,11 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Commands::Openapi => {
-            let document = problem::openapi_document(
+            let document = problem::openapi::document(
                 "Coffer HTTP API (POST to writers, GET to readers; GET /v1/events to writers)",
-                &[
-                    writer::openapi::document_part(),
-                    reader::openapi::document_part(),
-                ],
+                [writer::openapi::document(), reader::openapi::document()],
             );
-            println!("{}", serde_json::to_string_pretty(&document)?);
+            println!("{}", document.to_pretty_json()?);
             Ok(())
         }
         Commands::Writer(args) => {

@@ -140,6 +140,211 @@ impl OverdraftLimit {
     }
 }
 
+/// Values arrive in request bodies, so each one deserializes only through its validation: a
+/// body that names a bad value never reaches a command. The messages leave out the field's name,
+/// which the caller's error path supplies (`to: expected ...`). Each serializes as its text or
+/// number.
+mod serde_impls {
+    use std::fmt;
+
+    use serde::de::{Error, Visitor};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::*;
+
+    macro_rules! as_text {
+        ($($name:ident),*) => {$(
+            impl Serialize for $name {
+                fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                    serializer.serialize_str(self.as_str())
+                }
+            }
+        )*};
+    }
+    as_text!(AccountId, TransferId, Currency);
+
+    impl Serialize for Amount {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.serialize_u64(self.0)
+        }
+    }
+
+    impl Serialize for OverdraftLimit {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.serialize_u64(self.0)
+        }
+    }
+
+    fn identifier<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if is_identifier(&text) {
+            Ok(text)
+        } else {
+            Err(D::Error::custom(format!(
+                "expected 1-{IDENTIFIER_LENGTH_MAX} characters of A-Z, a-z, 0-9, '_' or '-', got {text:?}"
+            )))
+        }
+    }
+
+    impl<'de> Deserialize<'de> for AccountId {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            identifier(deserializer).map(Self)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for TransferId {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            identifier(deserializer).map(Self)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Currency {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            let text = String::deserialize(deserializer)?;
+            Currency::parse(&text).map_err(|_| {
+                D::Error::custom(format!("expected three upper-case letters, got {text:?}"))
+            })
+        }
+    }
+
+    /// An integer in `minimum..=AMOUNT_MAX`; a fraction, a string or a bigger number is refused
+    /// with the range in the message.
+    struct Units {
+        minimum: u64,
+    }
+
+    impl Units {
+        fn check<E: Error>(&self, value: i128) -> Result<u64, E> {
+            if (i128::from(self.minimum)..=i128::from(AMOUNT_MAX)).contains(&value) {
+                Ok(value as u64)
+            } else {
+                Err(E::custom(format!("expected {self}, got {value}")))
+            }
+        }
+    }
+
+    impl fmt::Display for Units {
+        fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(
+                formatter,
+                "an integer from {} to {AMOUNT_MAX}",
+                self.minimum
+            )
+        }
+    }
+
+    impl Visitor<'_> for Units {
+        type Value = u64;
+
+        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            fmt::Display::fmt(self, formatter)
+        }
+
+        fn visit_i64<E: Error>(self, value: i64) -> Result<u64, E> {
+            self.check(value.into())
+        }
+
+        fn visit_u64<E: Error>(self, value: u64) -> Result<u64, E> {
+            self.check(value.into())
+        }
+
+        fn visit_f64<E: Error>(self, value: f64) -> Result<u64, E> {
+            Err(E::custom(format!("expected {self}, got {value}")))
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Amount {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_u64(Units { minimum: 1 }).map(Self)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for OverdraftLimit {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_u64(Units { minimum: 0 }).map(Self)
+        }
+    }
+}
+
+/// The OpenAPI schemas of the values, beside the validation they describe so the two cannot
+/// drift apart.
+#[cfg(feature = "openapi")]
+mod openapi {
+    use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaFormat, Type};
+    use utoipa::openapi::{KnownFormat, RefOr};
+    use utoipa::{PartialSchema, ToSchema};
+
+    use super::*;
+
+    /// The identifier alphabet and length as a JSON Schema pattern.
+    pub const IDENTIFIER_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";
+
+    fn identifier(description: &str) -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(IDENTIFIER_PATTERN))
+            .min_length(Some(1))
+            .max_length(Some(IDENTIFIER_LENGTH_MAX))
+            .description(Some(description))
+            .into()
+    }
+
+    fn units(minimum: u64, description: &str) -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .minimum(Some(minimum as f64))
+            .maximum(Some(AMOUNT_MAX as f64))
+            .description(Some(description))
+            .into()
+    }
+
+    impl PartialSchema for AccountId {
+        fn schema() -> RefOr<Schema> {
+            identifier("An account's id, safe as a NATS subject token and in URLs")
+        }
+    }
+    impl ToSchema for AccountId {}
+
+    impl PartialSchema for TransferId {
+        fn schema() -> RefOr<Schema> {
+            identifier("A transfer's or hold's id; unique forever across all senders")
+        }
+    }
+    impl ToSchema for TransferId {}
+
+    impl PartialSchema for Currency {
+        fn schema() -> RefOr<Schema> {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[A-Z]{3}$"))
+                .description(Some("Three upper-case letters (ISO 4217 style)"))
+                .into()
+        }
+    }
+    impl ToSchema for Currency {}
+
+    impl PartialSchema for Amount {
+        fn schema() -> RefOr<Schema> {
+            units(
+                1,
+                "Minor units (cents); at most 2^53-1 so every JSON parser holds it exactly",
+            )
+        }
+    }
+    impl ToSchema for Amount {}
+
+    impl PartialSchema for OverdraftLimit {
+        fn schema() -> RefOr<Schema> {
+            units(0, "How far below zero the balance may go, in minor units")
+        }
+    }
+    impl ToSchema for OverdraftLimit {}
+}
+
+#[cfg(feature = "openapi")]
+pub use openapi::IDENTIFIER_PATTERN;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +384,32 @@ mod tests {
         assert_eq!(OverdraftLimit::new(0).map(|l| l.floor()), Ok(0));
         assert_eq!(OverdraftLimit::new(50).map(|l| l.floor()), Ok(-50));
         assert!(OverdraftLimit::new(-1).is_err());
+    }
+
+    #[test]
+    fn values_deserialize_only_through_their_validation() {
+        let amount = |json: &str| serde_json::from_str::<Amount>(json).map_err(|e| e.to_string());
+        assert_eq!(amount("5").map(Amount::minor_units), Ok(5));
+        for bad in [
+            "0",
+            "-1",
+            "1.5",
+            "5.0",
+            "\"10\"",
+            "null",
+            "9007199254740992",
+            "1e3",
+        ] {
+            let error = amount(bad).expect_err(bad);
+            assert!(error.contains("an integer from 1 to"), "{bad}: {error}");
+        }
+        assert!(serde_json::from_str::<OverdraftLimit>("0").is_ok());
+        assert!(serde_json::from_str::<OverdraftLimit>("-1").is_err());
+        assert!(serde_json::from_str::<AccountId>("\"acc-1\"").is_ok());
+        let error = serde_json::from_str::<AccountId>("\"has.dot\"").expect_err("dot");
+        assert!(error.to_string().contains("has.dot"), "{error}");
+        assert!(serde_json::from_str::<TransferId>(&format!("\"{}\"", "t".repeat(65))).is_err());
+        assert!(serde_json::from_str::<Currency>("\"eur\"").is_err());
+        assert!(serde_json::from_str::<Currency>("\"EUR\"").is_ok());
     }
 }

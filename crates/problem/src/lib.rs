@@ -4,6 +4,7 @@
 //! connection limits and timeouts. Each problem has a machine-readable `code` that clients switch on; `title`
 //! and `detail` are for people.
 
+pub mod query;
 pub mod server;
 
 pub use server::{serve, HttpLimits};
@@ -17,13 +18,16 @@ pub const CONTENT_TYPE: &str = "application/problem+json";
 const TYPE_BASE: &str = "https://coffer.dev/problems";
 
 /// A problem as sent on the wire.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+/// RFC 9457 problem details with a machine-readable code.
 pub struct Problem {
+    /// A URI naming the problem type: the documentation of `code`.
     #[serde(rename = "type")]
     pub type_uri: String,
     pub title: String,
     pub status: u16,
     pub detail: String,
+    /// What clients switch on (`insufficient_funds`, `stale`, ...).
     pub code: String,
     /// Seconds a client should wait before retrying (sent as `Retry-After` over HTTP).
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -77,65 +81,97 @@ impl IntoResponse for Problem {
     }
 }
 
-/// Assembles an OpenAPI 3.1 document from parts (`{"paths", "components"}` objects), adding
-/// the problem schema every error response refers to.
-pub fn openapi_document(title: &str, parts: &[serde_json::Value]) -> serde_json::Value {
-    use serde_json::{json, Map, Value};
-    let mut paths = Map::new();
-    let mut components: Map<String, Value> = Map::new();
-    for part in parts {
-        if let Some(part_paths) = part["paths"].as_object() {
-            for (path, operations) in part_paths {
-                let entry = paths.entry(path.clone()).or_insert_with(|| json!({}));
-                if let (Some(entry), Some(operations)) =
-                    (entry.as_object_mut(), operations.as_object())
-                {
-                    entry.extend(operations.clone());
-                }
-            }
+/// The served OpenAPI documents: one per service, and both merged for `docs/openapi.json`.
+pub mod openapi {
+    use std::collections::BTreeMap;
+
+    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+    use utoipa::openapi::{ContentBuilder, OpenApi, RefOr, Response, ResponseBuilder};
+    use utoipa::{PartialSchema, ToSchema};
+
+    use super::{Problem, CONTENT_TYPE};
+
+    /// One document from the services' parts, with the problem schema every error response
+    /// refers to and the optional bearer token.
+    pub fn document(title: &str, parts: impl IntoIterator<Item = OpenApi>) -> OpenApi {
+        let mut document = OpenApi::default();
+        for part in parts {
+            document.merge(part);
         }
-        if let Some(part_components) = part["components"].as_object() {
-            for (kind, items) in part_components {
-                let entry = components.entry(kind.clone()).or_insert_with(|| json!({}));
-                if let (Some(entry), Some(items)) = (entry.as_object_mut(), items.as_object()) {
-                    entry.extend(items.clone());
-                }
-            }
-        }
+        document.info.title = title.to_owned();
+        document.info.version = env!("CARGO_PKG_VERSION").to_owned();
+        document.info.description = Some(
+            "Errors are RFC 9457 problems (`application/problem+json`) with a machine-readable \
+             `code`. With `COFFER_HTTP_TOKEN` set, every route but the probes and `/metrics` \
+             needs `Authorization: Bearer <token>`."
+                .to_owned(),
+        );
+        let components = document.components.get_or_insert_with(Default::default);
+        components
+            .schemas
+            .insert(Problem::name().into_owned(), Problem::schema());
+        components.security_schemes.insert(
+            "bearer".to_owned(),
+            RefOr::T(SecurityScheme::Http(
+                HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build(),
+            )),
+        );
+        document
     }
-    let schemas = components.entry("schemas").or_insert_with(|| json!({}));
-    schemas["Problem"] = json!({
-        "type": "object",
-        "description": "RFC 9457 problem details with a machine-readable code",
-        "required": ["type", "title", "status", "detail", "code"],
-        "properties": {
-            "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
-            "detail": {"type": "string"}, "code": {"type": "string"},
-        },
-    });
-    json!({
-        "openapi": "3.1.0",
-        "info": {"title": title, "version": env!("CARGO_PKG_VERSION")},
-        "paths": paths,
-        "components": components,
-    })
+
+    /// Error responses, one per status, each naming the codes answered with it.
+    pub fn problem_responses(
+        codes: impl IntoIterator<Item = (u16, String)>,
+    ) -> BTreeMap<String, RefOr<Response>> {
+        let mut by_status: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+        for (status, code) in codes {
+            let codes = by_status.entry(status).or_default();
+            if !codes.contains(&code) {
+                codes.push(code);
+            }
+        }
+        by_status
+            .into_iter()
+            .map(|(status, codes)| {
+                let response = ResponseBuilder::new()
+                    .description(format!("Problem with code {}", codes.join(", ")))
+                    .content(
+                        CONTENT_TYPE,
+                        ContentBuilder::new()
+                            .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                                Problem::name(),
+                            ))))
+                            .build(),
+                    )
+                    .build();
+                (status.to_string(), RefOr::T(response))
+            })
+            .collect()
+    }
+
+    /// What every service's HTTP layers may answer on any route: a missing or wrong token, a
+    /// request too slow to arrive or to run.
+    pub fn common_problems() -> Vec<(u16, String)> {
+        vec![
+            (401, "unauthorized".to_owned()),
+            (408, "request_timeout".to_owned()),
+        ]
+    }
 }
 
 /// Adds what every Coffer service answers besides its own API: `GET /healthz`,
-/// `GET /openapi.json` (this service's part of the document) and a problem+json 404 fallback.
-/// Call it after the service's own routes and before its layers.
+/// `GET /openapi.json` (this service's document), `GET /docs` (Swagger UI from the vendored
+/// assets of `utoipa-swagger-ui`, nothing fetched at build or run time) and a problem+json 404
+/// fallback. Call it after the service's own routes and before its layers.
 pub fn with_service_routes<S: Clone + Send + Sync + 'static>(
     router: axum::Router<S>,
-    title: &'static str,
-    openapi_part: fn() -> serde_json::Value,
+    document: utoipa::openapi::OpenApi,
 ) -> axum::Router<S> {
     use axum::routing::get;
+    let docs = utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", document);
     router
         .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/openapi.json",
-            get(move || async move { axum::Json(openapi_document(title, &[openapi_part()])) }),
-        )
+        .merge(docs)
         .fallback(|| async { Problem::not_found("not_found", "no such route") })
 }
 

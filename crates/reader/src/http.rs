@@ -4,26 +4,34 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use problem::query::PageLimit;
 use problem::Problem;
 use redb::{Database, ReadableDatabase};
 use serde::Deserialize;
-use serde_json::{json, Value};
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use utoipa::IntoParams;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::answers::{
+    AccountView, Audit, BalanceAsOf, HoldView, Statement, StatementItem, TransferView,
+};
+use crate::openapi::{
+    AccountProblems, AuditProblems, HoldProblems, RebuildStartProblems, RebuildStatusProblems,
+    TransferProblems,
+};
+use crate::rebuild::RebuildStatus;
 
 use crate::rebuild::{Rebuilder, Refusal};
 use crate::served::Served;
 use crate::views::{self, AccountRow, AuditRow, StatementEntry, TransferRow};
 
-/// Most statement entries one page returns.
-pub const STATEMENT_LIMIT_MAX: usize = 1_000;
-const STATEMENT_LIMIT_DEFAULT: usize = 100;
 pub const POSITION_HEADER: &str = "x-coffer-position";
 pub const MIN_POSITION_HEADER: &str = "x-coffer-min-position";
 /// How long a read waits for its position before asking whether the stream holds it at all.
@@ -45,32 +53,58 @@ pub struct QueryState {
     pub stream_end: Arc<crate::stream_end::StreamEnd>,
 }
 
+/// The query routes with their OpenAPI operations: one list serves both.
+pub fn api() -> OpenApiRouter<QueryState> {
+    OpenApiRouter::new()
+        .routes(routes!(account))
+        .routes(routes!(transactions))
+        .routes(routes!(balance_as_of))
+        .routes(routes!(transfer))
+        .routes(routes!(audit))
+        .routes(routes!(hold))
+        .routes(routes!(rebuild_status, start_rebuild))
+}
+
 pub fn router(state: QueryState) -> Router {
-    let routes = Router::new()
-        .route("/v1/accounts/{id}", get(account))
-        .route("/v1/accounts/{id}/transactions", get(transactions))
-        .route("/v1/accounts/{id}/balance", get(balance_as_of))
-        .route("/v1/transfers/{id}", get(transfer))
-        .route("/v1/audit", get(audit))
-        .route("/v1/holds/{id}", get(hold))
-        .route(
-            "/v1/projection/rebuild",
-            get(rebuild_status).post(start_rebuild),
-        )
+    let (routes, _) = api().split_for_parts();
+    let routes = routes
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
-    let router = problem::with_service_routes(
-        routes,
-        "Coffer query API (reader)",
-        crate::openapi::document_part,
-    )
-    .layer(middleware::from_fn_with_state(
-        state.clone(),
-        stamp_position,
-    ));
+    let router = problem::with_service_routes(routes, crate::openapi::document()).layer(
+        middleware::from_fn_with_state(state.clone(), stamp_position),
+    );
     // Outside the position stamp, so an unauthorized request waits for nothing.
     let router = problem::with_bearer_token(router, state.http_token.clone());
     problem::with_request_ids(router).with_state(state)
+}
+
+/// Read-your-writes, as a query parameter.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct MinPosition {
+    /// Wait until the view has applied this position (the `position` a writer answered), up to
+    /// the configured bound; then `503 stale`. A position beyond the stream's end is answered
+    /// `503 stale` after a short grace.
+    pub min_position: Option<u64>,
+}
+
+/// Read-your-writes, as a header (the query parameter wins when both are given).
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct MinPositionHeader {
+    /// As `min_position`.
+    #[serde(rename = "X-Coffer-Min-Position")]
+    #[param(rename = "X-Coffer-Min-Position", nullable = false)]
+    pub min_position: Option<u64>,
+}
+
+/// An account addressed in the path.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct IdPath {
+    /// The id: 1-64 of `[A-Za-z0-9_-]`.
+    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    pub id: String,
 }
 
 /// Waits until the view has applied `wanted`, up to the configured bound; then `503 stale`.
@@ -128,7 +162,7 @@ async fn wait_applied(state: &QueryState, wanted: u64) -> Result<(), Problem> {
 /// Waits for `min_position` (query or header) before the handler runs, and stamps every
 /// response with the position the view had applied when it was read.
 async fn stamp_position(State(state): State<QueryState>, request: Request, next: Next) -> Response {
-    let wanted = match min_position(request.uri().query(), request.headers()) {
+    let wanted = match min_position(request.uri(), request.headers()) {
         Ok(wanted) => wanted,
         Err(problem) => return with_position(problem.into_response(), state.served.position_now()),
     };
@@ -151,23 +185,26 @@ fn with_position(mut response: Response, position: u64) -> Response {
     response
 }
 
-fn min_position(query: Option<&str>, headers: &HeaderMap) -> Result<Option<u64>, Problem> {
-    let from_query = query.and_then(|query| {
-        query
-            .split('&')
-            .filter_map(|pair| pair.split_once('='))
-            .find(|(name, _)| *name == "min_position")
-            .map(|(_, value)| value.to_owned())
-    });
-    let from_header = headers
-        .get(MIN_POSITION_HEADER)
-        .map(|value| value.to_str().unwrap_or("invalid").to_owned());
-    match from_query.or(from_header) {
-        None => Ok(None),
-        Some(text) => text.parse::<u64>().map(Some).map_err(|_| {
-            Problem::invalid_request("min_position must be a non-negative integer position")
-        }),
-    }
+fn min_position(uri: &axum::http::Uri, headers: &HeaderMap) -> Result<Option<u64>, Problem> {
+    let from_query = Query::<MinPosition>::try_from_uri(uri)
+        .map_err(|rejection| Problem::invalid_request(rejection.body_text()))?
+        .0
+        .min_position;
+    let from_header = match headers.get(MIN_POSITION_HEADER) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|text| text.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    Problem::invalid_request(
+                        "X-Coffer-Min-Position: expected a non-negative integer position",
+                    )
+                })?,
+        ),
+    };
+    Ok(from_query.or(from_header))
 }
 
 /// The serving view's file, or `503 unavailable` while it is being reopened after a storage
@@ -202,30 +239,6 @@ fn storage_problem(error: impl std::fmt::Display) -> Problem {
     )
 }
 
-fn rfc3339(time: OffsetDateTime) -> String {
-    time.format(&Rfc3339).unwrap_or_default()
-}
-
-fn account_json(row: &AccountRow) -> Value {
-    json!({
-        "account_id": row.account_id,
-        "currency": row.currency,
-        "owner": row.owner,
-        "balance": row.balance,
-        "overdraft_limit": row.overdraft_limit,
-        "held": row.held,
-        "available": row
-            .balance
-            .saturating_add(row.overdraft_limit as i64)
-            .saturating_sub(row.held),
-        "status": if row.closed { "closed" } else { "open" },
-        "version": row.version,
-        "position": row.position,
-        "opened_at": rfc3339(row.opened_at),
-        "updated_at": rfc3339(row.updated_at),
-    })
-}
-
 /// One MessagePack row of a view, read in its own transaction.
 fn read_row<T: for<'de> serde::Deserialize<'de>>(
     database: &Database,
@@ -248,39 +261,55 @@ fn account_not_found(id: &str) -> Problem {
     Problem::not_found("account_not_found", format!("no account {id}"))
 }
 
+#[utoipa::path(get, path = "/v1/accounts/{id}", tag = "reader",
+    operation_id = "getAccount",
+    summary = "Account view",
+    params(IdPath, MinPosition, MinPositionHeader),
+    responses((status = 200, description = "The account as of the applied position", body = AccountView,
+        headers(("X-Coffer-Position" = u64, description = "The stream position the view has applied"))),
+        AccountProblems))]
 async fn account(State(state): State<QueryState>, Path(id): Path<String>) -> Response {
     match view_database(&state).and_then(|database| read_account(&database, &id)) {
-        Ok(Some(row)) => Json(account_json(&row)).into_response(),
+        Ok(Some(row)) => Json(AccountView::from(&row)).into_response(),
         Ok(None) => account_not_found(&id).into_response(),
         Err(problem) => problem.into_response(),
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct BalanceQuery {
-    position: Option<String>,
-    at: Option<String>,
-    /// Read by the position stamp; accepted here so it is not refused as unknown.
-    #[allow(dead_code)]
-    min_position: Option<String>,
+/// The bound of a balance lookup: exactly one of the two.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct BalanceQuery {
+    /// A stream position (not together with `at`); one the view has not applied yet is waited
+    /// for like `min_position`.
+    pub position: Option<u64>,
+    /// An RFC 3339 time (not together with `position`).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[param(value_type = Option<String>, format = DateTime)]
+    pub at: Option<OffsetDateTime>,
 }
 
 /// The balance as of a position or a time: the account's last statement line at or before the
 /// bound, found with one range lookup (no scan of the history). A position the view has not
 /// applied yet is waited for like `min_position`.
+#[utoipa::path(get, path = "/v1/accounts/{id}/balance", tag = "reader",
+    operation_id = "getBalanceAsOf",
+    summary = "Balance as of a position or a time: the account's last event at or before it",
+    params(IdPath, BalanceQuery, MinPosition, MinPositionHeader),
+    responses((status = 200, description = "The balance at the bound", body = BalanceAsOf,
+        headers(("X-Coffer-Position" = u64, description = "The stream position the view has applied"))),
+        AccountProblems))]
 async fn balance_as_of(
     State(state): State<QueryState>,
     Path(id): Path<String>,
-    Query(query): Query<BalanceQuery>,
+    query: Result<Query<BalanceQuery>, QueryRejection>,
 ) -> Response {
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(rejection) => return Problem::invalid_request(rejection.body_text()).into_response(),
+    };
     match balance_line(&state, &id, &query).await {
-        Ok(entry) => Json(json!({
-            "account_id": id,
-            "balance": entry.balance_after,
-            "position": entry.position,
-            "time": rfc3339(entry.time),
-        }))
-        .into_response(),
+        Ok(entry) => Json(BalanceAsOf::new(&id, &entry)).into_response(),
         Err(problem) => problem.into_response(),
     }
 }
@@ -290,11 +319,8 @@ async fn balance_line(
     id: &str,
     query: &BalanceQuery,
 ) -> Result<StatementEntry, Problem> {
-    let position = match (&query.position, &query.at) {
+    let position = match (query.position, query.at) {
         (Some(position), None) => {
-            let position = position.parse::<u64>().map_err(|_| {
-                Problem::invalid_request("position must be a non-negative integer position")
-            })?;
             wait_applied(state, position).await?;
             Some(position)
         }
@@ -309,11 +335,9 @@ async fn balance_line(
     let transaction = view_database(state)?
         .begin_read()
         .map_err(storage_problem)?;
-    let position = match (position, &query.at) {
+    let position = match (position, query.at) {
         (Some(position), _) => Some(position),
         (None, Some(at)) => {
-            let at = OffsetDateTime::parse(at, &Rfc3339)
-                .map_err(|_| Problem::invalid_request("at must be an RFC 3339 time"))?;
             let times = transaction
                 .open_table(views::STATEMENT_TIMES)
                 .map_err(storage_problem)?;
@@ -348,61 +372,41 @@ async fn balance_line(
     views::decode(line.1.value()).map_err(storage_problem)
 }
 
-#[derive(Debug, Deserialize)]
-struct PageQuery {
-    after: Option<String>,
-    limit: Option<String>,
+/// A page of a statement.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Items after this position (exclusive).
+    pub after: Option<u64>,
+    #[param(inline)]
+    pub limit: Option<PageLimit>,
 }
 
-fn entry_json(entry: &StatementEntry) -> Value {
-    let mut item = json!({
-        "position": entry.position,
-        "type": entry.event_type,
-        "amount": entry.amount,
-        "balance_after": entry.balance_after,
-        "time": rfc3339(entry.time),
-    });
-    for (field, value) in [
-        ("transfer_id", &entry.transfer_id),
-        ("counterparty", &entry.counterparty),
-        ("reference", &entry.reference),
-    ] {
-        if let Some(value) = value {
-            item[field] = json!(value);
-        }
-    }
-    item
-}
-
+#[utoipa::path(get, path = "/v1/accounts/{id}/transactions", tag = "reader",
+    operation_id = "listTransactions",
+    summary = "Statement, ascending by position",
+    params(IdPath, PageQuery, MinPosition, MinPositionHeader),
+    responses((status = 200, description = "A page of the statement", body = Statement,
+        headers(("X-Coffer-Position" = u64, description = "The stream position the view has applied"))),
+        AccountProblems))]
 async fn transactions(
     State(state): State<QueryState>,
     Path(id): Path<String>,
-    Query(page): Query<PageQuery>,
+    page: Result<Query<PageQuery>, QueryRejection>,
 ) -> Response {
+    let page = match page {
+        Ok(Query(page)) => page,
+        Err(rejection) => return Problem::invalid_request(rejection.body_text()).into_response(),
+    };
     match view_database(&state).and_then(|database| statement_page(&database, &id, &page)) {
         Ok(body) => Json(body).into_response(),
         Err(problem) => problem.into_response(),
     }
 }
 
-fn statement_page(database: &Database, id: &str, page: &PageQuery) -> Result<Value, Problem> {
-    let limit = match &page.limit {
-        None => STATEMENT_LIMIT_DEFAULT,
-        Some(text) => match text.parse::<usize>() {
-            Ok(limit) if (1..=STATEMENT_LIMIT_MAX).contains(&limit) => limit,
-            _ => {
-                return Err(Problem::invalid_request(format!(
-                    "limit must be an integer from 1 to {STATEMENT_LIMIT_MAX}"
-                )))
-            }
-        },
-    };
-    let after = match &page.after {
-        None => 0,
-        Some(text) => text.parse::<u64>().map_err(|_| {
-            Problem::invalid_request("after must be a non-negative integer position")
-        })?,
-    };
+fn statement_page(database: &Database, id: &str, page: &PageQuery) -> Result<Statement, Problem> {
+    let limit = page.limit.unwrap_or_default().get();
+    let after = page.after.unwrap_or(0);
     if read_account(database, id)?.is_none() {
         return Err(account_not_found(id));
     }
@@ -423,31 +427,23 @@ fn statement_page(database: &Database, id: &str, page: &PageQuery) -> Result<Val
         let (key, value) = row.map_err(storage_problem)?;
         let entry: StatementEntry = views::decode(value.value()).map_err(storage_problem)?;
         next = key.value().1;
-        items.push(entry_json(&entry));
+        items.push(StatementItem::from(&entry));
     }
-    Ok(json!({"items": items, "next": next}))
+    Ok(Statement { items, next })
 }
 
+#[utoipa::path(get, path = "/v1/transfers/{id}", tag = "reader",
+    operation_id = "getTransfer",
+    summary = "Transfer view",
+    params(IdPath, MinPosition, MinPositionHeader),
+    responses((status = 200, description = "The transfer", body = TransferView,
+        headers(("X-Coffer-Position" = u64, description = "The stream position the view has applied"))),
+        TransferProblems))]
 async fn transfer(State(state): State<QueryState>, Path(id): Path<String>) -> Response {
     let row: Result<Option<TransferRow>, Problem> = view_database(&state)
         .and_then(|database| read_row(&database, views::TRANSFERS, id.as_str()));
     match row {
-        Ok(Some(row)) => {
-            let mut body = json!({
-                "transfer_id": row.transfer_id,
-                "from": row.from,
-                "to": row.to,
-                "amount": row.amount,
-                "currency": row.currency,
-                "status": "completed",
-                "position": row.position,
-                "time": rfc3339(row.time),
-            });
-            if let Some(reference) = &row.reference {
-                body["reference"] = json!(reference);
-            }
-            Json(body).into_response()
-        }
+        Ok(Some(row)) => Json(TransferView::from(&row)).into_response(),
         Ok(None) => {
             Problem::not_found("transfer_not_found", format!("no transfer {id}")).into_response()
         }
@@ -510,71 +506,37 @@ async fn readyz(State(state): State<QueryState>, Query(query): Query<ReadyQuery>
     }
 }
 
+#[utoipa::path(get, path = "/v1/holds/{id}", tag = "reader",
+    operation_id = "getHold",
+    summary = "Hold view",
+    params(IdPath, MinPosition, MinPositionHeader),
+    responses((status = 200, description = "The hold and what became of it", body = HoldView,
+        headers(("X-Coffer-Position" = u64, description = "The stream position the view has applied"))),
+        HoldProblems))]
 async fn hold(State(state): State<QueryState>, Path(id): Path<String>) -> Response {
     let row: Result<Option<views::HoldRow>, Problem> =
         view_database(&state).and_then(|database| read_row(&database, views::HOLDS, id.as_str()));
     match row {
-        Ok(Some(row)) => {
-            let expires_at = OffsetDateTime::from_unix_timestamp(row.expires_at)
-                .map(rfc3339)
-                .unwrap_or_default();
-            let mut body = json!({
-                "hold_id": row.hold_id,
-                "from": row.from,
-                "to": row.to,
-                "amount": row.amount,
-                "status": row.status,
-                "expires_at": expires_at,
-                "position": row.position,
-            });
-            if let Some(captured) = row.captured_amount {
-                body["captured_amount"] = json!(captured);
-            }
-            Json(body).into_response()
-        }
+        Ok(Some(row)) => Json(HoldView::from(&row)).into_response(),
         Ok(None) => Problem::not_found("hold_not_found", format!("no hold {id}")).into_response(),
         Err(problem) => problem.into_response(),
     }
 }
 
 /// The conservation audit at the last settled position the view has applied.
+#[utoipa::path(get, path = "/v1/audit", tag = "reader",
+    operation_id = "getAudit",
+    summary = "Conservation audit: per currency, the sum of balances against deposits minus withdrawals",
+    params(MinPosition, MinPositionHeader),
+    responses((status = 200, description = "The audit at the last position the view applied with no transfer half applied", body = Audit,
+        headers(("X-Coffer-Position" = u64, description = "The stream position the view has applied"))),
+        AuditProblems))]
 async fn audit(State(state): State<QueryState>) -> Response {
     let row: Result<Option<AuditRow>, Problem> = view_database(&state)
         .and_then(|database| read_row(&database, views::AUDIT, views::AUDIT_SETTLED));
     match row {
-        Ok(row) => {
-            let row = row.unwrap_or_default();
-            let currencies: serde_json::Map<String, Value> = row
-                .currencies
-                .iter()
-                .map(|(currency, sums)| {
-                    (
-                        currency.clone(),
-                        json!({
-                            "balances": money_json(sums.balances),
-                            "external_in": money_json(sums.external_in),
-                            "external_out": money_json(sums.external_out),
-                        }),
-                    )
-                })
-                .collect();
-            Json(json!({
-                "position": row.position,
-                "currencies": currencies,
-                "balanced": row.balanced(),
-            }))
-            .into_response()
-        }
+        Ok(row) => Json(Audit::from(&row.unwrap_or_default())).into_response(),
         Err(problem) => problem.into_response(),
-    }
-}
-
-/// A sum of money as a JSON integer; beyond what JSON integers carry here (sums of many `i64`
-/// balances can be), as a decimal string rather than a panic.
-fn money_json(sum: i128) -> Value {
-    match i64::try_from(sum) {
-        Ok(value) => json!(value),
-        Err(_) => json!(sum.to_string()),
     }
 }
 
@@ -582,6 +544,10 @@ fn money_json(sum: i128) -> Value {
 ///
 /// Without a bearer token configured, only local callers may start one (`kubectl
 /// port-forward`, `kubectl exec`): a rebuild costs a full replay and a second copy of the views.
+#[utoipa::path(post, path = "/v1/projection/rebuild", tag = "reader",
+    operation_id = "startRebuild",
+    summary = "Start a blue/green rebuild of this reader's views: a fresh view from position 0, swapped in once caught up (`coffer projection rebuild`)",
+    responses((status = 202, description = "Rebuild started", body = RebuildStatus), RebuildStartProblems))]
 async fn start_rebuild(
     State(state): State<QueryState>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
@@ -629,6 +595,10 @@ fn rebuild_allowed(token_configured: bool, peer: std::net::IpAddr) -> bool {
     token_configured || peer.is_loopback()
 }
 
+#[utoipa::path(get, path = "/v1/projection/rebuild", tag = "reader",
+    operation_id = "getRebuild",
+    summary = "The last rebuild's progress",
+    responses((status = 200, description = "Rebuild status", body = RebuildStatus), RebuildStatusProblems))]
 async fn rebuild_status(State(state): State<QueryState>) -> Response {
     Json(state.rebuilder.status()).into_response()
 }
@@ -656,6 +626,7 @@ async fn metrics(State(state): State<QueryState>) -> Response {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use serde_json::Value;
     use crate::served::{Running, View};
     use tower::ServiceExt as _;
 

@@ -4,7 +4,8 @@
 //! - [`views`]: the account, statement and transfer views: pure folds plus the redb code that
 //!   stores them, run by the `projection` engine.
 //! - [`http`]: the query API, with read-your-writes waits on the applied position.
-//! - [`openapi`]: the query API's part of the OpenAPI document.
+//! - [`answers`]: the response bodies, built from view rows.
+//! - [`openapi`]: the query API's OpenAPI document and problem responses.
 //! - [`served`]: the view being served and the position responses state.
 //! - [`rebuild`]: blue/green rebuild of the views beside the serving one.
 //! - [`service`]: wiring, readiness and graceful shutdown.
@@ -12,6 +13,7 @@
 //! Reads come from the local redb file only, so they keep working while NATS or the writers are
 //! down; they are as fresh as the last applied position, which every response states.
 
+pub mod answers;
 pub mod http;
 pub mod openapi;
 pub mod rebuild;

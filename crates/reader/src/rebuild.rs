@@ -56,7 +56,7 @@ pub fn rebuild_consumer(reader_name: &str) -> String {
     format!("{reader_name}-rebuild")
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RebuildState {
     /// No rebuild since the reader started.
@@ -73,10 +73,12 @@ pub enum RebuildState {
 }
 
 /// What `GET /v1/projection/rebuild` answers.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RebuildStatus {
     pub state: RebuildState,
+    #[schema(format = DateTime)]
     pub started_at: Option<String>,
+    #[schema(format = DateTime)]
     pub finished_at: Option<String>,
     /// Position the new view has applied.
     pub applied_position: u64,

@@ -4,31 +4,37 @@
 use std::sync::{Arc, OnceLock};
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
+use domain::{AccountId, TransferId};
 use eventlog::{codec, EventLog, RecordedEvent};
 use problem::Problem;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::idempotency::{IdempotencyKey, TransferRecord};
 use crate::metrics::Metrics;
-use crate::outcome::Outcome;
+use crate::openapi::{CommandProblems, OpenProblems, ReadProblems};
+use crate::outcome::{
+    AccountPosition, Balance, HoldCaptured, HoldPlaced, HoldReleased, Outcome, TransferCompleted,
+};
 use crate::registry::Registry;
-use crate::request::{self, CommandRequest, Intent};
+use crate::request::{
+    self, CaptureBody, CommandRequest, HoldBody, Intent, MoneyMovement, NoFields, OpenAccountBody,
+    TransferBody,
+};
 use crate::Error;
 
 /// Largest request body: the contract's 64 KiB.
 pub const BODY_SIZE_MAX: usize = 64 * 1024;
-/// Most events one `GET /v1/events` returns.
-pub const EVENTS_LIMIT_MAX: usize = 1_000;
-const EVENTS_LIMIT_DEFAULT: usize = 100;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -41,36 +47,66 @@ pub struct AppState {
     pub http_token: Option<problem::BearerToken>,
 }
 
+/// The command routes with their OpenAPI operations: one list serves both, so a route cannot be
+/// missing from the document or the other way round.
+pub fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(open_account))
+        .routes(routes!(deposit))
+        .routes(routes!(withdraw))
+        .routes(routes!(close_account))
+        .routes(routes!(transfer))
+        .routes(routes!(place_hold))
+        .routes(routes!(capture_hold))
+        .routes(routes!(void_hold))
+        .routes(routes!(events))
+}
+
 pub fn router(state: AppState) -> Router {
-    let routes = Router::new()
-        .route("/v1/accounts", post(open_account))
-        .route(
-            "/v1/accounts/{id}/deposits",
-            account_command(request::deposit, false),
-        )
-        .route(
-            "/v1/accounts/{id}/withdrawals",
-            account_command(request::withdraw, false),
-        )
-        .route(
-            "/v1/accounts/{id}/close",
-            account_command(request::close, true),
-        )
-        .route("/v1/transfers", post(transfer))
-        .route("/v1/holds", post(place_hold))
-        .route("/v1/holds/{id}/capture", post(capture_hold))
-        .route("/v1/holds/{id}/void", post(void_hold))
-        .route("/v1/events", get(events))
+    let (routes, _) = api().split_for_parts();
+    let routes = routes
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
-    let router = problem::with_service_routes(
-        routes,
-        "Coffer command API (writer)",
-        crate::openapi::document_part,
-    )
-    .layer(DefaultBodyLimit::max(BODY_SIZE_MAX));
+    let router = problem::with_service_routes(routes, crate::openapi::document())
+        .layer(DefaultBodyLimit::max(BODY_SIZE_MAX));
     let router = problem::with_bearer_token(router, state.http_token.clone());
     problem::with_request_ids(router).with_state(state)
+}
+
+/// The account a command addresses.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct AccountPath {
+    /// The account's id.
+    #[param(inline)]
+    pub id: AccountId,
+}
+
+/// The hold a capture or void settles.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct HoldPath {
+    /// The hold's id.
+    #[param(inline)]
+    pub id: TransferId,
+}
+
+/// Headers every command takes.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct CommandHeaders {
+    /// A retry with the same key on the same account within 24 h returns the first outcome
+    /// (same status and body) and appends nothing. 1-128 printable ASCII characters; HTTP
+    /// drops spaces around a header value, so the key starts and ends with a visible one.
+    #[serde(rename = "Idempotency-Key")]
+    #[param(
+        rename = "Idempotency-Key",
+        nullable = false,
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[!-~]([ -~]{0,126}[!-~])?$"
+    )]
+    pub idempotency_key: Option<String>,
 }
 
 fn problem_response(error: &Error) -> Response {
@@ -201,6 +237,12 @@ async fn command(
     run(state, request).await
 }
 
+#[utoipa::path(post, path = "/v1/accounts", tag = "writer",
+    operation_id = "openAccount",
+    summary = "Open an account",
+    params(CommandHeaders),
+    request_body(content = OpenAccountBody, content_type = "application/json"),
+    responses((status = 201, description = "Opened", body = AccountPosition), OpenProblems))]
 async fn open_account(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -213,27 +255,77 @@ async fn open_account(
 }
 
 /// A command on the account in the path: `parse` turns the body into the command.
-fn account_command(
-    parse: fn(&[u8]) -> Result<domain::Command, Error>,
+async fn account_command(
+    state: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
     empty_body_allowed: bool,
-) -> axum::routing::MethodRouter<AppState> {
-    post(
-        move |State(state): State<AppState>,
-              Path(id): Path<String>,
-              headers: HeaderMap,
-              body: Result<Bytes, BytesRejection>| async move {
-            command(&state, &headers, body, empty_body_allowed, |body, _| {
-                Ok((
-                    request::addressed_account(&id)?,
-                    Intent::Account(parse(body)?),
-                    false,
-                ))
-            })
-            .await
-        },
-    )
+    parse: fn(&[u8]) -> Result<domain::Command, Error>,
+) -> Response {
+    command(state, headers, body, empty_body_allowed, |body, _| {
+        Ok((
+            request::addressed_account(id)?,
+            Intent::Account(parse(body)?),
+            false,
+        ))
+    })
+    .await
 }
 
+#[utoipa::path(post, path = "/v1/accounts/{id}/deposits", tag = "writer",
+    operation_id = "deposit",
+    summary = "Deposit",
+    params(AccountPath, CommandHeaders),
+    request_body(content = MoneyMovement, content_type = "application/json"),
+    responses((status = 200, description = "The balance after the deposit", body = Balance), CommandProblems))]
+async fn deposit(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    account_command(&state, &id, &headers, body, false, request::deposit).await
+}
+
+#[utoipa::path(post, path = "/v1/accounts/{id}/withdrawals", tag = "writer",
+    operation_id = "withdraw",
+    summary = "Withdraw (never below the overdraft limit, holds included)",
+    params(AccountPath, CommandHeaders),
+    request_body(content = MoneyMovement, content_type = "application/json"),
+    responses((status = 200, description = "The balance after the withdrawal", body = Balance), CommandProblems))]
+async fn withdraw(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    account_command(&state, &id, &headers, body, false, request::withdraw).await
+}
+
+#[utoipa::path(post, path = "/v1/accounts/{id}/close", tag = "writer",
+    operation_id = "closeAccount",
+    summary = "Close an account (zero balance, no open holds)",
+    params(AccountPath, CommandHeaders),
+    request_body(content = Option<NoFields>, content_type = "application/json",
+        description = "None, or an empty object"),
+    responses((status = 200, description = "Closed", body = AccountPosition), CommandProblems))]
+async fn close_account(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    account_command(&state, &id, &headers, body, true, request::close).await
+}
+
+#[utoipa::path(post, path = "/v1/transfers", tag = "writer",
+    operation_id = "transfer",
+    summary = "Transfer atomically: the debit and the credit are committed together or not at all",
+    params(CommandHeaders),
+    request_body(content = TransferBody, content_type = "application/json"),
+    responses((status = 201, description = "Completed", body = TransferCompleted,
+        headers(("Location" = String, description = "/v1/transfers/{transfer_id}"))), CommandProblems))]
 async fn transfer(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -246,6 +338,13 @@ async fn transfer(
     .await
 }
 
+#[utoipa::path(post, path = "/v1/holds", tag = "writer",
+    operation_id = "placeHold",
+    summary = "Place a hold: reserve money on `from` for `to` until captured, voided or expired",
+    params(CommandHeaders),
+    request_body(content = HoldBody, content_type = "application/json"),
+    responses((status = 201, description = "Held", body = HoldPlaced,
+        headers(("Location" = String, description = "/v1/holds/{hold_id}"))), CommandProblems))]
 async fn place_hold(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -302,6 +401,13 @@ async fn settle_hold(
     .await
 }
 
+#[utoipa::path(post, path = "/v1/holds/{id}/capture", tag = "writer",
+    operation_id = "captureHold",
+    summary = "Capture all or part of a hold: debit and credit together, the rest released",
+    params(HoldPath, CommandHeaders),
+    request_body(content = Option<CaptureBody>, content_type = "application/json",
+        description = "None or `{}` captures the whole hold"),
+    responses((status = 200, description = "Captured", body = HoldCaptured), CommandProblems))]
 async fn capture_hold(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -314,6 +420,13 @@ async fn capture_hold(
     .await
 }
 
+#[utoipa::path(post, path = "/v1/holds/{id}/void", tag = "writer",
+    operation_id = "voidHold",
+    summary = "Void a hold: release everything",
+    params(HoldPath, CommandHeaders),
+    request_body(content = Option<NoFields>, content_type = "application/json",
+        description = "None, or an empty object"),
+    responses((status = 200, description = "Voided", body = HoldReleased), CommandProblems))]
 async fn void_hold(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -329,49 +442,73 @@ async fn void_hold(
     .await
 }
 
-#[derive(Debug, Deserialize)]
-struct EventsQuery {
-    after: Option<String>,
-    since: Option<String>,
-    limit: Option<String>,
+/// Where a page of events starts and how long it is.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Events after this position (exclusive). Not together with `since`.
+    pub after: Option<u64>,
+    /// Events at or after this time (RFC 3339). Not together with `after`.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[param(value_type = Option<String>, format = DateTime)]
+    pub since: Option<OffsetDateTime>,
+    #[param(inline)]
+    pub limit: Option<problem::query::PageLimit>,
 }
 
-async fn events(State(state): State<AppState>, Query(query): Query<EventsQuery>) -> Response {
+/// A page of events in stream order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventPage {
+    pub events: Vec<EventView>,
+    /// The position of the last event returned, or `after` when the page is empty: the next
+    /// page's `after`.
+    pub next: u64,
+}
+
+/// An event decoded to JSON.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventView {
+    pub position: u64,
+    pub subject: String,
+    pub account_id: AccountId,
+    /// The event type (`deposited`, `transfer_debited`, ...).
+    #[serde(rename = "type")]
+    pub event_type: String,
+    #[schema(format = DateTime)]
+    pub time: String,
+    /// The event's own fields.
+    #[schema(value_type = Object)]
+    pub data: Value,
+}
+
+#[utoipa::path(get, path = "/v1/events", tag = "writer",
+    operation_id = "listEvents",
+    summary = "Events in stream order, decoded to JSON",
+    params(EventsQuery),
+    responses((status = 200, description = "A page of events", body = EventPage), ReadProblems))]
+async fn events(
+    State(state): State<AppState>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Response {
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(rejection) => return Problem::invalid_request(rejection.body_text()).into_response(),
+    };
     match read_events(&state, &query).await {
-        Ok(body) => Json(body).into_response(),
+        Ok(page) => Json(page).into_response(),
         Err(error) => problem_response(&error),
     }
 }
 
-async fn read_events(state: &AppState, query: &EventsQuery) -> Result<Value, Error> {
-    let limit = match &query.limit {
-        None => EVENTS_LIMIT_DEFAULT,
-        Some(text) => match text.parse::<usize>() {
-            Ok(limit) if (1..=EVENTS_LIMIT_MAX).contains(&limit) => limit,
-            _ => {
-                return Err(Error::InvalidRequest(format!(
-                    "limit must be an integer from 1 to {EVENTS_LIMIT_MAX}"
-                )))
-            }
-        },
-    };
-    let after = match &query.after {
-        None => None,
-        Some(text) => Some(text.parse::<u64>().map_err(|_| {
-            Error::InvalidRequest("after must be a non-negative integer position".into())
-        })?),
-    };
-    let events = match (after, &query.since) {
+async fn read_events(state: &AppState, query: &EventsQuery) -> Result<EventPage, Error> {
+    let limit = query.limit.unwrap_or_default().get();
+    let events = match (query.after, query.since) {
         (Some(_), Some(_)) => {
             return Err(Error::InvalidRequest(
                 "give either after or since, not both".into(),
             ))
         }
-        (None, Some(since)) => {
-            let since = OffsetDateTime::parse(since, &Rfc3339)
-                .map_err(|_| Error::InvalidRequest("since must be an RFC 3339 time".into()))?;
-            state.log.read_since(since, limit).await
-        }
+        (None, Some(since)) => state.log.read_since(since, limit).await,
         (after, None) => state.log.read_after(after.unwrap_or(0), limit).await,
     }
     .map_err(|error| match error {
@@ -381,22 +518,24 @@ async fn read_events(state: &AppState, query: &EventsQuery) -> Result<Value, Err
     let next = events
         .last()
         .map(|event| event.position)
-        .or(after)
+        .or(query.after)
         .unwrap_or(0);
-    let events: Vec<Value> = events.iter().map(event_json).collect();
-    Ok(json!({"events": events, "next": next}))
+    Ok(EventPage {
+        events: events.iter().map(event_json).collect(),
+        next,
+    })
 }
 
 /// An event as the pull endpoint shows it.
-pub fn event_json(recorded: &RecordedEvent) -> Value {
-    json!({
-        "position": recorded.position,
-        "subject": recorded.subject,
-        "account_id": recorded.account_id.as_str(),
-        "type": recorded.event.event_type(),
-        "time": recorded.time.format(&Rfc3339).unwrap_or_default(),
-        "data": codec::to_json(&recorded.event),
-    })
+pub fn event_json(recorded: &RecordedEvent) -> EventView {
+    EventView {
+        position: recorded.position,
+        subject: recorded.subject.clone(),
+        account_id: recorded.account_id.clone(),
+        event_type: recorded.event.event_type().to_owned(),
+        time: recorded.time.format(&Rfc3339).unwrap_or_default(),
+        data: codec::to_json(&recorded.event),
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

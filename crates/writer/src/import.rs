@@ -15,7 +15,7 @@ use domain::{decide_import, AccountId, AccountState, Currency, OpenAccount, Over
 use eventlog::{Entry, EventLog, EventMetadata};
 use serde::Deserialize;
 
-use crate::request::TEXT_LENGTH_MAX;
+use crate::request::{Text, TEXT_LENGTH_MAX};
 use crate::{Error, Result};
 
 /// One account to import.
@@ -57,11 +57,10 @@ fn row(line: usize, fields: Fields) -> std::result::Result<ImportRow, String> {
     let overdraft_limit = OverdraftLimit::new(fields.overdraft_limit.unwrap_or(0).into())
         .map_err(|error| error.to_string())?;
     let owner = fields.owner.filter(|owner| !owner.is_empty());
-    if owner
-        .as_ref()
-        .is_some_and(|owner| owner.len() > TEXT_LENGTH_MAX)
-    {
-        return Err(format!("owner must be at most {TEXT_LENGTH_MAX} bytes"));
+    if owner.as_ref().is_some_and(|owner| !Text::fits(owner)) {
+        return Err(format!(
+            "owner must be at most {TEXT_LENGTH_MAX} characters"
+        ));
     }
     Ok(ImportRow {
         line,

@@ -2,7 +2,86 @@
 //! answer again, read back from the marker written with the first one.
 
 use domain::{AccountId, TransferId};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+/// `201` to an open, `200` to a close: the account and the position of its event.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AccountPosition {
+    pub account_id: AccountId,
+    /// The stream position of the event: pass it as `min_position` to a reader.
+    pub position: u64,
+}
+
+/// `200` to a deposit or withdrawal: the balance right after it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Balance {
+    pub account_id: AccountId,
+    /// Signed minor units.
+    pub balance: i64,
+    pub position: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferStatus {
+    Completed,
+}
+
+/// `201` to a transfer: committed, debit and credit together.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TransferCompleted {
+    pub transfer_id: TransferId,
+    pub status: TransferStatus,
+    pub position: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HeldStatus {
+    Held,
+}
+
+/// `201` to a hold.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HoldPlaced {
+    pub hold_id: TransferId,
+    pub status: HeldStatus,
+    #[schema(format = DateTime)]
+    pub expires_at: String,
+    pub position: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CapturedStatus {
+    Captured,
+}
+
+/// `200` to a capture: the captured amount moved, the rest released.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HoldCaptured {
+    pub hold_id: TransferId,
+    pub status: CapturedStatus,
+    pub amount: u64,
+    pub position: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleasedStatus {
+    Voided,
+    Expired,
+}
+
+/// `200` to a void (`expired` is what the expiry worker's release says).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HoldReleased {
+    pub hold_id: TransferId,
+    pub status: ReleasedStatus,
+    pub position: u64,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -73,7 +152,7 @@ impl Outcome {
     }
 
     pub fn body(&self) -> Value {
-        match self {
+        let body = match self {
             Outcome::Opened {
                 account_id,
                 position,
@@ -81,39 +160,64 @@ impl Outcome {
             | Outcome::Closed {
                 account_id,
                 position,
-            } => json!({"account_id": account_id.as_str(), "position": position}),
+            } => serde_json::to_value(AccountPosition {
+                account_id: account_id.clone(),
+                position: *position,
+            }),
             Outcome::BalanceChanged {
                 account_id,
                 balance,
                 position,
-            } => {
-                json!({"account_id": account_id.as_str(), "balance": balance, "position": position})
-            }
+            } => serde_json::to_value(Balance {
+                account_id: account_id.clone(),
+                balance: *balance,
+                position: *position,
+            }),
             Outcome::TransferCompleted {
                 transfer_id,
                 position,
-            } => {
-                json!({"transfer_id": transfer_id.as_str(), "status": "completed", "position": position})
-            }
+            } => serde_json::to_value(TransferCompleted {
+                transfer_id: transfer_id.clone(),
+                status: TransferStatus::Completed,
+                position: *position,
+            }),
             Outcome::HoldPlaced {
                 hold_id,
                 expires_at,
                 position,
-            } => json!({"hold_id": hold_id.as_str(), "status": "held",
-                "expires_at": rfc3339(*expires_at), "position": position}),
+            } => serde_json::to_value(HoldPlaced {
+                hold_id: hold_id.clone(),
+                status: HeldStatus::Held,
+                expires_at: rfc3339(*expires_at),
+                position: *position,
+            }),
             Outcome::HoldCaptured {
                 hold_id,
                 amount,
                 position,
-            } => json!({"hold_id": hold_id.as_str(), "status": "captured",
-                "amount": amount, "position": position}),
+            } => serde_json::to_value(HoldCaptured {
+                hold_id: hold_id.clone(),
+                status: CapturedStatus::Captured,
+                amount: *amount,
+                position: *position,
+            }),
             Outcome::HoldReleased {
                 hold_id,
                 status,
                 position,
-            } => json!({"hold_id": hold_id.as_str(), "status": status, "position": position}),
-            Outcome::Replayed { body, .. } => body.clone(),
-        }
+            } => serde_json::to_value(HoldReleased {
+                hold_id: hold_id.clone(),
+                status: if *status == "expired" {
+                    ReleasedStatus::Expired
+                } else {
+                    ReleasedStatus::Voided
+                },
+                position: *position,
+            }),
+            Outcome::Replayed { body, .. } => return body.clone(),
+        };
+        // Serializing these plain structs to a JSON value cannot fail (string keys, no maps).
+        body.unwrap_or_default()
     }
 
     pub fn position(&self) -> u64 {

@@ -6,13 +6,14 @@ use domain::{
     AccountId, Amount, Capture, Command, Currency, OpenAccount, OverdraftLimit, PlaceHold, Release,
     Transfer, TransferId,
 };
-use serde_json::{Map, Value};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use tokio::time::Instant;
 
 use crate::idempotency::{self, IdempotencyKey};
 use crate::{Error, Result};
 
-/// Longest `owner`, `reference` accepted, in bytes: they are stored in every event.
+/// Longest `owner`, `reference` accepted, in characters: they are stored in every event.
 pub const TEXT_LENGTH_MAX: usize = 256;
 
 /// The command verbs of the contract.
@@ -138,78 +139,216 @@ fn invalid(detail: impl Into<String>) -> Error {
     Error::InvalidRequest(detail.into())
 }
 
-/// Parses a JSON object body whose fields are all among `fields`: a field the operation does not
-/// define is refused by name (contract v2: strict bodies), so a client never believes a field was
-/// honoured when it was not. An empty body counts as `{}` only where `empty_allowed`.
-fn object(body: &[u8], fields: &[&str], empty_allowed: bool) -> Result<Map<String, Value>> {
-    if empty_allowed && body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(Map::new());
+/// Free text stored in every event (`owner`, `reference`): at most [`TEXT_LENGTH_MAX`]
+/// characters, counted as JSON Schema's `maxLength` counts them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Text(String);
+
+impl Text {
+    /// Whether `text` is short enough to be stored.
+    pub fn fits(text: &str) -> bool {
+        text.chars().count() <= TEXT_LENGTH_MAX
     }
-    let map = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => map,
-        Ok(_) => return Err(invalid("the body must be a JSON object")),
-        Err(error) => return Err(invalid(format!("malformed JSON: {error}"))),
-    };
-    if let Some(unknown) = map.keys().find(|key| !fields.contains(&key.as_str())) {
-        return Err(invalid(format!(
-            "unknown field {unknown:?}: this operation takes {}",
-            if fields.is_empty() {
-                "no fields".to_owned()
-            } else {
-                fields.join(", ")
-            }
-        )));
+
+    pub fn into_string(self) -> String {
+        self.0
     }
-    Ok(map)
 }
 
-fn integer(map: &Map<String, Value>, field: &str) -> Result<Option<i128>> {
-    match map.get(field) {
-        None => Ok(None),
-        Some(Value::Number(number)) => {
-            if let Some(value) = number.as_i64() {
-                Ok(Some(value.into()))
-            } else if let Some(value) = number.as_u64() {
-                Ok(Some(value.into()))
-            } else {
-                Err(invalid(format!("{field} must be an integer")))
-            }
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if Text::fits(&text) {
+            Ok(Self(text))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "expected at most {TEXT_LENGTH_MAX} characters, got {}",
+                text.chars().count()
+            )))
         }
-        Some(_) => Err(invalid(format!("{field} must be an integer"))),
     }
 }
 
-fn text<'a>(map: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>> {
-    match map.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => Ok(Some(text)),
-        Some(_) => Err(invalid(format!("{field} must be a string"))),
+impl utoipa::PartialSchema for Text {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .max_length(Some(TEXT_LENGTH_MAX))
+            .description(Some("Free text kept in the events"))
+            .into()
+    }
+}
+impl utoipa::ToSchema for Text {}
+
+fn text(value: Option<Text>) -> Option<String> {
+    value.map(Text::into_string)
+}
+
+/// How long a hold lasts, in seconds: 1 to [`HOLD_SECONDS_MAX`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldSeconds(i64);
+
+impl utoipa::PartialSchema for HoldSeconds {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::Integer)
+            .minimum(Some(1))
+            .maximum(Some(HOLD_SECONDS_MAX))
+            .default(Some(HOLD_SECONDS_DEFAULT.into()))
+            .description(Some(
+                "Seconds until the hold expires and its money is released",
+            ))
+            .into()
+    }
+}
+impl utoipa::ToSchema for HoldSeconds {}
+
+impl Default for HoldSeconds {
+    fn default() -> Self {
+        Self(HOLD_SECONDS_DEFAULT)
     }
 }
 
-fn free_text(map: &Map<String, Value>, field: &str) -> Result<Option<String>> {
-    match text(map, field)? {
-        Some(value) if value.len() > TEXT_LENGTH_MAX => Err(invalid(format!(
-            "{field} must be at most {TEXT_LENGTH_MAX} bytes"
-        ))),
-        value => Ok(value.map(str::to_owned)),
+impl<'de> Deserialize<'de> for HoldSeconds {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let seconds = i128::deserialize(deserializer)?;
+        if (1..=i128::from(HOLD_SECONDS_MAX)).contains(&seconds) {
+            Ok(Self(seconds as i64))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "expected an integer from 1 to {HOLD_SECONDS_MAX}, got {seconds}"
+            )))
+        }
     }
 }
 
-fn amount(map: &Map<String, Value>) -> Result<Amount> {
-    let units = integer(map, "amount")?.ok_or_else(|| invalid("amount is required"))?;
-    Amount::new(units).map_err(|error| invalid(error.to_string()))
+/// `POST /v1/accounts`, NATS `open`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+pub struct OpenAccountBody {
+    /// Made by the server when absent (derived from the `Idempotency-Key` when there is one, so a
+    /// retried create finds the account it made). Over NATS the subject's account.
+    pub account_id: Option<AccountId>,
+    pub currency: Currency,
+    pub owner: Option<Text>,
+    #[serde(default)]
+    #[schema(default = 0)]
+    pub overdraft_limit: OverdraftLimit,
 }
 
-fn account_id(text: &str) -> Result<AccountId> {
-    AccountId::parse(text).map_err(|error| invalid(error.to_string()))
+/// Deposits and withdrawals.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+pub struct MoneyMovement {
+    pub amount: Amount,
+    pub reference: Option<Text>,
+}
+
+/// `POST /v1/transfers`; over NATS the sender is the subject's account and `from` may be left
+/// out (when given it must agree).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+pub struct TransferBody {
+    /// Made by the server when absent. Unique forever: the same id with the same parameters
+    /// answers the first outcome again.
+    pub transfer_id: Option<TransferId>,
+    #[schema(value_type = AccountId, required = true)]
+    pub from: Option<AccountId>,
+    pub to: AccountId,
+    pub amount: Amount,
+    pub reference: Option<Text>,
+}
+
+/// `POST /v1/holds`; over NATS the sender is the subject's account.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+pub struct HoldBody {
+    /// Made by the server when absent, as for transfers.
+    pub hold_id: Option<TransferId>,
+    #[schema(value_type = AccountId, required = true)]
+    pub from: Option<AccountId>,
+    pub to: AccountId,
+    pub amount: Amount,
+    #[serde(default)]
+    pub expires_in_seconds: HoldSeconds,
+    pub reference: Option<Text>,
+}
+
+/// `POST /v1/holds/{id}/capture`: the whole hold, or `amount` of it (the rest is released).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+pub struct CaptureBody {
+    pub amount: Option<Amount>,
+}
+
+/// A body that takes no fields: `close`, `void` over HTTP (an empty body is fine too).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+pub struct NoFields {}
+
+/// NATS `capture`: the hold is named in the body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+struct CaptureMessage {
+    hold_id: TransferId,
+    amount: Option<Amount>,
+}
+
+/// NATS `void`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+struct VoidMessage {
+    hold_id: TransferId,
+}
+
+/// Parses a JSON body into `T`; a refusal names the field and the reason (`amount: expected an
+/// integer from 1 to ..., got 0`, `unknown field "memo", expected one of ...`), so a client never
+/// believes a field was honoured when it was not (contract v2: strict bodies). An empty body
+/// counts as `{}` only where `empty_allowed`.
+pub fn parse<T: DeserializeOwned>(body: &[u8], empty_allowed: bool) -> Result<T> {
+    let body: &[u8] = if empty_allowed && body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut deserializer)
+        .map_err(|error| {
+            let path = error.path().to_string();
+            let error = error.into_inner();
+            let reason = without_position(&error);
+            if error.is_data() && path != "." {
+                invalid(format!("{path}: {reason}"))
+            } else if error.is_data() {
+                invalid(reason)
+            } else {
+                invalid(format!("malformed JSON: {error}"))
+            }
+        })
+        .and_then(|value| {
+            deserializer
+                .end()
+                .map(|()| value)
+                .map_err(|error| invalid(format!("malformed JSON: {error}")))
+        })?;
+    Ok(value)
+}
+
+/// serde_json's message without its " at line 1 column 12" (the path says where).
+fn without_position(error: &serde_json::Error) -> String {
+    let message = error.to_string();
+    match message.rfind(" at line ") {
+        Some(index) => message[..index].to_owned(),
+        None => message,
+    }
 }
 
 /// Checks an id given both in the subject/path and the body agrees.
-fn same_account(body_id: Option<&str>, addressed: &AccountId) -> Result<()> {
+fn same_account(body_id: Option<&AccountId>, addressed: &AccountId) -> Result<()> {
     match body_id {
-        Some(id) if id != addressed.as_str() => Err(invalid(format!(
-            "account_id {id:?} in the body differs from {addressed} in the address"
+        Some(id) if id != addressed => Err(invalid(format!(
+            "account_id {id:?} in the body differs from {addressed} in the address",
+            id = id.as_str()
         ))),
         _ => Ok(()),
     }
@@ -217,16 +356,21 @@ fn same_account(body_id: Option<&str>, addressed: &AccountId) -> Result<()> {
 
 /// The account money leaves: the subject's over NATS (a `from` in the body must agree), the
 /// body's `from` over HTTP.
-fn sender(map: &Map<String, Value>, addressed: Option<&str>) -> Result<AccountId> {
-    match (addressed, text(map, "from")?) {
-        (Some(addressed), body_from) => {
-            let id = account_id(addressed)?;
-            same_account(body_from, &id)?;
+fn sender(from: Option<AccountId>, addressed: Option<&str>) -> Result<AccountId> {
+    match (addressed, from) {
+        (Some(addressed), from) => {
+            let id = addressed_account(addressed)?;
+            same_account(from.as_ref(), &id)?;
             Ok(id)
         }
-        (None, Some(from)) => account_id(from),
-        (None, None) => Err(invalid("from is required")),
+        (None, Some(from)) => Ok(from),
+        (None, None) => Err(invalid("from: missing field `from`")),
     }
+}
+
+fn fresh_id() -> Result<TransferId> {
+    TransferId::parse(&uuid::Uuid::now_v7().simple().to_string())
+        .map_err(|error| invalid(error.to_string()))
 }
 
 /// `open`: `{"account_id"?, "currency", "owner"?, "overdraft_limit"?}`. Over NATS the account
@@ -236,53 +380,43 @@ pub fn open(
     addressed: Option<&str>,
     key: Option<&IdempotencyKey>,
 ) -> Result<(AccountId, Command)> {
-    let map = object(
-        body,
-        &["account_id", "currency", "owner", "overdraft_limit"],
-        false,
-    )?;
-    let currency = match map.get("currency") {
-        Some(Value::String(code)) => Currency::parse(code).map_err(|e| invalid(e.to_string()))?,
-        Some(_) => return Err(invalid("currency must be a string")),
-        None => return Err(invalid("currency is required")),
-    };
-    let overdraft_limit = OverdraftLimit::new(integer(&map, "overdraft_limit")?.unwrap_or(0))
-        .map_err(|error| invalid(error.to_string()))?;
-    let body_id = text(&map, "account_id")?;
-    let id = match (addressed, body_id, key) {
+    let body: OpenAccountBody = parse(body, false)?;
+    let id = match (addressed, body.account_id, key) {
         (Some(addressed), body_id, _) => {
-            let id = account_id(addressed)?;
-            same_account(body_id, &id)?;
+            let id = addressed_account(addressed)?;
+            same_account(body_id.as_ref(), &id)?;
             id
         }
-        (None, Some(id), _) => account_id(id)?,
+        (None, Some(id), _) => id,
         // Without an id the key decides it, so a retried create finds the account it made.
-        (None, None, Some(key)) => account_id(&idempotency::derived_id("acc_", "open", key))?,
-        (None, None, None) => account_id(&uuid::Uuid::now_v7().simple().to_string())?,
+        (None, None, Some(key)) => {
+            addressed_account(&idempotency::derived_id("acc_", "open", key))?
+        }
+        (None, None, None) => addressed_account(&uuid::Uuid::now_v7().simple().to_string())?,
     };
     let command = Command::Open(OpenAccount {
-        currency,
-        owner: free_text(&map, "owner")?,
-        overdraft_limit,
+        currency: body.currency,
+        owner: text(body.owner),
+        overdraft_limit: body.overdraft_limit,
     });
     Ok((id, command))
 }
 
 /// `deposit`: `{"amount", "reference"?}`.
 pub fn deposit(body: &[u8]) -> Result<Command> {
-    let map = object(body, &["amount", "reference"], false)?;
+    let body: MoneyMovement = parse(body, false)?;
     Ok(Command::Deposit {
-        amount: amount(&map)?,
-        reference: free_text(&map, "reference")?,
+        amount: body.amount,
+        reference: text(body.reference),
     })
 }
 
 /// `withdraw`: `{"amount", "reference"?}`.
 pub fn withdraw(body: &[u8]) -> Result<Command> {
-    let map = object(body, &["amount", "reference"], false)?;
+    let body: MoneyMovement = parse(body, false)?;
     Ok(Command::Withdraw {
-        amount: amount(&map)?,
-        reference: free_text(&map, "reference")?,
+        amount: body.amount,
+        reference: text(body.reference),
     })
 }
 
@@ -292,26 +426,16 @@ pub fn withdraw(body: &[u8]) -> Result<Command> {
 /// the key's marker, which holds the id of the first attempt, so the id is not derived from the
 /// key (it would outlive the key's 24 hours and turn a later reuse of the key into a replay).
 pub fn transfer(body: &[u8], addressed: Option<&str>) -> Result<(AccountId, Transfer, bool)> {
-    let map = object(
-        body,
-        &["transfer_id", "from", "to", "amount", "reference"],
-        false,
-    )?;
-    let from = sender(&map, addressed)?;
-    let to = account_id(text(&map, "to")?.ok_or_else(|| invalid("to is required"))?)?;
-    let given = text(&map, "transfer_id")?;
-    let transfer_id = match given {
-        Some(id) => TransferId::parse(id).map_err(|error| invalid(error.to_string()))?,
-        None => TransferId::parse(&uuid::Uuid::now_v7().simple().to_string())
-            .map_err(|error| invalid(error.to_string()))?,
-    };
+    let body: TransferBody = parse(body, false)?;
+    let from = sender(body.from, addressed)?;
+    let generated = body.transfer_id.is_none();
     let transfer = Transfer {
-        transfer_id,
-        to,
-        amount: amount(&map)?,
-        reference: free_text(&map, "reference")?,
+        transfer_id: body.transfer_id.map_or_else(fresh_id, Ok)?,
+        to: body.to,
+        amount: body.amount,
+        reference: text(body.reference),
     };
-    Ok((from, transfer, given.is_none()))
+    Ok((from, transfer, generated))
 }
 
 /// Default lifetime of a hold: one hour.
@@ -321,80 +445,47 @@ pub const HOLD_SECONDS_DEFAULT: i64 = 3_600;
 /// NATS the sender is the subject's account. Without a `hold_id` the server makes one (the third
 /// value is then true), as for transfers.
 pub fn hold(body: &[u8], addressed: Option<&str>) -> Result<(AccountId, PlaceHold, bool)> {
-    let map = object(
-        body,
-        &[
-            "hold_id",
-            "from",
-            "to",
-            "amount",
-            "expires_in_seconds",
-            "reference",
-        ],
-        false,
-    )?;
-    let from = sender(&map, addressed)?;
-    let to = account_id(text(&map, "to")?.ok_or_else(|| invalid("to is required"))?)?;
-    let given = text(&map, "hold_id")?;
-    let hold_id = TransferId::parse(
-        &given
-            .map(str::to_owned)
-            .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string()),
-    )
-    .map_err(|error| invalid(format!("hold_id: {error}")))?;
-    let expires_in_seconds = match integer(&map, "expires_in_seconds")? {
-        None => HOLD_SECONDS_DEFAULT,
-        Some(seconds) if (1..=i128::from(HOLD_SECONDS_MAX)).contains(&seconds) => seconds as i64,
-        Some(_) => {
-            return Err(invalid(format!(
-                "expires_in_seconds must be an integer from 1 to {HOLD_SECONDS_MAX}"
-            )))
-        }
-    };
+    let body: HoldBody = parse(body, false)?;
+    let from = sender(body.from, addressed)?;
+    let generated = body.hold_id.is_none();
     let hold = PlaceHold {
-        hold_id,
-        to,
-        amount: amount(&map)?,
-        expires_in_seconds,
-        reference: free_text(&map, "reference")?,
+        hold_id: body.hold_id.map_or_else(fresh_id, Ok)?,
+        to: body.to,
+        amount: body.amount,
+        expires_in_seconds: body.expires_in_seconds.0,
+        reference: text(body.reference),
     };
-    Ok((from, hold, given.is_none()))
+    Ok((from, hold, generated))
 }
 
 /// `capture` over HTTP: `{"amount"?}` (the hold is in the path).
 pub fn capture(body: &[u8], hold_id: &str) -> Result<Capture> {
-    let map = object(body, &["amount"], true)?;
-    capture_from(&map, hold_id)
-}
-
-fn capture_from(map: &Map<String, Value>, hold_id: &str) -> Result<Capture> {
-    let amount = match integer(map, "amount")? {
-        None => None,
-        Some(units) => Some(Amount::new(units).map_err(|error| invalid(error.to_string()))?),
-    };
+    let body: CaptureBody = parse(body, true)?;
     Ok(Capture {
         hold_id: hold_reference(hold_id)?,
-        amount,
+        amount: body.amount,
     })
 }
 
 /// `capture` over NATS: `{"hold_id", "amount"?}`.
 pub fn capture_message(body: &[u8]) -> Result<Capture> {
-    let map = object(body, &["hold_id", "amount"], false)?;
-    let hold_id = text(&map, "hold_id")?.ok_or_else(|| invalid("hold_id is required"))?;
-    capture_from(&map, hold_id)
+    let body: CaptureMessage = parse(body, false)?;
+    Ok(Capture {
+        hold_id: body.hold_id,
+        amount: body.amount,
+    })
 }
 
 /// `void` over HTTP: an empty body or `{}` (the hold is in the path).
 pub fn void(body: &[u8], hold_id: &str) -> Result<TransferId> {
-    object(body, &[], true)?;
+    parse::<NoFields>(body, true)?;
     hold_reference(hold_id)
 }
 
 /// `void` over NATS: `{"hold_id"}`.
 pub fn void_message(body: &[u8]) -> Result<TransferId> {
-    let map = object(body, &["hold_id"], false)?;
-    hold_reference(text(&map, "hold_id")?.ok_or_else(|| invalid("hold_id is required"))?)
+    let body: VoidMessage = parse(body, false)?;
+    Ok(body.hold_id)
 }
 
 /// Parses a hold id given in a path or body.
@@ -404,13 +495,13 @@ pub fn hold_reference(text: &str) -> Result<TransferId> {
 
 /// `close`: an empty body or `{}`.
 pub fn close(body: &[u8]) -> Result<Command> {
-    object(body, &[], true)?;
+    parse::<NoFields>(body, true)?;
     Ok(Command::Close)
 }
 
 /// Parses a path or subject account id.
 pub fn addressed_account(text: &str) -> Result<AccountId> {
-    account_id(text)
+    AccountId::parse(text).map_err(|error| invalid(error.to_string()))
 }
 
 #[cfg(test)]
