@@ -26,12 +26,25 @@ test: tools build domain-purity
     cargo test --workspace --no-fail-fast
     just conformance
     just openapi-check
+    just api-fuzz
     just k8s-check
 
 # docs/openapi.json is what the code generates, and a valid OpenAPI 3.1 document.
 openapi-check: build
     target/debug/coffer openapi | diff -u docs/openapi.json - || (echo "docs/openapi.json is stale: target/debug/coffer openapi > docs/openapi.json" >&2; exit 1)
     python3 -m openapi_spec_validator docs/openapi.json
+
+# schemathesis (pinned in scripts/requirements-test.txt) with every check against a running writer
+# and reader; configuration and the reason for each setting in schemathesis.toml.
+api-fuzz: build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! command -v st >/dev/null 2>&1; then
+        [ -x .tools/venv/bin/python3 ] || python3 -m venv .tools/venv
+        .tools/venv/bin/python3 -m pip install --quiet -r scripts/requirements-test.txt
+        export PATH="$PWD/.tools/venv/bin:$PATH"
+    fi
+    python3 scripts/api_fuzz.py target/debug/coffer
 
 # The domain crate must stay free of IO crates (ARCHITECTURE.md invariant).
 domain-purity:

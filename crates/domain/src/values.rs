@@ -248,8 +248,14 @@ mod serde_impls {
             self.check(value.into())
         }
 
+        /// JSON Schema counts `5.0` as the integer 5, and so do the documents that describe
+        /// these values; every integral float up to [`AMOUNT_MAX`] is exact, so none is rounded.
         fn visit_f64<E: Error>(self, value: f64) -> Result<u64, E> {
-            Err(E::custom(format!("expected {self}, got {value}")))
+            if value.fract() == 0.0 && value.abs() <= AMOUNT_MAX as f64 {
+                self.check(value as i128)
+            } else {
+                Err(E::custom(format!("expected {self}, got {value}")))
+            }
         }
     }
 
@@ -293,8 +299,8 @@ mod openapi {
         ObjectBuilder::new()
             .schema_type(Type::Integer)
             .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
-            .minimum(Some(minimum as f64))
-            .maximum(Some(AMOUNT_MAX as f64))
+            .minimum(Some(minimum as usize))
+            .maximum(Some(AMOUNT_MAX as usize))
             .description(Some(description))
             .into()
     }
@@ -390,15 +396,19 @@ mod tests {
     fn values_deserialize_only_through_their_validation() {
         let amount = |json: &str| serde_json::from_str::<Amount>(json).map_err(|e| e.to_string());
         assert_eq!(amount("5").map(Amount::minor_units), Ok(5));
+        // Integral floats are integers in JSON Schema, which the API documents follow.
+        assert_eq!(amount("5.0").map(Amount::minor_units), Ok(5));
+        assert_eq!(amount("1e3").map(Amount::minor_units), Ok(1_000));
         for bad in [
             "0",
             "-1",
             "1.5",
-            "5.0",
+            "0.0",
             "\"10\"",
             "null",
             "9007199254740992",
-            "1e3",
+            "9.1e15",
+            "1e300",
         ] {
             let error = amount(bad).expect_err(bad);
             assert!(error.contains("an integer from 1 to"), "{bad}: {error}");

@@ -106,6 +106,7 @@ pub mod openapi {
              needs `Authorization: Bearer <token>`."
                 .to_owned(),
         );
+        optional_bodies_are_absent_not_null(&mut document);
         let components = document.components.get_or_insert_with(Default::default);
         components
             .schemas
@@ -117,6 +118,40 @@ pub mod openapi {
             )),
         );
         document
+    }
+
+    /// utoipa marks a body optional by its `Option` type, which also makes its schema accept
+    /// `null`; an optional body here is one that may be left out (or sent as `{}`), not `null`.
+    fn optional_bodies_are_absent_not_null(document: &mut OpenApi) {
+        use utoipa::openapi::schema::{Schema, Type};
+        use utoipa::openapi::Required;
+        for item in document.paths.paths.values_mut() {
+            for operation in [&mut item.post, &mut item.put, &mut item.patch]
+                .into_iter()
+                .flatten()
+            {
+                let Some(RefOr::T(body)) = operation.request_body.as_mut() else {
+                    continue;
+                };
+                if body.required == Some(Required::True) {
+                    continue;
+                }
+                for content in body.content.values_mut() {
+                    let RefOr::T(content) = content else {
+                        continue;
+                    };
+                    if let Some(RefOr::T(Schema::OneOf(one_of))) = &content.schema {
+                        let not_null = one_of.items.iter().find(|item| {
+                            !matches!(item, RefOr::T(Schema::Object(object))
+                                if object.schema_type == Type::Null.into())
+                        });
+                        if let (Some(only), 2) = (not_null.cloned(), one_of.items.len()) {
+                            content.schema = Some(only);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Error responses, one per status, each naming the codes answered with it.

@@ -11,7 +11,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use problem::query::PageLimit;
+use problem::query::{PageLimit, Position};
 use problem::Problem;
 use redb::{Database, ReadableDatabase};
 use serde::Deserialize;
@@ -85,7 +85,8 @@ pub struct MinPosition {
     /// Wait until the view has applied this position (the `position` a writer answered), up to
     /// the configured bound; then `503 stale`. A position beyond the stream's end is answered
     /// `503 stale` after a short grace.
-    pub min_position: Option<u64>,
+    #[param(inline)]
+    pub min_position: Option<Position>,
 }
 
 /// Read-your-writes, as a header (the query parameter wins when both are given).
@@ -94,8 +95,8 @@ pub struct MinPosition {
 pub struct MinPositionHeader {
     /// As `min_position`.
     #[serde(rename = "X-Coffer-Min-Position")]
-    #[param(rename = "X-Coffer-Min-Position", nullable = false)]
-    pub min_position: Option<u64>,
+    #[param(rename = "X-Coffer-Min-Position", nullable = false, inline)]
+    pub min_position: Option<Position>,
 }
 
 /// An account addressed in the path.
@@ -189,18 +190,21 @@ fn min_position(uri: &axum::http::Uri, headers: &HeaderMap) -> Result<Option<u64
     let from_query = Query::<MinPosition>::try_from_uri(uri)
         .map_err(|rejection| Problem::invalid_request(rejection.body_text()))?
         .0
-        .min_position;
+        .min_position
+        .map(Position::get);
     let from_header = match headers.get(MIN_POSITION_HEADER) {
         None => None,
         Some(value) => Some(
             value
                 .to_str()
                 .ok()
-                .and_then(|text| text.parse::<u64>().ok())
+                .and_then(Position::parse)
+                .map(Position::get)
                 .ok_or_else(|| {
-                    Problem::invalid_request(
-                        "X-Coffer-Min-Position: expected a non-negative integer position",
-                    )
+                    Problem::invalid_request(format!(
+                        "X-Coffer-Min-Position: expected a position from 0 to {}",
+                        Position::MAX
+                    ))
                 })?,
         ),
     };
@@ -282,7 +286,8 @@ async fn account(State(state): State<QueryState>, Path(id): Path<String>) -> Res
 pub struct BalanceQuery {
     /// A stream position (not together with `at`); one the view has not applied yet is waited
     /// for like `min_position`.
-    pub position: Option<u64>,
+    #[param(inline)]
+    pub position: Option<Position>,
     /// An RFC 3339 time (not together with `position`).
     #[serde(default, with = "time::serde::rfc3339::option")]
     #[param(value_type = Option<String>, format = DateTime)]
@@ -319,7 +324,7 @@ async fn balance_line(
     id: &str,
     query: &BalanceQuery,
 ) -> Result<StatementEntry, Problem> {
-    let position = match (query.position, query.at) {
+    let position = match (query.position.map(Position::get), query.at) {
         (Some(position), None) => {
             wait_applied(state, position).await?;
             Some(position)
@@ -377,7 +382,8 @@ async fn balance_line(
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// Items after this position (exclusive).
-    pub after: Option<u64>,
+    #[param(inline)]
+    pub after: Option<Position>,
     #[param(inline)]
     pub limit: Option<PageLimit>,
 }
@@ -406,7 +412,7 @@ async fn transactions(
 
 fn statement_page(database: &Database, id: &str, page: &PageQuery) -> Result<Statement, Problem> {
     let limit = page.limit.unwrap_or_default().get();
-    let after = page.after.unwrap_or(0);
+    let after = page.after.map_or(0, Position::get);
     if read_account(database, id)?.is_none() {
         return Err(account_not_found(id));
     }
@@ -626,8 +632,8 @@ async fn metrics(State(state): State<QueryState>) -> Response {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use serde_json::Value;
     use crate::served::{Running, View};
+    use serde_json::Value;
     use tower::ServiceExt as _;
 
     /// A query API over an empty view that never advances, on a stream holding `events`.

@@ -447,7 +447,8 @@ async fn void_hold(
 #[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// Events after this position (exclusive). Not together with `since`.
-    pub after: Option<u64>,
+    #[param(inline)]
+    pub after: Option<problem::query::Position>,
     /// Events at or after this time (RFC 3339). Not together with `after`.
     #[serde(default, with = "time::serde::rfc3339::option")]
     #[param(value_type = Option<String>, format = DateTime)]
@@ -502,7 +503,8 @@ async fn events(
 
 async fn read_events(state: &AppState, query: &EventsQuery) -> Result<EventPage, Error> {
     let limit = query.limit.unwrap_or_default().get();
-    let events = match (query.after, query.since) {
+    let after = query.after.map(problem::query::Position::get);
+    let events = match (after, query.since) {
         (Some(_), Some(_)) => {
             return Err(Error::InvalidRequest(
                 "give either after or since, not both".into(),
@@ -518,7 +520,7 @@ async fn read_events(state: &AppState, query: &EventsQuery) -> Result<EventPage,
     let next = events
         .last()
         .map(|event| event.position)
-        .or(query.after)
+        .or(after)
         .unwrap_or(0);
     Ok(EventPage {
         events: events.iter().map(event_json).collect(),

@@ -211,13 +211,19 @@ impl Default for HoldSeconds {
 
 impl<'de> Deserialize<'de> for HoldSeconds {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let seconds = i128::deserialize(deserializer)?;
-        if (1..=i128::from(HOLD_SECONDS_MAX)).contains(&seconds) {
-            Ok(Self(seconds as i64))
-        } else {
-            Err(serde::de::Error::custom(format!(
-                "expected an integer from 1 to {HOLD_SECONDS_MAX}, got {seconds}"
-            )))
+        // An integral float is an integer in JSON Schema, as for amounts.
+        let number = serde_json::Number::deserialize(deserializer)?;
+        let seconds = number.as_i64().or_else(|| {
+            number
+                .as_f64()
+                .filter(|seconds| seconds.fract() == 0.0 && seconds.abs() < 1e15)
+                .map(|seconds| seconds as i64)
+        });
+        match seconds {
+            Some(seconds) if (1..=HOLD_SECONDS_MAX).contains(&seconds) => Ok(Self(seconds)),
+            _ => Err(serde::de::Error::custom(format!(
+                "expected an integer from 1 to {HOLD_SECONDS_MAX}, got {number}"
+            ))),
         }
     }
 }
@@ -517,7 +523,8 @@ mod tests {
             r#"{"amount":"10"}"#,
             r#"{"amount":null}"#,
             r#"{"amount":9007199254740992}"#,
-            r#"{"amount":1e3}"#,
+            r#"{"amount":1e300}"#,
+            r#"{"amount":0.5}"#,
             r#"{}"#,
             r#"[1]"#,
             r#"{not json"#,
@@ -582,5 +589,80 @@ mod tests {
         let misspelt = transfer(br#"{"from":"a","to":"b","amount":1,"amout":2}"#, None);
         assert!(matches!(misspelt, Err(Error::InvalidRequest(detail)) if detail.contains("amout")));
         assert!(open(br#"{"currency":"EUR","limit":5}"#, None, None).is_err());
+    }
+
+    #[test]
+    fn refusals_name_the_field_and_the_reason() {
+        let detail = |result: Result<Command>| match result {
+            Err(Error::InvalidRequest(detail)) => detail,
+            other => panic!("accepted: {other:?}"),
+        };
+        let zero = detail(deposit(br#"{"amount":0}"#));
+        assert!(
+            zero.starts_with("amount: expected an integer from 1 to"),
+            "{zero}"
+        );
+        assert!(!zero.contains("line"), "{zero}");
+        let missing = detail(deposit(br#"{"reference":"x"}"#));
+        assert!(missing.contains("missing field `amount`"), "{missing}");
+        let twice = detail(deposit(br#"{"amount":1,"amount":2}"#));
+        assert!(twice.contains("duplicate field `amount`"), "{twice}");
+        let long = format!(r#"{{"amount":1,"reference":"{}"}}"#, "é".repeat(257));
+        assert!(detail(deposit(long.as_bytes())).starts_with("reference: expected at most 256"));
+        let not_object = detail(deposit(b"[1]"));
+        assert!(not_object.contains("a JSON object"), "{not_object}");
+        assert!(detail(deposit(b"{\"amount\":1} x")).starts_with("malformed JSON"));
+        match transfer(br#"{"from":"a","to":"b.c","amount":1}"#, None) {
+            Err(Error::InvalidRequest(detail)) => {
+                assert!(
+                    detail.starts_with("to: expected 1-64 characters"),
+                    "{detail}"
+                )
+            }
+            other => panic!("accepted: {other:?}"),
+        }
+        match hold(
+            br#"{"from":"a","to":"b","amount":1,"expires_in_seconds":0}"#,
+            None,
+        ) {
+            Err(Error::InvalidRequest(detail)) => {
+                assert!(
+                    detail.starts_with("expires_in_seconds: expected"),
+                    "{detail}"
+                )
+            }
+            other => panic!("accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn what_the_schema_allows_is_accepted() {
+        // 256 two-byte characters fit: the limit counts characters as JSON Schema does.
+        let long = format!(r#"{{"amount":1,"reference":"{}"}}"#, "é".repeat(256));
+        assert!(deposit(long.as_bytes()).is_ok());
+        // Integral floats are integers in JSON Schema; optional fields may be null.
+        assert!(matches!(
+            deposit(br#"{"amount":912.0,"reference":null}"#),
+            Ok(Command::Deposit { amount, reference: None }) if amount.minor_units() == 912
+        ));
+        let (_, placed, generated) = hold(
+            br#"{"from":"a","to":"b","amount":1,"expires_in_seconds":60.0,"hold_id":null}"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(placed.expires_in_seconds, 60);
+        assert!(generated);
+        let (_, open) = open(
+            br#"{"currency":"EUR","overdraft_limit":0.0,"owner":null}"#,
+            None,
+            None,
+        )
+        .unwrap();
+        assert!(matches!(
+            open,
+            Command::Open(OpenAccount { owner: None, .. })
+        ));
+        assert!(capture(b"", "h").is_ok());
+        assert!(capture(br#"{"amount":null}"#, "h").is_ok());
     }
 }
