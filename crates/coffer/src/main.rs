@@ -245,6 +245,11 @@ struct WriterArgs {
     /// Commands queued per account before 503.
     #[arg(long, env = "COFFER_MAILBOX_CAPACITY", default_value_t = 1_000)]
     mailbox_capacity: usize,
+    /// Most messages in one group-commit batch (appends of many accounts in one atomic
+    /// batch); 1 sends every append on its own.
+    #[arg(long, env = "COFFER_GROUP_COMMIT_MESSAGES_MAX", default_value_t = 1_000,
+        value_parser = clap::value_parser!(u16).range(1..=1000))]
+    group_commit_messages_max: u16,
     /// A command's deadline in milliseconds: it is not started, and nothing is appended for it,
     /// later; its caller then answers `outcome_unknown`.
     #[arg(long, env = "COFFER_COMMAND_DEADLINE_MS", default_value_t = 10_000)]
@@ -794,6 +799,10 @@ async fn main() -> anyhow::Result<()> {
                     idle_timeout: Duration::from_secs(args.actor_idle_seconds),
                     mailbox_capacity: args.mailbox_capacity,
                     call_timeout: Duration::from_millis(args.command_deadline_ms),
+                },
+                group_commit: eventlog::GroupCommitSettings {
+                    messages_max: usize::from(args.group_commit_messages_max),
+                    ..Default::default()
                 },
                 failpoint_actor_delay: args.failpoint_actor_delay_ms.map(Duration::from_millis),
                 http_token: args.token.token()?,

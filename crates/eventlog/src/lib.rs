@@ -6,6 +6,7 @@
 //! - [`connection`]: connecting with credentials and TLS from the environment.
 //! - [`chain`]: the per-account hash chain (`Coffer-Chain`) and its verifier.
 //! - [`codec`]: the wire payloads (MessagePack, named fields), event versions and upcasting.
+//! - [`group_commit`]: appends of many actors gathered into one atomic batch.
 //! - [`log`]: [`EventLog`]: atomic appends with optimistic concurrency, markers, loading an
 //!   account's history, reading ranges of the stream in order.
 //!
@@ -16,12 +17,14 @@
 pub mod chain;
 pub mod codec;
 pub mod connection;
+pub mod group_commit;
 pub mod log;
 pub mod stream;
 pub mod subject;
 
 pub use codec::{DecodeError, CURRENT_VERSIONS};
 pub use connection::NatsSettings;
+pub use group_commit::{GroupCommit, GroupCommitSettings};
 pub use log::{Appended, Entry, EventLog, EventMetadata, RecordedEvent, StoredMarker};
 pub use stream::StreamSettings;
 

@@ -51,6 +51,9 @@ pub const BATCH_SIZE_MAX: usize = 1_000;
 mod error_code {
     /// A `Nats-Expected-Last-*` check failed; the description carries the current sequence.
     pub const WRONG_LAST_SEQUENCE: u64 = 10071;
+    /// A subject's check could not be made: a message on it is still being stored (a clustered
+    /// stream's proposal in flight, or an earlier message of the same batch).
+    pub const LAST_SEQUENCE_IN_PROCESS: u64 = 10164;
     /// A batch held a `Nats-Msg-Id` the server has already seen.
     pub const BATCH_DUPLICATE_MESSAGE_ID: u64 = 10201;
     /// Too many batches in flight on the stream or the server.
@@ -253,6 +256,9 @@ fn acknowledgement(payload: &[u8], messages: usize) -> Result<Appended> {
                     .rsplit(':')
                     .next()
                     .and_then(|text| text.trim().parse().ok()),
+            },
+            error_code::LAST_SEQUENCE_IN_PROCESS => Error::Conflict {
+                current_last_position: None,
             },
             error_code::BATCH_DUPLICATE_MESSAGE_ID => Error::Duplicate(error.description),
             // Nothing was stored: too many batches in flight, or the batch fell apart.

@@ -438,3 +438,167 @@ async fn a_schedule_delivers_its_message_at_its_time_and_the_first_one_stays() {
         .clone();
     assert!(events.deny_purge && !events.allow_rollup && !events.allow_message_schedules);
 }
+
+mod group_commit {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use eventlog::{GroupCommit, GroupCommitSettings};
+
+    use super::*;
+
+    /// Sends every append of `members` to `committer` before the committer runs (the test
+    /// runtime has one thread, and the committer is a task of it), so they all wait for the same
+    /// batch.
+    async fn together(
+        committer: &GroupCommit,
+        members: Vec<Vec<Entry>>,
+    ) -> Vec<Result<eventlog::Appended, Error>> {
+        futures::future::join_all(
+            members
+                .into_iter()
+                .map(|entries| committer.append(entries, None)),
+        )
+        .await
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn appends_of_many_accounts_share_one_batch_and_each_gets_its_positions() {
+        let server = NatsServer::start();
+        let log = log_on(&server).await;
+        let committer = GroupCommit::start(log.clone(), GroupCommitSettings::default());
+        let accounts: Vec<AccountId> = (0..50).map(|_| account("many")).collect();
+        let members = accounts
+            .iter()
+            .map(|id| {
+                vec![
+                    event_entry(id, 0, opened()),
+                    marker(format!("coffer.ids.test.{id}"), None),
+                ]
+            })
+            .collect();
+        let results = together(&committer, members).await;
+        let counters = committer.counters();
+        assert_eq!(counters.batches.load(Relaxed), 1, "one batch for all 50");
+        assert_eq!(counters.members.load(Relaxed), 50);
+        for (id, result) in accounts.iter().zip(results) {
+            let appended = result.unwrap();
+            assert_eq!(appended.last_position, appended.first_position + 1);
+            // The member's own event is at the position it was told.
+            let history = log.load_account(id, 0).await.unwrap();
+            assert_eq!(history.len(), 1);
+            assert_eq!(history[0].position, appended.first_position);
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_batch_with_one_stale_member_still_commits_the_others() {
+        let server = NatsServer::start();
+        let log = log_on(&server).await;
+        let stale = account("stale");
+        let first = log.append(&stale, 0, &opened(), &metadata()).await.unwrap();
+        let committer = GroupCommit::start(log.clone(), GroupCommitSettings::default());
+        let fresh: Vec<AccountId> = (0..5).map(|_| account("fresh")).collect();
+        let mut members: Vec<Vec<Entry>> = fresh
+            .iter()
+            .map(|id| vec![event_entry(id, 0, opened())])
+            .collect();
+        // Decided as if the account had no event yet: its check fails.
+        members.insert(2, vec![event_entry(&stale, 0, opened())]);
+        let results = together(&committer, members).await;
+        assert_eq!(
+            committer.counters().split.load(Relaxed),
+            1,
+            "refused whole, then split"
+        );
+        for (index, result) in results.iter().enumerate() {
+            if index == 2 {
+                assert!(
+                    matches!(result, Err(Error::Conflict { current_last_position: Some(position) }) if *position == first.last_position),
+                    "{result:?}"
+                );
+            } else {
+                assert!(result.is_ok(), "{index}: {result:?}");
+            }
+        }
+        for id in &fresh {
+            assert_eq!(log.load_account(id, 0).await.unwrap().len(), 1);
+        }
+        assert_eq!(log.load_account(&stale, 0).await.unwrap().len(), 1);
+    }
+
+    /// JetStream checks every condition of a batch against the stream before the batch, so two
+    /// credits of one receiver decided on the same copy of it would both pass in one batch. The
+    /// committer keeps them in separate batches, where the second fails as it would alone.
+    #[tokio::test(flavor = "current_thread")]
+    async fn two_appends_on_one_account_never_share_a_batch() {
+        let server = NatsServer::start();
+        let log = log_on(&server).await;
+        let receiver = account("receiver");
+        let opened_at = log
+            .append(&receiver, 0, &opened(), &metadata())
+            .await
+            .unwrap();
+        let committer = GroupCommit::start(log.clone(), GroupCommitSettings::default());
+        let credit = || {
+            vec![event_entry(
+                &receiver,
+                opened_at.last_position,
+                deposited(5),
+            )]
+        };
+        let results = together(&committer, vec![credit(), credit()]).await;
+        assert!(results[0].is_ok(), "{:?}", results[0]);
+        assert!(
+            matches!(results[1], Err(Error::Conflict { .. })),
+            "{:?}",
+            results[1]
+        );
+        assert_eq!(committer.counters().batches.load(Relaxed), 2);
+        assert_eq!(log.load_account(&receiver, 0).await.unwrap().len(), 2);
+        // The same goes for a marker subject: the first claim wins.
+        let claim = format!("coffer.ids.test.{}", account("claim"));
+        let results = together(
+            &committer,
+            vec![
+                vec![marker(claim.clone(), None)],
+                vec![marker(claim.clone(), None)],
+            ],
+        )
+        .await;
+        assert!(results[0].is_ok() && matches!(results[1], Err(Error::Conflict { .. })));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_append_past_its_deadline_is_not_sent() {
+        let server = NatsServer::start();
+        let log = log_on(&server).await;
+        let committer = GroupCommit::start(log.clone(), GroupCommitSettings::default());
+        let late = account("late");
+        let past = tokio::time::Instant::now() - Duration::from_millis(1);
+        let result = committer
+            .append(vec![event_entry(&late, 0, opened())], Some(past))
+            .await;
+        assert!(matches!(result, Err(Error::Unavailable(_))), "{result:?}");
+        assert_eq!(committer.counters().expired.load(Relaxed), 1);
+        assert!(log.load_account(&late, 0).await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_limit_of_one_message_sends_every_append_alone() {
+        let server = NatsServer::start();
+        let log = log_on(&server).await;
+        let committer = GroupCommit::start(
+            log.clone(),
+            GroupCommitSettings {
+                messages_max: 1,
+                ..Default::default()
+            },
+        );
+        let members = (0..4)
+            .map(|_| vec![event_entry(&account("alone"), 0, opened())])
+            .collect();
+        let results = together(&committer, members).await;
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(committer.counters().batches.load(Relaxed), 4);
+    }
+}

@@ -187,6 +187,8 @@ impl AccountStates {
 /// What every account actor shares.
 pub struct ActorContext {
     pub log: EventLog,
+    /// Sends the actors' appends, gathered into atomic batches.
+    pub committer: eventlog::GroupCommit,
     pub metrics: Arc<Metrics>,
     pub states: AccountStates,
     /// Failpoint for tests: every command waits this long before it is looked at, as if the
@@ -433,14 +435,17 @@ impl AccountActorState {
                     .map_err(Error::from)?;
             }
             let appending = std::time::Instant::now();
-            let appended = self.context.log.append_atomic(&plan.entries).await;
+            let messages = plan.entries.len();
+            let appended = self
+                .context
+                .committer
+                .append(std::mem::take(&mut plan.entries), request.deadline)
+                .await;
             let metrics = &self.context.metrics;
             metrics
                 .append_duration
                 .observe(appending.elapsed().as_secs_f64());
-            metrics
-                .append_batch_messages
-                .observe(plan.entries.len() as f64);
+            metrics.append_batch_messages.observe(messages as f64);
             match appended {
                 Ok(appended) => {
                     for (mut known, index) in plan.changes {

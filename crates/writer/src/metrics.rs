@@ -2,7 +2,7 @@
 //! format.
 
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
@@ -27,6 +27,9 @@ pub struct Metrics {
     pub actors_passivated: Counter,
     pub actors_failed: Counter,
     pub commands_expired: Counter,
+    /// What the group committer has done, once it runs.
+    pub group_commit:
+        std::sync::OnceLock<std::sync::Arc<eventlog::group_commit::GroupCommitCounters>>,
 }
 
 /// 0.25 ms to about 8 s.
@@ -52,6 +55,7 @@ impl Default for Metrics {
             actors_passivated: Counter::default(),
             actors_failed: Counter::default(),
             commands_expired: Counter::default(),
+            group_commit: std::sync::OnceLock::new(),
         }
     }
 }
@@ -130,6 +134,34 @@ impl Metrics {
             "Messages per append: a command's events and markers.",
             self.append_batch_messages.clone(),
         );
+        if let Some(group) = self.group_commit.get() {
+            use std::sync::atomic::Ordering::Relaxed;
+            let counters = [
+                (
+                    "coffer_writer_group_commit_batches",
+                    "Atomic batches the group committer sent (an append sent alone counts as one).",
+                    &group.batches,
+                ),
+                (
+                    "coffer_writer_group_commit_appends",
+                    "Appends sent in those batches: appends per batch is this over the batches.",
+                    &group.members,
+                ),
+                (
+                    "coffer_writer_group_commit_splits",
+                    "Batches refused whole and sent again append by append.",
+                    &group.split,
+                ),
+                (
+                    "coffer_writer_group_commit_expired",
+                    "Appends not sent because their deadline passed while they waited.",
+                    &group.expired,
+                ),
+            ];
+            for (name, help, value) in counters {
+                registry.register(name, help, ConstCounter::new(value.load(Relaxed)));
+            }
+        }
     }
 
     /// The OpenMetrics text of every metric.

@@ -22,6 +22,8 @@ pub struct WriterConfig {
     pub http_address: SocketAddr,
     pub stream: StreamSettings,
     pub registry: RegistrySettings,
+    /// How appends are gathered into atomic batches.
+    pub group_commit: eventlog::GroupCommitSettings,
     /// Failpoint for tests: every command waits this long in its actor before it is looked at.
     pub failpoint_actor_delay: Option<Duration>,
     /// The bearer token the command API requires (`COFFER_HTTP_TOKEN`); none: no auth.
@@ -140,8 +142,11 @@ async fn try_set_up(
         .ensure(log.context())
         .await
         .map_err(|error| Error::Unavailable(error.to_string()))?;
+    let committer = eventlog::GroupCommit::start(log.clone(), config.group_commit);
+    let _ = metrics.group_commit.set(committer.counters());
     let context = Arc::new(ActorContext {
         log: log.clone(),
+        committer,
         metrics: metrics.clone(),
         states: AccountStates::default(),
         failpoint_delay: config.failpoint_actor_delay,

@@ -56,6 +56,7 @@ impl TestWriter {
             http_address: format!("127.0.0.1:{port}").parse().unwrap(),
             stream,
             registry,
+            group_commit: Default::default(),
             failpoint_actor_delay,
             http_token: None,
             http_limits: problem::HttpLimits::default(),
@@ -641,6 +642,7 @@ async fn a_crashed_actor_is_replaced_and_loses_no_acknowledged_state() {
         .unwrap();
     let metrics = Arc::new(Metrics::default());
     let context = Arc::new(ActorContext {
+        committer: eventlog::GroupCommit::start(log.clone(), Default::default()),
         log,
         metrics: metrics.clone(),
         states: AccountStates::default(),
