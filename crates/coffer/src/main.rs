@@ -250,6 +250,10 @@ struct WriterArgs {
     #[arg(long, env = "COFFER_GROUP_COMMIT_MESSAGES_MAX", default_value_t = 1_000,
         value_parser = clap::value_parser!(u16).range(1..=1000))]
     group_commit_messages_max: u16,
+    /// Most group-commit batches awaiting their acknowledgement at once.
+    #[arg(long, env = "COFFER_GROUP_COMMIT_IN_FLIGHT_MAX", default_value_t = 4,
+        value_parser = clap::value_parser!(u8).range(1..=32))]
+    group_commit_in_flight_max: u8,
     /// A command's deadline in milliseconds: it is not started, and nothing is appended for it,
     /// later; its caller then answers `outcome_unknown`.
     #[arg(long, env = "COFFER_COMMAND_DEADLINE_MS", default_value_t = 10_000)]
@@ -802,6 +806,7 @@ async fn main() -> anyhow::Result<()> {
                 },
                 group_commit: eventlog::GroupCommitSettings {
                     messages_max: usize::from(args.group_commit_messages_max),
+                    batches_in_flight_max: usize::from(args.group_commit_in_flight_max),
                     ..Default::default()
                 },
                 failpoint_actor_delay: args.failpoint_actor_delay_ms.map(Duration::from_millis),

@@ -9,9 +9,12 @@
 //! touch the same account or marker subject; a later one waits for the next batch, where its
 //! stale condition fails as it would have alone.
 //!
-//! No latency is added at low load: the next batch is sent as soon as the previous one is
-//! acknowledged, with whatever has queued meanwhile (or alone, when nothing has), up to
-//! [`GroupCommitSettings::messages_max`] messages.
+//! No latency is added at low load: an append is sent at once while fewer than
+//! [`GroupCommitSettings::batches_in_flight_max`] batches await their acknowledgement; once that
+//! many do, appends queue, and the next batch takes what has queued (up to
+//! [`GroupCommitSettings::messages_max`] messages) as soon as one is acknowledged. Appends that
+//! touch an account or marker of a batch in flight wait for it, so that their condition is
+//! checked after it, as it would be had they been sent one after the other.
 //!
 //! A batch JetStream refuses stored nothing, and the refusal does not say which member failed:
 //! the members are then appended one by one at once, so only the member whose condition failed
@@ -22,6 +25,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -31,9 +35,12 @@ use crate::{subject, Appended, Entry, Error, EventLog, Result};
 /// How group commit gathers appends.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupCommitSettings {
-    /// Most messages in one batch, at most the server's 1000. 1 turns group commit off: every
-    /// append is sent on its own, as it comes.
+    /// Most messages in one batch, at most the server's 1000. 1 turns gathering off: every
+    /// append is sent on its own.
     pub messages_max: usize,
+    /// Most batches awaiting their acknowledgement at once (the server takes 50 atomic batches
+    /// in flight per stream; this is kept well below).
+    pub batches_in_flight_max: usize,
     /// Most appends waiting for a batch; a full queue makes callers wait to enqueue.
     pub queue_max: usize,
 }
@@ -42,6 +49,7 @@ impl Default for GroupCommitSettings {
     fn default() -> Self {
         Self {
             messages_max: BATCH_SIZE_MAX,
+            batches_in_flight_max: 4,
             queue_max: 10_000,
         }
     }
@@ -89,12 +97,7 @@ impl GroupCommit {
     pub fn start(log: EventLog, settings: GroupCommitSettings) -> Self {
         let (queue, receiver) = mpsc::channel(settings.queue_max.max(1));
         let counters = Arc::new(GroupCommitCounters::default());
-        tokio::spawn(run(
-            log,
-            receiver,
-            settings.messages_max.clamp(1, BATCH_SIZE_MAX),
-            counters.clone(),
-        ));
+        tokio::spawn(run(log, receiver, settings, counters.clone()));
         Self { queue, counters }
     }
 
@@ -128,39 +131,72 @@ impl GroupCommit {
     }
 }
 
+/// Most batches in flight whatever the settings say: the server's limit is 50 per stream.
+const BATCHES_IN_FLIGHT_LIMIT: usize = 32;
+
 async fn run(
     log: EventLog,
     mut receiver: mpsc::Receiver<Member>,
-    messages_max: usize,
+    settings: GroupCommitSettings,
     counters: Arc<GroupCommitCounters>,
 ) {
-    // Members left for a later batch, oldest first.
+    let messages_max = settings.messages_max.clamp(1, BATCH_SIZE_MAX);
+    let in_flight_max = settings
+        .batches_in_flight_max
+        .clamp(1, BATCHES_IN_FLIGHT_LIMIT);
+    // Members not sent yet, oldest first.
     let mut waiting: VecDeque<Member> = VecDeque::new();
+    // Batches awaiting their acknowledgement; each gives back the keys it held.
+    let mut in_flight = FuturesUnordered::new();
+    // Accounts and marker subjects of the batches in flight.
+    let mut busy: HashSet<String> = HashSet::new();
+    let mut closed = false;
     loop {
-        if waiting.is_empty() {
-            match receiver.recv().await {
-                Some(member) => waiting.push_back(member),
-                None => return,
+        while in_flight.len() < in_flight_max && !waiting.is_empty() {
+            let batch = next_batch(&mut waiting, messages_max, &busy, &counters);
+            if batch.is_empty() {
+                break;
             }
+            let keys: Vec<String> = batch.iter().flat_map(Member::keys).collect();
+            busy.extend(keys.iter().cloned());
+            let (log, counters) = (log.clone(), counters.clone());
+            in_flight.push(async move {
+                send(&log, batch, &counters).await;
+                keys
+            });
         }
-        // Only what has queued already: waiting for more would add latency at low load.
-        while waiting.len() < BATCH_SIZE_MAX {
-            match receiver.try_recv() {
-                Ok(member) => waiting.push_back(member),
-                Err(_) => break,
+        if closed && waiting.is_empty() && in_flight.is_empty() {
+            return;
+        }
+        tokio::select! {
+            member = receiver.recv(), if !closed => match member {
+                Some(member) => {
+                    waiting.push_back(member);
+                    // What has queued already joins it: waiting for more would add latency.
+                    while waiting.len() < BATCH_SIZE_MAX {
+                        match receiver.try_recv() {
+                            Ok(member) => waiting.push_back(member),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                None => closed = true,
+            },
+            Some(keys) = in_flight.next(), if !in_flight.is_empty() => {
+                for key in keys {
+                    busy.remove(&key);
+                }
             }
-        }
-        let batch = next_batch(&mut waiting, messages_max, &counters);
-        if !batch.is_empty() {
-            send(&log, batch, &counters).await;
         }
     }
 }
 
-/// Takes the oldest members that fit in one batch and touch nothing another one in it does.
+/// Takes the oldest members that fit in one batch and touch nothing another one in it, or a
+/// batch in flight (`busy`), does.
 fn next_batch(
     waiting: &mut VecDeque<Member>,
     messages_max: usize,
+    busy: &HashSet<String>,
     counters: &GroupCommitCounters,
 ) -> Vec<Member> {
     let now = Instant::now();
@@ -178,7 +214,10 @@ fn next_batch(
         }
         let fits = batch.is_empty() || messages + member.entries.len() <= messages_max;
         let member_keys: Vec<String> = member.keys().collect();
-        if fits && member_keys.iter().all(|key| !keys.contains(key)) {
+        let free = member_keys
+            .iter()
+            .all(|key| !keys.contains(key) && !busy.contains(key));
+        if fits && free {
             messages += member.entries.len();
             keys.extend(member_keys);
             batch.push(member);
