@@ -251,7 +251,7 @@ struct WriterArgs {
         value_parser = clap::value_parser!(u16).range(1..=1000))]
     group_commit_messages_max: u16,
     /// Most group-commit batches awaiting their acknowledgement at once.
-    #[arg(long, env = "COFFER_GROUP_COMMIT_IN_FLIGHT_MAX", default_value_t = 4,
+    #[arg(long, env = "COFFER_GROUP_COMMIT_IN_FLIGHT_MAX", default_value_t = 1,
         value_parser = clap::value_parser!(u8).range(1..=32))]
     group_commit_in_flight_max: u8,
     /// A command's deadline in milliseconds: it is not started, and nothing is appended for it,

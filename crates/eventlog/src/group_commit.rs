@@ -38,8 +38,9 @@ pub struct GroupCommitSettings {
     /// Most messages in one batch, at most the server's 1000. 1 turns gathering off: every
     /// append is sent on its own.
     pub messages_max: usize,
-    /// Most batches awaiting their acknowledgement at once (the server takes 50 atomic batches
-    /// in flight per stream; this is kept well below).
+    /// Most batches awaiting their acknowledgement at once. Default 1: the next batch goes when
+    /// the previous one is acknowledged, which measured best (docs/benchmarks.md); more sends
+    /// smaller batches sooner. The server takes 50 atomic batches in flight per stream.
     pub batches_in_flight_max: usize,
     /// Most appends waiting for a batch; a full queue makes callers wait to enqueue.
     pub queue_max: usize,
@@ -49,7 +50,7 @@ impl Default for GroupCommitSettings {
     fn default() -> Self {
         Self {
             messages_max: BATCH_SIZE_MAX,
-            batches_in_flight_max: 4,
+            batches_in_flight_max: 1,
             queue_max: 10_000,
         }
     }
