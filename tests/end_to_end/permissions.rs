@@ -215,6 +215,9 @@ async fn each_role_does_its_work_and_nothing_else() {
         format!("coffer.append.{a}.deposited"),
         format!("coffer.events.{a}.deposited"),
         format!("coffer.ids.transfer.{a}"),
+        // A snapshot's state is trusted once its chain matches the log, and any reader can see
+        // the chain: only writers may store snapshots.
+        format!("coffer.snapshots.{a}"),
     ] {
         reader_client
             .publish(subject, "forged".into())
@@ -286,6 +289,14 @@ async fn each_role_does_its_work_and_nothing_else() {
     assert!(events.consumer_info("reader-0").await.is_ok());
     let schedules = setup.get_stream("COFFER_SCHEDULES").await.unwrap();
     assert!(schedules.consumer_info("coffer-hold-expiry").await.is_ok());
+    let snapshots = setup.get_stream("COFFER_SNAPSHOTS").await.unwrap();
+    assert!(
+        snapshots
+            .get_last_raw_message_by_subject(&format!("coffer.snapshots.{a}"))
+            .await
+            .is_err(),
+        "the reader stored a snapshot"
+    );
     assert!(setup.get_stream("ROGUE_WRITER").await.is_err());
     assert!(setup.get_stream("ROGUE_READER").await.is_err());
     // And the system still works for its own users.

@@ -250,6 +250,10 @@ struct WriterArgs {
     #[arg(long, env = "COFFER_GROUP_COMMIT_MESSAGES_MAX", default_value_t = 1_000,
         value_parser = clap::value_parser!(u16).range(1..=1000))]
     group_commit_messages_max: u16,
+    /// Snapshot an account every this many of its events, so a long history loads fast (0:
+    /// never).
+    #[arg(long, env = "COFFER_SNAPSHOT_EVERY", default_value_t = 1_000)]
+    snapshot_every: u64,
     /// Most group-commit batches awaiting their acknowledgement at once.
     #[arg(long, env = "COFFER_GROUP_COMMIT_IN_FLIGHT_MAX", default_value_t = 1,
         value_parser = clap::value_parser!(u8).range(1..=32))]
@@ -602,6 +606,10 @@ async fn setup(args: SetupArgs) -> anyhow::Result<()> {
         "stream {} could not be brought up to date: does this user have the setup role?",
         settings.name
     );
+    context
+        .get_stream(&settings.snapshots_name)
+        .await
+        .context("the snapshots stream")?;
     let schedules = context
         .get_stream(&settings.schedules_name)
         .await
@@ -617,6 +625,7 @@ async fn setup(args: SetupArgs) -> anyhow::Result<()> {
         "streams": [
             {"name": settings.name, "replicas": current.num_replicas, "subjects": current.subjects},
             {"name": settings.schedules_name},
+            {"name": settings.snapshots_name},
         ],
         "consumers": [{"stream": settings.schedules_name, "name": writer::expiry::CONSUMER_NAME}],
     });
@@ -809,6 +818,7 @@ async fn main() -> anyhow::Result<()> {
                     batches_in_flight_max: usize::from(args.group_commit_in_flight_max),
                     ..Default::default()
                 },
+                snapshot_every: args.snapshot_every,
                 failpoint_actor_delay: args.failpoint_actor_delay_ms.map(Duration::from_millis),
                 http_token: args.token.token()?,
                 http_limits: args.limits.limits(),

@@ -7,6 +7,7 @@
 //! - [`chain`]: the per-account hash chain (`Coffer-Chain`) and its verifier.
 //! - [`codec`]: the wire payloads (MessagePack, named fields), event versions and upcasting.
 //! - [`group_commit`]: appends of many actors gathered into one atomic batch.
+//! - [`snapshot`]: account snapshots, checked against the log before they are used.
 //! - [`log`]: [`EventLog`]: atomic appends with optimistic concurrency, markers, loading an
 //!   account's history, reading ranges of the stream in order.
 //!
@@ -19,6 +20,7 @@ pub mod codec;
 pub mod connection;
 pub mod group_commit;
 pub mod log;
+pub mod snapshot;
 pub mod stream;
 pub mod subject;
 
@@ -26,6 +28,7 @@ pub use codec::{DecodeError, CURRENT_VERSIONS};
 pub use connection::NatsSettings;
 pub use group_commit::{GroupCommit, GroupCommitSettings};
 pub use log::{Appended, Entry, EventLog, EventMetadata, RecordedEvent, StoredMarker};
+pub use snapshot::AccountSnapshot;
 pub use stream::StreamSettings;
 
 /// Everything that can go wrong talking to the event log.

@@ -167,6 +167,7 @@ pub struct EventLog {
     context: jetstream::Context,
     stream_name: String,
     schedules_name: String,
+    snapshots_name: String,
 }
 
 fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -298,6 +299,7 @@ impl EventLog {
             context,
             stream_name: settings.name.clone(),
             schedules_name: settings.schedules_name.clone(),
+            snapshots_name: settings.snapshots_name.clone(),
         }
     }
 
@@ -457,6 +459,80 @@ impl EventLog {
             Ok(_) => Ok(true),
             Err(Error::Conflict { .. }) => Ok(false),
             Err(error) => Err(error),
+        }
+    }
+
+    /// Stores `snapshot` as its account's snapshot, replacing the previous one.
+    pub async fn save_snapshot(&self, snapshot: &crate::AccountSnapshot) -> Result<()> {
+        if !self.is_connected() {
+            return Err(Error::Unavailable("not connected to NATS".into()));
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCOUNT_ID, snapshot.state.id().as_str());
+        headers.insert(header::CONTENT_TYPE, header::MSGPACK);
+        self.publish_acknowledged(
+            subject::snapshot(snapshot.state.id()),
+            headers,
+            snapshot.encode()?.into(),
+            1,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `account`'s snapshot, when there is one this build reads and it belongs to the log as it
+    /// is: the account's event at the snapshot's position carries the snapshot's chain value.
+    /// Anything else is `None` (and logged): the caller replays the whole history.
+    pub async fn load_snapshot(
+        &self,
+        account: &AccountId,
+    ) -> Result<Option<crate::AccountSnapshot>> {
+        let answer = self
+            .leader_get_from(
+                &self.snapshots_name,
+                serde_json::json!({ "last_by_subj": subject::snapshot(account) }),
+            )
+            .await?;
+        let Some(stored) = stored_message(answer)? else {
+            return Ok(None);
+        };
+        let snapshot = match crate::AccountSnapshot::decode(&stored.payload) {
+            Ok(Some(snapshot)) if snapshot.state.id() == account => snapshot,
+            Ok(Some(_)) => {
+                tracing::warn!(%account, "a snapshot of another account; replaying the history");
+                return Ok(None);
+            }
+            Ok(None) => {
+                tracing::info!(%account, "a snapshot in a format this build does not read; replaying the history");
+                return Ok(None);
+            }
+            Err(error) => {
+                tracing::warn!(%account, %error, "an unreadable snapshot; replaying the history");
+                return Ok(None);
+            }
+        };
+        let page = self
+            .direct_batch(serde_json::json!({
+                "seq": snapshot.position,
+                "next_by_subj": subject::account_filter(account),
+                "batch": 1,
+            }))
+            .await?;
+        let event = page
+            .messages
+            .first()
+            .and_then(|message| decode_direct(message).ok());
+        match event {
+            Some(event)
+                if event.position == snapshot.position
+                    && event.chain.as_deref() == Some(snapshot.chain.as_str()) =>
+            {
+                Ok(Some(snapshot))
+            }
+            _ => {
+                tracing::warn!(%account, position = snapshot.position, "a snapshot that does not match the log; replaying the history");
+                Ok(None)
+            }
         }
     }
 

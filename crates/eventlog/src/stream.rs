@@ -1,5 +1,5 @@
-//! The streams' configuration: `COFFER_EVENTS`, the log, and `COFFER_SCHEDULES`, where hold
-//! expiries wait for their time.
+//! The streams' configuration: `COFFER_EVENTS`, the log, `COFFER_SCHEDULES`, where hold
+//! expiries wait for their time, and `COFFER_SNAPSHOTS`, account snapshots.
 //!
 //! Schedules live in a stream of their own because nats-server forces roll-ups on and
 //! `deny_purge` off on any stream that allows message schedules (a one-shot schedule is purged
@@ -24,6 +24,8 @@ pub struct StreamSettings {
     pub duplicate_window: Duration,
     /// The schedules stream's name. Default `COFFER_SCHEDULES`.
     pub schedules_name: String,
+    /// The snapshots stream's name. Default `COFFER_SNAPSHOTS`.
+    pub snapshots_name: String,
 }
 
 impl Default for StreamSettings {
@@ -33,6 +35,7 @@ impl Default for StreamSettings {
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
             schedules_name: "COFFER_SCHEDULES".into(),
+            snapshots_name: "COFFER_SNAPSHOTS".into(),
         }
     }
 }
@@ -93,6 +96,23 @@ impl StreamSettings {
         }
     }
 
+    /// The snapshots stream: the last snapshot of each account on `coffer.snapshots.{account}`
+    /// (a cache of the log: see [`crate::snapshot`]).
+    pub fn snapshots_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.snapshots_name.clone(),
+            description: Some("Coffer account snapshots: the last one per account".into()),
+            subjects: vec![subject::ALL_SNAPSHOTS.into()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            max_messages_per_subject: 1,
+            discard: stream::DiscardPolicy::Old,
+            num_replicas: self.replicas,
+            allow_direct: true,
+            ..Default::default()
+        }
+    }
+
     /// The existing configuration with the settings Coffer manages applied, and nothing
     /// weakened: replicas are never lowered (a process started with defaults must not turn an
     /// R3 stream into R1), and every field Coffer does not manage (limits an operator set, such
@@ -118,6 +138,13 @@ impl StreamSettings {
     /// existing stream is only logged: a consume-only reader may lack the permission, and the
     /// stream still works. The schedules stream is ensured the same way.
     pub async fn ensure(&self, context: &jetstream::Context) -> Result<stream::Stream> {
+        ensure_stream(context, self.snapshots_config(), |current| {
+            let mut merged = current.clone();
+            merged.num_replicas = current.num_replicas.max(self.replicas);
+            merged.max_messages_per_subject = 1;
+            merged
+        })
+        .await?;
         ensure_stream(context, self.schedules_config(), |current| {
             let mut merged = current.clone();
             merged.num_replicas = current.num_replicas.max(self.replicas);
@@ -186,6 +213,7 @@ mod tests {
         for (file, config) in [
             ("stream-coffer-events.json", settings.config()),
             ("stream-coffer-schedules.json", settings.schedules_config()),
+            ("stream-coffer-snapshots.json", settings.snapshots_config()),
         ] {
             let wanted = serde_json::to_value(&config).unwrap();
             let path = root.join(file);

@@ -18,6 +18,8 @@ pub const ALL_MARKERS: &str = "coffer.ids.>";
 pub const ALL_SCHEDULES: &str = "coffer.schedules.>";
 /// What the schedules deliver when they fire: `coffer.due.hold-expiry.{from}.{hold_id}`.
 pub const ALL_DUE: &str = "coffer.due.>";
+/// Account snapshots, stream COFFER_SNAPSHOTS: `coffer.snapshots.{account_id}`.
+pub const ALL_SNAPSHOTS: &str = "coffer.snapshots.>";
 /// Due hold expiries, for the writers' expiry consumer.
 pub const DUE_HOLD_EXPIRIES: &str = "coffer.due.hold-expiry.>";
 
@@ -34,6 +36,11 @@ pub fn event(account: &AccountId, event_type: &str) -> String {
 /// All of one account's events: the scope of its optimistic concurrency check.
 pub fn account_filter(account: &AccountId) -> String {
     format!("{EVENTS_PREFIX}.{account}.>")
+}
+
+/// Where `account`'s snapshot is kept.
+pub fn snapshot(account: &AccountId) -> String {
+    format!("coffer.snapshots.{account}")
 }
 
 /// One event type across all accounts.

@@ -189,6 +189,9 @@ pub struct ActorContext {
     pub log: EventLog,
     /// Sends the actors' appends, gathered into atomic batches.
     pub committer: eventlog::GroupCommit,
+    /// An account's state is snapshotted once this many of its events were applied since its
+    /// last snapshot (0: never), so a long history loads as a snapshot and the events after it.
+    pub snapshot_every: u64,
     pub metrics: Arc<Metrics>,
     pub states: AccountStates,
     /// Failpoint for tests: every command waits this long before it is looked at, as if the
@@ -221,6 +224,8 @@ pub struct AccountActorState {
     known: Known,
     /// False until the history is loaded, and again after an append whose outcome is unknown.
     loaded: bool,
+    /// Events of the account applied since its last snapshot (or since this actor started).
+    events_since_snapshot: u64,
 }
 
 pub struct ActorArguments {
@@ -243,6 +248,7 @@ impl Actor for AccountActor {
             context: arguments.context,
             known: Known::new(arguments.account_id),
             loaded: false,
+            events_since_snapshot: 0,
         })
     }
 
@@ -319,16 +325,51 @@ impl AccountActorState {
         }
     }
 
-    /// Loads the account's events after the last one this actor has seen.
+    /// Loads the account's events after the last one this actor has seen (starting from its
+    /// snapshot when it has seen none), and snapshots it when enough were loaded.
     async fn catch_up(&mut self) -> Result<()> {
         if let Some(shared) = self.context.states.get(self.id()) {
             self.adopt(shared);
         }
-        let known = load(&self.context.log, self.known.clone()).await?;
+        if self.known.position == 0 {
+            let start = start_from_snapshot(&self.context, self.id()).await;
+            self.adopt(start);
+        }
+        let (known, applied) = load_counting(&self.context.log, self.known.clone()).await?;
+        self.context.metrics.events_replayed.inc_by(applied);
         self.known = known;
         self.loaded = true;
         self.context.states.publish(&self.known);
+        self.events_since_snapshot += applied;
+        self.snapshot_when_due();
         Ok(())
+    }
+
+    /// Writes a snapshot of the account, off the command's path, once enough events were
+    /// applied since the last one. `known` is always the fold of the account's events up to its
+    /// position (loaded, or decided and acknowledged), which is what a snapshot must be.
+    fn snapshot_when_due(&mut self) {
+        let every = self.context.snapshot_every;
+        if every == 0 || self.events_since_snapshot < every || self.known.position == 0 {
+            return;
+        }
+        self.events_since_snapshot = 0;
+        let snapshot = eventlog::AccountSnapshot {
+            state: self.known.state.clone(),
+            position: self.known.position,
+            chain: self.known.chain.clone(),
+        };
+        let context = self.context.clone();
+        tokio::spawn(async move {
+            match context.log.save_snapshot(&snapshot).await {
+                Ok(()) => {
+                    context.metrics.snapshots_written.inc();
+                }
+                Err(error) => {
+                    tracing::warn!(account = %snapshot.state.id(), %error, "snapshot not written")
+                }
+            };
+        });
     }
 
     async fn execute(&mut self, request: CommandRequest) -> Result<Outcome> {
@@ -436,6 +477,13 @@ impl AccountActorState {
             }
             let appending = std::time::Instant::now();
             let messages = plan.entries.len();
+            let own_events = plan
+                .entries
+                .iter()
+                .filter(
+                    |entry| matches!(entry, Entry::Event { account, .. } if account == self.id()),
+                )
+                .count() as u64;
             let appended = self
                 .context
                 .committer
@@ -457,6 +505,8 @@ impl AccountActorState {
                             self.context.states.offer(&known);
                         }
                     }
+                    self.events_since_snapshot += own_events;
+                    self.snapshot_when_due();
                     return Ok(plan.outcome.at(appended.position_of(plan.answer_index)));
                 }
                 Err(eventlog::Error::Conflict { .. } | eventlog::Error::Duplicate(_)) => {
@@ -615,12 +665,12 @@ impl AccountActorState {
     /// The receiver's current state as this writer knows it: its last known state (of its live
     /// actor, or cached) and the events after it, or else its history. What is loaded is kept.
     async fn receiver(&self, account: &AccountId) -> Result<Known> {
-        let known = self
-            .context
-            .states
-            .get(account)
-            .unwrap_or_else(|| Known::new(account.clone()));
-        let known = load(&self.context.log, known).await?;
+        let known = match self.context.states.get(account) {
+            Some(known) => known,
+            None => start_from_snapshot(&self.context, account).await,
+        };
+        let (known, applied) = load_counting(&self.context.log, known).await?;
+        self.context.metrics.events_replayed.inc_by(applied);
         self.context.states.offer(&known);
         Ok(known)
     }
@@ -841,11 +891,17 @@ impl AccountActorState {
 }
 
 /// `known` brought up to the account's last event as a direct get (any replica) sees it.
-async fn load(log: &EventLog, mut known: Known) -> Result<Known> {
+async fn load(log: &EventLog, known: Known) -> Result<Known> {
+    load_counting(log, known).await.map(|(known, _)| known)
+}
+
+/// `known` brought up to the account's last event, with how many events that applied.
+async fn load_counting(log: &EventLog, mut known: Known) -> Result<(Known, u64)> {
     let events = log
         .load_account(known.state.id(), known.position)
         .await
         .map_err(Error::from)?;
+    let applied = events.len() as u64;
     for recorded in events {
         // The stored value is what the next event must build on, whatever it is.
         let chain = recorded
@@ -854,7 +910,31 @@ async fn load(log: &EventLog, mut known: Known) -> Result<Known> {
             .unwrap_or_else(|| recorded.expected_chain(&known.chain));
         known.apply(&recorded.event, recorded.position, chain);
     }
-    Ok(known)
+    Ok((known, applied))
+}
+
+/// Where loading `account` starts without a state in memory: its snapshot when it has a usable
+/// one (see [`eventlog::snapshot`]), otherwise before its first event. A snapshot that cannot
+/// be read only costs the full replay.
+async fn start_from_snapshot(context: &ActorContext, account: &AccountId) -> Known {
+    if context.snapshot_every == 0 {
+        return Known::new(account.clone());
+    }
+    match context.log.load_snapshot(account).await {
+        Ok(Some(snapshot)) => {
+            context.metrics.snapshots_loaded.inc();
+            Known {
+                state: snapshot.state,
+                position: snapshot.position,
+                chain: snapshot.chain,
+            }
+        }
+        Ok(None) => Known::new(account.clone()),
+        Err(error) => {
+            tracing::debug!(%account, %error, "snapshot not read; replaying the history");
+            Known::new(account.clone())
+        }
+    }
 }
 
 /// `known` brought up at least to the position the stream leader has for the account.

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub actors_passivated: Counter,
     pub actors_failed: Counter,
     pub commands_expired: Counter,
+    /// Events read back from the stream to rebuild account states (after any snapshot).
+    pub events_replayed: Counter,
+    pub snapshots_loaded: Counter,
+    pub snapshots_written: Counter,
     /// What the group committer has done, once it runs.
     pub group_commit:
         std::sync::OnceLock<std::sync::Arc<eventlog::group_commit::GroupCommitCounters>>,
@@ -55,6 +59,9 @@ impl Default for Metrics {
             actors_passivated: Counter::default(),
             actors_failed: Counter::default(),
             commands_expired: Counter::default(),
+            events_replayed: Counter::default(),
+            snapshots_loaded: Counter::default(),
+            snapshots_written: Counter::default(),
             group_commit: std::sync::OnceLock::new(),
         }
     }
@@ -107,6 +114,21 @@ impl Metrics {
                 "coffer_writer_commands_expired",
                 "Commands not started because they waited in their actor's mailbox past their deadline.",
                 &self.commands_expired,
+            ),
+            (
+                "coffer_writer_events_replayed",
+                "Events read back from the stream to rebuild account states (after any snapshot).",
+                &self.events_replayed,
+            ),
+            (
+                "coffer_writer_snapshots_loaded",
+                "Account states started from a snapshot that matched the log.",
+                &self.snapshots_loaded,
+            ),
+            (
+                "coffer_writer_snapshots_written",
+                "Account snapshots written.",
+                &self.snapshots_written,
             ),
         ];
         for (name, help, counter) in counters {

@@ -24,6 +24,9 @@ pub struct WriterConfig {
     pub registry: RegistrySettings,
     /// How appends are gathered into atomic batches.
     pub group_commit: eventlog::GroupCommitSettings,
+    /// Snapshot an account every this many of its events (`COFFER_SNAPSHOT_EVERY`, default
+    /// 1000; 0: never).
+    pub snapshot_every: u64,
     /// Failpoint for tests: every command waits this long in its actor before it is looked at.
     pub failpoint_actor_delay: Option<Duration>,
     /// The bearer token the command API requires (`COFFER_HTTP_TOKEN`); none: no auth.
@@ -147,6 +150,7 @@ async fn try_set_up(
     let context = Arc::new(ActorContext {
         log: log.clone(),
         committer,
+        snapshot_every: config.snapshot_every,
         metrics: metrics.clone(),
         states: AccountStates::default(),
         failpoint_delay: config.failpoint_actor_delay,

@@ -57,6 +57,7 @@ impl TestWriter {
             stream,
             registry,
             group_commit: Default::default(),
+            snapshot_every: 1_000,
             failpoint_actor_delay,
             http_token: None,
             http_limits: problem::HttpLimits::default(),
@@ -643,6 +644,7 @@ async fn a_crashed_actor_is_replaced_and_loses_no_acknowledged_state() {
     let metrics = Arc::new(Metrics::default());
     let context = Arc::new(ActorContext {
         committer: eventlog::GroupCommit::start(log.clone(), Default::default()),
+        snapshot_every: 1_000,
         log,
         metrics: metrics.clone(),
         states: AccountStates::default(),
@@ -1231,4 +1233,128 @@ async fn capture_void_and_expiry_racing_through_two_writers_settle_each_hold_onc
         "money still held: {:?}",
         withdraw_all.body
     );
+}
+
+/// A registry of its own (its own actors and cached states, as a restarted writer has) on the
+/// log at `nats_url`, snapshotting every `snapshot_every` events.
+async fn fresh_registry(nats_url: &str, snapshot_every: u64) -> (Registry, Arc<Metrics>) {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let log = EventLog::open(client, &StreamSettings::default())
+        .await
+        .unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let context = Arc::new(ActorContext {
+        committer: eventlog::GroupCommit::start(log.clone(), Default::default()),
+        snapshot_every,
+        log,
+        metrics: metrics.clone(),
+        states: AccountStates::default(),
+        failpoint_delay: None,
+    });
+    let registry = Registry::start(context, RegistrySettings::default())
+        .await
+        .unwrap();
+    (registry, metrics)
+}
+
+fn deposit_request(account: &AccountId, amount: u64) -> CommandRequest {
+    let command = writer::request::deposit(format!(r#"{{"amount":{amount}}}"#).as_bytes()).unwrap();
+    CommandRequest::new(
+        account.clone(),
+        Intent::Account(command),
+        None,
+        "test".into(),
+    )
+}
+
+#[tokio::test]
+async fn a_history_loads_from_its_snapshot_and_falls_back_to_a_full_replay_when_it_cannot() {
+    let nats = NatsServer::start();
+    let account = AccountId::parse(&unique("snap")).unwrap();
+    // 1 opening and 24 deposits: snapshots after the 10th and the 20th event.
+    let (first, metrics) = fresh_registry(&nats.url(), 10).await;
+    let open = writer::request::open(br#"{"currency":"EUR"}"#, Some(account.as_str()), None)
+        .unwrap()
+        .1;
+    first
+        .execute(CommandRequest::new(
+            account.clone(),
+            Intent::Account(open),
+            None,
+            "test".into(),
+        ))
+        .await
+        .unwrap();
+    for amount in 1..=24 {
+        first
+            .execute(deposit_request(&account, amount))
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metrics.snapshots_written.get() < 2 {
+        assert!(Instant::now() < deadline, "snapshots not written");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.stop();
+    let total: i64 = (1..=24).sum();
+
+    // A restarted writer starts from the snapshot of the 20th event: 5 events replayed.
+    let (second, metrics) = fresh_registry(&nats.url(), 10).await;
+    let answer = second
+        .execute(deposit_request(&account, 100))
+        .await
+        .unwrap();
+    assert_eq!(answer.body()["balance"].as_i64(), Some(total + 100));
+    assert_eq!(metrics.snapshots_loaded.get(), 1);
+    assert_eq!(metrics.events_replayed.get(), 5);
+    second.stop();
+
+    // A snapshot in a format this build does not know: the whole history is replayed.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    #[derive(serde::Serialize)]
+    struct Later {
+        version: u32,
+    }
+    let later = rmp_serde::to_vec_named(&Later { version: 2 }).unwrap();
+    jetstream
+        .publish(eventlog::subject::snapshot(&account), later.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (third, metrics) = fresh_registry(&nats.url(), 10).await;
+    let answer = third.execute(deposit_request(&account, 1)).await.unwrap();
+    assert_eq!(answer.body()["balance"].as_i64(), Some(total + 101));
+    assert_eq!(metrics.snapshots_loaded.get(), 0);
+    assert_eq!(metrics.events_replayed.get(), 26);
+    // It snapshots what it replayed (in the background): let that land before the next step.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metrics.snapshots_written.get() < 1 {
+        assert!(Instant::now() < deadline, "snapshot not written");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    third.stop();
+
+    // A snapshot whose chain does not match the log (of another history): replayed in full.
+    let log = EventLog::open(
+        async_nats::connect(nats.url()).await.unwrap(),
+        &StreamSettings::default(),
+    )
+    .await
+    .unwrap();
+    let wrong = eventlog::AccountSnapshot {
+        state: domain::AccountState::new(account.clone()),
+        position: answer.position(),
+        chain: "0".repeat(64),
+    };
+    log.save_snapshot(&wrong).await.unwrap();
+    assert_eq!(log.load_snapshot(&account).await.unwrap(), None);
+    let (fourth, metrics) = fresh_registry(&nats.url(), 10).await;
+    let answer = fourth.execute(deposit_request(&account, 1)).await.unwrap();
+    assert_eq!(answer.body()["balance"].as_i64(), Some(total + 102));
+    assert_eq!(metrics.snapshots_loaded.get(), 0);
+    assert_eq!(metrics.events_replayed.get(), 27);
+    fourth.stop();
 }
