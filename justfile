@@ -72,10 +72,23 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Throughput and latency benchmarks against real processes (results: docs/benchmarks.md).
+# Throughput and latency benchmarks against real processes, then the first command on a 100 000-
+# event account with and without its snapshot (results: docs/benchmarks.md).
 bench: tools
     cargo build --release -p coffer
     COFFER_BIN=target/release/coffer cargo run --release -p bench -- --report docs/benchmarks-latest.md
+    COFFER_BIN=target/release/coffer cargo run --release -p bench -- --suite snapshot --report docs/benchmarks-snapshot-latest.md
+
+# Deposits over NATS with the official Python client next to raw JetStream publish-and-ack from
+# the same client (sync_interval: always; CLIENTS defaults to 64).
+bench-nats clients="64": tools
+    cargo build --release -p coffer
+    ./scripts/bench-nats.sh target/release/coffer {{clients}}
+
+# Writer memory with a million accounts touched once (about ten minutes on two cores).
+bench-memory: tools
+    cargo build --release -p coffer
+    COFFER_BIN=target/release/coffer cargo run --release -p bench -- --suite memory --report docs/benchmarks-memory-latest.md
 
 # Long soak of the bank workload (not part of `just test`).
 soak: tools build

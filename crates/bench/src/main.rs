@@ -24,6 +24,23 @@ struct Options {
     /// Multiply the operation counts (1 = a few minutes on 2 cores).
     #[arg(long, default_value_t = 1)]
     scale: usize,
+    /// Which benchmarks: the throughput and latency suite, the first command on a long
+    /// history with and without a snapshot, or writer memory over many accounts.
+    #[arg(long, value_enum, default_value_t = Suite::Throughput)]
+    suite: Suite,
+    /// Events in the long history (`--suite snapshot`).
+    #[arg(long, default_value_t = 100_000)]
+    history_events: usize,
+    /// Accounts touched once (`--suite memory`).
+    #[arg(long, default_value_t = 1_000_000)]
+    memory_accounts: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Suite {
+    Throughput,
+    Snapshot,
+    Memory,
 }
 
 struct Results {
@@ -422,12 +439,160 @@ async fn wait_applied(reader: &str, position: u64, timeout: Duration) -> Duratio
     started.elapsed()
 }
 
+/// How long one deposit takes, from sending it to its answer.
+async fn timed_deposit(http: &reqwest::Client, writer: &str, account: &str) -> Duration {
+    let started = Instant::now();
+    post(
+        http,
+        format!("{writer}/v1/accounts/{account}/deposits"),
+        json!({"amount": 1}),
+    )
+    .await;
+    started.elapsed()
+}
+
+/// A counter's value in the writer's `/metrics`.
+async fn writer_metric(http: &reqwest::Client, writer: &str, name: &str) -> u64 {
+    let text = http
+        .get(format!("{writer}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The first command on an account with a long history: replayed in full by a writer that has
+/// no snapshot, then, after a restart, from the snapshot that writer left.
+async fn snapshot_suite(nats: &NatsServer, results: &mut Results, events: usize) {
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let log = EventLog::open(client, &StreamSettings::default())
+        .await
+        .unwrap();
+    let bar = progress(events as u64, "appending the long history");
+    let account = fixtures::append_long_history(&log, events, |count| bar.inc(count as u64)).await;
+    bar.finish_and_clear();
+    let environment = [("COFFER_NATS_URL", nats.url()), ("RUST_LOG", "warn".into())];
+    let http = reqwest::Client::new();
+    let first = CofferProcess::start("bench-writer-1", "writer", &environment);
+    let replayed = timed_deposit(&http, &first.url(), account.as_str()).await;
+    let warm = timed_deposit(&http, &first.url(), account.as_str()).await;
+    let written = "coffer_writer_snapshots_written_total";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while writer_metric(&http, &first.url(), written).await == 0 {
+        assert!(Instant::now() < deadline, "no snapshot written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(first);
+    let second = CofferProcess::start("bench-writer-2", "writer", &environment);
+    let from_snapshot = timed_deposit(&http, &second.url(), account.as_str()).await;
+    let replayed_after = writer_metric(&http, &second.url(), "coffer_writer_events_replayed_total").await;
+    results.add(
+        &format!("first command on an account with {events} events, no snapshot (full replay)"),
+        format!("{:.1} ms", replayed.as_secs_f64() * 1e3),
+    );
+    results.add(
+        &format!("first command on an account with {events} events, from its snapshot (restarted writer)"),
+        format!(
+            "{:.1} ms ({replayed_after} events replayed after the snapshot)",
+            from_snapshot.as_secs_f64() * 1e3
+        ),
+    );
+    results.add(
+        "next command on that account (actor in memory)",
+        format!("{:.1} ms", warm.as_secs_f64() * 1e3),
+    );
+}
+
+/// Writer memory while `accounts` accounts are each touched once: the live-actor cap and the
+/// bounded state cache must hold it flat.
+async fn memory_suite(nats: &NatsServer, results: &mut Results, accounts: usize) {
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let log = EventLog::open(client, &StreamSettings::default())
+        .await
+        .unwrap();
+    let prefix = format!("mem-{}", uuid::Uuid::now_v7().simple());
+    let bar = progress(accounts as u64, "opening accounts (fixture batches)");
+    fixtures::open_many(&log, &prefix, accounts, |count| bar.inc(count as u64)).await;
+    bar.finish_and_clear();
+    let writer = CofferProcess::start(
+        "bench-writer-memory",
+        "writer",
+        &[("COFFER_NATS_URL", nats.url()), ("RUST_LOG", "warn".into())],
+    );
+    let pid = writer.pid().unwrap();
+    let started_kib = rss_kib(pid);
+    let http = reqwest::Client::new();
+    let bar = progress(accounts as u64, "one deposit per account");
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(started_kib));
+    let begun = Instant::now();
+    futures::stream::iter(0..accounts)
+        .for_each_concurrent(64, |number| {
+            let (http, url, bar, peak) = (http.clone(), writer.url(), bar.clone(), peak.clone());
+            let account = format!("{prefix}-{number}");
+            async move {
+                post(
+                    &http,
+                    format!("{url}/v1/accounts/{account}/deposits"),
+                    json!({"amount": 1}),
+                )
+                .await;
+                bar.inc(1);
+                if number % 10_000 == 0 {
+                    peak.fetch_max(rss_kib(pid), std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        })
+        .await;
+    bar.finish_and_clear();
+    let elapsed = begun.elapsed();
+    let end_kib = rss_kib(pid);
+    let peak_kib = peak.load(std::sync::atomic::Ordering::Relaxed).max(end_kib);
+    results.add(
+        &format!("writer RSS, {accounts} accounts touched once (one deposit each)"),
+        format!(
+            "start {:.0} MiB, peak {:.0} MiB, end {:.0} MiB ({:.0} deposits/s, 64 HTTP clients)",
+            started_kib as f64 / 1024.0,
+            peak_kib as f64 / 1024.0,
+            end_kib as f64 / 1024.0,
+            accounts as f64 / elapsed.as_secs_f64()
+        ),
+    );
+}
+
+fn write_report(results: &Results, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        let mut markdown = String::from("| benchmark | result |\n|---|---|\n");
+        for (name, value) in &results.rows {
+            markdown.push_str(&format!("| {name} | {value} |\n"));
+        }
+        std::fs::write(&path, markdown).with_context(|| format!("write {}", path.display()))?;
+        println!("report written to {}", path.display());
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let options = Options::parse();
     let scale = options.scale.max(1);
     let mut results = Results { rows: Vec::new() };
     let nats = NatsServer::start();
+    match options.suite {
+        Suite::Throughput => {}
+        Suite::Snapshot => {
+            snapshot_suite(&nats, &mut results, options.history_events).await;
+            return write_report(&results, options.report);
+        }
+        Suite::Memory => {
+            memory_suite(&nats, &mut results, options.memory_accounts).await;
+            return write_report(&results, options.report);
+        }
+    }
     let writer = CofferProcess::start(
         "bench-writer",
         "writer",
@@ -571,13 +736,5 @@ async fn main() -> anyhow::Result<()> {
         format!("{} KiB", rss_kib(reader.pid().unwrap_or(0))),
     );
 
-    if let Some(path) = options.report {
-        let mut markdown = String::from("| benchmark | result |\n|---|---|\n");
-        for (name, value) in &results.rows {
-            markdown.push_str(&format!("| {name} | {value} |\n"));
-        }
-        std::fs::write(&path, markdown).with_context(|| format!("write {}", path.display()))?;
-        println!("report written to {}", path.display());
-    }
-    Ok(())
+    write_report(&results, options.report)
 }

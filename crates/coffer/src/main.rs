@@ -237,7 +237,7 @@ struct WriterArgs {
     )]
     http_address: SocketAddr,
     /// Most account actors kept in memory.
-    #[arg(long, env = "COFFER_ACTORS_MAX", default_value_t = 20_000)]
+    #[arg(long, env = "COFFER_ACTORS_MAX", default_value_t = 10_000)]
     actors_max: usize,
     /// Seconds an idle account actor is kept.
     #[arg(long, env = "COFFER_ACTOR_IDLE_SECONDS", default_value_t = 300)]
