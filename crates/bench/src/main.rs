@@ -490,7 +490,8 @@ async fn snapshot_suite(nats: &NatsServer, results: &mut Results, events: usize)
     drop(first);
     let second = CofferProcess::start("bench-writer-2", "writer", &environment);
     let from_snapshot = timed_deposit(&http, &second.url(), account.as_str()).await;
-    let replayed_after = writer_metric(&http, &second.url(), "coffer_writer_events_replayed_total").await;
+    let replayed_after =
+        writer_metric(&http, &second.url(), "coffer_writer_events_replayed_total").await;
     results.add(
         &format!("first command on an account with {events} events, no snapshot (full replay)"),
         format!("{:.1} ms", replayed.as_secs_f64() * 1e3),

@@ -562,6 +562,13 @@ impl EventLog {
         account: &AccountId,
         after_position: u64,
     ) -> Result<Vec<RecordedEvent>> {
+        // The account's last position comes from the server's per-subject index (about a
+        // millisecond); the scan below walks the stream from `after_position`, which on a stream
+        // of a million messages costs the server 8-14 ms even when it finds nothing (measured,
+        // docs/benchmarks.md). A new account, or one already current, needs no scan.
+        if self.last_account_position(account).await? <= after_position {
+            return Ok(Vec::new());
+        }
         let filter = subject::account_filter(account);
         let mut events = Vec::new();
         let mut next = after_position.saturating_add(1);
