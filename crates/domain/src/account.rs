@@ -546,6 +546,10 @@ fn debit(account: &Account, amount: Amount) -> Result<i64, DomainError> {
     }
 }
 
+/// The version of what [`evolve`] makes of the events. Bump it with any change to `evolve` or to
+/// the state it builds: a state folded by another version (a snapshot) is then not reused.
+pub const STATE_VERSION: u32 = 1;
+
 /// Applies one event. Never refuses: events are facts. Balances use saturating arithmetic only as
 /// a last line of defence; `decide` has already refused anything that would overflow.
 pub fn evolve(state: &mut AccountState, event: &Event) {

@@ -134,6 +134,8 @@ impl GroupCommit {
 
 /// Most batches in flight whatever the settings say: the server's limit is 50 per stream.
 const BATCHES_IN_FLIGHT_LIMIT: usize = 32;
+/// Members of a refused batch sent again at once.
+const SPLIT_CONCURRENCY_MAX: usize = 16;
 
 async fn run(
     log: EventLog,
@@ -237,7 +239,9 @@ async fn send(log: &EventLog, batch: Vec<Member>, counters: &GroupCommitCounters
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
     if batch.len() == 1 {
         for member in batch {
-            let result = log.append_atomic(&member.entries).await;
+            let result = log
+                .append_atomic_before(&member.entries, member.deadline)
+                .await;
             let _ = member.reply.send(result);
         }
         return;
@@ -246,7 +250,9 @@ async fn send(log: &EventLog, batch: Vec<Member>, counters: &GroupCommitCounters
         .iter()
         .flat_map(|member| member.entries.iter().cloned())
         .collect();
-    match log.append_atomic(&entries).await {
+    // Committed only while every member's deadline is ahead.
+    let deadline = batch.iter().filter_map(|member| member.deadline).min();
+    match log.append_atomic_before(&entries, deadline).await {
         Ok(appended) => {
             let mut first = appended.first_position;
             for member in batch {
@@ -276,21 +282,25 @@ async fn send(log: &EventLog, batch: Vec<Member>, counters: &GroupCommitCounters
         // stored. Each member alone finds out whether it was the one.
         Err(_) => {
             counters.split.fetch_add(1, Ordering::Relaxed);
-            let alone = batch.into_iter().map(|member| async move {
-                let result = if member
-                    .deadline
-                    .is_some_and(|deadline| Instant::now() >= deadline)
-                {
-                    counters.expired.fetch_add(1, Ordering::Relaxed);
-                    Err(Error::Unavailable(
-                        "the append reached its deadline before it could be sent again".into(),
-                    ))
-                } else {
-                    log.append_atomic(&member.entries).await
-                };
-                let _ = member.reply.send(result);
-            });
-            futures::future::join_all(alone).await;
+            // A bounded number at a time: each may be an atomic batch, and the server takes 50
+            // in flight per stream, shared with the other writers.
+            futures::stream::iter(batch)
+                .for_each_concurrent(SPLIT_CONCURRENCY_MAX, |member| async move {
+                    let result = if member
+                        .deadline
+                        .is_some_and(|deadline| Instant::now() >= deadline)
+                    {
+                        counters.expired.fetch_add(1, Ordering::Relaxed);
+                        Err(Error::Unavailable(
+                            "the append reached its deadline before it could be sent again".into(),
+                        ))
+                    } else {
+                        log.append_atomic_before(&member.entries, member.deadline)
+                            .await
+                    };
+                    let _ = member.reply.send(result);
+                })
+                .await;
         }
     }
 }

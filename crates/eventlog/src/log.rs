@@ -366,6 +366,18 @@ impl EventLog {
     /// Errors: `Conflict` when any condition failed (nothing stored), `Unavailable` when nothing
     /// was stored for another reason, `OutcomeUnknown` when the commit was sent and not answered.
     pub async fn append_atomic(&self, entries: &[Entry]) -> Result<Appended> {
+        self.append_atomic_before(entries, None).await
+    }
+
+    /// [`EventLog::append_atomic`], sending nothing that commits after `deadline`: staging
+    /// messages can wait in the client's buffer (a reconnect), so the deadline and the
+    /// connection are checked again right before the message that commits. Giving up there
+    /// stores nothing (the server drops a batch that never commits) and is `Unavailable`.
+    pub async fn append_atomic_before(
+        &self,
+        entries: &[Entry],
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Appended> {
         if entries.is_empty() || entries.len() > BATCH_SIZE_MAX {
             return Err(Error::Encode(format!(
                 "an append holds 1 to {BATCH_SIZE_MAX} messages, not {}",
@@ -401,6 +413,16 @@ impl EventLog {
         let Some((subject, headers, payload)) = commit else {
             return Err(Error::Encode("an append needs a message".into()));
         };
+        if deadline.is_some_and(|deadline| tokio::time::Instant::now() >= deadline) {
+            return Err(Error::Unavailable(
+                "the append reached its deadline before it could be committed".into(),
+            ));
+        }
+        if !self.is_connected() {
+            return Err(Error::Unavailable(
+                "NATS connection lost before the commit".into(),
+            ));
+        }
         self.publish_acknowledged(subject, headers, payload, count)
             .await
     }

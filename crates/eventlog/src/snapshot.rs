@@ -37,6 +37,10 @@ struct Version {
 #[derive(Serialize, Deserialize)]
 struct SnapshotV1 {
     version: u32,
+    /// `domain::account::STATE_VERSION` of the build that folded the state: the chain check
+    /// proves which events a snapshot covers, not that this build would fold them the same way.
+    #[serde(default)]
+    state_version: u32,
     account_id: String,
     position: u64,
     chain: String,
@@ -95,6 +99,7 @@ impl AccountSnapshot {
         });
         let snapshot = SnapshotV1 {
             version: SNAPSHOT_VERSION,
+            state_version: domain::account::STATE_VERSION,
             account_id: self.state.id().as_str().to_owned(),
             position: self.position,
             chain: self.chain.clone(),
@@ -112,6 +117,9 @@ impl AccountSnapshot {
         }
         let snapshot: SnapshotV1 =
             rmp_serde::from_slice(bytes).map_err(|error| invalid("payload", error))?;
+        if snapshot.state_version != domain::account::STATE_VERSION {
+            return Ok(None);
+        }
         let id = AccountId::parse(&snapshot.account_id).map_err(|error| invalid("id", error))?;
         let state = match snapshot.account {
             None => AccountState::new(id),
@@ -209,5 +217,19 @@ mod tests {
         .unwrap();
         assert_eq!(AccountSnapshot::decode(&later).unwrap(), None);
         assert!(AccountSnapshot::decode(b"\xff\x00garbage").is_err());
+        // Same format, folded by another `evolve`: not reused.
+        let mut other_fold: SnapshotV1 = rmp_serde::from_slice(
+            &AccountSnapshot {
+                state: opened(),
+                position: 7,
+                chain: "c".into(),
+            }
+            .encode()
+            .unwrap(),
+        )
+        .unwrap();
+        other_fold.state_version = domain::account::STATE_VERSION + 1;
+        let bytes = rmp_serde::to_vec_named(&other_fold).unwrap();
+        assert_eq!(AccountSnapshot::decode(&bytes).unwrap(), None);
     }
 }

@@ -602,3 +602,21 @@ mod group_commit {
         assert_eq!(committer.counters().batches.load(Relaxed), 4);
     }
 }
+
+#[tokio::test]
+async fn a_batch_whose_deadline_passes_while_staging_is_never_committed() {
+    let server = NatsServer::start();
+    let log = log_on(&server).await;
+    let (a, b) = (account("late-a"), account("late-b"));
+    let past = tokio::time::Instant::now() - Duration::from_millis(1);
+    let batch = vec![event_entry(&a, 0, opened()), event_entry(&b, 0, opened())];
+    let refused = log.append_atomic_before(&batch, Some(past)).await;
+    assert!(matches!(refused, Err(Error::Unavailable(_))), "{refused:?}");
+    // The staged messages were abandoned: nothing of the batch is stored, and the accounts can
+    // still be opened.
+    assert!(log.load_account(&a, 0).await.unwrap().is_empty());
+    assert!(log.load_account(&b, 0).await.unwrap().is_empty());
+    let batch = vec![event_entry(&a, 0, opened()), event_entry(&b, 0, opened())];
+    log.append_atomic(&batch).await.unwrap();
+    assert_eq!(log.load_account(&a, 0).await.unwrap().len(), 1);
+}

@@ -130,7 +130,31 @@ pub fn parse(text: &str) -> (Vec<ImportRow>, Vec<(usize, String)>) {
             }
         }
     }
+    refuse_repeated_accounts(&mut rows, &mut refused);
     (rows, refused)
+}
+
+/// Keeps the first row of each account and refuses the others. Rows are written in atomic
+/// batches whose conditions JetStream checks against the stream *before* the batch: two rows of
+/// one account in one batch would both pass "no event yet", and both opening balances would be
+/// booked (money created, the account's chain forked).
+fn refuse_repeated_accounts(rows: &mut Vec<ImportRow>, refused: &mut Vec<(usize, String)>) {
+    let mut first_line: std::collections::HashMap<AccountId, usize> =
+        std::collections::HashMap::new();
+    rows.retain(|row| match first_line.get(&row.account_id) {
+        Some(first) => {
+            refused.push((
+                row.line,
+                format!("account {} is already on line {first}", row.account_id),
+            ));
+            false
+        }
+        None => {
+            first_line.insert(row.account_id.clone(), row.line);
+            true
+        }
+    });
+    refused.sort_by_key(|(line, _)| *line);
 }
 
 /// Rows written in one atomic batch (two messages each, under the server's 1 000): a batch's
@@ -285,5 +309,17 @@ mod tests {
         assert_eq!(json_rows[0].open, rows[0].open);
         assert_eq!(json_refused.len(), 1);
         assert!(json_refused[0].1.contains("colour"), "{json_refused:?}");
+    }
+
+    #[test]
+    fn an_account_listed_twice_is_imported_once() {
+        let text = "account_id,currency,balance\na-1,EUR,250\nb-1,EUR,10\na-1,EUR,300\n";
+        let (rows, refused) = parse(text);
+        let ids: Vec<&str> = rows.iter().map(|row| row.account_id.as_str()).collect();
+        assert_eq!(ids, ["a-1", "b-1"]);
+        assert_eq!(rows[0].balance, 250);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].0, 4);
+        assert!(refused[0].1.contains("line 2"), "{:?}", refused);
     }
 }
