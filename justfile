@@ -73,11 +73,13 @@ lint:
     cargo clippy --workspace --all-targets -- -D warnings
 
 # Throughput and latency benchmarks against real processes, then the first command on a 100 000-
-# event account with and without its snapshot (results: docs/benchmarks.md).
+# event account with and without its snapshot, then reader catch-up against a raw consume
+# (results: docs/benchmarks.md).
 bench: tools
     cargo build --release -p coffer
     COFFER_BIN=target/release/coffer cargo run --release -p bench -- --report docs/benchmarks-latest.md
     COFFER_BIN=target/release/coffer cargo run --release -p bench -- --suite snapshot --report docs/benchmarks-snapshot-latest.md
+    COFFER_BIN=target/release/coffer cargo run --release -p bench -- --suite catch-up --report docs/benchmarks-catch-up-latest.md
 
 # Deposits over NATS with the official Python client next to raw JetStream publish-and-ack from
 # the same client (sync_interval: always; CLIENTS defaults to 64).

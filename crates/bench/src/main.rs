@@ -41,6 +41,7 @@ enum Suite {
     Throughput,
     Snapshot,
     Memory,
+    CatchUp,
 }
 
 struct Results {
@@ -426,6 +427,103 @@ async fn history_load(log: &EventLog, account: &AccountId, repeats: usize) -> (S
     (describe(direct), describe(ordered))
 }
 
+/// How long a durable explicit-ack pull consumer takes to receive and acknowledge the events of
+/// `coffer.events.>` from the start up to position `last`, acking the last of each batch (AckAll), as the reader's
+/// engine does, without decoding or storing anything: the ceiling a reader's catch-up is held to.
+async fn raw_consume(log: &EventLog, last: u64) -> Duration {
+    use async_nats::jetstream::consumer::{pull, AckPolicy};
+    let stream = log
+        .context()
+        .get_stream_no_info(log.stream_name())
+        .await
+        .unwrap();
+    let name = format!("bench-raw-{}", uuid::Uuid::now_v7().simple());
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: eventlog::subject::ALL_EVENTS.into(),
+            ack_policy: AckPolicy::All,
+            max_ack_pending: 20_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(1_000)
+        .messages()
+        .await
+        .unwrap()
+        .ready_chunks(1_000);
+    // Until the message at position `last` (markers in between are not events: not delivered).
+    let mut reached = 0u64;
+    while reached < last {
+        let chunk = messages.next().await.unwrap();
+        if let Some(Ok(newest)) = chunk.last() {
+            reached = newest.info().map_or(reached, |info| info.stream_sequence);
+            newest.ack().await.unwrap();
+        }
+    }
+    let elapsed = started.elapsed();
+    stream.delete_consumer(&name).await.unwrap();
+    elapsed
+}
+
+/// A new reader applies the whole stream from scratch (after `100 x events_per_account` more
+/// events), next to a raw explicit-ack consume of the same stream in the same run.
+async fn catch_up_suite(
+    nats: &NatsServer,
+    log: &Arc<EventLog>,
+    results: &mut Results,
+    events_per_account: usize,
+) -> anyhow::Result<()> {
+    append_bulk(log, 100, events_per_account).await;
+    let last = log.last_position().await?;
+    let fresh_data = tempfile::tempdir()?;
+    let started = Instant::now();
+    let fresh = CofferProcess::start(
+        "bench-catch-up",
+        "reader",
+        &[
+            ("COFFER_NATS_URL", nats.url()),
+            ("COFFER_DATA_DIR", fresh_data.path().display().to_string()),
+            ("COFFER_READER_NAME", "catch-up".into()),
+            ("COFFER_MIN_POSITION_WAIT_MS", "600000".into()),
+            ("RUST_LOG", "warn".into()),
+        ],
+    );
+    wait_applied(&fresh.url(), last, Duration::from_secs(600)).await;
+    let elapsed = started.elapsed();
+    results.add(
+        "reader catch-up from empty (incl. start)",
+        format!(
+            "{last} events in {:.2} s = {:.0} events/s",
+            elapsed.as_secs_f64(),
+            last as f64 / elapsed.as_secs_f64()
+        ),
+    );
+    let raw = raw_consume(log, last).await;
+    results.add(
+        "raw JetStream: explicit-ack pull consume of the same stream (batches of 1000, ack all)",
+        format!(
+            "{last} events in {:.2} s = {:.0} events/s; catch-up / raw = {:.2}",
+            raw.as_secs_f64(),
+            last as f64 / raw.as_secs_f64(),
+            raw.as_secs_f64() / elapsed.as_secs_f64()
+        ),
+    );
+    let size = std::fs::metadata(fresh_data.path().join("views.redb"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    results.add(
+        "reader views.redb size after catch-up",
+        format!("{:.1} MiB for {last} events", size as f64 / 1_048_576.0),
+    );
+
+    Ok(())
+}
+
 async fn wait_applied(reader: &str, position: u64, timeout: Duration) -> Duration {
     let http = reqwest::Client::new();
     let started = Instant::now();
@@ -593,6 +691,12 @@ async fn main() -> anyhow::Result<()> {
             memory_suite(&nats, &mut results, options.memory_accounts).await;
             return write_report(&results, options.report);
         }
+        Suite::CatchUp => {
+            let client = async_nats::connect(nats.url()).await?;
+            let log = Arc::new(EventLog::open(client, &StreamSettings::default()).await?);
+            catch_up_suite(&nats, &log, &mut results, 1_000 * scale).await?;
+            return write_report(&results, options.report);
+        }
     }
     let writer = CofferProcess::start(
         "bench-writer",
@@ -659,39 +763,7 @@ async fn main() -> anyhow::Result<()> {
         batch,
     );
 
-    // Catch-up: a new reader applies the whole stream from scratch.
-    append_bulk(&log, 100, 200 * scale).await;
-    let last = log.last_position().await?;
-    let fresh_data = tempfile::tempdir()?;
-    let started = Instant::now();
-    let fresh = CofferProcess::start(
-        "bench-catch-up",
-        "reader",
-        &[
-            ("COFFER_NATS_URL", nats.url()),
-            ("COFFER_DATA_DIR", fresh_data.path().display().to_string()),
-            ("COFFER_READER_NAME", "catch-up".into()),
-            ("COFFER_MIN_POSITION_WAIT_MS", "600000".into()),
-            ("RUST_LOG", "warn".into()),
-        ],
-    );
-    wait_applied(&fresh.url(), last, Duration::from_secs(600)).await;
-    let elapsed = started.elapsed();
-    results.add(
-        "reader catch-up from empty (incl. start)",
-        format!(
-            "{last} events in {:.2} s = {:.0} events/s",
-            elapsed.as_secs_f64(),
-            last as f64 / elapsed.as_secs_f64()
-        ),
-    );
-    let size = std::fs::metadata(fresh_data.path().join("views.redb"))
-        .map(|m| m.len())
-        .unwrap_or(0);
-    results.add(
-        "reader views.redb size after catch-up",
-        format!("{:.1} MiB for {last} events", size as f64 / 1_048_576.0),
-    );
+    catch_up_suite(&nats, &log, &mut results, 200 * scale).await?;
 
     // Memory per live account actor: touch many accounts through the writer.
     let writer_pid = writer.pid().context("writer pid")?;
