@@ -290,13 +290,7 @@ async fn every_documented_query_route_is_served() {
         .await
         .unwrap()
         .body;
-    let mut operations = Vec::new();
-    for (path, methods) in document["paths"].as_object().unwrap() {
-        for method in methods.as_object().unwrap().keys() {
-            operations.push(format!("{method} {path}"));
-        }
-    }
-    operations.sort();
+    let operations = testkit::documented_operations(&document);
     assert_eq!(
         operations,
         [

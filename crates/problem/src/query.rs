@@ -1,9 +1,35 @@
 //! Query parameters both services take, validated while they are deserialized.
 
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::Uri;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::openapi::RefOr;
 use utoipa::{PartialSchema, ToSchema};
+
+use crate::Problem;
+
+/// Query parameters deserialized as `T`; a refusal is `400 invalid_request` (problem+json) that
+/// names the parameter, like every other bad input (axum's own `Query` answers plain text).
+pub struct ValidQuery<T>(pub T);
+
+impl<T: DeserializeOwned> ValidQuery<T> {
+    pub fn from_uri(uri: &Uri) -> Result<Self, Problem> {
+        axum::extract::Query::<T>::try_from_uri(uri)
+            .map(|query| Self(query.0))
+            .map_err(|rejection| Problem::invalid_request(rejection.body_text()))
+    }
+}
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ValidQuery<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Problem> {
+        Self::from_uri(&parts.uri)
+    }
+}
 
 /// How many items a page may hold: `limit`, 1 to [`PageLimit::MAX`], default
 /// [`PageLimit::DEFAULT`].

@@ -4,14 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use problem::query::{PageLimit, Position};
+use problem::query::{PageLimit, Position, ValidQuery};
 use problem::Problem;
 use redb::{Database, ReadableDatabase};
 use serde::Deserialize;
@@ -187,8 +186,7 @@ fn with_position(mut response: Response, position: u64) -> Response {
 }
 
 fn min_position(uri: &axum::http::Uri, headers: &HeaderMap) -> Result<Option<u64>, Problem> {
-    let from_query = Query::<MinPosition>::try_from_uri(uri)
-        .map_err(|rejection| Problem::invalid_request(rejection.body_text()))?
+    let from_query = ValidQuery::<MinPosition>::from_uri(uri)?
         .0
         .min_position
         .map(Position::get);
@@ -307,12 +305,8 @@ pub struct BalanceQuery {
 async fn balance_as_of(
     State(state): State<QueryState>,
     Path(id): Path<String>,
-    query: Result<Query<BalanceQuery>, QueryRejection>,
+    ValidQuery(query): ValidQuery<BalanceQuery>,
 ) -> Response {
-    let query = match query {
-        Ok(Query(query)) => query,
-        Err(rejection) => return Problem::invalid_request(rejection.body_text()).into_response(),
-    };
     match balance_line(&state, &id, &query).await {
         Ok(entry) => Json(BalanceAsOf::new(&id, &entry)).into_response(),
         Err(problem) => problem.into_response(),
@@ -398,12 +392,8 @@ pub struct PageQuery {
 async fn transactions(
     State(state): State<QueryState>,
     Path(id): Path<String>,
-    page: Result<Query<PageQuery>, QueryRejection>,
+    ValidQuery(page): ValidQuery<PageQuery>,
 ) -> Response {
-    let page = match page {
-        Ok(Query(page)) => page,
-        Err(rejection) => return Problem::invalid_request(rejection.body_text()).into_response(),
-    };
     match view_database(&state).and_then(|database| statement_page(&database, &id, &page)) {
         Ok(body) => Json(body).into_response(),
         Err(problem) => problem.into_response(),

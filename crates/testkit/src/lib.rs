@@ -433,3 +433,21 @@ impl Drop for CofferProcess {
         }
     }
 }
+
+/// Every operation of an OpenAPI document as `"{method} {path}"`, sorted.
+pub fn documented_operations(document: &serde_json::Value) -> Vec<String> {
+    let mut operations: Vec<String> = document["paths"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .flat_map(|(path, methods)| {
+            methods
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(move |(method, _)| format!("{method} {path}"))
+        })
+        .collect();
+    operations.sort();
+    operations
+}

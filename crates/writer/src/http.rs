@@ -4,14 +4,15 @@
 use std::sync::{Arc, OnceLock};
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use domain::{AccountId, TransferId};
 use eventlog::{codec, EventLog, RecordedEvent};
+use problem::query::ValidQuery;
 use problem::Problem;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -489,12 +490,8 @@ pub struct EventView {
     responses((status = 200, description = "A page of events", body = EventPage), ReadProblems))]
 async fn events(
     State(state): State<AppState>,
-    query: Result<Query<EventsQuery>, QueryRejection>,
+    ValidQuery(query): ValidQuery<EventsQuery>,
 ) -> Response {
-    let query = match query {
-        Ok(Query(query)) => query,
-        Err(rejection) => return Problem::invalid_request(rejection.body_text()).into_response(),
-    };
     match read_events(&state, &query).await {
         Ok(page) => Json(page).into_response(),
         Err(error) => problem_response(&error),

@@ -637,22 +637,7 @@ async fn nats_down_gives_503_quickly_and_recovers_without_a_restart() {
 #[tokio::test]
 async fn a_crashed_actor_is_replaced_and_loses_no_acknowledged_state() {
     let nats = NatsServer::start();
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let log = EventLog::open(client, &StreamSettings::default())
-        .await
-        .unwrap();
-    let metrics = Arc::new(Metrics::default());
-    let context = Arc::new(ActorContext {
-        committer: eventlog::GroupCommit::start(log.clone(), Default::default()),
-        snapshot_every: 1_000,
-        log,
-        metrics: metrics.clone(),
-        states: AccountStates::default(),
-        failpoint_delay: None,
-    });
-    let registry = Registry::start(context, RegistrySettings::default())
-        .await
-        .unwrap();
+    let (registry, metrics) = fresh_registry(&nats.url(), 1_000).await;
     let account = AccountId::parse(&unique("crash")).unwrap();
     let request = |body: &[u8], open: bool| {
         let command = if open {
@@ -765,13 +750,7 @@ async fn every_documented_route_is_served_and_the_document_is_served_too() {
         .json()
         .await
         .unwrap();
-    let mut operations = Vec::new();
-    for (path, methods) in document["paths"].as_object().unwrap() {
-        for method in methods.as_object().unwrap().keys() {
-            operations.push(format!("{method} {path}"));
-        }
-    }
-    operations.sort();
+    let operations = testkit::documented_operations(&document);
     // The contract's command routes, all documented, nothing else.
     assert_eq!(
         operations,
