@@ -88,11 +88,14 @@ async fn assert_no_stream_management(role: &str, context: &jetstream::Context) {
 async fn each_role_does_its_work_and_nothing_else() {
     let nats = server();
     let url = nats.url();
-    let writer = testkit::CofferProcess::start("w", "writer", &{
+    let writer_environment = {
         let mut environment = role_environment("writer", "writer-secret");
         environment.push(("COFFER_NATS_URL", url.clone()));
         environment
-    });
+    };
+    let writer = testkit::CofferProcess::start("w", "writer", &writer_environment);
+    // A second writer: partition leases and hand-overs work under the writer role too.
+    let second_writer = testkit::CofferProcess::start("w2", "writer", &writer_environment);
     let data = tempfile::tempdir().unwrap();
     let reader = support::reader(
         "reader-0",
@@ -120,6 +123,7 @@ async fn each_role_does_its_work_and_nothing_else() {
         String::from_utf8_lossy(&output.stderr)
     );
     support::wait_ready(&writer.url());
+    support::wait_ready(&second_writer.url());
     support::wait_ready(&reader.url());
 
     // The work: accounts, a transfer, a hold that expires (the shared consumer), reads.
@@ -172,6 +176,42 @@ async fn each_role_does_its_work_and_nothing_else() {
         .await
         .unwrap();
     assert_eq!(read.body["balance"], 30);
+    // The two writers share the partitions, and each hands the other's accounts over.
+    let w2 = second_writer.url();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let first = http.metric(&w, "coffer_writer_partitions_owned").await;
+        let second = http.metric(&w2, "coffer_writer_partitions_owned").await;
+        if let (Some(first), Some(second)) = (first, second) {
+            if first > 0.0 && second > 0.0 && first + second == 64.0 {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the writers never shared the partitions: {first:?} + {second:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for index in 0..16 {
+        let account = support::unique(&format!("perm-owned-{index}"));
+        assert_eq!(http.open_account(&w, &account).await.status, 201);
+        let deposit = http
+            .deposit(&w2, &account, &serde_json::json!({"amount": 5}), None)
+            .await
+            .unwrap();
+        assert_eq!(deposit.status, 200, "{:?}", deposit.body);
+    }
+    let handed = http
+        .metric(&w, "coffer_writer_commands_forwarded_total")
+        .await
+        .unwrap_or(0.0)
+        + http
+            .metric(&w2, "coffer_writer_commands_forwarded_total")
+            .await
+            .unwrap_or(0.0);
+    assert!(handed > 0.0, "no command was handed to its owner");
+
     // NATS clients reach the writers' micro service (here as the setup role).
     let setup_client = connect_as(&url, "setup", "setup-secret").await;
     let reply = setup_client
@@ -218,6 +258,9 @@ async fn each_role_does_its_work_and_nothing_else() {
         // A snapshot's state is trusted once its chain matches the log, and any reader can see
         // the chain: only writers may store snapshots.
         format!("coffer.snapshots.{a}"),
+        // Leases and hand-overs are the writers' alone.
+        "$KV.COFFER_OWNERS.partitions.0".to_owned(),
+        "coffer.owner.any".to_owned(),
     ] {
         reader_client
             .publish(subject, "forged".into())
@@ -298,6 +341,13 @@ async fn each_role_does_its_work_and_nothing_else() {
         "the reader stored a snapshot"
     );
     assert!(setup.get_stream("ROGUE_WRITER").await.is_err());
+    let owners = setup.get_key_value("COFFER_OWNERS").await.unwrap();
+    let lease = owners.get("partitions.0").await.unwrap();
+    assert_ne!(
+        lease.as_deref(),
+        Some(&b"forged"[..]),
+        "the reader wrote a partition lease"
+    );
     assert!(setup.get_stream("ROGUE_READER").await.is_err());
     // And the system still works for its own users.
     let after = http

@@ -262,6 +262,15 @@ struct WriterArgs {
     /// later; its caller then answers `outcome_unknown`.
     #[arg(long, env = "COFFER_COMMAND_DEADLINE_MS", default_value_t = 10_000)]
     command_deadline_ms: u64,
+    /// One owner per account across writers: accounts hash to 64 partitions leased to writers
+    /// in the COFFER_OWNERS bucket, and a command reaching another writer is handed to the
+    /// owner. Off (false): every writer decides for any account and the stream arbitrates.
+    #[arg(long, env = "COFFER_OWNERSHIP", default_value_t = true, action = clap::ArgAction::Set)]
+    ownership: bool,
+    /// This writer's name in the owners bucket (default: the host name); a random suffix per
+    /// process is added. 1-55 characters of A-Z a-z 0-9 _ -.
+    #[arg(long, env = "COFFER_WRITER_NAME")]
+    writer_name: Option<String>,
     /// Failpoint for tests: every command waits this long in its actor first.
     #[arg(long, env = "COFFER_FAILPOINT_ACTOR_DELAY_MS", hide = true)]
     failpoint_actor_delay_ms: Option<u64>,
@@ -595,6 +604,9 @@ async fn setup(args: SetupArgs) -> anyhow::Result<()> {
         .ensure(&context)
         .await
         .context("create or update the streams")?;
+    eventlog::leases::ensure_bucket(&context, settings.replicas)
+        .await
+        .context("the owners bucket")?;
     // `ensure` tolerates an update it may not make (services run it too); setup must not.
     let mut events = context
         .get_stream(&settings.name)
@@ -627,6 +639,7 @@ async fn setup(args: SetupArgs) -> anyhow::Result<()> {
             {"name": settings.schedules_name},
             {"name": settings.snapshots_name},
         ],
+        "buckets": [{"name": eventlog::leases::BUCKET}],
         "consumers": [{"stream": settings.schedules_name, "name": writer::expiry::CONSUMER_NAME}],
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -822,6 +835,8 @@ async fn main() -> anyhow::Result<()> {
                 failpoint_actor_delay: args.failpoint_actor_delay_ms.map(Duration::from_millis),
                 http_token: args.token.token()?,
                 http_limits: args.limits.limits(),
+                ownership: args.ownership,
+                writer_name: args.writer_name,
             };
             writer::run(config, shutdown_signal()).await?;
             Ok(())

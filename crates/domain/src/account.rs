@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use crate::values::{AccountId, Amount, Currency, OverdraftLimit, TransferId};
 
 /// What opening an account needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OpenAccount {
     pub currency: Currency,
     pub owner: Option<String>,
@@ -20,7 +20,7 @@ pub struct OpenAccount {
 }
 
 /// A request to change one account.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Command {
     Open(OpenAccount),
     Deposit {
@@ -35,7 +35,7 @@ pub enum Command {
 }
 
 /// A request to move money from one account (the one it is addressed to) to another.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Transfer {
     pub transfer_id: TransferId,
     pub to: AccountId,
@@ -44,7 +44,7 @@ pub struct Transfer {
 }
 
 /// A request to reserve money on the account it is addressed to (`from`) for `to`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PlaceHold {
     /// Hold ids share one namespace with transfer ids.
     pub hold_id: TransferId,
@@ -59,7 +59,7 @@ pub struct PlaceHold {
 pub const HOLD_SECONDS_MAX: i64 = 604_800;
 
 /// A request to move some or all of a held amount to the hold's receiver.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Capture {
     pub hold_id: TransferId,
     /// Default: all of it.
@@ -67,7 +67,7 @@ pub struct Capture {
 }
 
 /// How a hold ends without a capture.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Release {
     /// A client voided it.
     Void,
@@ -190,7 +190,7 @@ pub struct TransferEvents {
 }
 
 /// A business rule refused the command. Nothing was appended.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum DomainError {
     #[error("account {0} not found")]
     AccountNotFound(AccountId),

@@ -8,6 +8,7 @@
 //! - [`codec`]: the wire payloads (MessagePack, named fields), event versions and upcasting.
 //! - [`group_commit`]: appends of many actors gathered into one atomic batch.
 //! - [`snapshot`]: account snapshots, checked against the log before they are used.
+//! - [`leases`]: the owners bucket: partition leases and live writers (`COFFER_OWNERS`).
 //! - [`log`]: [`EventLog`]: atomic appends with optimistic concurrency, markers, loading an
 //!   account's history, reading ranges of the stream in order.
 //!
@@ -19,6 +20,7 @@ pub mod chain;
 pub mod codec;
 pub mod connection;
 pub mod group_commit;
+pub mod leases;
 pub mod log;
 pub mod snapshot;
 pub mod stream;
@@ -27,6 +29,7 @@ pub mod subject;
 pub use codec::{DecodeError, CURRENT_VERSIONS};
 pub use connection::NatsSettings;
 pub use group_commit::{GroupCommit, GroupCommitSettings};
+pub use leases::{LeaseEntry, Leases};
 pub use log::{Appended, Entry, EventLog, EventMetadata, RecordedEvent, StoredMarker};
 pub use snapshot::AccountSnapshot;
 pub use stream::StreamSettings;

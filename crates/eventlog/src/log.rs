@@ -170,7 +170,7 @@ pub struct EventLog {
     snapshots_name: String,
 }
 
-fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
+pub(crate) fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
     headers.get(name).map(|value| value.as_str().to_owned())
 }
 
@@ -709,62 +709,65 @@ impl EventLog {
         Ok(info.state.last_sequence)
     }
 
-    /// One batched direct get: the server answers with up to `batch` messages and then an
-    /// end-of-batch status (204) whose headers tell how many remain.
+    /// One batched direct get on the event stream.
     async fn direct_batch(&self, request: serde_json::Value) -> Result<DirectPage> {
         if !self.is_connected() {
             return Err(Error::Unavailable("not connected to NATS".into()));
         }
-        let inbox = self.client.new_inbox();
-        let mut subscription = self
-            .client
-            .subscribe(inbox.clone())
+        direct_batch(&self.client, &self.stream_name, request).await
+    }
+}
+
+/// One batched direct get on `stream`: the server answers with up to `batch` messages and then
+/// an end-of-batch status (204) whose headers tell how many remain.
+pub(crate) async fn direct_batch(
+    client: &async_nats::Client,
+    stream: &str,
+    request: serde_json::Value,
+) -> Result<DirectPage> {
+    let inbox = client.new_inbox();
+    let mut subscription = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|error| Error::Unavailable(error.to_string()))?;
+    let body = serde_json::to_vec(&request).map_err(|error| Error::JetStream(error.to_string()))?;
+    client
+        .publish_with_reply(format!("$JS.API.DIRECT.GET.{stream}"), inbox, body.into())
+        .await
+        .map_err(|error| Error::Unavailable(error.to_string()))?;
+    let mut page = DirectPage::default();
+    let deadline = tokio::time::Instant::now() + DIRECT_BATCH_TIMEOUT;
+    loop {
+        let message = tokio::time::timeout_at(deadline, subscription.next())
             .await
-            .map_err(|error| Error::Unavailable(error.to_string()))?;
-        let body =
-            serde_json::to_vec(&request).map_err(|error| Error::JetStream(error.to_string()))?;
-        self.client
-            .publish_with_reply(
-                format!("$JS.API.DIRECT.GET.{}", self.stream_name),
-                inbox,
-                body.into(),
-            )
-            .await
-            .map_err(|error| Error::Unavailable(error.to_string()))?;
-        let mut page = DirectPage::default();
-        let deadline = tokio::time::Instant::now() + DIRECT_BATCH_TIMEOUT;
-        loop {
-            let message = tokio::time::timeout_at(deadline, subscription.next())
-                .await
-                .map_err(|_| Error::Unavailable("direct get timed out".into()))?
-                .ok_or_else(|| Error::Unavailable("subscription closed".into()))?;
-            match message.status {
-                None | Some(StatusCode::OK) => page.messages.push(message),
-                Some(StatusCode::NOT_FOUND) => return Ok(page),
-                Some(StatusCode::NO_RESPONDERS) => {
-                    return Err(Error::Unavailable("stream has no responders".into()))
-                }
-                Some(status) if status.as_u16() == 204 => {
-                    let headers = message.headers.unwrap_or_default();
-                    page.pending = header_number(&headers, "Nats-Num-Pending").unwrap_or(0);
-                    page.last_sequence = header_number(&headers, "Nats-Last-Sequence");
-                    return Ok(page);
-                }
-                Some(status) => {
-                    return Err(Error::JetStream(format!(
-                        "direct get answered {status}: {}",
-                        message.description.unwrap_or_default()
-                    )))
-                }
+            .map_err(|_| Error::Unavailable("direct get timed out".into()))?
+            .ok_or_else(|| Error::Unavailable("subscription closed".into()))?;
+        match message.status {
+            None | Some(StatusCode::OK) => page.messages.push(message),
+            Some(StatusCode::NOT_FOUND) => return Ok(page),
+            Some(StatusCode::NO_RESPONDERS) => {
+                return Err(Error::Unavailable("stream has no responders".into()))
+            }
+            Some(status) if status.as_u16() == 204 => {
+                let headers = message.headers.unwrap_or_default();
+                page.pending = header_number(&headers, "Nats-Num-Pending").unwrap_or(0);
+                page.last_sequence = header_number(&headers, "Nats-Last-Sequence");
+                return Ok(page);
+            }
+            Some(status) => {
+                return Err(Error::JetStream(format!(
+                    "direct get answered {status}: {}",
+                    message.description.unwrap_or_default()
+                )))
             }
         }
     }
 }
 
 #[derive(Default)]
-struct DirectPage {
-    messages: Vec<async_nats::Message>,
-    pending: u64,
+pub(crate) struct DirectPage {
+    pub(crate) messages: Vec<async_nats::Message>,
+    pub(crate) pending: u64,
     last_sequence: Option<u64>,
 }
 
@@ -798,7 +801,7 @@ fn stored_message(answer: Option<serde_json::Value>) -> Result<Option<StoredMark
     Ok(Some(StoredMarker { position, payload }))
 }
 
-fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {
+pub(crate) fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {
     headers
         .get(name)
         .and_then(|value| value.as_str().parse().ok())

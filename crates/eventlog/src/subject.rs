@@ -22,6 +22,14 @@ pub const ALL_DUE: &str = "coffer.due.>";
 pub const ALL_SNAPSHOTS: &str = "coffer.snapshots.>";
 /// Due hold expiries, for the writers' expiry consumer.
 pub const DUE_HOLD_EXPIRIES: &str = "coffer.due.hold-expiry.>";
+/// Commands handed by one writer to the writer that owns their account (core NATS
+/// request-reply, never stored): `coffer.owner.{writer_id}`.
+pub const ALL_OWNER_INBOXES: &str = "coffer.owner.>";
+
+/// Where the writer `writer_id` takes the commands other writers hand it.
+pub fn owner_inbox(writer_id: &str) -> String {
+    format!("coffer.owner.{writer_id}")
+}
 
 /// The subject an event of `account` is appended on.
 pub fn append(account: &AccountId, event_type: &str) -> String {

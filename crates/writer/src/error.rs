@@ -6,7 +6,8 @@ use problem::Problem;
 /// Seconds a client should wait before retrying after a 503.
 const RETRY_AFTER_SECONDS: u32 = 1;
 
-#[derive(Debug, Clone, thiserror::Error)]
+/// Serde: an account's owner answers a command handed to it with the error itself.
+#[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum Error {
     /// The request itself is malformed or out of range.
     #[error("{0}")]

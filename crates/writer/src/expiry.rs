@@ -18,7 +18,7 @@ use eventlog::{subject, EventLog};
 use futures::StreamExt;
 use tokio::sync::watch;
 
-use crate::registry::Registry;
+use crate::dispatch::Dispatcher;
 use crate::request::{CommandRequest, Intent};
 use crate::Error;
 
@@ -58,10 +58,10 @@ pub fn consumer_config() -> consumer::pull::Config {
 }
 
 /// Runs until `shutdown` turns true.
-pub async fn run(log: EventLog, registry: Registry, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(log: EventLog, commands: Dispatcher, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
-            result = consume(&log, &registry) => {
+            result = consume(&log, &commands) => {
                 if let Err(error) = result {
                     tracing::warn!(%error, "hold expiry consumer interrupted; resuming");
                 }
@@ -75,7 +75,7 @@ pub async fn run(log: EventLog, registry: Registry, mut shutdown: watch::Receive
     }
 }
 
-async fn consume(log: &EventLog, registry: &Registry) -> Result<(), Error> {
+async fn consume(log: &EventLog, commands: &Dispatcher) -> Result<(), Error> {
     let nats = |error: &dyn std::fmt::Display| Error::Unavailable(error.to_string());
     let stream = log
         .context()
@@ -95,7 +95,7 @@ async fn consume(log: &EventLog, registry: &Registry) -> Result<(), Error> {
     messages
         .for_each_concurrent(CONCURRENCY_MAX, |message| async move {
             match message {
-                Ok(message) => handle(log, registry, message).await,
+                Ok(message) => handle(log, commands, message).await,
                 Err(error) => tracing::warn!(%error, "hold expiry delivery failed"),
             }
         })
@@ -105,7 +105,7 @@ async fn consume(log: &EventLog, registry: &Registry) -> Result<(), Error> {
     ))
 }
 
-async fn handle(log: &EventLog, registry: &Registry, message: async_nats::jetstream::Message) {
+async fn handle(log: &EventLog, commands: &Dispatcher, message: async_nats::jetstream::Message) {
     let Some((from, hold_id)) =
         subject::parse_hold_expiry_due(&message.subject).and_then(|(from, hold_id)| {
             Some((
@@ -124,7 +124,7 @@ async fn handle(log: &EventLog, registry: &Registry, message: async_nats::jetstr
         None,
         format!("hold-expiry-{hold_id}"),
     );
-    let handled = registry.execute(request);
+    let handled = commands.execute(request);
     tokio::pin!(handled);
     let mut progress = tokio::time::interval(PROGRESS_PERIOD);
     progress.tick().await;

@@ -21,13 +21,13 @@ use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
+use crate::dispatch::Dispatcher;
 use crate::idempotency::{IdempotencyKey, TransferRecord};
 use crate::metrics::Metrics;
 use crate::openapi::{CommandProblems, OpenProblems, ReadProblems};
 use crate::outcome::{
     AccountPosition, Balance, HoldCaptured, HoldPlaced, HoldReleased, Outcome, TransferCompleted,
 };
-use crate::registry::Registry;
 use crate::request::{
     self, CaptureBody, CommandRequest, HoldBody, Intent, MoneyMovement, NoFields, OpenAccountBody,
     TransferBody,
@@ -41,7 +41,7 @@ pub const BODY_SIZE_MAX: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     /// Set once the stream and the idempotency bucket are set up; commands get 503 before.
-    pub registry: Arc<OnceLock<Registry>>,
+    pub commands: Arc<OnceLock<Dispatcher>>,
     pub log: EventLog,
     pub metrics: Arc<Metrics>,
     /// The bearer token the command API requires (`COFFER_HTTP_TOKEN`); none: no auth.
@@ -180,12 +180,12 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, Error>
 }
 
 async fn run(state: &AppState, request: CommandRequest) -> Response {
-    let Some(registry) = state.registry.get() else {
+    let Some(commands) = state.commands.get() else {
         return problem_response(&Error::Unavailable("the writer is starting".into()));
     };
     let verb = request.verb();
     let account = request.account_id.clone();
-    match registry.execute(request).await {
+    match commands.execute(request).await {
         Ok(outcome) => outcome_response(&outcome),
         Err(error) => {
             let problem = error.problem();
@@ -538,7 +538,7 @@ pub fn event_json(recorded: &RecordedEvent) -> EventView {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    let ready = state.registry.get().is_some() && state.log.is_connected();
+    let ready = state.commands.get().is_some() && state.log.is_connected();
     if ready {
         (StatusCode::OK, "ready").into_response()
     } else {

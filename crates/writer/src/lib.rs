@@ -11,11 +11,15 @@
 //!   accounts), append atomically with the markers, evolve, reply.
 //! - [`expiry`]: hold expiry: due messages the stream schedules, on a consumer all writers share.
 //! - [`registry`]: spawns, caps, passivates and supervises account actors; deadlines.
-//! - [`http`] and [`nats_api`]: the two command APIs, thin adapters over [`registry::Registry`].
+//! - [`ownership`]: one owner per account across writers: partitions, leases, rendezvous.
+//! - [`dispatch`]: runs a command here or hands it to its account's owner over NATS.
+//! - [`http`] and [`nats_api`]: the two command APIs, thin adapters over
+//!   [`dispatch::Dispatcher`].
 //! - [`openapi`]: the command API's part of the OpenAPI document, built from the same code.
 //! - [`service`]: wiring, readiness and graceful shutdown.
 
 pub mod actor;
+pub mod dispatch;
 pub mod error;
 pub mod expiry;
 pub mod http;
@@ -25,6 +29,7 @@ pub mod metrics;
 pub mod nats_api;
 pub mod openapi;
 pub mod outcome;
+pub mod ownership;
 pub mod registry;
 pub mod request;
 pub mod service;

@@ -31,6 +31,16 @@ pub struct Metrics {
     pub events_replayed: Counter,
     pub snapshots_loaded: Counter,
     pub snapshots_written: Counter,
+    /// Commands handed to the writer that owns their account, and answered by it.
+    pub commands_forwarded: Counter,
+    /// Commands run here because their owner had gone (nobody took the hand-over).
+    pub forward_fallbacks: Counter,
+    /// Commands other writers handed to this one as their account's owner.
+    pub commands_taken_over: Counter,
+    /// Partition leases this writer holds.
+    pub partitions_owned: Gauge,
+    /// Leases this writer found taken by another when it went to renew them.
+    pub leases_lost: Counter,
     /// What the group committer has done, once it runs.
     pub group_commit:
         std::sync::OnceLock<std::sync::Arc<eventlog::group_commit::GroupCommitCounters>>,
@@ -62,6 +72,11 @@ impl Default for Metrics {
             events_replayed: Counter::default(),
             snapshots_loaded: Counter::default(),
             snapshots_written: Counter::default(),
+            commands_forwarded: Counter::default(),
+            forward_fallbacks: Counter::default(),
+            commands_taken_over: Counter::default(),
+            partitions_owned: Gauge::default(),
+            leases_lost: Counter::default(),
             group_commit: std::sync::OnceLock::new(),
         }
     }
@@ -130,6 +145,26 @@ impl Metrics {
                 "Account snapshots written.",
                 &self.snapshots_written,
             ),
+            (
+                "coffer_writer_commands_forwarded",
+                "Commands handed to the writer that owns their account's partition.",
+                &self.commands_forwarded,
+            ),
+            (
+                "coffer_writer_forward_fallbacks",
+                "Commands run here because nobody took them at their owner's subject (the owner had gone).",
+                &self.forward_fallbacks,
+            ),
+            (
+                "coffer_writer_commands_taken_over",
+                "Commands other writers handed to this writer as the owner of their account.",
+                &self.commands_taken_over,
+            ),
+            (
+                "coffer_writer_leases_lost",
+                "Partition leases found taken by another writer at renewal (this writer had paused past the lease).",
+                &self.leases_lost,
+            ),
         ];
         for (name, help, counter) in counters {
             registry.register(name, help, counter.clone());
@@ -138,6 +173,11 @@ impl Metrics {
             "coffer_writer_actors_live",
             "Account actors currently in memory.",
             self.actors_live.clone(),
+        );
+        registry.register(
+            "coffer_writer_partitions_owned",
+            "Partition leases this writer holds: it decides for their accounts.",
+            self.partitions_owned.clone(),
         );
         registry.register_with_unit(
             "coffer_writer_command_duration",

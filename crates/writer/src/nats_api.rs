@@ -10,8 +10,8 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use crate::dispatch::Dispatcher;
 use crate::idempotency::IdempotencyKey;
-use crate::registry::Registry;
 use crate::request::{self, CommandRequest, Intent, Verb};
 use crate::Error;
 
@@ -24,7 +24,7 @@ const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6);
 /// Starts the service and serves until `shutdown`; then stops it so other writers take over.
 pub async fn serve(
     client: async_nats::Client,
-    registry: Arc<OnceLock<Registry>>,
+    commands: Arc<OnceLock<Dispatcher>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let service = client
@@ -46,12 +46,12 @@ pub async fn serve(
             .map_err(|error| {
                 Error::Unavailable(format!("add endpoint {}: {error}", verb.name()))
             })?;
-        let registry = registry.clone();
+        let commands = commands.clone();
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
             endpoint
                 .for_each_concurrent(CONCURRENCY_MAX, |request| {
-                    let registry = registry.clone();
+                    let commands = commands.clone();
                     let client = client.clone();
                     let span = tracing::info_span!(
                         "nats",
@@ -59,7 +59,7 @@ pub async fn serve(
                         trace_id = tracing::field::Empty
                     );
                     trace_context::otel::link(&span, traceparent(&request.message));
-                    async move { handle(verb, request, &registry, &client).await }.instrument(span)
+                    async move { handle(verb, request, &commands, &client).await }.instrument(span)
                 })
                 .await;
         }));
@@ -85,16 +85,16 @@ pub async fn serve(
 async fn handle(
     verb: Verb,
     request: service::Request,
-    registry: &OnceLock<Registry>,
+    commands: &OnceLock<Dispatcher>,
     client: &async_nats::Client,
 ) {
     // The command's hop of the caller's trace, linked to the request span when it is exported.
     let span = tracing::Span::current();
     let trace = trace_context::otel::hop(&span, traceparent(&request.message));
     span.record("trace_id", trace.trace_id());
-    let answer = match registry.get() {
-        Some(registry) => match parse(verb, &request.message, trace) {
-            Ok(command) => registry.execute(command).await,
+    let answer = match commands.get() {
+        Some(commands) => match parse(verb, &request.message, trace) {
+            Ok(command) => commands.execute(command).await,
             Err(error) => Err(error),
         },
         None => Err(Error::Unavailable("the writer is starting".into())),

@@ -129,13 +129,29 @@ impl Registry {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Runs a command on its account's actor.
-    pub async fn execute(&self, mut request: CommandRequest) -> Result<Outcome> {
+    /// A command's deadline when it arrives now.
+    pub fn call_timeout(&self) -> Duration {
+        self.settings.call_timeout
+    }
+
+    /// Runs a command on its account's actor, with the deadline of a command arriving now.
+    pub async fn execute(&self, request: CommandRequest) -> Result<Outcome> {
+        let deadline = tokio::time::Instant::now() + self.settings.call_timeout;
+        self.execute_until(request, deadline).await
+    }
+
+    /// Runs a command on its account's actor; nothing is started or sent for it after
+    /// `deadline` (a command handed over by another writer brings its caller's).
+    pub async fn execute_until(
+        &self,
+        mut request: CommandRequest,
+        deadline: tokio::time::Instant,
+    ) -> Result<Outcome> {
         let started = Instant::now();
         let account = request.account_id.clone();
-        let deadline = tokio::time::Instant::now() + self.settings.call_timeout;
         request.deadline = Some(deadline);
         let (actor, queued) = self.acquire(&account).await?;
+        let wait = deadline.saturating_duration_since(tokio::time::Instant::now()) + ANSWER_GRACE;
         let result = actor
             .call(
                 |reply| AccountMessage::Execute {
@@ -143,14 +159,13 @@ impl Registry {
                     reply,
                     queued,
                 },
-                Some(self.settings.call_timeout + ANSWER_GRACE),
+                Some(wait),
             )
             .await;
         let answer = match result {
             Ok(CallResult::Success(answer)) => answer,
             Ok(CallResult::Timeout) => Err(Error::OutcomeUnknown(format!(
-                "account {account} did not answer within {:?}",
-                self.settings.call_timeout + ANSWER_GRACE
+                "account {account} did not answer within {wait:?}"
             ))),
             // The actor died while holding the command: it may have appended before dying.
             Ok(CallResult::SenderError) | Err(_) => Err(Error::OutcomeUnknown(format!(

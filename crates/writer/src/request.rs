@@ -7,7 +7,7 @@ use domain::{
     Transfer, TransferId,
 };
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::idempotency::{self, IdempotencyKey};
@@ -55,8 +55,9 @@ impl Verb {
     }
 }
 
-/// What a request asks of the account it is addressed to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a request asks of the account it is addressed to (serde: handed to the account's
+/// owner between writers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Intent {
     /// A command on that account alone.
     Account(Command),

@@ -9,8 +9,10 @@ use eventlog::{EventLog, NatsSettings, StreamSettings};
 use tokio::sync::watch;
 
 use crate::actor::{AccountStates, ActorContext};
+use crate::dispatch::{self, Dispatcher};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
+use crate::ownership::{Ownership, WriterId};
 use crate::registry::{Registry, RegistrySettings};
 use crate::{expiry, nats_api, Error, Result};
 
@@ -33,7 +35,16 @@ pub struct WriterConfig {
     pub http_token: Option<problem::BearerToken>,
     /// Connection limit and read/request timeouts of the HTTP API.
     pub http_limits: problem::HttpLimits,
+    /// One owner per account across writers (`COFFER_OWNERSHIP`, default on); off, every
+    /// writer decides for any account it is asked about and the stream arbitrates.
+    pub ownership: bool,
+    /// The first part of this writer's id in the owners bucket (`COFFER_WRITER_NAME`, default
+    /// the host name); a random suffix makes it unique per process.
+    pub writer_name: Option<String>,
 }
+
+/// Longest wait at shutdown to hand the partition leases back.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Pause between attempts to set up the stream while NATS is not reachable.
 const SETUP_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -53,7 +64,9 @@ pub async fn run(
         .map_err(|error| Error::Unavailable(error.to_string()))?;
     let log = EventLog::new(client.clone(), &config.stream);
     let metrics = Arc::new(Metrics::default());
-    let registry_cell: Arc<OnceLock<Registry>> = Arc::new(OnceLock::new());
+    let writer_id = WriterId::generate(config.writer_name.as_deref())?;
+    let ownership_cell: Arc<OnceLock<Arc<Ownership>>> = Arc::new(OnceLock::new());
+    let commands_cell: Arc<OnceLock<Dispatcher>> = Arc::new(OnceLock::new());
     let (stop_sender, stop_receiver) = watch::channel(false);
 
     let listener = tokio::net::TcpListener::bind(config.http_address)
@@ -65,12 +78,14 @@ pub async fn run(
         config.clone(),
         log.clone(),
         metrics.clone(),
-        registry_cell.clone(),
+        writer_id,
+        ownership_cell.clone(),
+        commands_cell.clone(),
         stop_receiver.clone(),
     ));
 
     let state = AppState {
-        registry: registry_cell.clone(),
+        commands: commands_cell.clone(),
         log: log.clone(),
         metrics: metrics.clone(),
         http_token: config.http_token.clone(),
@@ -94,8 +109,18 @@ pub async fn run(
         Err(_) => tracing::warn!("in-flight requests did not finish in time"),
     }
     setup.abort();
-    if let Some(registry) = registry_cell.get() {
-        registry.stop();
+    if let Some(ownership) = ownership_cell.get() {
+        if tokio::time::timeout(RELEASE_TIMEOUT, ownership.release_all())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "handing the partition leases back timed out; they run out on their own"
+            );
+        }
+    }
+    if let Some(commands) = commands_cell.get() {
+        commands.registry().stop();
     }
     if let Err(error) = client.flush().await {
         tracing::warn!(%error, "flushing NATS at shutdown");
@@ -104,12 +129,15 @@ pub async fn run(
     Ok(())
 }
 
-/// Sets up the stream and actors (retrying while NATS is away), then starts the NATS API.
+/// Sets up the stream and actors (retrying while NATS is away), takes part in ownership, then
+/// starts the NATS API.
 async fn set_up(
     config: WriterConfig,
     log: EventLog,
     metrics: Arc<Metrics>,
-    registry_cell: Arc<OnceLock<Registry>>,
+    writer_id: WriterId,
+    ownership_cell: Arc<OnceLock<Arc<Ownership>>>,
+    commands_cell: Arc<OnceLock<Dispatcher>>,
     stop: watch::Receiver<bool>,
 ) {
     let registry = loop {
@@ -121,11 +149,44 @@ async fn set_up(
             }
         }
     };
-    let _ = registry_cell.set(registry.clone());
+    let ownership = if config.ownership {
+        let leases = loop {
+            match eventlog::Leases::open(log.client().clone(), log.context()).await {
+                Ok(leases) => break leases,
+                Err(error) => {
+                    tracing::warn!(%error, "owners bucket not ready; retrying");
+                    tokio::time::sleep(SETUP_RETRY_DELAY).await;
+                }
+            }
+        };
+        tracing::info!(writer = %writer_id, "one owner per account: this writer's id");
+        let ownership = Ownership::new(writer_id, leases, metrics.clone());
+        let _ = ownership_cell.set(ownership.clone());
+        Some(ownership)
+    } else {
+        None
+    };
+    if let Some(ownership) = &ownership {
+        tokio::spawn(serve_handovers(
+            log.client().clone(),
+            registry.clone(),
+            ownership.me().clone(),
+            metrics.clone(),
+            stop.clone(),
+        ));
+        // A first view before the first command: until a beat succeeds every command is
+        // decided here, which is safe (the stream arbitrates) but not what ownership is for.
+        if let Err(error) = ownership.beat().await {
+            tracing::warn!(%error, "first ownership beat failed; deciding here until one succeeds");
+        }
+        tokio::spawn(ownership.clone().run(stop.clone()));
+    }
+    let commands = Dispatcher::new(registry, ownership, log.client().clone(), metrics.clone());
+    let _ = commands_cell.set(commands.clone());
     tracing::info!("writer ready");
-    tokio::spawn(expiry::run(log.clone(), registry, stop.clone()));
+    tokio::spawn(expiry::run(log.clone(), commands, stop.clone()));
     loop {
-        match nats_api::serve(log.client().clone(), registry_cell.clone(), stop.clone()).await {
+        match nats_api::serve(log.client().clone(), commands_cell.clone(), stop.clone()).await {
             Ok(()) => return,
             Err(error) => {
                 tracing::warn!(%error, "NATS command API failed; restarting it");
@@ -145,6 +206,11 @@ async fn try_set_up(
         .ensure(log.context())
         .await
         .map_err(|error| Error::Unavailable(error.to_string()))?;
+    if config.ownership {
+        eventlog::leases::ensure_bucket(log.context(), config.stream.replicas)
+            .await
+            .map_err(|error| Error::Unavailable(error.to_string()))?;
+    }
     let committer = eventlog::GroupCommit::start(log.clone(), config.group_commit);
     let _ = metrics.group_commit.set(committer.counters());
     let context = Arc::new(ActorContext {
@@ -156,4 +222,31 @@ async fn try_set_up(
         failpoint_delay: config.failpoint_actor_delay,
     });
     Registry::start(context, config.registry.clone()).await
+}
+
+/// Takes hand-overs until `stop`, re-subscribing if the subscription fails.
+async fn serve_handovers(
+    client: async_nats::Client,
+    registry: Registry,
+    me: WriterId,
+    metrics: Arc<Metrics>,
+    stop: watch::Receiver<bool>,
+) {
+    loop {
+        match dispatch::serve_handovers(
+            client.clone(),
+            registry.clone(),
+            me.clone(),
+            metrics.clone(),
+            stop.clone(),
+        )
+        .await
+        {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::warn!(%error, "taking hand-overs failed; restarting");
+                tokio::time::sleep(SETUP_RETRY_DELAY).await;
+            }
+        }
+    }
 }

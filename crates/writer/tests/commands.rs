@@ -61,6 +61,8 @@ impl TestWriter {
             failpoint_actor_delay,
             http_token: None,
             http_limits: problem::HttpLimits::default(),
+            ownership: true,
+            writer_name: Some("test-writer".into()),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {

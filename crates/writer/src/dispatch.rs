@@ -1,0 +1,258 @@
+//! Where a command runs: on this writer's actor for its account, or handed to the writer that
+//! owns the account ([`crate::ownership`]) over NATS request-reply on `coffer.owner.{writer}`.
+//!
+//! Both APIs and the hold-expiry worker go through [`Dispatcher::execute`]. A handed-over
+//! command runs on the owner's actors only (it is never handed on again) and carries its
+//! caller's deadline twice: as a budget, counted from when the owner takes it, and as wall-clock
+//! time, so a hand-over that waited (an owner paused, a reconnecting client) is not started after
+//! its caller gave up. The owner's answer, success or error, is the caller's answer.
+//!
+//! "Nobody took it" (NATS no-responders: the owner has gone and the message reached no one) is
+//! the one failure after which the command runs here: nothing was delivered. Any other failure
+//! of a hand-over that was sent may hide a command that runs, so it answers `outcome_unknown`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::RequestErrorKind;
+use domain::AccountId;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::idempotency::IdempotencyKey;
+use crate::metrics::Metrics;
+use crate::outcome::Outcome;
+use crate::ownership::{Ownership, Route, WriterId};
+use crate::registry::{Registry, ANSWER_GRACE};
+use crate::request::{CommandRequest, Intent};
+use crate::{Error, Result};
+
+/// The owner's deadline is this much earlier than its caller's, so that neither network time nor
+/// a small difference between the writers' clocks lets the owner send anything after its caller
+/// answered `outcome_unknown` (which happens [`ANSWER_GRACE`] after the caller's deadline).
+const HANDOVER_MARGIN: Duration = Duration::from_millis(500);
+/// Hand-overs one owner runs at once; more wait in its subscription (their deadlines run).
+const HANDOVERS_CONCURRENT_MAX: usize = 1_024;
+/// How long hand-overs in flight get to finish at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// A command as handed to its account's owner (MessagePack, named fields).
+#[derive(Debug, Serialize, Deserialize)]
+struct Handover {
+    account_id: AccountId,
+    intent: Intent,
+    idempotency_key: Option<String>,
+    correlation_id: String,
+    transfer_id_generated: bool,
+    traceparent: String,
+    /// Milliseconds the owner has, from when it takes the command.
+    budget_ms: u64,
+    /// The same limit in Unix milliseconds, by the caller's clock.
+    deadline_unix_ms: u64,
+}
+
+/// The owner's answer.
+#[derive(Debug, Serialize, Deserialize)]
+enum HandoverAnswer {
+    /// The HTTP status and JSON body of the outcome.
+    Done {
+        status: u16,
+        body: String,
+    },
+    Failed(Error),
+}
+
+fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs commands where their account is owned. Cheap to clone.
+#[derive(Clone)]
+pub struct Dispatcher {
+    registry: Registry,
+    /// `None`: ownership is off and every writer decides for any account.
+    ownership: Option<Arc<Ownership>>,
+    client: async_nats::Client,
+    metrics: Arc<Metrics>,
+}
+
+impl Dispatcher {
+    pub fn new(
+        registry: Registry,
+        ownership: Option<Arc<Ownership>>,
+        client: async_nats::Client,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            registry,
+            ownership,
+            client,
+            metrics,
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Runs `request` on its account's owner: here, or on the writer that holds its partition.
+    pub async fn execute(&self, request: CommandRequest) -> Result<Outcome> {
+        let route = match &self.ownership {
+            Some(ownership) => ownership.route(&request.account_id),
+            None => Route::Here,
+        };
+        match route {
+            Route::Here => self.registry.execute(request).await,
+            Route::Owner(owner) => self.hand_over(&owner, request).await,
+        }
+    }
+
+    async fn hand_over(&self, owner: &WriterId, request: CommandRequest) -> Result<Outcome> {
+        let timeout = self.registry.call_timeout();
+        // Short deadlines (tests, impatient deployments) keep three quarters of theirs.
+        let budget = timeout.saturating_sub(HANDOVER_MARGIN.min(timeout / 4));
+        let handover = Handover {
+            account_id: request.account_id.clone(),
+            intent: request.intent.clone(),
+            idempotency_key: request
+                .idempotency_key
+                .as_ref()
+                .map(|key| key.as_str().to_owned()),
+            correlation_id: request.correlation_id.clone(),
+            transfer_id_generated: request.transfer_id_generated,
+            traceparent: request.trace.to_string(),
+            budget_ms: budget.as_millis() as u64,
+            deadline_unix_ms: unix_ms(SystemTime::now() + budget),
+        };
+        let payload = rmp_serde::to_vec_named(&handover)
+            .map_err(|error| Error::Internal(format!("encode a hand-over: {error}")))?;
+        let subject = eventlog::subject::owner_inbox(owner.as_str());
+        let sent = self
+            .client
+            .send_request(
+                subject,
+                async_nats::Request::new()
+                    .payload(payload.into())
+                    .timeout(Some(timeout + ANSWER_GRACE)),
+            )
+            .await;
+        match sent {
+            Ok(reply) => {
+                self.metrics.commands_forwarded.inc();
+                match rmp_serde::from_slice::<HandoverAnswer>(&reply.payload) {
+                    Ok(HandoverAnswer::Done { status, body }) => Ok(Outcome::Replayed {
+                        status,
+                        body: serde_json::from_str(&body).unwrap_or_default(),
+                    }),
+                    Ok(HandoverAnswer::Failed(error)) => Err(error),
+                    Err(error) => Err(Error::OutcomeUnknown(format!(
+                        "the owner {owner} of account {} answered unreadably: {error}",
+                        request.account_id
+                    ))),
+                }
+            }
+            Err(error) if error.kind() == RequestErrorKind::NoResponders => {
+                // Nobody subscribes to the owner's subject: it has gone, and the command reached
+                // no one. Decide here until the lease moves.
+                self.metrics.forward_fallbacks.inc();
+                tracing::info!(%owner, account = %request.account_id, "owner gone; deciding here");
+                self.registry.execute(request).await
+            }
+            Err(error) => Err(Error::OutcomeUnknown(format!(
+                "handing account {} to its owner {owner}: {error}",
+                request.account_id
+            ))),
+        }
+    }
+}
+
+/// Takes the commands other writers hand to this one, as the owner of their accounts, until
+/// `stop`; then lets the ones in flight finish.
+pub async fn serve_handovers(
+    client: async_nats::Client,
+    registry: Registry,
+    me: WriterId,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let subject = eventlog::subject::owner_inbox(me.as_str());
+    let subscription = client
+        .subscribe(subject.clone())
+        .await
+        .map_err(|error| Error::Unavailable(format!("subscribe {subject}: {error}")))?;
+    tracing::info!(%subject, "taking commands for the accounts this writer owns");
+    let serving = subscription.for_each_concurrent(HANDOVERS_CONCURRENT_MAX, |message| {
+        let registry = registry.clone();
+        let client = client.clone();
+        let metrics = metrics.clone();
+        async move {
+            metrics.commands_taken_over.inc();
+            let answer = take_over(&registry, &message.payload).await;
+            let answer = match answer {
+                Ok(outcome) => HandoverAnswer::Done {
+                    status: outcome.status(),
+                    body: outcome.body().to_string(),
+                },
+                Err(error) => HandoverAnswer::Failed(error),
+            };
+            let Some(reply) = message.reply else { return };
+            match rmp_serde::to_vec_named(&answer) {
+                Ok(body) => {
+                    if let Err(error) = client.publish(reply, body.into()).await {
+                        tracing::warn!(%error, "could not answer a hand-over");
+                    }
+                }
+                Err(error) => tracing::error!(%error, "could not encode a hand-over answer"),
+            }
+        }
+    });
+    tokio::pin!(serving);
+    tokio::select! {
+        _ = &mut serving => return Err(Error::Unavailable(format!("subscription {subject} ended"))),
+        _ = stop.wait_for(|stop| *stop) => {}
+    }
+    // The subscription lives inside `serving`: finishing it means draining what was taken.
+    if tokio::time::timeout(DRAIN_TIMEOUT, async {
+        if let Err(error) = client.flush().await {
+            tracing::debug!(%error, "flush before draining hand-overs");
+        }
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!("flushing NATS before draining hand-overs timed out");
+    }
+    Ok(())
+}
+
+/// Decodes a hand-over and runs it here, within what remains of its caller's deadline.
+async fn take_over(registry: &Registry, payload: &[u8]) -> Result<Outcome> {
+    let handover: Handover = rmp_serde::from_slice(payload)
+        .map_err(|error| Error::InvalidRequest(format!("unreadable hand-over: {error}")))?;
+    let now_unix_ms = unix_ms(SystemTime::now());
+    let by_clock = handover.deadline_unix_ms.saturating_sub(now_unix_ms);
+    let remaining = Duration::from_millis(handover.budget_ms.min(by_clock));
+    if remaining.is_zero() {
+        return Err(Error::Unavailable(
+            "the command reached its deadline before its account's owner took it; not applied"
+                .into(),
+        ));
+    }
+    let key = IdempotencyKey::parse_optional(handover.idempotency_key.as_deref())?;
+    let trace = trace_context::TraceParent::parse(&handover.traceparent)
+        .unwrap_or_else(trace_context::TraceParent::new_root);
+    let request = CommandRequest::new(
+        handover.account_id,
+        handover.intent,
+        key,
+        handover.correlation_id,
+    )
+    .with_generated_transfer_id(handover.transfer_id_generated)
+    .with_trace(trace);
+    registry
+        .execute_until(request, tokio::time::Instant::now() + remaining)
+        .await
+}
