@@ -11,6 +11,7 @@ mod holds;
 mod http_limits;
 mod import;
 mod integrity;
+mod ownership;
 mod permissions;
 mod reader;
 mod rebuild;

@@ -165,6 +165,9 @@ struct View {
     owners: HashMap<u32, WriterId>,
     /// Partitions this writer holds, at the revision it last wrote.
     held: HashMap<u32, u64>,
+    /// The live writers, sorted: a partition without a lease goes to the one that should take
+    /// it, so that while a lease moves every writer still sends its accounts to one place.
+    writers: Vec<WriterId>,
 }
 
 /// This writer's part in the ownership protocol, and its view of everyone's.
@@ -200,14 +203,19 @@ impl Ownership {
         &self.me
     }
 
-    /// Where a command for `account` goes, by this writer's view.
+    /// Where a command for `account` goes, by this writer's view: its partition's lease holder,
+    /// or, while nobody holds it, the live writer that should.
     pub fn route(&self, account: &AccountId) -> Route {
         let partition = partition_of(account);
         let view = self
             .view
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match view.owners.get(&partition) {
+        let owner = view
+            .owners
+            .get(&partition)
+            .or_else(|| rendezvous(&view.writers, partition));
+        match owner {
             Some(owner) if *owner != self.me => Route::Owner(owner.clone()),
             _ => Route::Here,
         }
@@ -330,6 +338,7 @@ impl Ownership {
         }
         self.metrics.partitions_owned.set(now_held.len() as i64);
         view.owners = owners;
+        view.writers = writers;
         view.held = now_held;
         Ok(())
     }
@@ -362,6 +371,7 @@ impl Ownership {
                 .write()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             view.owners.clear();
+            view.writers.clear();
             std::mem::take(&mut view.held)
         };
         let releases = held.iter().map(|(&partition, &revision)| async move {

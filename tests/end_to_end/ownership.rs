@@ -1,0 +1,382 @@
+//! One owner per account across writers: three writer processes share the 64 partitions, deposits
+//! to a hot account and a few others go through all three, and the hot account's owner is
+//! killed with SIGKILL (and restarted), or frozen with SIGSTOP for longer than a command's
+//! deadline (and resumed). Every acknowledged deposit is in the stream exactly once, an unknown
+//! one at most once and never stored after its caller was told `outcome_unknown` (hand-overs
+//! the frozen owner finds on waking are past their caller's deadline and must not run),
+//! balances are the sums of what the stream holds, there is no error and no conflict while no
+//! process fails, and commands on the hot account succeed again through every other writer
+//! within 5 s.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use domain::{AccountId, Event};
+use serde_json::json;
+use testkit::{CofferProcess, NatsServer};
+use time::OffsetDateTime;
+
+use crate::support::{self, Http};
+
+const WRITERS: usize = 3;
+const CLIENTS: usize = 12;
+
+#[derive(Default)]
+struct Ledger {
+    /// Reference → (account, amount) of every deposit answered 200.
+    acknowledged: HashMap<String, (String, i64)>,
+    /// Deposits whose fate the client does not know (503, a dropped connection).
+    unknown: HashSet<String>,
+    /// Those answered `503` by a live writer, with when: nothing may be stored for them later
+    /// (a dropped connection is no such answer: its writer died, maybe mid-append).
+    told_unknown: HashMap<String, OffsetDateTime>,
+    /// Answers no deposit should get: (writer, status, body).
+    errors: Vec<(String, u16, String)>,
+    /// Last 200 on the hot account per writer URL.
+    hot_successes: HashMap<String, Instant>,
+}
+
+/// Waits until the writers at `urls` hold all 64 partitions between them, each some.
+async fn wait_partitions_shared(http: &Http, urls: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut owned = Vec::new();
+        for url in urls {
+            owned.push(
+                http.metric(url, "coffer_writer_partitions_owned")
+                    .await
+                    .unwrap_or(0.0),
+            );
+        }
+        if owned.iter().all(|count| *count > 0.0) && owned.iter().sum::<f64>() == 64.0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the writers never shared the partitions: {owned:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn metric_sum(http: &Http, urls: &[String], name: &str) -> f64 {
+    let mut sum = 0.0;
+    for url in urls {
+        sum += http.metric(url, name).await.unwrap_or(0.0);
+    }
+    sum
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// SIGKILL, then a restart.
+    Kill,
+    /// SIGSTOP past a command's deadline and its answer grace, then SIGCONT.
+    Freeze,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_writers_decide_each_account_in_one_place_through_an_owner_kill() {
+    three_writers(Fault::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_overs_a_frozen_owner_wakes_up_to_are_not_run_after_their_deadline() {
+    three_writers(Fault::Freeze).await;
+}
+
+/// A command's deadline in the frozen-owner run: hand-overs to the frozen owner are answered
+/// `outcome_unknown` after it plus the grace (3.5 s), well within the freeze.
+const FREEZE_DEADLINE_MS: u64 = 2_000;
+const FREEZE: Duration = Duration::from_secs(9);
+
+fn signal(process: &CofferProcess, signal: &str) {
+    let pid = process.pid().expect("the process runs");
+    let status = std::process::Command::new("kill")
+        .arg(signal)
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+async fn three_writers(fault: Fault) {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let mut writers: Vec<CofferProcess> = (0..WRITERS)
+        .map(|index| {
+            let mut environment = vec![("COFFER_WRITER_NAME", format!("w{index}"))];
+            if fault == Fault::Freeze {
+                environment.push(("COFFER_COMMAND_DEADLINE_MS", FREEZE_DEADLINE_MS.to_string()));
+            }
+            support::writer(&format!("owner-{index}"), &url, &environment)
+        })
+        .collect();
+    let urls: Vec<String> = writers.iter().map(CofferProcess::url).collect();
+    let http = Http::new();
+    wait_partitions_shared(&http, &urls).await;
+
+    let hot = support::unique("hot");
+    let accounts: Vec<String> = std::iter::once(hot.clone())
+        .chain((0..5).map(|index| support::unique(&format!("warm{index}"))))
+        .collect();
+    for account in &accounts {
+        assert_eq!(http.open_account(&urls[0], account).await.status, 201);
+    }
+
+    // Every writer's view is at most a beat (1 s) old; after two, all agree on the owners.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let conflicts_before = metric_sum(&http, &urls, "coffer_writer_append_conflicts_total").await;
+    let alive = Arc::new(RwLock::new(urls.clone()));
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for client in 0..CLIENTS {
+        let (alive, ledger, stop, http) =
+            (alive.clone(), ledger.clone(), stop.clone(), http.clone());
+        let (accounts, hot) = (accounts.clone(), hot.clone());
+        clients.push(tokio::spawn(async move {
+            let mut sent = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                sent += 1;
+                let writer = {
+                    let alive = alive.read().unwrap();
+                    alive[(client + sent) % alive.len()].clone()
+                };
+                // Half the deposits go to the hot account.
+                let account = if sent.is_multiple_of(2) {
+                    hot.clone()
+                } else {
+                    accounts[1 + (client + sent) % (accounts.len() - 1)].clone()
+                };
+                let reference = format!("own-{client}-{sent}");
+                let amount = 1 + (sent % 97) as i64;
+                let reply = http
+                    .post(
+                        &format!("{writer}/v1/accounts/{account}/deposits"),
+                        &json!({"amount": amount, "reference": reference}),
+                        None,
+                    )
+                    .await;
+                let mut ledger = ledger.lock().unwrap();
+                match reply {
+                    Ok(reply) if reply.status == 200 => {
+                        if account == hot {
+                            ledger.hot_successes.insert(writer.clone(), Instant::now());
+                        }
+                        ledger.acknowledged.insert(reference, (account, amount));
+                    }
+                    Ok(reply)
+                        if reply.status == 503
+                            && matches!(reply.code(), "outcome_unknown" | "unavailable") =>
+                    {
+                        ledger
+                            .told_unknown
+                            .insert(reference.clone(), OffsetDateTime::now_utc());
+                        ledger.unknown.insert(reference);
+                    }
+                    Ok(reply) => {
+                        ledger
+                            .errors
+                            .push((writer, reply.status, reply.body.to_string()));
+                    }
+                    Err(_) => {
+                        ledger.unknown.insert(reference);
+                    }
+                }
+            }
+        }));
+    }
+
+    // Phase 1: no fault. Every command is answered, and the writers hand commands over.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    {
+        let ledger = ledger.lock().unwrap();
+        assert!(ledger.errors.is_empty(), "errors: {:?}", ledger.errors);
+        assert!(
+            ledger.unknown.is_empty(),
+            "unknown outcomes without a fault: {}",
+            ledger.unknown.len()
+        );
+        assert!(
+            ledger.acknowledged.len() > 100,
+            "too little load to prove anything"
+        );
+    }
+    let handed = metric_sum(&http, &urls, "coffer_writer_commands_forwarded_total").await;
+    let taken = metric_sum(&http, &urls, "coffer_writer_commands_taken_over_total").await;
+    assert!(
+        handed > 0.0 && taken >= handed,
+        "handed {handed}, taken {taken}"
+    );
+    // One decider per account: the stream's concurrency check has next to nothing to referee.
+    let conflicts =
+        metric_sum(&http, &urls, "coffer_writer_append_conflicts_total").await - conflicts_before;
+    let acknowledged = ledger.lock().unwrap().acknowledged.len() as f64;
+    assert!(
+        conflicts * 100.0 < acknowledged,
+        "{conflicts} conflicts for {acknowledged} deposits"
+    );
+
+    // Phase 2: the hot account's owner fails; clients stop sending to it.
+    let partition = writer::ownership::partition_of(&AccountId::parse(&hot).unwrap());
+    let client = async_nats::connect(&url).await.unwrap();
+    let owners = async_nats::jetstream::new(client)
+        .get_key_value("COFFER_OWNERS")
+        .await
+        .unwrap();
+    let owner = owners
+        .get(format!("partitions.{partition}"))
+        .await
+        .unwrap()
+        .expect("the hot account's partition has an owner");
+    let owner = String::from_utf8(owner.to_vec()).unwrap();
+    let victim = (0..WRITERS)
+        .find(|index| owner.starts_with(&format!("w{index}-")))
+        .unwrap_or_else(|| panic!("owner {owner} is none of ours"));
+    alive.write().unwrap().retain(|url| *url != urls[victim]);
+    match fault {
+        Fault::Kill => writers[victim].kill(),
+        Fault::Freeze => signal(&writers[victim], "-STOP"),
+    }
+    let killed_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    {
+        let ledger = ledger.lock().unwrap();
+        for (index, url) in urls.iter().enumerate() {
+            if index == victim {
+                continue;
+            }
+            let last = ledger.hot_successes.get(url).copied();
+            assert!(
+                last.is_some_and(|last| last > killed_at),
+                "no hot deposit through {url} succeeded after the owner died"
+            );
+        }
+        assert!(ledger.errors.is_empty(), "errors: {:?}", ledger.errors);
+    }
+    // Within 5 s: a deposit through each survivor now, and no gap before it.
+    for (index, url) in urls.iter().enumerate() {
+        if index == victim {
+            continue;
+        }
+        let started = Instant::now();
+        let reply = http
+            .post(
+                &format!("{url}/v1/accounts/{hot}/deposits"),
+                &json!({"amount": 1, "reference": format!("probe-{index}")}),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        ledger
+            .lock()
+            .unwrap()
+            .acknowledged
+            .insert(format!("probe-{index}"), (hot.clone(), 1));
+    }
+    let survivors: Vec<String> = alive.read().unwrap().clone();
+    wait_partitions_shared(&http, &survivors).await;
+
+    // Phase 3: the failed writer comes back (killed: with a new id; frozen: it finds its
+    // leases taken and the hand-overs it had been sent past their deadlines) and gets its
+    // share again.
+    match fault {
+        Fault::Kill => {
+            writers[victim].restart();
+            support::wait_ready(&urls[victim]);
+        }
+        Fault::Freeze => {
+            tokio::time::sleep(FREEZE.saturating_sub(killed_at.elapsed())).await;
+            signal(&writers[victim], "-CONT");
+        }
+    }
+    wait_partitions_shared(&http, &urls).await;
+    *alive.write().unwrap() = urls.clone();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+
+    // The stream: every acknowledged deposit once, an unknown one at most once, nothing else.
+    let events = support::read_stream(&url).await;
+    let mut stored: HashMap<String, usize> = HashMap::new();
+    let mut balances: HashMap<String, i64> = HashMap::new();
+    for recorded in &events {
+        if let Event::Deposited {
+            amount,
+            reference: Some(reference),
+        } = &recorded.event
+        {
+            *stored.entry(reference.clone()).or_default() += 1;
+            *balances.entry(recorded.account_id.to_string()).or_default() += amount.signed();
+        }
+    }
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
+    assert!(ledger.errors.is_empty(), "errors: {:?}", ledger.errors);
+    for reference in ledger.acknowledged.keys() {
+        assert_eq!(stored.get(reference), Some(&1), "{reference} acknowledged");
+    }
+    for (reference, count) in &stored {
+        assert_eq!(*count, 1, "{reference} stored {count} times");
+        assert!(
+            ledger.acknowledged.contains_key(reference) || ledger.unknown.contains(reference),
+            "{reference} stored but never sent"
+        );
+    }
+    // Nothing was stored after its caller was told the outcome is unknown.
+    for recorded in &events {
+        if let Event::Deposited {
+            reference: Some(reference),
+            ..
+        } = &recorded.event
+        {
+            if let Some(told) = ledger.told_unknown.get(reference) {
+                assert!(
+                    recorded.time <= *told,
+                    "{reference} stored at {} after its caller was told unknown at {told}",
+                    recorded.time
+                );
+            }
+        }
+    }
+    if fault == Fault::Freeze {
+        assert!(
+            !ledger.told_unknown.is_empty(),
+            "no hand-over waited on the frozen owner: the run proves nothing"
+        );
+    }
+    for account in &accounts {
+        let acknowledged: i64 = ledger
+            .acknowledged
+            .values()
+            .filter(|(owner, _)| owner == account)
+            .map(|(_, amount)| amount)
+            .sum();
+        let balance = balances.get(account).copied().unwrap_or(0);
+        assert!(
+            balance >= acknowledged,
+            "{account}: {balance} < {acknowledged}"
+        );
+        let answer = http
+            .post(
+                &format!("{}/v1/accounts/{account}/withdrawals", urls[0]),
+                &json!({"amount": 1}),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        assert_eq!(answer.body["balance"], balance - 1, "{account}");
+    }
+    println!(
+        "ownership: {} acknowledged, {} unknown (in flight at the fault), {handed} handed over and {conflicts} conflicts before the fault",
+        ledger.acknowledged.len(),
+        ledger.unknown.len()
+    );
+}
