@@ -31,6 +31,9 @@ struct Options {
     /// Events in the long history (`--suite snapshot`).
     #[arg(long, default_value_t = 100_000)]
     history_events: usize,
+    /// Deposits per configuration (`--suite hot-account`).
+    #[arg(long, default_value_t = 4_000)]
+    hot_deposits: usize,
     /// Accounts touched once (`--suite memory`).
     #[arg(long, default_value_t = 1_000_000)]
     memory_accounts: usize,
@@ -42,6 +45,7 @@ enum Suite {
     Snapshot,
     Memory,
     CatchUp,
+    HotAccount,
 }
 
 struct Results {
@@ -549,6 +553,171 @@ async fn timed_deposit(http: &reqwest::Client, writer: &str, account: &str) -> D
     started.elapsed()
 }
 
+/// Sequential checked publish-and-ack on one subject with the official client: the ceiling of
+/// one account's commands when each is its own fsynced append.
+async fn sequential_publish_rate(client: &async_nats::Client, publishes: usize) -> f64 {
+    let context = async_nats::jetstream::new(client.clone());
+    let subject = format!(
+        "coffer.append.raw-hot-{}.deposited",
+        uuid::Uuid::now_v7().simple()
+    );
+    let mut last = 0u64;
+    let started = Instant::now();
+    for _ in 0..publishes {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            last.to_string().as_str(),
+        );
+        let ack = context
+            .publish_with_headers(subject.clone(), headers, "x".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        last = ack.sequence;
+    }
+    publishes as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Deposits to one account from `clients` clients spread over `writers`; (ops/s, summary,
+/// errors). Errors are counted, not fatal: the goal is zero.
+async fn hot_deposits(writers: &[String], clients: usize, total: usize) -> (f64, String, usize) {
+    let http = reqwest::Client::new();
+    let account = format!("hot-{}", uuid::Uuid::now_v7().simple());
+    post(
+        &http,
+        format!("{}/v1/accounts", writers[0]),
+        json!({"account_id": account, "currency": "EUR"}),
+    )
+    .await;
+    let per_client = total / clients;
+    let bar = progress(
+        (clients * per_client) as u64,
+        &format!("hot account, {} writer(s)", writers.len()),
+    );
+    let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|client| {
+            let url = format!(
+                "{}/v1/accounts/{account}/deposits",
+                writers[client % writers.len()]
+            );
+            let (http, bar, errors) = (http.clone(), bar.clone(), errors.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(per_client);
+                for _ in 0..per_client {
+                    let begun = Instant::now();
+                    let ok = http
+                        .post(&url)
+                        .json(&json!({"amount": 1}))
+                        .send()
+                        .await
+                        .is_ok_and(|response| response.status().is_success());
+                    if ok {
+                        latencies.push(begun.elapsed());
+                    } else {
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    bar.inc(1);
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.unwrap());
+    }
+    bar.finish_and_clear();
+    let elapsed = started.elapsed();
+    let rate = latencies.len() as f64 / elapsed.as_secs_f64();
+    (
+        rate,
+        summary(latencies, elapsed),
+        errors.load(std::sync::atomic::Ordering::Relaxed),
+    )
+}
+
+/// One hot account through one, two and three writers, with one owner per account and without
+/// (every writer deciding, the stream arbitrating), next to the sequential publish-and-ack
+/// ceiling measured in the same run.
+async fn hot_account_suite(
+    nats: &NatsServer,
+    results: &mut Results,
+    total: usize,
+) -> anyhow::Result<()> {
+    let client = async_nats::connect(nats.url()).await?;
+    EventLog::open(client.clone(), &StreamSettings::default()).await?;
+    let ceiling = sequential_publish_rate(&client, 2_000).await;
+    results.add(
+        "raw JetStream: sequential checked publish-and-ack, one subject",
+        format!("{ceiling:.0} ops/s"),
+    );
+    let http = reqwest::Client::new();
+    let mut one_writer = None;
+    for (count, ownership) in [(1, true), (2, true), (3, true), (2, false), (3, false)] {
+        let writers: Vec<CofferProcess> = (0..count)
+            .map(|index| {
+                CofferProcess::start(
+                    &format!("hot-writer-{index}"),
+                    "writer",
+                    &[
+                        ("COFFER_NATS_URL", nats.url()),
+                        ("COFFER_OWNERSHIP", ownership.to_string()),
+                        ("RUST_LOG", "warn".into()),
+                    ],
+                )
+            })
+            .collect();
+        let urls: Vec<String> = writers.iter().map(CofferProcess::url).collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut ready = 0;
+            let mut owned = 0;
+            for url in &urls {
+                if http
+                    .get(format!("{url}/readyz"))
+                    .send()
+                    .await
+                    .is_ok_and(|response| response.status().is_success())
+                {
+                    ready += 1;
+                }
+                owned += writer_metric(&http, url, "coffer_writer_partitions_owned").await;
+            }
+            let shared = !ownership || owned == 64;
+            if ready == count && shared {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "writers not ready");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Every writer's view of the owners is at most a beat (1 s) old; wait two.
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        let (rate, summary, errors) = hot_deposits(&urls, 16, total).await;
+        let mut conflicts = 0;
+        for url in &urls {
+            conflicts += writer_metric(&http, url, "coffer_writer_append_conflicts_total").await;
+        }
+        let base = *one_writer.get_or_insert(rate);
+        results.add(
+            &format!(
+                "deposit, 16 clients, one hot account, {count} writer(s), ownership {}",
+                if ownership { "on" } else { "off" }
+            ),
+            format!(
+                "{summary}, {errors} errors, {conflicts} conflicts; {:.2}x one writer, {:.2}x the sequential ceiling",
+                rate / base,
+                rate / ceiling
+            ),
+        );
+        drop(writers);
+    }
+    Ok(())
+}
+
 /// A counter's value in the writer's `/metrics`.
 async fn writer_metric(http: &reqwest::Client, writer: &str, name: &str) -> u64 {
     let text = http
@@ -689,6 +858,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Suite::Memory => {
             memory_suite(&nats, &mut results, options.memory_accounts).await;
+            return write_report(&results, options.report);
+        }
+        Suite::HotAccount => {
+            hot_account_suite(&nats, &mut results, options.hot_deposits).await?;
             return write_report(&results, options.report);
         }
         Suite::CatchUp => {

@@ -46,6 +46,28 @@ impl TestWriter {
         stream: StreamSettings,
         failpoint_actor_delay: Option<Duration>,
     ) -> Self {
+        Self::start_configured(nats_url, registry, stream, failpoint_actor_delay, true).await
+    }
+
+    /// Without ownership: every writer decides for any account, and the stream arbitrates.
+    async fn start_racing(nats_url: &str) -> Self {
+        Self::start_configured(
+            nats_url,
+            RegistrySettings::default(),
+            StreamSettings::default(),
+            None,
+            false,
+        )
+        .await
+    }
+
+    async fn start_configured(
+        nats_url: &str,
+        registry: RegistrySettings,
+        stream: StreamSettings,
+        failpoint_actor_delay: Option<Duration>,
+        ownership: bool,
+    ) -> Self {
         let port = testkit::free_port();
         let config = WriterConfig {
             nats: NatsSettings {
@@ -61,7 +83,7 @@ impl TestWriter {
             failpoint_actor_delay,
             http_token: None,
             http_limits: problem::HttpLimits::default(),
-            ownership: true,
+            ownership,
             writer_name: Some("test-writer".into()),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -496,10 +518,13 @@ impl TestWriter {
 
 #[tokio::test]
 async fn two_writers_hammering_the_same_accounts_lose_no_update() {
+    // Ownership off (`COFFER_OWNERSHIP=false`, and what a view a beat old or a frozen owner
+    // waking up amounts to): both writers decide for the same accounts and the stream's
+    // concurrency check is all that keeps updates from being lost.
     let nats = NatsServer::start();
     let writers = Arc::new([
-        TestWriter::start(&nats.url(), RegistrySettings::default()).await,
-        TestWriter::start(&nats.url(), RegistrySettings::default()).await,
+        TestWriter::start_racing(&nats.url()).await,
+        TestWriter::start_racing(&nats.url()).await,
     ]);
     let accounts: Vec<String> = (0..4).map(|_| unique("hot")).collect();
     for account in &accounts {
