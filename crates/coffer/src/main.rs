@@ -271,6 +271,11 @@ struct WriterArgs {
     /// process is added. 1-55 characters of A-Z a-z 0-9 _ -.
     #[arg(long, env = "COFFER_WRITER_NAME")]
     writer_name: Option<String>,
+    /// Most queued deposits and withdrawals (without an Idempotency-Key) of one account decided
+    /// together and appended in one atomic batch; 1 decides and appends each alone.
+    #[arg(long, env = "COFFER_ACCOUNT_BATCH_MAX", default_value_t = 100,
+        value_parser = clap::value_parser!(u16).range(1..=1000))]
+    account_batch_max: u16,
     /// Failpoint for tests: every command waits this long in its actor first.
     #[arg(long, env = "COFFER_FAILPOINT_ACTOR_DELAY_MS", hide = true)]
     failpoint_actor_delay_ms: Option<u64>,
@@ -836,6 +841,7 @@ async fn main() -> anyhow::Result<()> {
                 http_token: args.token.token()?,
                 http_limits: args.limits.limits(),
                 ownership: args.ownership,
+                account_batch_max: usize::from(args.account_batch_max),
                 writer_name: args.writer_name,
             };
             writer::run(config, shutdown_signal()).await?;

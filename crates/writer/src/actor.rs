@@ -197,6 +197,9 @@ pub struct ActorContext {
     /// Failpoint for tests: every command waits this long before it is looked at, as if the
     /// actor were busy, so that queued commands outlive their deadlines.
     pub failpoint_delay: Option<Duration>,
+    /// Most queued deposits and withdrawals of one account decided together and appended in
+    /// one batch (1: each alone).
+    pub account_batch_max: usize,
 }
 
 /// Counts a command from the moment it is queued until its actor is done with it (or drops it
@@ -215,6 +218,35 @@ pub enum AccountMessage {
         reply: RpcReplyPort<Result<Outcome>>,
         queued: Queued,
     },
+    /// Decide what was set aside to go together ([`AccountActorState::waiting`]): sent by the
+    /// actor to itself behind the commands already in its mailbox.
+    Flush,
+}
+
+/// A command set aside to be decided with the others queued behind it.
+struct Waiting {
+    request: CommandRequest,
+    reply: RpcReplyPort<Result<Outcome>>,
+    queued: Queued,
+}
+
+impl Waiting {
+    fn answer(self, answer: Result<Outcome>) {
+        drop(self.queued);
+        // The caller may have timed out and gone; then nothing was started after its deadline.
+        let _ = self.reply.send(answer);
+    }
+}
+
+/// Whether a command may be decided together with others of its account: a plain deposit or
+/// withdrawal without an idempotency key (a keyed one needs its marker's answer at a known
+/// offset and goes alone).
+fn goes_together(request: &CommandRequest) -> bool {
+    request.idempotency_key.is_none()
+        && matches!(
+            request.intent,
+            Intent::Account(domain::Command::Deposit { .. } | domain::Command::Withdraw { .. })
+        )
 }
 
 pub struct AccountActor;
@@ -226,6 +258,8 @@ pub struct AccountActorState {
     loaded: bool,
     /// Events of the account applied since its last snapshot (or since this actor started).
     events_since_snapshot: u64,
+    /// Deposits and withdrawals set aside until the `Flush` behind them, in arrival order.
+    waiting: Vec<Waiting>,
 }
 
 pub struct ActorArguments {
@@ -249,6 +283,7 @@ impl Actor for AccountActor {
             known: Known::new(arguments.account_id),
             loaded: false,
             events_since_snapshot: 0,
+            waiting: Vec::new(),
         })
     }
 
@@ -263,34 +298,50 @@ impl Actor for AccountActor {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let AccountMessage::Execute {
-            request,
-            reply,
-            queued,
-        } = message;
+        let (request, reply, queued) = match message {
+            AccountMessage::Execute {
+                request,
+                reply,
+                queued,
+            } => (request, reply, queued),
+            AccountMessage::Flush => {
+                state.flush().await;
+                return Ok(());
+            }
+        };
         if let Some(delay) = state.context.failpoint_delay {
             tokio::time::sleep(delay).await;
         }
-        let answer = if request
-            .deadline
-            .is_some_and(|deadline| Instant::now() >= deadline)
-        {
-            // The caller has answered `outcome_unknown` already; starting now would append
-            // something nobody is told about.
-            state.context.metrics.commands_expired.inc();
-            Err(Error::Unavailable(
-                "the command waited past its deadline and was not started".into(),
-            ))
-        } else {
-            state.execute(*request).await
+        let waiting = Waiting {
+            request: *request,
+            reply,
+            queued,
         };
-        drop(queued);
-        // The caller may have timed out and gone; then nothing was started after its deadline.
-        let _ = reply.send(answer);
+        if state.context.account_batch_max > 1 && goes_together(&waiting.request) {
+            // Set aside; the `Flush` queued behind whatever else is in the mailbox decides
+            // them all. At low load that is the next message: no added wait.
+            if state.waiting.is_empty() {
+                if let Err(error) = myself.send_message(AccountMessage::Flush) {
+                    tracing::debug!(%error, "could not queue a flush; deciding now");
+                    state.waiting.push(waiting);
+                    state.flush().await;
+                    return Ok(());
+                }
+            }
+            state.waiting.push(waiting);
+            if state.waiting.len() >= state.context.account_batch_max {
+                state.flush().await;
+            }
+            return Ok(());
+        }
+        // Anything set aside arrived first: it goes first.
+        state.flush().await;
+        let answer = state.execute_unless_expired(waiting.request.clone()).await;
+        waiting.answer(answer);
         Ok(())
     }
 }
@@ -317,6 +368,180 @@ struct Expiry {
 impl AccountActorState {
     fn id(&self) -> &AccountId {
         self.known.state.id()
+    }
+
+    /// Runs one command unless its deadline has passed.
+    async fn execute_unless_expired(&mut self, request: CommandRequest) -> Result<Outcome> {
+        if request
+            .deadline
+            .is_some_and(|deadline| Instant::now() >= deadline)
+        {
+            // The caller has answered `outcome_unknown` already; starting now would append
+            // something nobody is told about.
+            self.context.metrics.commands_expired.inc();
+            return Err(Error::Unavailable(
+                "the command waited past its deadline and was not started".into(),
+            ));
+        }
+        self.execute(request).await
+    }
+
+    /// Decides the deposits and withdrawals set aside, in arrival order, on the account's state
+    /// as each leaves it, and appends the accepted ones in one atomic batch. Every event states
+    /// the account's position before the batch: JetStream checks a batch's conditions against the
+    /// stream as it was before the batch, and one actor decided them all in order, so the check
+    /// still means "nobody appended since". From the first refusal on, and for all of them after
+    /// a conflict, commands run one by one as any other does (a refusal is re-checked against
+    /// the stream leader there; a conflict is retried there).
+    async fn flush(&mut self) {
+        let waiting = std::mem::take(&mut self.waiting);
+        let mut live = Vec::with_capacity(waiting.len());
+        for command in waiting {
+            if command
+                .request
+                .deadline
+                .is_some_and(|deadline| Instant::now() >= deadline)
+            {
+                self.context.metrics.commands_expired.inc();
+                command.answer(Err(Error::Unavailable(
+                    "the command waited past its deadline and was not started".into(),
+                )));
+            } else {
+                live.push(command);
+            }
+        }
+        if live.len() < 2 {
+            for command in live {
+                let answer = self.execute_unless_expired(command.request.clone()).await;
+                command.answer(answer);
+            }
+            return;
+        }
+        let rest = self.execute_together(live).await;
+        for command in rest {
+            let answer = self.execute_unless_expired(command.request.clone()).await;
+            command.answer(answer);
+        }
+    }
+
+    /// The batch of [`AccountActorState::flush`]; returns the commands still to run alone.
+    async fn execute_together(&mut self, commands: Vec<Waiting>) -> Vec<Waiting> {
+        let loaded = if self.loaded {
+            if let Some(shared) = self.context.states.get(self.id()) {
+                self.adopt(shared);
+            }
+            Ok(())
+        } else {
+            self.catch_up().await
+        };
+        if let Err(error) = loaded {
+            for command in commands {
+                command.answer(Err(error.clone()));
+            }
+            return Vec::new();
+        }
+        let before = self.known.position;
+        let mut after = self.known.clone();
+        let mut entries = Vec::with_capacity(commands.len());
+        let mut decided: Vec<(Waiting, Outcome)> = Vec::with_capacity(commands.len());
+        let mut rest = Vec::new();
+        for command in commands {
+            let Intent::Account(domain_command) = &command.request.intent else {
+                rest.push(command);
+                continue;
+            };
+            if !rest.is_empty() {
+                rest.push(command);
+                continue;
+            }
+            let event = match decide(&after.state, domain_command)
+                .map(|events| events.into_iter().next())
+            {
+                Ok(Some(event)) => event,
+                // A refusal (or nothing to append) is answered alone, re-checked there.
+                _ => {
+                    rest.push(command);
+                    continue;
+                }
+            };
+            let chain = match eventlog::chain::next(&after.chain, self.id(), &event) {
+                Ok(chain) => chain,
+                Err(_) => {
+                    rest.push(command);
+                    continue;
+                }
+            };
+            after.apply(&event, before, chain.clone());
+            let outcome = Outcome::BalanceChanged {
+                account_id: self.id().clone(),
+                balance: after.state.balance(),
+                position: 0,
+            };
+            entries.push(Entry::Event {
+                account: self.id().clone(),
+                expected_last_position: before,
+                event,
+                metadata: EventMetadata {
+                    command_id: uuid::Uuid::now_v7().to_string(),
+                    correlation_id: command.request.correlation_id.clone(),
+                    traceparent: Some(command.request.trace.to_string()),
+                },
+                chain,
+            });
+            decided.push((command, outcome));
+        }
+        if decided.len() < 2 {
+            // Nothing gained by a batch: everyone runs alone, in order.
+            let mut alone: Vec<Waiting> = decided.into_iter().map(|(command, _)| command).collect();
+            alone.extend(rest);
+            return alone;
+        }
+        // Nothing is sent after the earliest deadline among them: its caller answers by then.
+        let deadline = decided
+            .iter()
+            .filter_map(|(command, _)| command.request.deadline)
+            .min();
+        let appending = std::time::Instant::now();
+        let messages = entries.len();
+        let appended = self.context.committer.append(entries, deadline).await;
+        let metrics = &self.context.metrics;
+        metrics
+            .append_duration
+            .observe(appending.elapsed().as_secs_f64());
+        metrics.append_batch_messages.observe(messages as f64);
+        match appended {
+            Ok(appended) => {
+                after.position = appended.last_position;
+                self.known = after;
+                self.context.states.publish(&self.known);
+                self.events_since_snapshot += messages as u64;
+                self.snapshot_when_due();
+                for (index, (command, outcome)) in decided.into_iter().enumerate() {
+                    command.answer(Ok(outcome.at(appended.position_of(index))));
+                }
+                rest
+            }
+            Err(eventlog::Error::Conflict { .. } | eventlog::Error::Duplicate(_)) => {
+                // Another writer appended since: each decides again alone, on fresh state.
+                metrics.conflicts.inc();
+                self.loaded = false;
+                let mut alone: Vec<Waiting> =
+                    decided.into_iter().map(|(command, _)| command).collect();
+                alone.extend(rest);
+                alone
+            }
+            Err(error) => {
+                if matches!(error, eventlog::Error::OutcomeUnknown(_)) {
+                    // The batch may be stored: reload before the next decision.
+                    self.loaded = false;
+                }
+                let error = Error::from(error);
+                for (command, _) in decided {
+                    command.answer(Err(error.clone()));
+                }
+                rest
+            }
+        }
     }
 
     fn adopt(&mut self, newer: Known) {

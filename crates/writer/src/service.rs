@@ -29,6 +29,9 @@ pub struct WriterConfig {
     /// Snapshot an account every this many of its events (`COFFER_SNAPSHOT_EVERY`, default
     /// 1000; 0: never).
     pub snapshot_every: u64,
+    /// Most queued deposits and withdrawals of one account decided together and appended in one
+    /// batch (`COFFER_ACCOUNT_BATCH_MAX`, default 100; 1: each alone).
+    pub account_batch_max: usize,
     /// Failpoint for tests: every command waits this long in its actor before it is looked at.
     pub failpoint_actor_delay: Option<Duration>,
     /// The bearer token the command API requires (`COFFER_HTTP_TOKEN`); none: no auth.
@@ -220,6 +223,7 @@ async fn try_set_up(
         metrics: metrics.clone(),
         states: AccountStates::default(),
         failpoint_delay: config.failpoint_actor_delay,
+        account_batch_max: config.account_batch_max.max(1),
     });
     Registry::start(context, config.registry.clone()).await
 }

@@ -85,6 +85,7 @@ impl TestWriter {
             http_limits: problem::HttpLimits::default(),
             ownership,
             writer_name: Some("test-writer".into()),
+            account_batch_max: 100,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -1256,6 +1257,7 @@ async fn fresh_registry(nats_url: &str, snapshot_every: u64) -> (Registry, Arc<M
         metrics: metrics.clone(),
         states: AccountStates::default(),
         failpoint_delay: None,
+        account_batch_max: 100,
     });
     let registry = Registry::start(context, RegistrySettings::default())
         .await
@@ -1363,4 +1365,85 @@ async fn a_history_loads_from_its_snapshot_and_falls_back_to_a_full_replay_when_
     assert_eq!(metrics.snapshots_loaded.get(), 0);
     assert_eq!(metrics.events_replayed.get(), 27);
     fourth.stop();
+}
+
+#[tokio::test]
+async fn queued_deposits_of_one_account_go_in_one_batch_and_refusals_go_alone() {
+    // 48 clients on one account: while one append is in flight the others queue, and the actor
+    // decides them together and appends them in one batch, each event stating the position
+    // before the batch. Withdrawals larger than the balance are refused on their own. The
+    // stream must hold exactly the acknowledged events, chained, with the balance never below
+    // zero.
+    let nats = NatsServer::start();
+    let writer = Arc::new(TestWriter::start(&nats.url(), RegistrySettings::default()).await);
+    let account = unique("batched");
+    assert_eq!(writer.open(&account, 0).await.status, 201);
+    let mut tasks = Vec::new();
+    for client in 0..48usize {
+        let (writer, account) = (writer.clone(), account.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut moved = 0i64;
+            let mut refused = 0;
+            for step in 0..15usize {
+                if (client + step) % 5 == 0 {
+                    let reply = writer.withdraw(&account, 7).await;
+                    match reply.status {
+                        200 => moved -= 7,
+                        422 => {
+                            assert_eq!(reply.code(), "insufficient_funds");
+                            refused += 1;
+                        }
+                        other => panic!("withdrawal answered {other}: {:?}", reply.body),
+                    }
+                } else {
+                    let reply = writer.deposit(&account, 3, None).await;
+                    assert_eq!(reply.status, 200, "{:?}", reply.body);
+                    moved += 3;
+                }
+            }
+            (moved, refused)
+        }));
+    }
+    let mut expected = 0;
+    let mut refused = 0;
+    for task in tasks {
+        let (moved, refusals) = task.await.unwrap();
+        expected += moved;
+        refused += refusals;
+    }
+    let events = stored_events(&nats.url()).await;
+    let mut verifier = eventlog::chain::Verifier::default();
+    let mut balance = 0i64;
+    let mut appended = 0;
+    for recorded in events
+        .iter()
+        .filter(|event| event.account_id.as_str() == account)
+    {
+        assert!(verifier.check(
+            recorded.account_id.as_str(),
+            recorded.position,
+            recorded.event.event_type(),
+            recorded.version,
+            &recorded.payload,
+            recorded.chain.as_deref(),
+        ));
+        balance += recorded.event.balance_change();
+        assert!(balance >= 0, "balance {balance} at {}", recorded.position);
+        appended += 1;
+    }
+    assert_eq!(balance, expected);
+    // The open, and one event per acknowledged deposit or withdrawal.
+    assert_eq!(appended, 1 + 48 * 15 - refused);
+    let reply = writer.deposit(&account, 1, None).await;
+    assert_eq!(reply.body["balance"].as_i64(), Some(expected + 1));
+    let appends = writer
+        .metric("coffer_writer_append_batch_messages_count")
+        .await;
+    let alone = writer
+        .metric("coffer_writer_append_batch_messages_bucket{le=\"1.0\"}")
+        .await;
+    assert!(
+        appends > alone,
+        "no append carried more than one command: {alone} of {appends}"
+    );
 }
