@@ -17,6 +17,7 @@
 //! after its deadline; its caller has already answered `outcome_unknown`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -200,6 +201,10 @@ pub struct ActorContext {
     /// Most queued deposits and withdrawals of one account decided together and appended in
     /// one batch (1: each alone).
     pub account_batch_max: usize,
+    /// Set when the server refused a batch of one account's events for its shape rather than a
+    /// race (a server that checks each event against the ones before it in the batch): from
+    /// then on every command goes alone.
+    pub account_batching_refused: AtomicBool,
 }
 
 /// Counts a command from the moment it is queued until its actor is done with it (or drops it
@@ -219,8 +224,9 @@ pub enum AccountMessage {
         queued: Queued,
     },
     /// Decide what was set aside to go together ([`AccountActorState::waiting`]): sent by the
-    /// actor to itself behind the commands already in its mailbox.
-    Flush,
+    /// actor to itself behind the commands already in its mailbox. A flush of an earlier
+    /// generation (its commands already decided) is ignored.
+    Flush(u64),
 }
 
 /// A command set aside to be decided with the others queued behind it.
@@ -260,6 +266,8 @@ pub struct AccountActorState {
     events_since_snapshot: u64,
     /// Deposits and withdrawals set aside until the `Flush` behind them, in arrival order.
     waiting: Vec<Waiting>,
+    /// The generation of `waiting`: bumped whenever a first command is set aside.
+    flush_generation: u64,
 }
 
 pub struct ActorArguments {
@@ -284,6 +292,7 @@ impl Actor for AccountActor {
             loaded: false,
             events_since_snapshot: 0,
             waiting: Vec::new(),
+            flush_generation: 0,
         })
     }
 
@@ -308,8 +317,10 @@ impl Actor for AccountActor {
                 reply,
                 queued,
             } => (request, reply, queued),
-            AccountMessage::Flush => {
-                state.flush().await;
+            AccountMessage::Flush(generation) => {
+                if generation == state.flush_generation {
+                    state.flush().await;
+                }
                 return Ok(());
             }
         };
@@ -321,11 +332,18 @@ impl Actor for AccountActor {
             reply,
             queued,
         };
-        if state.context.account_batch_max > 1 && goes_together(&waiting.request) {
+        let batching = state.context.account_batch_max > 1
+            && !state
+                .context
+                .account_batching_refused
+                .load(Ordering::Relaxed);
+        if batching && goes_together(&waiting.request) {
             // Set aside; the `Flush` queued behind whatever else is in the mailbox decides
             // them all. At low load that is the next message: no added wait.
             if state.waiting.is_empty() {
-                if let Err(error) = myself.send_message(AccountMessage::Flush) {
+                state.flush_generation += 1;
+                let flush = AccountMessage::Flush(state.flush_generation);
+                if let Err(error) = myself.send_message(flush) {
                     tracing::debug!(%error, "could not queue a flush; deciding now");
                     state.waiting.push(waiting);
                     state.flush().await;
@@ -515,16 +533,46 @@ impl AccountActorState {
                 self.known = after;
                 self.context.states.publish(&self.known);
                 self.events_since_snapshot += messages as u64;
+                self.context.metrics.account_batches.inc();
+                self.context
+                    .metrics
+                    .account_batch_commands
+                    .inc_by(messages as u64);
                 self.snapshot_when_due();
                 for (index, (command, outcome)) in decided.into_iter().enumerate() {
                     command.answer(Ok(outcome.at(appended.position_of(index))));
                 }
                 rest
             }
-            Err(eventlog::Error::Conflict { .. } | eventlog::Error::Duplicate(_)) => {
-                // Another writer appended since: each decides again alone, on fresh state.
-                metrics.conflicts.inc();
-                self.loaded = false;
+            Err(eventlog::Error::Conflict {
+                current_last_position,
+            }) if current_last_position == Some(before) => {
+                // Nobody appended since `before`: the server refused the batch's shape.
+                tracing::error!(
+                    account = %self.id(),
+                    "the stream refused several events of one account in one batch; \
+                     deciding every command alone from now on"
+                );
+                self.context
+                    .account_batching_refused
+                    .store(true, Ordering::Relaxed);
+                let mut alone: Vec<Waiting> =
+                    decided.into_iter().map(|(command, _)| command).collect();
+                alone.extend(rest);
+                alone
+            }
+            Err(
+                error @ (eventlog::Error::Conflict { .. }
+                | eventlog::Error::Duplicate(_)
+                | eventlog::Error::Unavailable(_)),
+            ) => {
+                // Nothing was stored: another writer appended since (each decides again
+                // alone, on fresh state), or the batch was not sent (its earliest deadline
+                // passed, NATS is away): each goes alone, within its own deadline.
+                if !matches!(error, eventlog::Error::Unavailable(_)) {
+                    metrics.conflicts.inc();
+                    self.loaded = false;
+                }
                 let mut alone: Vec<Waiting> =
                     decided.into_iter().map(|(command, _)| command).collect();
                 alone.extend(rest);

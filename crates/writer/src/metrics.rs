@@ -37,6 +37,10 @@ pub struct Metrics {
     pub forward_fallbacks: Counter,
     /// Commands other writers handed to this one as their account's owner.
     pub commands_taken_over: Counter,
+    /// Committed appends that carried several queued commands of one account.
+    pub account_batches: Counter,
+    /// The commands in them.
+    pub account_batch_commands: Counter,
     /// Partition leases this writer holds.
     pub partitions_owned: Gauge,
     /// Leases this writer found taken by another when it went to renew them.
@@ -73,6 +77,8 @@ impl Default for Metrics {
             snapshots_loaded: Counter::default(),
             snapshots_written: Counter::default(),
             commands_forwarded: Counter::default(),
+            account_batches: Counter::default(),
+            account_batch_commands: Counter::default(),
             forward_fallbacks: Counter::default(),
             commands_taken_over: Counter::default(),
             partitions_owned: Gauge::default(),
@@ -144,6 +150,16 @@ impl Metrics {
                 "coffer_writer_snapshots_written",
                 "Account snapshots written.",
                 &self.snapshots_written,
+            ),
+            (
+                "coffer_writer_account_batches",
+                "Committed appends that carried several queued deposits or withdrawals of one account.",
+                &self.account_batches,
+            ),
+            (
+                "coffer_writer_account_batch_commands",
+                "The commands in those appends: commands per account batch is this over the batches.",
+                &self.account_batch_commands,
             ),
             (
                 "coffer_writer_commands_forwarded",

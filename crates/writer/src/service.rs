@@ -224,6 +224,7 @@ async fn try_set_up(
         states: AccountStates::default(),
         failpoint_delay: config.failpoint_actor_delay,
         account_batch_max: config.account_batch_max.max(1),
+        account_batching_refused: Default::default(),
     });
     Registry::start(context, config.registry.clone()).await
 }

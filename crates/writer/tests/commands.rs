@@ -1258,6 +1258,7 @@ async fn fresh_registry(nats_url: &str, snapshot_every: u64) -> (Registry, Arc<M
         states: AccountStates::default(),
         failpoint_delay: None,
         account_batch_max: 100,
+        account_batching_refused: Default::default(),
     });
     let registry = Registry::start(context, RegistrySettings::default())
         .await
@@ -1436,14 +1437,13 @@ async fn queued_deposits_of_one_account_go_in_one_batch_and_refusals_go_alone() 
     assert_eq!(appended, 1 + 48 * 15 - refused);
     let reply = writer.deposit(&account, 1, None).await;
     assert_eq!(reply.body["balance"].as_i64(), Some(expected + 1));
-    let appends = writer
-        .metric("coffer_writer_append_batch_messages_count")
-        .await;
-    let alone = writer
-        .metric("coffer_writer_append_batch_messages_bucket{le=\"1.0\"}")
+    // Committed batches of several commands, not merely sent ones.
+    let batches = writer.metric("coffer_writer_account_batches_total").await;
+    let batched = writer
+        .metric("coffer_writer_account_batch_commands_total")
         .await;
     assert!(
-        appends > alone,
-        "no append carried more than one command: {alone} of {appends}"
+        batches > 0.0 && batched >= 2.0 * batches,
+        "no committed append carried several commands: {batched} in {batches}"
     );
 }
