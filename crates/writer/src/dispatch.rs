@@ -37,8 +37,11 @@ const HANDOVERS_CONCURRENT_MAX: usize = 1_024;
 /// How long hand-overs in flight get to finish at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(6);
 
-/// A command as handed to its account's owner (MessagePack, named fields).
+/// A command as handed to its account's owner (MessagePack, named fields). Unknown fields are
+/// refused, not dropped: an owner of an older version must not run a command without a field a
+/// newer caller relies on (it answers [`HandoverAnswer::NotTaken`] and the caller decides).
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Handover {
     account_id: AccountId,
     intent: Intent,
@@ -61,6 +64,9 @@ enum HandoverAnswer {
         body: String,
     },
     Failed(Error),
+    /// Not started: the owner could not read the hand-over (another version). The caller
+    /// decides it itself.
+    NotTaken(String),
 }
 
 fn unix_ms(time: SystemTime) -> u64 {
@@ -148,6 +154,11 @@ impl Dispatcher {
                         body: serde_json::from_str(&body).unwrap_or_default(),
                     }),
                     Ok(HandoverAnswer::Failed(error)) => Err(error),
+                    Ok(HandoverAnswer::NotTaken(reason)) => {
+                        self.metrics.forward_fallbacks.inc();
+                        tracing::warn!(%owner, %reason, "the owner could not take a command; deciding here");
+                        self.registry.execute(request).await
+                    }
                     Err(error) => Err(Error::OutcomeUnknown(format!(
                         "the owner {owner} of account {} answered unreadably: {error}",
                         request.account_id
@@ -190,13 +201,15 @@ pub async fn serve_handovers(
         let metrics = metrics.clone();
         async move {
             metrics.commands_taken_over.inc();
-            let answer = take_over(&registry, &message.payload).await;
-            let answer = match answer {
-                Ok(outcome) => HandoverAnswer::Done {
-                    status: outcome.status(),
-                    body: outcome.body().to_string(),
+            let answer = match rmp_serde::from_slice::<Handover>(&message.payload) {
+                Ok(handover) => match take_over(&registry, handover).await {
+                    Ok(outcome) => HandoverAnswer::Done {
+                        status: outcome.status(),
+                        body: outcome.body().to_string(),
+                    },
+                    Err(error) => HandoverAnswer::Failed(error),
                 },
-                Err(error) => HandoverAnswer::Failed(error),
+                Err(error) => HandoverAnswer::NotTaken(format!("unreadable hand-over: {error}")),
             };
             let Some(reply) = message.reply else { return };
             match rmp_serde::to_vec_named(&answer) {
@@ -228,13 +241,16 @@ pub async fn serve_handovers(
     Ok(())
 }
 
-/// Decodes a hand-over and runs it here, within what remains of its caller's deadline.
-async fn take_over(registry: &Registry, payload: &[u8]) -> Result<Outcome> {
-    let handover: Handover = rmp_serde::from_slice(payload)
-        .map_err(|error| Error::InvalidRequest(format!("unreadable hand-over: {error}")))?;
-    let now_unix_ms = unix_ms(SystemTime::now());
+/// What is left of a hand-over's time when the owner takes it at `now_unix_ms`: the budget or
+/// what the caller's UTC deadline leaves, the smaller (zero: do not start it).
+fn remaining(handover: &Handover, now_unix_ms: u64) -> Duration {
     let by_clock = handover.deadline_unix_ms.saturating_sub(now_unix_ms);
-    let remaining = Duration::from_millis(handover.budget_ms.min(by_clock));
+    Duration::from_millis(handover.budget_ms.min(by_clock))
+}
+
+/// Runs a hand-over here, within what remains of its caller's deadline.
+async fn take_over(registry: &Registry, handover: Handover) -> Result<Outcome> {
+    let remaining = remaining(&handover, unix_ms(SystemTime::now()));
     if remaining.is_zero() {
         return Err(Error::Unavailable(
             "the command reached its deadline before its account's owner took it; not applied"
@@ -255,4 +271,64 @@ async fn take_over(registry: &Registry, payload: &[u8]) -> Result<Outcome> {
     registry
         .execute_until(request, tokio::time::Instant::now() + remaining)
         .await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn handover() -> Handover {
+        Handover {
+            account_id: AccountId::parse("acc-1").unwrap(),
+            intent: Intent::Account(domain::Command::Deposit {
+                amount: domain::Amount::new(5).unwrap(),
+                reference: Some("r".into()),
+            }),
+            idempotency_key: Some("k-1".into()),
+            correlation_id: "c".into(),
+            transfer_id_generated: false,
+            traceparent: trace_context::TraceParent::new_root().to_string(),
+            budget_ms: 9_500,
+            deadline_unix_ms: 100_000,
+        }
+    }
+
+    #[test]
+    fn a_hand_over_keeps_every_field_and_refuses_unknown_ones() {
+        let bytes = rmp_serde::to_vec_named(&handover()).unwrap();
+        let back: Handover = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back.intent, handover().intent);
+        assert_eq!(back.idempotency_key.as_deref(), Some("k-1"));
+        assert_eq!((back.budget_ms, back.deadline_unix_ms), (9_500, 100_000));
+        // A newer writer's extra field is not silently dropped by this one.
+        let mut newer = serde_json::to_value(handover()).unwrap();
+        newer["fence"] = "x".into();
+        let newer = rmp_serde::to_vec_named(&newer).unwrap();
+        assert!(rmp_serde::from_slice::<Handover>(&newer).is_err());
+    }
+
+    #[test]
+    fn errors_cross_a_hand_over_unchanged() {
+        let refusal = Error::Rejected(domain::DomainError::InsufficientFunds {
+            balance: 3,
+            amount: 5,
+            floor: 0,
+        });
+        let bytes = rmp_serde::to_vec_named(&HandoverAnswer::Failed(refusal.clone())).unwrap();
+        match rmp_serde::from_slice::<HandoverAnswer>(&bytes).unwrap() {
+            HandoverAnswer::Failed(error) => assert_eq!(error.problem(), refusal.problem()),
+            _ => panic!("another answer"),
+        }
+    }
+
+    #[test]
+    fn the_owner_gets_the_smaller_of_budget_and_utc_deadline() {
+        let handover = handover();
+        assert_eq!(remaining(&handover, 0), Duration::from_millis(9_500));
+        assert_eq!(remaining(&handover, 95_000), Duration::from_millis(5_000));
+        // Woken up after its caller's deadline (a frozen owner): nothing left, not started.
+        assert_eq!(remaining(&handover, 100_000), Duration::ZERO);
+        assert_eq!(remaining(&handover, 250_000), Duration::ZERO);
+    }
 }
