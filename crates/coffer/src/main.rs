@@ -713,14 +713,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
     let log = eventlog::EventLog::new(client, &args.nats.stream());
     let mut verifier = eventlog::chain::Verifier::default();
     let mut check = |recorded: &eventlog::RecordedEvent| {
-        verifier.check(
-            recorded.account_id.as_str(),
-            recorded.position,
-            recorded.event.event_type(),
-            recorded.version,
-            &recorded.payload,
-            recorded.chain.as_deref(),
-        );
+        verifier.check_recorded(recorded);
     };
     match &args.account {
         Some(account) => {

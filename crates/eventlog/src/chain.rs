@@ -59,6 +59,18 @@ pub struct Verifier {
 }
 
 impl Verifier {
+    /// Checks one event read back from the stream; returns whether it matches its chain.
+    pub fn check_recorded(&mut self, recorded: &crate::RecordedEvent) -> bool {
+        self.check(
+            recorded.account_id.as_str(),
+            recorded.position,
+            recorded.event.event_type(),
+            recorded.version,
+            &recorded.payload,
+            recorded.chain.as_deref(),
+        )
+    }
+
     /// Checks one stored event; returns whether it matches its chain.
     pub fn check(
         &mut self,

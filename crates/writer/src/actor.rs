@@ -388,6 +388,23 @@ impl AccountActorState {
         self.known.state.id()
     }
 
+    /// Appends through the group committer, timed and counted.
+    async fn append(
+        &self,
+        entries: Vec<Entry>,
+        deadline: Option<Instant>,
+    ) -> std::result::Result<eventlog::Appended, eventlog::Error> {
+        let appending = std::time::Instant::now();
+        let messages = entries.len();
+        let appended = self.context.committer.append(entries, deadline).await;
+        let metrics = &self.context.metrics;
+        metrics
+            .append_duration
+            .observe(appending.elapsed().as_secs_f64());
+        metrics.append_batch_messages.observe(messages as f64);
+        appended
+    }
+
     /// Runs one command unless its deadline has passed.
     async fn execute_unless_expired(&mut self, request: CommandRequest) -> Result<Outcome> {
         if request
@@ -519,14 +536,9 @@ impl AccountActorState {
             .iter()
             .filter_map(|(command, _)| command.request.deadline)
             .min();
-        let appending = std::time::Instant::now();
         let messages = entries.len();
-        let appended = self.context.committer.append(entries, deadline).await;
+        let appended = self.append(entries, deadline).await;
         let metrics = &self.context.metrics;
-        metrics
-            .append_duration
-            .observe(appending.elapsed().as_secs_f64());
-        metrics.append_batch_messages.observe(messages as f64);
         match appended {
             Ok(appended) => {
                 after.position = appended.last_position;
@@ -748,8 +760,6 @@ impl AccountActorState {
                     .await
                     .map_err(Error::from)?;
             }
-            let appending = std::time::Instant::now();
-            let messages = plan.entries.len();
             let own_events = plan
                 .entries
                 .iter()
@@ -758,15 +768,8 @@ impl AccountActorState {
                 )
                 .count() as u64;
             let appended = self
-                .context
-                .committer
                 .append(std::mem::take(&mut plan.entries), request.deadline)
                 .await;
-            let metrics = &self.context.metrics;
-            metrics
-                .append_duration
-                .observe(appending.elapsed().as_secs_f64());
-            metrics.append_batch_messages.observe(messages as f64);
             match appended {
                 Ok(appended) => {
                     for (mut known, index) in plan.changes {
