@@ -50,8 +50,15 @@ const CHECKPOINT_KEY: &str = "applied_position";
 /// and created again is another log, whatever its positions say.
 const STREAM_CREATED_KEY: &str = "stream_created_unix_ns";
 
-/// Largest batch applied in one transaction, in events: bounds memory and commit latency.
+/// Largest batch the server sends per pull, in events.
 pub const BATCH_SIZE_MAX: usize = 1_000;
+/// Largest batch applied in one transaction, in events: bounds memory and commit latency.
+/// While the consumer says more events are pending (a catch-up), deliveries are gathered up to
+/// this many: redb is copy-on-write, so a commit rewrites every page it touched, and a
+/// transaction of ten pulls touches each statement page once instead of ten times.
+pub const TRANSACTION_EVENTS_MAX: usize = 19_000;
+/// How long a catch-up waits for the next delivery before committing what it gathered.
+const GATHER_WAIT: Duration = Duration::from_millis(20);
 /// Largest batch the server sends per pull, in bytes.
 pub const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Pause before re-creating the consumer after NATS trouble.
@@ -413,10 +420,40 @@ impl<P: Projector> Engine<P> {
                 return Err(Error::Nats("message stream ended".into()));
             };
             let mut batch = Vec::with_capacity(chunk.len());
+            let mut failed = None;
             for message in chunk {
                 batch.push(message.map_err(|error| Error::Nats(error.to_string()))?);
             }
+            // Catching up: more deliveries into the same transaction while more are pending.
+            while batch.len() < TRANSACTION_EVENTS_MAX && more_pending(&batch) {
+                match tokio::time::timeout(GATHER_WAIT, batches.next()).await {
+                    Ok(Some(chunk)) => {
+                        for message in chunk {
+                            match message {
+                                Ok(message) => batch.push(message),
+                                Err(error) => {
+                                    failed = Some(Error::Nats(error.to_string()));
+                                    break;
+                                }
+                            }
+                        }
+                        if failed.is_some() {
+                            break;
+                        }
+                    }
+                    Ok(None) => {
+                        failed = Some(Error::Nats("message stream ended".into()));
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            // What was received before a failure is applied first (deliveries are contiguous
+            // up to it).
             self.apply_batch(batch).await?;
+            if let Some(error) = failed {
+                return Err(error);
+            }
         }
     }
 
@@ -551,6 +588,7 @@ impl<P: Projector> Engine<P> {
         let mut poison = None;
         let mut gap = None;
         let mut next_delivery = self.next_delivery.load(Ordering::Relaxed);
+        let no_headers = async_nats::HeaderMap::new();
         for message in &messages {
             let info = message
                 .info()
@@ -574,12 +612,13 @@ impl<P: Projector> Engine<P> {
                 settled = Some(message);
                 continue;
             }
-            let headers = message.headers.clone().unwrap_or_default();
+            // Borrowed, not cloned: a header map per event was a tenth of a catch-up's time.
+            let headers = message.headers.as_ref().unwrap_or(&no_headers);
             match decode_stored(
                 &message.subject,
                 info.stream_sequence,
                 info.published,
-                &headers,
+                headers,
                 message.payload.clone(),
             ) {
                 Ok(recorded) => {
@@ -653,6 +692,14 @@ impl<P: Projector> Engine<P> {
             None => Ok(()),
         }
     }
+}
+
+/// Whether the consumer had more events for us than the last delivery of `batch`.
+fn more_pending(batch: &[jetstream::Message]) -> bool {
+    batch
+        .last()
+        .and_then(|message| message.info().ok())
+        .is_some_and(|info| info.pending > 0)
 }
 
 fn commit<P: Projector>(

@@ -6,6 +6,7 @@
 //! (no full scan per request).
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use domain::Event;
@@ -404,9 +405,15 @@ impl projection::Projector for LedgerViews {
         let mut statement_times = transaction.open_table(STATEMENT_TIMES)?;
         let mut audit: AuditRow = read_row(&audit_table, AUDIT_RUNNING)?.unwrap_or_default();
         let mut settled: Option<AuditRow> = None;
+        // Account rows as the batch leaves them: each is read and written once per batch, not
+        // once per event (a catch-up applies up to 1 000 events of few accounts at a time).
+        let mut rows: HashMap<&str, Option<AccountRow>> = HashMap::new();
         for recorded in events {
             let account_id = recorded.account_id.as_str();
-            let old: Option<AccountRow> = read_row(&accounts, account_id)?;
+            let old: Option<AccountRow> = match rows.remove(account_id) {
+                Some(row) => row,
+                None => read_row(&accounts, account_id)?,
+            };
             let previous_chain = old.as_ref().map_or_else(genesis, |row| row.chain.clone());
             let expected_chain = recorded.expected_chain(&previous_chain);
             if recorded.chain.as_deref() != Some(expected_chain.as_str()) {
@@ -458,7 +465,14 @@ impl projection::Projector for LedgerViews {
                         recorded.position,
                     )?;
                 }
-                accounts.insert(account_id, encode(&row)?.as_slice())?;
+                rows.insert(account_id, Some(row));
+            } else {
+                rows.insert(account_id, None);
+            }
+        }
+        for (account_id, row) in &rows {
+            if let Some(row) = row {
+                accounts.insert(*account_id, encode(row)?.as_slice())?;
             }
         }
         audit_table.insert(AUDIT_RUNNING, encode(&audit)?.as_slice())?;
