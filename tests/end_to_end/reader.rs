@@ -31,8 +31,9 @@ async fn applied(http: &Http, url: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reader_crashes_between_commit_and_ack_and_mid_catch_up_yet_views_equal_the_replay() {
     let nats = NatsServer::start();
-    let last = populate(&nats.url(), 50, 200).await;
-    assert_eq!(last, 10_000);
+    // A catch-up commits up to 19 000 events per transaction: 60 000 make at least four.
+    let last = populate(&nats.url(), 150, 400).await;
+    assert_eq!(last, 60_000);
     let data = tempfile::tempdir().unwrap();
     let http = Http::new();
 
@@ -81,7 +82,7 @@ async fn reader_crashes_between_commit_and_ack_and_mid_catch_up_yet_views_equal_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let replay = Replay::of(&read_stream(&nats.url()).await);
-    assert_eq!(replay.accounts.len(), 50);
+    assert_eq!(replay.accounts.len(), 150);
     assert_views_equal_replay(&http, &url, &replay, last).await;
     // Statements have one line per event: nothing applied twice, nothing lost.
     let (account, (_, version, _, _)) = replay.accounts.iter().next().unwrap();

@@ -21,6 +21,13 @@ struct Options {
     /// Write the results as Markdown here.
     #[arg(long)]
     report: Option<std::path::PathBuf>,
+    /// Write the results as JSON here (suite, durability, machine, rows).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// nats-server durability: `always` (a sync per write, what Coffer deploys) or `default`
+    /// (the NATS default, a sync every 2 minutes).
+    #[arg(long, value_enum, default_value_t = Durability::Always)]
+    durability: Durability,
     /// Multiply the operation counts (1 = a few minutes on 2 cores).
     #[arg(long, default_value_t = 1)]
     scale: usize,
@@ -39,7 +46,13 @@ struct Options {
     memory_accounts: usize,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum Durability {
+    Always,
+    Default,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 enum Suite {
     Throughput,
     Snapshot,
@@ -604,6 +617,37 @@ async fn sequential_publish_rate(client: &async_nats::Client, publishes: usize) 
     publishes as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Publishes with up to `in_flight` acknowledgements outstanding (no per-subject check: the
+/// stream's own ceiling for one subject).
+async fn pipelined_publish_rate(
+    client: &async_nats::Client,
+    publishes: usize,
+    in_flight: usize,
+) -> f64 {
+    let context = async_nats::jetstream::new(client.clone());
+    let subject = format!(
+        "coffer.append.raw-pipelined-{}.deposited",
+        uuid::Uuid::now_v7().simple()
+    );
+    let started = Instant::now();
+    futures::stream::iter(0..publishes)
+        .map(|_| {
+            let (context, subject) = (context.clone(), subject.clone());
+            async move {
+                context
+                    .publish(subject, "x".into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(in_flight)
+        .for_each(|_| async {})
+        .await;
+    publishes as f64 / started.elapsed().as_secs_f64()
+}
+
 /// Deposits to one account from `clients` clients spread over `writers`; (ops/s, summary,
 /// errors). Errors are counted, not fatal: the goal is zero.
 async fn hot_deposits(writers: &[String], clients: usize, total: usize) -> (f64, String, usize) {
@@ -678,6 +722,11 @@ async fn hot_account_suite(
     results.add(
         "raw JetStream: sequential checked publish-and-ack, one subject",
         format!("{ceiling:.0} ops/s"),
+    );
+    let pipelined = pipelined_publish_rate(&client, 10_000, 64).await;
+    results.add(
+        "raw JetStream: pipelined publish, 64 acks outstanding, one subject",
+        format!("{pipelined:.0} ops/s"),
     );
     let http = reqwest::Client::new();
     let mut one_writer = None;
@@ -856,8 +905,35 @@ async fn memory_suite(nats: &NatsServer, results: &mut Results, accounts: usize)
     );
 }
 
-fn write_report(results: &Results, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    if let Some(path) = path {
+fn write_report(results: &Results, options: &Options) -> anyhow::Result<()> {
+    if let Some(path) = &options.json {
+        let machine = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find_map(|line| line.strip_prefix("model name"))
+                    .map(|model| model.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+            .unwrap_or_default();
+        let rows: Vec<Value> = results
+            .rows
+            .iter()
+            .map(|(name, value)| json!({"benchmark": name, "result": value}))
+            .collect();
+        let document = json!({
+            "suite": format!("{:?}", options.suite),
+            "durability": format!("{:?}", options.durability),
+            "machine": {
+                "cpus": std::thread::available_parallelism().map(usize::from).unwrap_or(0),
+                "model": machine,
+            },
+            "rows": rows,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&document)?)
+            .with_context(|| format!("write {}", path.display()))?;
+        println!("JSON written to {}", path.display());
+    }
+    if let Some(path) = &options.report {
         let mut markdown = String::from("| benchmark | result |\n|---|---|\n");
         for (name, value) in &results.rows {
             markdown.push_str(&format!("| {name} | {value} |\n"));
@@ -873,26 +949,29 @@ async fn main() -> anyhow::Result<()> {
     let options = Options::parse();
     let scale = options.scale.max(1);
     let mut results = Results { rows: Vec::new() };
-    let nats = NatsServer::start();
+    let nats = match options.durability {
+        Durability::Always => NatsServer::start(),
+        Durability::Default => NatsServer::start_with_default_sync(),
+    };
     match options.suite {
         Suite::Throughput => {}
         Suite::Snapshot => {
             snapshot_suite(&nats, &mut results, options.history_events).await;
-            return write_report(&results, options.report);
+            return write_report(&results, &options);
         }
         Suite::Memory => {
             memory_suite(&nats, &mut results, options.memory_accounts).await;
-            return write_report(&results, options.report);
+            return write_report(&results, &options);
         }
         Suite::HotAccount => {
             hot_account_suite(&nats, &mut results, options.hot_deposits).await?;
-            return write_report(&results, options.report);
+            return write_report(&results, &options);
         }
         Suite::CatchUp => {
             let client = async_nats::connect(nats.url()).await?;
             let log = Arc::new(EventLog::open(client, &StreamSettings::default()).await?);
             catch_up_suite(&nats, &log, &mut results, 1_000 * scale).await?;
-            return write_report(&results, options.report);
+            return write_report(&results, &options);
         }
     }
     let writer = CofferProcess::start(
@@ -1006,5 +1085,5 @@ async fn main() -> anyhow::Result<()> {
         format!("{} KiB", rss_kib(reader.pid().unwrap_or(0))),
     );
 
-    write_report(&results, options.report)
+    write_report(&results, &options)
 }

@@ -95,12 +95,24 @@ pub struct NatsServer {
     /// Appended to the generated configuration (an `include`, say).
     extra_config: String,
     environment: Vec<(String, String)>,
+    /// `sync_interval: always` (the default here, as in production); false: the NATS default.
+    sync_always: bool,
 }
 
 impl NatsServer {
     /// Starts a single-node server.
     pub fn start() -> Self {
         Self::start_node("n1".into(), free_port(), None, Vec::new())
+    }
+
+    /// Starts a single-node server with the NATS default sync (`sync_interval` left to the
+    /// server: every 2 minutes) instead of a sync per write, for benchmarks of both modes.
+    pub fn start_with_default_sync() -> Self {
+        let mut server = Self::prepare("n1".into(), free_port(), None, Vec::new());
+        server.sync_always = false;
+        server.write_config();
+        server.spawn();
+        server
     }
 
     /// Starts a single-node server with `extra_config` appended to its configuration and
@@ -138,13 +150,19 @@ impl NatsServer {
             child: None,
             extra_config: String::new(),
             environment: Vec::new(),
+            sync_always: true,
         }
     }
 
     fn write_config(&self) {
         let store = self.directory.path().join("store");
+        let sync = if self.sync_always {
+            ", sync_interval: always"
+        } else {
+            ""
+        };
         let mut config = format!(
-            "server_name: {}\nlisten: \"127.0.0.1:{}\"\njetstream {{ store_dir: \"{}\", sync_interval: always }}\n",
+            "server_name: {}\nlisten: \"127.0.0.1:{}\"\njetstream {{ store_dir: \"{}\"{sync} }}\n",
             self.name,
             self.port,
             store.display()
