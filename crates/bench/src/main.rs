@@ -938,7 +938,7 @@ fn write_report(results: &Results, options: &Options) -> anyhow::Result<()> {
         for (name, value) in &results.rows {
             markdown.push_str(&format!("| {name} | {value} |\n"));
         }
-        std::fs::write(&path, markdown).with_context(|| format!("write {}", path.display()))?;
+        std::fs::write(path, markdown).with_context(|| format!("write {}", path.display()))?;
         println!("report written to {}", path.display());
     }
     Ok(())
