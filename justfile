@@ -81,6 +81,7 @@ bench: tools
     COFFER_BIN=target/release/coffer cargo run --release -p bench -- --suite snapshot --report docs/benchmarks-snapshot-latest.md
     COFFER_BIN=target/release/coffer cargo run --release -p bench -- --suite catch-up --report docs/benchmarks-catch-up-latest.md
     COFFER_BIN=target/release/coffer cargo run --release -p bench -- --suite hot-account --report docs/benchmarks-hot-latest.md
+    COFFER_BIN=target/release/coffer cargo run --release -p bench -- --suite half-load --report docs/benchmarks-half-load-latest.md
 
 # Deposits over NATS with the official Python client next to raw JetStream publish-and-ack from
 # the same client (sync_interval: always; CLIENTS defaults to 64).

@@ -59,6 +59,7 @@ enum Suite {
     Memory,
     CatchUp,
     HotAccount,
+    HalfLoad,
 }
 
 struct Results {
@@ -617,6 +618,105 @@ async fn sequential_publish_rate(client: &async_nats::Client, publishes: usize) 
     publishes as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Deposits from `clients` clients, each on its own account, paced so that together they send
+/// `rate` per second (0: as fast as they can); (ops/s, latencies).
+async fn paced_deposits(
+    writer: &str,
+    clients: usize,
+    per_client: usize,
+    rate: f64,
+) -> (f64, Vec<Duration>) {
+    let http = reqwest::Client::new();
+    let mut accounts = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let id = format!("paced-{}", uuid::Uuid::now_v7().simple());
+        post(
+            &http,
+            format!("{writer}/v1/accounts"),
+            json!({"account_id": id, "currency": "EUR"}),
+        )
+        .await;
+        accounts.push(id);
+    }
+    let bar = progress(
+        (clients * per_client) as u64,
+        &format!("deposits, {clients} clients, {rate:.0}/s"),
+    );
+    let interval = (rate > 0.0).then(|| Duration::from_secs_f64(clients as f64 / rate));
+    let started = Instant::now();
+    let tasks: Vec<_> = accounts
+        .into_iter()
+        .enumerate()
+        .map(|(index, account)| {
+            let (http, bar) = (http.clone(), bar.clone());
+            let url = format!("{writer}/v1/accounts/{account}/deposits");
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(per_client);
+                // Spread the clients' first sends over one interval.
+                let offset = interval.map_or(Duration::ZERO, |interval| {
+                    interval.mul_f64(index as f64 / clients as f64)
+                });
+                let start = tokio::time::Instant::now() + offset;
+                for sent in 0..per_client {
+                    if let Some(interval) = interval {
+                        tokio::time::sleep_until(start + interval * sent as u32).await;
+                    }
+                    let begun = Instant::now();
+                    post(&http, url.clone(), json!({"amount": 1})).await;
+                    latencies.push(begun.elapsed());
+                    bar.inc(1);
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.unwrap());
+    }
+    bar.finish_and_clear();
+    let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
+    (rate, latencies)
+}
+
+/// Command latency at half the maximum load: deposits from `clients` clients as fast as they
+/// go, then paced at half that rate, each on its own account.
+async fn half_load_suite(
+    nats: &NatsServer,
+    results: &mut Results,
+    clients: usize,
+) -> anyhow::Result<()> {
+    let writer = CofferProcess::start(
+        "half-load-writer",
+        "writer",
+        &[("COFFER_NATS_URL", nats.url()), ("RUST_LOG", "warn".into())],
+    );
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http
+        .get(format!("{}/readyz", writer.url()))
+        .send()
+        .await
+        .is_ok_and(|response| response.status().is_success())
+    {
+        anyhow::ensure!(Instant::now() < deadline, "writer not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (maximum, latencies) = paced_deposits(&writer.url(), clients, 100, 0.0).await;
+    results.add(
+        &format!("deposit, {clients} clients, own accounts, as fast as they go"),
+        format!("{maximum:.0} ops/s, {}", latency_summary(latencies)),
+    );
+    let half = maximum / 2.0;
+    let per_client = ((half * 10.0) as usize / clients).max(10);
+    let (rate, latencies) = paced_deposits(&writer.url(), clients, per_client, half).await;
+    results.add(
+        &format!("deposit, {clients} clients, own accounts, paced at half of that"),
+        format!("{rate:.0} ops/s, {}", latency_summary(latencies)),
+    );
+    Ok(())
+}
+
 /// Publishes with up to `in_flight` acknowledgements outstanding (no per-subject check: the
 /// stream's own ceiling for one subject).
 async fn pipelined_publish_rate(
@@ -961,6 +1061,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Suite::Memory => {
             memory_suite(&nats, &mut results, options.memory_accounts).await;
+            return write_report(&results, &options);
+        }
+        Suite::HalfLoad => {
+            half_load_suite(&nats, &mut results, 64).await?;
             return write_report(&results, &options);
         }
         Suite::HotAccount => {
