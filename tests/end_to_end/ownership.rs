@@ -377,3 +377,86 @@ async fn three_writers(fault: Fault) {
         ledger.unknown.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_the_owner_answers_what_was_handed_to_it() {
+    // Two writers whose actors take 1.5 s per command. Deposits to accounts the second writer
+    // owns go through the first, so they are handed over; the owner gets SIGTERM while it runs
+    // them. It stops taking hand-overs but finishes and answers the ones it took: every deposit
+    // gets 200 (not `outcome_unknown` after its deadline), and each is in the stream once.
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let slow = ("COFFER_FAILPOINT_ACTOR_DELAY_MS", "1500".to_string());
+    let front = support::writer(
+        "rolling-front",
+        &url,
+        &[("COFFER_WRITER_NAME", "front".into()), slow.clone()],
+    );
+    let mut owner = support::writer(
+        "rolling-owner",
+        &url,
+        &[("COFFER_WRITER_NAME", "owner".into()), slow],
+    );
+    let http = Http::new();
+    let urls = vec![front.url(), owner.url()];
+    wait_partitions_shared(&http, &urls).await;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let client = async_nats::connect(&url).await.unwrap();
+    let owners = async_nats::jetstream::new(client)
+        .get_key_value("COFFER_OWNERS")
+        .await
+        .unwrap();
+    let mut accounts = Vec::new();
+    while accounts.len() < 4 {
+        let account = support::unique("rolling");
+        let partition = writer::ownership::partition_of(&AccountId::parse(&account).unwrap());
+        let holder = owners
+            .get(format!("partitions.{partition}"))
+            .await
+            .unwrap()
+            .unwrap_or_default();
+        if holder.starts_with(b"owner-") {
+            assert_eq!(http.open_account(&urls[0], &account).await.status, 201);
+            accounts.push(account);
+        }
+    }
+    let deposits: Vec<_> = accounts
+        .iter()
+        .map(|account| {
+            let (http, url, account) = (http.clone(), urls[0].clone(), account.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let reply = http
+                    .post(
+                        &format!("{url}/v1/accounts/{account}/deposits"),
+                        &json!({"amount": 9, "reference": format!("rolling-{account}")}),
+                        None,
+                    )
+                    .await
+                    .unwrap();
+                (reply.status, reply.body, started.elapsed())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = tokio::task::spawn_blocking(move || owner.terminate(Duration::from_secs(12)))
+        .await
+        .unwrap();
+    assert_eq!(stopped, Some(0), "the owner did not exit cleanly");
+    for deposit in deposits {
+        let (status, body, took) = deposit.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(took < Duration::from_secs(8), "answered after {took:?}");
+    }
+    let events = support::read_stream(&url).await;
+    for account in &accounts {
+        let stored = events
+            .iter()
+            .filter(|recorded| {
+                matches!(&recorded.event, Event::Deposited { reference: Some(reference), .. }
+                    if *reference == format!("rolling-{account}"))
+            })
+            .count();
+        assert_eq!(stored, 1, "{account}");
+    }
+}

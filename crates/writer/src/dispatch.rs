@@ -181,7 +181,8 @@ impl Dispatcher {
 }
 
 /// Takes the commands other writers hand to this one, as the owner of their accounts, until
-/// `stop`; then lets the ones in flight finish.
+/// `stop`; then unsubscribes (new hand-overs find no responder and their callers decide) and
+/// lets the ones taken finish and be answered, so a rolling restart costs no `outcome_unknown`.
 pub async fn serve_handovers(
     client: async_nats::Client,
     registry: Registry,
@@ -190,55 +191,74 @@ pub async fn serve_handovers(
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let subject = eventlog::subject::owner_inbox(me.as_str());
-    let subscription = client
+    let mut subscription = client
         .subscribe(subject.clone())
         .await
         .map_err(|error| Error::Unavailable(format!("subscribe {subject}: {error}")))?;
     tracing::info!(%subject, "taking commands for the accounts this writer owns");
-    let serving = subscription.for_each_concurrent(HANDOVERS_CONCURRENT_MAX, |message| {
-        let registry = registry.clone();
-        let client = client.clone();
-        let metrics = metrics.clone();
-        async move {
+    let permits = Arc::new(tokio::sync::Semaphore::new(HANDOVERS_CONCURRENT_MAX));
+    let mut taken = tokio::task::JoinSet::new();
+    loop {
+        let next = tokio::select! {
+            message = subscription.next() => Some(message),
+            _ = stop.wait_for(|stop| *stop) => None,
+            Some(_) = taken.join_next(), if !taken.is_empty() => continue,
+        };
+        let Some(message) = next else { break };
+        let Some(message) = message else {
+            return Err(Error::Unavailable(format!("subscription {subject} ended")));
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let (registry, client, metrics) = (registry.clone(), client.clone(), metrics.clone());
+        taken.spawn(async move {
+            let _permit = permit;
             metrics.commands_taken_over.inc();
-            let answer = match rmp_serde::from_slice::<Handover>(&message.payload) {
-                Ok(handover) => match take_over(&registry, handover).await {
-                    Ok(outcome) => HandoverAnswer::Done {
-                        status: outcome.status(),
-                        body: outcome.body().to_string(),
-                    },
-                    Err(error) => HandoverAnswer::Failed(error),
-                },
-                Err(error) => HandoverAnswer::NotTaken(format!("unreadable hand-over: {error}")),
-            };
-            let Some(reply) = message.reply else { return };
-            match rmp_serde::to_vec_named(&answer) {
-                Ok(body) => {
-                    if let Err(error) = client.publish(reply, body.into()).await {
-                        tracing::warn!(%error, "could not answer a hand-over");
-                    }
-                }
-                Err(error) => tracing::error!(%error, "could not encode a hand-over answer"),
-            }
-        }
-    });
-    tokio::pin!(serving);
-    tokio::select! {
-        _ = &mut serving => return Err(Error::Unavailable(format!("subscription {subject} ended"))),
-        _ = stop.wait_for(|stop| *stop) => {}
+            answer_handover(&registry, &client, message).await;
+        });
     }
-    // The subscription lives inside `serving`: finishing it means draining what was taken.
-    if tokio::time::timeout(DRAIN_TIMEOUT, async {
-        if let Err(error) = client.flush().await {
-            tracing::debug!(%error, "flush before draining hand-overs");
-        }
+    if let Err(error) = subscription.unsubscribe().await {
+        tracing::debug!(%error, "unsubscribing from hand-overs at shutdown");
+    }
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while taken.join_next().await.is_some() {}
     })
-    .await
-    .is_err()
-    {
-        tracing::warn!("flushing NATS before draining hand-overs timed out");
+    .await;
+    if drained.is_err() {
+        tracing::warn!("hand-overs still running at shutdown were abandoned");
+    }
+    if let Err(error) = client.flush().await {
+        tracing::debug!(%error, "flushing hand-over answers at shutdown");
     }
     Ok(())
+}
+
+/// Runs one hand-over and sends its answer.
+async fn answer_handover(
+    registry: &Registry,
+    client: &async_nats::Client,
+    message: async_nats::Message,
+) {
+    let answer = match rmp_serde::from_slice::<Handover>(&message.payload) {
+        Ok(handover) => match take_over(registry, handover).await {
+            Ok(outcome) => HandoverAnswer::Done {
+                status: outcome.status(),
+                body: outcome.body().to_string(),
+            },
+            Err(error) => HandoverAnswer::Failed(error),
+        },
+        Err(error) => HandoverAnswer::NotTaken(format!("unreadable hand-over: {error}")),
+    };
+    let Some(reply) = message.reply else { return };
+    match rmp_serde::to_vec_named(&answer) {
+        Ok(body) => {
+            if let Err(error) = client.publish(reply, body.into()).await {
+                tracing::warn!(%error, "could not answer a hand-over");
+            }
+        }
+        Err(error) => tracing::error!(%error, "could not encode a hand-over answer"),
+    }
 }
 
 /// What is left of a hand-over's time when the owner takes it at `now_unix_ms`: the budget or

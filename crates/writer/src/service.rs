@@ -48,6 +48,8 @@ pub struct WriterConfig {
 
 /// Longest wait at shutdown to hand the partition leases back.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait at shutdown for the hand-overs taken before it to be answered.
+const HANDOVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(7);
 
 /// Pause between attempts to set up the stream while NATS is not reachable.
 const SETUP_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -77,6 +79,8 @@ pub async fn run(
         .map_err(|error| Error::Internal(format!("bind {}: {error}", config.http_address)))?;
     tracing::info!(address = %config.http_address, "writer HTTP API listening");
 
+    // Set once the hand-overs taken before the stop are answered.
+    let (handovers_drained, mut handovers_drained_receiver) = watch::channel(false);
     let setup = tokio::spawn(set_up(
         config.clone(),
         log.clone(),
@@ -85,6 +89,7 @@ pub async fn run(
         ownership_cell.clone(),
         commands_cell.clone(),
         stop_receiver.clone(),
+        handovers_drained,
     ));
 
     let state = AppState {
@@ -121,6 +126,17 @@ pub async fn run(
                 "handing the partition leases back timed out; they run out on their own"
             );
         }
+        // Commands other writers handed over before the stop finish on the actors and are
+        // answered before the actors stop.
+        if tokio::time::timeout(
+            HANDOVER_DRAIN_TIMEOUT,
+            handovers_drained_receiver.wait_for(|drained| *drained),
+        )
+        .await
+        .is_err()
+        {
+            tracing::warn!("hand-overs did not finish in time");
+        }
     }
     if let Some(commands) = commands_cell.get() {
         commands.registry().stop();
@@ -142,6 +158,7 @@ async fn set_up(
     ownership_cell: Arc<OnceLock<Arc<Ownership>>>,
     commands_cell: Arc<OnceLock<Dispatcher>>,
     stop: watch::Receiver<bool>,
+    handovers_drained: watch::Sender<bool>,
 ) {
     let registry = loop {
         match try_set_up(&config, &log, &metrics).await {
@@ -176,6 +193,7 @@ async fn set_up(
             ownership.me().clone(),
             metrics.clone(),
             stop.clone(),
+            handovers_drained,
         ));
         // A first view before the first command: until a beat succeeds every command is
         // decided here, which is safe (the stream arbitrates) but not what ownership is for.
@@ -236,6 +254,7 @@ async fn serve_handovers(
     me: WriterId,
     metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
+    drained: watch::Sender<bool>,
 ) {
     loop {
         match dispatch::serve_handovers(
@@ -247,7 +266,10 @@ async fn serve_handovers(
         )
         .await
         {
-            Ok(()) => return,
+            Ok(()) => {
+                let _ = drained.send(true);
+                return;
+            }
             Err(error) => {
                 tracing::warn!(%error, "taking hand-overs failed; restarting");
                 tokio::time::sleep(SETUP_RETRY_DELAY).await;
