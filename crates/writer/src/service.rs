@@ -86,10 +86,12 @@ pub async fn run(
         log.clone(),
         metrics.clone(),
         writer_id,
-        ownership_cell.clone(),
-        commands_cell.clone(),
+        Cells {
+            ownership: ownership_cell.clone(),
+            commands: commands_cell.clone(),
+            handovers_drained,
+        },
         stop_receiver.clone(),
-        handovers_drained,
     ));
 
     let state = AppState {
@@ -148,6 +150,14 @@ pub async fn run(
     Ok(())
 }
 
+/// What the setup task hands back to the writer's shutdown: the ownership (to give its leases
+/// back), the dispatcher (its registry stops the actors), and word that hand-overs are drained.
+struct Cells {
+    ownership: Arc<OnceLock<Arc<Ownership>>>,
+    commands: Arc<OnceLock<Dispatcher>>,
+    handovers_drained: watch::Sender<bool>,
+}
+
 /// Sets up the stream and actors (retrying while NATS is away), takes part in ownership, then
 /// starts the NATS API.
 async fn set_up(
@@ -155,11 +165,14 @@ async fn set_up(
     log: EventLog,
     metrics: Arc<Metrics>,
     writer_id: WriterId,
-    ownership_cell: Arc<OnceLock<Arc<Ownership>>>,
-    commands_cell: Arc<OnceLock<Dispatcher>>,
+    cells: Cells,
     stop: watch::Receiver<bool>,
-    handovers_drained: watch::Sender<bool>,
 ) {
+    let Cells {
+        ownership: ownership_cell,
+        commands: commands_cell,
+        handovers_drained,
+    } = cells;
     let registry = loop {
         match try_set_up(&config, &log, &metrics).await {
             Ok(registry) => break registry,
