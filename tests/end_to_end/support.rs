@@ -151,9 +151,7 @@ impl Http {
             .text()
             .await
             .ok()?;
-        text.lines()
-            .find_map(|line| line.strip_prefix(&format!("{name} ")))
-            .and_then(|value| value.parse().ok())
+        testkit::metric_value(&text, name)
     }
 }
 

@@ -901,9 +901,7 @@ async fn writer_metric(http: &reqwest::Client, writer: &str, name: &str) -> u64 
         .text()
         .await
         .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0)
+    testkit::metric_value(&text, name).map_or(0, |value| value as u64)
 }
 
 /// The first command on an account with a long history: replayed in full by a writer that has

@@ -469,3 +469,12 @@ pub fn documented_operations(document: &serde_json::Value) -> Vec<String> {
     operations.sort();
     operations
 }
+
+/// The value of the sample `name` (with its labels, if any) in an OpenMetrics text, as served
+/// at `/metrics`.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    let prefix = format!("{name} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.trim().parse().ok())
+}

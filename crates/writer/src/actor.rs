@@ -407,18 +407,23 @@ impl AccountActorState {
 
     /// Runs one command unless its deadline has passed.
     async fn execute_unless_expired(&mut self, request: CommandRequest) -> Result<Outcome> {
-        if request
-            .deadline
-            .is_some_and(|deadline| Instant::now() >= deadline)
-        {
-            // The caller has answered `outcome_unknown` already; starting now would append
-            // something nobody is told about.
-            self.context.metrics.commands_expired.inc();
-            return Err(Error::Unavailable(
-                "the command waited past its deadline and was not started".into(),
-            ));
+        match self.expired(&request) {
+            Some(refusal) => Err(refusal),
+            None => self.execute(request).await,
         }
-        self.execute(request).await
+    }
+
+    /// The refusal of a command whose deadline has passed: the caller has answered
+    /// `outcome_unknown` already, and starting it now would append something nobody is told
+    /// about.
+    fn expired(&self, request: &CommandRequest) -> Option<Error> {
+        let expired = request
+            .deadline
+            .is_some_and(|deadline| Instant::now() >= deadline);
+        expired.then(|| {
+            self.context.metrics.commands_expired.inc();
+            Error::Unavailable("the command waited past its deadline and was not started".into())
+        })
     }
 
     /// Decides the deposits and withdrawals set aside, in arrival order, on the account's state
@@ -432,28 +437,17 @@ impl AccountActorState {
         let waiting = std::mem::take(&mut self.waiting);
         let mut live = Vec::with_capacity(waiting.len());
         for command in waiting {
-            if command
-                .request
-                .deadline
-                .is_some_and(|deadline| Instant::now() >= deadline)
-            {
-                self.context.metrics.commands_expired.inc();
-                command.answer(Err(Error::Unavailable(
-                    "the command waited past its deadline and was not started".into(),
-                )));
-            } else {
-                live.push(command);
+            match self.expired(&command.request) {
+                Some(refusal) => command.answer(Err(refusal)),
+                None => live.push(command),
             }
         }
-        if live.len() < 2 {
-            for command in live {
-                let answer = self.execute_unless_expired(command.request.clone()).await;
-                command.answer(answer);
-            }
-            return;
-        }
-        let rest = self.execute_together(live).await;
-        for command in rest {
+        let alone = if live.len() < 2 {
+            live
+        } else {
+            self.execute_together(live).await
+        };
+        for command in alone {
             let answer = self.execute_unless_expired(command.request.clone()).await;
             command.answer(answer);
         }
@@ -461,15 +455,7 @@ impl AccountActorState {
 
     /// The batch of [`AccountActorState::flush`]; returns the commands still to run alone.
     async fn execute_together(&mut self, commands: Vec<Waiting>) -> Vec<Waiting> {
-        let loaded = if self.loaded {
-            if let Some(shared) = self.context.states.get(self.id()) {
-                self.adopt(shared);
-            }
-            Ok(())
-        } else {
-            self.catch_up().await
-        };
-        if let Err(error) = loaded {
+        if let Err(error) = self.refresh().await {
             for command in commands {
                 command.answer(Err(error.clone()));
             }
@@ -525,11 +511,17 @@ impl AccountActorState {
             });
             decided.push((command, outcome));
         }
+        // Everyone runs alone, in order: the decided ones first, then the rest.
+        let alone = |decided: Vec<(Waiting, Outcome)>, rest: Vec<Waiting>| -> Vec<Waiting> {
+            decided
+                .into_iter()
+                .map(|(command, _)| command)
+                .chain(rest)
+                .collect()
+        };
         if decided.len() < 2 {
-            // Nothing gained by a batch: everyone runs alone, in order.
-            let mut alone: Vec<Waiting> = decided.into_iter().map(|(command, _)| command).collect();
-            alone.extend(rest);
-            return alone;
+            // Nothing gained by a batch.
+            return alone(decided, rest);
         }
         // Nothing is sent after the earliest deadline among them: its caller answers by then.
         let deadline = decided
@@ -538,7 +530,6 @@ impl AccountActorState {
             .min();
         let messages = entries.len();
         let appended = self.append(entries, deadline).await;
-        let metrics = &self.context.metrics;
         match appended {
             Ok(appended) => {
                 after.position = appended.last_position;
@@ -568,10 +559,7 @@ impl AccountActorState {
                 self.context
                     .account_batching_refused
                     .store(true, Ordering::Relaxed);
-                let mut alone: Vec<Waiting> =
-                    decided.into_iter().map(|(command, _)| command).collect();
-                alone.extend(rest);
-                alone
+                alone(decided, rest)
             }
             Err(
                 error @ (eventlog::Error::Conflict { .. }
@@ -582,13 +570,10 @@ impl AccountActorState {
                 // alone, on fresh state), or the batch was not sent (its earliest deadline
                 // passed, NATS is away): each goes alone, within its own deadline.
                 if !matches!(error, eventlog::Error::Unavailable(_)) {
-                    metrics.conflicts.inc();
+                    self.context.metrics.conflicts.inc();
                     self.loaded = false;
                 }
-                let mut alone: Vec<Waiting> =
-                    decided.into_iter().map(|(command, _)| command).collect();
-                alone.extend(rest);
-                alone
+                alone(decided, rest)
             }
             Err(error) => {
                 if matches!(error, eventlog::Error::OutcomeUnknown(_)) {
@@ -657,13 +642,19 @@ impl AccountActorState {
         });
     }
 
-    async fn execute(&mut self, request: CommandRequest) -> Result<Outcome> {
+    /// Brings the state up to date before a decision: the history on first use (or after an
+    /// unknown outcome), else what another actor of this writer may have credited us.
+    async fn refresh(&mut self) -> Result<()> {
         if !self.loaded {
             self.catch_up().await?;
         } else if let Some(shared) = self.context.states.get(self.id()) {
-            // A transfer decided by another actor of this writer may have credited us.
             self.adopt(shared);
         }
+        Ok(())
+    }
+
+    async fn execute(&mut self, request: CommandRequest) -> Result<Outcome> {
+        self.refresh().await?;
         let request_hash = request.idempotency_key.as_ref().map(|_| {
             idempotency::request_hash(self.id(), &request.intent, request.transfer_id_generated)
         });

@@ -187,10 +187,7 @@ impl TestWriter {
             .text()
             .await
             .unwrap();
-        text.lines()
-            .find_map(|line| line.strip_prefix(&format!("{name} ")))
-            .and_then(|value| value.parse().ok())
-            .unwrap_or_else(|| panic!("metric {name} missing"))
+        testkit::metric_value(&text, name).unwrap_or_else(|| panic!("metric {name} missing"))
     }
 }
 
