@@ -72,16 +72,22 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Throughput and latency benchmarks against real processes, then the first command on a 100 000-
-# event account with and without its snapshot, then reader catch-up against a raw consume
-# (results: docs/benchmarks.md).
-bench: tools
-    cargo build --release -p coffer
-    COFFER_BIN=target/release/coffer cargo run --release -p bench -- --report docs/benchmarks-latest.md
-    COFFER_BIN=target/release/coffer cargo run --release -p bench -- --suite snapshot --report docs/benchmarks-snapshot-latest.md
-    COFFER_BIN=target/release/coffer cargo run --release -p bench -- --suite catch-up --report docs/benchmarks-catch-up-latest.md
-    COFFER_BIN=target/release/coffer cargo run --release -p bench -- --suite hot-account --report docs/benchmarks-hot-latest.md
-    COFFER_BIN=target/release/coffer cargo run --release -p bench -- --suite half-load --report docs/benchmarks-half-load-latest.md
+# Suites: deposits over HTTP and over NATS (64 clients, 10 000 accounts), throughput and latency,
+# the first command on a 100 000-event account with and without its snapshot, reader catch-up,
+# one hot account through 1-3 writers, p99 at half load. DURABILITY: `always` (nats-server
+# `sync_interval: always`, what Coffer deploys) or `default` (the NATS default). Reports and JSON
+# go to target/bench/; docs/benchmarks.md records runs with their machine.
+# Benchmarks against real processes, each figure next to raw JetStream from the same run.
+bench durability="always": tools
+    cargo build --release -p coffer -p bench
+    mkdir -p target/bench
+    for suite in deposits throughput snapshot catch-up hot-account half-load; do \
+        COFFER_BIN=target/release/coffer target/release/coffer-bench --suite $suite --durability {{durability}} \
+            --report target/bench/$suite-{{durability}}.md --json target/bench/$suite-{{durability}}.json || exit 1; \
+    done
+
+# `just bench` in both durability modes.
+bench-both: (bench "always") (bench "default")
 
 # Deposits over NATS with the official Python client next to raw JetStream publish-and-ack from
 # the same client (sync_interval: always; CLIENTS defaults to 64).
@@ -91,8 +97,9 @@ bench-nats clients="64": tools
 
 # Writer memory with a million accounts touched once (about ten minutes on two cores).
 bench-memory: tools
-    cargo build --release -p coffer
-    COFFER_BIN=target/release/coffer cargo run --release -p bench -- --suite memory --report docs/benchmarks-memory-latest.md
+    cargo build --release -p coffer -p bench
+    mkdir -p target/bench
+    COFFER_BIN=target/release/coffer target/release/coffer-bench --suite memory --report target/bench/memory.md --json target/bench/memory.json
 
 # Long soak of the bank workload (not part of `just test`).
 soak: tools build

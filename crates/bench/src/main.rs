@@ -41,6 +41,9 @@ struct Options {
     /// Deposits per configuration (`--suite hot-account`).
     #[arg(long, default_value_t = 4_000)]
     hot_deposits: usize,
+    /// Seconds per row (`--suite deposits`).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
     /// Accounts touched once (`--suite memory`).
     #[arg(long, default_value_t = 1_000_000)]
     memory_accounts: usize,
@@ -60,6 +63,7 @@ enum Suite {
     CatchUp,
     HotAccount,
     HalfLoad,
+    Deposits,
 }
 
 struct Results {
@@ -1003,6 +1007,224 @@ async fn memory_suite(nats: &NatsServer, results: &mut Results, accounts: usize)
     );
 }
 
+/// Runs `operation(index)` from `clients` concurrent tasks for `seconds`, each task taking the
+/// indexes `number, number + clients, ...`; (successes per second, latencies, errors).
+async fn timed<F, Fut>(
+    clients: usize,
+    seconds: u64,
+    label: &str,
+    operation: F,
+) -> (f64, Vec<Duration>, usize)
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let bar = progress(seconds, label);
+    let stop = Instant::now() + Duration::from_secs(seconds);
+    let ticker = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            while Instant::now() < stop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                bar.inc(1);
+            }
+        })
+    };
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|number| {
+            let operation = operation.clone();
+            tokio::spawn(async move {
+                let (mut latencies, mut errors, mut index) = (Vec::new(), 0usize, number);
+                while Instant::now() < stop {
+                    let begun = Instant::now();
+                    if operation(index).await {
+                        latencies.push(begun.elapsed());
+                    } else {
+                        errors += 1;
+                    }
+                    index += clients;
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let (mut latencies, mut errors) = (Vec::new(), 0);
+    for task in tasks {
+        let (done, failed) = task.await.unwrap();
+        latencies.extend(done);
+        errors += failed;
+    }
+    let elapsed = started.elapsed();
+    ticker.abort();
+    bar.finish_and_clear();
+    (
+        latencies.len() as f64 / elapsed.as_secs_f64(),
+        latencies,
+        errors,
+    )
+}
+
+/// Deposits from `clients` clients on `accounts` accounts over HTTP and over NATS (the writer's
+/// NATS service, with the official Rust client), next to raw JetStream measured in the same run
+/// on the same server with the same concurrency: per-message publish-and-ack on a side stream
+/// with the events stream's storage, a pipelined publish, and an explicit-ack consume of the
+/// events the deposits stored.
+async fn deposits_suite(
+    nats: &NatsServer,
+    results: &mut Results,
+    clients: usize,
+    accounts: usize,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    let client = async_nats::connect(nats.url()).await?;
+    let log = EventLog::open(client.clone(), &StreamSettings::default()).await?;
+    let prefix = format!("dep-{}", uuid::Uuid::now_v7().simple());
+    fixtures::open_many(&log, &prefix, accounts, |_| {}).await;
+    let writer = CofferProcess::start(
+        "deposits-writer",
+        "writer",
+        &[("COFFER_NATS_URL", nats.url()), ("RUST_LOG", "warn".into())],
+    );
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http
+        .get(format!("{}/readyz", writer.url()))
+        .send()
+        .await
+        .is_ok_and(|response| response.status().is_success())
+    {
+        anyhow::ensure!(Instant::now() < deadline, "writer not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut row = |name: String, (rate, latencies, errors): (f64, Vec<Duration>, usize)| {
+        results.add(
+            &name,
+            format!(
+                "{rate:.0}/s, {}, {errors} errors",
+                latency_summary(latencies)
+            ),
+        );
+        rate
+    };
+    let first = log.last_position().await?;
+    let url = writer.url();
+    let over_http = row(
+        format!("deposits over HTTP, {clients} clients, {accounts} accounts"),
+        timed(clients, seconds, "deposits over HTTP", {
+            let (http, prefix) = (http.clone(), prefix.clone());
+            move |index| {
+                let request = http
+                    .post(format!(
+                        "{url}/v1/accounts/{prefix}-{}/deposits",
+                        index % accounts
+                    ))
+                    .json(&json!({"amount": 1}))
+                    .send();
+                async move {
+                    request
+                        .await
+                        .is_ok_and(|answer| answer.status().is_success())
+                }
+            }
+        })
+        .await,
+    );
+    let over_nats = row(
+        format!("deposits over NATS (async-nats request), {clients} clients, {accounts} accounts"),
+        timed(clients, seconds, "deposits over NATS", {
+            let (client, prefix) = (client.clone(), prefix.clone());
+            move |index| {
+                let (client, subject) = (
+                    client.clone(),
+                    format!("coffer.cmd.{prefix}-{}.deposit", index % accounts),
+                );
+                async move {
+                    client
+                        .request(subject, "{\"amount\":1}".into())
+                        .await
+                        .is_ok_and(|answer| {
+                            answer
+                                .headers
+                                .as_ref()
+                                .is_none_or(|headers| headers.get("Nats-Service-Error").is_none())
+                        })
+                }
+            }
+        })
+        .await,
+    );
+    let last = log.last_position().await?;
+
+    let context = async_nats::jetstream::new(client.clone());
+    let side = format!("BENCH_{}", uuid::Uuid::now_v7().simple());
+    let events = log
+        .context()
+        .get_stream(log.stream_name())
+        .await?
+        .cached_info()
+        .config
+        .clone();
+    context
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: side.clone(),
+            subjects: vec![format!("bench.{side}.>")],
+            storage: events.storage,
+            num_replicas: events.num_replicas,
+            ..Default::default()
+        })
+        .await?;
+    let payload = bytes::Bytes::from(vec![b'x'; 200]);
+    let raw = row(
+        format!("raw JetStream publish-and-ack, {clients} clients, {accounts} subjects"),
+        timed(clients, seconds, "raw publish-and-ack", {
+            let (context, side, payload) = (context.clone(), side.clone(), payload.clone());
+            move |index| {
+                let (context, subject, payload) = (
+                    context.clone(),
+                    format!("bench.{side}.{}", index % accounts),
+                    payload.clone(),
+                );
+                async move {
+                    match context.publish(subject, payload).await {
+                        Ok(ack) => ack.await.is_ok(),
+                        Err(_) => false,
+                    }
+                }
+            }
+        })
+        .await,
+    );
+    results.add(
+        "ratio deposits / raw publish-and-ack, same concurrency",
+        format!(
+            "HTTP {:.2}, NATS {:.2}",
+            over_http / raw.max(1.0),
+            over_nats / raw.max(1.0)
+        ),
+    );
+    let publishes = (raw * seconds as f64) as usize;
+    results.add(
+        "raw JetStream pipelined publish, 1 024 acks outstanding",
+        format!(
+            "{:.0}/s",
+            pipelined_publish_rate(&client, publishes.max(10_000), 1_024).await
+        ),
+    );
+    context.delete_stream(&side).await?;
+    let stored = last.saturating_sub(first);
+    let consumed = raw_consume(&log, last).await;
+    results.add(
+        "raw JetStream explicit-ack consume of the stream (AckAll per 1 000)",
+        format!(
+            "{:.0} messages/s ({} messages, {stored} of them stored by this suite)",
+            last as f64 / consumed.as_secs_f64(),
+            last
+        ),
+    );
+    Ok(())
+}
+
 fn write_report(results: &Results, options: &Options) -> anyhow::Result<()> {
     if let Some(path) = &options.json {
         let machine = std::fs::read_to_string("/proc/cpuinfo")
@@ -1059,6 +1281,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Suite::Memory => {
             memory_suite(&nats, &mut results, options.memory_accounts).await;
+            return write_report(&results, &options);
+        }
+        Suite::Deposits => {
+            deposits_suite(&nats, &mut results, 64, 10_000, options.seconds).await?;
             return write_report(&results, &options);
         }
         Suite::HalfLoad => {

@@ -584,12 +584,46 @@ impl EventLog {
         account: &AccountId,
         after_position: u64,
     ) -> Result<Vec<RecordedEvent>> {
-        // The account's last position comes from the server's per-subject index (about a
-        // millisecond); the scan below walks the stream from `after_position`, which on a stream
-        // of a million messages costs the server 8-14 ms even when it finds nothing (measured,
-        // docs/benchmarks.md). A new account, or one already current, needs no scan.
-        if self.last_account_position(account).await? <= after_position {
+        let known_chain = (after_position == 0).then_some(crate::chain::GENESIS);
+        self.load_account_from(account, after_position, known_chain)
+            .await
+    }
+
+    /// Loads `account`'s events after `after_position`, whose chain value (when known) is
+    /// `after_chain`, in order.
+    pub async fn load_account_after(
+        &self,
+        account: &AccountId,
+        after_position: u64,
+        after_chain: &str,
+    ) -> Result<Vec<RecordedEvent>> {
+        self.load_account_from(account, after_position, Some(after_chain))
+            .await
+    }
+
+    async fn load_account_from(
+        &self,
+        account: &AccountId,
+        after_position: u64,
+        after_chain: Option<&str>,
+    ) -> Result<Vec<RecordedEvent>> {
+        // The account's last event comes from the server's per-subject index (about a
+        // millisecond); the walk below goes through the stream from `after_position`, which on a
+        // stream of a million messages costs the server 8-14 ms even when it finds little
+        // (measured, docs/benchmarks.md). When the last event builds on `after_chain`, it is the
+        // only one after `after_position` (its chain value hashes its predecessor's), so a new
+        // account's first event, or the one event after a snapshot or a cached state, needs no
+        // walk.
+        let Some(last) = self.last_account_event(account).await? else {
             return Ok(Vec::new());
+        };
+        if last.position <= after_position {
+            return Ok(Vec::new());
+        }
+        if let Some(after_chain) = after_chain {
+            if last.chain.as_deref() == Some(last.expected_chain(after_chain).as_str()) {
+                return Ok(vec![last]);
+            }
         }
         let filter = subject::account_filter(account);
         let mut events = Vec::new();
@@ -609,6 +643,35 @@ impl EventLog {
                 Some(last) if page.pending > 0 => next = last + 1,
                 _ => return Ok(events),
             }
+        }
+    }
+
+    /// `account`'s last event as a direct get (any replica) sees it.
+    async fn last_account_event(&self, account: &AccountId) -> Result<Option<RecordedEvent>> {
+        if !self.is_connected() {
+            return Err(Error::Unavailable("not connected to NATS".into()));
+        }
+        let body = serde_json::to_vec(&serde_json::json!({
+            "last_by_subj": subject::account_filter(account)
+        }))
+        .map_err(|error| Error::JetStream(error.to_string()))?;
+        let message = tokio::time::timeout(
+            DIRECT_BATCH_TIMEOUT,
+            self.client.request(
+                format!("$JS.API.DIRECT.GET.{}", self.stream_name),
+                body.into(),
+            ),
+        )
+        .await
+        .map_err(|_| Error::Unavailable("direct get timed out".into()))?
+        .map_err(|error| Error::Unavailable(error.to_string()))?;
+        match message.status {
+            None | Some(StatusCode::OK) => decode_direct(&message).map(Some),
+            Some(StatusCode::NOT_FOUND) => Ok(None),
+            Some(status) => Err(Error::JetStream(format!(
+                "direct get answered {status}: {}",
+                message.description.unwrap_or_default()
+            ))),
         }
     }
 

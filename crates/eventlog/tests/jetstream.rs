@@ -43,6 +43,59 @@ fn metadata() -> EventMetadata {
     }
 }
 
+/// The load path skips the walk through the stream when the account's last event builds on
+/// the chain value the caller knows; whichever way it goes, it returns exactly the events after
+/// the caller's position.
+#[tokio::test]
+async fn loading_after_a_known_position_and_chain_returns_exactly_the_later_events() {
+    let server = NatsServer::start();
+    let log = log_on(&server).await;
+    let a = account("a");
+    let single = account("single");
+    let mut position = log.append(&a, 0, &opened(), &metadata()).await.unwrap();
+    log.append(&single, 0, &opened(), &metadata())
+        .await
+        .unwrap();
+    for units in 1..=3 {
+        position = log
+            .append(&a, position.last_position, &deposited(units), &metadata())
+            .await
+            .unwrap();
+    }
+    let history = log.load_account(&a, 0).await.unwrap();
+    assert_eq!(history.len(), 4);
+    for (index, known) in history.iter().enumerate() {
+        let chain = known.chain.clone().unwrap();
+        let later = log
+            .load_account_after(&a, known.position, &chain)
+            .await
+            .unwrap();
+        let positions: Vec<u64> = later.iter().map(|event| event.position).collect();
+        let expected: Vec<u64> = history[index + 1..]
+            .iter()
+            .map(|event| event.position)
+            .collect();
+        assert_eq!(positions, expected, "after the event at index {index}");
+        // A chain value that is not the one at that position only costs the walk.
+        let walked = log
+            .load_account_after(&a, known.position, eventlog::chain::GENESIS)
+            .await
+            .unwrap();
+        assert_eq!(walked.len(), history.len() - index - 1);
+    }
+    let first = log
+        .load_account_after(&single, 0, eventlog::chain::GENESIS)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].event, opened());
+    assert!(log
+        .load_account_after(&account("none"), 0, eventlog::chain::GENESIS)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 #[tokio::test]
 async fn append_and_load_round_trip_with_positions() {
     let server = NatsServer::start();

@@ -1165,7 +1165,7 @@ async fn load(log: &EventLog, known: Known) -> Result<Known> {
 /// `known` brought up to the account's last event, with how many events that applied.
 async fn load_counting(log: &EventLog, mut known: Known) -> Result<(Known, u64)> {
     let events = log
-        .load_account(known.state.id(), known.position)
+        .load_account_after(known.state.id(), known.position, &known.chain)
         .await
         .map_err(Error::from)?;
     let applied = events.len() as u64;
