@@ -460,3 +460,120 @@ async fn a_rolling_restart_of_the_owner_answers_what_was_handed_to_it() {
         assert_eq!(stored, 1, "{account}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_whose_owner_dies_is_answered_within_seconds() {
+    // Two writers whose actors take 1.5 s per command. Deposits to accounts the second writer
+    // owns go through the first, so they are handed over; the owner is killed with SIGKILL while
+    // it has them. The first writer notices (nobody answers on the owner's liveness subject):
+    // deposits with an Idempotency-Key run there (their key marker lets only one of two runs be
+    // stored) and are answered 200 within seconds instead of at their 6 s deadline. Deposits
+    // without a key cannot be fenced so (the owner might only be reconnecting): they still wait
+    // for their deadline and answer `outcome_unknown`. Keyed ones are stored once, the others at
+    // most once.
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let slow = ("COFFER_FAILPOINT_ACTOR_DELAY_MS", "1500".to_string());
+    let front = support::writer(
+        "orphan-front",
+        &url,
+        &[
+            ("COFFER_WRITER_NAME", "front".into()),
+            ("COFFER_COMMAND_DEADLINE_MS", "6000".into()),
+            slow.clone(),
+        ],
+    );
+    let mut owner = support::writer(
+        "orphan-owner",
+        &url,
+        &[("COFFER_WRITER_NAME", "owner".into()), slow],
+    );
+    let http = Http::new();
+    let urls = vec![front.url(), owner.url()];
+    wait_partitions_shared(&http, &urls).await;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let client = async_nats::connect(&url).await.unwrap();
+    let owners = async_nats::jetstream::new(client)
+        .get_key_value("COFFER_OWNERS")
+        .await
+        .unwrap();
+    let mut accounts = Vec::new();
+    while accounts.len() < 6 {
+        let account = support::unique("orphan");
+        let partition = writer::ownership::partition_of(&AccountId::parse(&account).unwrap());
+        let holder = owners
+            .get(format!("partitions.{partition}"))
+            .await
+            .unwrap()
+            .unwrap_or_default();
+        if holder.starts_with(b"owner-") {
+            assert_eq!(http.open_account(&urls[0], &account).await.status, 201);
+            accounts.push(account);
+        }
+    }
+    let deposits: Vec<_> = accounts
+        .iter()
+        .enumerate()
+        .map(|(index, account)| {
+            let (http, url, account) = (http.clone(), urls[0].clone(), account.clone());
+            let key = (index % 2 == 0).then(|| format!("orphan-key-{account}"));
+            tokio::spawn(async move {
+                let reply = http
+                    .post(
+                        &format!("{url}/v1/accounts/{account}/deposits"),
+                        &json!({"amount": 7, "reference": format!("orphan-{account}")}),
+                        key.as_deref(),
+                    )
+                    .await
+                    .unwrap();
+                (
+                    account,
+                    key.is_some(),
+                    reply.status,
+                    reply.body,
+                    Instant::now(),
+                )
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    owner.kill();
+    let killed = Instant::now();
+    for deposit in deposits {
+        let (account, keyed, status, body, answered) = deposit.await.unwrap();
+        let took = answered.saturating_duration_since(killed);
+        if keyed {
+            // Noticed 0.7-1.2 s after the kill, then 1.5 s on the front's slow actor (actors of
+            // different accounts run side by side); the deadline answer comes at 9.5 s.
+            assert_eq!(status, 200, "{account}: {body}");
+            assert!(
+                took < Duration::from_secs(5),
+                "{account} answered {took:?} after the kill"
+            );
+        } else {
+            assert_eq!(status, 503, "{account}: {body}");
+            assert_eq!(body["code"], "outcome_unknown", "{account}: {body}");
+            assert!(
+                took > Duration::from_secs(5),
+                "{account} answered {took:?} after the kill"
+            );
+        }
+    }
+    let orphaned = metric_sum(&http, &urls[..1], "coffer_writer_handovers_orphaned_total").await;
+    assert_eq!(orphaned, 3.0);
+    let events = support::read_stream(&url).await;
+    for (index, account) in accounts.iter().enumerate() {
+        let stored = events
+            .iter()
+            .filter(|recorded| {
+                matches!(&recorded.event, Event::Deposited { reference: Some(reference), .. }
+                    if *reference == format!("orphan-{account}"))
+            })
+            .count();
+        if index % 2 == 0 {
+            assert_eq!(stored, 1, "{account}");
+        } else {
+            assert!(stored <= 1, "{account}: {stored}");
+        }
+    }
+}

@@ -31,6 +31,11 @@ pub fn owner_inbox(writer_id: &str) -> String {
     format!("coffer.owner.{writer_id}")
 }
 
+/// Where a writer answers "still here" while it may still answer hand-overs it took.
+pub fn owner_alive(writer_id: &str) -> String {
+    format!("coffer.owner.{writer_id}.alive")
+}
+
 /// The subject an event of `account` is appended on.
 pub fn append(account: &AccountId, event_type: &str) -> String {
     format!("{APPEND_PREFIX}.{account}.{event_type}")

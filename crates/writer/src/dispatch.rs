@@ -10,6 +10,16 @@
 //! "Nobody took it" (NATS no-responders: the owner has gone and the message reached no one) is
 //! the one failure after which the command runs here: nothing was delivered. Any other failure
 //! of a hand-over that was sent may hide a command that runs, so it answers `outcome_unknown`.
+//!
+//! An owner that dies while it has a hand-over would leave its caller waiting until the deadline.
+//! So the caller asks `coffer.owner.{owner}.alive` while it waits, which the owner answers as
+//! long as its NATS connection lives. "No responders" there proves little: the owner may only be
+//! reconnecting (a NATS server in lame duck, a network blip) and still run the command after. So
+//! only a command with an `Idempotency-Key` then runs here: its key marker (stored in the same
+//! atomic batch as its events, or alone for a refusal) lets one of the two runs be stored, and
+//! the other answers what was stored. Any other command keeps waiting for its owner's answer or
+//! its deadline: a transfer's id claims only its acceptance, not a refusal, so a refusal here could
+//! be followed by the owner's acceptance.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -36,6 +46,12 @@ const HANDOVER_MARGIN: Duration = Duration::from_millis(500);
 const HANDOVERS_CONCURRENT_MAX: usize = 1_024;
 /// How long hand-overs in flight get to finish at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(6);
+/// While a caller waits for its owner, it asks whether the owner is still there this long after
+/// sending, then every [`LIVENESS_EVERY`].
+const LIVENESS_FIRST: Duration = Duration::from_secs(1);
+const LIVENESS_EVERY: Duration = Duration::from_millis(500);
+/// How long one liveness question may take; no answer in time means "do not know".
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A command as handed to its account's owner (MessagePack, named fields). Unknown fields are
 /// refused, not dropped: an owner of an older version must not run a command without a field a
@@ -136,15 +152,35 @@ impl Dispatcher {
         let payload = rmp_serde::to_vec_named(&handover)
             .map_err(|error| Error::Internal(format!("encode a hand-over: {error}")))?;
         let subject = eventlog::subject::owner_inbox(owner.as_str());
-        let sent = self
-            .client
-            .send_request(
-                subject,
-                async_nats::Request::new()
-                    .payload(payload.into())
-                    .timeout(Some(timeout + ANSWER_GRACE)),
-            )
-            .await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let sent = self.client.send_request(
+            subject,
+            async_nats::Request::new()
+                .payload(payload.into())
+                .timeout(Some(timeout + ANSWER_GRACE)),
+        );
+        tokio::pin!(sent);
+        let mut checks =
+            tokio::time::interval_at(tokio::time::Instant::now() + LIVENESS_FIRST, LIVENESS_EVERY);
+        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let keyed = request.idempotency_key.is_some();
+        let sent = loop {
+            tokio::select! {
+                biased;
+                sent = &mut sent => break sent,
+                _ = checks.tick(), if keyed => {
+                    if self.owner_gone(owner).await {
+                        // An answer that arrived meanwhile is the answer.
+                        if let Some(sent) = futures::FutureExt::now_or_never(&mut sent) {
+                            break sent;
+                        }
+                        self.metrics.handovers_orphaned.inc();
+                        tracing::info!(%owner, account = %request.account_id, "owner gone with a keyed command; deciding here (its key marker lets one of the two be stored)");
+                        return self.registry.execute_until(request, deadline).await;
+                    }
+                }
+            }
+        };
         match sent {
             Ok(reply) => {
                 self.metrics.commands_forwarded.inc();
@@ -180,6 +216,22 @@ impl Dispatcher {
     }
 }
 
+impl Dispatcher {
+    /// Whether nobody subscribes to `owner`'s liveness subject: its connection is gone, for good
+    /// or while it reconnects. Silence or any other error says nothing (a frozen owner still
+    /// holds its subscriptions).
+    async fn owner_gone(&self, owner: &WriterId) -> bool {
+        let asked = self
+            .client
+            .send_request(
+                eventlog::subject::owner_alive(owner.as_str()),
+                async_nats::Request::new().timeout(Some(LIVENESS_TIMEOUT)),
+            )
+            .await;
+        matches!(asked, Err(error) if error.kind() == RequestErrorKind::NoResponders)
+    }
+}
+
 /// Takes the commands other writers hand to this one, as the owner of their accounts, until
 /// `stop`; then unsubscribes (new hand-overs find no responder and their callers decide) and
 /// lets the ones taken finish and be answered, so a rolling restart costs no `outcome_unknown`.
@@ -191,6 +243,19 @@ pub async fn serve_handovers(
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let subject = eventlog::subject::owner_inbox(me.as_str());
+    // Subscribed before the hand-overs and answered as long as the connection lives (past the
+    // shutdown drain, while actors may still run what they took): a caller that finds nobody
+    // there knows this writer's connection is gone.
+    let alive_subject = eventlog::subject::owner_alive(me.as_str());
+    let alive = client
+        .subscribe(alive_subject.clone())
+        .await
+        .map_err(|error| Error::Unavailable(format!("subscribe {alive_subject}: {error}")))?;
+    client
+        .flush()
+        .await
+        .map_err(|error| Error::Unavailable(format!("subscribe {alive_subject}: {error}")))?;
+    tokio::spawn(answer_liveness(client.clone(), alive));
     let mut subscription = client
         .subscribe(subject.clone())
         .await
@@ -232,6 +297,17 @@ pub async fn serve_handovers(
         tracing::debug!(%error, "flushing hand-over answers at shutdown");
     }
     Ok(())
+}
+
+/// Answers "still here" on the liveness subject until the connection closes.
+async fn answer_liveness(client: async_nats::Client, mut alive: async_nats::Subscriber) {
+    while let Some(asked) = alive.next().await {
+        if let Some(reply) = asked.reply {
+            if let Err(error) = client.publish(reply, bytes::Bytes::new()).await {
+                tracing::debug!(%error, "answering a liveness question");
+            }
+        }
+    }
 }
 
 /// Runs one hand-over and sends its answer.

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub forward_fallbacks: Counter,
     /// Commands other writers handed to this one as their account's owner.
     pub commands_taken_over: Counter,
+    /// Hand-overs whose owner went away before answering them.
+    pub handovers_orphaned: Counter,
     /// Committed appends that carried several queued commands of one account.
     pub account_batches: Counter,
     /// The commands in them.
@@ -80,6 +82,7 @@ impl Default for Metrics {
             account_batches: Counter::default(),
             account_batch_commands: Counter::default(),
             forward_fallbacks: Counter::default(),
+            handovers_orphaned: Counter::default(),
             commands_taken_over: Counter::default(),
             partitions_owned: Gauge::default(),
             leases_lost: Counter::default(),
@@ -170,6 +173,11 @@ impl Metrics {
                 "coffer_writer_forward_fallbacks",
                 "Commands run here because nobody took them at their owner's subject (the owner had gone).",
                 &self.forward_fallbacks,
+            ),
+            (
+                "coffer_writer_handovers_orphaned",
+                "Hand-overs whose owner went away while it had them (run here when a marker claims them, otherwise answered outcome_unknown).",
+                &self.handovers_orphaned,
             ),
             (
                 "coffer_writer_commands_taken_over",
