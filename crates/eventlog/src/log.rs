@@ -610,18 +610,22 @@ impl EventLog {
         // The account's last event comes from the server's per-subject index (about a
         // millisecond); the walk below goes through the stream from `after_position`, which on a
         // stream of a million messages costs the server 8-14 ms even when it finds little
-        // (measured, docs/benchmarks.md). When the last event builds on `after_chain`, it is the
-        // only one after `after_position` (its chain value hashes its predecessor's), so a new
-        // account's first event, or the one event after a snapshot or a cached state, needs no
-        // walk.
-        let Some(last) = self.last_account_event(account).await? else {
+        // (measured, docs/benchmarks.md). The last event is the only one after `after_position`
+        // when the server stored it on the condition that the account's last event was at
+        // `after_position` (its expected-last-subject-sequence headers, kept with the message)
+        // and it is not a later member of a batch stating that same position (its chain value
+        // builds on `after_chain`, not on an event of its batch). Then a new account's first
+        // event, or the one event after a snapshot or a cached state, needs no walk.
+        let Some((last, stored_after)) = self.last_account_event(account).await? else {
             return Ok(Vec::new());
         };
         if last.position <= after_position {
             return Ok(Vec::new());
         }
         if let Some(after_chain) = after_chain {
-            if last.chain.as_deref() == Some(last.expected_chain(after_chain).as_str()) {
+            let follows_known = stored_after == Some(after_position)
+                && last.chain.as_deref() == Some(last.expected_chain(after_chain).as_str());
+            if follows_known {
                 return Ok(vec![last]);
             }
         }
@@ -646,15 +650,18 @@ impl EventLog {
         }
     }
 
-    /// `account`'s last event as a direct get (any replica) sees it.
-    async fn last_account_event(&self, account: &AccountId) -> Result<Option<RecordedEvent>> {
+    /// `account`'s last event as a direct get (any replica) sees it, with the account position
+    /// the server checked before storing it (when it was stored with that check).
+    async fn last_account_event(
+        &self,
+        account: &AccountId,
+    ) -> Result<Option<(RecordedEvent, Option<u64>)>> {
+        let filter = subject::account_filter(account);
         if !self.is_connected() {
             return Err(Error::Unavailable("not connected to NATS".into()));
         }
-        let body = serde_json::to_vec(&serde_json::json!({
-            "last_by_subj": subject::account_filter(account)
-        }))
-        .map_err(|error| Error::JetStream(error.to_string()))?;
+        let body = serde_json::to_vec(&serde_json::json!({ "last_by_subj": filter }))
+            .map_err(|error| Error::JetStream(error.to_string()))?;
         let message = tokio::time::timeout(
             DIRECT_BATCH_TIMEOUT,
             self.client.request(
@@ -666,7 +673,17 @@ impl EventLog {
         .map_err(|_| Error::Unavailable("direct get timed out".into()))?
         .map_err(|error| Error::Unavailable(error.to_string()))?;
         match message.status {
-            None | Some(StatusCode::OK) => decode_direct(&message).map(Some),
+            None | Some(StatusCode::OK) => {
+                let checked_after = message.headers.as_ref().and_then(|headers| {
+                    let on_account =
+                        header_text(headers, header::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT)
+                            .is_some_and(|checked| checked == filter);
+                    on_account
+                        .then(|| header_number(headers, header::EXPECTED_LAST_SUBJECT_SEQUENCE))
+                        .flatten()
+                });
+                Ok(Some((decode_direct(&message)?, checked_after)))
+            }
             Some(StatusCode::NOT_FOUND) => Ok(None),
             Some(status) => Err(Error::JetStream(format!(
                 "direct get answered {status}: {}",

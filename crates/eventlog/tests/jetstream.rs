@@ -83,6 +83,43 @@ async fn loading_after_a_known_position_and_chain_returns_exactly_the_later_even
             .unwrap();
         assert_eq!(walked.len(), history.len() - index - 1);
     }
+    // Two events of one account in one batch both state the position before the batch (as
+    // an actor's batch of queued deposits does); from that position both are loaded.
+    let before = log.load_account(&a, 0).await.unwrap();
+    let known = before.last().unwrap();
+    let known_chain = known.chain.clone().unwrap();
+    let (first_event, second_event) = (deposited(10), deposited(20));
+    let first_chain = eventlog::chain::next(&known_chain, &a, &first_event).unwrap();
+    let second_chain = eventlog::chain::next(&first_chain, &a, &second_event).unwrap();
+    log.append_atomic(&[
+        Entry::Event {
+            account: a.clone(),
+            expected_last_position: known.position,
+            event: first_event,
+            metadata: metadata(),
+            chain: first_chain,
+        },
+        Entry::Event {
+            account: a.clone(),
+            expected_last_position: known.position,
+            event: second_event,
+            metadata: metadata(),
+            chain: second_chain,
+        },
+    ])
+    .await
+    .unwrap();
+    let batch = log
+        .load_account_after(&a, known.position, &known_chain)
+        .await
+        .unwrap();
+    assert_eq!(
+        batch
+            .iter()
+            .map(|event| event.event.clone())
+            .collect::<Vec<_>>(),
+        vec![deposited(10), deposited(20)]
+    );
     let first = log
         .load_account_after(&single, 0, eventlog::chain::GENESIS)
         .await
