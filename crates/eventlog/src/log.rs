@@ -613,20 +613,23 @@ impl EventLog {
         // (measured, docs/benchmarks.md). The last event is the only one after `after_position`
         // when the server stored it on the condition that the account's last event was at
         // `after_position` (its expected-last-subject-sequence headers, kept with the message)
-        // and it is not a later member of a batch stating that same position (its chain value
-        // builds on `after_chain`, not on an event of its batch). Then a new account's first
-        // event, or the one event after a snapshot or a cached state, needs no walk.
-        let Some((last, stored_after)) = self.last_account_event(account).await? else {
+        // and no earlier member of its atomic batch is the account's (the server checks a
+        // batch's conditions against the stream before the batch, so they could all state that
+        // position). Then a new account's first event, or the one event after a snapshot or a
+        // cached state, needs no walk. Its chain value must build on `after_chain` as well:
+        // anything unexpected only costs the walk.
+        let Some(last) = self.last_account_event(account).await? else {
             return Ok(Vec::new());
         };
-        if last.position <= after_position {
+        if last.event.position <= after_position {
             return Ok(Vec::new());
         }
         if let Some(after_chain) = after_chain {
-            let follows_known = stored_after == Some(after_position)
-                && last.chain.as_deref() == Some(last.expected_chain(after_chain).as_str());
-            if follows_known {
-                return Ok(vec![last]);
+            let follows_known = last.checked_after == Some(after_position)
+                && last.event.chain.as_deref()
+                    == Some(last.event.expected_chain(after_chain).as_str());
+            if follows_known && self.alone_in_its_batch(account, &last).await? {
+                return Ok(vec![last.event]);
             }
         }
         let filter = subject::account_filter(account);
@@ -650,12 +653,8 @@ impl EventLog {
         }
     }
 
-    /// `account`'s last event as a direct get (any replica) sees it, with the account position
-    /// the server checked before storing it (when it was stored with that check).
-    async fn last_account_event(
-        &self,
-        account: &AccountId,
-    ) -> Result<Option<(RecordedEvent, Option<u64>)>> {
+    /// `account`'s last event as a direct get (any replica) sees it.
+    async fn last_account_event(&self, account: &AccountId) -> Result<Option<LastEvent>> {
         let filter = subject::account_filter(account);
         if !self.is_connected() {
             return Err(Error::Unavailable("not connected to NATS".into()));
@@ -674,15 +673,17 @@ impl EventLog {
         .map_err(|error| Error::Unavailable(error.to_string()))?;
         match message.status {
             None | Some(StatusCode::OK) => {
-                let checked_after = message.headers.as_ref().and_then(|headers| {
-                    let on_account =
-                        header_text(headers, header::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT)
-                            .is_some_and(|checked| checked == filter);
-                    on_account
-                        .then(|| header_number(headers, header::EXPECTED_LAST_SUBJECT_SEQUENCE))
-                        .flatten()
-                });
-                Ok(Some((decode_direct(&message)?, checked_after)))
+                let headers = message.headers.clone().unwrap_or_default();
+                let on_account =
+                    header_text(&headers, header::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT)
+                        .is_some_and(|checked| checked == filter);
+                Ok(Some(LastEvent {
+                    event: decode_direct(&message)?,
+                    checked_after: on_account
+                        .then(|| header_number(&headers, header::EXPECTED_LAST_SUBJECT_SEQUENCE))
+                        .flatten(),
+                    batch_sequence: header_number(&headers, header::BATCH_SEQUENCE),
+                }))
             }
             Some(StatusCode::NOT_FOUND) => Ok(None),
             Some(status) => Err(Error::JetStream(format!(
@@ -690,6 +691,31 @@ impl EventLog {
                 message.description.unwrap_or_default()
             ))),
         }
+    }
+
+    /// Whether no earlier member of `last`'s atomic batch is an event of `account` (the members
+    /// of a batch are stored at consecutive positions, `Nats-Batch-Sequence` counting from 1).
+    async fn alone_in_its_batch(&self, account: &AccountId, last: &LastEvent) -> Result<bool> {
+        let Some(members_before) = last
+            .batch_sequence
+            .map(|sequence| sequence.saturating_sub(1))
+            .filter(|before| *before > 0)
+        else {
+            return Ok(true);
+        };
+        let page = self
+            .direct_batch(serde_json::json!({
+                "seq": last.event.position.saturating_sub(members_before).max(1),
+                "next_by_subj": subject::account_filter(account),
+                "batch": 1,
+            }))
+            .await?;
+        let first_found = page
+            .messages
+            .first()
+            .and_then(|message| message.headers.as_ref())
+            .and_then(|headers| header_number(headers, "Nats-Sequence"));
+        Ok(first_found == Some(last.event.position))
     }
 
     /// Reads up to `limit` events of the whole stream after `after_position`, in order.
@@ -842,6 +868,16 @@ pub(crate) async fn direct_batch(
             }
         }
     }
+}
+
+/// An account's last event with what the server checked before storing it.
+struct LastEvent {
+    event: RecordedEvent,
+    /// The account position it was stored on the condition of (its expected last subject
+    /// sequence on the account's filter), when it was.
+    checked_after: Option<u64>,
+    /// Its place in its atomic batch, from 1, when it was stored in one.
+    batch_sequence: Option<u64>,
 }
 
 #[derive(Default)]

@@ -120,6 +120,26 @@ async fn loading_after_a_known_position_and_chain_returns_exactly_the_later_even
             .collect::<Vec<_>>(),
         vec![deposited(10), deposited(20)]
     );
+    // The same two events with chain values that do not link (the server does not check
+    // them): the batch's earlier member is still found.
+    let before = log.load_account(&a, 0).await.unwrap();
+    let known = before.last().unwrap();
+    let known_chain = known.chain.clone().unwrap();
+    let unlinked = |event: Event| Entry::Event {
+        account: a.clone(),
+        expected_last_position: known.position,
+        chain: eventlog::chain::next(&known_chain, &a, &event).unwrap(),
+        event,
+        metadata: metadata(),
+    };
+    log.append_atomic(&[unlinked(deposited(30)), unlinked(deposited(40))])
+        .await
+        .unwrap();
+    let batch = log
+        .load_account_after(&a, known.position, &known_chain)
+        .await
+        .unwrap();
+    assert_eq!(batch.len(), 2);
     let first = log
         .load_account_after(&single, 0, eventlog::chain::GENESIS)
         .await
