@@ -67,6 +67,50 @@ async fn metric_sum(http: &Http, urls: &[String], name: &str) -> f64 {
     sum
 }
 
+/// Two writers named `front` and `owner` whose actors take 1.5 s per command (plus `front_env`
+/// for the first), sharing the partitions, and `count` opened accounts the second one owns:
+/// deposits to them through `front` are handed over.
+async fn front_and_owner(
+    nats: &NatsServer,
+    label: &str,
+    front_env: &[(&str, String)],
+    count: usize,
+) -> (CofferProcess, CofferProcess, Vec<String>) {
+    let url = nats.url();
+    let slow = ("COFFER_FAILPOINT_ACTOR_DELAY_MS", "1500".to_string());
+    let mut front_environment = vec![("COFFER_WRITER_NAME", "front".to_string()), slow.clone()];
+    front_environment.extend(front_env.iter().cloned());
+    let front = support::writer(&format!("{label}-front"), &url, &front_environment);
+    let owner = support::writer(
+        &format!("{label}-owner"),
+        &url,
+        &[("COFFER_WRITER_NAME", "owner".into()), slow],
+    );
+    let http = Http::new();
+    wait_partitions_shared(&http, &[front.url(), owner.url()]).await;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let client = async_nats::connect(&url).await.unwrap();
+    let owners = async_nats::jetstream::new(client)
+        .get_key_value("COFFER_OWNERS")
+        .await
+        .unwrap();
+    let mut accounts = Vec::new();
+    while accounts.len() < count {
+        let account = support::unique(label);
+        let partition = writer::ownership::partition_of(&AccountId::parse(&account).unwrap());
+        let holder = owners
+            .get(format!("partitions.{partition}"))
+            .await
+            .unwrap()
+            .unwrap_or_default();
+        if holder.starts_with(b"owner-") {
+            assert_eq!(http.open_account(&front.url(), &account).await.status, 201);
+            accounts.push(account);
+        }
+    }
+    (front, owner, accounts)
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Fault {
     /// SIGKILL, then a restart.
@@ -386,40 +430,9 @@ async fn a_rolling_restart_of_the_owner_answers_what_was_handed_to_it() {
     // gets 200 (not `outcome_unknown` after its deadline), and each is in the stream once.
     let nats = NatsServer::start();
     let url = nats.url();
-    let slow = ("COFFER_FAILPOINT_ACTOR_DELAY_MS", "1500".to_string());
-    let front = support::writer(
-        "rolling-front",
-        &url,
-        &[("COFFER_WRITER_NAME", "front".into()), slow.clone()],
-    );
-    let mut owner = support::writer(
-        "rolling-owner",
-        &url,
-        &[("COFFER_WRITER_NAME", "owner".into()), slow],
-    );
+    let (front, mut owner, accounts) = front_and_owner(&nats, "rolling", &[], 4).await;
     let http = Http::new();
-    let urls = vec![front.url(), owner.url()];
-    wait_partitions_shared(&http, &urls).await;
-    tokio::time::sleep(Duration::from_millis(2_100)).await;
-    let client = async_nats::connect(&url).await.unwrap();
-    let owners = async_nats::jetstream::new(client)
-        .get_key_value("COFFER_OWNERS")
-        .await
-        .unwrap();
-    let mut accounts = Vec::new();
-    while accounts.len() < 4 {
-        let account = support::unique("rolling");
-        let partition = writer::ownership::partition_of(&AccountId::parse(&account).unwrap());
-        let holder = owners
-            .get(format!("partitions.{partition}"))
-            .await
-            .unwrap()
-            .unwrap_or_default();
-        if holder.starts_with(b"owner-") {
-            assert_eq!(http.open_account(&urls[0], &account).await.status, 201);
-            accounts.push(account);
-        }
-    }
+    let urls = [front.url(), owner.url()];
     let deposits: Vec<_> = accounts
         .iter()
         .map(|account| {
@@ -473,44 +486,10 @@ async fn a_hand_over_whose_owner_dies_is_answered_within_seconds() {
     // most once.
     let nats = NatsServer::start();
     let url = nats.url();
-    let slow = ("COFFER_FAILPOINT_ACTOR_DELAY_MS", "1500".to_string());
-    let front = support::writer(
-        "orphan-front",
-        &url,
-        &[
-            ("COFFER_WRITER_NAME", "front".into()),
-            ("COFFER_COMMAND_DEADLINE_MS", "6000".into()),
-            slow.clone(),
-        ],
-    );
-    let mut owner = support::writer(
-        "orphan-owner",
-        &url,
-        &[("COFFER_WRITER_NAME", "owner".into()), slow],
-    );
+    let deadline = ("COFFER_COMMAND_DEADLINE_MS", "6000".to_string());
+    let (front, mut owner, accounts) = front_and_owner(&nats, "orphan", &[deadline], 6).await;
     let http = Http::new();
-    let urls = vec![front.url(), owner.url()];
-    wait_partitions_shared(&http, &urls).await;
-    tokio::time::sleep(Duration::from_millis(2_100)).await;
-    let client = async_nats::connect(&url).await.unwrap();
-    let owners = async_nats::jetstream::new(client)
-        .get_key_value("COFFER_OWNERS")
-        .await
-        .unwrap();
-    let mut accounts = Vec::new();
-    while accounts.len() < 6 {
-        let account = support::unique("orphan");
-        let partition = writer::ownership::partition_of(&AccountId::parse(&account).unwrap());
-        let holder = owners
-            .get(format!("partitions.{partition}"))
-            .await
-            .unwrap()
-            .unwrap_or_default();
-        if holder.starts_with(b"owner-") {
-            assert_eq!(http.open_account(&urls[0], &account).await.status, 201);
-            accounts.push(account);
-        }
-    }
+    let urls = [front.url(), owner.url()];
     let deposits: Vec<_> = accounts
         .iter()
         .enumerate()

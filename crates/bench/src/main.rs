@@ -683,6 +683,21 @@ async fn paced_deposits(
     (rate, latencies)
 }
 
+/// Waits until the service at `url` says it is ready (30 s at most).
+async fn wait_ready(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|response| response.status().is_success())
+    {
+        anyhow::ensure!(Instant::now() < deadline, "{url} not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 /// Command latency at half the maximum load: deposits from `clients` clients as fast as they
 /// go, then paced at half that rate, each on its own account.
 async fn half_load_suite(
@@ -696,16 +711,7 @@ async fn half_load_suite(
         &[("COFFER_NATS_URL", nats.url()), ("RUST_LOG", "warn".into())],
     );
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !http
-        .get(format!("{}/readyz", writer.url()))
-        .send()
-        .await
-        .is_ok_and(|response| response.status().is_success())
-    {
-        anyhow::ensure!(Instant::now() < deadline, "writer not ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(&http, &writer.url()).await?;
     let (maximum, latencies) = paced_deposits(&writer.url(), clients, 100, 0.0).await;
     results.add(
         &format!("deposit, {clients} clients, own accounts, as fast as they go"),
@@ -1087,16 +1093,7 @@ async fn deposits_suite(
         &[("COFFER_NATS_URL", nats.url()), ("RUST_LOG", "warn".into())],
     );
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !http
-        .get(format!("{}/readyz", writer.url()))
-        .send()
-        .await
-        .is_ok_and(|response| response.status().is_success())
-    {
-        anyhow::ensure!(Instant::now() < deadline, "writer not ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(&http, &writer.url()).await?;
     let mut row = |name: String, (rate, latencies, errors): (f64, Vec<Duration>, usize)| {
         results.add(
             &name,
