@@ -617,7 +617,8 @@ impl EventLog {
         // batch's conditions against the stream before the batch, so they could all state that
         // position). Then a new account's first event, or the one event after a snapshot or a
         // cached state, needs no walk. Its chain value must build on `after_chain` as well:
-        // anything unexpected only costs the walk.
+        // anything unexpected only costs the walk. From nothing (a new account), the server's
+        // count of the account's events says it at once.
         let Some(last) = self.last_account_event(account).await? else {
             return Ok(Vec::new());
         };
@@ -625,10 +626,17 @@ impl EventLog {
             return Ok(Vec::new());
         }
         if let Some(after_chain) = after_chain {
-            let follows_known = last.checked_after == Some(after_position)
-                && last.event.chain.as_deref()
-                    == Some(last.event.expected_chain(after_chain).as_str());
-            if follows_known && self.alone_in_its_batch(account, &last).await? {
+            let only_one = if after_position == 0 {
+                // The server's per-subject index counts the account's events without reading
+                // any message; a scan over a big stream reads whole message blocks.
+                self.account_event_count(account).await? == 1
+            } else {
+                let follows_known = last.checked_after == Some(after_position)
+                    && last.event.chain.as_deref()
+                        == Some(last.event.expected_chain(after_chain).as_str());
+                follows_known && self.alone_in_its_batch(account, &last).await?
+            };
+            if only_one {
                 return Ok(vec![last.event]);
             }
         }
@@ -691,6 +699,41 @@ impl EventLog {
                 message.description.unwrap_or_default()
             ))),
         }
+    }
+
+    /// How many events `account` has, from the server's per-subject counts (a stream info
+    /// request filtered on the account's subjects).
+    async fn account_event_count(&self, account: &AccountId) -> Result<u64> {
+        if !self.is_connected() {
+            return Err(Error::Unavailable("not connected to NATS".into()));
+        }
+        let body = serde_json::to_vec(&serde_json::json!({
+            "subjects_filter": subject::account_filter(account)
+        }))
+        .map_err(|error| Error::JetStream(error.to_string()))?;
+        let reply = tokio::time::timeout(
+            DIRECT_BATCH_TIMEOUT,
+            self.client.request(
+                format!("$JS.API.STREAM.INFO.{}", self.stream_name),
+                body.into(),
+            ),
+        )
+        .await
+        .map_err(|_| Error::Unavailable("stream info timed out".into()))?
+        .map_err(|error| Error::Unavailable(error.to_string()))?;
+        let answer: serde_json::Value = serde_json::from_slice(&reply.payload)
+            .map_err(|error| Error::JetStream(format!("stream info answer: {error}")))?;
+        if answer.get("error").is_some() {
+            return Err(Error::JetStream(format!(
+                "stream info answer: {}",
+                answer["error"]
+            )));
+        }
+        Ok(answer["state"]["subjects"]
+            .as_object()
+            .map_or(0, |subjects| {
+                subjects.values().filter_map(|count| count.as_u64()).sum()
+            }))
     }
 
     /// Whether no earlier member of `last`'s atomic batch is an event of `account` (the members
