@@ -664,21 +664,12 @@ impl EventLog {
     /// `account`'s last event as a direct get (any replica) sees it.
     async fn last_account_event(&self, account: &AccountId) -> Result<Option<LastEvent>> {
         let filter = subject::account_filter(account);
-        if !self.is_connected() {
-            return Err(Error::Unavailable("not connected to NATS".into()));
-        }
-        let body = serde_json::to_vec(&serde_json::json!({ "last_by_subj": filter }))
-            .map_err(|error| Error::JetStream(error.to_string()))?;
-        let message = tokio::time::timeout(
-            DIRECT_BATCH_TIMEOUT,
-            self.client.request(
+        let message = self
+            .api_request(
                 format!("$JS.API.DIRECT.GET.{}", self.stream_name),
-                body.into(),
-            ),
-        )
-        .await
-        .map_err(|_| Error::Unavailable("direct get timed out".into()))?
-        .map_err(|error| Error::Unavailable(error.to_string()))?;
+                serde_json::json!({ "last_by_subj": filter }),
+            )
+            .await?;
         match message.status {
             None | Some(StatusCode::OK) => {
                 let headers = message.headers.clone().unwrap_or_default();
@@ -704,23 +695,12 @@ impl EventLog {
     /// How many events `account` has, from the server's per-subject counts (a stream info
     /// request filtered on the account's subjects).
     async fn account_event_count(&self, account: &AccountId) -> Result<u64> {
-        if !self.is_connected() {
-            return Err(Error::Unavailable("not connected to NATS".into()));
-        }
-        let body = serde_json::to_vec(&serde_json::json!({
-            "subjects_filter": subject::account_filter(account)
-        }))
-        .map_err(|error| Error::JetStream(error.to_string()))?;
-        let reply = tokio::time::timeout(
-            DIRECT_BATCH_TIMEOUT,
-            self.client.request(
+        let reply = self
+            .api_request(
                 format!("$JS.API.STREAM.INFO.{}", self.stream_name),
-                body.into(),
-            ),
-        )
-        .await
-        .map_err(|_| Error::Unavailable("stream info timed out".into()))?
-        .map_err(|error| Error::Unavailable(error.to_string()))?;
+                serde_json::json!({ "subjects_filter": subject::account_filter(account) }),
+            )
+            .await?;
         let answer: serde_json::Value = serde_json::from_slice(&reply.payload)
             .map_err(|error| Error::JetStream(format!("stream info answer: {error}")))?;
         if answer.get("error").is_some() {
@@ -819,19 +799,9 @@ impl EventLog {
         stream: &str,
         request: serde_json::Value,
     ) -> Result<Option<serde_json::Value>> {
-        if !self.is_connected() {
-            return Err(Error::Unavailable("not connected to NATS".into()));
-        }
-        let body =
-            serde_json::to_vec(&request).map_err(|error| Error::JetStream(error.to_string()))?;
-        let reply = tokio::time::timeout(
-            DIRECT_BATCH_TIMEOUT,
-            self.client
-                .request(format!("$JS.API.STREAM.MSG.GET.{stream}"), body.into()),
-        )
-        .await
-        .map_err(|_| Error::Unavailable("stream message request timed out".into()))?
-        .map_err(|error| Error::Unavailable(error.to_string()))?;
+        let reply = self
+            .api_request(format!("$JS.API.STREAM.MSG.GET.{stream}"), request)
+            .await?;
         let mut answer: serde_json::Value = serde_json::from_slice(&reply.payload)
             .map_err(|error| Error::JetStream(format!("stream message answer: {error}")))?;
         if answer["message"].is_object() {
@@ -842,6 +812,26 @@ impl EventLog {
             Some(10037) => Ok(None),
             _ => Err(Error::JetStream(format!("stream message answer: {answer}"))),
         }
+    }
+
+    /// One JetStream API request with a JSON body, answered within [`DIRECT_BATCH_TIMEOUT`].
+    async fn api_request(
+        &self,
+        subject: String,
+        request: serde_json::Value,
+    ) -> Result<async_nats::Message> {
+        if !self.is_connected() {
+            return Err(Error::Unavailable("not connected to NATS".into()));
+        }
+        let body =
+            serde_json::to_vec(&request).map_err(|error| Error::JetStream(error.to_string()))?;
+        tokio::time::timeout(
+            DIRECT_BATCH_TIMEOUT,
+            self.client.request(subject.clone(), body.into()),
+        )
+        .await
+        .map_err(|_| Error::Unavailable(format!("{subject} timed out")))?
+        .map_err(|error| Error::Unavailable(error.to_string()))
     }
 
     /// The stream's last sequence: the newest position anyone can wait for.

@@ -43,9 +43,10 @@ fn metadata() -> EventMetadata {
     }
 }
 
-/// The load path skips the walk through the stream when the account's last event builds on
-/// the chain value the caller knows; whichever way it goes, it returns exactly the events after
-/// the caller's position.
+/// The load path skips the walk through the stream when the server shows the account's last
+/// event is the only one after the caller's position (its count of the account's events from
+/// nothing; the checked expected position, the batch and the chain value after a known one);
+/// whichever way it goes, it returns exactly the events after the caller's position.
 #[tokio::test]
 async fn loading_after_a_known_position_and_chain_returns_exactly_the_later_events() {
     let server = NatsServer::start();
