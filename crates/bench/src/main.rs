@@ -107,6 +107,19 @@ fn latency_summary(mut latencies: Vec<Duration>) -> String {
     )
 }
 
+/// The latencies the client tasks measured, once all have finished; clears their progress bar.
+async fn join_latencies(
+    tasks: Vec<tokio::task::JoinHandle<Vec<Duration>>>,
+    bar: &ProgressBar,
+) -> Vec<Duration> {
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.unwrap());
+    }
+    bar.finish_and_clear();
+    latencies
+}
+
 fn progress(length: u64, message: &str) -> ProgressBar {
     let bar = ProgressBar::new(length);
     bar.set_style(
@@ -191,11 +204,7 @@ async fn deposits(writer: &str, clients: usize, per_client: usize, one_account: 
             })
         })
         .collect();
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await.unwrap());
-    }
-    bar.finish_and_clear();
+    let latencies = join_latencies(tasks, &bar).await;
     summary(latencies, started.elapsed())
 }
 
@@ -248,11 +257,7 @@ async fn transfers(writer: &str, clients: usize, per_client: usize) -> String {
             })
         })
         .collect();
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await.unwrap());
-    }
-    bar.finish_and_clear();
+    let latencies = join_latencies(tasks, &bar).await;
     summary(latencies, started.elapsed())
 }
 
@@ -674,11 +679,7 @@ async fn paced_deposits(
             })
         })
         .collect();
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await.unwrap());
-    }
-    bar.finish_and_clear();
+    let latencies = join_latencies(tasks, &bar).await;
     let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
     (rate, latencies)
 }
@@ -804,11 +805,7 @@ async fn hot_deposits(writers: &[String], clients: usize, total: usize) -> (f64,
             })
         })
         .collect();
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await.unwrap());
-    }
-    bar.finish_and_clear();
+    let latencies = join_latencies(tasks, &bar).await;
     let elapsed = started.elapsed();
     let rate = latencies.len() as f64 / elapsed.as_secs_f64();
     (

@@ -533,17 +533,10 @@ impl EventLog {
                 return Ok(None);
             }
         };
-        let page = self
-            .direct_batch(serde_json::json!({
-                "seq": snapshot.position,
-                "next_by_subj": subject::account_filter(account),
-                "batch": 1,
-            }))
-            .await?;
-        let event = page
-            .messages
-            .first()
-            .and_then(|message| decode_direct(message).ok());
+        let event = self
+            .first_account_message_from(account, snapshot.position)
+            .await?
+            .and_then(|message| decode_direct(&message).ok());
         match event {
             Some(event)
                 if event.position == snapshot.position
@@ -726,19 +719,31 @@ impl EventLog {
         else {
             return Ok(true);
         };
+        let first_found = self
+            .first_account_message_from(
+                account,
+                last.event.position.saturating_sub(members_before).max(1),
+            )
+            .await?
+            .and_then(|message| message.headers)
+            .and_then(|headers| header_number(&headers, "Nats-Sequence"));
+        Ok(first_found == Some(last.event.position))
+    }
+
+    /// `account`'s first stored message at or after `position` (a direct get).
+    async fn first_account_message_from(
+        &self,
+        account: &AccountId,
+        position: u64,
+    ) -> Result<Option<async_nats::Message>> {
         let page = self
             .direct_batch(serde_json::json!({
-                "seq": last.event.position.saturating_sub(members_before).max(1),
+                "seq": position,
                 "next_by_subj": subject::account_filter(account),
                 "batch": 1,
             }))
             .await?;
-        let first_found = page
-            .messages
-            .first()
-            .and_then(|message| message.headers.as_ref())
-            .and_then(|headers| header_number(headers, "Nats-Sequence"));
-        Ok(first_found == Some(last.event.position))
+        Ok(page.messages.into_iter().next())
     }
 
     /// Reads up to `limit` events of the whole stream after `after_position`, in order.

@@ -214,9 +214,7 @@ impl Dispatcher {
             ))),
         }
     }
-}
 
-impl Dispatcher {
     /// Whether nobody subscribes to `owner`'s liveness subject: its connection is gone, for good
     /// or while it reconnects. Silence or any other error says nothing (a frozen owner still
     /// holds its subscriptions).
