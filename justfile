@@ -55,9 +55,11 @@ domain-purity:
     fi
     echo "domain: no tokio, async-nats, redb, axum or ractor in its dependency tree"
 
-# Contract v2 cases whose issue is still open (map: ../shared/conformance/CASES.md). They run, and a
+# Contract cases whose issue is still open (map: ../shared/conformance/CASES.md). They run, and a
 # failure is reported as PEND; take a case off when its issue is resolved.
-conformance_pending := ""
+# bulk_commands_each_once: issue 21; metadata_and_listing: issue 23;
+# transaction_moves_money_atomically, transaction_refusals_name_the_posting, reversals_happen_once: issue 22.
+conformance_pending := "bulk_commands_each_once,metadata_and_listing,transaction_moves_money_atomically,transaction_refusals_name_the_posting,reversals_happen_once"
 
 # The black-box contract suite in ../shared/conformance against real processes.
 conformance: build
