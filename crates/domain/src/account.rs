@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::flow::{decide_postings, Leg, Posting, Released};
 use crate::values::{AccountId, Amount, Currency, OverdraftLimit, TransferId};
 
 /// What opening an account needs.
@@ -141,6 +142,22 @@ pub enum Event {
     OpeningBalance {
         balance: i64,
     },
+    /// This account's part of a multi-posting transaction (or a reversal): its net change and
+    /// the postings that name it. Every touched account gets one, all committed together.
+    TransactionPosted {
+        transaction_id: TransferId,
+        /// The account's currency, which every posting naming it uses.
+        currency: Currency,
+        /// Signed: credits minus debits of this account in the transaction (may be 0).
+        net: i64,
+        legs: Vec<Leg>,
+        /// How many accounts the transaction touched: a reader knows it has seen the whole
+        /// transaction once it applied that many parts.
+        parts: u16,
+        /// Set on a reversal: the transfer or transaction it moves back.
+        reverses: Option<TransferId>,
+        reference: Option<String>,
+    },
 }
 
 impl Event {
@@ -158,6 +175,7 @@ impl Event {
             Event::HoldVoided { .. } => "hold_voided",
             Event::HoldExpired { .. } => "hold_expired",
             Event::OpeningBalance { .. } => "opening_balance",
+            Event::TransactionPosted { .. } => "transaction_posted",
         }
     }
 
@@ -170,7 +188,9 @@ impl Event {
             Event::Withdrawn { amount, .. }
             | Event::TransferDebited { amount, .. }
             | Event::HoldCaptured { amount, .. } => -amount.signed(),
-            Event::OpeningBalance { balance } => *balance,
+            Event::OpeningBalance { balance } | Event::TransactionPosted { net: balance, .. } => {
+                *balance
+            }
             Event::AccountOpened(_)
             | Event::AccountClosed
             | Event::HoldPlaced { .. }
@@ -225,6 +245,13 @@ pub enum DomainError {
     HoldsOpen { count: usize },
     #[error("hold {hold_id} expires in {seconds} s, not yet")]
     HoldNotDue { hold_id: TransferId, seconds: i64 },
+    #[error("a transaction needs 1 to {max} postings, got {count}", max = crate::flow::POSTINGS_MAX)]
+    PostingCount { count: usize },
+    #[error("{original} was already reversed by {reversal}")]
+    AlreadyReversed {
+        original: TransferId,
+        reversal: TransferId,
+    },
 }
 
 /// Lifecycle of an account.
@@ -339,32 +366,53 @@ pub fn decide(state: &AccountState, command: &Command) -> Result<Vec<Event>, Dom
     }
 }
 
-/// Decides a transfer on the current state of both accounts. Both must exist, be open and hold
-/// the same currency; the sender must have the amount available and the receiver must not
-/// overflow. Pure, like [`decide`].
+/// Decides a transfer on the current state of both accounts: a flow of one posting
+/// ([`crate::flow::decide_postings`]). Both must exist, be open and hold the same currency; the
+/// sender must have the amount available and the receiver must not overflow. Pure, like
+/// [`decide`].
 pub fn decide_transfer(
     from: &AccountState,
     to: &AccountState,
     transfer: &Transfer,
 ) -> Result<TransferEvents, DomainError> {
-    let (sender, receiver) = counterparties(from, to, &transfer.to)?;
-    debit(sender, transfer.amount)?;
-    credit(receiver, transfer.amount)?;
+    if to.id() != &transfer.to {
+        // The caller passed another account's state than the one named: never decide on it.
+        return Err(DomainError::SameAccount);
+    }
+    let posting = Posting {
+        from: from.id().clone(),
+        to: transfer.to.clone(),
+        amount: transfer.amount,
+    };
+    let movements =
+        decide_postings(either(from, to), &[posting], None).map_err(|refusal| refusal.error)?;
+    let currency = movements
+        .first()
+        .map(|movement| movement.currency)
+        .ok_or_else(|| DomainError::AccountNotFound(from.id().clone()))?;
     Ok(TransferEvents {
         debit: Event::TransferDebited {
             transfer_id: transfer.transfer_id.clone(),
-            to: receiver.id.clone(),
+            to: transfer.to.clone(),
             amount: transfer.amount,
-            currency: sender.currency,
+            currency,
             reference: transfer.reference.clone(),
         },
         credit: Event::TransferCredited {
             transfer_id: transfer.transfer_id.clone(),
-            from: sender.id.clone(),
+            from: from.id().clone(),
             amount: transfer.amount,
             reference: transfer.reference.clone(),
         },
     })
+}
+
+/// Looks an account up among two states.
+fn either<'a>(
+    first: &'a AccountState,
+    second: &'a AccountState,
+) -> impl Fn(&AccountId) -> Option<&'a AccountState> {
+    move |id| [first, second].into_iter().find(|state| state.id() == id)
 }
 
 /// Decides importing an account with the balance it had elsewhere: it must not exist yet, and
@@ -451,9 +499,11 @@ fn live_hold<'a>(
     Ok((account, hold))
 }
 
-/// Decides a capture at `now`: the hold is open and not expired, the amount at most the held
-/// one, and the receiver is still open, in the currency, and does not overflow. Yields
-/// `hold_captured` on `from` and `transfer_credited` on `to` (transfer id = hold id).
+/// Decides a capture at `now`: the hold is open and not expired and the amount at most the held
+/// one; then the capture is a flow of one posting out of the hold
+/// ([`crate::flow::decide_postings`], the hold's whole reservation released): the receiver is
+/// still open, in the currency, and does not overflow. Yields `hold_captured` on `from` and
+/// `transfer_credited` on `to` (transfer id = hold id).
 pub fn decide_capture(
     from: &AccountState,
     to: &AccountState,
@@ -468,8 +518,17 @@ pub fn decide_capture(
             requested: amount.minor_units(),
         });
     }
-    let (sender, receiver) = counterparties(from, to, &hold.to)?;
-    credit(receiver, amount)?;
+    let posting = Posting {
+        from: from.id().clone(),
+        to: hold.to.clone(),
+        amount,
+    };
+    let released = Released {
+        account: from.id(),
+        held: hold.amount.signed(),
+    };
+    decide_postings(either(from, to), &[posting], Some(released))
+        .map_err(|refusal| refusal.error)?;
     Ok(TransferEvents {
         debit: Event::HoldCaptured {
             hold_id: capture.hold_id.clone(),
@@ -477,7 +536,7 @@ pub fn decide_capture(
         },
         credit: Event::TransferCredited {
             transfer_id: capture.hold_id.clone(),
-            from: sender.id.clone(),
+            from: from.id().clone(),
             amount,
             reference: hold.reference.clone(),
         },

@@ -11,7 +11,7 @@
 //! than upcast.
 
 use domain::{
-    AccountId, Amount, Currency, Event, OpenAccount, OverdraftLimit, TransferId, ValueError,
+    AccountId, Amount, Currency, Event, Leg, OpenAccount, OverdraftLimit, TransferId, ValueError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +28,7 @@ pub const CURRENT_VERSIONS: &[(&str, u32)] = &[
     ("hold_voided", 1),
     ("hold_expired", 1),
     ("opening_balance", 1),
+    ("transaction_posted", 1),
 ];
 
 /// Why a stored payload could not become an event.
@@ -119,6 +120,32 @@ struct OpeningBalance {
     balance: i64,
 }
 
+/// One posting of a transaction as an account's `transaction_posted` carries it.
+#[derive(Debug, Serialize, Deserialize)]
+struct PostingWire {
+    /// Its index in the transaction (0-based).
+    posting: u16,
+    from: String,
+    to: String,
+    amount: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TransactionPosted {
+    transaction_id: String,
+    currency: String,
+    /// Signed: this account's net change.
+    net: i64,
+    /// The postings that name this account.
+    postings: Vec<PostingWire>,
+    /// How many accounts (events) the transaction has.
+    parts: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reverses: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reference: Option<String>,
+}
+
 /// `hold_voided` and `hold_expired`.
 #[derive(Debug, Serialize, Deserialize)]
 struct HoldReleased {
@@ -157,6 +184,7 @@ enum Payload {
     HoldCaptured(HoldCaptured),
     HoldReleased(HoldReleased),
     OpeningBalance(OpeningBalance),
+    TransactionPosted(TransactionPosted),
 }
 
 fn payload(event: &Event) -> Payload {
@@ -222,6 +250,31 @@ fn payload(event: &Event) -> Payload {
         Event::OpeningBalance { balance } => {
             Payload::OpeningBalance(OpeningBalance { balance: *balance })
         }
+        Event::TransactionPosted {
+            transaction_id,
+            currency,
+            net,
+            legs,
+            parts,
+            reverses,
+            reference,
+        } => Payload::TransactionPosted(TransactionPosted {
+            transaction_id: transaction_id.to_string(),
+            currency: currency.to_string(),
+            net: *net,
+            postings: legs
+                .iter()
+                .map(|leg| PostingWire {
+                    posting: leg.posting,
+                    from: leg.from.to_string(),
+                    to: leg.to.to_string(),
+                    amount: leg.amount.minor_units(),
+                })
+                .collect(),
+            parts: *parts,
+            reverses: reverses.as_ref().map(ToString::to_string),
+            reference: reference.clone(),
+        }),
     }
 }
 
@@ -358,6 +411,30 @@ pub fn decode(event_type: &str, version: u32, bytes: &[u8]) -> Result<Event, Dec
                 balance: wire.balance,
             }
         }
+        "transaction_posted" => {
+            let wire: TransactionPosted = read(event_type, bytes)?;
+            let mut legs = Vec::with_capacity(wire.postings.len());
+            for leg in wire.postings {
+                legs.push(Leg {
+                    posting: leg.posting,
+                    from: checked(event_type, AccountId::parse(&leg.from))?,
+                    to: checked(event_type, AccountId::parse(&leg.to))?,
+                    amount: checked(event_type, Amount::new(leg.amount.into()))?,
+                });
+            }
+            Event::TransactionPosted {
+                transaction_id: checked(event_type, TransferId::parse(&wire.transaction_id))?,
+                currency: checked(event_type, Currency::parse(&wire.currency))?,
+                net: wire.net,
+                legs,
+                parts: wire.parts,
+                reverses: wire
+                    .reverses
+                    .map(|id| checked(event_type, TransferId::parse(&id)))
+                    .transpose()?,
+                reference: wire.reference,
+            }
+        }
         "hold_voided" | "hold_expired" => {
             let wire: HoldReleased = read(event_type, bytes)?;
             let hold_id = checked(event_type, TransferId::parse(&wire.hold_id))?;
@@ -433,6 +510,28 @@ mod tests {
         });
         round_trip(Event::HoldExpired { hold_id: hold });
         round_trip(Event::OpeningBalance { balance: -42 });
+        round_trip(Event::TransactionPosted {
+            transaction_id: TransferId::parse("tx").unwrap(),
+            currency: Currency::parse("EUR").unwrap(),
+            net: -40,
+            legs: vec![
+                Leg {
+                    posting: 0,
+                    from: AccountId::parse("a").unwrap(),
+                    to: account.clone(),
+                    amount,
+                },
+                Leg {
+                    posting: 3,
+                    from: account.clone(),
+                    to: AccountId::parse("a").unwrap(),
+                    amount: Amount::new(2).unwrap(),
+                },
+            ],
+            parts: 4,
+            reverses: Some(transfer),
+            reference: Some("order".into()),
+        });
     }
 
     #[test]

@@ -72,6 +72,13 @@ pub fn transfer_marker(transfer_id: &TransferId) -> String {
     format!("coffer.ids.transfer.{transfer_id}")
 }
 
+/// The marker that records, forever, that a transfer or transaction was reversed (and by which
+/// transaction): written in the reversal's own atomic batch, on the condition that the subject
+/// holds nothing yet, so at most one reversal of anything is ever stored.
+pub fn reversal_marker(original: &TransferId) -> String {
+    format!("coffer.ids.reversal.{original}")
+}
+
 /// The schedule of a hold's expiry: one per account, hold id and expiry time, so an attempt
 /// refused on one account (or retried with another time) never stands in for another's.
 pub fn hold_expiry_schedule(from: &AccountId, hold_id: &TransferId, expires_at: i64) -> String {

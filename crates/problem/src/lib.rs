@@ -32,6 +32,10 @@ pub struct Problem {
     /// Seconds a client should wait before retrying (sent as `Retry-After` over HTTP).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub retry_after_seconds: Option<u32>,
+    /// For a refused transaction or reversal: the index (0-based) of the first posting that
+    /// failed.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub posting: Option<u16>,
 }
 
 impl Problem {
@@ -43,6 +47,7 @@ impl Problem {
             detail: detail.into(),
             code: code.into(),
             retry_after_seconds: None,
+            posting: None,
         }
     }
 

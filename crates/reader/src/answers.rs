@@ -8,7 +8,9 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
-use crate::views::{AccountRow, AuditRow, CurrencySums, HoldRow, StatementEntry, TransferRow};
+use crate::views::{
+    AccountRow, AuditRow, CurrencySums, HoldRow, StatementEntry, TransactionRow, TransferRow,
+};
 
 fn rfc3339(time: OffsetDateTime) -> String {
     time.format(&Rfc3339).unwrap_or_default()
@@ -89,6 +91,15 @@ pub struct StatementItem {
     pub counterparty: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
+    /// On a transaction's (or reversal's) line: its id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transaction_id: Option<String>,
+    /// On a transaction's line: every account this one moved money with in it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub counterparties: Vec<String>,
+    /// On a reversal's line: the transfer or transaction it moved back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reverses: Option<String>,
 }
 
 impl From<&StatementEntry> for StatementItem {
@@ -102,6 +113,9 @@ impl From<&StatementEntry> for StatementItem {
             transfer_id: entry.transfer_id.clone(),
             counterparty: entry.counterparty.clone(),
             reference: entry.reference.clone(),
+            transaction_id: entry.transaction_id.clone(),
+            counterparties: entry.counterparties.clone(),
+            reverses: entry.reverses.clone(),
         }
     }
 }
@@ -158,6 +172,9 @@ pub struct TransferView {
     pub position: u64,
     #[schema(format = DateTime)]
     pub time: String,
+    /// The transaction that reversed this transfer, once one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reversed_by: Option<String>,
 }
 
 impl From<&TransferRow> for TransferView {
@@ -170,6 +187,61 @@ impl From<&TransferRow> for TransferView {
             currency: row.currency.clone(),
             status: TransferStatus::Completed,
             reference: row.reference.clone(),
+            position: row.position,
+            time: rfc3339(row.time),
+            reversed_by: row.reversed_by.clone(),
+        }
+    }
+}
+
+/// One posting of a transaction view.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PostingView {
+    pub from: String,
+    pub to: String,
+    pub amount: u64,
+    pub currency: String,
+}
+
+/// `GET /v1/transactions/{id}`: committed whole, so always completed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TransactionView {
+    pub transaction_id: String,
+    /// In the order they were given.
+    pub postings: Vec<PostingView>,
+    pub status: TransferStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// Set on a reversal: the transfer or transaction it moved back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reverses: Option<String>,
+    /// The reversal of this transaction, once there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reversed_by: Option<String>,
+    /// The position of the transaction's last event.
+    pub position: u64,
+    #[schema(format = DateTime)]
+    pub time: String,
+}
+
+impl From<&TransactionRow> for TransactionView {
+    fn from(row: &TransactionRow) -> Self {
+        Self {
+            transaction_id: row.transaction_id.clone(),
+            postings: row
+                .postings
+                .values()
+                .map(|posting| PostingView {
+                    from: posting.from.clone(),
+                    to: posting.to.clone(),
+                    amount: posting.amount,
+                    currency: posting.currency.clone(),
+                })
+                .collect(),
+            status: TransferStatus::Completed,
+            reference: row.reference.clone(),
+            reverses: row.reverses.clone(),
+            reversed_by: row.reversed_by.clone(),
             position: row.position,
             time: rfc3339(row.time),
         }

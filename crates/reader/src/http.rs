@@ -19,17 +19,18 @@ use utoipa::IntoParams;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::answers::{
-    AccountView, Audit, BalanceAsOf, HoldView, Statement, StatementItem, TransferView,
+    AccountView, Audit, BalanceAsOf, HoldView, Statement, StatementItem, TransactionView,
+    TransferView,
 };
 use crate::openapi::{
     AccountProblems, AuditProblems, HoldProblems, RebuildStartProblems, RebuildStatusProblems,
-    TransferProblems,
+    TransactionProblems, TransferProblems,
 };
 use crate::rebuild::RebuildStatus;
 
 use crate::rebuild::{Rebuilder, Refusal};
 use crate::served::Served;
-use crate::views::{self, AccountRow, AuditRow, StatementEntry, TransferRow};
+use crate::views::{self, AccountRow, AuditRow, StatementEntry, TransactionRow, TransferRow};
 
 pub const POSITION_HEADER: &str = "x-coffer-position";
 pub const MIN_POSITION_HEADER: &str = "x-coffer-min-position";
@@ -59,6 +60,7 @@ pub fn api() -> OpenApiRouter<QueryState> {
         .routes(routes!(transactions))
         .routes(routes!(balance_as_of))
         .routes(routes!(transfer))
+        .routes(routes!(transaction))
         .routes(routes!(audit))
         .routes(routes!(hold))
         .routes(routes!(rebuild_status, start_rebuild))
@@ -443,6 +445,25 @@ async fn transfer(State(state): State<QueryState>, Path(id): Path<String>) -> Re
         Ok(None) => {
             Problem::not_found("transfer_not_found", format!("no transfer {id}")).into_response()
         }
+        Err(problem) => problem.into_response(),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/transactions/{id}", tag = "reader",
+    operation_id = "getTransaction",
+    summary = "Transaction view: every posting, and its reversal once there is one",
+    params(IdPath, MinPosition, MinPositionHeader),
+    responses((status = 200, description = "The transaction", body = TransactionView,
+        headers(("X-Coffer-Position" = u64, description = "The stream position the view has applied"))),
+        TransactionProblems))]
+async fn transaction(State(state): State<QueryState>, Path(id): Path<String>) -> Response {
+    let row: Result<Option<TransactionRow>, Problem> = view_database(&state)
+        .and_then(|database| read_row(&database, views::TRANSACTIONS, id.as_str()));
+    match row {
+        // Parts are committed together; a view that applied only some of them does not show it.
+        Ok(Some(row)) if row.complete() => Json(TransactionView::from(&row)).into_response(),
+        Ok(_) => Problem::not_found("transaction_not_found", format!("no transaction {id}"))
+            .into_response(),
         Err(problem) => problem.into_response(),
     }
 }

@@ -53,6 +53,8 @@ read_problems! {
     AccountProblems => [(404, "account_not_found")];
     /// Errors of `GET /v1/transfers/{id}`.
     TransferProblems => [(404, "transfer_not_found")];
+    /// Errors of `GET /v1/transactions/{id}`.
+    TransactionProblems => [(404, "transaction_not_found")];
     /// Errors of `GET /v1/holds/{id}`.
     HoldProblems => [(404, "hold_not_found")];
     /// Errors of `GET /v1/audit`.

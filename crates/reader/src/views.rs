@@ -27,6 +27,8 @@ pub const TRANSFERS: TableDefinition<&str, &[u8]> = TableDefinition::new("transf
 /// at a time without scanning the history (`GET /v1/accounts/{id}/balance?at=`).
 pub const STATEMENT_TIMES: TableDefinition<(&str, i128), u64> =
     TableDefinition::new("statement_times");
+/// Transaction id -> [`TransactionRow`] (multi-posting transactions and reversals).
+pub const TRANSACTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("transactions");
 /// Hold id -> [`HoldRow`].
 pub const HOLDS: TableDefinition<&str, &[u8]> = TableDefinition::new("holds");
 /// [`AUDIT_RUNNING`] and [`AUDIT_SETTLED`] -> [`AuditRow`].
@@ -63,8 +65,12 @@ impl CurrencySums {
 pub struct AuditRow {
     pub position: u64,
     pub currencies: BTreeMap<String, CurrencySums>,
-    /// A transfer whose debit is applied and whose credit is not yet.
+    /// A transfer whose debit is applied and whose credit is not yet, or a transaction some of
+    /// whose parts are not applied yet.
     pub transfer_in_flight: Option<String>,
+    /// For a transaction in flight: how many of its parts are still to come.
+    #[serde(default)]
+    pub parts_remaining: u16,
 }
 
 impl AuditRow {
@@ -78,12 +84,16 @@ impl AuditRow {
     pub fn apply(&mut self, currency: &str, recorded: &RecordedEvent) -> bool {
         let mut paired = true;
         if let Some(open) = self.transfer_in_flight.take() {
-            let completes = matches!(&recorded.event,
-                Event::TransferCredited { transfer_id, .. } if transfer_id.as_str() == open);
-            if completes {
+            let continues = match &recorded.event {
+                Event::TransferCredited { transfer_id, .. } => transfer_id.as_str() == open,
+                Event::TransactionPosted { transaction_id, .. } => transaction_id.as_str() == open,
+                _ => false,
+            };
+            if continues {
                 self.transfer_in_flight = Some(open);
             } else {
                 paired = false;
+                self.parts_remaining = 0;
             }
         }
         let sums = self.currencies.entry(currency.to_owned()).or_default();
@@ -102,6 +112,22 @@ impl AuditRow {
             }
             Event::TransferCredited { transfer_id, .. } => {
                 if self.transfer_in_flight.as_deref() == Some(transfer_id.as_str()) {
+                    self.transfer_in_flight = None;
+                }
+            }
+            // Internal too: its parts' nets sum to zero in each currency once all are applied.
+            Event::TransactionPosted {
+                transaction_id,
+                parts,
+                ..
+            } => {
+                if self.transfer_in_flight.as_deref() == Some(transaction_id.as_str()) {
+                    self.parts_remaining = self.parts_remaining.saturating_sub(1);
+                } else {
+                    self.transfer_in_flight = Some(transaction_id.to_string());
+                    self.parts_remaining = parts.saturating_sub(1);
+                }
+                if self.parts_remaining == 0 {
                     self.transfer_in_flight = None;
                 }
             }
@@ -174,6 +200,13 @@ pub struct StatementEntry {
     pub transfer_id: Option<String>,
     pub counterparty: Option<String>,
     pub reference: Option<String>,
+    /// A transaction's (or reversal's) line: its id and every account this one moved money with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub counterparties: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverses: Option<String>,
 }
 
 /// A transfer: committed whole (debit and credit in one atomic batch), so it is always
@@ -190,6 +223,87 @@ pub struct TransferRow {
     pub position: u64,
     #[serde(with = "time::serde::rfc3339")]
     pub time: OffsetDateTime,
+    /// The transaction that reversed it, once one did.
+    #[serde(default)]
+    pub reversed_by: Option<String>,
+}
+
+/// One posting of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostingRow {
+    pub from: String,
+    pub to: String,
+    pub amount: u64,
+    pub currency: String,
+}
+
+/// A multi-posting transaction (or a reversal), gathered from its parts: each touched account's
+/// `transaction_posted` carries the postings that name it, so the row is whole once `parts`
+/// of them are applied (they are committed together, but a batch may end between them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransactionRow {
+    pub transaction_id: String,
+    /// By index in the transaction.
+    pub postings: BTreeMap<u16, PostingRow>,
+    pub parts: u16,
+    pub parts_applied: u16,
+    pub reference: Option<String>,
+    pub reverses: Option<String>,
+    pub reversed_by: Option<String>,
+    /// Position of the transaction's last part applied.
+    pub position: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+}
+
+impl TransactionRow {
+    /// Whether every part is applied: only then is it shown.
+    pub fn complete(&self) -> bool {
+        self.parts_applied >= self.parts
+    }
+}
+
+/// The transaction row after `recorded`, or `None` when the event is not a transaction's part.
+pub fn fold_transaction(
+    row: Option<TransactionRow>,
+    recorded: &RecordedEvent,
+) -> Option<TransactionRow> {
+    let Event::TransactionPosted {
+        transaction_id,
+        currency,
+        legs,
+        parts,
+        reverses,
+        reference,
+        ..
+    } = &recorded.event
+    else {
+        return None;
+    };
+    let mut row = row.unwrap_or_else(|| TransactionRow {
+        transaction_id: transaction_id.to_string(),
+        postings: BTreeMap::new(),
+        parts: *parts,
+        parts_applied: 0,
+        reference: reference.clone(),
+        reverses: reverses.as_ref().map(ToString::to_string),
+        reversed_by: None,
+        position: 0,
+        time: recorded.time,
+    });
+    for leg in legs {
+        row.postings
+            .entry(leg.posting)
+            .or_insert_with(|| PostingRow {
+                from: leg.from.to_string(),
+                to: leg.to.to_string(),
+                amount: leg.amount.minor_units(),
+                currency: currency.to_string(),
+            });
+    }
+    row.parts_applied = row.parts_applied.saturating_add(1);
+    row.position = recorded.position;
+    Some(row)
 }
 
 /// A hold and what became of it.
@@ -318,7 +432,43 @@ pub fn statement_entry(after: &AccountRow, recorded: &RecordedEvent) -> Option<S
         Event::AccountOpened(_) | Event::AccountClosed | Event::OpeningBalance { .. } => {
             (None, None, None)
         }
+        Event::TransactionPosted { .. } => (None, None, None),
     };
+    let (transaction_id, counterparties, reverses, reference) = match &recorded.event {
+        Event::TransactionPosted {
+            transaction_id,
+            legs,
+            reverses,
+            reference: posted_reference,
+            ..
+        } => {
+            let mut counterparties: Vec<String> = Vec::new();
+            for leg in legs {
+                let other = if leg.from == recorded.account_id {
+                    &leg.to
+                } else {
+                    &leg.from
+                };
+                if !counterparties.iter().any(|known| known == other.as_str()) {
+                    counterparties.push(other.to_string());
+                }
+            }
+            (
+                Some(transaction_id.to_string()),
+                counterparties,
+                reverses.as_ref().map(ToString::to_string),
+                posted_reference.clone(),
+            )
+        }
+        _ => (None, Vec::new(), None, reference),
+    };
+    let counterparty =
+        counterparty
+            .map(ToString::to_string)
+            .or_else(|| match counterparties.as_slice() {
+                [only] => Some(only.clone()),
+                _ => None,
+            });
     Some(StatementEntry {
         position: recorded.position,
         event_type: recorded.event.event_type().into(),
@@ -326,8 +476,11 @@ pub fn statement_entry(after: &AccountRow, recorded: &RecordedEvent) -> Option<S
         balance_after: after.balance,
         time: recorded.time,
         transfer_id: transfer_id.map(ToString::to_string),
-        counterparty: counterparty.map(ToString::to_string),
+        counterparty,
         reference,
+        transaction_id,
+        counterparties,
+        reverses,
     })
 }
 
@@ -351,6 +504,7 @@ pub fn transfer_row(recorded: &RecordedEvent, receiver_currency: &str) -> Option
             reference: reference.clone(),
             position: recorded.position,
             time: recorded.time,
+            reversed_by: None,
         }),
         _ => None,
     }
@@ -362,6 +516,23 @@ fn encode<T: Serialize>(row: &T) -> Result<Vec<u8>, redb::Error> {
 
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, redb::Error> {
     rmp_serde::from_slice(bytes).map_err(|error| redb::Error::Corrupted(error.to_string()))
+}
+
+/// Records on the transfer or transaction `original` that `reversal` moved it back.
+fn mark_reversed(
+    transfers: &mut redb::Table<&str, &[u8]>,
+    transactions: &mut redb::Table<&str, &[u8]>,
+    original: &str,
+    reversal: &str,
+) -> Result<(), redb::Error> {
+    if let Some(mut row) = read_row::<TransferRow>(transfers, original)? {
+        row.reversed_by = Some(reversal.to_owned());
+        transfers.insert(original, encode(&row)?.as_slice())?;
+    } else if let Some(mut row) = read_row::<TransactionRow>(transactions, original)? {
+        row.reversed_by = Some(reversal.to_owned());
+        transactions.insert(original, encode(&row)?.as_slice())?;
+    }
+    Ok(())
 }
 
 /// The account, statement, transfer and audit views.
@@ -386,6 +557,7 @@ impl projection::Projector for LedgerViews {
         transaction.open_table(ACCOUNTS)?;
         transaction.open_table(STATEMENTS)?;
         transaction.open_table(TRANSFERS)?;
+        transaction.open_table(TRANSACTIONS)?;
         transaction.open_table(AUDIT)?;
         transaction.open_table(HOLDS)?;
         transaction.open_table(STATEMENT_TIMES)?;
@@ -400,6 +572,7 @@ impl projection::Projector for LedgerViews {
         let mut accounts = transaction.open_table(ACCOUNTS)?;
         let mut statements = transaction.open_table(STATEMENTS)?;
         let mut transfers = transaction.open_table(TRANSFERS)?;
+        let mut transactions = transaction.open_table(TRANSACTIONS)?;
         let mut audit_table = transaction.open_table(AUDIT)?;
         let mut holds = transaction.open_table(HOLDS)?;
         let mut statement_times = transaction.open_table(STATEMENT_TIMES)?;
@@ -456,6 +629,23 @@ impl projection::Projector for LedgerViews {
                 if let Some(transfer) = transfer_row(recorded, &row.currency) {
                     transfers
                         .insert(transfer.transfer_id.as_str(), encode(&transfer)?.as_slice())?;
+                }
+                if let Event::TransactionPosted { transaction_id, .. } = &recorded.event {
+                    let before: Option<TransactionRow> =
+                        read_row(&transactions, transaction_id.as_str())?;
+                    if let Some(done) = fold_transaction(before, recorded) {
+                        if done.complete() {
+                            if let Some(original) = &done.reverses {
+                                mark_reversed(
+                                    &mut transfers,
+                                    &mut transactions,
+                                    original,
+                                    &done.transaction_id,
+                                )?;
+                            }
+                        }
+                        transactions.insert(transaction_id.as_str(), encode(&done)?.as_slice())?;
+                    }
                 }
                 if let Some(entry) = statement_entry(&row, recorded) {
                     statements

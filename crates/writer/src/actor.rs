@@ -16,20 +16,23 @@
 //! Honesty: a command whose deadline has passed is never started, and no append is sent for it
 //! after its deadline; its caller has already answered `outcome_unknown`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use domain::{
-    decide, decide_capture, decide_hold, decide_release, decide_transfer, evolve, AccountId,
-    AccountState, DomainError, Event, Release, Transfer, TransferEvents,
+    decide, decide_capture, decide_hold, decide_release, decide_transaction, decide_transfer,
+    evolve, AccountId, AccountState, DomainError, Event, Release, Transaction, Transfer,
+    TransferEvents,
 };
 use eventlog::{Entry, EventLog, EventMetadata};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::time::Instant;
 
-use crate::idempotency::{self, KeyRecord, TransferRecord, KEY_RETENTION};
+use crate::idempotency::{
+    self, KeyRecord, ReversalRecord, TransactionRecord, TransferRecord, KEY_RETENTION,
+};
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 use crate::request::{CommandRequest, Intent};
@@ -658,7 +661,22 @@ impl AccountActorState {
         let request_hash = request.idempotency_key.as_ref().map(|_| {
             idempotency::request_hash(self.id(), &request.intent, request.transfer_id_generated)
         });
-        let mut receiver: Option<Known> = None;
+        if matches!(
+            &request.intent,
+            Intent::Transaction(Transaction {
+                reverses: Some(_),
+                ..
+            })
+        ) {
+            // Once reversed, the money has moved back: deciding again would refuse for the
+            // wrong reason (or move it once more, were the marker not in the batch).
+            if let Some(first) = self.first_answer(&request, request_hash.as_deref()).await? {
+                self.context.metrics.idempotent_replays.inc();
+                return first;
+            }
+        }
+        // The other accounts the decision reads, as this writer knows them.
+        let mut others: BTreeMap<AccountId, Known> = BTreeMap::new();
         let metadata = EventMetadata {
             command_id: uuid::Uuid::now_v7().to_string(),
             correlation_id: request.correlation_id.clone(),
@@ -666,66 +684,22 @@ impl AccountActorState {
         };
         // A refusal is final only once the state it was decided on is known to be current.
         let mut verified_current = false;
-        for _attempt in 0..=CONFLICT_RETRIES_MAX {
-            // The other account the decision reads: a transfer's or hold's receiver, or the
-            // receiver of the hold being captured (known from this account's state).
-            let counterparty = self.counterparty(&request.intent);
-            match (&counterparty, &receiver) {
-                (Some(id), Some(known)) if known.state.id() == id => {}
-                (Some(id), _) if id != self.id() => {
-                    let mut known = self.receiver(id).await?;
-                    if verified_current {
-                        // Found only now (a capture's receiver): a refusal must not rest on a
-                        // lagging replica's copy of it either.
-                        known = fresh_from_leader(&self.context.log, known).await?;
-                    }
-                    receiver = Some(known);
-                }
-                _ => receiver = None,
-            }
-            let to = match (&counterparty, &receiver) {
-                (_, Some(known)) => known.clone(),
-                (Some(id), None) => Known::new(id.clone()),
-                (None, None) => Known::new(self.id().clone()),
-            };
+        for attempt in 0..=CONFLICT_RETRIES_MAX {
+            self.gather_others(&request.intent, &mut others, verified_current)
+                .await?;
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            let decision = match &request.intent {
-                Intent::Account(command) => decide(&self.known.state, command)
-                    .map_err(Error::from)
-                    .and_then(|events| self.plan_account(events, &metadata)),
-                Intent::Transfer(transfer) => {
-                    decide_transfer(&self.known.state, &to.state, transfer)
-                        .map_err(Error::from)
-                        .and_then(|events| self.plan_transfer(transfer, &to, events, &metadata))
-                }
-                Intent::Hold(hold) => decide_hold(&self.known.state, &to.state, hold, now)
-                    .map_err(Error::from)
-                    .and_then(|event| self.plan_hold(hold, event, &metadata)),
-                Intent::Capture(capture) => {
-                    decide_capture(&self.known.state, &to.state, capture, now)
-                        .map_err(Error::from)
-                        .and_then(|events| {
-                            self.plan_capture(&capture.hold_id, &to, events, &metadata)
-                        })
-                }
-                Intent::Release(hold_id, release) => {
-                    decide_release(&self.known.state, hold_id, *release, now)
-                        .map_err(Error::from)
-                        .and_then(|event| self.plan_release(hold_id, *release, event, &metadata))
-                }
-            };
-            let mut plan = match decision {
+            let mut plan = match self.decide_plan(&request.intent, &others, &metadata, now) {
                 Ok(plan) => plan,
-                Err(Error::Rejected(rejection)) if !verified_current => {
-                    tracing::debug!(account = %self.id(), %rejection, "refusal on cached state; re-reading");
+                Err(refusal) if refusal.is_refusal() && !verified_current => {
+                    tracing::debug!(account = %self.id(), %refusal, "refusal on cached state; re-reading");
                     self.catch_up_with_leader().await?;
-                    if let Some(to) = receiver.as_mut() {
-                        *to = fresh_from_leader(&self.context.log, to.clone()).await?;
+                    for known in others.values_mut() {
+                        *known = fresh_from_leader(&self.context.log, known.clone()).await?;
                     }
                     verified_current = true;
                     continue;
                 }
-                Err(refusal @ Error::Rejected(_)) => {
+                Err(refusal) if refusal.is_refusal() => {
                     return self
                         .refuse(&request, request_hash.as_deref(), refusal)
                         .await;
@@ -785,8 +759,14 @@ impl AccountActorState {
                         return first;
                     }
                     self.catch_up().await?;
-                    if let Some(to) = receiver.as_mut() {
-                        *to = load(&self.context.log, to.clone()).await?;
+                    for known in others.values_mut() {
+                        *known = load(&self.context.log, known.clone()).await?;
+                    }
+                    if others.len() > 1 {
+                        // Flows over many accounts race with each of their accounts' own
+                        // traffic: a short, growing, jittered pause keeps two of them from
+                        // retrying in lockstep.
+                        backoff(attempt).await;
                     }
                 }
                 Err(error) => {
@@ -801,19 +781,185 @@ impl AccountActorState {
         Err(Error::TooManyConflicts(CONFLICT_RETRIES_MAX))
     }
 
-    /// The account, other than this one, that `intent` is decided on too.
-    fn counterparty(&self, intent: &Intent) -> Option<AccountId> {
-        match intent {
-            Intent::Transfer(transfer) => Some(transfer.to.clone()),
-            Intent::Hold(hold) => Some(hold.to.clone()),
-            Intent::Capture(capture) => self
-                .known
-                .state
-                .account()
-                .and_then(|account| account.holds.get(&capture.hold_id))
-                .map(|hold| hold.to.clone()),
-            Intent::Account(_) | Intent::Release(..) => None,
+    /// The accounts, other than this one, that `intent` is decided on too.
+    fn others_named(&self, intent: &Intent) -> Vec<AccountId> {
+        let mut named: Vec<AccountId> = match intent {
+            Intent::Transfer(transfer) => vec![transfer.to.clone()],
+            Intent::Hold(hold) => vec![hold.to.clone()],
+            Intent::Capture(capture) => self.hold_receiver(&capture.hold_id).into_iter().collect(),
+            Intent::Transaction(transaction) => transaction
+                .postings
+                .iter()
+                .flat_map(|posting| [posting.from.clone(), posting.to.clone()])
+                .collect(),
+            Intent::Account(_) | Intent::Release(..) => Vec::new(),
+        };
+        named.retain(|id| id != self.id());
+        named.sort();
+        named.dedup();
+        named
+    }
+
+    /// The receiver of this account's open hold `hold_id`, if it has that hold.
+    fn hold_receiver(&self, hold_id: &domain::TransferId) -> Option<AccountId> {
+        self.known
+            .state
+            .account()
+            .and_then(|account| account.holds.get(hold_id))
+            .map(|hold| hold.to.clone())
+    }
+
+    /// Brings `others` to the accounts `intent` names besides this one, loading (together) the
+    /// ones not known yet; once a refusal is being verified, from the stream leader.
+    async fn gather_others(
+        &self,
+        intent: &Intent,
+        others: &mut BTreeMap<AccountId, Known>,
+        verified_current: bool,
+    ) -> Result<()> {
+        let named = self.others_named(intent);
+        others.retain(|id, _| named.contains(id));
+        let missing: Vec<&AccountId> = named
+            .iter()
+            .filter(|id| !others.contains_key(*id))
+            .collect();
+        let loaded =
+            futures::future::try_join_all(missing.into_iter().map(|id| self.receiver(id))).await?;
+        for mut known in loaded {
+            if verified_current {
+                // Found only now (a capture's receiver): a refusal must not rest on a lagging
+                // replica's copy of it either.
+                known = fresh_from_leader(&self.context.log, known).await?;
+            }
+            others.insert(known.state.id().clone(), known);
         }
+        Ok(())
+    }
+
+    /// Where a command's decision is made: the domain decides on this account's state and the
+    /// others' (`others`), and the result becomes a [`Plan`]: the messages to append and the
+    /// answer they give, as data.
+    fn decide_plan(
+        &self,
+        intent: &Intent,
+        others: &BTreeMap<AccountId, Known>,
+        metadata: &EventMetadata,
+        now: i64,
+    ) -> Result<Plan> {
+        let other = |id: &AccountId| {
+            others
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| Known::new(id.clone()))
+        };
+        match intent {
+            Intent::Account(command) => decide(&self.known.state, command)
+                .map_err(Error::from)
+                .and_then(|events| self.plan_account(events, metadata)),
+            Intent::Transfer(transfer) => {
+                let to = other(&transfer.to);
+                decide_transfer(&self.known.state, &to.state, transfer)
+                    .map_err(Error::from)
+                    .and_then(|events| self.plan_transfer(transfer, &to, events, metadata))
+            }
+            Intent::Hold(hold) => {
+                let to = other(&hold.to);
+                decide_hold(&self.known.state, &to.state, hold, now)
+                    .map_err(Error::from)
+                    .and_then(|event| self.plan_hold(hold, event, metadata))
+            }
+            Intent::Capture(capture) => {
+                let to = self
+                    .hold_receiver(&capture.hold_id)
+                    .map_or_else(|| Known::new(self.id().clone()), |id| other(&id));
+                decide_capture(&self.known.state, &to.state, capture, now)
+                    .map_err(Error::from)
+                    .and_then(|events| self.plan_capture(&capture.hold_id, &to, events, metadata))
+            }
+            Intent::Release(hold_id, release) => {
+                decide_release(&self.known.state, hold_id, *release, now)
+                    .map_err(Error::from)
+                    .and_then(|event| self.plan_release(hold_id, *release, event, metadata))
+            }
+            Intent::Transaction(transaction) => {
+                let state_of = |id: &AccountId| {
+                    if id == self.id() {
+                        Some(&self.known.state)
+                    } else {
+                        others.get(id).map(|known| &known.state)
+                    }
+                };
+                decide_transaction(state_of, transaction)
+                    .map_err(Error::PostingRejected)
+                    .and_then(|events| self.plan_transaction(transaction, events, others, metadata))
+            }
+        }
+    }
+
+    /// A transaction or reversal: one `transaction_posted` per touched account, each guarded by
+    /// its account's last position, then the claim of its id (which also records what it moved,
+    /// for a reversal to read) and, for a reversal, the claim that the original is reversed.
+    /// The answer is the last part's position: a reader that shows it shows every part.
+    fn plan_transaction(
+        &self,
+        transaction: &Transaction,
+        events: Vec<(AccountId, Event)>,
+        others: &BTreeMap<AccountId, Known>,
+        metadata: &EventMetadata,
+    ) -> Result<Plan> {
+        let mut entries = Vec::with_capacity(events.len() + 2);
+        let mut changes = Vec::with_capacity(events.len());
+        for (index, (account, event)) in events.into_iter().enumerate() {
+            let known = if &account == self.id() {
+                &self.known
+            } else {
+                others.get(&account).ok_or_else(|| {
+                    Error::Internal(format!("{account} was decided on but not loaded"))
+                })?
+            };
+            let chain =
+                eventlog::chain::next(&known.chain, &account, &event).map_err(Error::from)?;
+            let mut after = known.clone();
+            after.apply(&event, 0, chain.clone());
+            entries.push(Entry::Event {
+                account,
+                expected_last_position: known.position,
+                event,
+                metadata: metadata.clone(),
+                chain,
+            });
+            changes.push((after, index));
+        }
+        let answer_index = entries
+            .len()
+            .checked_sub(1)
+            .ok_or_else(|| Error::Internal("a transaction decided no event".into()))?;
+        entries.push(Entry::Marker {
+            subject: eventlog::subject::transfer_marker(&transaction.transaction_id),
+            payload: TransactionRecord::new(transaction, 1).encode()?,
+            ttl: None,
+        });
+        if let Some(original) = &transaction.reverses {
+            entries.push(Entry::Marker {
+                subject: eventlog::subject::reversal_marker(original),
+                payload: ReversalRecord {
+                    reversal_id: transaction.transaction_id.to_string(),
+                }
+                .encode()?,
+                ttl: None,
+            });
+        }
+        Ok(Plan {
+            entries,
+            outcome: Outcome::TransactionCompleted {
+                transaction_id: transaction.transaction_id.clone(),
+                reverses: transaction.reverses.clone(),
+                position: 0,
+            },
+            answer_index,
+            changes,
+            expiry: None,
+        })
     }
 
     /// The events and the answer of a single event on this account, with `markers` after it.
@@ -1055,9 +1201,33 @@ impl AccountActorState {
                 )));
             }
         }
+        if let Intent::Transaction(Transaction {
+            reverses: Some(original),
+            ..
+        }) = &request.intent
+        {
+            let marker = self
+                .context
+                .log
+                .read_marker(&eventlog::subject::reversal_marker(original))
+                .await
+                .map_err(Error::from)?;
+            if let Some(marker) = marker {
+                let record = ReversalRecord::decode(&marker.payload)?;
+                let reversal = domain::TransferId::parse(&record.reversal_id)
+                    .map_err(|error| Error::Internal(format!("reversal marker: {error}")))?;
+                return Ok(Some(Err(Error::Rejected(DomainError::AlreadyReversed {
+                    original: original.clone(),
+                    reversal,
+                }))));
+            }
+            // A reversal's own id is new each time: nothing else can answer for it.
+            return Ok(None);
+        }
         let claimed = match &request.intent {
             Intent::Transfer(transfer) => Some(&transfer.transfer_id),
             Intent::Hold(hold) => Some(&hold.hold_id),
+            Intent::Transaction(transaction) => Some(&transaction.transaction_id),
             _ => None,
         };
         if let Some(id) = claimed {
@@ -1081,6 +1251,9 @@ impl AccountActorState {
                         self.id(),
                         transfer,
                     ),
+                    Intent::Transaction(transaction) => {
+                        TransactionRecord::replay(&marker.payload, marker.position, transaction)
+                    }
                     _ => return Ok(None),
                 }));
             }
@@ -1222,6 +1395,19 @@ async fn fresh_from_leader(log: &EventLog, known: Known) -> Result<Known> {
         "replica lags behind position {leader_position} of account {}",
         known.state.id()
     )))
+}
+
+/// Pause before retry `attempt` (0-based) of a flow that lost a race: up to 2 ms more per
+/// attempt, jittered from the clock's nanoseconds (a retry needs spreading, not randomness of
+/// any quality).
+async fn backoff(attempt: usize) {
+    let ceiling_micros = 2_000 * (attempt as u64 + 1);
+    let jitter = u64::from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.subsec_nanos()),
+    );
+    tokio::time::sleep(Duration::from_micros(jitter % ceiling_micros)).await;
 }
 
 /// Refuses to send anything more once the caller's deadline has passed.

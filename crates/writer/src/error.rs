@@ -15,6 +15,15 @@ pub enum Error {
     /// A business rule refused the command; nothing was appended.
     #[error(transparent)]
     Rejected(#[from] DomainError),
+    /// A business rule refused a posting of a transaction or reversal; nothing was appended.
+    #[error("{}", .0)]
+    PostingRejected(domain::PostingRefusal),
+    /// A reversal named a transfer that does not exist (or is a hold).
+    #[error("no transfer {0}")]
+    TransferNotFound(String),
+    /// A reversal named a transaction that does not exist.
+    #[error("no transaction {0}")]
+    TransactionNotFound(String),
     /// The idempotency key (or the transfer id) was first used with a different request.
     #[error("the Idempotency-Key or transfer id was already used with a different request")]
     IdempotencyKeyReused,
@@ -50,11 +59,22 @@ impl From<eventlog::Error> for Error {
 }
 
 impl Error {
+    /// Whether this is a business refusal (decided on state that may be stale).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Error::Rejected(_) | Error::PostingRejected(_))
+    }
+
     pub fn problem(&self) -> Problem {
         let detail = self.to_string();
         match self {
             Error::InvalidRequest(_) => Problem::invalid_request(detail),
             Error::Rejected(rejection) => rejected(rejection, detail),
+            Error::PostingRejected(refusal) => Problem {
+                posting: u16::try_from(refusal.posting).ok(),
+                ..rejected(&refusal.error, detail)
+            },
+            Error::TransferNotFound(_) => Problem::not_found("transfer_not_found", detail),
+            Error::TransactionNotFound(_) => Problem::not_found("transaction_not_found", detail),
             Error::IdempotencyKeyReused => {
                 Problem::new(409, "idempotency_key_reused", "Idempotency key reused", detail)
             }
@@ -90,6 +110,9 @@ fn rejected(rejection: &DomainError, detail: String) -> Problem {
         DomainError::HoldsOpen { .. } => (422, "holds_open", "Holds open"),
         // Only the system expires holds; a hold not yet due is retried later, never shown.
         DomainError::HoldNotDue { .. } => (409, "hold_not_due", "Hold not due"),
+        // The request parser refuses these first; the domain's own check answers the same.
+        DomainError::PostingCount { .. } => (400, "invalid_request", "Invalid request"),
+        DomainError::AlreadyReversed { .. } => (409, "already_reversed", "Already reversed"),
     };
     Problem::new(status, code, title, detail)
 }

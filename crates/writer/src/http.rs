@@ -22,15 +22,16 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::dispatch::Dispatcher;
-use crate::idempotency::{IdempotencyKey, TransferRecord};
+use crate::idempotency::{Claim, IdempotencyKey};
 use crate::metrics::Metrics;
 use crate::openapi::{CommandProblems, OpenProblems, ReadProblems};
 use crate::outcome::{
-    AccountPosition, Balance, HoldCaptured, HoldPlaced, HoldReleased, Outcome, TransferCompleted,
+    AccountPosition, Balance, HoldCaptured, HoldPlaced, HoldReleased, Outcome,
+    TransactionCompleted, TransferCompleted,
 };
 use crate::request::{
     self, CaptureBody, CommandRequest, HoldBody, Intent, MoneyMovement, NoFields, OpenAccountBody,
-    TransferBody,
+    ReverseBody, TransactionBody, TransferBody,
 };
 use crate::Error;
 
@@ -57,6 +58,9 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(withdraw))
         .routes(routes!(close_account))
         .routes(routes!(transfer))
+        .routes(routes!(transaction))
+        .routes(routes!(reverse_transfer))
+        .routes(routes!(reverse_transaction))
         .routes(routes!(place_hold))
         .routes(routes!(capture_hold))
         .routes(routes!(void_hold))
@@ -339,6 +343,163 @@ async fn transfer(
     .await
 }
 
+#[utoipa::path(post, path = "/v1/transactions", tag = "writer",
+    operation_id = "transaction",
+    summary = "Move money along 1-64 postings at once: all of them or none",
+    description = "Every touched account's event and the id's claim are one atomic append, each \
+        account guarded by its last position. Only an account's net outflow counts against its \
+        limit (holds included). A refusal names the first failing posting (`posting`, 0-based). \
+        The idempotency key is scoped to the first posting's sender.",
+    params(CommandHeaders),
+    request_body(content = TransactionBody, content_type = "application/json"),
+    responses((status = 201, description = "Completed", body = TransactionCompleted,
+        headers(("Location" = String, description = "/v1/transactions/{transaction_id}"))), CommandProblems))]
+async fn transaction(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    command(&state, &headers, body, false, |body, _| {
+        request::transaction(body, None).map(|(from, transaction, generated)| {
+            (from, Intent::Transaction(transaction), generated)
+        })
+    })
+    .await
+}
+
+/// What can be reversed: a transfer or a transaction (captures are holds', not reversible here).
+#[derive(Debug, Clone, Copy)]
+enum Reversible {
+    Transfer,
+    Transaction,
+}
+
+/// The reversal of the transfer or transaction `id`: its postings, read from its id's claim,
+/// moved back as a new transaction with a server-made id, addressed to the first of them.
+async fn reverse(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    id: &str,
+    kind: Reversible,
+) -> Response {
+    let body = match json_body(headers, body, true) {
+        Ok(body) => body,
+        Err(problem) => return problem.into_response(),
+    };
+    let parsed = idempotency_key(headers)
+        .and_then(|key| Ok((key, request::reverse(&body, id)?, request::reversal_id()?)));
+    let (key, (original, reason), reversal_id) = match parsed {
+        Ok(parsed) => parsed,
+        Err(error) => return problem_response(&error),
+    };
+    let reversal = match reversed_postings(state, &original, kind)
+        .await
+        .and_then(|postings| {
+            Ok(domain::reverse(
+                &original,
+                &postings,
+                None,
+                reversal_id,
+                reason,
+            )?)
+        }) {
+        Ok(reversal) => reversal,
+        Err(error) => return problem_response(&error),
+    };
+    let Some(anchor) = reversal
+        .postings
+        .first()
+        .map(|posting| posting.from.clone())
+    else {
+        return problem_response(&Error::Internal("a reversal without postings".into()));
+    };
+    run(
+        state,
+        CommandRequest::new(
+            anchor,
+            Intent::Transaction(reversal),
+            key,
+            request_id(headers),
+        )
+        .with_generated_transfer_id(true)
+        .with_trace(problem::request_trace(headers)),
+    )
+    .await
+}
+
+/// The postings of the transfer or transaction `original`, from its id's claim in the stream.
+async fn reversed_postings(
+    state: &AppState,
+    original: &TransferId,
+    kind: Reversible,
+) -> Result<Vec<domain::Posting>, Error> {
+    let claim = state
+        .log
+        .read_marker(&eventlog::subject::transfer_marker(original))
+        .await?;
+    let claim = claim
+        .map(|claim| Claim::decode(&claim.payload))
+        .transpose()?;
+    let account = |text: &str| request::addressed_account(text);
+    match (kind, claim) {
+        (Reversible::Transfer, Some(Claim::Transfer(record))) if record.hold.is_none() => {
+            Ok(vec![domain::Posting {
+                from: account(&record.from)?,
+                to: account(&record.to)?,
+                amount: domain::Amount::new(record.amount.into())
+                    .map_err(|error| Error::Internal(format!("transfer marker: {error}")))?,
+            }])
+        }
+        (Reversible::Transfer, _) => Err(Error::TransferNotFound(original.to_string())),
+        (Reversible::Transaction, Some(Claim::Transaction(record))) => record.postings(),
+        (Reversible::Transaction, _) => Err(Error::TransactionNotFound(original.to_string())),
+    }
+}
+
+/// The transfer or transaction a reversal names.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct FlowPath {
+    /// The transfer's or transaction's id.
+    #[param(inline)]
+    pub id: TransferId,
+}
+
+#[utoipa::path(post, path = "/v1/transfers/{id}/reverse", tag = "writer",
+    operation_id = "reverseTransfer",
+    summary = "Reverse a transfer: move it back as a new transaction, at most once",
+    params(FlowPath, CommandHeaders),
+    request_body(content = Option<ReverseBody>, content_type = "application/json",
+        description = "None, or `{\"reason\"?}`"),
+    responses((status = 201, description = "Reversed", body = TransactionCompleted,
+        headers(("Location" = String, description = "/v1/transactions/{transaction_id}"))), CommandProblems))]
+async fn reverse_transfer(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    reverse(&state, &headers, body, &id, Reversible::Transfer).await
+}
+
+#[utoipa::path(post, path = "/v1/transactions/{id}/reverse", tag = "writer",
+    operation_id = "reverseTransaction",
+    summary = "Reverse a transaction: move every posting back as a new transaction, at most once",
+    params(FlowPath, CommandHeaders),
+    request_body(content = Option<ReverseBody>, content_type = "application/json",
+        description = "None, or `{\"reason\"?}`"),
+    responses((status = 201, description = "Reversed", body = TransactionCompleted,
+        headers(("Location" = String, description = "/v1/transactions/{transaction_id}"))), CommandProblems))]
+async fn reverse_transaction(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    reverse(&state, &headers, body, &id, Reversible::Transaction).await
+}
+
 #[utoipa::path(post, path = "/v1/holds", tag = "writer",
     operation_id = "placeHold",
     summary = "Place a hold: reserve money on `from` for `to` until captured, voided or expired",
@@ -368,7 +529,9 @@ async fn hold_sender(state: &AppState, hold_id: &str) -> Result<domain::AccountI
         .await?;
     let not_found = || Error::Rejected(domain::DomainError::HoldNotFound(hold_id.clone()));
     let claim = claim.ok_or_else(not_found)?;
-    let record = TransferRecord::decode(&claim.payload)?;
+    let Ok(Claim::Transfer(record)) = Claim::decode(&claim.payload) else {
+        return Err(not_found());
+    };
     let from = record.hold_sender().ok_or_else(not_found)?;
     request::addressed_account(from)
 }

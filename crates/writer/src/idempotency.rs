@@ -16,7 +16,7 @@
 
 use std::time::Duration;
 
-use domain::{AccountId, Command, PlaceHold, Release, Transfer, TransferId};
+use domain::{AccountId, Command, PlaceHold, Posting, Release, Transaction, Transfer, TransferId};
 use problem::Problem;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -133,6 +133,26 @@ pub fn request_hash(account: &AccountId, intent: &Intent, transfer_id_generated:
         ],
         Intent::Release(hold_id, Release::Void) => vec!["void".into(), hold_id.to_string()],
         Intent::Release(hold_id, Release::Expire) => vec!["expire".into(), hold_id.to_string()],
+        Intent::Transaction(transaction) => {
+            let mut fields = vec![
+                match &transaction.reverses {
+                    // A reversal's id is always made by the server: the original names it.
+                    Some(original) => format!("reverse:{original}"),
+                    None if transfer_id_generated => "transaction:generated".into(),
+                    None => format!("transaction:id:{}", transaction.transaction_id),
+                },
+                optional(&transaction.reference),
+            ];
+            for posting in &transaction.postings {
+                fields.push(format!(
+                    "{}>{}:{}",
+                    posting.from,
+                    posting.to,
+                    posting.amount.minor_units()
+                ));
+            }
+            fields
+        }
     };
     let mut parts = vec!["v1", account.as_str()];
     parts.extend(fields.iter().map(String::as_str));
@@ -279,7 +299,9 @@ impl TransferRecord {
         from: &AccountId,
         hold: &PlaceHold,
     ) -> Result<Outcome> {
-        let record = Self::decode(bytes)?;
+        let Ok(Claim::Transfer(record)) = Claim::decode(bytes) else {
+            return Err(Error::IdempotencyKeyReused);
+        };
         let Some(terms) = record.hold else {
             return Err(Error::IdempotencyKeyReused);
         };
@@ -297,6 +319,127 @@ impl TransferRecord {
     /// Whether `hold_id`'s claim is a hold placed on `from`.
     pub fn is_hold_of(bytes: &[u8], from: &AccountId) -> bool {
         Self::decode(bytes).is_ok_and(|record| record.hold_sender() == Some(from.as_str()))
+    }
+}
+
+/// What a transaction id's marker holds (under the same subject as transfer and hold ids): the
+/// transaction as asked, so that the same id with the same body answers the first outcome again,
+/// and a reversal knows what to move back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransactionRecord {
+    pub postings: Vec<PostingRecord>,
+    pub reference: Option<String>,
+    /// Set on a reversal: what it moved back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverses: Option<String>,
+    /// How many positions before the marker the answered event (the last part) lies.
+    pub position_offset: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostingRecord {
+    pub from: String,
+    pub to: String,
+    pub amount: u64,
+}
+
+impl TransactionRecord {
+    pub fn new(transaction: &Transaction, position_offset: u64) -> Self {
+        Self {
+            postings: transaction
+                .postings
+                .iter()
+                .map(|posting| PostingRecord {
+                    from: posting.from.to_string(),
+                    to: posting.to.to_string(),
+                    amount: posting.amount.minor_units(),
+                })
+                .collect(),
+            reference: transaction.reference.clone(),
+            reverses: transaction.reverses.as_ref().map(ToString::to_string),
+            position_offset,
+        }
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        rmp_serde::to_vec_named(self).map_err(|error| Error::Internal(error.to_string()))
+    }
+
+    /// The record, if the claim is a transaction's (a transfer's or hold's claim is not one).
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        rmp_serde::from_slice(bytes).ok()
+    }
+
+    /// The postings as the domain knows them.
+    pub fn postings(&self) -> Result<Vec<Posting>> {
+        self.postings
+            .iter()
+            .map(|posting| {
+                let unreadable = |error: domain::ValueError| {
+                    Error::Internal(format!("unreadable transaction marker: {error}"))
+                };
+                Ok(Posting {
+                    from: AccountId::parse(&posting.from).map_err(unreadable)?,
+                    to: AccountId::parse(&posting.to).map_err(unreadable)?,
+                    amount: domain::Amount::new(posting.amount.into()).map_err(unreadable)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The first outcome of the transaction id again if `transaction` is the same request;
+    /// `409 idempotency_key_reused` if it is another one (or the id is a transfer's or hold's).
+    pub fn replay(
+        bytes: &[u8],
+        marker_position: u64,
+        transaction: &Transaction,
+    ) -> Result<Outcome> {
+        let Some(record) = Self::decode(bytes) else {
+            return Err(Error::IdempotencyKeyReused);
+        };
+        if record != Self::new(transaction, record.position_offset) {
+            return Err(Error::IdempotencyKeyReused);
+        }
+        Ok(Outcome::TransactionCompleted {
+            transaction_id: transaction.transaction_id.clone(),
+            reverses: transaction.reverses.clone(),
+            position: marker_position.saturating_sub(record.position_offset),
+        })
+    }
+}
+
+/// What a reversal marker holds: the reversal that took it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReversalRecord {
+    pub reversal_id: String,
+}
+
+impl ReversalRecord {
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        rmp_serde::to_vec_named(self).map_err(|error| Error::Internal(error.to_string()))
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        rmp_serde::from_slice(bytes)
+            .map_err(|error| Error::Internal(format!("unreadable reversal marker: {error}")))
+    }
+}
+
+/// What a claim under a transfer id says, whichever kind claimed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    Transfer(TransferRecord),
+    Transaction(TransactionRecord),
+}
+
+impl Claim {
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        match TransferRecord::decode(bytes) {
+            Ok(record) => Ok(Claim::Transfer(record)),
+            Err(error) => TransactionRecord::decode(bytes)
+                .map(Claim::Transaction)
+                .ok_or(error),
+        }
     }
 }
 
@@ -318,7 +461,9 @@ impl TransferRecord {
         from: &AccountId,
         transfer: &Transfer,
     ) -> Result<Outcome> {
-        let record = TransferRecord::decode(bytes)?;
+        let Ok(Claim::Transfer(record)) = Claim::decode(bytes) else {
+            return Err(Error::IdempotencyKeyReused);
+        };
         let same = TransferRecord {
             position_offset: record.position_offset,
             ..TransferRecord::new(from, transfer, 0)

@@ -30,7 +30,7 @@ pub async fn serve(
     let service = client
         .service_builder()
         .description(
-            "Coffer ledger commands: open, deposit, withdraw, transfer, close, hold, capture, void",
+            "Coffer ledger commands: open, deposit, withdraw, transfer, close, hold, capture, void, transaction",
         )
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await
@@ -185,6 +185,11 @@ fn parse(
             request::addressed_account(account)?,
             Intent::Release(request::void_message(body)?, domain::Release::Void),
         ),
+        Verb::Transaction => {
+            let (from, transaction, generated) = request::transaction(body, Some(account))?;
+            transfer_id_generated = generated;
+            (from, Intent::Transaction(transaction))
+        }
     };
     let correlation_id = headers
         .get("Coffer-Correlation-Id")

@@ -51,8 +51,16 @@ fn every_error() -> Vec<Error> {
             actual: currency,
         });
     }
+    if let Ok(id) = domain::TransferId::parse("t") {
+        rejections.push(DomainError::AlreadyReversed {
+            original: id.clone(),
+            reversal: id,
+        });
+    }
     let mut errors = vec![
         Error::InvalidRequest(String::new()),
+        Error::TransferNotFound(String::new()),
+        Error::TransactionNotFound(String::new()),
         Error::IdempotencyKeyReused,
         Error::Unavailable(String::new()),
         Error::OutcomeUnknown(String::new()),

@@ -37,6 +37,18 @@ pub struct TransferCompleted {
     pub position: u64,
 }
 
+/// `201` to a transaction or a reversal: every posting committed together.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TransactionCompleted {
+    pub transaction_id: TransferId,
+    /// On a reversal: the transfer or transaction it moved back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reverses: Option<TransferId>,
+    pub status: TransferStatus,
+    /// The position of the transaction's last event: a reader that shows it shows every part.
+    pub position: u64,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum HeldStatus {
@@ -121,6 +133,12 @@ pub enum Outcome {
         status: &'static str,
         position: u64,
     },
+    /// Every part of a transaction (or reversal) is committed; `position` is the last part's.
+    TransactionCompleted {
+        transaction_id: TransferId,
+        reverses: Option<TransferId>,
+        position: u64,
+    },
     /// The first answer to a keyed request, read back from its marker.
     Replayed { status: u16, body: Value },
 }
@@ -142,6 +160,7 @@ impl Outcome {
         match self {
             Outcome::Opened { .. }
             | Outcome::TransferCompleted { .. }
+            | Outcome::TransactionCompleted { .. }
             | Outcome::HoldPlaced { .. } => 201,
             Outcome::Replayed { status, .. } => *status,
             Outcome::BalanceChanged { .. }
@@ -214,6 +233,16 @@ impl Outcome {
                 },
                 position: *position,
             }),
+            Outcome::TransactionCompleted {
+                transaction_id,
+                reverses,
+                position,
+            } => serde_json::to_value(TransactionCompleted {
+                transaction_id: transaction_id.clone(),
+                reverses: reverses.clone(),
+                status: TransferStatus::Completed,
+                position: *position,
+            }),
             Outcome::Replayed { body, .. } => return body.clone(),
         };
         // Serializing these plain structs to a JSON value cannot fail (string keys, no maps).
@@ -228,7 +257,8 @@ impl Outcome {
             | Outcome::Closed { position, .. }
             | Outcome::HoldPlaced { position, .. }
             | Outcome::HoldCaptured { position, .. }
-            | Outcome::HoldReleased { position, .. } => *position,
+            | Outcome::HoldReleased { position, .. }
+            | Outcome::TransactionCompleted { position, .. } => *position,
             Outcome::Replayed { body, .. } => body["position"].as_u64().unwrap_or(0),
         }
     }
@@ -240,8 +270,13 @@ impl Outcome {
                 Some(format!("/v1/transfers/{transfer_id}"))
             }
             Outcome::HoldPlaced { hold_id, .. } => Some(format!("/v1/holds/{hold_id}")),
+            Outcome::TransactionCompleted { transaction_id, .. } => {
+                Some(format!("/v1/transactions/{transaction_id}"))
+            }
             Outcome::Replayed { status: 201, body } => {
-                if let Some(id) = body["transfer_id"].as_str() {
+                if let Some(id) = body["transaction_id"].as_str() {
+                    Some(format!("/v1/transactions/{id}"))
+                } else if let Some(id) = body["transfer_id"].as_str() {
                     Some(format!("/v1/transfers/{id}"))
                 } else {
                     body["hold_id"].as_str().map(|id| format!("/v1/holds/{id}"))
@@ -296,6 +331,15 @@ impl Outcome {
             } => Outcome::HoldReleased {
                 hold_id,
                 status,
+                position,
+            },
+            Outcome::TransactionCompleted {
+                transaction_id,
+                reverses,
+                ..
+            } => Outcome::TransactionCompleted {
+                transaction_id,
+                reverses,
                 position,
             },
             replayed @ Outcome::Replayed { .. } => replayed,

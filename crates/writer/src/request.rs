@@ -3,8 +3,8 @@
 
 use domain::account::HOLD_SECONDS_MAX;
 use domain::{
-    AccountId, Amount, Capture, Command, Currency, OpenAccount, OverdraftLimit, PlaceHold, Release,
-    Transfer, TransferId,
+    AccountId, Amount, Capture, Command, Currency, OpenAccount, OverdraftLimit, PlaceHold, Posting,
+    Release, Transaction, Transfer, TransferId, POSTINGS_MAX,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -27,10 +27,11 @@ pub enum Verb {
     Hold,
     Capture,
     Void,
+    Transaction,
 }
 
 impl Verb {
-    pub const ALL: [Verb; 8] = [
+    pub const ALL: [Verb; 9] = [
         Verb::Open,
         Verb::Deposit,
         Verb::Withdraw,
@@ -39,6 +40,7 @@ impl Verb {
         Verb::Hold,
         Verb::Capture,
         Verb::Void,
+        Verb::Transaction,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +53,7 @@ impl Verb {
             Verb::Hold => "hold",
             Verb::Capture => "capture",
             Verb::Void => "void",
+            Verb::Transaction => "transaction",
         }
     }
 }
@@ -69,6 +72,9 @@ pub enum Intent {
     Capture(Capture),
     /// A void or expiry of one of that account's holds.
     Release(TransferId, Release),
+    /// A multi-posting transaction, or the reversal of a transfer or transaction, addressed to
+    /// the `from` of its first posting.
+    Transaction(Transaction),
 }
 
 /// A validated command for one account, with what idempotency needs.
@@ -132,6 +138,10 @@ impl CommandRequest {
             Intent::Capture(_) => "capture",
             Intent::Release(_, Release::Void) => "void",
             Intent::Release(_, Release::Expire) => "expire",
+            Intent::Transaction(Transaction {
+                reverses: Some(_), ..
+            }) => "reverse",
+            Intent::Transaction(_) => "transaction",
         }
     }
 }
@@ -286,6 +296,65 @@ pub struct HoldBody {
 #[serde(deny_unknown_fields, expecting = "a JSON object")]
 pub struct CaptureBody {
     pub amount: Option<Amount>,
+}
+
+/// One posting of a transaction: `amount` moves from `from` to `to`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+pub struct PostingBody {
+    pub from: AccountId,
+    pub to: AccountId,
+    pub amount: Amount,
+}
+
+/// 1 to 64 postings, checked while parsing so that the schema and the server agree.
+#[derive(Debug)]
+pub struct Postings(Vec<PostingBody>);
+
+impl<'de> Deserialize<'de> for Postings {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let postings = Vec::<PostingBody>::deserialize(deserializer)?;
+        if postings.is_empty() || postings.len() > POSTINGS_MAX {
+            return Err(serde::de::Error::custom(format!(
+                "expected 1 to {POSTINGS_MAX} postings, got {}",
+                postings.len()
+            )));
+        }
+        Ok(Self(postings))
+    }
+}
+
+impl utoipa::PartialSchema for Postings {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::ArrayBuilder::new()
+            .items(<PostingBody as utoipa::PartialSchema>::schema())
+            .min_items(Some(1))
+            .max_items(Some(POSTINGS_MAX))
+            .into()
+    }
+}
+impl utoipa::ToSchema for Postings {}
+
+/// `POST /v1/transactions`; over NATS (`coffer.cmd.{account}.transaction`) the subject's account
+/// is the first posting's `from`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+pub struct TransactionBody {
+    /// Made by the server when absent. Shares the forever-claimed namespace of transfer and
+    /// hold ids: the same id with the same body answers the first outcome again.
+    pub transaction_id: Option<TransferId>,
+    /// Applied all together or not at all; an account may appear in several, and only its net
+    /// outflow counts against its limit.
+    pub postings: Postings,
+    pub reference: Option<Text>,
+}
+
+/// `POST /v1/transfers/{id}/reverse`, `POST /v1/transactions/{id}/reverse`.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+pub struct ReverseBody {
+    /// Why: kept as the reversal's reference.
+    pub reason: Option<Text>,
 }
 
 /// A body that takes no fields: `close`, `void` over HTTP (an empty body is fine too).
@@ -495,6 +564,56 @@ pub fn void_message(body: &[u8]) -> Result<TransferId> {
     Ok(body.hold_id)
 }
 
+/// `transaction`: `{"transaction_id"?, "postings": [...], "reference"?}`, addressed to the first
+/// posting's `from` (over NATS the subject's account must be it). Without a `transaction_id` the
+/// server makes one (the third value is then true), as for transfers.
+pub fn transaction(body: &[u8], addressed: Option<&str>) -> Result<(AccountId, Transaction, bool)> {
+    let body: TransactionBody = parse(body, false)?;
+    let postings: Vec<Posting> = body
+        .postings
+        .0
+        .into_iter()
+        .map(|posting| Posting {
+            from: posting.from,
+            to: posting.to,
+            amount: posting.amount,
+        })
+        .collect();
+    let first = postings
+        .first()
+        .map(|posting| posting.from.clone())
+        .ok_or_else(|| invalid("postings: expected 1 to 64 postings, got 0"))?;
+    if let Some(addressed) = addressed {
+        let id = addressed_account(addressed)?;
+        if id != first {
+            return Err(invalid(format!(
+                "postings[0].from {first} differs from {id} in the subject: a transaction is \
+                 addressed to its first posting's sender"
+            )));
+        }
+    }
+    let generated = body.transaction_id.is_none();
+    let transaction = Transaction {
+        transaction_id: body.transaction_id.map_or_else(fresh_id, Ok)?,
+        postings,
+        reference: text(body.reference),
+        reverses: None,
+    };
+    Ok((first, transaction, generated))
+}
+
+/// `reverse` of the transfer or transaction `original`: `{"reason"?}` or an empty body.
+pub fn reverse(body: &[u8], original: &str) -> Result<(TransferId, Option<String>)> {
+    let body: ReverseBody = parse(body, true)?;
+    let original = TransferId::parse(original).map_err(|error| invalid(format!("id: {error}")))?;
+    Ok((original, text(body.reason)))
+}
+
+/// A fresh server-made id for a reversal.
+pub fn reversal_id() -> Result<TransferId> {
+    fresh_id()
+}
+
 /// Parses a hold id given in a path or body.
 pub fn hold_reference(text: &str) -> Result<TransferId> {
     TransferId::parse(text).map_err(|error| invalid(format!("hold_id: {error}")))
@@ -634,6 +753,41 @@ mod tests {
             }
             other => panic!("accepted: {other:?}"),
         }
+    }
+
+    #[test]
+    fn transactions_take_1_to_64_strict_postings() {
+        let one = r#"{"postings":[{"from":"a","to":"b","amount":5}],"reference":"r"}"#;
+        let (anchor, parsed, generated) = transaction(one.as_bytes(), None).unwrap();
+        assert_eq!((anchor.as_str(), generated), ("a", true));
+        assert_eq!(parsed.postings.len(), 1);
+        assert!(transaction(one.as_bytes(), Some("a")).is_ok());
+        assert!(transaction(one.as_bytes(), Some("b")).is_err());
+        let posting = r#"{"from":"a","to":"b","amount":1}"#;
+        for count in [0, 65] {
+            let body = format!(r#"{{"postings":[{}]}}"#, vec![posting; count].join(","));
+            match transaction(body.as_bytes(), None) {
+                Err(Error::InvalidRequest(detail)) => {
+                    assert!(detail.starts_with("postings: expected 1 to 64"), "{detail}")
+                }
+                other => panic!("{count} postings accepted: {other:?}"),
+            }
+        }
+        let body = format!(r#"{{"postings":[{}]}}"#, vec![posting; 64].join(","));
+        assert!(transaction(body.as_bytes(), None).is_ok());
+        for bad in [
+            r#"{"postings":[{"from":"a","to":"b","amount":0}]}"#,
+            r#"{"postings":[{"from":"a","to":"b","amount":1,"memo":"x"}]}"#,
+            r#"{"postings":[{"from":"a","amount":1}]}"#,
+            r#"{"postings":[],"currency":"EUR"}"#,
+            r#"{"postings":{"from":"a"}}"#,
+        ] {
+            assert!(transaction(bad.as_bytes(), None).is_err(), "{bad} accepted");
+        }
+        assert!(reverse(b"", "t-1").is_ok());
+        assert!(reverse(br#"{"reason":"refund"}"#, "t-1").is_ok());
+        assert!(reverse(br#"{"amount":1}"#, "t-1").is_err());
+        assert!(reverse(b"{}", "bad.id").is_err());
     }
 
     #[test]
