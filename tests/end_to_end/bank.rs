@@ -1,9 +1,12 @@
 //! The bank workload (after Jepsen's "bank" test): concurrent clients move money between
-//! accounts over HTTP and NATS, retrying with the same transfer id, while a fault strikes: a
+//! accounts over HTTP and NATS with transfers and multi-posting transactions, retrying with the
+//! same id, and reverse some of what went through (with an Idempotency-Key), while a fault
+//! strikes: a
 //! writer process killed with SIGKILL and restarted, nats-server killed and restarted,
 //! nats-server frozen (SIGSTOP) for five seconds, or, on a 3-node cluster with the streams at
 //! R3, the stream leader killed and restarted. Transfers are atomic: each one in the stream has exactly one
-//! debit and exactly one credit, every acknowledged one is there, every refused one is not, money
+//! debit and exactly one credit, every acknowledged one is there, every refused one is not;
+//! every transaction in the stream has all its parts, once; nothing is reversed twice; money
 //! is conserved, no balance is below its limit, and the views equal a replay.
 //!
 //! `COFFER_SOAK=1` (`just soak`) runs ten times as many operations.
@@ -32,6 +35,10 @@ struct Ledger {
     /// Transfers never answered definitely despite retries: may or may not exist.
     unknown: HashSet<String>,
     retried_acknowledged: usize,
+    /// Reversals acknowledged (201): original -> the reversal's transaction id.
+    reversed: HashMap<String, String>,
+    /// Reversals refused, with the code (`insufficient_funds`, `already_reversed`).
+    reversals_refused: HashMap<String, String>,
     /// When each acknowledgement arrived: the longest gap is the stall a fault caused.
     acknowledged_at: Vec<Instant>,
 }
@@ -72,26 +79,36 @@ enum Channel {
     Nats(async_nats::Client),
 }
 
-/// Sends one transfer until it gets a definite answer; returns (status, body).
+/// Sends one transfer (a request with `transfer_id`) or transaction (with `transaction_id`)
+/// once; returns (status, body) when an answer came.
 async fn send(
     channel: &Channel,
     http: &Http,
     request: &Value,
     attempt: usize,
 ) -> Option<(u16, Value)> {
+    let transaction = request.get("postings").is_some();
     match channel {
         Channel::Http(writers) => {
-            let url = format!("{}/v1/transfers", writers[attempt % writers.len()]);
+            let path = if transaction {
+                "transactions"
+            } else {
+                "transfers"
+            };
+            let url = format!("{}/v1/{path}", writers[attempt % writers.len()]);
             let reply = http.post(&url, request, None).await.ok()?;
             Some((reply.status, reply.body))
         }
         Channel::Nats(client) => {
-            let from = request["from"].as_str()?;
-            let body = json!({"to": request["to"], "amount": request["amount"], "transfer_id": request["transfer_id"]});
-            let future = client.request(
-                format!("coffer.cmd.{from}.transfer"),
-                serde_json::to_vec(&body).ok()?.into(),
-            );
+            let (subject, body) = if transaction {
+                let from = request["postings"][0]["from"].as_str()?;
+                (format!("coffer.cmd.{from}.transaction"), request.clone())
+            } else {
+                let from = request["from"].as_str()?;
+                let body = json!({"to": request["to"], "amount": request["amount"], "transfer_id": request["transfer_id"]});
+                (format!("coffer.cmd.{from}.transfer"), body)
+            };
+            let future = client.request(subject, serde_json::to_vec(&body).ok()?.into());
             let message = tokio::time::timeout(Duration::from_secs(5), future)
                 .await
                 .ok()?
@@ -122,16 +139,39 @@ async fn client(
 ) {
     let http = Http::new();
     let mut random = rand::rngs::StdRng::seed_from_u64(seed);
+    // What this client saw go through, to reverse some of it: (id, is a transaction).
+    let mut done: Vec<(String, bool)> = Vec::new();
     for operation in 0..operations {
-        let from = senders[random.random_range(0..senders.len())].clone();
-        let to = loop {
-            let candidate = targets[random.random_range(0..targets.len())].clone();
-            if candidate != from {
-                break candidate;
-            }
+        if !done.is_empty() && random.random_bool(0.1) {
+            let (original, transaction) = done.swap_remove(random.random_range(0..done.len()));
+            reverse(&http, &channel, &original, transaction, &ledger).await;
+            continue;
+        }
+        let pick = |random: &mut rand::rngs::StdRng| {
+            let from = senders[random.random_range(0..senders.len())].clone();
+            let to = loop {
+                let candidate = targets[random.random_range(0..targets.len())].clone();
+                if candidate != from {
+                    break candidate;
+                }
+            };
+            (from, to)
         };
+        let is_transaction = random.random_bool(0.3);
         let transfer_id = format!("bank-{seed}-{operation}");
-        let request = json!({"transfer_id": transfer_id, "from": from, "to": to, "amount": random.random_range(1..=700)});
+        let request = if is_transaction {
+            let count = random.random_range(2..=4);
+            let postings: Vec<Value> = (0..count)
+                .map(|_| {
+                    let (from, to) = pick(&mut random);
+                    json!({"from": from, "to": to, "amount": random.random_range(1..=400)})
+                })
+                .collect();
+            json!({"transaction_id": transfer_id, "postings": postings})
+        } else {
+            let (from, to) = pick(&mut random);
+            json!({"transfer_id": transfer_id, "from": from, "to": to, "amount": random.random_range(1..=700)})
+        };
         let mut outcome = None;
         for attempt in 0..ATTEMPTS_MAX {
             match send(&channel, &http, &request, attempt).await {
@@ -148,6 +188,9 @@ async fn client(
                             | (409, "account_closed" | "currency_mismatch")
                     ) =>
                 {
+                    if is_transaction {
+                        assert!(body["posting"].is_u64(), "no posting named: {body}");
+                    }
                     outcome = Some(Err(body["code"].as_str().unwrap_or("").to_owned()));
                     break;
                 }
@@ -170,6 +213,7 @@ async fn client(
                         .insert(transfer_id.clone(), body.clone());
                     ledger.acknowledged_at.push(Instant::now());
                 }
+                done.push((transfer_id.clone(), is_transaction));
                 // Some clients retry an acknowledged transfer on purpose: same answer, no effect.
                 if random.random_bool(0.1) {
                     if let Some((status, repeated)) =
@@ -194,6 +238,62 @@ async fn client(
             }
             None => {
                 ledger.lock().unwrap().unknown.insert(transfer_id);
+            }
+        }
+    }
+}
+
+/// Reverses `original` over HTTP with an Idempotency-Key, retrying until a definite answer.
+async fn reverse(
+    http: &Http,
+    channel: &Channel,
+    original: &str,
+    transaction: bool,
+    ledger: &Mutex<Ledger>,
+) {
+    let Channel::Http(writers) = channel else {
+        // Reversals are HTTP only; NATS clients leave theirs to the HTTP ones.
+        return;
+    };
+    let kind = if transaction {
+        "transactions"
+    } else {
+        "transfers"
+    };
+    let key = format!("reverse-{original}");
+    for attempt in 0..ATTEMPTS_MAX {
+        let url = format!(
+            "{}/v1/{kind}/{original}/reverse",
+            writers[attempt % writers.len()]
+        );
+        match http
+            .post(&url, &json!({"reason": "bank"}), Some(&key))
+            .await
+        {
+            Ok(reply) if reply.status == 201 => {
+                assert_eq!(reply.body["reverses"], original, "{:?}", reply.body);
+                let reversal = reply.body["transaction_id"].as_str().unwrap().to_owned();
+                ledger
+                    .lock()
+                    .unwrap()
+                    .reversed
+                    .insert(original.to_owned(), reversal);
+                return;
+            }
+            Ok(reply) if matches!(reply.code(), "insufficient_funds" | "account_closed") => {
+                ledger
+                    .lock()
+                    .unwrap()
+                    .reversals_refused
+                    .insert(original.to_owned(), reply.code().to_owned());
+                return;
+            }
+            Ok(reply) if reply.status < 500 => {
+                panic!("reversal of {original}: {} {:?}", reply.status, reply.body)
+            }
+            _ => {
+                let pause = 100 * (attempt as u64 + 1);
+                tokio::time::sleep(Duration::from_millis(pause.min(1_000))).await
             }
         }
     }
@@ -362,18 +462,63 @@ async fn bank(fault: Fault) {
         replay.debits.len(),
         "a credit without its debit"
     );
+    for (transaction_id, (stored, parts)) in &replay.transactions {
+        assert_eq!(
+            stored, parts,
+            "{transaction_id} has {stored} of its {parts} parts in the stream"
+        );
+    }
+    let applied = |id: &str| replay.debits.contains_key(id) || replay.transactions.contains_key(id);
     for transfer_id in ledger.acknowledged.keys() {
         assert!(
-            replay.debits.contains_key(transfer_id),
+            applied(transfer_id),
             "acknowledged {transfer_id} is not in the stream"
         );
     }
     for (transfer_id, code) in &ledger.refused {
         assert!(
-            !replay.debits.contains_key(transfer_id),
+            !applied(transfer_id),
             "{transfer_id} was refused ({code}) yet applied"
         );
     }
+    for (original, reversals) in &replay.reversals {
+        assert_eq!(
+            reversals.len(),
+            1,
+            "{original} was reversed {} times: {reversals:?}",
+            reversals.len()
+        );
+        assert!(
+            applied(original),
+            "a reversal of {original}, which is not in the stream"
+        );
+    }
+    for (original, reversal) in &ledger.reversed {
+        assert_eq!(
+            replay
+                .reversals
+                .get(original)
+                .and_then(|set| set.iter().next()),
+            Some(reversal),
+            "the acknowledged reversal of {original} is not in the stream"
+        );
+    }
+    for (original, code) in &ledger.reversals_refused {
+        assert!(
+            !replay.reversals.contains_key(original),
+            "the reversal of {original} was refused ({code}) yet applied"
+        );
+    }
+    let transactions_through = ledger
+        .acknowledged
+        .keys()
+        .filter(|id| replay.transactions.contains_key(*id))
+        .count();
+    assert!(
+        transactions_through > 0 && !ledger.reversed.is_empty(),
+        "no transaction ({transactions_through}) or no reversal ({}) went through",
+        ledger.reversed.len()
+    );
     let refused_for_the_receiver = ledger
         .refused
         .values()
@@ -458,10 +603,12 @@ async fn bank(fault: Fault) {
         .unwrap_or_default();
     let duplicates = replay.debits.values().filter(|debits| **debits > 1).count();
     println!(
-        "bank ({fault:?}): {} attempted, {} acknowledged, {} in the stream, {} duplicates, {} refused ({} for the receiver), {} unknown, {} retried acknowledged, longest stall {stall:?}, {} events, reader caught up {reader_caught_up:?} after the last answer",
+        "bank ({fault:?}): {} attempted, {} acknowledged ({transactions_through} transactions, {} reversals, {} reversals refused), {} in the stream, {} duplicates, {} refused ({} for the receiver), {} unknown, {} retried acknowledged, longest stall {stall:?}, {} events, reader caught up {reader_caught_up:?} after the last answer",
         CLIENTS * operations,
         ledger.acknowledged.len(),
-        replay.debits.len(),
+        ledger.reversed.len(),
+        ledger.reversals_refused.len(),
+        replay.debits.len() + replay.transactions.len(),
         duplicates,
         ledger.refused.len(),
         refused_for_the_receiver,

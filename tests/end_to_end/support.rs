@@ -187,6 +187,10 @@ pub struct Replay {
     pub credits: HashMap<String, usize>,
     /// How many deposits carry each reference (tests use unique references).
     pub references: HashMap<String, usize>,
+    /// Transaction id -> (parts stored, parts it says it has).
+    pub transactions: HashMap<String, (usize, usize)>,
+    /// Original -> the distinct transactions that reversed it.
+    pub reversals: HashMap<String, std::collections::BTreeSet<String>>,
 }
 
 impl Replay {
@@ -219,6 +223,25 @@ impl Replay {
                 }
                 Event::TransferCredited { transfer_id, .. } => {
                     *replay.credits.entry(transfer_id.to_string()).or_default() += 1
+                }
+                Event::TransactionPosted {
+                    transaction_id,
+                    parts,
+                    reverses,
+                    ..
+                } => {
+                    let entry = replay
+                        .transactions
+                        .entry(transaction_id.to_string())
+                        .or_insert((0, usize::from(*parts)));
+                    entry.0 += 1;
+                    if let Some(original) = reverses {
+                        replay
+                            .reversals
+                            .entry(original.to_string())
+                            .or_default()
+                            .insert(transaction_id.to_string());
+                    }
                 }
                 _ => {}
             }

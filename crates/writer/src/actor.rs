@@ -10,7 +10,8 @@
 //!
 //! When another writer got there first the batch is refused (`Conflict`): the actor looks for a
 //! marker of the same request (a retry that raced its first attempt), else loads what it missed
-//! and decides again, at most [`CONFLICT_RETRIES_MAX`] times. Its state is only a cache of the
+//! and decides again, at most [`CONFLICT_RETRIES_MAX`] times and never past the command's
+//! deadline. Its state is only a cache of the
 //! stream and is bounded: it holds no per-transfer or per-key memory.
 //!
 //! Honesty: a command whose deadline has passed is never started, and no append is sent for it
@@ -38,8 +39,12 @@ use crate::outcome::Outcome;
 use crate::request::{CommandRequest, Intent};
 use crate::{Error, Result};
 
-/// How many times a command is re-decided after losing a race to another writer.
-pub const CONFLICT_RETRIES_MAX: usize = 8;
+/// How many times a command is re-decided after losing a race to another writer (or to another
+/// actor of this one). The command's deadline bounds the retries too: nothing is appended after
+/// it. A transaction over several accounts races with each of their own traffic, so a lost race
+/// is normal under contention and must be retried, not answered as an error: 64 attempts with
+/// the growing pause of [`backoff`] span about four seconds, within the default 10 s deadline.
+pub const CONFLICT_RETRIES_MAX: usize = 64;
 /// How many times a writer re-reads an account while a replica lags behind the stream leader.
 const FRESH_READ_ATTEMPTS_MAX: usize = 50;
 /// Pause between those re-reads.
@@ -762,8 +767,8 @@ impl AccountActorState {
                     for known in others.values_mut() {
                         *known = load(&self.context.log, known.clone()).await?;
                     }
-                    if others.len() > 1 {
-                        // Flows over many accounts race with each of their accounts' own
+                    if !others.is_empty() {
+                        // Flows over several accounts race with each of their accounts' own
                         // traffic: a short, growing, jittered pause keeps two of them from
                         // retrying in lockstep.
                         backoff(attempt).await;
@@ -1397,11 +1402,11 @@ async fn fresh_from_leader(log: &EventLog, known: Known) -> Result<Known> {
     )))
 }
 
-/// Pause before retry `attempt` (0-based) of a flow that lost a race: up to 2 ms more per
-/// attempt, jittered from the clock's nanoseconds (a retry needs spreading, not randomness of
-/// any quality).
+/// Pause before retry `attempt` (0-based) of a flow that lost a race: a random part of up to
+/// 250 us more per attempt, capped at 16 ms, jittered from the clock's nanoseconds (a retry
+/// needs spreading, not randomness of any quality).
 async fn backoff(attempt: usize) {
-    let ceiling_micros = 2_000 * (attempt as u64 + 1);
+    let ceiling_micros = (250 * (attempt as u64 + 1)).min(16_000);
     let jitter = u64::from(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

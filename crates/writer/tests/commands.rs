@@ -1450,3 +1450,307 @@ async fn queued_deposits_of_one_account_go_in_one_batch_and_refusals_go_alone() 
         "no committed append carried several commands: {batched} in {batches}"
     );
 }
+
+/// A transaction body over `postings` of (from, to, amount).
+fn transaction_body(id: Option<&str>, postings: &[(&str, &str, i64)]) -> Value {
+    let postings: Vec<Value> = postings
+        .iter()
+        .map(|(from, to, amount)| json!({"from": from, "to": to, "amount": amount}))
+        .collect();
+    match id {
+        Some(id) => json!({"transaction_id": id, "postings": postings, "reference": "order"}),
+        None => json!({"postings": postings, "reference": "order"}),
+    }
+}
+
+/// Balances replayed from the stream, with the position of the last event.
+async fn replayed_balances(nats_url: &str) -> (std::collections::BTreeMap<String, i64>, u64) {
+    let events = stored_events(nats_url).await;
+    let mut balances = std::collections::BTreeMap::new();
+    for recorded in &events {
+        *balances.entry(recorded.account_id.to_string()).or_insert(0) +=
+            recorded.event.balance_change();
+    }
+    (balances, events.last().map_or(0, |event| event.position))
+}
+
+#[tokio::test]
+async fn transactions_and_reversals_are_exactly_once_over_http_and_nats() {
+    let nats = NatsServer::start();
+    let writer = TestWriter::start(&nats.url(), RegistrySettings::default()).await;
+    let [a, b, c] = [unique("a"), unique("b"), unique("c")];
+    for account in [&a, &b, &c] {
+        assert_eq!(writer.open(account, 0).await.status, 201);
+    }
+    assert_eq!(writer.deposit(&a, 1000, None).await.status, 200);
+
+    // Three postings, one account twice: all together, each account's net once.
+    let id = unique("tx");
+    let body = transaction_body(Some(&id), &[(&a, &b, 600), (&a, &c, 100), (&b, &c, 50)]);
+    let first = writer.post("/v1/transactions", body.clone(), None).await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    assert_eq!(
+        first.headers["location"],
+        format!("/v1/transactions/{id}").as_str()
+    );
+    let position = first.body["position"].as_u64().unwrap();
+    let (balances, last) = replayed_balances(&nats.url()).await;
+    assert_eq!((balances[&a], balances[&b], balances[&c]), (300, 550, 150));
+    // The answer is the last part's position; the id's marker follows outside the events.
+    assert_eq!(last, position);
+
+    // The same id and body: the first answer, nothing appended; another body: 409.
+    let again = writer.post("/v1/transactions", body.clone(), None).await;
+    assert_eq!((again.status, &again.body), (201, &first.body));
+    let other = transaction_body(Some(&id), &[(&a, &b, 1)]);
+    let reused = writer.post("/v1/transactions", other, None).await;
+    assert_eq!(
+        (reused.status, reused.code()),
+        (409, "idempotency_key_reused")
+    );
+    // A transfer may not take a transaction's id either.
+    let transfer = json!({"transfer_id": id, "from": a, "to": b, "amount": 1});
+    let taken = writer.post("/v1/transfers", transfer, None).await;
+    assert_eq!(
+        (taken.status, taken.code()),
+        (409, "idempotency_key_reused")
+    );
+
+    // An Idempotency-Key without an id: one transaction, the same answer twice.
+    let keyed = transaction_body(None, &[(&a, &b, 10)]);
+    let once = writer
+        .post("/v1/transactions", keyed.clone(), Some("k-tx"))
+        .await;
+    let twice = writer.post("/v1/transactions", keyed, Some("k-tx")).await;
+    assert_eq!(once.status, 201, "{:?}", once.body);
+    assert_eq!(once.body, twice.body);
+
+    // Refusals name the posting and append nothing.
+    let (_, before) = replayed_balances(&nats.url()).await;
+    let refused = writer
+        .post(
+            "/v1/transactions",
+            transaction_body(None, &[(&b, &c, 1), (&a, &c, 5_000)]),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (
+            refused.status,
+            refused.code(),
+            refused.body["posting"].as_u64()
+        ),
+        (422, "insufficient_funds", Some(1))
+    );
+    let ghost = writer
+        .post(
+            "/v1/transactions",
+            transaction_body(None, &[(&a, "ghost-account", 1)]),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (ghost.status, ghost.code(), ghost.body["posting"].as_u64()),
+        (404, "account_not_found", Some(0))
+    );
+    let (_, after) = replayed_balances(&nats.url()).await;
+    assert_eq!(before, after, "a refused transaction appended");
+
+    // Over NATS: addressed to the first posting's sender.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let body = serde_json::to_vec(&transaction_body(None, &[(&b, &c, 5)])).unwrap();
+    let wrong = client
+        .request(format!("coffer.cmd.{a}.transaction"), body.clone().into())
+        .await
+        .unwrap();
+    let code = wrong
+        .headers
+        .as_ref()
+        .unwrap()
+        .get("Nats-Service-Error-Code");
+    assert_eq!(code.map(|code| code.as_str()), Some("400"));
+    let right = client
+        .request(format!("coffer.cmd.{b}.transaction"), body.into())
+        .await
+        .unwrap();
+    let answer: Value = serde_json::from_slice(&right.payload).unwrap();
+    assert_eq!(answer["status"], "completed", "{answer}");
+
+    // Reversal: once, with a keyed retry answered the same; a second one is refused.
+    let path = format!("/v1/transactions/{id}/reverse");
+    let reversal = writer
+        .post(&path, json!({"reason": "refund"}), Some("k-rev"))
+        .await;
+    assert_eq!(reversal.status, 201, "{:?}", reversal.body);
+    assert_eq!(reversal.body["reverses"], id.as_str());
+    let retried = writer
+        .post(&path, json!({"reason": "refund"}), Some("k-rev"))
+        .await;
+    assert_eq!((retried.status, &retried.body), (201, &reversal.body));
+    let second = writer.post(&path, json!({}), None).await;
+    assert_eq!((second.status, second.code()), (409, "already_reversed"));
+    let (balances, _) = replayed_balances(&nats.url()).await;
+    // 300 + 600 + 100 back on a; b paid back 600 and got its 50 back from c.
+    assert_eq!(
+        (balances[&a], balances[&b], balances[&c]),
+        (1000 - 10, 10 - 5, 5)
+    );
+    // The reversal is a transaction too, and can itself be reversed (once).
+    let reversal_id = reversal.body["transaction_id"].as_str().unwrap();
+    let redo = writer
+        .post(
+            &format!("/v1/transactions/{reversal_id}/reverse"),
+            json!({}),
+            None,
+        )
+        .await;
+    assert_eq!(redo.status, 201, "{:?}", redo.body);
+
+    // Unknown ids, and ids of the other kind, are not found.
+    let unknown = writer
+        .post("/v1/transfers/no-such-transfer/reverse", json!({}), None)
+        .await;
+    assert_eq!(
+        (unknown.status, unknown.code()),
+        (404, "transfer_not_found")
+    );
+    let wrong_kind = writer
+        .post(&format!("/v1/transfers/{id}/reverse"), json!({}), None)
+        .await;
+    assert_eq!(
+        (wrong_kind.status, wrong_kind.code()),
+        (404, "transfer_not_found")
+    );
+    let hold = json!({"hold_id": unique("h"), "from": a, "to": b, "amount": 5});
+    let placed = writer.post("/v1/holds", hold.clone(), None).await;
+    assert_eq!(placed.status, 201, "{:?}", placed.body);
+    let hold_id = hold["hold_id"].as_str().unwrap();
+    let captured = writer
+        .post(&format!("/v1/holds/{hold_id}/capture"), json!({}), None)
+        .await;
+    assert_eq!(captured.status, 200, "{:?}", captured.body);
+    let capture_reversal = writer
+        .post(&format!("/v1/transfers/{hold_id}/reverse"), json!({}), None)
+        .await;
+    assert_eq!(capture_reversal.status, 404, "{:?}", capture_reversal.body);
+
+    // Every chain is intact: each event built on its account's previous one.
+    let mut verifier = eventlog::chain::Verifier::default();
+    for recorded in stored_events(&nats.url()).await {
+        verifier.check_recorded(&recorded);
+    }
+    assert!(
+        verifier.first_breaks.is_empty(),
+        "{:?}",
+        verifier.first_breaks
+    );
+    writer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_racing_over_overlapping_accounts_through_two_writers_commit_only_on_fresh_state(
+) {
+    // Ownership off: both writers decide transactions over the same accounts at once, each on
+    // its own copy of them. Only the stream's per-account checks stand between a stale copy
+    // and a commit; a lost race must be retried, not answered as an error.
+    let nats = NatsServer::start();
+    let writers = Arc::new([
+        TestWriter::start_racing(&nats.url()).await,
+        TestWriter::start_racing(&nats.url()).await,
+    ]);
+    let accounts: Arc<Vec<String>> = Arc::new((0..6).map(|_| unique("race")).collect());
+    for account in accounts.iter() {
+        assert_eq!(writers[0].open(account, 0).await.status, 201);
+        assert_eq!(writers[0].deposit(account, 1_000, None).await.status, 200);
+    }
+    let mut tasks = Vec::new();
+    for client in 0..8usize {
+        let writers = writers.clone();
+        let accounts = accounts.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for step in 0..15usize {
+                let count = 2 + (client + step) % 3;
+                let postings: Vec<(&str, &str, i64)> = (0..count)
+                    .map(|leg| {
+                        let from = (client + step + leg) % accounts.len();
+                        let to =
+                            (from + 1 + (client * 3 + leg) % (accounts.len() - 1)) % accounts.len();
+                        let amount = 1 + ((client * 31 + step * 17 + leg * 7) % 300) as i64;
+                        (accounts[from].as_str(), accounts[to].as_str(), amount)
+                    })
+                    .collect();
+                let id = format!("race-{client}-{step}-{}", uuid::Uuid::now_v7().simple());
+                let body = transaction_body(Some(&id), &postings);
+                let reply = writers[(client + step) % 2]
+                    .post("/v1/transactions", body, None)
+                    .await;
+                match (reply.status, reply.code()) {
+                    (201, _) => acknowledged.push(id),
+                    (422, "insufficient_funds") => {}
+                    other => panic!("{other:?}: {:?}", reply.body),
+                }
+            }
+            acknowledged
+        }));
+    }
+    let mut acknowledged = std::collections::BTreeSet::new();
+    for task in tasks {
+        acknowledged.extend(task.await.unwrap());
+    }
+    let events = stored_events(&nats.url()).await;
+    // Never on a stale state: every event builds on its account's previous one.
+    let mut verifier = eventlog::chain::Verifier::default();
+    let mut balances: std::collections::BTreeMap<String, i64> = Default::default();
+    let mut parts: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    for recorded in &events {
+        verifier.check_recorded(recorded);
+        let balance = balances.entry(recorded.account_id.to_string()).or_insert(0);
+        *balance += recorded.event.balance_change();
+        assert!(
+            *balance >= 0,
+            "{} went below its limit",
+            recorded.account_id
+        );
+        if let domain::Event::TransactionPosted {
+            transaction_id,
+            parts: total,
+            ..
+        } = &recorded.event
+        {
+            let entry = parts
+                .entry(transaction_id.to_string())
+                .or_insert((0, usize::from(*total)));
+            entry.0 += 1;
+        }
+    }
+    assert!(
+        verifier.first_breaks.is_empty(),
+        "{:?}",
+        verifier.first_breaks
+    );
+    assert_eq!(
+        balances.values().sum::<i64>(),
+        6_000,
+        "money created or lost"
+    );
+    for (id, (stored, total)) in &parts {
+        assert_eq!(stored, total, "{id} half applied");
+    }
+    let stored: std::collections::BTreeSet<String> = parts.keys().cloned().collect();
+    assert_eq!(stored, acknowledged, "acknowledged and stored differ");
+    let conflicts = writers[0]
+        .metric("coffer_writer_append_conflicts_total")
+        .await
+        + writers[1]
+            .metric("coffer_writer_append_conflicts_total")
+            .await;
+    println!(
+        "{} transactions acknowledged, {conflicts} conflicts retried",
+        acknowledged.len()
+    );
+    assert!(
+        conflicts > 0.0,
+        "the writers never raced; the test proves nothing"
+    );
+}
