@@ -301,6 +301,7 @@ async fn every_documented_query_route_is_served() {
             "get /v1/audit",
             "get /v1/holds/{id}",
             "get /v1/projection/rebuild",
+            "get /v1/transactions/{id}",
             "get /v1/transfers/{id}",
             "post /v1/projection/rebuild",
         ]

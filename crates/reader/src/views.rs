@@ -816,4 +816,91 @@ mod tests {
             ("EUR", Some("rent"))
         );
     }
+
+    fn part(
+        account: &str,
+        position: u64,
+        net: i64,
+        legs: &[(u16, &str, &str, i128)],
+    ) -> RecordedEvent {
+        recorded(
+            account,
+            position,
+            Event::TransactionPosted {
+                transaction_id: TransferId::parse("tx").unwrap(),
+                currency: Currency::parse("EUR").unwrap(),
+                net,
+                legs: legs
+                    .iter()
+                    .map(|(posting, from, to, amount)| domain::Leg {
+                        posting: *posting,
+                        from: AccountId::parse(from).unwrap(),
+                        to: AccountId::parse(to).unwrap(),
+                        amount: Amount::new(*amount).unwrap(),
+                    })
+                    .collect(),
+                parts: 3,
+                reverses: Some(TransferId::parse("t-0").unwrap()),
+                reference: Some("order".into()),
+            },
+        )
+    }
+
+    #[test]
+    fn a_transaction_is_whole_once_every_part_is_applied_and_the_audit_settles_then() {
+        let parts = [
+            part("a", 2, -100, &[(0, "a", "b", 70), (1, "a", "c", 30)]),
+            part("b", 3, 70, &[(0, "a", "b", 70)]),
+            part("c", 4, 30, &[(1, "a", "c", 30)]),
+        ];
+        let mut audit = AuditRow::default();
+        assert!(audit.apply(
+            "EUR",
+            &recorded(
+                "a",
+                1,
+                Event::Deposited {
+                    amount: Amount::new(100).unwrap(),
+                    reference: None,
+                },
+            )
+        ));
+        let mut row = None;
+        for (index, recorded) in parts.iter().enumerate() {
+            assert!(audit.apply("EUR", recorded));
+            row = fold_transaction(row, recorded);
+            let whole = index == parts.len() - 1;
+            assert_eq!(row.as_ref().unwrap().complete(), whole);
+            // In flight until the last part: the settled audit waits for it.
+            assert_eq!(audit.transfer_in_flight.is_none(), whole);
+        }
+        assert!(audit.balanced());
+        let row = row.unwrap();
+        assert_eq!(row.postings.len(), 2);
+        assert_eq!((row.position, row.reverses.as_deref()), (4, Some("t-0")));
+        // The statement line shows the net and every counterparty.
+        let account = AccountRow {
+            account_id: "a".into(),
+            currency: "EUR".into(),
+            owner: None,
+            balance: 0,
+            overdraft_limit: 0,
+            closed: false,
+            chain: genesis(),
+            held: 0,
+            version: 3,
+            position: 2,
+            opened_at: OffsetDateTime::UNIX_EPOCH,
+            updated_at: OffsetDateTime::UNIX_EPOCH,
+        };
+        let line = statement_entry(&account, &parts[0]).unwrap();
+        assert_eq!(line.amount, -100);
+        assert_eq!(line.counterparties, vec!["b".to_owned(), "c".to_owned()]);
+        assert_eq!(line.counterparty, None);
+        assert_eq!(line.transaction_id.as_deref(), Some("tx"));
+        // A part followed by anything but the rest of its transaction is a broken one.
+        let mut broken = AuditRow::default();
+        assert!(broken.apply("EUR", &parts[0]));
+        assert!(!broken.apply("EUR", &recorded("z", 9, Event::AccountClosed)));
+    }
 }

@@ -17,16 +17,12 @@
 //! Honesty: a command whose deadline has passed is never started, and no append is sent for it
 //! after its deadline; its caller has already answered `outcome_unknown`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use domain::{
-    decide, decide_capture, decide_hold, decide_release, decide_transaction, decide_transfer,
-    evolve, AccountId, AccountState, DomainError, Event, Release, Transaction, Transfer,
-    TransferEvents,
-};
+use domain::{decide, AccountId, DomainError, Transaction};
 use eventlog::{Entry, EventLog, EventMetadata};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::time::Instant;
@@ -36,7 +32,9 @@ use crate::idempotency::{
 };
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
+use crate::plan::{others_named, Decider, Plan};
 use crate::request::{CommandRequest, Intent};
+pub use crate::states::{AccountStates, Known, CACHED_STATES_MAX};
 use crate::{Error, Result};
 
 /// How many times a command is re-decided after losing a race to another writer (or to another
@@ -49,149 +47,6 @@ pub const CONFLICT_RETRIES_MAX: usize = 64;
 const FRESH_READ_ATTEMPTS_MAX: usize = 50;
 /// Pause between those re-reads.
 const FRESH_READ_PAUSE: Duration = Duration::from_millis(10);
-
-/// An account's state as of the position of its last event (0: no event), with that event's
-/// chain value, which the account's next event builds on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Known {
-    pub state: AccountState,
-    pub position: u64,
-    pub chain: String,
-}
-
-impl Known {
-    fn new(account: AccountId) -> Self {
-        Self {
-            state: AccountState::new(account),
-            position: 0,
-            chain: eventlog::chain::GENESIS.to_owned(),
-        }
-    }
-
-    fn apply(&mut self, event: &Event, position: u64, chain: String) {
-        evolve(&mut self.state, event);
-        self.position = position;
-        self.chain = chain;
-    }
-}
-
-/// Most account states kept for accounts without a live actor here (receivers of transfers
-/// and captures, passivated accounts): at a few hundred bytes each, a few MiB at most.
-pub const CACHED_STATES_MAX: usize = 10_000;
-
-/// The newest state this writer knows of accounts: of each account whose actor is live here,
-/// and, bounded by [`CACHED_STATES_MAX`] (oldest first out), of others it has seen. A transfer
-/// reads its receiver from here and loads only the events after it (not the whole history),
-/// without waiting on the receiver's actor (two actors waiting on each other would deadlock).
-/// Entries are only ever replaced by newer ones: every `Known` is the fold of a prefix of the
-/// account's committed events, so the one with the higher position is the more current. It is a
-/// cache: the stream's concurrency check catches anything stale.
-#[derive(Default)]
-pub struct AccountStates {
-    inner: Mutex<States>,
-}
-
-#[derive(Default)]
-struct States {
-    /// Accounts whose actor is live in this writer.
-    live: HashMap<AccountId, Known>,
-    /// Others, with their insertion order for eviction.
-    cached: HashMap<AccountId, Known>,
-    order: std::collections::VecDeque<AccountId>,
-}
-
-impl States {
-    fn cache(&mut self, known: &Known) {
-        let id = known.state.id();
-        match self.cached.get_mut(id) {
-            Some(entry) => {
-                if entry.position < known.position {
-                    *entry = known.clone();
-                }
-            }
-            None => {
-                self.cached.insert(id.clone(), known.clone());
-                self.order.push_back(id.clone());
-                while self.cached.len() > CACHED_STATES_MAX {
-                    match self.order.pop_front() {
-                        Some(oldest) => {
-                            self.cached.remove(&oldest);
-                        }
-                        None => break,
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl AccountStates {
-    fn lock(&self) -> std::sync::MutexGuard<'_, States> {
-        // Entries are replaced whole, so a panic elsewhere cannot leave one half-written.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    pub fn get(&self, account: &AccountId) -> Option<Known> {
-        let states = self.lock();
-        states
-            .live
-            .get(account)
-            .or_else(|| states.cached.get(account))
-            .cloned()
-    }
-
-    /// Records `known` for its account's live actor.
-    fn publish(&self, known: &Known) {
-        let mut states = self.lock();
-        let id = known.state.id().clone();
-        if let Some(cached) = states.cached.remove(&id) {
-            states.order.retain(|account| *account != id);
-            if cached.position > known.position {
-                states.live.insert(id.clone(), cached);
-            }
-        }
-        match states.live.get_mut(&id) {
-            Some(entry) if entry.position >= known.position => {}
-            Some(entry) => *entry = known.clone(),
-            None => {
-                states.live.insert(id, known.clone());
-            }
-        }
-    }
-
-    /// Offers a newer state of an account this actor changed or read (a receiver).
-    fn offer(&self, known: &Known) {
-        let mut states = self.lock();
-        match states.live.get_mut(known.state.id()) {
-            Some(entry) => {
-                if entry.position < known.position {
-                    *entry = known.clone();
-                }
-            }
-            None => states.cache(known),
-        }
-    }
-
-    /// The account's actor stopped: its state stays, as a cached one.
-    fn retire(&self, account: &AccountId) {
-        let mut states = self.lock();
-        if let Some(known) = states.live.remove(account) {
-            states.cache(&known);
-        }
-    }
-
-    /// Accounts with a live actor here.
-    pub fn live(&self) -> usize {
-        self.lock().live.len()
-    }
-
-    /// Accounts known without a live actor here.
-    pub fn cached(&self) -> usize {
-        self.lock().cached.len()
-    }
-}
 
 /// What every account actor shares.
 pub struct ActorContext {
@@ -372,23 +227,13 @@ impl Actor for AccountActor {
     }
 }
 
-/// The messages to append for a decision and the answer they give once committed.
-struct Plan {
-    entries: Vec<Entry>,
-    /// The answer, with the index of the entry whose position it reports.
-    outcome: Outcome,
-    answer_index: usize,
-    /// The new states of the accounts, with the index of each one's event.
-    changes: Vec<(Known, usize)>,
-    /// A hold's expiry, scheduled before the batch is appended.
-    expiry: Option<Expiry>,
-}
-
-/// A message the schedules stream delivers when a hold is due.
-struct Expiry {
-    schedule: String,
-    due: String,
-    at: time::OffsetDateTime,
+/// What became of a plan sent to the stream.
+enum Commit {
+    /// Stored: the answer, at its position.
+    Stored(Outcome),
+    /// Refused whole for a stale condition (another writer or actor appended first): nothing
+    /// was stored; decide again on fresh state.
+    LostRace,
 }
 
 impl AccountActorState {
@@ -693,7 +538,11 @@ impl AccountActorState {
             self.gather_others(&request.intent, &mut others, verified_current)
                 .await?;
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            let mut plan = match self.decide_plan(&request.intent, &others, &metadata, now) {
+            let decider = Decider {
+                own: &self.known,
+                others: &others,
+            };
+            let mut plan = match decider.decide(&request.intent, &metadata, now) {
                 Ok(plan) => plan,
                 Err(refusal) if refusal.is_refusal() && !verified_current => {
                     tracing::debug!(account = %self.id(), %refusal, "refusal on cached state; re-reading");
@@ -719,44 +568,9 @@ impl AccountActorState {
                     ttl: Some(KEY_RETENTION),
                 });
             }
-            ensure_before(request.deadline)?;
-            if let Some(expiry) = &plan.expiry {
-                // One schedule per account, hold and time: a retry with the same time finds it
-                // in place; an earlier one left by a refused attempt fires, finds the hold not
-                // due, and is retried until it is.
-                self.context
-                    .log
-                    .schedule(&expiry.schedule, &expiry.due, expiry.at, Vec::new())
-                    .await
-                    .map_err(Error::from)?;
-            }
-            let own_events = plan
-                .entries
-                .iter()
-                .filter(
-                    |entry| matches!(entry, Entry::Event { account, .. } if account == self.id()),
-                )
-                .count() as u64;
-            let appended = self
-                .append(std::mem::take(&mut plan.entries), request.deadline)
-                .await;
-            match appended {
-                Ok(appended) => {
-                    for (mut known, index) in plan.changes {
-                        known.position = appended.position_of(index);
-                        if known.state.id() == self.id() {
-                            self.known = known;
-                            self.context.states.publish(&self.known);
-                        } else {
-                            self.context.states.offer(&known);
-                        }
-                    }
-                    self.events_since_snapshot += own_events;
-                    self.snapshot_when_due();
-                    return Ok(plan.outcome.at(appended.position_of(plan.answer_index)));
-                }
-                Err(eventlog::Error::Conflict { .. } | eventlog::Error::Duplicate(_)) => {
-                    self.context.metrics.conflicts.inc();
+            match self.commit(plan, request.deadline).await? {
+                Commit::Stored(outcome) => return Ok(outcome),
+                Commit::LostRace => {
                     if let Some(first) =
                         self.first_answer(&request, request_hash.as_deref()).await?
                     {
@@ -774,44 +588,9 @@ impl AccountActorState {
                         backoff(attempt).await;
                     }
                 }
-                Err(error) => {
-                    if matches!(error, eventlog::Error::OutcomeUnknown(_)) {
-                        // The batch may be stored: reload before the next decision.
-                        self.loaded = false;
-                    }
-                    return Err(Error::from(error));
-                }
             }
         }
         Err(Error::TooManyConflicts(CONFLICT_RETRIES_MAX))
-    }
-
-    /// The accounts, other than this one, that `intent` is decided on too.
-    fn others_named(&self, intent: &Intent) -> Vec<AccountId> {
-        let mut named: Vec<AccountId> = match intent {
-            Intent::Transfer(transfer) => vec![transfer.to.clone()],
-            Intent::Hold(hold) => vec![hold.to.clone()],
-            Intent::Capture(capture) => self.hold_receiver(&capture.hold_id).into_iter().collect(),
-            Intent::Transaction(transaction) => transaction
-                .postings
-                .iter()
-                .flat_map(|posting| [posting.from.clone(), posting.to.clone()])
-                .collect(),
-            Intent::Account(_) | Intent::Release(..) => Vec::new(),
-        };
-        named.retain(|id| id != self.id());
-        named.sort();
-        named.dedup();
-        named
-    }
-
-    /// The receiver of this account's open hold `hold_id`, if it has that hold.
-    fn hold_receiver(&self, hold_id: &domain::TransferId) -> Option<AccountId> {
-        self.known
-            .state
-            .account()
-            .and_then(|account| account.holds.get(hold_id))
-            .map(|hold| hold.to.clone())
     }
 
     /// Brings `others` to the accounts `intent` names besides this one, loading (together) the
@@ -822,7 +601,7 @@ impl AccountActorState {
         others: &mut BTreeMap<AccountId, Known>,
         verified_current: bool,
     ) -> Result<()> {
-        let named = self.others_named(intent);
+        let named = others_named(&self.known, intent);
         others.retain(|id, _| named.contains(id));
         let missing: Vec<&AccountId> = named
             .iter()
@@ -841,243 +620,59 @@ impl AccountActorState {
         Ok(())
     }
 
-    /// Where a command's decision is made: the domain decides on this account's state and the
-    /// others' (`others`), and the result becomes a [`Plan`]: the messages to append and the
-    /// answer they give, as data.
-    fn decide_plan(
-        &self,
-        intent: &Intent,
-        others: &BTreeMap<AccountId, Known>,
-        metadata: &EventMetadata,
-        now: i64,
-    ) -> Result<Plan> {
-        let other = |id: &AccountId| {
-            others
-                .get(id)
-                .cloned()
-                .unwrap_or_else(|| Known::new(id.clone()))
-        };
-        match intent {
-            Intent::Account(command) => decide(&self.known.state, command)
-                .map_err(Error::from)
-                .and_then(|events| self.plan_account(events, metadata)),
-            Intent::Transfer(transfer) => {
-                let to = other(&transfer.to);
-                decide_transfer(&self.known.state, &to.state, transfer)
-                    .map_err(Error::from)
-                    .and_then(|events| self.plan_transfer(transfer, &to, events, metadata))
-            }
-            Intent::Hold(hold) => {
-                let to = other(&hold.to);
-                decide_hold(&self.known.state, &to.state, hold, now)
-                    .map_err(Error::from)
-                    .and_then(|event| self.plan_hold(hold, event, metadata))
-            }
-            Intent::Capture(capture) => {
-                let to = self
-                    .hold_receiver(&capture.hold_id)
-                    .map_or_else(|| Known::new(self.id().clone()), |id| other(&id));
-                decide_capture(&self.known.state, &to.state, capture, now)
-                    .map_err(Error::from)
-                    .and_then(|events| self.plan_capture(&capture.hold_id, &to, events, metadata))
-            }
-            Intent::Release(hold_id, release) => {
-                decide_release(&self.known.state, hold_id, *release, now)
-                    .map_err(Error::from)
-                    .and_then(|event| self.plan_release(hold_id, *release, event, metadata))
-            }
-            Intent::Transaction(transaction) => {
-                let state_of = |id: &AccountId| {
-                    if id == self.id() {
-                        Some(&self.known.state)
+    /// Where a decision is appended: the plan's messages as one atomic batch (gathered with
+    /// other actors' by group commit), never after `deadline`. On the acknowledgement every
+    /// account the plan changed takes its new state and the answer gets its position; a batch
+    /// refused for a stale condition stored nothing and lost a race.
+    async fn commit(&mut self, mut plan: Plan, deadline: Option<Instant>) -> Result<Commit> {
+        ensure_before(deadline)?;
+        if let Some(expiry) = &plan.expiry {
+            // One schedule per account, hold and time: a retry with the same time finds it
+            // in place; an earlier one left by a refused attempt fires, finds the hold not
+            // due, and is retried until it is.
+            self.context
+                .log
+                .schedule(&expiry.schedule, &expiry.due, expiry.at, Vec::new())
+                .await
+                .map_err(Error::from)?;
+        }
+        let own_events = plan
+            .entries
+            .iter()
+            .filter(|entry| matches!(entry, Entry::Event { account, .. } if account == self.id()))
+            .count() as u64;
+        match self
+            .append(std::mem::take(&mut plan.entries), deadline)
+            .await
+        {
+            Ok(appended) => {
+                for (mut known, index) in plan.changes {
+                    known.position = appended.position_of(index);
+                    if known.state.id() == self.id() {
+                        self.known = known;
+                        self.context.states.publish(&self.known);
                     } else {
-                        others.get(id).map(|known| &known.state)
+                        self.context.states.offer(&known);
                     }
-                };
-                decide_transaction(state_of, transaction)
-                    .map_err(Error::PostingRejected)
-                    .and_then(|events| self.plan_transaction(transaction, events, others, metadata))
+                }
+                self.events_since_snapshot += own_events;
+                self.snapshot_when_due();
+                Ok(Commit::Stored(
+                    plan.outcome.at(appended.position_of(plan.answer_index)),
+                ))
+            }
+            Err(eventlog::Error::Conflict { .. } | eventlog::Error::Duplicate(_)) => {
+                self.context.metrics.conflicts.inc();
+                Ok(Commit::LostRace)
+            }
+            Err(error) => {
+                if matches!(error, eventlog::Error::OutcomeUnknown(_)) {
+                    // The batch may be stored: reload before the next decision.
+                    self.loaded = false;
+                }
+                Err(Error::from(error))
             }
         }
-    }
-
-    /// A transaction or reversal: one `transaction_posted` per touched account, each guarded by
-    /// its account's last position, then the claim of its id (which also records what it moved,
-    /// for a reversal to read) and, for a reversal, the claim that the original is reversed.
-    /// The answer is the last part's position: a reader that shows it shows every part.
-    fn plan_transaction(
-        &self,
-        transaction: &Transaction,
-        events: Vec<(AccountId, Event)>,
-        others: &BTreeMap<AccountId, Known>,
-        metadata: &EventMetadata,
-    ) -> Result<Plan> {
-        let mut entries = Vec::with_capacity(events.len() + 2);
-        let mut changes = Vec::with_capacity(events.len());
-        for (index, (account, event)) in events.into_iter().enumerate() {
-            let known = if &account == self.id() {
-                &self.known
-            } else {
-                others.get(&account).ok_or_else(|| {
-                    Error::Internal(format!("{account} was decided on but not loaded"))
-                })?
-            };
-            let chain =
-                eventlog::chain::next(&known.chain, &account, &event).map_err(Error::from)?;
-            let mut after = known.clone();
-            after.apply(&event, 0, chain.clone());
-            entries.push(Entry::Event {
-                account,
-                expected_last_position: known.position,
-                event,
-                metadata: metadata.clone(),
-                chain,
-            });
-            changes.push((after, index));
-        }
-        let answer_index = entries
-            .len()
-            .checked_sub(1)
-            .ok_or_else(|| Error::Internal("a transaction decided no event".into()))?;
-        entries.push(Entry::Marker {
-            subject: eventlog::subject::transfer_marker(&transaction.transaction_id),
-            payload: TransactionRecord::new(transaction, 1).encode()?,
-            ttl: None,
-        });
-        if let Some(original) = &transaction.reverses {
-            entries.push(Entry::Marker {
-                subject: eventlog::subject::reversal_marker(original),
-                payload: ReversalRecord {
-                    reversal_id: transaction.transaction_id.to_string(),
-                }
-                .encode()?,
-                ttl: None,
-            });
-        }
-        Ok(Plan {
-            entries,
-            outcome: Outcome::TransactionCompleted {
-                transaction_id: transaction.transaction_id.clone(),
-                reverses: transaction.reverses.clone(),
-                position: 0,
-            },
-            answer_index,
-            changes,
-            expiry: None,
-        })
-    }
-
-    /// The events and the answer of a single event on this account, with `markers` after it.
-    fn plan_single(
-        &self,
-        event: Event,
-        outcome: Outcome,
-        markers: Vec<Entry>,
-        metadata: &EventMetadata,
-    ) -> Result<Plan> {
-        let chain =
-            eventlog::chain::next(&self.known.chain, self.id(), &event).map_err(Error::from)?;
-        let mut after = self.known.clone();
-        after.apply(&event, 0, chain.clone());
-        let mut entries = vec![Entry::Event {
-            account: self.id().clone(),
-            expected_last_position: self.known.position,
-            event,
-            metadata: metadata.clone(),
-            chain,
-        }];
-        entries.extend(markers);
-        Ok(Plan {
-            entries,
-            outcome,
-            answer_index: 0,
-            changes: vec![(after, 0)],
-            expiry: None,
-        })
-    }
-
-    /// A hold: `hold_placed` and the claim of its id (a marker in the transfer-id namespace) in
-    /// one batch, and its expiry, scheduled in the schedules stream *before* the batch is
-    /// appended: a placed hold always has an expiry (a schedule for a hold that was then refused
-    /// finds nothing to expire).
-    fn plan_hold(
-        &self,
-        hold: &domain::PlaceHold,
-        event: Event,
-        metadata: &EventMetadata,
-    ) -> Result<Plan> {
-        let Event::HoldPlaced { expires_at, .. } = &event else {
-            return Err(Error::Internal("decide_hold yielded another event".into()));
-        };
-        let expires_at = *expires_at;
-        let at = time::OffsetDateTime::from_unix_timestamp(expires_at)
-            .map_err(|error| Error::Internal(error.to_string()))?;
-        let markers = vec![Entry::Marker {
-            subject: eventlog::subject::transfer_marker(&hold.hold_id),
-            payload: TransferRecord::for_hold(self.id(), hold, expires_at, 1).encode()?,
-            ttl: None,
-        }];
-        let outcome = Outcome::HoldPlaced {
-            hold_id: hold.hold_id.clone(),
-            expires_at,
-            position: 0,
-        };
-        let mut plan = self.plan_single(event, outcome, markers, metadata)?;
-        plan.expiry = Some(Expiry {
-            schedule: eventlog::subject::hold_expiry_schedule(self.id(), &hold.hold_id, expires_at),
-            due: eventlog::subject::hold_expiry_due(self.id(), &hold.hold_id),
-            at,
-        });
-        Ok(plan)
-    }
-
-    /// A capture: `hold_captured` here, `transfer_credited` on the receiver, and the hold's
-    /// settlement marker, together: a hold settles once.
-    fn plan_capture(
-        &self,
-        hold_id: &domain::TransferId,
-        to: &Known,
-        events: TransferEvents,
-        metadata: &EventMetadata,
-    ) -> Result<Plan> {
-        let Event::HoldCaptured { amount, .. } = &events.debit else {
-            return Err(Error::Internal(
-                "decide_capture yielded another event".into(),
-            ));
-        };
-        let outcome = Outcome::HoldCaptured {
-            hold_id: hold_id.clone(),
-            amount: amount.minor_units(),
-            position: 0,
-        };
-        let settled = Entry::Marker {
-            subject: idempotency::settlement_marker(hold_id),
-            payload: Vec::new(),
-            ttl: None,
-        };
-        self.plan_pair(to, events, settled, outcome, metadata)
-    }
-
-    /// A void or an expiry: one event on this account. No marker is needed: every settlement of
-    /// a hold is an event of this same account, so its concurrency check lets only one of them
-    /// commit; a single event is also a plain publish, much cheaper than a batch, which matters
-    /// when many holds come due at once.
-    fn plan_release(
-        &self,
-        hold_id: &domain::TransferId,
-        release: Release,
-        event: Event,
-        metadata: &EventMetadata,
-    ) -> Result<Plan> {
-        let outcome = Outcome::HoldReleased {
-            hold_id: hold_id.clone(),
-            status: match release {
-                Release::Void => "voided",
-                Release::Expire => "expired",
-            },
-            position: 0,
-        };
-        self.plan_single(event, outcome, Vec::new(), metadata)
     }
 
     /// The receiver's current state as this writer knows it: its last known state (of its live
@@ -1091,97 +686,6 @@ impl AccountActorState {
         self.context.metrics.events_replayed.inc_by(applied);
         self.context.states.offer(&known);
         Ok(known)
-    }
-
-    fn plan_account(&self, events: Vec<Event>, metadata: &EventMetadata) -> Result<Plan> {
-        let Some(event) = events.into_iter().next() else {
-            return Err(Error::Internal("decide yielded no event".into()));
-        };
-        let account_id = self.id().clone();
-        let outcome = match &event {
-            Event::AccountOpened(_) => Outcome::Opened {
-                account_id,
-                position: 0,
-            },
-            Event::AccountClosed => Outcome::Closed {
-                account_id,
-                position: 0,
-            },
-            _ => {
-                let mut after = self.known.state.clone();
-                evolve(&mut after, &event);
-                Outcome::BalanceChanged {
-                    account_id,
-                    balance: after.balance(),
-                    position: 0,
-                }
-            }
-        };
-        self.plan_single(event, outcome, Vec::new(), metadata)
-    }
-
-    fn plan_transfer(
-        &self,
-        transfer: &Transfer,
-        to: &Known,
-        events: TransferEvents,
-        metadata: &EventMetadata,
-    ) -> Result<Plan> {
-        // The marker follows the credit directly: the answer is one position before it.
-        let claim = Entry::Marker {
-            subject: eventlog::subject::transfer_marker(&transfer.transfer_id),
-            payload: TransferRecord::new(self.id(), transfer, 1).encode()?,
-            ttl: None,
-        };
-        let outcome = Outcome::TransferCompleted {
-            transfer_id: transfer.transfer_id.clone(),
-            position: 0,
-        };
-        self.plan_pair(to, events, claim, outcome, metadata)
-    }
-
-    /// Money leaving this account and arriving on `to`, then `marker`: the answer is the
-    /// credit's position, so a reader that shows it shows both sides.
-    fn plan_pair(
-        &self,
-        to: &Known,
-        events: TransferEvents,
-        marker: Entry,
-        outcome: Outcome,
-        metadata: &EventMetadata,
-    ) -> Result<Plan> {
-        let debit_chain = eventlog::chain::next(&self.known.chain, self.id(), &events.debit)
-            .map_err(Error::from)?;
-        let credit_chain =
-            eventlog::chain::next(&to.chain, to.state.id(), &events.credit).map_err(Error::from)?;
-        let mut sender_after = self.known.clone();
-        sender_after.apply(&events.debit, 0, debit_chain.clone());
-        let mut receiver_after = to.clone();
-        receiver_after.apply(&events.credit, 0, credit_chain.clone());
-        let entries = vec![
-            Entry::Event {
-                account: self.id().clone(),
-                expected_last_position: self.known.position,
-                event: events.debit,
-                metadata: metadata.clone(),
-                chain: debit_chain,
-            },
-            Entry::Event {
-                account: to.state.id().clone(),
-                expected_last_position: to.position,
-                event: events.credit,
-                metadata: metadata.clone(),
-                chain: credit_chain,
-            },
-            marker,
-        ];
-        Ok(Plan {
-            entries,
-            outcome,
-            answer_index: 1,
-            changes: vec![(sender_after, 0), (receiver_after, 1)],
-            expiry: None,
-        })
     }
 
     /// The first answer to this request, if an earlier attempt of it (a retry's first try,
@@ -1422,61 +926,5 @@ fn ensure_before(deadline: Option<Instant>) -> Result<()> {
             "the command reached its deadline before it could be appended".into(),
         )),
         _ => Ok(()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn known(id: &str, position: u64) -> Known {
-        Known {
-            position,
-            ..Known::new(AccountId::parse(id).unwrap())
-        }
-    }
-
-    #[test]
-    fn shared_states_keep_the_newest_and_stay_bounded() {
-        let states = AccountStates::default();
-        states.publish(&known("a", 5));
-        states.offer(&known("a", 3));
-        assert_eq!(
-            states
-                .get(&AccountId::parse("a").unwrap())
-                .unwrap()
-                .position,
-            5
-        );
-        states.offer(&known("a", 9));
-        assert_eq!(
-            states
-                .get(&AccountId::parse("a").unwrap())
-                .unwrap()
-                .position,
-            9
-        );
-        // A retired actor's state stays, as a cached one, and a newer cached one wins later.
-        states.retire(&AccountId::parse("a").unwrap());
-        assert_eq!((states.live(), states.cached()), (0, 1));
-        states.offer(&known("a", 12));
-        states.publish(&known("a", 10));
-        assert_eq!(
-            states
-                .get(&AccountId::parse("a").unwrap())
-                .unwrap()
-                .position,
-            12
-        );
-        assert_eq!((states.live(), states.cached()), (1, 0));
-        // Receivers without an actor are cached, oldest out first.
-        for index in 0..CACHED_STATES_MAX + 10 {
-            states.offer(&known(&format!("r{index}"), 1));
-        }
-        assert_eq!(states.cached(), CACHED_STATES_MAX);
-        assert!(states.get(&AccountId::parse("r0").unwrap()).is_none());
-        assert!(states
-            .get(&AccountId::parse(&format!("r{}", CACHED_STATES_MAX + 9)).unwrap())
-            .is_some());
     }
 }

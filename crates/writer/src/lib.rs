@@ -30,9 +30,11 @@ pub mod nats_api;
 pub mod openapi;
 pub mod outcome;
 pub mod ownership;
+pub mod plan;
 pub mod registry;
 pub mod request;
 pub mod service;
+pub mod states;
 
 pub use error::Error;
 pub use service::{run, WriterConfig};

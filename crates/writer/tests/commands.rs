@@ -788,7 +788,10 @@ async fn every_documented_route_is_served_and_the_document_is_served_too() {
             "post /v1/holds",
             "post /v1/holds/{id}/capture",
             "post /v1/holds/{id}/void",
+            "post /v1/transactions",
+            "post /v1/transactions/{id}/reverse",
             "post /v1/transfers",
+            "post /v1/transfers/{id}/reverse",
         ]
     );
     for operation in &operations {
@@ -817,6 +820,9 @@ async fn every_documented_route_is_served_and_the_document_is_served_too() {
         "TransferBody",
         "HoldBody",
         "CaptureBody",
+        "TransactionBody",
+        "PostingBody",
+        "ReverseBody",
     ] {
         assert_eq!(
             document["components"]["schemas"][schema]["additionalProperties"],
@@ -856,6 +862,9 @@ async fn every_documented_route_is_served_and_the_document_is_served_too() {
         "unsupported_media_type",
         "unavailable",
         "outcome_unknown",
+        "already_reversed",
+        "transfer_not_found",
+        "transaction_not_found",
     ] {
         assert!(text.contains(code), "{code} undocumented");
     }
