@@ -64,6 +64,7 @@ enum Suite {
     HotAccount,
     HalfLoad,
     Deposits,
+    Flows,
 }
 
 struct Results {
@@ -393,6 +394,137 @@ async fn append_baseline(log: &EventLog, appends: usize) -> (String, String) {
     }
     bar.finish_and_clear();
     (latency_summary(single), latency_summary(batches))
+}
+
+/// A raw atomic batch of `events` checked events (each on its own account) and a marker, the
+/// shape of a transaction over that many accounts: latency of `batches` sequential batches.
+async fn raw_flow_batches(log: &EventLog, events: usize, batches: usize) -> String {
+    let metadata = EventMetadata::default();
+    let deposit = || Event::Deposited {
+        amount: Amount::new(1).unwrap(),
+        reference: None,
+    };
+    let accounts: Vec<AccountId> = (0..events)
+        .map(|index| {
+            AccountId::parse(&format!("rawflow-{index}-{}", uuid::Uuid::now_v7().simple()))
+                .unwrap()
+        })
+        .collect();
+    let mut last = vec![0u64; events];
+    let mut latencies = Vec::with_capacity(batches);
+    for _ in 0..batches {
+        let id = TransferId::parse(&uuid::Uuid::now_v7().simple().to_string()).unwrap();
+        let mut batch: Vec<Entry> = accounts
+            .iter()
+            .zip(&last)
+            .map(|(account, position)| Entry::Event {
+                account: account.clone(),
+                expected_last_position: *position,
+                event: deposit(),
+                metadata: metadata.clone(),
+                chain: eventlog::chain::next(eventlog::chain::GENESIS, account, &deposit())
+                    .unwrap(),
+            })
+            .collect();
+        batch.push(Entry::Marker {
+            subject: eventlog::subject::transfer_marker(&id),
+            payload: vec![0],
+            ttl: None,
+        });
+        let begun = Instant::now();
+        let appended = log.append_atomic(&batch).await.unwrap();
+        latencies.push(begun.elapsed());
+        for (index, position) in last.iter_mut().enumerate() {
+            *position = appended.position_of(index);
+        }
+    }
+    latency_summary(latencies)
+}
+
+/// Money flows: the latency of a transfer and of transactions with 2, 8 and 64 postings (each
+/// posting between two accounts of its own, so 2, 4, 16 and 128 accounts), from one client
+/// through a writer, next to raw atomic batches of the same sizes in the same run.
+async fn flows_suite(
+    nats: &NatsServer,
+    results: &mut Results,
+    repeats: usize,
+) -> anyhow::Result<()> {
+    let writer = CofferProcess::start(
+        "bench-writer",
+        "writer",
+        &[("COFFER_NATS_URL", nats.url()), ("RUST_LOG", "warn".into())],
+    );
+    let http = reqwest::Client::new();
+    let w = writer.url();
+    wait_ready(&http, &w).await?;
+    let client = async_nats::connect(nats.url()).await?;
+    let log = EventLog::open(client, &StreamSettings::default()).await?;
+    for postings in [1usize, 2, 8, 64] {
+        let pairs: Vec<(String, String)> = (0..postings)
+            .map(|index| {
+                (
+                    format!("flow-from-{index}-{}", uuid::Uuid::now_v7().simple()),
+                    format!("flow-to-{index}-{}", uuid::Uuid::now_v7().simple()),
+                )
+            })
+            .collect();
+        for (from, to) in &pairs {
+            for id in [from, to] {
+                post(
+                    &http,
+                    format!("{w}/v1/accounts"),
+                    json!({"account_id": id, "currency": "EUR"}),
+                )
+                .await;
+            }
+            post(
+                &http,
+                format!("{w}/v1/accounts/{from}/deposits"),
+                json!({"amount": 1_000_000}),
+            )
+            .await;
+        }
+        let label = if postings == 1 {
+            "transfer (1 posting, 2 accounts)".to_owned()
+        } else {
+            format!(
+                "transaction, {postings} postings ({} accounts)",
+                2 * postings
+            )
+        };
+        let bar = progress(repeats as u64, &label);
+        let mut latencies = Vec::with_capacity(repeats);
+        for _ in 0..repeats {
+            let (path, body) = if postings == 1 {
+                let (from, to) = &pairs[0];
+                (
+                    "transfers",
+                    json!({"from": from, "to": to, "amount": 1}),
+                )
+            } else {
+                let list: Vec<Value> = pairs
+                    .iter()
+                    .map(|(from, to)| json!({"from": from, "to": to, "amount": 1}))
+                    .collect();
+                ("transactions", json!({"postings": list}))
+            };
+            let begun = Instant::now();
+            let answer = post(&http, format!("{w}/v1/{path}"), body).await;
+            latencies.push(begun.elapsed());
+            assert_eq!(answer["status"], "completed", "{answer}");
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        results.add(&format!("{label}, 1 client"), latency_summary(latencies));
+        results.add(
+            &format!(
+                "raw JetStream: atomic batch of {} checked events + marker",
+                2 * postings
+            ),
+            raw_flow_batches(&log, 2 * postings, repeats).await,
+        );
+    }
+    Ok(())
 }
 
 /// Loading one account's history: batched direct get (what the actors use) against an
@@ -1287,6 +1419,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Suite::HotAccount => {
             hot_account_suite(&nats, &mut results, options.hot_deposits).await?;
+            return write_report(&results, &options);
+        }
+        Suite::Flows => {
+            flows_suite(&nats, &mut results, 200 * scale).await?;
             return write_report(&results, &options);
         }
         Suite::CatchUp => {
