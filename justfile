@@ -57,9 +57,8 @@ domain-purity:
 
 # Contract cases whose issue is still open (map: ../shared/conformance/CASES.md). They run, and a
 # failure is reported as PEND; take a case off when its issue is resolved.
-# bulk_commands_each_once: issue 21; metadata_and_listing: issue 23;
-# transaction_moves_money_atomically, transaction_refusals_name_the_posting, reversals_happen_once: issue 22.
-conformance_pending := "bulk_commands_each_once,metadata_and_listing,transaction_moves_money_atomically,transaction_refusals_name_the_posting,reversals_happen_once"
+# bulk_commands_each_once: issue 21; metadata_and_listing: issue 23.
+conformance_pending := "bulk_commands_each_once,metadata_and_listing"
 
 # The black-box contract suite in ../shared/conformance against real processes.
 conformance: build
@@ -76,14 +75,15 @@ lint:
 
 # Suites: deposits over HTTP and over NATS (64 clients, 10 000 accounts), throughput and latency,
 # the first command on a 100 000-event account with and without its snapshot, reader catch-up,
-# one hot account through 1-3 writers, p99 at half load. DURABILITY: `always` (nats-server
+# one hot account through 1-3 writers, p99 at half load, a transfer next to transactions of
+# 2, 8 and 64 postings (flows). DURABILITY: `always` (nats-server
 # `sync_interval: always`, what Coffer deploys) or `default` (the NATS default). Reports and JSON
 # go to target/bench/; docs/benchmarks.md records runs with their machine.
 # Benchmarks against real processes, each figure next to raw JetStream from the same run.
 bench durability="always": tools
     cargo build --release -p coffer -p bench
     mkdir -p target/bench
-    for suite in deposits throughput snapshot catch-up hot-account half-load; do \
+    for suite in deposits throughput snapshot catch-up hot-account half-load flows; do \
         COFFER_BIN=target/release/coffer target/release/coffer-bench --suite $suite --durability {{durability}} \
             --report target/bench/$suite-{{durability}}.md --json target/bench/$suite-{{durability}}.json || exit 1; \
     done
