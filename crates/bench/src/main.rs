@@ -406,8 +406,11 @@ async fn raw_flow_batches(log: &EventLog, events: usize, batches: usize) -> Stri
     };
     let accounts: Vec<AccountId> = (0..events)
         .map(|index| {
-            AccountId::parse(&format!("rawflow-{index}-{}", uuid::Uuid::now_v7().simple()))
-                .unwrap()
+            AccountId::parse(&format!(
+                "rawflow-{index}-{}",
+                uuid::Uuid::now_v7().simple()
+            ))
+            .unwrap()
         })
         .collect();
     let mut last = vec![0u64; events];
@@ -497,10 +500,7 @@ async fn flows_suite(
         for _ in 0..repeats {
             let (path, body) = if postings == 1 {
                 let (from, to) = &pairs[0];
-                (
-                    "transfers",
-                    json!({"from": from, "to": to, "amount": 1}),
-                )
+                ("transfers", json!({"from": from, "to": to, "amount": 1}))
             } else {
                 let list: Vec<Value> = pairs
                     .iter()

@@ -451,9 +451,50 @@ async fn reversed_postings(
                     .map_err(|error| Error::Internal(format!("transfer marker: {error}")))?,
             }])
         }
+        // A captured hold is a transfer of what was captured (the reader shows it as one).
+        (Reversible::Transfer, Some(Claim::Transfer(record))) => {
+            let amount = captured_amount(state, original).await?;
+            Ok(vec![domain::Posting {
+                from: account(&record.from)?,
+                to: account(&record.to)?,
+                amount,
+            }])
+        }
         (Reversible::Transfer, _) => Err(Error::TransferNotFound(original.to_string())),
         (Reversible::Transaction, Some(Claim::Transaction(record))) => record.postings(),
         (Reversible::Transaction, _) => Err(Error::TransactionNotFound(original.to_string())),
+    }
+}
+
+/// What a hold's capture moved: the `transfer_credited` right before its settlement marker (a
+/// capture's batch is the debit, the credit, then that marker, at consecutive positions). A hold
+/// never captured (held, voided, expired) has no such marker and is no transfer.
+async fn captured_amount(state: &AppState, hold_id: &TransferId) -> Result<domain::Amount, Error> {
+    let not_found = || Error::TransferNotFound(hold_id.to_string());
+    let settled = state
+        .log
+        .read_marker(&crate::idempotency::settlement_marker(hold_id))
+        .await?
+        .ok_or_else(not_found)?;
+    let credit_position = settled.position.saturating_sub(1);
+    let events = state
+        .log
+        .read_after(credit_position.saturating_sub(1), 1)
+        .await?;
+    match events.first() {
+        Some(recorded) if recorded.position == credit_position => match &recorded.event {
+            domain::Event::TransferCredited {
+                transfer_id,
+                amount,
+                ..
+            } if transfer_id == hold_id => Ok(*amount),
+            // Settled without a capture: a void or an expiry moved nothing.
+            _ => Err(not_found()),
+        },
+        // A replica behind the leader's marker: nothing was done, ask again.
+        _ => Err(Error::Unavailable(format!(
+            "the capture of {hold_id} is not readable yet"
+        ))),
     }
 }
 

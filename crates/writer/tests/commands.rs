@@ -1638,10 +1638,38 @@ async fn transactions_and_reversals_are_exactly_once_over_http_and_nats() {
         .post(&format!("/v1/holds/{hold_id}/capture"), json!({}), None)
         .await;
     assert_eq!(captured.status, 200, "{:?}", captured.body);
+    // A capture is a transfer of what was captured: reversible, once.
     let capture_reversal = writer
         .post(&format!("/v1/transfers/{hold_id}/reverse"), json!({}), None)
         .await;
-    assert_eq!(capture_reversal.status, 404, "{:?}", capture_reversal.body);
+    assert_eq!(capture_reversal.status, 201, "{:?}", capture_reversal.body);
+    let (balances, _) = replayed_balances(&nats.url()).await;
+    assert_eq!((balances[&a], balances[&b]), (290, 555));
+    let twice = writer
+        .post(&format!("/v1/transfers/{hold_id}/reverse"), json!({}), None)
+        .await;
+    assert_eq!((twice.status, twice.code()), (409, "already_reversed"));
+    // A hold voided (or never settled) moved nothing: no transfer to reverse.
+    let voided_id = unique("h");
+    let voided = json!({"hold_id": voided_id, "from": a, "to": b, "amount": 5});
+    assert_eq!(writer.post("/v1/holds", voided, None).await.status, 201);
+    for settle in [None, Some("void")] {
+        if let Some(settle) = settle {
+            let path = format!("/v1/holds/{voided_id}/{settle}");
+            assert_eq!(writer.post(&path, json!({}), None).await.status, 200);
+        }
+        let refused = writer
+            .post(
+                &format!("/v1/transfers/{voided_id}/reverse"),
+                json!({}),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (refused.status, refused.code()),
+            (404, "transfer_not_found")
+        );
+    }
 
     // Every chain is intact: each event built on its account's previous one.
     let mut verifier = eventlog::chain::Verifier::default();
