@@ -567,6 +567,27 @@ async fn bank(fault: Fault) {
     }
     let reader_caught_up = catching_up.elapsed();
     assert_views_equal_replay(&http, &reader.url(), &replay, last).await;
+    // Every transaction's view is whole, and shows its reversal once it has one.
+    for transaction_id in replay.transactions.keys() {
+        let view = http
+            .get(&format!(
+                "{}/v1/transactions/{transaction_id}?min_position={last}",
+                reader.url()
+            ))
+            .await
+            .unwrap();
+        assert_eq!(view.status, 200, "{transaction_id}: {:?}", view.body);
+        assert_eq!(view.body["status"], "completed");
+        let reversal = replay
+            .reversals
+            .get(transaction_id)
+            .and_then(|reversals| reversals.iter().next());
+        assert_eq!(
+            view.body["reversed_by"].as_str(),
+            reversal.map(String::as_str),
+            "{transaction_id}"
+        );
+    }
     // The reader's conservation audit agrees, and every account's hash chain is intact.
     let audit = http
         .get(&format!("{}/v1/audit?min_position={last}", reader.url()))

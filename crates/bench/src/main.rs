@@ -516,6 +516,31 @@ async fn flows_suite(
         }
         bar.finish_and_clear();
         results.add(&format!("{label}, 1 client"), latency_summary(latencies));
+        // The model of gathering: one last-by-subject get per other account, all at once.
+        let others: Vec<AccountId> = pairs
+            .iter()
+            .flat_map(|(from, to)| [from, to])
+            .skip(1)
+            .map(|id| AccountId::parse(id).unwrap())
+            .collect();
+        let mut gathers = Vec::with_capacity(repeats);
+        for _ in 0..repeats {
+            let begun = Instant::now();
+            futures::future::try_join_all(
+                others
+                    .iter()
+                    .map(|account| log.last_account_position(account)),
+            )
+            .await?;
+            gathers.push(begun.elapsed());
+        }
+        results.add(
+            &format!(
+                "raw JetStream: {} concurrent last-by-subject gets (gathering the others)",
+                others.len()
+            ),
+            latency_summary(gathers),
+        );
         results.add(
             &format!(
                 "raw JetStream: atomic batch of {} checked events + marker",

@@ -16,12 +16,20 @@
 //! touch an account or marker of a batch in flight wait for it, so that their condition is
 //! checked after it, as it would be had they been sent one after the other.
 //!
+//! A flow that lost a race on an account whose actor keeps a batch in flight would lose every
+//! time: decided while that batch is in flight, it waits for it and is then sent on a position
+//! the batch just moved. So it may take a *reservation* of its accounts ([`GroupCommit::reserve`]):
+//! granted in queue order once no batch in flight touches them, it holds back every later member
+//! touching them, so the flow decides on what the stream holds then and its append goes next. The
+//! holder releases it by appending (with the reservation) or by dropping it; its deadline bounds
+//! it too.
+//!
 //! A batch JetStream refuses stored nothing, and the refusal does not say which member failed:
 //! the members are then appended one by one at once, so only the member whose condition failed
 //! sees the conflict. An acknowledgement that never came leaves every member's outcome unknown
 //! (the batch is atomic: all of them or none are stored).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -67,6 +75,8 @@ pub struct GroupCommitCounters {
     pub split: AtomicU64,
     /// Appends dropped unsent because their deadline had passed while they waited.
     pub expired: AtomicU64,
+    /// Reservations granted.
+    pub reservations: AtomicU64,
 }
 
 struct Member {
@@ -74,6 +84,96 @@ struct Member {
     /// After this instant the member is not sent: its caller has answered by then.
     deadline: Option<Instant>,
     reply: oneshot::Sender<Result<Appended>>,
+    /// The reservation it appends under, which lets it past its own reserved keys.
+    reservation: Option<u64>,
+}
+
+/// A request for the exclusive use of some accounts for one decide-and-append cycle.
+struct Reservation {
+    id: u64,
+    keys: Vec<String>,
+    deadline: Option<Instant>,
+    granted: oneshot::Sender<()>,
+}
+
+/// What the committer's queue holds, oldest first.
+enum Waiting {
+    Member(Member),
+    Reservation(Reservation),
+}
+
+/// Reservations come and go on their own channel: unbounded, so a release from `Drop` never
+/// waits or fails for a full queue (there is at most one per command in flight).
+enum Control {
+    Reserve(Reservation),
+    Release(u64),
+}
+
+/// Granted reservations: which holds each key, and each one's keys and deadline.
+#[derive(Default)]
+struct Reserved {
+    holder_of: HashMap<String, u64>,
+    grants: HashMap<u64, (Vec<String>, Option<Instant>)>,
+}
+
+impl Reserved {
+    fn grant(&mut self, reservation: Reservation) {
+        for key in &reservation.keys {
+            self.holder_of.insert(key.clone(), reservation.id);
+        }
+        self.grants
+            .insert(reservation.id, (reservation.keys, reservation.deadline));
+        let _ = reservation.granted.send(());
+    }
+
+    fn release(&mut self, id: u64) {
+        if let Some((keys, _)) = self.grants.remove(&id) {
+            for key in keys {
+                if self.holder_of.get(&key) == Some(&id) {
+                    self.holder_of.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Releases what its holder can no longer use: its deadline has passed.
+    fn expire(&mut self, now: Instant) {
+        let expired: Vec<u64> = self
+            .grants
+            .iter()
+            .filter(|(_, (_, deadline))| deadline.is_some_and(|deadline| now >= deadline))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.release(id);
+        }
+    }
+
+    /// Whether `reservation` holds `key`.
+    fn holds(&self, key: &str, reservation: Option<u64>) -> bool {
+        reservation.is_some() && self.holder_of.get(key).copied() == reservation
+    }
+
+    /// Whether `key` may go into a batch for a member appending under `reservation`.
+    fn allows(&self, key: &str, reservation: Option<u64>) -> bool {
+        self.holder_of
+            .get(key)
+            .is_none_or(|holder| Some(*holder) == reservation)
+    }
+}
+
+/// The exclusive use of some accounts in this writer's appends, until dropped or used by
+/// [`GroupCommit::append_reserved`].
+pub struct AccountsReserved {
+    id: u64,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+impl Drop for AccountsReserved {
+    fn drop(&mut self) {
+        // The committer gone means nothing is reserved any more.
+        let _ = self.control.send(Control::Release(self.id));
+    }
 }
 
 impl Member {
@@ -90,6 +190,8 @@ impl Member {
 #[derive(Clone)]
 pub struct GroupCommit {
     queue: mpsc::Sender<Member>,
+    control: mpsc::UnboundedSender<Control>,
+    next_reservation: Arc<AtomicU64>,
     counters: Arc<GroupCommitCounters>,
 }
 
@@ -97,9 +199,54 @@ impl GroupCommit {
     /// Starts the committer on `log`; it stops when the last handle is dropped.
     pub fn start(log: EventLog, settings: GroupCommitSettings) -> Self {
         let (queue, receiver) = mpsc::channel(settings.queue_max.max(1));
+        let (control, controls) = mpsc::unbounded_channel();
         let counters = Arc::new(GroupCommitCounters::default());
-        tokio::spawn(run(log, receiver, settings, counters.clone()));
-        Self { queue, counters }
+        tokio::spawn(run(log, receiver, controls, settings, counters.clone()));
+        Self {
+            queue,
+            control,
+            next_reservation: Arc::new(AtomicU64::new(1)),
+            counters,
+        }
+    }
+
+    /// Reserves `accounts` for one decide-and-append cycle: resolves once every batch in flight
+    /// and every member queued before that touches them is done, and from then on holds back
+    /// every other append touching them until the reservation is used by
+    /// [`GroupCommit::append_reserved`], dropped, or past `deadline`. `Unavailable` when the
+    /// deadline passes first.
+    pub async fn reserve(
+        &self,
+        accounts: &[domain::AccountId],
+        deadline: Option<Instant>,
+    ) -> Result<AccountsReserved> {
+        let id = self.next_reservation.fetch_add(1, Ordering::Relaxed);
+        let (granted, grant) = oneshot::channel();
+        let keys = accounts.iter().map(subject::account_filter).collect();
+        let reservation = Reservation {
+            id,
+            keys,
+            deadline,
+            granted,
+        };
+        self.control
+            .send(Control::Reserve(reservation))
+            .map_err(|_| Error::Unavailable("the group committer has stopped".into()))?;
+        // From here on, a drop releases whatever was granted.
+        let reserved = AccountsReserved {
+            id,
+            control: self.control.clone(),
+        };
+        let waited = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, grant)
+                .await
+                .map_err(|_| {
+                    Error::Unavailable("the accounts were not free before the deadline".into())
+                })?,
+            None => grant.await,
+        };
+        waited.map_err(|_| Error::Unavailable("the reservation was not granted".into()))?;
+        Ok(reserved)
     }
 
     pub fn counters(&self) -> Arc<GroupCommitCounters> {
@@ -110,6 +257,27 @@ impl GroupCommit {
     /// batch with other appends. Nothing is sent after `deadline`: a member still waiting then
     /// is answered `Unavailable`.
     pub async fn append(&self, entries: Vec<Entry>, deadline: Option<Instant>) -> Result<Appended> {
+        self.append_member(entries, deadline, None).await
+    }
+
+    /// [`GroupCommit::append`] under `reserved`, whose accounts it may use; the reservation ends
+    /// once the append is taken into a batch.
+    pub async fn append_reserved(
+        &self,
+        entries: Vec<Entry>,
+        deadline: Option<Instant>,
+        reserved: &AccountsReserved,
+    ) -> Result<Appended> {
+        self.append_member(entries, deadline, Some(reserved.id))
+            .await
+    }
+
+    async fn append_member(
+        &self,
+        entries: Vec<Entry>,
+        deadline: Option<Instant>,
+        reservation: Option<u64>,
+    ) -> Result<Appended> {
         if entries.is_empty() || entries.len() > BATCH_SIZE_MAX {
             return Err(Error::Encode(format!(
                 "an append holds 1 to {BATCH_SIZE_MAX} messages, not {}",
@@ -121,6 +289,7 @@ impl GroupCommit {
             entries,
             deadline,
             reply,
+            reservation,
         };
         self.queue
             .send(member)
@@ -140,6 +309,7 @@ const SPLIT_CONCURRENCY_MAX: usize = 16;
 async fn run(
     log: EventLog,
     mut receiver: mpsc::Receiver<Member>,
+    mut controls: mpsc::UnboundedReceiver<Control>,
     settings: GroupCommitSettings,
     counters: Arc<GroupCommitCounters>,
 ) {
@@ -147,8 +317,9 @@ async fn run(
     let in_flight_max = settings
         .batches_in_flight_max
         .clamp(1, BATCHES_IN_FLIGHT_LIMIT);
-    // Members not sent yet, oldest first.
-    let mut waiting: VecDeque<Member> = VecDeque::new();
+    // Members not sent yet and reservations not granted yet, oldest first.
+    let mut waiting: VecDeque<Waiting> = VecDeque::new();
+    let mut reserved = Reserved::default();
     // Batches awaiting their acknowledgement; each gives back the keys it held.
     let mut in_flight = FuturesUnordered::new();
     // Accounts and marker subjects of the batches in flight.
@@ -156,7 +327,7 @@ async fn run(
     let mut closed = false;
     loop {
         while in_flight.len() < in_flight_max && !waiting.is_empty() {
-            let batch = next_batch(&mut waiting, messages_max, &busy, &counters);
+            let batch = next_batch(&mut waiting, messages_max, &busy, &mut reserved, &counters);
             if batch.is_empty() {
                 break;
             }
@@ -174,16 +345,22 @@ async fn run(
         tokio::select! {
             member = receiver.recv(), if !closed => match member {
                 Some(member) => {
-                    waiting.push_back(member);
+                    waiting.push_back(Waiting::Member(member));
                     // What has queued already joins it: waiting for more would add latency.
                     while waiting.len() < BATCH_SIZE_MAX {
                         match receiver.try_recv() {
-                            Ok(member) => waiting.push_back(member),
+                            Ok(member) => waiting.push_back(Waiting::Member(member)),
                             Err(_) => break,
                         }
                     }
                 }
                 None => closed = true,
+            },
+            Some(control) = controls.recv() => match control {
+                Control::Reserve(reservation) => {
+                    waiting.push_back(Waiting::Reservation(reservation));
+                }
+                Control::Release(id) => reserved.release(id),
             },
             Some(keys) = in_flight.next(), if !in_flight.is_empty() => {
                 for key in keys {
@@ -194,20 +371,49 @@ async fn run(
     }
 }
 
-/// Takes the oldest members that fit in one batch and touch nothing another one in it, or a
-/// batch in flight (`busy`), does.
+/// Takes the oldest members that fit in one batch and touch nothing another one in it, a batch
+/// in flight (`busy`), a reservation held by someone else, or a reservation queued before them
+/// does; grants, in queue order, the reservations whose accounts are free.
 fn next_batch(
-    waiting: &mut VecDeque<Member>,
+    waiting: &mut VecDeque<Waiting>,
     messages_max: usize,
     busy: &HashSet<String>,
+    reserved: &mut Reserved,
     counters: &GroupCommitCounters,
 ) -> Vec<Member> {
     let now = Instant::now();
+    reserved.expire(now);
     let mut batch = Vec::new();
     let mut keys: HashSet<String> = HashSet::new();
+    // Keys of reservations still queued: nothing behind them may take these.
+    let mut queued_for: HashSet<String> = HashSet::new();
     let mut messages = 0;
     let mut kept = VecDeque::with_capacity(waiting.len());
-    while let Some(member) = waiting.pop_front() {
+    while let Some(next) = waiting.pop_front() {
+        let member = match next {
+            Waiting::Reservation(reservation) => {
+                if reservation.granted.is_closed()
+                    || reservation.deadline.is_some_and(|deadline| now >= deadline)
+                {
+                    continue; // Its holder gave up.
+                }
+                let free = reservation.keys.iter().all(|key| {
+                    !keys.contains(key)
+                        && !busy.contains(key)
+                        && !queued_for.contains(key)
+                        && reserved.allows(key, None)
+                });
+                if free {
+                    counters.reservations.fetch_add(1, Ordering::Relaxed);
+                    reserved.grant(reservation);
+                } else {
+                    queued_for.extend(reservation.keys.iter().cloned());
+                    kept.push_back(Waiting::Reservation(reservation));
+                }
+                continue;
+            }
+            Waiting::Member(member) => member,
+        };
         if member.deadline.is_some_and(|deadline| now >= deadline) {
             counters.expired.fetch_add(1, Ordering::Relaxed);
             let _ = member.reply.send(Err(Error::Unavailable(
@@ -217,15 +423,24 @@ fn next_batch(
         }
         let fits = batch.is_empty() || messages + member.entries.len() <= messages_max;
         let member_keys: Vec<String> = member.keys().collect();
-        let free = member_keys
-            .iter()
-            .all(|key| !keys.contains(key) && !busy.contains(key));
+        let free = member_keys.iter().all(|key| {
+            // The holder of a reservation goes before everything queued for its accounts:
+            // waiting for a later reservation of them would wait for itself.
+            let held = reserved.holds(key, member.reservation);
+            !keys.contains(key)
+                && !busy.contains(key)
+                && (held || (!queued_for.contains(key) && reserved.allows(key, None)))
+        });
         if fits && free {
             messages += member.entries.len();
             keys.extend(member_keys);
+            if let Some(id) = member.reservation {
+                // Its keys are this batch's now: the reservation has done its work.
+                reserved.release(id);
+            }
             batch.push(member);
         } else {
-            kept.push_back(member);
+            kept.push_back(Waiting::Member(member));
         }
     }
     *waiting = kept;

@@ -28,7 +28,7 @@ pub mod subject;
 
 pub use codec::{DecodeError, CURRENT_VERSIONS};
 pub use connection::NatsSettings;
-pub use group_commit::{GroupCommit, GroupCommitSettings};
+pub use group_commit::{AccountsReserved, GroupCommit, GroupCommitSettings};
 pub use leases::{LeaseEntry, Leases};
 pub use log::{Appended, Entry, EventLog, EventMetadata, RecordedEvent, StoredMarker};
 pub use snapshot::AccountSnapshot;

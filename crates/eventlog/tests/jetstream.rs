@@ -694,6 +694,81 @@ mod group_commit {
         assert!(log.load_account(&late, 0).await.unwrap().is_empty());
     }
 
+    /// A reservation holds back every later append touching its accounts until its holder
+    /// appends under it (that append goes first) or lets it go; other accounts are not held.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reservation_goes_before_later_appends_to_its_accounts_and_ends_when_dropped() {
+        let server = NatsServer::start();
+        let log = log_on(&server).await;
+        let hot = account("hot");
+        let opened_at = log.append(&hot, 0, &opened(), &metadata()).await.unwrap();
+        let committer = GroupCommit::start(log.clone(), GroupCommitSettings::default());
+        let reserved = committer
+            .reserve(std::slice::from_ref(&hot), None)
+            .await
+            .unwrap();
+        // Decided on the same state as the holder's, queued after the reservation.
+        let later = {
+            let committer = committer.clone();
+            let entry = event_entry(&hot, opened_at.last_position, deposited(1));
+            tokio::spawn(async move { committer.append(vec![entry], None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !later.is_finished(),
+            "an append to a reserved account was sent"
+        );
+        // Another account is not held.
+        let other = account("other");
+        committer
+            .append(vec![event_entry(&other, 0, opened())], None)
+            .await
+            .unwrap();
+        let holder = committer
+            .append_reserved(
+                vec![event_entry(&hot, opened_at.last_position, deposited(2))],
+                None,
+                &reserved,
+            )
+            .await;
+        assert!(holder.is_ok(), "{holder:?}");
+        // The later append went after the holder's and found the account moved.
+        let later = later.await.unwrap();
+        assert!(matches!(later, Err(Error::Conflict { .. })), "{later:?}");
+        assert_eq!(committer.counters().reservations.load(Relaxed), 1);
+        // A reservation let go without appending holds nothing back.
+        let last = log
+            .load_account(&hot, 0)
+            .await
+            .unwrap()
+            .last()
+            .unwrap()
+            .position;
+        let dropped = committer
+            .reserve(std::slice::from_ref(&hot), None)
+            .await
+            .unwrap();
+        drop(dropped);
+        let after = tokio::time::timeout(
+            Duration::from_secs(5),
+            committer.append(vec![event_entry(&hot, last, deposited(3))], None),
+        )
+        .await
+        .expect("held back after the reservation was dropped");
+        assert!(after.is_ok(), "{after:?}");
+        // A reservation of accounts held by another waits for it: here past its deadline.
+        let held = committer
+            .reserve(std::slice::from_ref(&hot), None)
+            .await
+            .unwrap();
+        let soon = tokio::time::Instant::now() + Duration::from_millis(200);
+        let refused = committer
+            .reserve(std::slice::from_ref(&hot), Some(soon))
+            .await;
+        assert!(matches!(refused, Err(Error::Unavailable(_))));
+        drop(held);
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn a_limit_of_one_message_sends_every_append_alone() {
         let server = NatsServer::start();

@@ -242,15 +242,21 @@ impl AccountActorState {
         self.known.state.id()
     }
 
-    /// Appends through the group committer, timed and counted.
+    /// Appends through the group committer (under `reserved`, when the command holds its
+    /// accounts), timed and counted.
     async fn append(
         &self,
         entries: Vec<Entry>,
         deadline: Option<Instant>,
+        reserved: Option<&eventlog::AccountsReserved>,
     ) -> std::result::Result<eventlog::Appended, eventlog::Error> {
         let appending = std::time::Instant::now();
         let messages = entries.len();
-        let appended = self.context.committer.append(entries, deadline).await;
+        let committer = &self.context.committer;
+        let appended = match reserved {
+            Some(reserved) => committer.append_reserved(entries, deadline, reserved).await,
+            None => committer.append(entries, deadline).await,
+        };
         let metrics = &self.context.metrics;
         metrics
             .append_duration
@@ -383,7 +389,7 @@ impl AccountActorState {
             .filter_map(|(command, _)| command.request.deadline)
             .min();
         let messages = entries.len();
-        let appended = self.append(entries, deadline).await;
+        let appended = self.append(entries, deadline, None).await;
         match appended {
             Ok(appended) => {
                 after.position = appended.last_position;
@@ -535,6 +541,8 @@ impl AccountActorState {
         };
         // A refusal is final only once the state it was decided on is known to be current.
         let mut verified_current = false;
+        // This writer's appends to the command's accounts held back for its next attempt.
+        let mut reserved: Option<eventlog::AccountsReserved> = None;
         for attempt in 0..=CONFLICT_RETRIES_MAX {
             self.gather_others(&request.intent, &mut others, verified_current)
                 .await?;
@@ -569,7 +577,10 @@ impl AccountActorState {
                     ttl: Some(KEY_RETENTION),
                 });
             }
-            match self.commit(plan, request.deadline).await? {
+            let committed = self.commit(plan, request.deadline, reserved.as_ref()).await;
+            // Used or not, a reservation covers one decide-and-append cycle.
+            reserved = None;
+            match committed? {
                 Commit::Stored(outcome) => return Ok(outcome),
                 Commit::LostRace => {
                     // What is reloaded below may come from any replica: a refusal decided on it
@@ -581,15 +592,28 @@ impl AccountActorState {
                         self.context.metrics.idempotent_replays.inc();
                         return first;
                     }
-                    self.catch_up().await?;
-                    for known in others.values_mut() {
-                        *known = load(&self.context.log, known.clone()).await?;
-                    }
                     if !others.is_empty() {
                         // Flows over several accounts race with each of their accounts' own
                         // traffic: a short, growing, jittered pause keeps two of them from
-                        // retrying in lockstep.
+                        // retrying in lockstep across writers; within this writer they take
+                        // their accounts, in queue order, for the next decide-and-append (an
+                        // account whose actor always has a batch in flight would otherwise win
+                        // every time). Granted once this writer's earlier appends to them are
+                        // done, so the reload below sees them.
                         backoff(attempt).await;
+                        let mut accounts: Vec<AccountId> = others.keys().cloned().collect();
+                        accounts.push(self.id().clone());
+                        reserved = Some(
+                            self.context
+                                .committer
+                                .reserve(&accounts, request.deadline)
+                                .await
+                                .map_err(Error::from)?,
+                        );
+                    }
+                    self.catch_up().await?;
+                    for known in others.values_mut() {
+                        *known = load(&self.context.log, known.clone()).await?;
                     }
                 }
             }
@@ -628,7 +652,12 @@ impl AccountActorState {
     /// other actors' by group commit), never after `deadline`. On the acknowledgement every
     /// account the plan changed takes its new state and the answer gets its position; a batch
     /// refused for a stale condition stored nothing and lost a race.
-    async fn commit(&mut self, mut plan: Plan, deadline: Option<Instant>) -> Result<Commit> {
+    async fn commit(
+        &mut self,
+        mut plan: Plan,
+        deadline: Option<Instant>,
+        reserved: Option<&eventlog::AccountsReserved>,
+    ) -> Result<Commit> {
         ensure_before(deadline)?;
         if let Some(expiry) = &plan.expiry {
             // One schedule per account, hold and time: a retry with the same time finds it
@@ -646,7 +675,7 @@ impl AccountActorState {
             .filter(|entry| matches!(entry, Entry::Event { account, .. } if account == self.id()))
             .count() as u64;
         match self
-            .append(std::mem::take(&mut plan.entries), deadline)
+            .append(std::mem::take(&mut plan.entries), deadline, reserved)
             .await
         {
             Ok(appended) => {
