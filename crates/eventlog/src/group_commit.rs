@@ -16,13 +16,14 @@
 //! touch an account or marker of a batch in flight wait for it, so that their condition is
 //! checked after it, as it would be had they been sent one after the other.
 //!
-//! A flow that lost a race on an account whose actor keeps a batch in flight would lose every
-//! time: decided while that batch is in flight, it waits for it and is then sent on a position
-//! the batch just moved. So it may take a *reservation* of its accounts ([`GroupCommit::reserve`]):
-//! granted in queue order once no batch in flight touches them, it holds back every later member
-//! touching them, so the flow decides on what the stream holds then and its append goes next. The
-//! holder releases it by appending (with the reservation) or by dropping it; its deadline bounds
-//! it too.
+//! An append that lost a race to another actor's append on the same account would lose again
+//! and again when that actor always has a batch in flight: decided while that batch is in
+//! flight, it waits for it and is then sent on a position the batch just moved. So the loser may
+//! take a *reservation* of the accounts it appends to ([`GroupCommit::reserve`]): granted in
+//! queue order once no batch in flight and no earlier queued member touches them, it holds back
+//! every later member touching them, so the holder decides on what the stream holds then and its
+//! append goes next. The holder releases it by appending (with the reservation) or by dropping
+//! it; its deadline bounds it too.
 //!
 //! A batch JetStream refuses stored nothing, and the refusal does not say which member failed:
 //! the members are then appended one by one at once, so only the member whose condition failed
@@ -147,6 +148,14 @@ impl Reserved {
         for id in expired {
             self.release(id);
         }
+    }
+
+    /// The earliest deadline of a granted reservation.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.grants
+            .values()
+            .filter_map(|(_, deadline)| *deadline)
+            .min()
     }
 
     /// Whether `reservation` holds `key`.
@@ -326,8 +335,17 @@ async fn run(
     let mut busy: HashSet<String> = HashSet::new();
     let mut closed = false;
     loop {
-        while in_flight.len() < in_flight_max && !waiting.is_empty() {
-            let batch = next_batch(&mut waiting, messages_max, &busy, &mut reserved, &counters);
+        loop {
+            // With every in-flight slot taken, reservations whose accounts are free are still
+            // granted (their holders reload meanwhile); no member is taken.
+            let take = in_flight.len() < in_flight_max;
+            let batch = next_batch(
+                &mut waiting,
+                if take { messages_max } else { 0 },
+                &busy,
+                &mut reserved,
+                &counters,
+            );
             if batch.is_empty() {
                 break;
             }
@@ -342,7 +360,11 @@ async fn run(
         if closed && waiting.is_empty() && in_flight.is_empty() {
             return;
         }
+        // A granted reservation past its deadline is released then, even if nothing else
+        // happens: appends held back for it are answered.
+        let next_expiry = reserved.next_deadline();
         tokio::select! {
+            () = sleep_until_some(next_expiry) => {}
             member = receiver.recv(), if !closed => match member {
                 Some(member) => {
                     waiting.push_back(Waiting::Member(member));
@@ -371,9 +393,18 @@ async fn run(
     }
 }
 
-/// Takes the oldest members that fit in one batch and touch nothing another one in it, a batch
-/// in flight (`busy`), a reservation held by someone else, or a reservation queued before them
-/// does; grants, in queue order, the reservations whose accounts are free.
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Takes the oldest members that fit in one batch of `messages_max` (0: none) and touch nothing
+/// another one in it, a batch in flight (`busy`), a reservation held by someone else, or a
+/// reservation queued before them does; grants, in queue order, the reservations whose
+/// accounts nothing in flight, nothing queued before them and no other holder touches.
 fn next_batch(
     waiting: &mut VecDeque<Waiting>,
     messages_max: usize,
@@ -387,6 +418,8 @@ fn next_batch(
     let mut keys: HashSet<String> = HashSet::new();
     // Keys of reservations still queued: nothing behind them may take these.
     let mut queued_for: HashSet<String> = HashSet::new();
+    // Keys of members left waiting: a reservation behind them waits for them.
+    let mut waiting_keys: HashSet<String> = HashSet::new();
     let mut messages = 0;
     let mut kept = VecDeque::with_capacity(waiting.len());
     while let Some(next) = waiting.pop_front() {
@@ -401,6 +434,7 @@ fn next_batch(
                     !keys.contains(key)
                         && !busy.contains(key)
                         && !queued_for.contains(key)
+                        && !waiting_keys.contains(key)
                         && reserved.allows(key, None)
                 });
                 if free {
@@ -421,7 +455,8 @@ fn next_batch(
             )));
             continue;
         }
-        let fits = batch.is_empty() || messages + member.entries.len() <= messages_max;
+        let fits = messages_max > 0
+            && (batch.is_empty() || messages + member.entries.len() <= messages_max);
         let member_keys: Vec<String> = member.keys().collect();
         let free = member_keys.iter().all(|key| {
             // The holder of a reservation goes before everything queued for its accounts:
@@ -440,6 +475,7 @@ fn next_batch(
             }
             batch.push(member);
         } else {
+            waiting_keys.extend(member_keys);
             kept.push_back(Waiting::Member(member));
         }
     }

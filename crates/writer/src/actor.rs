@@ -44,6 +44,9 @@ use crate::{Error, Result};
 /// [`backoff`] over 64 attempts sum to about 0.26 s (0.5 s at most); the appends and reloads
 /// between them take the rest, within the default 10 s deadline.
 pub const CONFLICT_RETRIES_MAX: usize = 64;
+/// How many times an account batch is decided again after losing a race, before its commands
+/// go alone.
+const ACCOUNT_BATCH_RETRIES_MAX: usize = 8;
 /// How many times a writer re-reads an account while a replica lags behind the stream leader.
 const FRESH_READ_ATTEMPTS_MAX: usize = 50;
 /// Pause between those re-reads.
@@ -314,139 +317,159 @@ impl AccountActorState {
     }
 
     /// The batch of [`AccountActorState::flush`]; returns the commands still to run alone.
-    async fn execute_together(&mut self, commands: Vec<Waiting>) -> Vec<Waiting> {
-        if let Err(error) = self.refresh().await {
-            for command in commands {
-                command.answer(Err(error.clone()));
-            }
-            return Vec::new();
-        }
-        let before = self.known.position;
-        let mut after = self.known.clone();
-        let mut entries = Vec::with_capacity(commands.len());
-        let mut decided: Vec<(Waiting, Outcome)> = Vec::with_capacity(commands.len());
-        let mut rest = Vec::new();
-        for command in commands {
-            let Intent::Account(domain_command) = &command.request.intent else {
-                rest.push(command);
-                continue;
-            };
-            if !rest.is_empty() {
-                rest.push(command);
-                continue;
-            }
-            let event = match decide(&after.state, domain_command)
-                .map(|events| events.into_iter().next())
-            {
-                Ok(Some(event)) => event,
-                // A refusal (or nothing to append) is answered alone, re-checked there.
-                _ => {
-                    rest.push(command);
-                    continue;
-                }
-            };
-            let chain = match eventlog::chain::next(&after.chain, self.id(), &event) {
-                Ok(chain) => chain,
-                Err(_) => {
-                    rest.push(command);
-                    continue;
-                }
-            };
-            after.apply(&event, before, chain.clone());
-            let outcome = Outcome::BalanceChanged {
-                account_id: self.id().clone(),
-                balance: after.state.balance(),
-                position: 0,
-            };
-            entries.push(Entry::Event {
-                account: self.id().clone(),
-                expected_last_position: before,
-                event,
-                metadata: EventMetadata {
-                    command_id: uuid::Uuid::now_v7().to_string(),
-                    correlation_id: command.request.correlation_id.clone(),
-                    traceparent: Some(command.request.trace.to_string()),
-                },
-                chain,
-            });
-            decided.push((command, outcome));
-        }
-        // Everyone runs alone, in order: the decided ones first, then the rest.
-        let alone = |decided: Vec<(Waiting, Outcome)>, rest: Vec<Waiting>| -> Vec<Waiting> {
-            decided
-                .into_iter()
-                .map(|(command, _)| command)
-                .chain(rest)
-                .collect()
-        };
-        if decided.len() < 2 {
-            // Nothing gained by a batch.
-            return alone(decided, rest);
-        }
-        // Nothing is sent after the earliest deadline among them: its caller answers by then.
-        let deadline = decided
-            .iter()
-            .filter_map(|(command, _)| command.request.deadline)
-            .min();
-        let messages = entries.len();
-        let appended = self.append(entries, deadline, None).await;
-        match appended {
-            Ok(appended) => {
-                after.position = appended.last_position;
-                self.known = after;
-                self.context.states.publish(&self.known);
-                self.events_since_snapshot += messages as u64;
-                self.context.metrics.account_batches.inc();
-                self.context
-                    .metrics
-                    .account_batch_commands
-                    .inc_by(messages as u64);
-                self.snapshot_when_due();
-                for (index, (command, outcome)) in decided.into_iter().enumerate() {
-                    command.answer(Ok(outcome.at(appended.position_of(index))));
-                }
-                rest
-            }
-            Err(eventlog::Error::Conflict {
-                current_last_position,
-            }) if current_last_position == Some(before) => {
-                // Nobody appended since `before`: the server refused the batch's shape.
-                tracing::error!(
-                    account = %self.id(),
-                    "the stream refused several events of one account in one batch; \
-                     deciding every command alone from now on"
-                );
-                self.context
-                    .account_batching_refused
-                    .store(true, Ordering::Relaxed);
-                alone(decided, rest)
-            }
-            Err(
-                error @ (eventlog::Error::Conflict { .. }
-                | eventlog::Error::Duplicate(_)
-                | eventlog::Error::Unavailable(_)),
-            ) => {
-                // Nothing was stored: another writer appended since (each decides again
-                // alone, on fresh state), or the batch was not sent (its earliest deadline
-                // passed, NATS is away): each goes alone, within its own deadline.
-                if !matches!(error, eventlog::Error::Unavailable(_)) {
-                    self.context.metrics.conflicts.inc();
-                    self.loaded = false;
-                }
-                alone(decided, rest)
-            }
-            Err(error) => {
-                if matches!(error, eventlog::Error::OutcomeUnknown(_)) {
-                    // The batch may be stored: reload before the next decision.
-                    self.loaded = false;
-                }
-                let error = Error::from(error);
-                for (command, _) in decided {
+    async fn execute_together(&mut self, mut commands: Vec<Waiting>) -> Vec<Waiting> {
+        // Held for the next attempt after a lost race: this account's later appends wait.
+        let mut reserved: Option<eventlog::AccountsReserved> = None;
+        for _attempt in 0..=ACCOUNT_BATCH_RETRIES_MAX {
+            if let Err(error) = self.refresh().await {
+                for command in commands {
                     command.answer(Err(error.clone()));
                 }
-                rest
+                return Vec::new();
+            }
+            let before = self.known.position;
+            let mut after = self.known.clone();
+            let mut entries = Vec::with_capacity(commands.len());
+            let mut decided: Vec<(Waiting, Outcome)> = Vec::with_capacity(commands.len());
+            let mut rest = Vec::new();
+            for command in commands {
+                let Intent::Account(domain_command) = &command.request.intent else {
+                    rest.push(command);
+                    continue;
+                };
+                if !rest.is_empty() {
+                    rest.push(command);
+                    continue;
+                }
+                let event = match decide(&after.state, domain_command)
+                    .map(|events| events.into_iter().next())
+                {
+                    Ok(Some(event)) => event,
+                    // A refusal (or nothing to append) is answered alone, re-checked there.
+                    _ => {
+                        rest.push(command);
+                        continue;
+                    }
+                };
+                let chain = match eventlog::chain::next(&after.chain, self.id(), &event) {
+                    Ok(chain) => chain,
+                    Err(_) => {
+                        rest.push(command);
+                        continue;
+                    }
+                };
+                after.apply(&event, before, chain.clone());
+                let outcome = Outcome::BalanceChanged {
+                    account_id: self.id().clone(),
+                    balance: after.state.balance(),
+                    position: 0,
+                };
+                entries.push(Entry::Event {
+                    account: self.id().clone(),
+                    expected_last_position: before,
+                    event,
+                    metadata: EventMetadata {
+                        command_id: uuid::Uuid::now_v7().to_string(),
+                        correlation_id: command.request.correlation_id.clone(),
+                        traceparent: Some(command.request.trace.to_string()),
+                    },
+                    chain,
+                });
+                decided.push((command, outcome));
+            }
+            // Everyone runs alone, in order: the decided ones first, then the rest.
+            let alone = |decided: Vec<(Waiting, Outcome)>, rest: Vec<Waiting>| -> Vec<Waiting> {
+                decided
+                    .into_iter()
+                    .map(|(command, _)| command)
+                    .chain(rest)
+                    .collect()
+            };
+            if decided.len() < 2 {
+                // Nothing gained by a batch.
+                return alone(decided, rest);
+            }
+            // Nothing is sent after the earliest deadline among them: its caller answers by
+            // then.
+            let deadline = decided
+                .iter()
+                .filter_map(|(command, _)| command.request.deadline)
+                .min();
+            let messages = entries.len();
+            let appended = self.append(entries, deadline, reserved.as_ref()).await;
+            // Used or not, a reservation covers one decide-and-append cycle.
+            drop(reserved.take());
+            match appended {
+                Ok(appended) => {
+                    after.position = appended.last_position;
+                    self.known = after;
+                    self.context.states.publish(&self.known);
+                    self.events_since_snapshot += messages as u64;
+                    self.context.metrics.account_batches.inc();
+                    self.context
+                        .metrics
+                        .account_batch_commands
+                        .inc_by(messages as u64);
+                    self.snapshot_when_due();
+                    for (index, (command, outcome)) in decided.into_iter().enumerate() {
+                        command.answer(Ok(outcome.at(appended.position_of(index))));
+                    }
+                    return rest;
+                }
+                Err(eventlog::Error::Conflict {
+                    current_last_position,
+                }) if current_last_position == Some(before) => {
+                    // Nobody appended since `before`: the server refused the batch's shape.
+                    tracing::error!(
+                        account = %self.id(),
+                        "the stream refused several events of one account in one batch; \
+                         deciding every command alone from now on"
+                    );
+                    self.context
+                        .account_batching_refused
+                        .store(true, Ordering::Relaxed);
+                    return alone(decided, rest);
+                }
+                Err(eventlog::Error::Conflict { .. } | eventlog::Error::Duplicate(_)) => {
+                    // Nothing was stored: something else appended to the account since (a
+                    // flow through it, another writer). The batch is decided again on fresh
+                    // state, holding the account in this writer so that what queued behind it
+                    // meanwhile cannot make it stale again.
+                    self.context.metrics.conflicts.inc();
+                    self.loaded = false;
+                    commands = alone(decided, rest);
+                    match self
+                        .context
+                        .committer
+                        .reserve(std::slice::from_ref(self.id()), deadline)
+                        .await
+                    {
+                        Ok(granted) => reserved = Some(granted),
+                        // Past the earliest deadline: each goes alone, within its own.
+                        Err(_) => return commands,
+                    }
+                }
+                Err(error @ eventlog::Error::Unavailable(_)) => {
+                    // Not sent (its earliest deadline passed, NATS is away): each goes alone,
+                    // within its own deadline.
+                    tracing::debug!(account = %self.id(), %error, "account batch not sent");
+                    return alone(decided, rest);
+                }
+                Err(error) => {
+                    if matches!(error, eventlog::Error::OutcomeUnknown(_)) {
+                        // The batch may be stored: reload before the next decision.
+                        self.loaded = false;
+                    }
+                    let error = Error::from(error);
+                    for (command, _) in decided {
+                        command.answer(Err(error.clone()));
+                    }
+                    return rest;
+                }
             }
         }
+        // Still losing: each goes alone, with its own retries.
+        commands
     }
 
     fn adopt(&mut self, newer: Known) {
@@ -577,9 +600,18 @@ impl AccountActorState {
                     ttl: Some(KEY_RETENTION),
                 });
             }
+            // The accounts this attempt appends to, for a reservation if it loses.
+            let appends_to: Vec<AccountId> = plan
+                .entries
+                .iter()
+                .filter_map(|entry| match entry {
+                    Entry::Event { account, .. } => Some(account.clone()),
+                    Entry::Marker { .. } => None,
+                })
+                .collect();
             let committed = self.commit(plan, request.deadline, reserved.as_ref()).await;
             // Used or not, a reservation covers one decide-and-append cycle.
-            reserved = None;
+            drop(reserved.take());
             match committed? {
                 Commit::Stored(outcome) => return Ok(outcome),
                 Commit::LostRace => {
@@ -595,25 +627,30 @@ impl AccountActorState {
                     if !others.is_empty() {
                         // Flows over several accounts race with each of their accounts' own
                         // traffic: a short, growing, jittered pause keeps two of them from
-                        // retrying in lockstep across writers; within this writer they take
-                        // their accounts, in queue order, for the next decide-and-append (an
-                        // account whose actor always has a batch in flight would otherwise win
-                        // every time). Granted once this writer's earlier appends to them are
-                        // done, so the reload below sees them.
+                        // retrying in lockstep across writers.
                         backoff(attempt).await;
-                        let mut accounts: Vec<AccountId> = others.keys().cloned().collect();
-                        accounts.push(self.id().clone());
-                        reserved = Some(
-                            self.context
-                                .committer
-                                .reserve(&accounts, request.deadline)
-                                .await
-                                .map_err(Error::from)?,
-                        );
                     }
+                    // Within this writer the retry takes the accounts it appends to, in queue
+                    // order, for its next decide-and-append: decided while another append to
+                    // one of them is in flight, it would otherwise be sent on the position that
+                    // append just moved, and lose every time to an account whose actor always
+                    // has a batch in flight. Granted once this writer's earlier appends to them
+                    // are done, so the reload below sees them.
+                    reserved = Some(
+                        self.context
+                            .committer
+                            .reserve(&appends_to, request.deadline)
+                            .await
+                            .map_err(Error::from)?,
+                    );
                     self.catch_up().await?;
-                    for known in others.values_mut() {
-                        *known = load(&self.context.log, known.clone()).await?;
+                    let log = &self.context.log;
+                    let reloaded = futures::future::try_join_all(
+                        others.values().map(|known| load(log, known.clone())),
+                    )
+                    .await?;
+                    for known in reloaded {
+                        others.insert(known.state.id().clone(), known);
                     }
                 }
             }

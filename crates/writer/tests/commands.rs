@@ -1802,11 +1802,12 @@ async fn transactions_racing_over_overlapping_accounts_through_two_writers_commi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flows_into_an_account_hot_on_the_same_writer_are_not_starved() {
+async fn flows_into_an_account_hot_on_the_same_writer_and_its_own_deposits_both_go_through() {
     // Sixteen clients deposit into one account as fast as they can, so its actor always has a
-    // batch in flight; four clients send transfers and transactions into it through the same
-    // writer. Decided while that batch is in flight, a flow would lose every race to the
-    // account's next batch; with its accounts reserved for the retry, each goes through.
+    // batch in flight, while four clients keep sending transfers and transactions into it
+    // through the same writer, for four seconds. Whoever loses a race (a flow decided while the
+    // account's batch was in flight, or the account's batch overtaken by a flow) retries holding
+    // the accounts it appends to, in queue order: neither side may starve or give up.
     let nats = NatsServer::start();
     let writer = Arc::new(TestWriter::start(&nats.url(), RegistrySettings::default()).await);
     let hot = unique("hot");
@@ -1832,31 +1833,34 @@ async fn flows_into_an_account_hot_on_the_same_writer_are_not_starved() {
             deposited
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut flows = Vec::new();
     for sender in senders.clone() {
-        let (writer, hot, side) = (writer.clone(), hot.clone(), side.clone());
+        let (writer, hot, side, stop) = (writer.clone(), hot.clone(), side.clone(), stop.clone());
         flows.push(tokio::spawn(async move {
-            let mut moved = 0i64;
-            for step in 0..10 {
-                let reply = if step % 2 == 0 {
+            let (mut moved, mut count) = (0i64, 0usize);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let reply = if count % 2 == 0 {
                     let body = json!({"from": sender, "to": hot, "amount": 3});
                     writer.post("/v1/transfers", body, None).await
                 } else {
                     let body = transaction_body(None, &[(&sender, &hot, 5), (&sender, &side, 1)]);
                     writer.post("/v1/transactions", body, None).await
                 };
-                assert_eq!(reply.status, 201, "step {step}: {:?}", reply.body);
-                moved += if step % 2 == 0 { 3 } else { 5 };
+                assert_eq!(reply.status, 201, "flow {count}: {:?}", reply.body);
+                moved += if count % 2 == 0 { 3 } else { 5 };
+                count += 1;
             }
-            moved
+            (moved, count)
         }));
     }
-    let mut moved = 0;
-    for flow in flows {
-        moved += flow.await.unwrap();
-    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut moved, mut flows_done) = (0, 0);
+    for flow in flows {
+        let (amount, count) = flow.await.unwrap();
+        moved += amount;
+        flows_done += count;
+    }
     let mut deposited = 0;
     for depositor in depositors {
         deposited += depositor.await.unwrap();
@@ -1864,5 +1868,9 @@ async fn flows_into_an_account_hot_on_the_same_writer_are_not_starved() {
     let (balances, _) = replayed_balances(&nats.url()).await;
     assert_eq!(balances[&hot], deposited + moved);
     let conflicts = writer.metric("coffer_writer_append_conflicts_total").await;
-    println!("{deposited} deposits, {moved} moved in by 40 flows, {conflicts} conflicts retried");
+    println!("{deposited} deposits and {flows_done} flows in 4 s, {conflicts} conflicts retried");
+    assert!(
+        deposited > 100 && flows_done > 40,
+        "one side starved: {deposited} deposits, {flows_done} flows"
+    );
 }
