@@ -58,6 +58,9 @@ pub enum Error {
     Encode(String),
     #[error("JetStream request failed: {0}")]
     JetStream(String),
+    /// The stream is configured in a way the ledger must not run on (it could lose history).
+    #[error("{0}")]
+    Configuration(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

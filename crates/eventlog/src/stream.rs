@@ -115,8 +115,9 @@ impl StreamSettings {
 
     /// The existing configuration with the settings Coffer manages applied, and nothing
     /// weakened: replicas are never lowered (a process started with defaults must not turn an
-    /// R3 stream into R1), and every field Coffer does not manage (limits an operator set, such
-    /// as `max_age`, `max_bytes`, placement) is kept as it is.
+    /// R3 stream into R1), and every field Coffer does not manage (placement, say) is kept as it
+    /// is. Limits that would delete messages are not removed here either: [`history_at_risk`]
+    /// refuses a stream that has them, so that an operator changes them knowingly.
     pub fn merged_into(&self, current: &stream::Config) -> stream::Config {
         let wanted = self.config();
         let mut merged = current.clone();
@@ -138,6 +139,21 @@ impl StreamSettings {
     /// existing stream is only logged: a consume-only reader may lack the permission, and the
     /// stream still works. The schedules stream is ensured the same way.
     pub async fn ensure(&self, context: &jetstream::Context) -> Result<stream::Stream> {
+        let stream = self.ensure_unchecked(context).await?;
+        let mut checked = stream.clone();
+        let config = checked
+            .info()
+            .await
+            .map_err(|error| Error::JetStream(format!("stream info: {error}")))?
+            .config
+            .clone();
+        if let Some(problem) = history_at_risk(&config) {
+            return Err(Error::Configuration(problem));
+        }
+        Ok(stream)
+    }
+
+    async fn ensure_unchecked(&self, context: &jetstream::Context) -> Result<stream::Stream> {
         ensure_stream(context, self.snapshots_config(), |current| {
             let mut merged = current.clone();
             merged.num_replicas = current.num_replicas.max(self.replicas);
@@ -154,6 +170,45 @@ impl StreamSettings {
         .await?;
         ensure_stream(context, self.config(), |current| self.merged_into(current)).await
     }
+}
+
+/// Why a configuration of the event stream could lose history, if it could: the ledger's events
+/// and the markers that keep transfers and reversals once (`coffer.ids.transfer.*`,
+/// `coffer.ids.reversal.*`) must live forever, so the stream may have no age, size or count
+/// limit and must keep every message until something deletes it (which it denies). An account
+/// whose events aged out would be answered as unknown, and its id could be opened again.
+pub fn history_at_risk(config: &stream::Config) -> Option<String> {
+    let mut found = Vec::new();
+    if !config.max_age.is_zero() {
+        found.push(format!("max_age {:?}", config.max_age));
+    }
+    if config.max_bytes > 0 {
+        found.push(format!("max_bytes {}", config.max_bytes));
+    }
+    if config.max_messages > 0 {
+        found.push(format!("max_msgs {}", config.max_messages));
+    }
+    if config.max_messages_per_subject > 0 {
+        found.push(format!(
+            "max_msgs_per_subject {}",
+            config.max_messages_per_subject
+        ));
+    }
+    if config.retention != stream::RetentionPolicy::Limits {
+        found.push(format!("retention {:?}", config.retention));
+    }
+    (!found.is_empty()).then(|| {
+        format!(
+            "stream {} has {}: the event log of a ledger keeps every event forever, and limits \
+             like these would delete accounts' history and the markers that keep transfers \
+             once. Remove them (e.g. `nats stream edit {} --max-age=0 --max-bytes=-1 \
+             --max-msgs=-1 --max-msgs-per-subject=-1`, retention limits) and start again; plan \
+             disk for the stream instead",
+            config.name,
+            found.join(", "),
+            config.name
+        )
+    })
 }
 
 /// Creates `wanted` if there is no stream of its name; otherwise updates the existing one to
@@ -228,7 +283,62 @@ mod tests {
     }
 
     #[test]
-    fn merging_never_lowers_replicas_or_drops_operator_limits() {
+    fn limits_that_could_delete_history_are_named() {
+        let ours = StreamSettings::default().config();
+        assert_eq!(history_at_risk(&ours), None);
+        for (config, named) in [
+            (
+                stream::Config {
+                    max_age: Duration::from_secs(20),
+                    ..ours.clone()
+                },
+                "max_age",
+            ),
+            (
+                stream::Config {
+                    max_bytes: 1 << 30,
+                    ..ours.clone()
+                },
+                "max_bytes",
+            ),
+            (
+                stream::Config {
+                    max_messages: 1_000,
+                    ..ours.clone()
+                },
+                "max_msgs 1000",
+            ),
+            (
+                stream::Config {
+                    max_messages_per_subject: 5,
+                    ..ours.clone()
+                },
+                "max_msgs_per_subject",
+            ),
+            (
+                stream::Config {
+                    retention: stream::RetentionPolicy::Interest,
+                    ..ours.clone()
+                },
+                "retention Interest",
+            ),
+        ] {
+            let problem = history_at_risk(&config).expect("refused");
+            assert!(problem.contains(named), "{problem}");
+            assert!(problem.contains("nats stream edit"), "{problem}");
+        }
+        // The server's "unlimited" is -1.
+        let unlimited = stream::Config {
+            max_bytes: -1,
+            max_messages: -1,
+            max_messages_per_subject: -1,
+            ..ours
+        };
+        assert_eq!(history_at_risk(&unlimited), None);
+    }
+
+    #[test]
+    fn merging_never_lowers_replicas_or_drops_operator_settings() {
         let operator = stream::Config {
             num_replicas: 3,
             max_age: Duration::from_secs(86_400 * 365),
@@ -237,6 +347,7 @@ mod tests {
         };
         let merged = StreamSettings::default().merged_into(&operator);
         assert_eq!(merged.num_replicas, 3);
+        // Kept, so that `ensure` refuses it by name rather than change it behind the operator.
         assert_eq!(merged.max_age, operator.max_age);
         assert_eq!(merged.max_bytes, operator.max_bytes);
         let more = StreamSettings {

@@ -92,8 +92,21 @@ pub async fn run(
     let stream_settings = config.stream.clone();
     let mut ready_stop = stop_receiver.clone();
     let reader_name = config.reader_name.clone();
+    // Why the reader refuses to run, if the stream is one that could lose history: it then
+    // stops as if signalled and exits with the reason.
+    let (refuse, refused) = tokio::sync::oneshot::channel::<String>();
     let stream_ready = async move {
-        while stream_settings.ensure(ready_log.context()).await.is_err() {
+        loop {
+            match stream_settings.ensure(ready_log.context()).await {
+                Ok(_) => break,
+                Err(eventlog::Error::Configuration(reason)) => {
+                    let _ = refuse.send(reason);
+                    // Never consume: the engine waits for this until the reader stops.
+                    let _ = ready_stop.wait_for(|stop| *stop).await;
+                    return;
+                }
+                Err(_) => {}
+            }
             tokio::select! {
                 _ = tokio::time::sleep(SETUP_RETRY_DELAY) => {}
                 _ = ready_stop.wait_for(|stop| *stop) => return,
@@ -144,7 +157,26 @@ pub async fn run(
         waiters: Arc::new(tokio::sync::Semaphore::new(config.max_position_waiters)),
         stream_end: Arc::new(crate::stream_end::StreamEnd::new(log.clone())),
     };
-    problem::serve(listener, http::router(state), config.http_limits, shutdown).await;
+    let refusal = Arc::new(std::sync::OnceLock::new());
+    let stop_serving = {
+        let refusal = refusal.clone();
+        async move {
+            tokio::select! {
+                () = shutdown => {}
+                Ok(reason) = refused => {
+                    tracing::error!(%reason, "refusing to run");
+                    let _ = refusal.set(reason);
+                }
+            }
+        }
+    };
+    problem::serve(
+        listener,
+        http::router(state),
+        config.http_limits,
+        stop_serving,
+    )
+    .await;
     tracing::info!("shutting down the reader");
     let _ = stop_sender.send(true);
     let stopped = async {
@@ -159,5 +191,8 @@ pub async fn run(
     }
     let _ = client.flush().await;
     tracing::info!("reader stopped");
-    Ok(())
+    match refusal.get() {
+        Some(reason) => Err(Error::Startup(format!("refusing to run: {reason}"))),
+        None => Ok(()),
+    }
 }

@@ -243,6 +243,11 @@ impl Metrics {
                     "Appends not sent because their deadline passed while they waited.",
                     &group.expired,
                 ),
+                (
+                    "coffer_writer_group_commit_reservations",
+                    "Reservations granted: commands that lost a race retrying with their accounts held.",
+                    &group.reservations,
+                ),
             ];
             for (name, help, value) in counters {
                 registry.register(name, help, ConstCounter::new(value.load(Relaxed)));

@@ -81,6 +81,9 @@ pub async fn run(
 
     // Set once the hand-overs taken before the stop are answered.
     let (handovers_drained, mut handovers_drained_receiver) = watch::channel(false);
+    // Why the writer refuses to run, if the setup finds a reason (a stream that could lose
+    // history): the writer then stops as if signalled and exits with it.
+    let (refuse, refused) = tokio::sync::oneshot::channel::<String>();
     let setup = tokio::spawn(set_up(
         config.clone(),
         log.clone(),
@@ -90,6 +93,7 @@ pub async fn run(
             ownership: ownership_cell.clone(),
             commands: commands_cell.clone(),
             handovers_drained,
+            refuse,
         },
         stop_receiver.clone(),
     ));
@@ -109,7 +113,13 @@ pub async fn run(
         .await
     });
 
-    shutdown.await;
+    let refusal = tokio::select! {
+        () = shutdown => None,
+        Ok(reason) = refused => Some(reason),
+    };
+    if let Some(reason) = &refusal {
+        tracing::error!(%reason, "refusing to run");
+    }
     tracing::info!("shutting down: no new work, draining in-flight requests");
     let _ = stop_sender.send(true);
     let _ = http_stop_sender.send(());
@@ -147,7 +157,10 @@ pub async fn run(
         tracing::warn!(%error, "flushing NATS at shutdown");
     }
     tracing::info!("writer stopped");
-    Ok(())
+    match refusal {
+        Some(reason) => Err(Error::Internal(format!("refusing to run: {reason}"))),
+        None => Ok(()),
+    }
 }
 
 /// What the setup task hands back to the writer's shutdown: the ownership (to give its leases
@@ -156,6 +169,8 @@ struct Cells {
     ownership: Arc<OnceLock<Arc<Ownership>>>,
     commands: Arc<OnceLock<Dispatcher>>,
     handovers_drained: watch::Sender<bool>,
+    /// Where the setup sends why the writer must not run.
+    refuse: tokio::sync::oneshot::Sender<String>,
 }
 
 /// Sets up the stream and actors (retrying while NATS is away), takes part in ownership, then
@@ -172,11 +187,16 @@ async fn set_up(
         ownership: ownership_cell,
         commands: commands_cell,
         handovers_drained,
+        refuse,
     } = cells;
     let registry = loop {
         match try_set_up(&config, &log, &metrics).await {
             Ok(registry) => break registry,
-            Err(error) => {
+            Err(SetUpFailure::Refused(reason)) => {
+                let _ = refuse.send(reason);
+                return;
+            }
+            Err(SetUpFailure::Retry(error)) => {
                 tracing::warn!(%error, "writer setup failed; retrying");
                 tokio::time::sleep(SETUP_RETRY_DELAY).await;
             }
@@ -230,16 +250,33 @@ async fn set_up(
     }
 }
 
+/// Why the setup did not finish.
+enum SetUpFailure {
+    /// Try again (NATS away, a stream not there yet).
+    Retry(Error),
+    /// Never: the writer must not run on what it found.
+    Refused(String),
+}
+
+impl From<Error> for SetUpFailure {
+    fn from(error: Error) -> Self {
+        SetUpFailure::Retry(error)
+    }
+}
+
 async fn try_set_up(
     config: &WriterConfig,
     log: &EventLog,
     metrics: &Arc<Metrics>,
-) -> Result<Registry> {
+) -> std::result::Result<Registry, SetUpFailure> {
     config
         .stream
         .ensure(log.context())
         .await
-        .map_err(|error| Error::Unavailable(error.to_string()))?;
+        .map_err(|error| match error {
+            eventlog::Error::Configuration(reason) => SetUpFailure::Refused(reason),
+            other => SetUpFailure::Retry(Error::Unavailable(other.to_string())),
+        })?;
     if config.ownership {
         eventlog::leases::ensure_bucket(log.context(), config.stream.replicas)
             .await
@@ -257,7 +294,7 @@ async fn try_set_up(
         account_batch_max: config.account_batch_max.max(1),
         account_batching_refused: Default::default(),
     });
-    Registry::start(context, config.registry.clone()).await
+    Ok(Registry::start(context, config.registry.clone()).await?)
 }
 
 /// Takes hand-overs until `stop`, re-subscribing if the subscription fails.

@@ -1868,7 +1868,14 @@ async fn flows_into_an_account_hot_on_the_same_writer_and_its_own_deposits_both_
     let (balances, _) = replayed_balances(&nats.url()).await;
     assert_eq!(balances[&hot], deposited + moved);
     let conflicts = writer.metric("coffer_writer_append_conflicts_total").await;
-    println!("{deposited} deposits and {flows_done} flows in 4 s, {conflicts} conflicts retried");
+    let reservations = writer
+        .metric("coffer_writer_group_commit_reservations_total")
+        .await;
+    println!(
+        "{deposited} deposits and {flows_done} flows in 4 s, {conflicts} conflicts retried, \
+         {reservations} reservations"
+    );
+    assert!(reservations > 0.0, "no retry held its accounts");
     assert!(
         deposited > 100 && flows_done > 40,
         "one side starved: {deposited} deposits, {flows_done} flows"
