@@ -337,8 +337,16 @@ async fn run(
     loop {
         loop {
             // With every in-flight slot taken, reservations whose accounts are free are still
-            // granted (their holders reload meanwhile); no member is taken.
+            // granted (their holders reload meanwhile); no member is taken. Without a queued
+            // reservation there is nothing to grant and the queue is not scanned.
             let take = in_flight.len() < in_flight_max;
+            if !take
+                && !waiting
+                    .iter()
+                    .any(|next| matches!(next, Waiting::Reservation(_)))
+            {
+                break;
+            }
             let batch = next_batch(
                 &mut waiting,
                 if take { messages_max } else { 0 },
@@ -360,9 +368,27 @@ async fn run(
         if closed && waiting.is_empty() && in_flight.is_empty() {
             return;
         }
-        // A granted reservation past its deadline is released then, even if nothing else
-        // happens: appends held back for it are answered.
-        let next_expiry = reserved.next_deadline();
+        // A granted reservation past its deadline is released then, and an append held back
+        // behind one is answered at its own deadline, even if nothing else happens. (Without
+        // reservations every waiting append is behind a batch in flight, answered by its
+        // acknowledgement or its timeout.)
+        let next_expiry = if reserved.grants.is_empty()
+            && !waiting
+                .iter()
+                .any(|next| matches!(next, Waiting::Reservation(_)))
+        {
+            None
+        } else {
+            let waiting_deadlines = waiting.iter().filter_map(|next| match next {
+                Waiting::Member(member) => member.deadline,
+                Waiting::Reservation(reservation) => reservation.deadline,
+            });
+            reserved
+                .next_deadline()
+                .into_iter()
+                .chain(waiting_deadlines)
+                .min()
+        };
         tokio::select! {
             () = sleep_until_some(next_expiry) => {}
             member = receiver.recv(), if !closed => match member {

@@ -320,7 +320,7 @@ impl AccountActorState {
     async fn execute_together(&mut self, mut commands: Vec<Waiting>) -> Vec<Waiting> {
         // Held for the next attempt after a lost race: this account's later appends wait.
         let mut reserved: Option<eventlog::AccountsReserved> = None;
-        for _attempt in 0..=ACCOUNT_BATCH_RETRIES_MAX {
+        for attempt in 0..=ACCOUNT_BATCH_RETRIES_MAX {
             if let Err(error) = self.refresh().await {
                 for command in commands {
                     command.answer(Err(error.clone()));
@@ -438,6 +438,10 @@ impl AccountActorState {
                     self.context.metrics.conflicts.inc();
                     self.loaded = false;
                     commands = alone(decided, rest);
+                    if attempt == ACCOUNT_BATCH_RETRIES_MAX {
+                        // No attempt left to hold the account for.
+                        return commands;
+                    }
                     match self
                         .context
                         .committer
@@ -564,8 +568,10 @@ impl AccountActorState {
         };
         // A refusal is final only once the state it was decided on is known to be current.
         let mut verified_current = false;
-        // This writer's appends to the command's accounts held back for its next attempt.
+        // This writer's appends to the command's accounts held back for its next attempt, and
+        // which accounts those are.
         let mut reserved: Option<eventlog::AccountsReserved> = None;
+        let mut reserved_accounts: Vec<AccountId> = Vec::new();
         for attempt in 0..=CONFLICT_RETRIES_MAX {
             self.gather_others(&request.intent, &mut others, verified_current)
                 .await?;
@@ -586,6 +592,8 @@ impl AccountActorState {
                     continue;
                 }
                 Err(refusal) if refusal.is_refusal() => {
+                    // Nothing of the command is appended to its accounts now.
+                    drop(reserved.take());
                     return self
                         .refuse(&request, request_hash.as_deref(), refusal)
                         .await;
@@ -609,6 +617,14 @@ impl AccountActorState {
                     Entry::Marker { .. } => None,
                 })
                 .collect();
+            if !appends_to
+                .iter()
+                .all(|account| reserved_accounts.contains(account))
+            {
+                // A plan that appends beyond what was reserved must not use the reservation:
+                // its other accounts could be queued for someone waiting on this one.
+                drop(reserved.take());
+            }
             let committed = self.commit(plan, request.deadline, reserved.as_ref()).await;
             // Used or not, a reservation covers one decide-and-append cycle.
             drop(reserved.take());
@@ -643,6 +659,7 @@ impl AccountActorState {
                             .await
                             .map_err(Error::from)?,
                     );
+                    reserved_accounts = appends_to;
                     self.catch_up().await?;
                     let log = &self.context.log;
                     let reloaded = futures::future::try_join_all(
