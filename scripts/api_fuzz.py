@@ -49,13 +49,15 @@ def post(url: str, body: dict) -> dict:
 
 
 def seed(writer_url: str) -> int:
-    """Opens the accounts, holds and transfer that schemathesis.toml's dictionaries name, so that
+    """Opens the accounts, holds, transfer and transaction that schemathesis.toml's dictionaries name, so that
     generated requests reach the ledger's rules and not only 404s. Returns the last position."""
     for account, currency in [("fuzz-a", "EUR"), ("fuzz-b", "EUR"), ("fuzz-c", "USD")]:
         post(f"{writer_url}/v1/accounts", {"account_id": account, "currency": currency})
     post(f"{writer_url}/v1/accounts/fuzz-a/deposits", {"amount": 10**12})
     post(f"{writer_url}/v1/transfers", {"transfer_id": "fuzz-t1", "from": "fuzz-a", "to": "fuzz-b",
                                         "amount": 100})
+    post(f"{writer_url}/v1/transactions", {"transaction_id": "fuzz-x1", "postings": [
+        {"from": "fuzz-a", "to": "fuzz-b", "amount": 70}, {"from": "fuzz-b", "to": "fuzz-a", "amount": 5}]})
     last = 0
     for hold in range(1, 6):
         last = post(f"{writer_url}/v1/holds", {"hold_id": f"fuzz-h{hold}", "from": "fuzz-a",
