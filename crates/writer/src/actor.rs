@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use crate::idempotency::{
     self, KeyRecord, ReversalRecord, TransactionRecord, TransferRecord, KEY_RETENTION,
 };
+use crate::loading::{fresh_from_leader, load, load_counting, start_from_snapshot};
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 use crate::plan::{others_named, Decider, Plan};
@@ -47,10 +48,6 @@ pub const CONFLICT_RETRIES_MAX: usize = 64;
 /// How many times an account batch is decided again after losing a race, before its commands
 /// go alone.
 const ACCOUNT_BATCH_RETRIES_MAX: usize = 8;
-/// How many times a writer re-reads an account while a replica lags behind the stream leader.
-const FRESH_READ_ATTEMPTS_MAX: usize = 50;
-/// Pause between those re-reads.
-const FRESH_READ_PAUSE: Duration = Duration::from_millis(10);
 
 /// What every account actor shares.
 pub struct ActorContext {
@@ -924,73 +921,6 @@ impl AccountActorState {
         self.context.states.publish(&self.known);
         Ok(())
     }
-}
-
-/// `known` brought up to the account's last event as a direct get (any replica) sees it.
-async fn load(log: &EventLog, known: Known) -> Result<Known> {
-    load_counting(log, known).await.map(|(known, _)| known)
-}
-
-/// `known` brought up to the account's last event, with how many events that applied.
-async fn load_counting(log: &EventLog, mut known: Known) -> Result<(Known, u64)> {
-    let events = log
-        .load_account_after(known.state.id(), known.position, &known.chain)
-        .await
-        .map_err(Error::from)?;
-    let applied = events.len() as u64;
-    for recorded in events {
-        // The stored value is what the next event must build on, whatever it is.
-        let chain = recorded
-            .chain
-            .clone()
-            .unwrap_or_else(|| recorded.expected_chain(&known.chain));
-        known.apply(&recorded.event, recorded.position, chain);
-    }
-    Ok((known, applied))
-}
-
-/// Where loading `account` starts without a state in memory: its snapshot when it has a usable
-/// one (see [`eventlog::snapshot`]), otherwise before its first event. A snapshot that cannot
-/// be read only costs the full replay.
-async fn start_from_snapshot(context: &ActorContext, account: &AccountId) -> Known {
-    if context.snapshot_every == 0 {
-        return Known::new(account.clone());
-    }
-    match context.log.load_snapshot(account).await {
-        Ok(Some(snapshot)) => {
-            context.metrics.snapshots_loaded.inc();
-            Known {
-                state: snapshot.state,
-                position: snapshot.position,
-                chain: snapshot.chain,
-            }
-        }
-        Ok(None) => Known::new(account.clone()),
-        Err(error) => {
-            tracing::debug!(%account, %error, "snapshot not read; replaying the history");
-            Known::new(account.clone())
-        }
-    }
-}
-
-/// `known` brought up at least to the position the stream leader has for the account.
-async fn fresh_from_leader(log: &EventLog, known: Known) -> Result<Known> {
-    let leader_position = log
-        .last_account_position(known.state.id())
-        .await
-        .map_err(Error::from)?;
-    let mut known = known;
-    for _ in 0..FRESH_READ_ATTEMPTS_MAX {
-        known = load(log, known).await?;
-        if known.position >= leader_position {
-            return Ok(known);
-        }
-        tokio::time::sleep(FRESH_READ_PAUSE).await;
-    }
-    Err(Error::Unavailable(format!(
-        "replica lags behind position {leader_position} of account {}",
-        known.state.id()
-    )))
 }
 
 /// Pause before retry `attempt` (0-based) of a flow that lost a race: a random part of up to

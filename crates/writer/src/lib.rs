@@ -7,8 +7,11 @@
 //! - [`idempotency`]: exactly-once answers: `Idempotency-Key` and transfer-id markers, request
 //!   hashes.
 //! - [`import`]: `coffer import`: accounts from another system with their opening balances.
-//! - [`actor`]: the per-account actor: rebuild from events, decide (a transfer on both
-//!   accounts), append atomically with the markers, evolve, reply.
+//! - [`actor`]: the per-account actor: gathers the states a command reads, has it decided
+//!   ([`plan`]), appends the plan atomically with the markers (`commit`), retries a lost race
+//!   holding its accounts, replies.
+//! - [`plan`]: a command's decision as data: the messages to append and the answer.
+//! - [`states`]: the account states the actors share; [`loading`]: bringing them up to date.
 //! - [`expiry`]: hold expiry: due messages the stream schedules, on a consumer all writers share.
 //! - [`registry`]: spawns, caps, passivates and supervises account actors; deadlines.
 //! - [`ownership`]: one owner per account across writers: partitions, leases, rendezvous.
@@ -25,6 +28,7 @@ pub mod expiry;
 pub mod http;
 pub mod idempotency;
 pub mod import;
+pub mod loading;
 pub mod metrics;
 pub mod nats_api;
 pub mod openapi;
