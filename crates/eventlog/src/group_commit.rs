@@ -340,11 +340,7 @@ async fn run(
             // granted (their holders reload meanwhile); no member is taken. Without a queued
             // reservation there is nothing to grant and the queue is not scanned.
             let take = in_flight.len() < in_flight_max;
-            if !take
-                && !waiting
-                    .iter()
-                    .any(|next| matches!(next, Waiting::Reservation(_)))
-            {
+            if !take && !reservation_queued(&waiting) {
                 break;
             }
             let batch = next_batch(
@@ -372,11 +368,7 @@ async fn run(
         // behind one is answered at its own deadline, even if nothing else happens. (Without
         // reservations every waiting append is behind a batch in flight, answered by its
         // acknowledgement or its timeout.)
-        let next_expiry = if reserved.grants.is_empty()
-            && !waiting
-                .iter()
-                .any(|next| matches!(next, Waiting::Reservation(_)))
-        {
+        let next_expiry = if reserved.grants.is_empty() && !reservation_queued(&waiting) {
             None
         } else {
             let waiting_deadlines = waiting.iter().filter_map(|next| match next {
@@ -417,6 +409,13 @@ async fn run(
             }
         }
     }
+}
+
+/// Whether a reservation waits to be granted.
+fn reservation_queued(waiting: &VecDeque<Waiting>) -> bool {
+    waiting
+        .iter()
+        .any(|next| matches!(next, Waiting::Reservation(_)))
 }
 
 /// Sleeps until `deadline`, or forever without one.

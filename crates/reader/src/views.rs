@@ -432,35 +432,20 @@ pub fn statement_entry(after: &AccountRow, recorded: &RecordedEvent) -> Option<S
         Event::AccountOpened(_) | Event::AccountClosed | Event::OpeningBalance { .. } => {
             (None, None, None)
         }
-        Event::TransactionPosted { .. } => (None, None, None),
+        Event::TransactionPosted { reference, .. } => (None, None, reference.clone()),
     };
-    let (transaction_id, counterparties, reverses, reference) = match &recorded.event {
+    let (transaction_id, counterparties, reverses) = match &recorded.event {
         Event::TransactionPosted {
             transaction_id,
             legs,
             reverses,
-            reference: posted_reference,
             ..
-        } => {
-            let mut counterparties: Vec<String> = Vec::new();
-            for leg in legs {
-                let other = if leg.from == recorded.account_id {
-                    &leg.to
-                } else {
-                    &leg.from
-                };
-                if !counterparties.iter().any(|known| known == other.as_str()) {
-                    counterparties.push(other.to_string());
-                }
-            }
-            (
-                Some(transaction_id.to_string()),
-                counterparties,
-                reverses.as_ref().map(ToString::to_string),
-                posted_reference.clone(),
-            )
-        }
-        _ => (None, Vec::new(), None, reference),
+        } => (
+            Some(transaction_id.to_string()),
+            counterparties_of(&recorded.account_id, legs),
+            reverses.as_ref().map(ToString::to_string),
+        ),
+        _ => (None, Vec::new(), None),
     };
     let counterparty =
         counterparty
@@ -482,6 +467,22 @@ pub fn statement_entry(after: &AccountRow, recorded: &RecordedEvent) -> Option<S
         counterparties,
         reverses,
     })
+}
+
+/// Every account `account` moved money with in a transaction's `legs`, in posting order, once.
+fn counterparties_of(account: &domain::AccountId, legs: &[domain::Leg]) -> Vec<String> {
+    let mut counterparties: Vec<String> = Vec::new();
+    for leg in legs {
+        let other = if &leg.from == account {
+            &leg.to
+        } else {
+            &leg.from
+        };
+        if !counterparties.iter().any(|known| known == other.as_str()) {
+            counterparties.push(other.to_string());
+        }
+    }
+    counterparties
 }
 
 /// The transfer row `recorded` creates, if any. The row is written from the credit, the
