@@ -58,7 +58,7 @@ domain-purity:
 # Contract cases whose issue is still open (map: ../shared/conformance/CASES.md). They run, and a
 # failure is reported as PEND; take a case off when its issue is resolved.
 # bulk_commands_each_once: issue 21; metadata_and_listing: issue 23.
-conformance_pending := "bulk_commands_each_once,metadata_and_listing"
+conformance_pending := "metadata_and_listing"
 
 # The black-box contract suite in ../shared/conformance against real processes.
 conformance: build

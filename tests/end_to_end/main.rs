@@ -5,6 +5,7 @@
 mod account_cli;
 mod auth;
 mod bank;
+mod bulk;
 mod cluster;
 mod decode;
 mod holds;

@@ -21,10 +21,11 @@ use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
+use crate::bulk::{self, BulkBody, BulkResults, BULK_BODY_SIZE_MAX};
 use crate::dispatch::Dispatcher;
 use crate::idempotency::{Claim, IdempotencyKey};
 use crate::metrics::Metrics;
-use crate::openapi::{CommandProblems, OpenProblems, ReadProblems};
+use crate::openapi::{BulkProblems, CommandProblems, OpenProblems, ReadProblems};
 use crate::outcome::{
     AccountPosition, Balance, HoldCaptured, HoldPlaced, HoldReleased, Outcome,
     TransactionCompleted, TransferCompleted,
@@ -59,12 +60,22 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(close_account))
         .routes(routes!(transfer))
         .routes(routes!(transaction))
+        .routes(with_body_limit(routes!(bulk), BULK_BODY_SIZE_MAX))
         .routes(routes!(reverse_transfer))
         .routes(routes!(reverse_transaction))
         .routes(routes!(place_hold))
         .routes(routes!(capture_hold))
         .routes(routes!(void_hold))
         .routes(routes!(events))
+}
+
+/// A route whose bodies may be larger than [`BODY_SIZE_MAX`] (the layer nearest the handler
+/// decides).
+fn with_body_limit(
+    (schemas, paths, method): utoipa_axum::router::UtoipaMethodRouter<AppState>,
+    limit: usize,
+) -> utoipa_axum::router::UtoipaMethodRouter<AppState> {
+    (schemas, paths, method.layer(DefaultBodyLimit::max(limit)))
 }
 
 pub fn router(state: AppState) -> Router {
@@ -365,6 +376,49 @@ async fn transaction(
         })
     })
     .await
+}
+
+#[utoipa::path(post, path = "/v1/batch", tag = "writer",
+    operation_id = "bulk",
+    summary = "Submit 1-1000 commands at once, each decided and answered as if sent alone",
+    description = "Each command is exactly-once by its own `idempotency_key` and refused on its \
+        own: `results[i]` is the status and body its single request would have answered. A \
+        command starts once every earlier command of the bulk touching one of its accounts has \
+        been answered; the others run at once and share the stream's atomic batches. Nothing is \
+        atomic across commands. A malformed envelope is `400` and runs nothing. Bodies up to \
+        1 MiB; the `Idempotency-Key` header is refused (keys are per command).",
+    request_body(content = BulkBody, content_type = "application/json"),
+    responses((status = 200, description = "One result per command, in request order", body = BulkResults),
+        BulkProblems))]
+async fn bulk(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match json_body(&headers, body, false) {
+        Ok(body) => body,
+        Err(problem) => return problem.into_response(),
+    };
+    if headers.contains_key("idempotency-key") {
+        return problem_response(&Error::InvalidRequest(
+            "Idempotency-Key: a bulk is not idempotent as a whole; give each command its own \
+             idempotency_key"
+                .into(),
+        ));
+    }
+    let Some(commands) = state.commands.get() else {
+        return problem_response(&Error::Unavailable("the writer is starting".into()));
+    };
+    let parsed = match bulk::parse(
+        &body,
+        &request_id(&headers),
+        problem::request_trace(&headers),
+    ) {
+        Ok(parsed) => parsed,
+        Err(error) => return problem_response(&error),
+    };
+    let results = bulk::run(commands, parsed).await;
+    (StatusCode::OK, Json(BulkResults { results })).into_response()
 }
 
 /// What can be reversed: a transfer or a transaction (captures are holds', not reversible here).

@@ -16,12 +16,14 @@
 //! - [`registry`]: spawns, caps, passivates and supervises account actors; deadlines.
 //! - [`ownership`]: one owner per account across writers: partitions, leases, rendezvous.
 //! - [`dispatch`]: runs a command here or hands it to its account's owner over NATS.
+//! - [`bulk`]: bulk submission: many commands in one request, each run as if sent alone.
 //! - [`http`] and [`nats_api`]: the two command APIs, thin adapters over
 //!   [`dispatch::Dispatcher`].
 //! - [`openapi`]: the command API's part of the OpenAPI document, built from the same code.
 //! - [`service`]: wiring, readiness and graceful shutdown.
 
 pub mod actor;
+pub mod bulk;
 pub mod dispatch;
 pub mod error;
 pub mod expiry;

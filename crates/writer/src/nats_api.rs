@@ -10,6 +10,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use crate::bulk;
 use crate::dispatch::Dispatcher;
 use crate::idempotency::IdempotencyKey;
 use crate::request::{self, CommandRequest, Intent, Verb};
@@ -18,6 +19,8 @@ use crate::Error;
 pub const SERVICE_NAME: &str = "coffer";
 /// Requests one writer handles at once per endpoint; more wait in the subscription.
 const CONCURRENCY_MAX: usize = 256;
+/// Bulks one writer runs at once (each up to 1 000 commands); more wait in the subscription.
+const BULKS_CONCURRENT_MAX: usize = 16;
 /// How long in-flight requests get to finish at shutdown.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6);
 
@@ -30,7 +33,7 @@ pub async fn serve(
     let service = client
         .service_builder()
         .description(
-            "Coffer ledger commands: open, deposit, withdraw, transfer, close, hold, capture, void, transaction",
+            "Coffer ledger commands: open, deposit, withdraw, transfer, close, hold, capture, void, transaction; batch for many at once",
         )
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await
@@ -64,6 +67,28 @@ pub async fn serve(
                 .await;
         }));
     }
+    let endpoint = group
+        .endpoint_builder()
+        .name("batch")
+        .add("batch")
+        .await
+        .map_err(|error| Error::Unavailable(format!("add endpoint batch: {error}")))?;
+    let (bulk_commands, bulk_client) = (commands.clone(), client.clone());
+    tasks.push(tokio::spawn(async move {
+        endpoint
+            .for_each_concurrent(BULKS_CONCURRENT_MAX, |request| {
+                let commands = bulk_commands.clone();
+                let client = bulk_client.clone();
+                let span = tracing::info_span!(
+                    "nats",
+                    subject = %request.message.subject,
+                    trace_id = tracing::field::Empty
+                );
+                trace_context::otel::link(&span, traceparent(&request.message));
+                async move { handle_bulk(request, &commands, &client).await }.instrument(span)
+            })
+            .await;
+    }));
     let _ = shutdown.wait_for(|stop| *stop).await;
     // Stop taking requests, then let the ones in flight finish (or fail) and answer.
     if let Err(error) = service.stop().await {
@@ -99,12 +124,29 @@ async fn handle(
         },
         None => Err(Error::Unavailable("the writer is starting".into())),
     };
-    let Some(reply) = request.message.reply.clone() else {
+    answer_with(
+        client,
+        &request.message,
+        answer.map(|outcome| outcome.body()),
+        verb.name(),
+    )
+    .await;
+}
+
+/// Sends `answer` to the request's reply subject: a JSON body, or the problem with the micro
+/// error headers.
+async fn answer_with(
+    client: &async_nats::Client,
+    message: &async_nats::Message,
+    answer: Result<serde_json::Value, Error>,
+    endpoint: &str,
+) {
+    let Some(reply) = message.reply.clone() else {
         return; // A publish without a reply subject: nobody to answer.
     };
     let published = match answer {
-        Ok(outcome) => {
-            let body = serde_json::to_vec(&outcome.body()).unwrap_or_default();
+        Ok(body) => {
+            let body = serde_json::to_vec(&body).unwrap_or_default();
             client.publish(reply, body.into()).await
         }
         Err(error) => {
@@ -123,8 +165,48 @@ async fn handle(
         }
     };
     if let Err(error) = published {
-        tracing::warn!(%error, verb = verb.name(), "could not send the NATS reply");
+        tracing::warn!(%error, endpoint, "could not send the NATS reply");
     }
+}
+
+/// `coffer.cmd.batch`: a bulk ([`crate::bulk`]), answered `{"results": [...]}` like
+/// `POST /v1/batch`.
+async fn handle_bulk(
+    request: service::Request,
+    commands: &OnceLock<Dispatcher>,
+    client: &async_nats::Client,
+) {
+    let span = tracing::Span::current();
+    let trace = trace_context::otel::hop(&span, traceparent(&request.message));
+    span.record("trace_id", trace.trace_id());
+    let headers = request.message.headers.clone().unwrap_or_default();
+    let answer = match commands.get() {
+        None => Err(Error::Unavailable("the writer is starting".into())),
+        Some(_) if headers.get("Idempotency-Key").is_some() => Err(Error::InvalidRequest(
+            "Idempotency-Key: a bulk is not idempotent as a whole; give each command its own \
+             idempotency_key"
+                .into(),
+        )),
+        Some(commands) => {
+            match bulk::parse(&request.message.payload, &correlation_id(&headers), trace) {
+                Ok(parsed) => {
+                    let results = bulk::run(commands, parsed).await;
+                    serde_json::to_value(bulk::BulkResults { results })
+                        .map_err(|error| Error::Internal(format!("encode a bulk answer: {error}")))
+                }
+                Err(error) => Err(error),
+            }
+        }
+    };
+    answer_with(client, &request.message, answer, "batch").await;
+}
+
+/// The caller's `Coffer-Correlation-Id`, or a fresh one.
+fn correlation_id(headers: &HeaderMap) -> String {
+    headers
+        .get("Coffer-Correlation-Id")
+        .map(|value| value.as_str().to_owned())
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
 }
 
 fn traceparent(message: &async_nats::Message) -> Option<&str> {
@@ -191,11 +273,9 @@ fn parse(
             (from, Intent::Transaction(transaction))
         }
     };
-    let correlation_id = headers
-        .get("Coffer-Correlation-Id")
-        .map(|value| value.as_str().to_owned())
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    Ok(CommandRequest::new(account_id, intent, key, correlation_id)
-        .with_generated_transfer_id(transfer_id_generated)
-        .with_trace(trace))
+    Ok(
+        CommandRequest::new(account_id, intent, key, correlation_id(&headers))
+            .with_generated_transfer_id(transfer_id_generated)
+            .with_trace(trace),
+    )
 }

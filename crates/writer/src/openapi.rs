@@ -104,6 +104,15 @@ impl IntoResponses for CommandProblems {
     }
 }
 
+/// Errors of `POST /v1/batch` as a whole (each command's own are in its result).
+pub struct BulkProblems;
+
+impl IntoResponses for BulkProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problems(&[400, 503])
+    }
+}
+
 /// Errors of `GET /v1/events`.
 pub struct ReadProblems;
 

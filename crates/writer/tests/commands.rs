@@ -1881,3 +1881,189 @@ async fn flows_into_an_account_hot_on_the_same_writer_and_its_own_deposits_both_
         "one side starved: {deposited} deposits, {flows_done} flows"
     );
 }
+
+#[tokio::test]
+async fn bulk_commands_are_each_exactly_once_and_answered_as_if_sent_alone() {
+    let nats = NatsServer::start();
+    let writer = TestWriter::start(&nats.url(), RegistrySettings::default()).await;
+    let [a, b, lone] = [unique("a"), unique("b"), unique("lone")];
+    assert_eq!(writer.open(&lone, 0).await.status, 201);
+    let commands = json!({"commands": [
+        {"op": "open", "account_id": a, "currency": "EUR", "idempotency_key": format!("o-{a}")},
+        {"op": "open", "account_id": b, "currency": "EUR", "idempotency_key": format!("o-{b}")},
+        {"op": "deposit", "account_id": a, "amount": 100, "idempotency_key": format!("d-{a}")},
+        {"op": "withdraw", "account_id": b, "amount": 1000, "idempotency_key": format!("w-{b}")},
+        {"op": "transfer", "from": a, "to": b, "amount": 30, "transfer_id": unique("t")},
+        {"op": "deposit", "account_id": b, "amount": 5},
+        {"op": "deposit", "account_id": a, "amount": 0},
+        {"op": "open", "account_id": lone, "currency": "EUR"},
+        {"op": "close", "account_id": unique("ghost")},
+        {"op": "transaction", "postings": [{"from": b, "to": lone, "amount": 1}]},
+    ]});
+    let first = writer.post("/v1/batch", commands.clone(), None).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let results = first.body["results"].as_array().unwrap().clone();
+    let statuses: Vec<u64> = results
+        .iter()
+        .map(|result| result["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [201, 201, 200, 422, 201, 200, 400, 409, 404, 201]);
+    // In request order per account: the deposit saw the open, the transfer the deposit.
+    assert_eq!(results[2]["body"]["balance"], 100);
+    assert_eq!(results[5]["body"]["balance"], 35);
+    assert_eq!(results[3]["body"]["code"], "insufficient_funds");
+
+    // Each refusal is the one its single request gets.
+    let single = writer
+        .post(
+            &format!("/v1/accounts/{a}/deposits"),
+            json!({"amount": 0}),
+            None,
+        )
+        .await;
+    assert_eq!(results[6]["body"], single.body);
+    let single = writer
+        .post(
+            "/v1/accounts",
+            json!({"account_id": lone, "currency": "EUR"}),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (results[7]["body"]["code"].as_str(), single.status),
+        (Some(single.code()), 409)
+    );
+
+    // The retried bulk: keyed and id'd commands answer their first answers and append nothing;
+    // the unkeyed deposit is a new deposit, as it would be sent alone.
+    let (_, before) = replayed_balances(&nats.url()).await;
+    let again = writer.post("/v1/batch", commands.clone(), None).await;
+    let again = again.body["results"].as_array().unwrap().clone();
+    for index in [0, 1, 2, 3, 4] {
+        assert_eq!(again[index], results[index], "command {index}");
+    }
+    assert_eq!(again[5]["body"]["balance"], 39);
+    let events = stored_events(&nats.url()).await;
+    let appended: Vec<_> = events
+        .iter()
+        .filter(|recorded| recorded.position > before)
+        .collect();
+    assert_eq!(
+        appended.len(),
+        3,
+        "a deposit and the transaction's two parts"
+    );
+    // A keyed single request after the bulk is a replay too.
+    let replay = writer
+        .post(
+            &format!("/v1/accounts/{a}/deposits"),
+            json!({"amount": 100}),
+            Some(&format!("d-{a}")),
+        )
+        .await;
+    assert_eq!(replay.body, results[2]["body"]);
+    let (balances, last) = replayed_balances(&nats.url()).await;
+    assert_eq!((balances[&a], balances[&b], balances[&lone]), (70, 38, 2));
+
+    // A malformed envelope runs nothing; so does a bulk with the header key.
+    for malformed in [
+        json!({"commands": [{"op": "deposit", "account_id": a, "amount": 1}, {"op": "teleport"}]}),
+        json!({"commands": []}),
+        json!({"commands": [{"op": "deposit", "account_id": a, "amount": 1}], "atomic": true}),
+    ] {
+        let refused = writer.post("/v1/batch", malformed.clone(), None).await;
+        assert_eq!(
+            (refused.status, refused.code()),
+            (400, "invalid_request"),
+            "{malformed}"
+        );
+    }
+    let keyed = writer
+        .post(
+            "/v1/batch",
+            json!({"commands": [{"op": "deposit", "account_id": a, "amount": 1}]}),
+            Some("bulk-key"),
+        )
+        .await;
+    assert_eq!(keyed.status, 400);
+    assert_eq!(replayed_balances(&nats.url()).await.1, last);
+
+    // Over NATS: the same bulk answers the same keyed results.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let reply = client
+        .request(
+            "coffer.cmd.batch",
+            serde_json::to_vec(&commands).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let over_nats: Value = serde_json::from_slice(&reply.payload).unwrap();
+    for index in [0, 1, 2, 3, 4] {
+        assert_eq!(
+            over_nats["results"][index], results[index],
+            "command {index}"
+        );
+    }
+    let reply = client
+        .request("coffer.cmd.batch", r#"{"commands":[]}"#.into())
+        .await
+        .unwrap();
+    let headers = reply.headers.unwrap();
+    assert_eq!(
+        headers.get("Nats-Service-Error-Code").unwrap().as_str(),
+        "400"
+    );
+    writer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_keeps_each_accounts_order_and_shares_batches_across_accounts() {
+    let nats = NatsServer::start();
+    let writer = TestWriter::start(&nats.url(), RegistrySettings::default()).await;
+    let accounts: Vec<String> = (0..100).map(|_| unique("bulk")).collect();
+    let mut commands: Vec<Value> = accounts
+        .iter()
+        .map(|account| json!({"op": "open", "account_id": account, "currency": "EUR"}))
+        .collect();
+    for round in 1..=9 {
+        commands.extend(
+            accounts
+                .iter()
+                .map(|account| json!({"op": "deposit", "account_id": account, "amount": round})),
+        );
+    }
+    assert_eq!(commands.len(), 1_000);
+    let batches_before = writer
+        .metric("coffer_writer_group_commit_batches_total")
+        .await;
+    let reply = writer
+        .post("/v1/batch", json!({ "commands": commands }), None)
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let results = reply.body["results"].as_array().unwrap();
+    assert!(results[..100].iter().all(|result| result["status"] == 201));
+    // Each account's deposits ran in request order: its balances after them are the running sums.
+    for (index, account) in accounts.iter().enumerate() {
+        let seen: Vec<i64> = (1..=9)
+            .map(|round| {
+                results[round * 100 + index]["body"]["balance"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect();
+        let expected: Vec<i64> = (1..=9).map(|round| (1..=round).sum()).collect();
+        assert_eq!(seen, expected, "account {account}");
+    }
+    let (balances, _) = replayed_balances(&nats.url()).await;
+    assert!(accounts.iter().all(|account| balances[account] == 45));
+    // The accounts' commands went to the stream together, not one batch each.
+    let batches = writer
+        .metric("coffer_writer_group_commit_batches_total")
+        .await
+        - batches_before;
+    assert!(
+        batches < 200.0,
+        "{batches} group commit batches for 1 000 commands"
+    );
+    writer.stop().await;
+}
