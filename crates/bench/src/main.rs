@@ -65,6 +65,7 @@ enum Suite {
     HalfLoad,
     Deposits,
     Flows,
+    CostModel,
 }
 
 struct Results {
@@ -75,6 +76,12 @@ impl Results {
     fn add(&mut self, name: &str, value: String) {
         println!("{name}: {value}");
         self.rows.push((name.into(), value));
+    }
+
+    /// Adds a row and gives back `rate`, for ratios.
+    fn add_rate(&mut self, name: &str, rate: f64, value: String) -> f64 {
+        self.add(name, value);
+        rate
     }
 }
 
@@ -148,6 +155,109 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|value| value.trim().trim_end_matches(" kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// User plus system CPU seconds `pid` has used (`/proc/{pid}/stat`, clock ticks of 1/100 s).
+fn cpu_seconds(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name (which may hold spaces): state is the first.
+            let rest = stat.rsplit_once(") ")?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let user: f64 = fields.get(11)?.parse().ok()?;
+            let system: f64 = fields.get(12)?.parse().ok()?;
+            Some((user + system) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// The writer's CPU time and group commit histogram at one moment, to compare two of them.
+struct WriterSample {
+    cpu: f64,
+    /// nats-server's CPU seconds at the same moment.
+    server_cpu: f64,
+    /// `le` bound -> cumulative count of `coffer_writer_group_commit_batch_messages`.
+    buckets: Vec<(f64, f64)>,
+    sum: f64,
+    count: f64,
+}
+
+impl WriterSample {
+    async fn take(http: &reqwest::Client, url: &str, pid: u32, server: Option<u32>) -> Self {
+        let cpu = cpu_seconds(pid);
+        let server_cpu = server.map_or(0.0, cpu_seconds);
+        let text = match http.get(format!("{url}/metrics")).send().await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let name = "coffer_writer_group_commit_batch_messages";
+        let mut buckets = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix(&format!("{name}_bucket{{le=\"")) {
+                if let Some((bound, value)) = rest.split_once("\"} ") {
+                    let bound = if bound == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        bound.parse().unwrap_or(f64::INFINITY)
+                    };
+                    buckets.push((bound, value.trim().parse().unwrap_or(0.0)));
+                }
+            }
+        }
+        let metric = |suffix: &str| testkit::metric_value(&text, &format!("{name}_{suffix}"));
+        Self {
+            cpu,
+            server_cpu,
+            buckets,
+            sum: metric("sum").unwrap_or(0.0),
+            count: metric("count").unwrap_or(0.0),
+        }
+    }
+
+    /// What happened between `self` and `later`: writer CPU per command and batch sizes.
+    fn cost(&self, later: &WriterSample, commands: usize) -> String {
+        let per_command = (later.cpu - self.cpu) / commands.max(1) as f64 * 1e6;
+        let server = (later.server_cpu - self.server_cpu) / commands.max(1) as f64 * 1e6;
+        let batches = later.count - self.count;
+        let mean = (later.sum - self.sum) / batches.max(1.0);
+        // The smallest bucket bound under which a fraction of this run's batches fall.
+        let quantile = |fraction: f64| {
+            later
+                .buckets
+                .iter()
+                .zip(&self.buckets)
+                .find(|((_, after), (_, before))| after - before >= fraction * batches)
+                .map_or(f64::NAN, |((bound, _), _)| *bound)
+        };
+        format!(
+            "writer CPU {per_command:.0} us/command, nats-server CPU {server:.0} us/command; {batches:.0} batches, mean {mean:.1} messages, p50 <= {} p99 <= {} messages",
+            quantile(0.5),
+            quantile(0.99),
+        )
+    }
+}
+
+/// A row of a timed run: its rate, latencies, errors and (for the writer) its cost.
+fn rate_row(
+    results: &mut Results,
+    name: String,
+    (rate, latencies, errors): (f64, Vec<Duration>, usize),
+    cost: String,
+) -> f64 {
+    let cost = if cost.is_empty() {
+        cost
+    } else {
+        format!("; {cost}")
+    };
+    results.add(
+        &name,
+        format!(
+            "{rate:.0}/s, {}, {errors} errors{cost}",
+            latency_summary(latencies)
+        ),
+    );
+    rate
 }
 
 /// Deposits from `clients` concurrent clients, each on its own account (or all on one).
@@ -1248,62 +1358,126 @@ async fn deposits_suite(
     );
     let http = reqwest::Client::new();
     wait_ready(&http, &writer.url()).await?;
-    let mut row = |name: String, (rate, latencies, errors): (f64, Vec<Duration>, usize)| {
-        results.add(
-            &name,
-            format!(
-                "{rate:.0}/s, {}, {errors} errors",
-                latency_summary(latencies)
-            ),
-        );
-        rate
-    };
-    let first = log.last_position().await?;
+    let pid = writer.pid().context("writer pid")?;
     let url = writer.url();
-    let over_http = row(
+    // Warm: every account's actor loaded (one deposit each, in bulks), so the rows measure
+    // commands on live accounts, not first loads (measured separately: the memory suite).
+    for chunk in (0..accounts).collect::<Vec<_>>().chunks(1_000) {
+        let commands: Vec<Value> = chunk
+            .iter()
+            .map(|index| json!({"op": "deposit", "account_id": format!("{prefix}-{index}"), "amount": 1}))
+            .collect();
+        http.post(format!("{url}/v1/batch"))
+            .json(&json!({ "commands": commands }))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    let first = log.last_position().await?;
+    let before = WriterSample::take(&http, &url, pid, nats.pid()).await;
+    let measured = timed(clients, seconds, "deposits over HTTP", {
+        let (http, prefix, url) = (http.clone(), prefix.clone(), url.clone());
+        move |index| {
+            let request = http
+                .post(format!(
+                    "{url}/v1/accounts/{prefix}-{}/deposits",
+                    index % accounts
+                ))
+                .json(&json!({"amount": 1}))
+                .send();
+            async move {
+                request
+                    .await
+                    .is_ok_and(|answer| answer.status().is_success())
+            }
+        }
+    })
+    .await;
+    let after = WriterSample::take(&http, &url, pid, nats.pid()).await;
+    let cost = before.cost(&after, measured.1.len());
+    let over_http = rate_row(
+        results,
         format!("deposits over HTTP, {clients} clients, {accounts} accounts"),
-        timed(clients, seconds, "deposits over HTTP", {
-            let (http, prefix) = (http.clone(), prefix.clone());
-            move |index| {
-                let request = http
-                    .post(format!(
-                        "{url}/v1/accounts/{prefix}-{}/deposits",
-                        index % accounts
-                    ))
-                    .json(&json!({"amount": 1}))
-                    .send();
-                async move {
-                    request
-                        .await
-                        .is_ok_and(|answer| answer.status().is_success())
-                }
-            }
-        })
-        .await,
+        measured,
+        cost,
     );
-    let over_nats = row(
+    let before = WriterSample::take(&http, &url, pid, nats.pid()).await;
+    let measured = timed(clients, seconds, "deposits over NATS", {
+        let (client, prefix) = (client.clone(), prefix.clone());
+        move |index| {
+            let (client, subject) = (
+                client.clone(),
+                format!("coffer.cmd.{prefix}-{}.deposit", index % accounts),
+            );
+            async move {
+                client
+                    .request(subject, "{\"amount\":1}".into())
+                    .await
+                    .is_ok_and(|answer| {
+                        answer
+                            .headers
+                            .as_ref()
+                            .is_none_or(|headers| headers.get("Nats-Service-Error").is_none())
+                    })
+            }
+        }
+    })
+    .await;
+    let after = WriterSample::take(&http, &url, pid, nats.pid()).await;
+    let cost = before.cost(&after, measured.1.len());
+    let over_nats = rate_row(
+        results,
         format!("deposits over NATS (async-nats request), {clients} clients, {accounts} accounts"),
-        timed(clients, seconds, "deposits over NATS", {
-            let (client, prefix) = (client.clone(), prefix.clone());
-            move |index| {
-                let (client, subject) = (
-                    client.clone(),
-                    format!("coffer.cmd.{prefix}-{}.deposit", index % accounts),
-                );
-                async move {
-                    client
-                        .request(subject, "{\"amount\":1}".into())
+        measured,
+        cost,
+    );
+    // Bulks of 1 000 deposits on distinct accounts from 8 clients; a row counts commands.
+    const BULK: usize = 1_000;
+    const BULK_CLIENTS: usize = 8;
+    let before = WriterSample::take(&http, &url, pid, nats.pid()).await;
+    let (bulks_per_second, latencies, errors) = timed(BULK_CLIENTS, seconds, "bulk deposits", {
+        let (http, prefix, url) = (http.clone(), prefix.clone(), url.clone());
+        move |index| {
+            let commands: Vec<Value> = (0..BULK)
+                .map(|offset| {
+                    json!({"op": "deposit", "account_id": format!("{prefix}-{}", (index * BULK + offset) % accounts), "amount": 1})
+                })
+                .collect();
+            let request = http
+                .post(format!("{url}/v1/batch"))
+                .json(&json!({ "commands": commands }))
+                .send();
+            async move {
+                match request.await {
+                    Ok(answer) if answer.status().is_success() => answer
+                        .json::<Value>()
                         .await
-                        .is_ok_and(|answer| {
-                            answer
-                                .headers
-                                .as_ref()
-                                .is_none_or(|headers| headers.get("Nats-Service-Error").is_none())
+                        .ok()
+                        .and_then(|body| {
+                            body["results"].as_array().map(|results| {
+                                results.iter().all(|result| result["status"] == 200)
+                            })
                         })
+                        .unwrap_or(false),
+                    _ => false,
                 }
             }
-        })
-        .await,
+        }
+    })
+    .await;
+    let after = WriterSample::take(&http, &url, pid, nats.pid()).await;
+    let commands = latencies.len() * BULK;
+    let over_bulk = results.add_rate(
+        &format!(
+            "bulk deposits (POST /v1/batch of {BULK}), {BULK_CLIENTS} clients, {accounts} accounts"
+        ),
+        bulks_per_second * BULK as f64,
+        format!(
+            "{:.0} commands/s, bulk {}, {errors} errors; {}",
+            bulks_per_second * BULK as f64,
+            latency_summary(latencies),
+            before.cost(&after, commands)
+        ),
     );
     let last = log.last_position().await?;
 
@@ -1326,7 +1500,8 @@ async fn deposits_suite(
         })
         .await?;
     let payload = bytes::Bytes::from(vec![b'x'; 200]);
-    let raw = row(
+    let raw = rate_row(
+        results,
         format!("raw JetStream publish-and-ack, {clients} clients, {accounts} subjects"),
         timed(clients, seconds, "raw publish-and-ack", {
             let (context, side, payload) = (context.clone(), side.clone(), payload.clone());
@@ -1345,13 +1520,15 @@ async fn deposits_suite(
             }
         })
         .await,
+        String::new(),
     );
     results.add(
         "ratio deposits / raw publish-and-ack, same concurrency",
         format!(
-            "HTTP {:.2}, NATS {:.2}",
+            "HTTP {:.2}, NATS {:.2}, bulk {:.2}",
             over_http / raw.max(1.0),
-            over_nats / raw.max(1.0)
+            over_nats / raw.max(1.0),
+            over_bulk / raw.max(1.0)
         ),
     );
     let publishes = (raw * seconds as f64) as usize;
@@ -1374,6 +1551,153 @@ async fn deposits_suite(
         ),
     );
     Ok(())
+}
+
+/// Raw JetStream atomic batches of `size` messages (200 bytes, no concurrency check, each on one
+/// of 10 000 subjects) with `in_flight` batches awaiting their acknowledgement, for `seconds`:
+/// messages stored per second. `size` 1 is a plain publish-and-ack.
+async fn raw_atomic_rate(
+    client: &async_nats::Client,
+    prefix: &str,
+    size: usize,
+    in_flight: usize,
+    seconds: u64,
+) -> anyhow::Result<f64> {
+    let stop = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let payload = bytes::Bytes::from(vec![b'x'; 200]);
+    let tasks: Vec<_> = (0..in_flight)
+        .map(|task| {
+            let (client, prefix, payload) = (client.clone(), prefix.to_owned(), payload.clone());
+            tokio::spawn(async move {
+                let (mut stored, mut next) = (0usize, task * 1_000_003);
+                while Instant::now() < stop {
+                    let batch = uuid::Uuid::now_v7().simple().to_string();
+                    for index in 0..size {
+                        let subject = format!("{prefix}.{}", next % 10_000);
+                        next += 1;
+                        let mut headers = async_nats::HeaderMap::new();
+                        if size > 1 {
+                            headers.insert("Nats-Batch-Id", batch.as_str());
+                            headers.insert("Nats-Batch-Sequence", (index + 1).to_string().as_str());
+                        }
+                        if index + 1 < size {
+                            client
+                                .publish_with_headers(subject, headers, payload.clone())
+                                .await?;
+                            continue;
+                        }
+                        if size > 1 {
+                            headers.insert("Nats-Batch-Commit", "1");
+                        }
+                        let reply = client
+                            .request_with_headers(subject, headers, payload.clone())
+                            .await?;
+                        let answer: Value = serde_json::from_slice(&reply.payload)?;
+                        anyhow::ensure!(answer.get("error").is_none(), "refused: {answer}");
+                        stored += size;
+                    }
+                }
+                anyhow::Ok(stored)
+            })
+        })
+        .collect();
+    let mut stored = 0;
+    for task in tasks {
+        stored += task.await??;
+    }
+    Ok(stored as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The server's cost model, measured: raw atomic batches of 1/10/35/100/300 messages with one and
+/// eight in flight, under `sync_interval: always` and the NATS default (R1), and at R3 on a
+/// three-node cluster (`always`). Each row also gives the fixed and per-message cost fitted to
+/// its sizes (least squares on the time per batch).
+async fn cost_model_suite(results: &mut Results, seconds: u64) -> anyhow::Result<()> {
+    const SIZES: [usize; 5] = [1, 10, 35, 100, 300];
+    let always = NatsServer::start();
+    let default = NatsServer::start_with_default_sync();
+    let cluster = testkit::NatsCluster::start();
+    let setups: [(&str, String, usize); 3] = [
+        ("R1, sync_interval: always", always.url(), 1),
+        ("R1, NATS default sync", default.url(), 1),
+        ("R3 (3 nodes), sync_interval: always", cluster.urls(), 3),
+    ];
+    for (label, url, replicas) in setups {
+        let servers = url
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<Vec<async_nats::ServerAddr>, _>>()?;
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(10))
+            .connect(servers)
+            .await?;
+        let context = async_nats::jetstream::new(client.clone());
+        let name = format!("COST_{}", uuid::Uuid::now_v7().simple());
+        let prefix = format!("cost.{name}");
+        let mut created = None;
+        for _ in 0..50 {
+            match context
+                .create_stream(async_nats::jetstream::stream::Config {
+                    name: name.clone(),
+                    subjects: vec![format!("{prefix}.>")],
+                    storage: async_nats::jetstream::stream::StorageType::File,
+                    num_replicas: replicas,
+                    allow_atomic_publish: true,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(stream) => {
+                    created = Some(stream);
+                    break;
+                }
+                // A cluster still electing its meta leader.
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        anyhow::ensure!(created.is_some(), "create the cost-model stream on {label}");
+        for in_flight in [1usize, 8] {
+            let mut points = Vec::new();
+            let mut cells = Vec::new();
+            for size in SIZES {
+                let rate = raw_atomic_rate(&client, &prefix, size, in_flight, seconds).await?;
+                // Seconds per batch as one batch in flight sees it.
+                points.push((size as f64, in_flight as f64 * size as f64 / rate.max(1.0)));
+                cells.push(format!("{size}: {rate:.0}"));
+            }
+            let (fixed, per_message) = fit_line(&points);
+            results.add(
+                &format!(
+                    "raw atomic batches, {label}, {in_flight} in flight (batch size: messages/s)"
+                ),
+                format!(
+                    "{}; fit: {:.2} ms per batch + {:.1} us per message",
+                    cells.join(", "),
+                    fixed * 1e3,
+                    per_message * 1e6
+                ),
+            );
+        }
+        context.delete_stream(&name).await?;
+    }
+    Ok(())
+}
+
+/// Least-squares line through `points`: (intercept, slope).
+fn fit_line(points: &[(f64, f64)]) -> (f64, f64) {
+    let n = points.len() as f64;
+    let (sx, sy) = points
+        .iter()
+        .fold((0.0, 0.0), |(sx, sy), (x, y)| (sx + x, sy + y));
+    let (mx, my) = (sx / n, sy / n);
+    let (mut sxy, mut sxx) = (0.0, 0.0);
+    for (x, y) in points {
+        sxy += (x - mx) * (y - my);
+        sxx += (x - mx) * (x - mx);
+    }
+    let slope = if sxx > 0.0 { sxy / sxx } else { 0.0 };
+    (my - slope * mx, slope)
 }
 
 fn write_report(results: &Results, options: &Options) -> anyhow::Result<()> {
@@ -1448,6 +1772,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Suite::Flows => {
             flows_suite(&nats, &mut results, 200 * scale).await?;
+            return write_report(&results, &options);
+        }
+        Suite::CostModel => {
+            drop(nats);
+            cost_model_suite(&mut results, options.seconds.clamp(1, 5)).await?;
             return write_report(&results, &options);
         }
         Suite::CatchUp => {

@@ -6,6 +6,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// mimalloc over glibc malloc, by measurement (docs/benchmarks.md, "Allocator"): under load
+/// glibc spent about a third of the writer's CPU in malloc, free and `malloc_consolidate`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod account;
 mod reader_api;
 mod telemetry;

@@ -31,6 +31,7 @@
 //! (the batch is atomic: all of them or none are stored).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -39,7 +40,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::log::BATCH_SIZE_MAX;
-use crate::{subject, Appended, Entry, Error, EventLog, Result};
+use crate::{Appended, Entry, Error, EventLog, Result};
 
 /// How group commit gathers appends.
 #[derive(Debug, Clone, Copy)]
@@ -65,8 +66,11 @@ impl Default for GroupCommitSettings {
     }
 }
 
+/// Called with the number of messages of each batch sent.
+pub type BatchObserver = Box<dyn Fn(usize) + Send + Sync>;
+
 /// What group commit has done, for metrics and benchmarks.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct GroupCommitCounters {
     /// Batches sent (a member sent alone counts as one).
     pub batches: AtomicU64,
@@ -78,10 +82,15 @@ pub struct GroupCommitCounters {
     pub expired: AtomicU64,
     /// Reservations granted.
     pub reservations: AtomicU64,
+    /// Sees each batch's size in messages (a metrics histogram), once set.
+    pub on_batch: std::sync::OnceLock<BatchObserver>,
 }
 
 struct Member {
     entries: Vec<Entry>,
+    /// [`key`]s of the accounts and marker subjects its conditions are about, computed once by
+    /// the caller: the committer's single task only compares numbers.
+    keys: Vec<Key>,
     /// After this instant the member is not sent: its caller has answered by then.
     deadline: Option<Instant>,
     reply: oneshot::Sender<Result<Appended>>,
@@ -92,7 +101,7 @@ struct Member {
 /// A request for the exclusive use of some accounts for one decide-and-append cycle.
 struct Reservation {
     id: u64,
-    keys: Vec<String>,
+    keys: Vec<Key>,
     deadline: Option<Instant>,
     granted: oneshot::Sender<()>,
 }
@@ -113,14 +122,14 @@ enum Control {
 /// Granted reservations: which holds each key, and each one's keys and deadline.
 #[derive(Default)]
 struct Reserved {
-    holder_of: HashMap<String, u64>,
-    grants: HashMap<u64, (Vec<String>, Option<Instant>)>,
+    holder_of: HashMap<Key, u64>,
+    grants: HashMap<u64, (Vec<Key>, Option<Instant>)>,
 }
 
 impl Reserved {
     fn grant(&mut self, reservation: Reservation) {
         for key in &reservation.keys {
-            self.holder_of.insert(key.clone(), reservation.id);
+            self.holder_of.insert(*key, reservation.id);
         }
         self.grants
             .insert(reservation.id, (reservation.keys, reservation.deadline));
@@ -159,14 +168,14 @@ impl Reserved {
     }
 
     /// Whether `reservation` holds `key`.
-    fn holds(&self, key: &str, reservation: Option<u64>) -> bool {
-        reservation.is_some() && self.holder_of.get(key).copied() == reservation
+    fn holds(&self, key: Key, reservation: Option<u64>) -> bool {
+        reservation.is_some() && self.holder_of.get(&key).copied() == reservation
     }
 
     /// Whether `key` may go into a batch for a member appending under `reservation`.
-    fn allows(&self, key: &str, reservation: Option<u64>) -> bool {
+    fn allows(&self, key: Key, reservation: Option<u64>) -> bool {
         self.holder_of
-            .get(key)
+            .get(&key)
             .is_none_or(|holder| Some(*holder) == reservation)
     }
 }
@@ -185,14 +194,32 @@ impl Drop for AccountsReserved {
     }
 }
 
-impl Member {
-    /// The accounts and marker subjects the member's conditions are about.
-    fn keys(&self) -> impl Iterator<Item = String> + '_ {
-        self.entries.iter().map(|entry| match entry {
-            Entry::Event { account, .. } => subject::account_filter(account),
-            Entry::Marker { subject, .. } => subject.clone(),
+/// An account or marker subject as the committer compares them: a 64-bit hash. Two subjects
+/// with one hash only make their members wait for each other (never share a batch), which costs
+/// a batch cycle and is as safe as a real overlap; with 64 bits it does not happen in practice.
+type Key = u64;
+
+fn account_key(account: &domain::AccountId) -> Key {
+    let mut hasher = std::hash::DefaultHasher::new();
+    (0u8, account.as_str()).hash(&mut hasher);
+    hasher.finish()
+}
+
+fn marker_key(subject: &str) -> Key {
+    let mut hasher = std::hash::DefaultHasher::new();
+    (1u8, subject).hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The keys of the accounts and marker subjects `entries`' conditions are about.
+fn keys_of(entries: &[Entry]) -> Vec<Key> {
+    entries
+        .iter()
+        .map(|entry| match entry {
+            Entry::Event { account, .. } => account_key(account),
+            Entry::Marker { subject, .. } => marker_key(subject),
         })
-    }
+        .collect()
 }
 
 /// The writer's group committer: a task that owns the sending of appends.
@@ -231,7 +258,7 @@ impl GroupCommit {
     ) -> Result<AccountsReserved> {
         let id = self.next_reservation.fetch_add(1, Ordering::Relaxed);
         let (granted, grant) = oneshot::channel();
-        let keys = accounts.iter().map(subject::account_filter).collect();
+        let keys = accounts.iter().map(account_key).collect();
         let reservation = Reservation {
             id,
             keys,
@@ -295,6 +322,7 @@ impl GroupCommit {
         }
         let (reply, answer) = oneshot::channel();
         let member = Member {
+            keys: keys_of(&entries),
             entries,
             deadline,
             reply,
@@ -332,7 +360,7 @@ async fn run(
     // Batches awaiting their acknowledgement; each gives back the keys it held.
     let mut in_flight = FuturesUnordered::new();
     // Accounts and marker subjects of the batches in flight.
-    let mut busy: HashSet<String> = HashSet::new();
+    let mut busy: HashSet<Key> = HashSet::new();
     let mut closed = false;
     loop {
         loop {
@@ -353,8 +381,11 @@ async fn run(
             if batch.is_empty() {
                 break;
             }
-            let keys: Vec<String> = batch.iter().flat_map(Member::keys).collect();
-            busy.extend(keys.iter().cloned());
+            let keys: Vec<Key> = batch
+                .iter()
+                .flat_map(|member| member.keys.iter().copied())
+                .collect();
+            busy.extend(keys.iter().copied());
             let (log, counters) = (log.clone(), counters.clone());
             in_flight.push(async move {
                 send(&log, batch, &counters).await;
@@ -382,7 +413,11 @@ async fn run(
                 .min()
         };
         tokio::select! {
-            () = sleep_until_some(next_expiry) => {}
+            () = sleep_until_some(next_expiry) => {
+                // Whatever is past its deadline goes now, whether or not a batch can be taken:
+                // left waiting, its deadline would wake this loop again at once.
+                expire(&mut waiting, &mut reserved, &counters);
+            }
             member = receiver.recv(), if !closed => match member {
                 Some(member) => {
                     waiting.push_back(Waiting::Member(member));
@@ -411,6 +446,33 @@ async fn run(
     }
 }
 
+/// Answers the members waiting past their deadline (`Unavailable`: never sent) and forgets the
+/// reservations past theirs, queued or granted.
+fn expire(
+    waiting: &mut VecDeque<Waiting>,
+    reserved: &mut Reserved,
+    counters: &GroupCommitCounters,
+) {
+    let now = Instant::now();
+    reserved.expire(now);
+    let mut kept = VecDeque::with_capacity(waiting.len());
+    for next in waiting.drain(..) {
+        match next {
+            Waiting::Member(member) if member.deadline.is_some_and(|deadline| now >= deadline) => {
+                counters.expired.fetch_add(1, Ordering::Relaxed);
+                let _ = member.reply.send(Err(Error::Unavailable(
+                    "the append reached its deadline before it could be sent".into(),
+                )));
+            }
+            Waiting::Reservation(reservation)
+                if reservation.granted.is_closed()
+                    || reservation.deadline.is_some_and(|deadline| now >= deadline) => {}
+            next => kept.push_back(next),
+        }
+    }
+    *waiting = kept;
+}
+
 /// Whether a reservation waits to be granted.
 fn reservation_queued(waiting: &VecDeque<Waiting>) -> bool {
     waiting
@@ -433,23 +495,35 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 fn next_batch(
     waiting: &mut VecDeque<Waiting>,
     messages_max: usize,
-    busy: &HashSet<String>,
+    busy: &HashSet<Key>,
     reserved: &mut Reserved,
     counters: &GroupCommitCounters,
 ) -> Vec<Member> {
     let now = Instant::now();
     reserved.expire(now);
     let mut batch = Vec::new();
-    let mut keys: HashSet<String> = HashSet::new();
+    let mut keys: HashSet<Key> = HashSet::new();
     // Keys of reservations still queued: nothing behind them may take these.
-    let mut queued_for: HashSet<String> = HashSet::new();
+    let mut queued_for: HashSet<Key> = HashSet::new();
     // Keys of members left waiting: a reservation behind them waits for them.
-    let mut waiting_keys: HashSet<String> = HashSet::new();
+    let mut waiting_keys: HashSet<Key> = HashSet::new();
     let mut messages = 0;
+    let mut reservations_left = waiting
+        .iter()
+        .filter(|next| matches!(next, Waiting::Reservation(_)))
+        .count();
     let mut kept = VecDeque::with_capacity(waiting.len());
     while let Some(next) = waiting.pop_front() {
+        // A full batch and no reservation behind: the rest stays as it is, unscanned (a long
+        // queue would otherwise be walked once per batch).
+        if reservations_left == 0 && (messages_max == 0 || messages >= messages_max) {
+            kept.push_back(next);
+            kept.append(waiting);
+            break;
+        }
         let member = match next {
             Waiting::Reservation(reservation) => {
+                reservations_left -= 1;
                 if reservation.granted.is_closed()
                     || reservation.deadline.is_some_and(|deadline| now >= deadline)
                 {
@@ -460,13 +534,13 @@ fn next_batch(
                         && !busy.contains(key)
                         && !queued_for.contains(key)
                         && !waiting_keys.contains(key)
-                        && reserved.allows(key, None)
+                        && reserved.allows(*key, None)
                 });
                 if free {
                     counters.reservations.fetch_add(1, Ordering::Relaxed);
                     reserved.grant(reservation);
                 } else {
-                    queued_for.extend(reservation.keys.iter().cloned());
+                    queued_for.extend(reservation.keys.iter().copied());
                     kept.push_back(Waiting::Reservation(reservation));
                 }
                 continue;
@@ -482,25 +556,24 @@ fn next_batch(
         }
         let fits = messages_max > 0
             && (batch.is_empty() || messages + member.entries.len() <= messages_max);
-        let member_keys: Vec<String> = member.keys().collect();
-        let free = member_keys.iter().all(|key| {
+        let free = member.keys.iter().all(|key| {
             // The holder of a reservation goes before everything queued for its accounts:
             // waiting for a later reservation of them would wait for itself.
-            let held = reserved.holds(key, member.reservation);
+            let held = reserved.holds(*key, member.reservation);
             !keys.contains(key)
                 && !busy.contains(key)
-                && (held || (!queued_for.contains(key) && reserved.allows(key, None)))
+                && (held || (!queued_for.contains(key) && reserved.allows(*key, None)))
         });
         if fits && free {
             messages += member.entries.len();
-            keys.extend(member_keys);
+            keys.extend(member.keys.iter().copied());
             if let Some(id) = member.reservation {
                 // Its keys are this batch's now: the reservation has done its work.
                 reserved.release(id);
             }
             batch.push(member);
         } else {
-            waiting_keys.extend(member_keys);
+            waiting_keys.extend(member.keys.iter().copied());
             kept.push_back(Waiting::Member(member));
         }
     }
@@ -513,6 +586,9 @@ async fn send(log: &EventLog, batch: Vec<Member>, counters: &GroupCommitCounters
     counters
         .members
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    if let Some(observe) = counters.on_batch.get() {
+        observe(batch.iter().map(|member| member.entries.len()).sum());
+    }
     if batch.len() == 1 {
         for member in batch {
             let result = log
@@ -522,13 +598,15 @@ async fn send(log: &EventLog, batch: Vec<Member>, counters: &GroupCommitCounters
         }
         return;
     }
-    let entries: Vec<Entry> = batch
+    let entries: Vec<&Entry> = batch
         .iter()
-        .flat_map(|member| member.entries.iter().cloned())
+        .flat_map(|member| member.entries.iter())
         .collect();
     // Committed only while every member's deadline is ahead.
     let deadline = batch.iter().filter_map(|member| member.deadline).min();
-    match log.append_atomic_before(&entries, deadline).await {
+    let appended = log.append_atomic_refs_before(&entries, deadline).await;
+    drop(entries);
+    match appended {
         Ok(appended) => {
             let mut first = appended.first_position;
             for member in batch {

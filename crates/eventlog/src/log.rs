@@ -378,6 +378,17 @@ impl EventLog {
         entries: &[Entry],
         deadline: Option<tokio::time::Instant>,
     ) -> Result<Appended> {
+        let entries: Vec<&Entry> = entries.iter().collect();
+        self.append_atomic_refs_before(&entries, deadline).await
+    }
+
+    /// [`EventLog::append_atomic_before`] of entries held elsewhere (group commit's members),
+    /// without copying them.
+    pub async fn append_atomic_refs_before(
+        &self,
+        entries: &[&Entry],
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Appended> {
         if entries.is_empty() || entries.len() > BATCH_SIZE_MAX {
             return Err(Error::Encode(format!(
                 "an append holds 1 to {BATCH_SIZE_MAX} messages, not {}",
@@ -387,7 +398,10 @@ impl EventLog {
         if !self.is_connected() {
             return Err(Error::Unavailable("not connected to NATS".into()));
         }
-        let messages = entries.iter().map(message).collect::<Result<Vec<_>>>()?;
+        let messages = entries
+            .iter()
+            .map(|entry| message(entry))
+            .collect::<Result<Vec<_>>>()?;
         let count = messages.len();
         let batch_id = (count > 1).then(|| uuid::Uuid::now_v7().simple().to_string());
         let mut commit = None;

@@ -694,6 +694,39 @@ mod group_commit {
         assert!(log.load_account(&late, 0).await.unwrap().is_empty());
     }
 
+    /// An append held back (behind a reservation) is answered at its own deadline, unsent, while
+    /// the reservation is still held; the committer keeps serving other accounts meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_append_held_back_past_its_deadline_is_answered_then_and_never_sent() {
+        let server = NatsServer::start();
+        let log = log_on(&server).await;
+        let hot = account("held");
+        let committer = GroupCommit::start(log.clone(), GroupCommitSettings::default());
+        let reserved = committer
+            .reserve(std::slice::from_ref(&hot), None)
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let deadline = started + Duration::from_millis(300);
+        let held = committer
+            .append(vec![event_entry(&hot, 0, opened())], Some(deadline))
+            .await;
+        let waited = started.elapsed();
+        assert!(matches!(held, Err(Error::Unavailable(_))), "{held:?}");
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(2),
+            "answered after {waited:?}"
+        );
+        assert_eq!(committer.counters().expired.load(Relaxed), 1);
+        let other = account("free");
+        committer
+            .append(vec![event_entry(&other, 0, opened())], None)
+            .await
+            .unwrap();
+        drop(reserved);
+        assert!(log.load_account(&hot, 0).await.unwrap().is_empty());
+    }
+
     /// A reservation holds back every later append touching its accounts until its holder
     /// appends under it (that append goes first) or lets it go; other accounts are not held.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -216,6 +216,11 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The server's process id while it runs (benchmarks read its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the server with SIGKILL; the store stays, so [`NatsServer::restart`] brings it back.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

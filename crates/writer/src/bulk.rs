@@ -13,8 +13,15 @@
 //! accounts run at once and reach group commit together, which is where the throughput comes
 //! from. Only a malformed envelope (not an object with 1-1000 `commands`, a command that is not
 //! an object, an unknown `op`) refuses the whole bulk, before anything runs.
+//!
+//! Bounds: at most [`BULKS_RUNNING_MAX`] bulks run at once in a writer (more are `503`, nothing
+//! done), and no command starts after the bulk's start window ([`start_window`]): a chain of
+//! commands on one slow account would otherwise outlast the HTTP request timeout, whose `408`
+//! could hide stored commands. A command not started in time is answered `503 unavailable`:
+//! true, it was not applied, and the bulk's answer still comes before the request times out.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use domain::AccountId;
 use serde::{Deserialize, Serialize};
@@ -29,6 +36,31 @@ use crate::{Error, Result};
 
 /// Most commands in one bulk (contract v3).
 pub const BULK_COMMANDS_MAX: usize = 1_000;
+/// Most bulks one writer runs at once (HTTP and NATS together): 16 000 commands in flight.
+pub const BULKS_RUNNING_MAX: usize = 16;
+/// Time kept, after the last command could start, for the request to be answered.
+const ANSWER_MARGIN: Duration = Duration::from_secs(1);
+
+static RUNNING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BULKS_RUNNING_MAX);
+
+/// A place among the bulks running, or `503` when [`BULKS_RUNNING_MAX`] already are.
+pub fn admit() -> Result<tokio::sync::SemaphorePermit<'static>> {
+    RUNNING.try_acquire().map_err(|_| {
+        Error::Unavailable(format!(
+            "{BULKS_RUNNING_MAX} bulks are running on this writer; retry shortly"
+        ))
+    })
+}
+
+/// How long after a bulk arrives its commands may still start, so that the last one is
+/// answered (its deadline `call_timeout`, then `answer_grace`) before `request_timeout`.
+pub fn start_window(
+    request_timeout: Duration,
+    call_timeout: Duration,
+    answer_grace: Duration,
+) -> Duration {
+    request_timeout.saturating_sub(call_timeout + answer_grace + ANSWER_MARGIN)
+}
 /// Largest bulk body: NATS's default `max_payload`, so both APIs take the same bulks. The
 /// contract's 64 KiB applies to single commands; 1 000 commands of ~100 bytes need more.
 pub const BULK_BODY_SIZE_MAX: usize = 1024 * 1024;
@@ -49,7 +81,114 @@ const OPS: [&str; 6] = [
 pub struct BulkBody {
     /// 1-1000 commands, run in order per account, each as if sent alone.
     #[schema(min_items = 1, max_items = 1000, value_type = Vec<BulkCommand>)]
-    pub commands: Vec<Map<String, Value>>,
+    pub commands: Vec<StrictObject>,
+}
+
+/// A JSON object read like the single requests' bodies are: a key given twice is refused, at
+/// any depth (`serde_json::Map` would keep the last one silently, so a bulk could carry an
+/// `amount` its single request refuses).
+#[derive(Debug)]
+pub struct StrictObject(Map<String, Value>);
+
+/// Any JSON value, with [`StrictObject`]'s rule for the objects in it.
+struct StrictValue(Value);
+
+impl<'de> Deserialize<'de> for StrictObject {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match StrictValue::deserialize(deserializer)?.0 {
+            Value::Object(fields) => Ok(Self(fields)),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a JSON object, got {}",
+                kind(&other)
+            ))),
+        }
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+impl<'de> Deserialize<'de> for StrictValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = StrictValue;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<StrictValue, E> {
+        Ok(StrictValue(Value::Bool(value)))
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<StrictValue, E> {
+        Ok(StrictValue(Value::from(value)))
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<StrictValue, E> {
+        Ok(StrictValue(Value::from(value)))
+    }
+
+    fn visit_f64<E>(self, value: f64) -> Result<StrictValue, E> {
+        Ok(StrictValue(Value::from(value)))
+    }
+
+    fn visit_str<E>(self, value: &str) -> Result<StrictValue, E> {
+        Ok(StrictValue(Value::String(value.to_owned())))
+    }
+
+    fn visit_string<E>(self, value: String) -> Result<StrictValue, E> {
+        Ok(StrictValue(Value::String(value)))
+    }
+
+    fn visit_unit<E>(self) -> Result<StrictValue, E> {
+        Ok(StrictValue(Value::Null))
+    }
+
+    fn visit_none<E>(self) -> Result<StrictValue, E> {
+        Ok(StrictValue(Value::Null))
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<StrictValue, D::Error> {
+        StrictValue::deserialize(deserializer)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<StrictValue, A::Error> {
+        let mut items = Vec::new();
+        while let Some(StrictValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(StrictValue(Value::Array(items)))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<StrictValue, A::Error> {
+        let mut fields = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let StrictValue(value) = map.next_value()?;
+            if fields.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate field `{key}`")));
+            }
+            fields.insert(key, value);
+        }
+        Ok(StrictValue(Value::Object(fields)))
+    }
 }
 
 /// One command of a bulk: `op`, its own optional `idempotency_key`, `account_id` for the
@@ -107,12 +246,12 @@ pub fn parse(
             body.commands.len()
         )));
     }
-    for (index, fields) in body.commands.iter().enumerate() {
+    for (index, StrictObject(fields)) in body.commands.iter().enumerate() {
         match fields.get("op") {
             Some(Value::String(op)) if OPS.contains(&op.as_str()) => {}
-            Some(op) => {
+            Some(_) => {
                 return Err(Error::InvalidRequest(format!(
-                    "commands[{index}].op: expected one of {}, got {op}",
+                    "commands[{index}].op: expected one of {}",
                     OPS.join(", ")
                 )))
             }
@@ -126,7 +265,7 @@ pub fn parse(
     Ok(body
         .commands
         .into_iter()
-        .map(|fields| command(fields, correlation_id, trace))
+        .map(|StrictObject(fields)| command(fields, correlation_id, trace))
         .collect())
 }
 
@@ -142,10 +281,18 @@ fn command(
     };
     let key = match fields.remove("idempotency_key") {
         None | Some(Value::Null) => None,
+        // An HTTP header cannot start or end with a space (they are dropped), so neither may a
+        // key here: the same key sent alone later must be the same key.
+        Some(Value::String(key)) if key.starts_with(' ') || key.ends_with(' ') => {
+            return Err(Error::InvalidRequest(
+                "idempotency_key: must start and end with a visible character".into(),
+            ))
+        }
         Some(Value::String(key)) => IdempotencyKey::parse_optional(Some(&key))?,
         Some(other) => {
             return Err(Error::InvalidRequest(format!(
-                "idempotency_key: expected a string, got {other}"
+                "idempotency_key: expected a string, got {}",
+                kind(&other)
             )))
         }
     };
@@ -155,7 +302,8 @@ fn command(
             Some(Value::String(id)) => Some(request::addressed_account(&id)?),
             Some(other) => {
                 return Err(Error::InvalidRequest(format!(
-                    "account_id: expected a string, got {other}"
+                    "account_id: expected a string, got {}",
+                    kind(&other)
                 )))
             }
             None => {
@@ -235,10 +383,12 @@ fn dependencies(commands: &[Result<CommandRequest>]) -> Vec<Vec<usize>> {
         .collect()
 }
 
-/// Runs a parsed bulk and answers each command as its single request would have been.
+/// Runs a parsed bulk and answers each command as its single request would have been; a command
+/// that could not start by `start_by` is answered `503` and not applied.
 pub async fn run(
     dispatcher: &Dispatcher,
     commands: Vec<Result<CommandRequest>>,
+    start_by: tokio::time::Instant,
 ) -> Vec<BulkResult> {
     let dependencies = dependencies(&commands);
     // A command is done for its dependents when its sender is dropped (after its answer).
@@ -256,6 +406,11 @@ pub async fn run(
                     while earlier.changed().await.is_ok() {}
                 }
                 let answer = match command {
+                    Ok(_) if tokio::time::Instant::now() >= start_by => Err(Error::Unavailable(
+                        "the bulk ran out of time before this command could start; it was not \
+                         applied"
+                            .into(),
+                    )),
                     Ok(command) => dispatcher.execute(command).await,
                     Err(error) => Err(error),
                 };
@@ -313,6 +468,43 @@ mod tests {
             .map(|_| serde_json::json!({"op": "deposit", "account_id": "a", "amount": 1}))
             .collect();
         assert!(parsed(serde_json::json!({ "commands": many })).is_err());
+    }
+
+    #[test]
+    fn a_field_given_twice_is_refused_as_the_single_request_refuses_it() {
+        let body = br#"{"commands":[
+            {"op":"withdraw","account_id":"a","amount":1,"amount":100000},
+            {"op":"deposit","account_id":"a","amount":1}]}"#;
+        let error = parse(body, "c", trace_context::TraceParent::new_root())
+            .err()
+            .unwrap();
+        assert!(error.problem().detail.contains("duplicate field `amount`"));
+        let nested = br#"{"commands":[
+            {"op":"transaction","postings":[{"from":"a","to":"b","amount":1,"amount":9}]}]}"#;
+        assert!(parse(nested, "c", trace_context::TraceParent::new_root()).is_err());
+        let keys = parse(
+            br#"{"commands":[{"op":"deposit","account_id":"a","amount":1,"idempotency_key":" k"}]}"#,
+            "c",
+            trace_context::TraceParent::new_root(),
+        )
+        .unwrap();
+        assert_eq!(keys[0].as_ref().err().unwrap().problem().status, 400);
+    }
+
+    #[test]
+    fn the_start_window_leaves_the_last_command_its_deadline_within_the_request_timeout() {
+        let window = start_window(
+            Duration::from_secs(30),
+            Duration::from_secs(10),
+            Duration::from_millis(3_500),
+        );
+        assert_eq!(window, Duration::from_millis(15_500));
+        let none = start_window(
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+            Duration::ZERO,
+        );
+        assert_eq!(none, Duration::ZERO);
     }
 
     #[test]

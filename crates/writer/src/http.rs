@@ -48,6 +48,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The bearer token the command API requires (`COFFER_HTTP_TOKEN`); none: no auth.
     pub http_token: Option<problem::BearerToken>,
+    /// How long a bulk's commands may start after it arrives ([`bulk::start_window`]).
+    pub bulk_start_window: std::time::Duration,
 }
 
 /// The command routes with their OpenAPI operations: one list serves both, so a route cannot be
@@ -409,6 +411,7 @@ async fn bulk(
     let Some(commands) = state.commands.get() else {
         return problem_response(&Error::Unavailable("the writer is starting".into()));
     };
+    let start_by = tokio::time::Instant::now() + state.bulk_start_window;
     let parsed = match bulk::parse(
         &body,
         &request_id(&headers),
@@ -417,7 +420,11 @@ async fn bulk(
         Ok(parsed) => parsed,
         Err(error) => return problem_response(&error),
     };
-    let results = bulk::run(commands, parsed).await;
+    let _running = match bulk::admit() {
+        Ok(permit) => permit,
+        Err(error) => return problem_response(&error),
+    };
+    let results = bulk::run(commands, parsed, start_by).await;
     (StatusCode::OK, Json(BulkResults { results })).into_response()
 }
 

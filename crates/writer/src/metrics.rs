@@ -20,6 +20,8 @@ pub struct Metrics {
     pub append_duration: Histogram,
     /// Messages per append: events and markers of one command.
     pub append_batch_messages: Histogram,
+    /// Messages per atomic batch the group committer sent.
+    pub group_commit_batch_messages: Histogram,
     pub conflicts: Counter,
     pub idempotent_replays: Counter,
     pub actors_live: Gauge,
@@ -67,6 +69,9 @@ impl Default for Metrics {
             append_duration: Histogram::new(duration_buckets()),
             append_batch_messages: Histogram::new([
                 1.0, 2.0, 3.0, 4.0, 6.0, 10.0, 50.0, 200.0, 1_000.0,
+            ]),
+            group_commit_batch_messages: Histogram::new([
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1_000.0,
             ]),
             conflicts: Counter::default(),
             idempotent_replays: Counter::default(),
@@ -219,6 +224,11 @@ impl Metrics {
             "coffer_writer_append_batch_messages",
             "Messages per append: a command's events and markers.",
             self.append_batch_messages.clone(),
+        );
+        registry.register(
+            "coffer_writer_group_commit_batch_messages",
+            "Messages per atomic batch the group committer sent.",
+            self.group_commit_batch_messages.clone(),
         );
         if let Some(group) = self.group_commit.get() {
             use std::sync::atomic::Ordering::Relaxed;

@@ -188,9 +188,18 @@ async fn handle_bulk(
                 .into(),
         )),
         Some(commands) => {
-            match bulk::parse(&request.message.payload, &correlation_id(&headers), trace) {
-                Ok(parsed) => {
-                    let results = bulk::run(commands, parsed).await;
+            // The HTTP API's default request timeout bounds a NATS bulk too.
+            let window = bulk::start_window(
+                problem::HttpLimits::default().request_timeout,
+                commands.registry().call_timeout(),
+                crate::registry::ANSWER_GRACE,
+            );
+            let start_by = tokio::time::Instant::now() + window;
+            match bulk::parse(&request.message.payload, &correlation_id(&headers), trace)
+                .and_then(|parsed| Ok((parsed, bulk::admit()?)))
+            {
+                Ok((parsed, _running)) => {
+                    let results = bulk::run(commands, parsed, start_by).await;
                     serde_json::to_value(bulk::BulkResults { results })
                         .map_err(|error| Error::Internal(format!("encode a bulk answer: {error}")))
                 }

@@ -103,6 +103,11 @@ pub async fn run(
         log: log.clone(),
         metrics: metrics.clone(),
         http_token: config.http_token.clone(),
+        bulk_start_window: crate::bulk::start_window(
+            config.http_limits.request_timeout,
+            config.registry.call_timeout,
+            crate::registry::ANSWER_GRACE,
+        ),
     };
     let http_limits = config.http_limits;
     let (http_stop_sender, http_stop_receiver) = tokio::sync::oneshot::channel::<()>();
@@ -284,6 +289,10 @@ async fn try_set_up(
     }
     let committer = eventlog::GroupCommit::start(log.clone(), config.group_commit);
     let _ = metrics.group_commit.set(committer.counters());
+    let batch_messages = metrics.group_commit_batch_messages.clone();
+    let _ = committer.counters().on_batch.set(Box::new(move |messages| {
+        batch_messages.observe(messages as f64)
+    }));
     let context = Arc::new(ActorContext {
         log: log.clone(),
         committer,

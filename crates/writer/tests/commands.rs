@@ -46,7 +46,15 @@ impl TestWriter {
         stream: StreamSettings,
         failpoint_actor_delay: Option<Duration>,
     ) -> Self {
-        Self::start_configured(nats_url, registry, stream, failpoint_actor_delay, true).await
+        Self::start_configured(
+            nats_url,
+            registry,
+            stream,
+            failpoint_actor_delay,
+            true,
+            problem::HttpLimits::default(),
+        )
+        .await
     }
 
     /// Without ownership: every writer decides for any account, and the stream arbitrates.
@@ -57,6 +65,7 @@ impl TestWriter {
             StreamSettings::default(),
             None,
             false,
+            problem::HttpLimits::default(),
         )
         .await
     }
@@ -67,6 +76,7 @@ impl TestWriter {
         stream: StreamSettings,
         failpoint_actor_delay: Option<Duration>,
         ownership: bool,
+        http_limits: problem::HttpLimits,
     ) -> Self {
         let port = testkit::free_port();
         let config = WriterConfig {
@@ -82,7 +92,7 @@ impl TestWriter {
             snapshot_every: 1_000,
             failpoint_actor_delay,
             http_token: None,
-            http_limits: problem::HttpLimits::default(),
+            http_limits,
             ownership,
             writer_name: Some("test-writer".into()),
             account_batch_max: 100,
@@ -2065,5 +2075,51 @@ async fn a_bulk_keeps_each_accounts_order_and_shares_batches_across_accounts() {
         batches < 200.0,
         "{batches} group commit batches for 1 000 commands"
     );
+    writer.stop().await;
+}
+
+/// A bulk never outlasts its request: commands that could not start within its window (the
+/// request timeout less a command's deadline and grace) are answered `503` and not applied,
+/// and the ones before them are answered with their outcomes.
+#[tokio::test]
+async fn a_bulk_out_of_time_refuses_the_commands_it_did_not_start_and_applies_none_of_them() {
+    let nats = NatsServer::start();
+    let registry = RegistrySettings {
+        call_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    // Window: 6 s - (1 s + 3.5 s grace + 1 s margin) = 0.5 s; each command takes 0.3 s.
+    let limits = problem::HttpLimits {
+        request_timeout: Duration::from_secs(6),
+        ..Default::default()
+    };
+    let writer = TestWriter::start_configured(
+        &nats.url(),
+        registry,
+        StreamSettings::default(),
+        Some(Duration::from_millis(300)),
+        true,
+        limits,
+    )
+    .await;
+    let account = unique("slow");
+    assert_eq!(writer.open(&account, 0).await.status, 201);
+    let commands: Vec<Value> = (1..=4)
+        .map(|amount| json!({"op": "deposit", "account_id": account, "amount": amount,
+            "idempotency_key": format!("k-{amount}")}))
+        .collect();
+    let reply = writer
+        .post("/v1/batch", json!({ "commands": commands }), None)
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let statuses: Vec<u64> = reply.body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|result| result["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [200, 200, 503, 503], "{:?}", reply.body);
+    let (balances, _) = replayed_balances(&nats.url()).await;
+    assert_eq!(balances[&account], 3, "only the two started deposits");
     writer.stop().await;
 }
