@@ -83,7 +83,7 @@ lint:
 bench durability="always": tools
     cargo build --release -p coffer -p bench
     mkdir -p target/bench
-    for suite in deposits throughput snapshot catch-up hot-account half-load flows; do \
+    for suite in cost-model deposits throughput snapshot catch-up hot-account half-load flows; do \
         COFFER_BIN=target/release/coffer target/release/coffer-bench --suite $suite --durability {{durability}} \
             --report target/bench/$suite-{{durability}}.md --json target/bench/$suite-{{durability}}.json || exit 1; \
     done

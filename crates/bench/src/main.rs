@@ -230,8 +230,13 @@ impl WriterSample {
                 .find(|((_, after), (_, before))| after - before >= fraction * batches)
                 .map_or(f64::NAN, |((bound, _), _)| *bound)
         };
+        let server = if later.server_cpu > 0.0 {
+            format!(", nats-server CPU {server:.0} us/command")
+        } else {
+            String::new()
+        };
         format!(
-            "writer CPU {per_command:.0} us/command, nats-server CPU {server:.0} us/command; {batches:.0} batches, mean {mean:.1} messages, p50 <= {} p99 <= {} messages",
+            "writer CPU {per_command:.0} us/command{server}; {batches:.0} batches, mean {mean:.1} messages, p50 <= {} p99 <= {} messages",
             quantile(0.5),
             quantile(0.99),
         )
@@ -1374,33 +1379,36 @@ async fn deposits_suite(
             .error_for_status()?;
     }
     let first = log.last_position().await?;
-    let before = WriterSample::take(&http, &url, pid, nats.pid()).await;
-    let measured = timed(clients, seconds, "deposits over HTTP", {
-        let (http, prefix, url) = (http.clone(), prefix.clone(), url.clone());
-        move |index| {
-            let request = http
-                .post(format!(
-                    "{url}/v1/accounts/{prefix}-{}/deposits",
-                    index % accounts
-                ))
-                .json(&json!({"amount": 1}))
-                .send();
-            async move {
-                request
-                    .await
-                    .is_ok_and(|answer| answer.status().is_success())
+    let mut over_http = Vec::new();
+    for clients in [clients, clients * 4] {
+        let before = WriterSample::take(&http, &url, pid, nats.pid()).await;
+        let measured = timed(clients, seconds, "deposits over HTTP", {
+            let (http, prefix, url) = (http.clone(), prefix.clone(), url.clone());
+            move |index| {
+                let request = http
+                    .post(format!(
+                        "{url}/v1/accounts/{prefix}-{}/deposits",
+                        index % accounts
+                    ))
+                    .json(&json!({"amount": 1}))
+                    .send();
+                async move {
+                    request
+                        .await
+                        .is_ok_and(|answer| answer.status().is_success())
+                }
             }
-        }
-    })
-    .await;
-    let after = WriterSample::take(&http, &url, pid, nats.pid()).await;
-    let cost = before.cost(&after, measured.1.len());
-    let over_http = rate_row(
-        results,
-        format!("deposits over HTTP, {clients} clients, {accounts} accounts"),
-        measured,
-        cost,
-    );
+        })
+        .await;
+        let after = WriterSample::take(&http, &url, pid, nats.pid()).await;
+        let cost = before.cost(&after, measured.1.len());
+        over_http.push(rate_row(
+            results,
+            format!("deposits over HTTP, {clients} clients, {accounts} accounts"),
+            measured,
+            cost,
+        ));
+    }
     let before = WriterSample::take(&http, &url, pid, nats.pid()).await;
     let measured = timed(clients, seconds, "deposits over NATS", {
         let (client, prefix) = (client.clone(), prefix.clone());
@@ -1525,8 +1533,10 @@ async fn deposits_suite(
     results.add(
         "ratio deposits / raw publish-and-ack, same concurrency",
         format!(
-            "HTTP {:.2}, NATS {:.2}, bulk {:.2}",
-            over_http / raw.max(1.0),
+            "HTTP {:.2} ({} clients: {:.2}), NATS {:.2}, bulk {:.2}",
+            over_http[0] / raw.max(1.0),
+            clients * 4,
+            over_http[1] / raw.max(1.0),
             over_nats / raw.max(1.0),
             over_bulk / raw.max(1.0)
         ),
@@ -1679,9 +1689,96 @@ async fn cost_model_suite(results: &mut Results, seconds: u64) -> anyhow::Result
                 ),
             );
         }
+        if replicas == 3 {
+            let raw = raw_atomic_rate(&client, &prefix, 1, 64, seconds * 2).await?;
+            let deposits = writer_deposits_over_nats(&url, &client, 64, seconds * 2).await?;
+            results.add(
+                &format!("{label}: deposits over NATS through a writer, 64 clients, 10000 accounts"),
+                format!(
+                    "{deposits}; raw publish-and-ack, 64 in flight: {raw:.0}/s"
+                ),
+            );
+        }
         context.delete_stream(&name).await?;
     }
     Ok(())
+}
+
+/// Deposits over NATS through a writer on `urls` (the events stream at R3), `clients` at once
+/// on 10 000 warm accounts: the rate and the writer's batch sizes.
+async fn writer_deposits_over_nats(
+    urls: &str,
+    client: &async_nats::Client,
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<String> {
+    const ACCOUNTS: usize = 10_000;
+    let writer = CofferProcess::start(
+        "cost-writer",
+        "writer",
+        &[
+            ("COFFER_NATS_URL", urls.to_owned()),
+            ("COFFER_STREAM_REPLICAS", "3".into()),
+            ("RUST_LOG", "warn".into()),
+        ],
+    );
+    let http = reqwest::Client::new();
+    wait_ready(&http, &writer.url()).await?;
+    let url = writer.url();
+    let prefix = format!("r3-{}", uuid::Uuid::now_v7().simple());
+    for op in ["open", "deposit"] {
+        for chunk in (0..ACCOUNTS).collect::<Vec<_>>().chunks(1_000) {
+            let commands: Vec<Value> = chunk
+                .iter()
+                .map(|index| json!({"op": op, "account_id": format!("{prefix}-{index}"), "currency": "EUR", "amount": 1}))
+                .map(|mut command| {
+                    // Each op takes only its own fields.
+                    let fields = command.as_object_mut().unwrap();
+                    if op == "open" {
+                        fields.remove("amount");
+                    } else {
+                        fields.remove("currency");
+                    }
+                    command
+                })
+                .collect();
+            http.post(format!("{url}/v1/batch"))
+                .json(&json!({ "commands": commands }))
+                .send()
+                .await?
+                .error_for_status()?;
+        }
+    }
+    let pid = writer.pid().context("writer pid")?;
+    let before = WriterSample::take(&http, &url, pid, None).await;
+    let (rate, latencies, errors) = timed(clients, seconds, "R3 deposits over NATS", {
+        let (client, prefix) = (client.clone(), prefix.clone());
+        move |index| {
+            let (client, subject) = (
+                client.clone(),
+                format!("coffer.cmd.{prefix}-{}.deposit", index % ACCOUNTS),
+            );
+            async move {
+                client
+                    .request(subject, "{\"amount\":1}".into())
+                    .await
+                    .is_ok_and(|answer| {
+                        answer
+                            .headers
+                            .as_ref()
+                            .is_none_or(|headers| headers.get("Nats-Service-Error").is_none())
+                    })
+            }
+        }
+    })
+    .await;
+    let after = WriterSample::take(&http, &url, pid, None).await;
+    let commands = latencies.len();
+    Ok(format!(
+        "{rate:.0}/s, {}, {errors} errors; {}",
+        latency_summary(latencies),
+        before.cost(&after, commands)
+    ))
 }
 
 /// Least-squares line through `points`: (intercept, slope).

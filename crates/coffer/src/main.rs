@@ -8,6 +8,7 @@ use std::time::Duration;
 
 /// mimalloc over glibc malloc, by measurement (docs/benchmarks.md, "Allocator"): under load
 /// glibc spent about a third of the writer's CPU in malloc, free and `malloc_consolidate`.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
