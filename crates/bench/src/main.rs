@@ -1196,6 +1196,8 @@ async fn snapshot_suite(nats: &NatsServer, results: &mut Results, events: usize)
     let environment = [("COFFER_NATS_URL", nats.url()), ("RUST_LOG", "warn".into())];
     let http = reqwest::Client::new();
     let first = CofferProcess::start("bench-writer-1", "writer", &environment);
+    // Listening is not ready: the writer answers 503 until its stream and buckets are set up.
+    wait_ready(&http, &first.url()).await.unwrap();
     let replayed = timed_deposit(&http, &first.url(), account.as_str()).await;
     let warm = timed_deposit(&http, &first.url(), account.as_str()).await;
     let written = "coffer_writer_snapshots_written_total";
@@ -1206,6 +1208,7 @@ async fn snapshot_suite(nats: &NatsServer, results: &mut Results, events: usize)
     }
     drop(first);
     let second = CofferProcess::start("bench-writer-2", "writer", &environment);
+    wait_ready(&http, &second.url()).await.unwrap();
     let from_snapshot = timed_deposit(&http, &second.url(), account.as_str()).await;
     let replayed_after =
         writer_metric(&http, &second.url(), "coffer_writer_events_replayed_total").await;
@@ -1693,10 +1696,10 @@ async fn cost_model_suite(results: &mut Results, seconds: u64) -> anyhow::Result
             let raw = raw_atomic_rate(&client, &prefix, 1, 64, seconds * 2).await?;
             let deposits = writer_deposits_over_nats(&url, &client, 64, seconds * 2).await?;
             results.add(
-                &format!("{label}: deposits over NATS through a writer, 64 clients, 10000 accounts"),
-                format!(
-                    "{deposits}; raw publish-and-ack, 64 in flight: {raw:.0}/s"
+                &format!(
+                    "{label}: deposits over NATS through a writer, 64 clients, 10000 accounts"
                 ),
+                format!("{deposits}; raw publish-and-ack, 64 in flight: {raw:.0}/s"),
             );
         }
         context.delete_stream(&name).await?;

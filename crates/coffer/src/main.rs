@@ -6,11 +6,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// mimalloc over glibc malloc, by measurement (docs/benchmarks.md, "Allocator"): under load
-/// glibc spent about a third of the writer's CPU in malloc, free and `malloc_consolidate`.
+/// Small blocks to mimalloc, large ones to glibc: chosen by measurement ([`allocator`]).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::SizeSplit = allocator::SizeSplit;
 
 mod account;
 mod reader_api;

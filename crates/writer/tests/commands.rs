@@ -2105,8 +2105,10 @@ async fn a_bulk_out_of_time_refuses_the_commands_it_did_not_start_and_applies_no
     let account = unique("slow");
     assert_eq!(writer.open(&account, 0).await.status, 201);
     let commands: Vec<Value> = (1..=4)
-        .map(|amount| json!({"op": "deposit", "account_id": account, "amount": amount,
-            "idempotency_key": format!("k-{amount}")}))
+        .map(|amount| {
+            json!({"op": "deposit", "account_id": account, "amount": amount,
+            "idempotency_key": format!("k-{amount}")})
+        })
         .collect();
     let reply = writer
         .post("/v1/batch", json!({ "commands": commands }), None)
