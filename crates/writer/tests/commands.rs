@@ -795,6 +795,7 @@ async fn every_documented_route_is_served_and_the_document_is_served_too() {
             "post /v1/accounts/{id}/close",
             "post /v1/accounts/{id}/deposits",
             "post /v1/accounts/{id}/withdrawals",
+            "post /v1/batch",
             "post /v1/holds",
             "post /v1/holds/{id}/capture",
             "post /v1/holds/{id}/void",
@@ -832,6 +833,7 @@ async fn every_documented_route_is_served_and_the_document_is_served_too() {
         "CaptureBody",
         "TransactionBody",
         "ReverseBody",
+        "BulkBody",
     ] {
         assert_eq!(
             document["components"]["schemas"][schema]["additionalProperties"],
