@@ -198,10 +198,11 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
 #[derive(Debug, Deserialize, ToSchema)]
 #[allow(dead_code)] // The schema of one element; the code reads elements as JSON objects.
 pub struct BulkCommand {
-    #[schema(value_type = String)]
+    /// The single request this command stands for.
     op: BulkOp,
-    /// Scopes exactly-once to this command, as the `Idempotency-Key` header of a single request.
-    #[schema(min_length = 1, max_length = 128)]
+    /// Scopes exactly-once to this command, as the `Idempotency-Key` header of a single request
+    /// (1-128 printable ASCII characters, starting and ending with a visible one; otherwise this
+    /// command alone is refused).
     idempotency_key: Option<String>,
     account_id: Option<String>,
 }
@@ -259,6 +260,18 @@ pub fn parse(
                 return Err(Error::InvalidRequest(format!(
                     "commands[{index}]: missing field `op`"
                 )))
+            }
+        }
+        // The envelope's own fields (a single request has them in its header and path, where
+        // they are always text): any other type makes the envelope malformed.
+        for field in ["idempotency_key", "account_id"] {
+            if let Some(value) = fields.get(field) {
+                if !matches!(value, Value::Null | Value::String(_)) {
+                    return Err(Error::InvalidRequest(format!(
+                        "commands[{index}].{field}: expected a string, got {}",
+                        kind(value)
+                    )));
+                }
             }
         }
     }
@@ -460,6 +473,9 @@ mod tests {
             serde_json::json!({"commands": {}}),
             serde_json::json!({"commands": [{"op": "open", "currency": "EUR"}], "atomic": true}),
             serde_json::json!([]),
+            serde_json::json!({"commands": [{"op": "deposit", "account_id": {}, "amount": 1}]}),
+            serde_json::json!({"commands": [{"op": "deposit", "account_id": "a", "amount": 1,
+                "idempotency_key": 7}]}),
         ] {
             let error = parsed(body.clone()).err().unwrap();
             assert_eq!(error.problem().status, 400, "{body}");
@@ -513,7 +529,7 @@ mod tests {
             {"op": "deposit", "account_id": "a", "amount": 0},
             {"op": "deposit", "amount": 5},
             {"op": "deposit", "account_id": "a", "amount": 5, "memo": "x"},
-            {"op": "deposit", "account_id": "a", "amount": 5, "idempotency_key": 7},
+            {"op": "deposit", "account_id": "a", "amount": 5, "idempotency_key": ""},
             {"op": "deposit", "account_id": "a", "amount": 5, "idempotency_key": "k"},
             {"op": "open", "account_id": "b", "currency": "EUR"},
             {"op": "close", "account_id": "b"},
