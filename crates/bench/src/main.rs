@@ -243,6 +243,19 @@ impl WriterSample {
     }
 }
 
+/// One deposit of 1 over the writer's NATS service; whether it was applied.
+async fn deposit_over_nats(client: async_nats::Client, subject: String) -> bool {
+    client
+        .request(subject, "{\"amount\":1}".into())
+        .await
+        .is_ok_and(|answer| {
+            answer
+                .headers
+                .as_ref()
+                .is_none_or(|headers| headers.get("Nats-Service-Error").is_none())
+        })
+}
+
 /// A row of a timed run: its rate, latencies, errors and (for the writer) its cost.
 fn rate_row(
     results: &mut Results,
@@ -1420,17 +1433,7 @@ async fn deposits_suite(
                 client.clone(),
                 format!("coffer.cmd.{prefix}-{}.deposit", index % accounts),
             );
-            async move {
-                client
-                    .request(subject, "{\"amount\":1}".into())
-                    .await
-                    .is_ok_and(|answer| {
-                        answer
-                            .headers
-                            .as_ref()
-                            .is_none_or(|headers| headers.get("Nats-Service-Error").is_none())
-                    })
-            }
+            deposit_over_nats(client, subject)
         }
     })
     .await;
@@ -1761,17 +1764,7 @@ async fn writer_deposits_over_nats(
                 client.clone(),
                 format!("coffer.cmd.{prefix}-{}.deposit", index % ACCOUNTS),
             );
-            async move {
-                client
-                    .request(subject, "{\"amount\":1}".into())
-                    .await
-                    .is_ok_and(|answer| {
-                        answer
-                            .headers
-                            .as_ref()
-                            .is_none_or(|headers| headers.get("Nats-Service-Error").is_none())
-                    })
-            }
+            deposit_over_nats(client, subject)
         }
     })
     .await;

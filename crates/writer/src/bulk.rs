@@ -52,6 +52,15 @@ pub fn admit() -> Result<tokio::sync::SemaphorePermit<'static>> {
     })
 }
 
+/// The refusal of an `Idempotency-Key` on a whole bulk (HTTP header or NATS header alike).
+pub fn keyed_bulk() -> Error {
+    Error::InvalidRequest(
+        "Idempotency-Key: a bulk is not idempotent as a whole; give each command its own \
+         idempotency_key"
+            .into(),
+    )
+}
+
 /// How long after a bulk arrives its commands may still start, so that the last one is
 /// answered (its deadline `call_timeout`, then `answer_grace`) before `request_timeout`.
 pub fn start_window(

@@ -402,11 +402,7 @@ async fn bulk(
         Err(problem) => return problem.into_response(),
     };
     if headers.contains_key("idempotency-key") {
-        return problem_response(&Error::InvalidRequest(
-            "Idempotency-Key: a bulk is not idempotent as a whole; give each command its own \
-             idempotency_key"
-                .into(),
-        ));
+        return problem_response(&bulk::keyed_bulk());
     }
     let Some(commands) = state.commands.get() else {
         return problem_response(&Error::Unavailable("the writer is starting".into()));

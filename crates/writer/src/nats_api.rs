@@ -56,12 +56,7 @@ pub async fn serve(
                 .for_each_concurrent(CONCURRENCY_MAX, |request| {
                     let commands = commands.clone();
                     let client = client.clone();
-                    let span = tracing::info_span!(
-                        "nats",
-                        subject = %request.message.subject,
-                        trace_id = tracing::field::Empty
-                    );
-                    trace_context::otel::link(&span, traceparent(&request.message));
+                    let span = request_span(&request.message);
                     async move { handle(verb, request, &commands, &client).await }.instrument(span)
                 })
                 .await;
@@ -79,12 +74,7 @@ pub async fn serve(
             .for_each_concurrent(BULKS_CONCURRENT_MAX, |request| {
                 let commands = bulk_commands.clone();
                 let client = bulk_client.clone();
-                let span = tracing::info_span!(
-                    "nats",
-                    subject = %request.message.subject,
-                    trace_id = tracing::field::Empty
-                );
-                trace_context::otel::link(&span, traceparent(&request.message));
+                let span = request_span(&request.message);
                 async move { handle_bulk(request, &commands, &client).await }.instrument(span)
             })
             .await;
@@ -182,11 +172,7 @@ async fn handle_bulk(
     let headers = request.message.headers.clone().unwrap_or_default();
     let answer = match commands.get() {
         None => Err(Error::Unavailable("the writer is starting".into())),
-        Some(_) if headers.get("Idempotency-Key").is_some() => Err(Error::InvalidRequest(
-            "Idempotency-Key: a bulk is not idempotent as a whole; give each command its own \
-             idempotency_key"
-                .into(),
-        )),
+        Some(_) if headers.get("Idempotency-Key").is_some() => Err(bulk::keyed_bulk()),
         Some(commands) => {
             // The HTTP API's default request timeout bounds a NATS bulk too.
             let window = bulk::start_window(
@@ -216,6 +202,17 @@ fn correlation_id(headers: &HeaderMap) -> String {
         .get("Coffer-Correlation-Id")
         .map(|value| value.as_str().to_owned())
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+}
+
+/// The span of one request, linked to the caller's trace when it is exported.
+fn request_span(message: &async_nats::Message) -> tracing::Span {
+    let span = tracing::info_span!(
+        "nats",
+        subject = %message.subject,
+        trace_id = tracing::field::Empty
+    );
+    trace_context::otel::link(&span, traceparent(message));
+    span
 }
 
 fn traceparent(message: &async_nats::Message) -> Option<&str> {
