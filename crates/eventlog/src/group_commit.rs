@@ -88,7 +88,7 @@ pub struct GroupCommitCounters {
 
 struct Member {
     entries: Vec<Entry>,
-    /// [`key`]s of the accounts and marker subjects its conditions are about, computed once by
+    /// The [`Key`]s of the accounts and marker subjects its conditions are about, computed once by
     /// the caller: the committer's single task only compares numbers.
     keys: Vec<Key>,
     /// After this instant the member is not sent: its caller has answered by then.
