@@ -218,3 +218,91 @@ async fn a_client_that_stops_reading_is_cut_off() {
         201
     );
 }
+
+/// A command whose body trickled in until just before the request timeout, on a busy account:
+/// once it is handed to its actor its answer is its outcome (here `200`), never the request
+/// timeout's `408` for a command that is then stored (a 4xx tells a client nothing happened).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_taken_before_the_request_timeout_is_answered_with_its_outcome() {
+    let nats = NatsServer::start();
+    // Deadline 1.5 s: the request timeout must exceed 1.5 s + 3.5 s grace + 1 s.
+    let writer = support::writer(
+        "w",
+        &nats.url(),
+        &[
+            ("COFFER_HTTP_REQUEST_TIMEOUT_MS", "7000".into()),
+            ("COFFER_COMMAND_DEADLINE_MS", "1500".into()),
+            ("COFFER_FAILPOINT_ACTOR_DELAY_MS", "900".into()),
+        ],
+    );
+    let http = Http::new();
+    let account = support::unique("trickle");
+    assert_eq!(http.open_account(&writer.url(), &account).await.status, 201);
+
+    let address = writer.url().trim_start_matches("http://").to_owned();
+    let body = json!({ "amount": 700 }).to_string();
+    let mut stream = TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "POST /v1/accounts/{account}/deposits HTTP/1.1\r\nHost: coffer\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let asked = Instant::now();
+    // The body's last byte arrives ~6.5 s in; the actor then takes 0.9 s: past the 7 s timeout.
+    let (last, first) = body.as_bytes().split_last().unwrap();
+    stream.write_all(first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(6_500)).await;
+    stream.write_all(&[*last]).await.unwrap();
+    let (answer, _) = until_closed(stream, Duration::from_secs(15))
+        .await
+        .expect("the command was never answered");
+    assert!(
+        asked.elapsed() > Duration::from_secs(7),
+        "answered before the request timeout: {:?}: {answer}",
+        asked.elapsed()
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"balance\":700"), "{answer}");
+    // Stored once: the next deposit lands on it.
+    let next = http
+        .deposit(&writer.url(), &account, &json!({ "amount": 1 }), None)
+        .await
+        .unwrap();
+    assert_eq!(next.body["balance"], 701, "{:?}", next.body);
+}
+
+/// A request timeout no longer than a command's deadline plus its grace contradicts the
+/// promise that commands are answered within it: the writer refuses to start and says why.
+#[tokio::test]
+async fn a_writer_refuses_a_request_timeout_shorter_than_a_command_can_take() {
+    let nats = NatsServer::start();
+    let (succeeded, stderr) = support::run_to_exit(
+        &nats.url(),
+        &["writer"],
+        &[
+            ("COFFER_HTTP_REQUEST_TIMEOUT_MS", "12000".into()),
+            ("COFFER_COMMAND_DEADLINE_MS", "10000".into()),
+        ],
+    );
+    assert!(
+        !succeeded,
+        "the writer ran with a request timeout shorter than a command's answer"
+    );
+    assert!(
+        stderr.contains("COFFER_HTTP_REQUEST_TIMEOUT_MS (12000 ms)")
+            && stderr.contains("COFFER_COMMAND_DEADLINE_MS (10000 ms)"),
+        "{stderr}"
+    );
+    // The same deadline with room for its answer runs.
+    let writer = support::writer(
+        "w",
+        &nats.url(),
+        &[
+            ("COFFER_HTTP_REQUEST_TIMEOUT_MS", "15000".into()),
+            ("COFFER_COMMAND_DEADLINE_MS", "10000".into()),
+        ],
+    );
+    let http = Http::new();
+    let account = support::unique("fits");
+    assert_eq!(http.open_account(&writer.url(), &account).await.status, 201);
+}

@@ -159,36 +159,6 @@ async fn holds_are_placed_captured_and_voided_over_nats() {
     assert_eq!(withdrawn.status, 200, "{:?}", withdrawn.body);
 }
 
-/// Runs `coffer` with `args` against `nats_url` until it exits (at most 30 s): (success,
-/// stderr).
-fn run_to_exit(nats_url: &str, args: &[&str], data: &std::path::Path) -> (bool, String) {
-    let mut child = Command::new(testkit::coffer_binary())
-        .args(args)
-        .env("COFFER_NATS_URL", nats_url)
-        .env(
-            "COFFER_HTTP_ADDR",
-            format!("127.0.0.1:{}", testkit::free_port()),
-        )
-        .env("COFFER_DATA_DIR", data)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut stderr = String::new();
-            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-            return (status.success(), stderr);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("coffer {args:?} kept running on a stream that could lose history");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_readers_and_setup_refuse_an_event_stream_with_a_retention_limit() {
     // An operator's `max_age` on the event stream would age accounts' events and the markers
@@ -204,7 +174,11 @@ async fn writers_readers_and_setup_refuse_an_event_stream_with_a_retention_limit
     context.create_stream(aging).await.unwrap();
     let data = tempfile::tempdir().unwrap();
     for args in [&["writer"][..], &["reader"], &["setup"]] {
-        let (succeeded, stderr) = run_to_exit(&nats.url(), args, data.path());
+        let (succeeded, stderr) = support::run_to_exit(
+            &nats.url(),
+            args,
+            &[("COFFER_DATA_DIR", data.path().display().to_string())],
+        );
         assert!(!succeeded, "coffer {args:?} ran on an aging stream");
         assert!(
             stderr.contains("max_age") && stderr.contains("nats stream edit"),

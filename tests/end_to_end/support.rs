@@ -288,3 +288,37 @@ pub async fn assert_views_equal_replay(
         assert_eq!(reply.body["status"], status, "{account} status");
     }
 }
+
+/// Runs `coffer` with `args` and `environment` against `nats_url` until it exits (at most
+/// 30 s; a process still running then fails the test): (success, stderr).
+pub fn run_to_exit(
+    nats_url: &str,
+    args: &[&str],
+    environment: &[(&str, String)],
+) -> (bool, String) {
+    let mut child = std::process::Command::new(testkit::coffer_binary())
+        .args(args)
+        .env("COFFER_NATS_URL", nats_url)
+        .env(
+            "COFFER_HTTP_ADDR",
+            format!("127.0.0.1:{}", testkit::free_port()),
+        )
+        .envs(environment.iter().map(|(key, value)| (key, value)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+            return (status.success(), stderr);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("coffer {args:?} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -305,7 +305,9 @@ struct HttpLimitsArgs {
     #[arg(long, env = "COFFER_HTTP_BODY_TIMEOUT_MS", default_value_t = 10_000,
         value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     http_body_timeout_ms: u64,
-    /// Time for a whole request: then 408 (longer than the command deadline plus its grace).
+    /// Time for a request until its command is taken: then 408 (nothing was done). A writer
+    /// needs it longer than the command deadline + 4.5 s, the longest a taken command's answer
+    /// may take after it.
     #[arg(long, env = "COFFER_HTTP_REQUEST_TIMEOUT_MS", default_value_t = 30_000,
         value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     http_request_timeout_ms: u64,

@@ -26,9 +26,10 @@ pub struct HttpLimits {
     /// `408 request_timeout`. Also the longest a response write may stall (a client that
     /// does not read): the connection is then closed.
     pub body_read_timeout: Duration,
-    /// The whole request, handler included (`COFFER_HTTP_REQUEST_TIMEOUT_MS`): `408
-    /// request_timeout`. Longer than any answer the services wait for (a writer's command
-    /// deadline plus grace), so a writer always answers before it.
+    /// The whole request, handler included, until the handler hands its work over
+    /// ([`work_taken`]) (`COFFER_HTTP_REQUEST_TIMEOUT_MS`): `408 request_timeout`. A writer
+    /// refuses to start unless it is longer than a command's deadline plus grace, so a command
+    /// taken in time is answered before it too.
     pub request_timeout: Duration,
     /// How long open connections may take to finish after the stop signal; then they are
     /// dropped.
@@ -61,17 +62,8 @@ pub async fn serve(
             limits.body_read_timeout,
         ))
         .layer(axum::middleware::from_fn(
-            move |request: axum::extract::Request, next: axum::middleware::Next| async move {
-                match tokio::time::timeout(request_timeout, next.run(request)).await {
-                    Ok(response) => response,
-                    Err(_) => crate::Problem::new(
-                        408,
-                        "request_timeout",
-                        "Request timeout",
-                        format!("the request took longer than {request_timeout:?}"),
-                    )
-                    .into_response(),
-                }
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                within_request_timeout(request_timeout, next.run(request))
             },
         ));
     let max_connections = limits.max_connections.max(1);
@@ -231,6 +223,66 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteTimeout<T>
     }
 }
 
+tokio::task_local! {
+    /// The request being handled on this task: where a handler records that it handed its
+    /// work over ([`work_taken`]).
+    static REQUEST: std::sync::Arc<std::sync::OnceLock<tokio::time::Instant>>;
+}
+
+/// Records that the request being handled has handed its work to something that will finish it
+/// whatever happens to this request (a command given to its account's actor), and that the
+/// handler answers by `answer_by` (its deadline and grace).
+///
+/// From then on the request timeout no longer applies: a `408` tells a client that nothing
+/// happened, which is no longer known. The request then ends with the handler's own answer, or
+/// `503 outcome_unknown` if the handler has not answered by `answer_by`. Call it before the hand
+/// over, in the handler's own task (the timeout cannot strike between the two: it only runs when
+/// the handler yields). Outside a served request (a test calling a handler directly) it does
+/// nothing.
+pub fn work_taken(answer_by: tokio::time::Instant) {
+    let _ = REQUEST.try_with(|taken| taken.set(answer_by));
+}
+
+/// Runs a handler under the request timeout: `408 request_timeout` if it has not answered in
+/// time and has not handed its work over ([`work_taken`]).
+async fn within_request_timeout(
+    request_timeout: Duration,
+    handler: impl Future<Output = axum::response::Response>,
+) -> axum::response::Response {
+    let taken = std::sync::Arc::new(std::sync::OnceLock::new());
+    let handler = REQUEST.scope(taken.clone(), handler);
+    tokio::pin!(handler);
+    if let Ok(response) = tokio::time::timeout(request_timeout, &mut handler).await {
+        return response;
+    }
+    // The handler is not running now (this task polls it), so what it recorded is final: either
+    // nothing was handed over and dropping it cancels everything, or it must be waited for.
+    match taken.get().copied() {
+        None => crate::Problem::new(
+            408,
+            "request_timeout",
+            "Request timeout",
+            format!("the request took longer than {request_timeout:?}"),
+        )
+        .into_response(),
+        Some(answer_by) => match tokio::time::timeout_at(answer_by, &mut handler).await {
+            Ok(response) => response,
+            Err(_) => {
+                tracing::warn!(
+                    "a handler that handed its work over did not answer by its deadline"
+                );
+                crate::Problem::unavailable(
+                    "outcome_unknown",
+                    "the request was taken but its outcome is not known; retry with the same \
+                     Idempotency-Key to learn it",
+                    1,
+                )
+                .into_response()
+            }
+        },
+    }
+}
+
 /// Completes once the stop signal is set. (The guard `wait_for` returns is not `Send`; it is
 /// dropped here, so callers' futures stay `Send`.)
 async fn stop_signalled(receiver: &mut watch::Receiver<bool>) {
@@ -247,4 +299,94 @@ pub fn is_body_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
         current = error.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    const REQUEST_TIMEOUT: Duration = Duration::from_millis(300);
+
+    /// Serves three handlers that outlast the request timeout: one that handed its work over
+    /// and answers later, one that did not, and one that handed it over and never answers.
+    async fn served() -> (String, tokio::sync::oneshot::Sender<()>) {
+        let router = axum::Router::new()
+            .route(
+                "/taken",
+                get(|| async {
+                    work_taken(tokio::time::Instant::now() + Duration::from_secs(5));
+                    tokio::time::sleep(REQUEST_TIMEOUT * 3).await;
+                    "the outcome"
+                }),
+            )
+            .route(
+                "/not-taken",
+                get(|| async {
+                    tokio::time::sleep(REQUEST_TIMEOUT * 3).await;
+                    "too late"
+                }),
+            )
+            .route(
+                "/stuck",
+                get(|| async {
+                    work_taken(tokio::time::Instant::now() + REQUEST_TIMEOUT * 2);
+                    std::future::pending::<()>().await;
+                    "never"
+                }),
+            );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let limits = HttpLimits {
+            request_timeout: REQUEST_TIMEOUT,
+            ..HttpLimits::default()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, router, limits, async move {
+            let _ = stopped.await;
+        }));
+        (address, stop)
+    }
+
+    async fn get_path(address: &str, path: &str) -> (String, Duration) {
+        let started = std::time::Instant::now();
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        (answer, started.elapsed())
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_work_was_taken_gets_its_outcome_not_408() {
+        let (address, _stop) = served().await;
+        let (answer, took) = get_path(&address, "/taken").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("the outcome"), "{answer}");
+        assert!(took >= REQUEST_TIMEOUT * 3, "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_request_that_took_nothing_gets_408_at_the_request_timeout() {
+        let (address, _stop) = served().await;
+        let (answer, took) = get_path(&address, "/not-taken").await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+        assert!(took < REQUEST_TIMEOUT * 3, "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_taken_request_with_no_answer_by_its_deadline_is_outcome_unknown() {
+        let (address, _stop) = served().await;
+        let (answer, took) = get_path(&address, "/stuck").await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("\"code\":\"outcome_unknown\""), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("retry-after: 1"),
+            "{answer}"
+        );
+        assert!(took >= REQUEST_TIMEOUT * 2, "{took:?}");
+    }
 }

@@ -38,8 +38,6 @@ use crate::{Error, Result};
 pub const BULK_COMMANDS_MAX: usize = 1_000;
 /// Most bulks one writer runs at once (HTTP and NATS together): 16 000 commands in flight.
 pub const BULKS_RUNNING_MAX: usize = 16;
-/// Time kept, after the last command could start, for the request to be answered.
-const ANSWER_MARGIN: Duration = Duration::from_secs(1);
 
 static RUNNING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BULKS_RUNNING_MAX);
 
@@ -68,7 +66,7 @@ pub fn start_window(
     call_timeout: Duration,
     answer_grace: Duration,
 ) -> Duration {
-    request_timeout.saturating_sub(call_timeout + answer_grace + ANSWER_MARGIN)
+    request_timeout.saturating_sub(call_timeout + answer_grace + crate::registry::ANSWER_MARGIN)
 }
 /// Largest bulk body: NATS's default `max_payload`, so both APIs take the same bulks. The
 /// contract's 64 KiB applies to single commands; 1 000 commands of ~100 bytes need more.

@@ -41,6 +41,9 @@ pub enum Error {
     TooManyConflicts(usize),
     #[error("internal error: {0}")]
     Internal(String),
+    /// Settings that contradict each other: the writer refuses to start.
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 /// The event log's errors as a command sees them: a conflict that reaches an answer means the
@@ -87,7 +90,9 @@ impl Error {
                 format!("{detail}; the command may or may not have been applied, retry with the same Idempotency-Key"),
                 RETRY_AFTER_SECONDS,
             ),
-            Error::Internal(_) => Problem::new(500, "internal", "Internal error", detail),
+            Error::Internal(_) | Error::Config(_) => {
+                Problem::new(500, "internal", "Internal error", detail)
+            }
         }
     }
 }

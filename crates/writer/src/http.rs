@@ -202,6 +202,9 @@ async fn run(state: &AppState, request: CommandRequest) -> Response {
     };
     let verb = request.verb();
     let account = request.account_id.clone();
+    // From here the command may be stored: its answer is its outcome or `outcome_unknown`,
+    // never the request timeout's 408.
+    problem::server::work_taken(commands.registry().answered_by(tokio::time::Instant::now()));
     match commands.execute(request).await {
         Ok(outcome) => outcome_response(&outcome),
         Err(error) => {
@@ -420,6 +423,8 @@ async fn bulk(
         Ok(permit) => permit,
         Err(error) => return problem_response(&error),
     };
+    // The last command starts by `start_by`; every command is answered by its deadline and grace.
+    problem::server::work_taken(commands.registry().answered_by(start_by));
     let results = bulk::run(commands, parsed, start_by).await;
     (StatusCode::OK, Json(BulkResults { results })).into_response()
 }

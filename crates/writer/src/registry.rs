@@ -59,6 +59,8 @@ const EVICTION_HEADROOM_FRACTION: usize = 20;
 /// just before the deadline is answered within the acknowledgement timeout.
 pub const ANSWER_GRACE: Duration =
     Duration::from_millis(eventlog::log::ACK_TIMEOUT.as_millis() as u64 + 500);
+/// Time kept after a command's deadline and grace for its answer to reach the client.
+pub const ANSWER_MARGIN: Duration = Duration::from_secs(1);
 
 struct Entry {
     actor: ActorRef<AccountMessage>,
@@ -132,6 +134,12 @@ impl Registry {
     /// A command's deadline when it arrives now.
     pub fn call_timeout(&self) -> Duration {
         self.settings.call_timeout
+    }
+
+    /// When a command taken at `taken_at` has been answered at the latest: its outcome, or
+    /// `outcome_unknown` once its deadline and grace have passed.
+    pub fn answered_by(&self, taken_at: tokio::time::Instant) -> tokio::time::Instant {
+        taken_at + self.settings.call_timeout + ANSWER_GRACE + ANSWER_MARGIN
     }
 
     /// Runs a command on its account's actor, with the deadline of a command arriving now.

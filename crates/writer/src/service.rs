@@ -46,6 +46,30 @@ pub struct WriterConfig {
     pub writer_name: Option<String>,
 }
 
+impl WriterConfig {
+    /// Refuses settings that contradict each other. A command is answered (its outcome, or
+    /// `outcome_unknown`) by its deadline, the grace for an append in flight and a margin; a
+    /// request timeout shorter than that would cut off commands it cannot take back (so it no
+    /// longer applies to them, see `problem::server::work_taken`), and leave bulks no time to
+    /// start anything.
+    pub fn check(&self) -> Result<()> {
+        let answered_within = self.registry.call_timeout
+            + crate::registry::ANSWER_GRACE
+            + crate::registry::ANSWER_MARGIN;
+        if self.http_limits.request_timeout <= answered_within {
+            return Err(Error::Config(format!(
+                "COFFER_HTTP_REQUEST_TIMEOUT_MS ({} ms) must be longer than \
+                 COFFER_COMMAND_DEADLINE_MS ({} ms) + {} ms, the time a command's answer may take \
+                 after its deadline: raise the request timeout or lower the deadline",
+                self.http_limits.request_timeout.as_millis(),
+                self.registry.call_timeout.as_millis(),
+                (answered_within - self.registry.call_timeout).as_millis(),
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Longest wait at shutdown to hand the partition leases back.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait at shutdown for the hand-overs taken before it to be answered.
@@ -62,6 +86,7 @@ pub async fn run(
     config: WriterConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    config.check()?;
     let client = config
         .nats
         .connect()
