@@ -29,6 +29,11 @@
 //! the members are then appended one by one at once, so only the member whose condition failed
 //! sees the conflict. An acknowledgement that never came leaves every member's outcome unknown
 //! (the batch is atomic: all of them or none are stored).
+//!
+//! Nothing is sent after its member's deadline. A member whose deadline passes while its batch
+//! is being staged makes the batch uncommittable (a staged message cannot be taken back); the
+//! commit is then not sent, so the server drops what was staged, and the other members go again
+//! in a new batch without it: one nearly expired command costs only itself.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -459,10 +464,7 @@ fn expire(
     for next in waiting.drain(..) {
         match next {
             Waiting::Member(member) if member.deadline.is_some_and(|deadline| now >= deadline) => {
-                counters.expired.fetch_add(1, Ordering::Relaxed);
-                let _ = member.reply.send(Err(Error::Unavailable(
-                    "the append reached its deadline before it could be sent".into(),
-                )));
+                refuse_expired(member, counters, "sent");
             }
             Waiting::Reservation(reservation)
                 if reservation.granted.is_closed()
@@ -471,6 +473,15 @@ fn expire(
         }
     }
     *waiting = kept;
+}
+
+/// Answers a member whose deadline passed before it could be `what` (sent, committed):
+/// `Unavailable`, nothing of it is stored.
+fn refuse_expired(member: Member, counters: &GroupCommitCounters, what: &str) {
+    counters.expired.fetch_add(1, Ordering::Relaxed);
+    let _ = member.reply.send(Err(Error::Unavailable(format!(
+        "the append reached its deadline before it could be {what}"
+    ))));
 }
 
 /// Whether a reservation waits to be granted.
@@ -548,10 +559,7 @@ fn next_batch(
             Waiting::Member(member) => member,
         };
         if member.deadline.is_some_and(|deadline| now >= deadline) {
-            counters.expired.fetch_add(1, Ordering::Relaxed);
-            let _ = member.reply.send(Err(Error::Unavailable(
-                "the append reached its deadline before it could be sent".into(),
-            )));
+            refuse_expired(member, counters, "sent");
             continue;
         }
         let fits = messages_max > 0
@@ -581,7 +589,7 @@ fn next_batch(
     batch
 }
 
-async fn send(log: &EventLog, batch: Vec<Member>, counters: &GroupCommitCounters) {
+async fn send(log: &EventLog, mut batch: Vec<Member>, counters: &GroupCommitCounters) {
     counters.batches.fetch_add(1, Ordering::Relaxed);
     counters
         .members
@@ -589,23 +597,45 @@ async fn send(log: &EventLog, batch: Vec<Member>, counters: &GroupCommitCounters
     if let Some(observe) = counters.on_batch.get() {
         observe(batch.iter().map(|member| member.entries.len()).sum());
     }
-    if batch.len() == 1 {
-        for member in batch {
-            let result = log
-                .append_atomic_before(&member.entries, member.deadline)
-                .await;
-            let _ = member.reply.send(result);
+    let appended = loop {
+        if batch.len() == 1 {
+            for member in batch {
+                let result = log
+                    .append_atomic_before(&member.entries, member.deadline)
+                    .await;
+                let _ = member.reply.send(result);
+            }
+            return;
         }
-        return;
-    }
-    let entries: Vec<&Entry> = batch
-        .iter()
-        .flat_map(|member| member.entries.iter())
-        .collect();
-    // Committed only while every member's deadline is ahead.
-    let deadline = batch.iter().filter_map(|member| member.deadline).min();
-    let appended = log.append_atomic_refs_before(&entries, deadline).await;
-    drop(entries);
+        let entries: Vec<&Entry> = batch
+            .iter()
+            .flat_map(|member| member.entries.iter())
+            .collect();
+        // Committed only while every member's deadline is ahead.
+        let deadline = batch.iter().filter_map(|member| member.deadline).min();
+        let appended = log.append_atomic_refs_before(&entries, deadline).await;
+        drop(entries);
+        // A member whose deadline passed while the batch was staged must not be committed,
+        // but it costs only itself: the batch was not committed (the server drops its staged
+        // messages), so the others are sent again without it. Each round drops at least one.
+        let now = Instant::now();
+        if matches!(appended, Err(Error::Unavailable(_)))
+            && deadline.is_some_and(|deadline| now >= deadline)
+        {
+            let (expired, rest): (Vec<Member>, Vec<Member>) = batch
+                .into_iter()
+                .partition(|member| member.deadline.is_some_and(|deadline| now >= deadline));
+            for member in expired {
+                refuse_expired(member, counters, "committed");
+            }
+            if rest.is_empty() {
+                return;
+            }
+            batch = rest;
+            continue;
+        }
+        break appended;
+    };
     match appended {
         Ok(appended) => {
             let mut first = appended.first_position;
@@ -640,18 +670,16 @@ async fn send(log: &EventLog, batch: Vec<Member>, counters: &GroupCommitCounters
             // in flight per stream, shared with the other writers.
             futures::stream::iter(batch)
                 .for_each_concurrent(SPLIT_CONCURRENCY_MAX, |member| async move {
-                    let result = if member
+                    if member
                         .deadline
                         .is_some_and(|deadline| Instant::now() >= deadline)
                     {
-                        counters.expired.fetch_add(1, Ordering::Relaxed);
-                        Err(Error::Unavailable(
-                            "the append reached its deadline before it could be sent again".into(),
-                        ))
-                    } else {
-                        log.append_atomic_before(&member.entries, member.deadline)
-                            .await
-                    };
+                        refuse_expired(member, counters, "sent again");
+                        return;
+                    }
+                    let result = log
+                        .append_atomic_before(&member.entries, member.deadline)
+                        .await;
                     let _ = member.reply.send(result);
                 })
                 .await;

@@ -168,6 +168,8 @@ pub struct EventLog {
     stream_name: String,
     schedules_name: String,
     snapshots_name: String,
+    /// Failpoint for tests: a pause between staging an append and committing it.
+    failpoint_commit_delay: Option<std::time::Duration>,
 }
 
 pub(crate) fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -300,7 +302,15 @@ impl EventLog {
             stream_name: settings.name.clone(),
             schedules_name: settings.schedules_name.clone(),
             snapshots_name: settings.snapshots_name.clone(),
+            failpoint_commit_delay: None,
         }
+    }
+
+    /// Failpoint for tests: every append pauses `delay` between staging its messages and the
+    /// last check of its deadline before the commit (a slow connection, forced).
+    pub fn with_failpoint_commit_delay(mut self, delay: std::time::Duration) -> Self {
+        self.failpoint_commit_delay = Some(delay);
+        self
     }
 
     pub fn schedules_name(&self) -> &str {
@@ -427,6 +437,9 @@ impl EventLog {
         let Some((subject, headers, payload)) = commit else {
             return Err(Error::Encode("an append needs a message".into()));
         };
+        if let Some(delay) = self.failpoint_commit_delay {
+            tokio::time::sleep(delay).await;
+        }
         if deadline.is_some_and(|deadline| tokio::time::Instant::now() >= deadline) {
             return Err(Error::Unavailable(
                 "the append reached its deadline before it could be committed".into(),

@@ -694,6 +694,48 @@ mod group_commit {
         assert!(log.load_account(&late, 0).await.unwrap().is_empty());
     }
 
+    /// A member whose deadline passes while its batch is staged costs only itself: the batch is
+    /// not committed, and the others are sent again without it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_expiring_while_its_batch_is_staged_is_dropped_and_the_rest_commit() {
+        let server = NatsServer::start();
+        let log = log_on(&server)
+            .await
+            .with_failpoint_commit_delay(Duration::from_secs(1));
+        let committer = GroupCommit::start(log.clone(), GroupCommitSettings::default());
+        // One append in flight (1 s), so the next three wait and go as one batch.
+        let started = tokio::time::Instant::now();
+        let first = account("first");
+        let in_flight = {
+            let committer = committer.clone();
+            let first = first.clone();
+            tokio::spawn(async move {
+                committer
+                    .append(vec![event_entry(&first, 0, opened())], None)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (nearly, others) = (account("nearly"), [account("ok-1"), account("ok-2")]);
+        // Alive when the batch is gathered (~1 s), past while it is staged (~1 s more).
+        let nearly_due = started + Duration::from_millis(1_500);
+        let (expired, kept_1, kept_2) = tokio::join!(
+            committer.append(vec![event_entry(&nearly, 0, opened())], Some(nearly_due)),
+            committer.append(vec![event_entry(&others[0], 0, opened())], None),
+            committer.append(vec![event_entry(&others[1], 0, opened())], None),
+        );
+        in_flight.await.unwrap().unwrap();
+        assert!(matches!(expired, Err(Error::Unavailable(_))), "{expired:?}");
+        kept_1.unwrap();
+        kept_2.unwrap();
+        assert_eq!(committer.counters().expired.load(Relaxed), 1);
+        assert_eq!(committer.counters().batches.load(Relaxed), 2);
+        assert!(log.load_account(&nearly, 0).await.unwrap().is_empty());
+        for id in others.iter().chain([&first]) {
+            assert_eq!(log.load_account(id, 0).await.unwrap().len(), 1);
+        }
+    }
+
     /// An append held back (behind a reservation) is answered at its own deadline, unsent, while
     /// the reservation is still held; the committer keeps serving other accounts meanwhile.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
