@@ -122,18 +122,38 @@ impl Dispatcher {
 
     /// Runs `request` on its account's owner: here, or on the writer that holds its partition.
     pub async fn execute(&self, request: CommandRequest) -> Result<Outcome> {
+        self.execute_within(request, self.registry.call_timeout())
+            .await
+    }
+
+    /// [`Dispatcher::execute`] with a deadline no later than `limit` from now (a client's own
+    /// deadline, when it is sooner than the writer's).
+    pub async fn execute_within(
+        &self,
+        request: CommandRequest,
+        limit: Duration,
+    ) -> Result<Outcome> {
+        let timeout = self.registry.call_timeout().min(limit);
         let route = match &self.ownership {
             Some(ownership) => ownership.route(&request.account_id),
             None => Route::Here,
         };
         match route {
-            Route::Here => self.registry.execute(request).await,
-            Route::Owner(owner) => self.hand_over(&owner, request).await,
+            Route::Here => {
+                self.registry
+                    .execute_until(request, tokio::time::Instant::now() + timeout)
+                    .await
+            }
+            Route::Owner(owner) => self.hand_over(&owner, request, timeout).await,
         }
     }
 
-    async fn hand_over(&self, owner: &WriterId, request: CommandRequest) -> Result<Outcome> {
-        let timeout = self.registry.call_timeout();
+    async fn hand_over(
+        &self,
+        owner: &WriterId,
+        request: CommandRequest,
+        timeout: Duration,
+    ) -> Result<Outcome> {
         // Short deadlines (tests, impatient deployments) keep three quarters of theirs.
         let budget = timeout.saturating_sub(HANDOVER_MARGIN.min(timeout / 4));
         let handover = Handover {
@@ -193,7 +213,7 @@ impl Dispatcher {
                     Ok(HandoverAnswer::NotTaken(reason)) => {
                         self.metrics.forward_fallbacks.inc();
                         tracing::warn!(%owner, %reason, "the owner could not take a command; deciding here");
-                        self.registry.execute(request).await
+                        self.registry.execute_until(request, deadline).await
                     }
                     Err(error) => Err(Error::OutcomeUnknown(format!(
                         "the owner {owner} of account {} answered unreadably: {error}",
@@ -206,7 +226,7 @@ impl Dispatcher {
                 // no one. Decide here until the lease moves.
                 self.metrics.forward_fallbacks.inc();
                 tracing::info!(%owner, account = %request.account_id, "owner gone; deciding here");
-                self.registry.execute(request).await
+                self.registry.execute_until(request, deadline).await
             }
             Err(error) => Err(Error::OutcomeUnknown(format!(
                 "handing account {} to its owner {owner}: {error}",

@@ -108,8 +108,11 @@ async fn handle(
     let trace = trace_context::otel::hop(&span, traceparent(&request.message));
     span.record("trace_id", trace.trace_id());
     let answer = match commands.get() {
-        Some(commands) => match parse(verb, &request.message, trace) {
-            Ok(command) => commands.execute(command).await,
+        Some(commands) => match client_deadline(&request.message)
+            .and_then(|limit| Ok((parse(verb, &request.message, trace)?, limit)))
+        {
+            Ok((command, None)) => commands.execute(command).await,
+            Ok((command, Some(limit))) => commands.execute_within(command, limit).await,
             Err(error) => Err(error),
         },
         None => Err(Error::Unavailable("the writer is starting".into())),
@@ -173,27 +176,65 @@ async fn handle_bulk(
     let answer = match commands.get() {
         None => Err(Error::Unavailable("the writer is starting".into())),
         Some(_) if headers.get("Idempotency-Key").is_some() => Err(bulk::keyed_bulk()),
-        Some(commands) => {
-            // The HTTP API's default request timeout bounds a NATS bulk too.
-            let window = bulk::start_window(
-                problem::HttpLimits::default().request_timeout,
-                commands.registry().call_timeout(),
-                crate::registry::ANSWER_GRACE,
-            );
-            let start_by = tokio::time::Instant::now() + window;
-            match bulk::parse(&request.message.payload, &correlation_id(&headers), trace)
-                .and_then(|parsed| Ok((parsed, bulk::admit()?)))
-            {
-                Ok((parsed, _running)) => {
-                    let results = bulk::run(commands, parsed, start_by).await;
-                    serde_json::to_value(bulk::BulkResults { results })
-                        .map_err(|error| Error::Internal(format!("encode a bulk answer: {error}")))
-                }
-                Err(error) => Err(error),
-            }
-        }
+        Some(commands) => run_bulk(commands, &request.message, trace).await,
     };
     answer_with(client, &request.message, answer, "batch").await;
+}
+
+/// Parses and runs a bulk within its start window and the client's deadline.
+async fn run_bulk(
+    commands: &Dispatcher,
+    message: &async_nats::Message,
+    trace: trace_context::TraceParent,
+) -> Result<serde_json::Value, Error> {
+    // The HTTP API's default request timeout bounds a NATS bulk too, and no command starts
+    // after the client's deadline.
+    let window = bulk::start_window(
+        problem::HttpLimits::default().request_timeout,
+        commands.registry().call_timeout(),
+        crate::registry::ANSWER_GRACE,
+    );
+    let window = match client_deadline(message)? {
+        Some(limit) => window.min(limit),
+        None => window,
+    };
+    let headers = message.headers.clone().unwrap_or_default();
+    let parsed = bulk::parse(&message.payload, &correlation_id(&headers), trace)?;
+    let _running = bulk::admit()?;
+    let start_by = tokio::time::Instant::now() + window;
+    let results = bulk::run(commands, parsed, start_by).await;
+    serde_json::to_value(bulk::BulkResults { results })
+        .map_err(|error| Error::Internal(format!("encode a bulk answer: {error}")))
+}
+
+/// The header a NATS client may set to its own deadline, in Unix milliseconds.
+pub const DEADLINE_HEADER: &str = "Coffer-Deadline";
+
+/// The time left before the client's deadline ([`DEADLINE_HEADER`]), if it gave one. A request
+/// that waited in the subscription past it is refused without starting (`unavailable`: the
+/// client has given up, and nothing was done); a command never starts after it.
+fn client_deadline(message: &async_nats::Message) -> Result<Option<std::time::Duration>, Error> {
+    let Some(value) = message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(DEADLINE_HEADER))
+    else {
+        return Ok(None);
+    };
+    let unix_ms: u64 = value.as_str().trim().parse().map_err(|_| {
+        Error::InvalidRequest(format!(
+            "{DEADLINE_HEADER} must be a time in Unix milliseconds, not {:?}",
+            value.as_str()
+        ))
+    })?;
+    let deadline = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms);
+    match deadline.duration_since(std::time::SystemTime::now()) {
+        Ok(left) if !left.is_zero() => Ok(Some(left)),
+        _ => Err(Error::Unavailable(format!(
+            "the client's deadline ({DEADLINE_HEADER}: {unix_ms}) passed before the command \
+             started; nothing was done"
+        ))),
+    }
 }
 
 /// The caller's `Coffer-Correlation-Id`, or a fresh one.

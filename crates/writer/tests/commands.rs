@@ -2127,3 +2127,96 @@ async fn a_bulk_out_of_time_refuses_the_commands_it_did_not_start_and_applies_no
     assert_eq!(balances[&account], 3, "only the two started deposits");
     writer.stop().await;
 }
+
+/// A NATS request that carries its client's deadline (`Coffer-Deadline`, Unix ms) is never
+/// started after it: one that waits past it (a busy account) is refused `503` and not applied;
+/// a deadline already past is refused at once, a malformed one is `400`, a later one runs. A
+/// bulk takes the same header.
+#[tokio::test]
+async fn a_nats_command_never_starts_after_its_clients_deadline() {
+    let nats = NatsServer::start();
+    // Every command waits 500 ms in its actor before it is looked at.
+    let writer = TestWriter::start_with(
+        &nats.url(),
+        RegistrySettings::default(),
+        StreamSettings::default(),
+        Some(Duration::from_millis(500)),
+    )
+    .await;
+    let account = unique("deadline");
+    assert_eq!(writer.open(&account, 0).await.status, 201);
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let in_ms = |offset: i64| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        (now + offset).to_string()
+    };
+    let ask = |subject: String, deadline: String, body: &'static str| {
+        let client = client.clone();
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Coffer-Deadline", deadline.as_str());
+            let answer = client
+                .request_with_headers(subject, headers, body.into())
+                .await
+                .unwrap();
+            let status = answer
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get("Nats-Service-Error-Code"))
+                .map_or(200, |code| code.as_str().parse::<u16>().unwrap());
+            let body: Value = serde_json::from_slice(&answer.payload).unwrap();
+            (status, body)
+        }
+    };
+    let deposit = format!("coffer.cmd.{account}.deposit");
+    // Due while the actor still holds it.
+    let (status, body) = ask(deposit.clone(), in_ms(200), r#"{"amount":100}"#).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("unavailable")),
+        "{body}"
+    );
+    // Already past: refused without waiting for the actor.
+    let asked = Instant::now();
+    let (status, body) = ask(deposit.clone(), in_ms(-1), r#"{"amount":100}"#).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("unavailable")),
+        "{body}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        asked.elapsed()
+    );
+    let (status, body) = ask(deposit.clone(), "soon".into(), r#"{"amount":100}"#).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
+    assert!(
+        body["detail"].as_str().unwrap().contains("Coffer-Deadline"),
+        "{body}"
+    );
+    // Far enough ahead: it runs.
+    let (status, body) = ask(deposit.clone(), in_ms(5_000), r#"{"amount":7}"#).await;
+    assert_eq!((status, &body["balance"]), (200, &json!(7)), "{body}");
+    let (status, body) = ask(
+        "coffer.cmd.batch".into(),
+        in_ms(-1),
+        r#"{"commands":[{"op":"open","account_id":"never-opened","currency":"EUR"}]}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("unavailable")),
+        "{body}"
+    );
+    // Only the deposit that ran is stored.
+    assert_eq!(writer.deposit(&account, 1, None).await.body["balance"], 8);
+    writer.stop().await;
+}
