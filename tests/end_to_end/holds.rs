@@ -135,3 +135,98 @@ async fn a_thousand_holds_expire_on_time_across_writer_restarts() {
         .unwrap();
     assert_eq!(withdrawn.status, 200, "{:?}", withdrawn.body);
 }
+
+/// A hold whose scheduled expiry never comes (here the schedules stream is emptied, as a stolen
+/// writer credential's roll-up could; a due message dropped or aged out is the same) would keep
+/// its money held for good: capture and void are refused from `expires_at` on. The backstop,
+/// which reads placed holds from the event stream, expires it once; a hold settled before its
+/// expiry is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_whose_due_message_never_comes_is_expired_by_the_backstop() {
+    let nats = NatsServer::start();
+    let writer = support::writer(
+        "w",
+        &nats.url(),
+        &[("COFFER_HOLD_BACKSTOP_DELAY_MS", "2000".into())],
+    );
+    let http = Http::new();
+    let url = writer.url();
+    let (payer, payee) = (support::unique("payer"), support::unique("payee"));
+    http.open_account(&url, &payer).await;
+    http.open_account(&url, &payee).await;
+    http.deposit(&url, &payer, &json!({"amount": 100}), None)
+        .await
+        .unwrap();
+    let place = |hold_id: &str, amount: i64| {
+        json!({"from": payer, "to": payee, "amount": amount, "hold_id": hold_id,
+            "expires_in_seconds": 2})
+    };
+    let (forgotten, voided) = (support::unique("forgotten"), support::unique("voided"));
+    for (hold_id, amount) in [(&forgotten, 60), (&voided, 40)] {
+        let reply = http
+            .post(&format!("{url}/v1/holds"), &place(hold_id, amount), None)
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 201, "{:?}", reply.body);
+    }
+    let void = http
+        .post(&format!("{url}/v1/holds/{voided}/void"), &json!({}), None)
+        .await
+        .unwrap();
+    assert_eq!(void.status, 200, "{:?}", void.body);
+    // The schedules are gone before they fire.
+    let context = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    context
+        .get_stream("COFFER_SCHEDULES")
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+
+    // Due at expires_at (2 s) + the backstop's delay (2 s); allow for a slow machine.
+    let started = std::time::Instant::now();
+    let expired = loop {
+        let events = read_stream(&nats.url()).await;
+        let expired: Vec<String> = events
+            .iter()
+            .filter_map(|event| match &event.event {
+                domain::Event::HoldExpired { hold_id } => Some(hold_id.to_string()),
+                _ => None,
+            })
+            .collect();
+        if !expired.is_empty() || started.elapsed() > Duration::from_secs(20) {
+            break expired;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(expired, vec![forgotten.clone()], "expired: {expired:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "expired before its expiry and the backstop's delay: {:?}",
+        started.elapsed()
+    );
+    // Its money is available again; the voided hold's was already.
+    let withdrawn = http
+        .post(
+            &format!("{url}/v1/accounts/{payer}/withdrawals"),
+            &json!({"amount": 100}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(withdrawn.status, 200, "{:?}", withdrawn.body);
+    assert_eq!(
+        http.metric(&url, "coffer_writer_holds_expired_by_backstop_total")
+            .await,
+        Some(1.0)
+    );
+    // Nothing more comes of it: still one expiry a moment later.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let expiries = read_stream(&nats.url())
+        .await
+        .iter()
+        .filter(|event| matches!(event.event, domain::Event::HoldExpired { .. }))
+        .count();
+    assert_eq!(expiries, 1);
+}

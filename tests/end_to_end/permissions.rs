@@ -91,6 +91,8 @@ async fn each_role_does_its_work_and_nothing_else() {
     let writer_environment = {
         let mut environment = role_environment("writer", "writer-secret");
         environment.push(("COFFER_NATS_URL", url.clone()));
+        // The backstop looks at the expiring hold below soon after it expired.
+        environment.push(("COFFER_HOLD_BACKSTOP_DELAY_MS", "1000".into()));
         environment
     };
     let writer = testkit::CofferProcess::start("w", "writer", &writer_environment);
@@ -285,6 +287,33 @@ async fn each_role_does_its_work_and_nothing_else() {
             .is_err(),
         "the reader deleted the writers' consumer"
     );
+    // Nor the writers' backstop consumer on the event stream it reads.
+    let reader_events = reader_js.get_stream("COFFER_EVENTS").await.unwrap();
+    assert!(
+        reader_events
+            .get_consumer::<jetstream::consumer::pull::Config>("coffer-hold-backstop")
+            .await
+            .is_err(),
+        "the reader reached the writers' backstop consumer"
+    );
+    assert!(
+        reader_events
+            .delete_consumer("coffer-hold-backstop")
+            .await
+            .is_err(),
+        "the reader deleted the writers' backstop consumer"
+    );
+    assert!(
+        reader_events
+            .create_consumer(jetstream::consumer::pull::Config {
+                durable_name: Some("coffer-hold-backstop".into()),
+                filter_subject: "coffer.events.*.withdrawn".into(),
+                ..Default::default()
+            })
+            .await
+            .is_err(),
+        "the reader re-configured the writers' backstop consumer"
+    );
     assert!(
         reader_client
             .request(format!("coffer.cmd.{a}.deposit"), r#"{"amount":1}"#.into())
@@ -330,6 +359,24 @@ async fn each_role_does_its_work_and_nothing_else() {
     assert_eq!((last_after, max_after), (last_before, max_before));
     let events = setup.get_stream("COFFER_EVENTS").await.unwrap();
     assert!(events.consumer_info("reader-0").await.is_ok());
+    let backstop = events.consumer_info("coffer-hold-backstop").await.unwrap();
+    assert_eq!(
+        backstop.config.filter_subject, "coffer.events.*.hold_placed",
+        "the backstop consumer was re-configured"
+    );
+    // The writers worked it under their role: the expired hold was looked at and acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let backstop = events.consumer_info("coffer-hold-backstop").await.unwrap();
+        if backstop.ack_floor.stream_sequence > 0 && backstop.num_ack_pending == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the writers never worked the backstop consumer: {backstop:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let schedules = setup.get_stream("COFFER_SCHEDULES").await.unwrap();
     assert!(schedules.consumer_info("coffer-hold-expiry").await.is_ok());
     let snapshots = setup.get_stream("COFFER_SNAPSHOTS").await.unwrap();

@@ -281,6 +281,11 @@ struct WriterArgs {
     #[arg(long, env = "COFFER_ACCOUNT_BATCH_MAX", default_value_t = 100,
         value_parser = clap::value_parser!(u16).range(1..=1000))]
     account_batch_max: u16,
+    /// How long after a hold's expiry the backstop expires it if its scheduled expiry never
+    /// came (a lost or late due message), in milliseconds.
+    #[arg(long, env = "COFFER_HOLD_BACKSTOP_DELAY_MS", default_value_t = 90_000,
+        value_parser = clap::value_parser!(u64).range(1_000..=86_400_000))]
+    hold_backstop_delay_ms: u64,
     /// Failpoint for tests: every command waits this long in its actor first.
     #[arg(long, env = "COFFER_FAILPOINT_ACTOR_DELAY_MS", hide = true)]
     failpoint_actor_delay_ms: Option<u64>,
@@ -645,6 +650,13 @@ async fn setup(args: SetupArgs) -> anyhow::Result<()> {
         )
         .await
         .map_err(|error| anyhow::anyhow!("the hold-expiry consumer: {error}"))?;
+    events
+        .get_or_create_consumer(
+            writer::expiry::BACKSTOP_CONSUMER_NAME,
+            writer::expiry::backstop_consumer_config(),
+        )
+        .await
+        .map_err(|error| anyhow::anyhow!("the hold-expiry backstop consumer: {error}"))?;
     let summary = serde_json::json!({
         "streams": [
             {"name": settings.name, "replicas": current.num_replicas, "subjects": current.subjects},
@@ -652,7 +664,10 @@ async fn setup(args: SetupArgs) -> anyhow::Result<()> {
             {"name": settings.snapshots_name},
         ],
         "buckets": [{"name": eventlog::leases::BUCKET}],
-        "consumers": [{"stream": settings.schedules_name, "name": writer::expiry::CONSUMER_NAME}],
+        "consumers": [
+            {"stream": settings.schedules_name, "name": writer::expiry::CONSUMER_NAME},
+            {"stream": settings.name, "name": writer::expiry::BACKSTOP_CONSUMER_NAME},
+        ],
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
@@ -843,6 +858,9 @@ async fn main() -> anyhow::Result<()> {
                 ownership: args.ownership,
                 account_batch_max: usize::from(args.account_batch_max),
                 writer_name: args.writer_name,
+                hold_backstop: writer::expiry::Backstop {
+                    delay: Duration::from_millis(args.hold_backstop_delay_ms),
+                },
             };
             writer::run(config, shutdown_signal()).await?;
             Ok(())

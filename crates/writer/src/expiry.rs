@@ -9,6 +9,17 @@
 //! in the consumer until some writer is up, then is handled at once. A message is acknowledged
 //! only once its hold is settled; a failure is retried after [`RETRY_DELAY`], and a schedule that
 //! fired before this writer's clock reached `expires_at` is retried when it has.
+//!
+//! A schedule can fail a hold: its due message is dropped when the hold is still not in the
+//! stream a minute after it fired (a commit buffered across a reconnect), due messages age out
+//! of the schedules stream after 8 days, and the schedules stream can be emptied by someone
+//! with a writer's credential. Capture and void are refused from `expires_at` on, so such a hold
+//! would keep its money held for good. So a **backstop** reads the source of truth instead: a
+//! second shared durable consumer, [`BACKSTOP_CONSUMER_NAME`], on the event stream's
+//! `hold_placed` events. Each placed hold is held back (negatively acknowledged with a delay)
+//! until [`Backstop::delay`] after its `expires_at`, then expired through its account like a due
+//! message: a hold the schedule already settled is answered "settled" and acknowledged, so in
+//! the normal case the backstop costs one look at the account per hold.
 
 use std::time::Duration;
 
@@ -19,11 +30,24 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::dispatch::Dispatcher;
+use crate::metrics::Metrics;
+use crate::outcome::Outcome;
 use crate::request::{CommandRequest, Intent};
 use crate::Error;
 
 /// The durable consumer all writers share.
 pub const CONSUMER_NAME: &str = "coffer-hold-expiry";
+/// The backstop's durable consumer on the event stream, shared by all writers.
+pub const BACKSTOP_CONSUMER_NAME: &str = "coffer-hold-backstop";
+/// Placed holds the backstop keeps waiting at once. Each open hold is one pending message until
+/// it is due; beyond this many, newer holds wait for older ones to be acknowledged.
+const BACKSTOP_PENDING_MAX: i64 = 1_000_000;
+/// Default of [`Backstop::delay`]: long after the schedule's own expiry (at most ~1 s late,
+/// retried for a minute when the hold was late).
+pub const BACKSTOP_DELAY_DEFAULT: Duration = Duration::from_secs(90);
+/// The longest a placed hold is held back in one go (the server redelivers it then, and it is
+/// held back again): bounds what a clock jump can do.
+const BACKSTOP_WAIT_MAX: Duration = Duration::from_secs(6 * 3_600);
 /// Due expiries one writer handles at once.
 const CONCURRENCY_MAX: usize = 64;
 /// Redelivery delay after a transient failure (NATS down, account busy).
@@ -57,8 +81,59 @@ pub fn consumer_config() -> consumer::pull::Config {
     }
 }
 
-/// Runs until `shutdown` turns true.
-pub async fn run(log: EventLog, commands: Dispatcher, mut shutdown: watch::Receiver<bool>) {
+/// The backstop consumer: every `hold_placed` event of the event stream.
+pub fn backstop_consumer_config() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(BACKSTOP_CONSUMER_NAME.into()),
+        description: Some(
+            "Coffer hold expiry backstop: placed holds, expired if their schedule did not".into(),
+        ),
+        filter_subject: subject::type_filter("hold_placed"),
+        ack_policy: consumer::AckPolicy::Explicit,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_wait: ACK_WAIT,
+        max_deliver: -1,
+        max_ack_pending: BACKSTOP_PENDING_MAX,
+        ..Default::default()
+    }
+}
+
+/// How the backstop runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Backstop {
+    /// How long after a hold's `expires_at` the backstop expires it if it is still open
+    /// (`COFFER_HOLD_BACKSTOP_DELAY_MS`, default 90 s).
+    pub delay: Duration,
+}
+
+impl Default for Backstop {
+    fn default() -> Self {
+        Self {
+            delay: BACKSTOP_DELAY_DEFAULT,
+        }
+    }
+}
+
+/// Runs the schedule's expiries and the backstop until `shutdown` turns true.
+pub async fn run(
+    log: EventLog,
+    commands: Dispatcher,
+    metrics: std::sync::Arc<Metrics>,
+    backstop: Backstop,
+    shutdown: watch::Receiver<bool>,
+) {
+    let backstop = tokio::spawn(run_backstop(
+        log.clone(),
+        commands.clone(),
+        metrics,
+        backstop,
+        shutdown.clone(),
+    ));
+    run_schedules(log, commands, shutdown).await;
+    let _ = backstop.await;
+}
+
+async fn run_schedules(log: EventLog, commands: Dispatcher, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             result = consume(&log, &commands) => {
@@ -118,24 +193,7 @@ async fn handle(log: &EventLog, commands: &Dispatcher, message: async_nats::jets
         let _ = message.ack_with(AckKind::Term).await;
         return;
     };
-    let request = CommandRequest::new(
-        from.clone(),
-        Intent::Release(hold_id.clone(), Release::Expire),
-        None,
-        format!("hold-expiry-{hold_id}"),
-    );
-    let handled = commands.execute(request);
-    tokio::pin!(handled);
-    let mut progress = tokio::time::interval(PROGRESS_PERIOD);
-    progress.tick().await;
-    let answer = loop {
-        tokio::select! {
-            answer = &mut handled => break answer,
-            _ = progress.tick() => {
-                let _ = message.ack_with(AckKind::Progress).await;
-            }
-        }
-    };
+    let answer = expire(commands, &message, &from, &hold_id).await;
     let acknowledgement = match answer {
         Ok(_) => {
             tracing::info!(account = %from, hold = %hold_id, "hold expired");
@@ -169,5 +227,170 @@ async fn handle(log: &EventLog, commands: &Dispatcher, message: async_nats::jets
     };
     if let Err(error) = message.ack_with(acknowledgement).await {
         tracing::debug!(%error, "hold expiry ack failed; it will be redelivered");
+    }
+}
+
+/// Expires `hold_id` through its account `from`, telling the server that `message` is still
+/// being handled while it runs.
+async fn expire(
+    commands: &Dispatcher,
+    message: &async_nats::jetstream::Message,
+    from: &domain::AccountId,
+    hold_id: &domain::TransferId,
+) -> Result<Outcome, Error> {
+    let request = CommandRequest::new(
+        from.clone(),
+        Intent::Release(hold_id.clone(), Release::Expire),
+        None,
+        format!("hold-expiry-{hold_id}"),
+    );
+    let handled = commands.execute(request);
+    tokio::pin!(handled);
+    let mut progress = tokio::time::interval(PROGRESS_PERIOD);
+    progress.tick().await;
+    loop {
+        tokio::select! {
+            answer = &mut handled => return answer,
+            _ = progress.tick() => {
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+}
+
+async fn run_backstop(
+    log: EventLog,
+    commands: Dispatcher,
+    metrics: std::sync::Arc<Metrics>,
+    backstop: Backstop,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            result = consume_placed(&log, &commands, &metrics, backstop) => {
+                if let Err(error) = result {
+                    tracing::warn!(%error, "hold expiry backstop interrupted; resuming");
+                }
+            }
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RECONNECT_DELAY) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+async fn consume_placed(
+    log: &EventLog,
+    commands: &Dispatcher,
+    metrics: &Metrics,
+    backstop: Backstop,
+) -> Result<(), Error> {
+    let nats = |error: &dyn std::fmt::Display| Error::Unavailable(error.to_string());
+    let stream = log
+        .context()
+        .get_stream(log.stream_name())
+        .await
+        .map_err(|error| nats(&error))?;
+    let consumer = stream
+        .get_or_create_consumer(BACKSTOP_CONSUMER_NAME, backstop_consumer_config())
+        .await
+        .map_err(|error| nats(&error))?;
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(PULL_BATCH_SIZE_MAX)
+        .messages()
+        .await
+        .map_err(|error| nats(&error))?;
+    messages
+        .for_each_concurrent(CONCURRENCY_MAX, |message| async move {
+            match message {
+                Ok(message) => handle_placed(commands, metrics, backstop, message).await,
+                Err(error) => tracing::warn!(%error, "hold backstop delivery failed"),
+            }
+        })
+        .await;
+    Err(Error::Unavailable(
+        "hold backstop message stream ended".into(),
+    ))
+}
+
+/// One placed hold: held back until it is due for the backstop, then expired if still open.
+async fn handle_placed(
+    commands: &Dispatcher,
+    metrics: &Metrics,
+    backstop: Backstop,
+    message: async_nats::jetstream::Message,
+) {
+    let placed = message
+        .info()
+        .map_err(|error| error.to_string())
+        .and_then(|info| {
+            eventlog::log::decode_stored(
+                &message.subject,
+                info.stream_sequence,
+                info.published,
+                &message.headers.clone().unwrap_or_default(),
+                message.payload.clone(),
+            )
+            .map_err(|error| error.to_string())
+        });
+    let (from, hold_id, expires_at) = match placed {
+        Ok(recorded) => match recorded.event {
+            domain::Event::HoldPlaced {
+                hold_id,
+                expires_at,
+                ..
+            } => (recorded.account_id, hold_id, expires_at),
+            other => {
+                tracing::error!(subject = %message.subject, event = other.event_type(), "the hold backstop got an event that is not a placed hold; skipping it");
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        },
+        Err(error) => {
+            // Its account's commands are refused while it cannot be read; the hold cannot be
+            // expired either. Come back to it later rather than lose it.
+            tracing::error!(subject = %message.subject, %error, "the hold backstop cannot read a placed hold; retrying later");
+            let _ = message
+                .ack_with(AckKind::Nak(Some(BACKSTOP_WAIT_MAX)))
+                .await;
+            return;
+        }
+    };
+    let due = std::time::UNIX_EPOCH
+        + Duration::from_secs(u64::try_from(expires_at).unwrap_or(0))
+        + backstop.delay;
+    if let Ok(wait) = due.duration_since(std::time::SystemTime::now()) {
+        if !wait.is_zero() {
+            let wait = wait.clamp(Duration::from_secs(1), BACKSTOP_WAIT_MAX);
+            let _ = message.ack_with(AckKind::Nak(Some(wait))).await;
+            return;
+        }
+    }
+    let acknowledgement = match expire(commands, &message, &from, &hold_id).await {
+        Ok(_) => {
+            metrics.holds_expired_by_backstop.inc();
+            tracing::warn!(account = %from, hold = %hold_id, expires_at, "the backstop expired a hold whose scheduled expiry never came");
+            AckKind::Ack
+        }
+        Err(Error::Rejected(DomainError::HoldSettled(_))) => AckKind::Ack,
+        // The event is in the stream, so its account holds it: not being found means the hold
+        // is settled under a reading this writer does not share; nothing to do here.
+        Err(Error::Rejected(DomainError::HoldNotFound(_))) => {
+            tracing::warn!(account = %from, hold = %hold_id, "the hold backstop found no such hold on its account");
+            AckKind::Ack
+        }
+        Err(Error::Rejected(DomainError::HoldNotDue { seconds, .. })) => {
+            AckKind::Nak(Some(Duration::from_secs(seconds.clamp(1, 60) as u64)))
+        }
+        Err(error) => {
+            tracing::warn!(account = %from, hold = %hold_id, %error, "hold backstop expiry failed; retrying");
+            AckKind::Nak(Some(RETRY_DELAY))
+        }
+    };
+    if let Err(error) = message.ack_with(acknowledgement).await {
+        tracing::debug!(%error, "hold backstop ack failed; it will be redelivered");
     }
 }

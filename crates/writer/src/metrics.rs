@@ -49,6 +49,8 @@ pub struct Metrics {
     pub partitions_owned: Gauge,
     /// Leases this writer found taken by another when it went to renew them.
     pub leases_lost: Counter,
+    /// Holds expired by the backstop: their due message never came (or came too late).
+    pub holds_expired_by_backstop: Counter,
     /// What the group committer has done, once it runs.
     pub group_commit:
         std::sync::OnceLock<std::sync::Arc<eventlog::group_commit::GroupCommitCounters>>,
@@ -91,6 +93,7 @@ impl Default for Metrics {
             commands_taken_over: Counter::default(),
             partitions_owned: Gauge::default(),
             leases_lost: Counter::default(),
+            holds_expired_by_backstop: Counter::default(),
             group_commit: std::sync::OnceLock::new(),
         }
     }
@@ -193,6 +196,11 @@ impl Metrics {
                 "coffer_writer_leases_lost",
                 "Partition leases found taken by another writer at renewal (this writer had paused past the lease).",
                 &self.leases_lost,
+            ),
+            (
+                "coffer_writer_holds_expired_by_backstop",
+                "Holds expired by the backstop that reads placed holds from the event stream: their scheduled expiry never came. Should stay 0.",
+                &self.holds_expired_by_backstop,
             ),
         ];
         for (name, help, counter) in counters {

@@ -44,6 +44,8 @@ pub struct WriterConfig {
     /// The first part of this writer's id in the owners bucket (`COFFER_WRITER_NAME`, default
     /// the host name); a random suffix makes it unique per process.
     pub writer_name: Option<String>,
+    /// The hold-expiry backstop ([`expiry::Backstop`]).
+    pub hold_backstop: expiry::Backstop,
 }
 
 impl WriterConfig {
@@ -268,7 +270,13 @@ async fn set_up(
     let commands = Dispatcher::new(registry, ownership, log.client().clone(), metrics.clone());
     let _ = commands_cell.set(commands.clone());
     tracing::info!("writer ready");
-    tokio::spawn(expiry::run(log.clone(), commands, stop.clone()));
+    tokio::spawn(expiry::run(
+        log.clone(),
+        commands,
+        metrics.clone(),
+        config.hold_backstop,
+        stop.clone(),
+    ));
     loop {
         match nats_api::serve(log.client().clone(), commands_cell.clone(), stop.clone()).await {
             Ok(()) => return,

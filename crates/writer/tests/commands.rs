@@ -95,6 +95,7 @@ impl TestWriter {
             http_limits,
             ownership,
             writer_name: Some("test-writer".into()),
+            hold_backstop: Default::default(),
             account_batch_max: 100,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
