@@ -17,12 +17,17 @@ async fn applied(http: &Http, url: &str) -> u64 {
         .unwrap_or(0.0) as u64
 }
 
+/// The readers' consumers on the event stream (the writers' hold backstop is not one).
 async fn consumer_names(nats_url: &str) -> Vec<String> {
     use futures::TryStreamExt;
     let client = async_nats::connect(nats_url).await.unwrap();
     let context = async_nats::jetstream::new(client);
     let stream = context.get_stream("COFFER_EVENTS").await.unwrap();
-    stream.consumer_names().try_collect().await.unwrap()
+    let names: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
+    names
+        .into_iter()
+        .filter(|name| name != writer::expiry::BACKSTOP_CONSUMER_NAME)
+        .collect()
 }
 
 /// Runs `coffer projection rebuild` against the reader at `url`, off the async runtime.
