@@ -225,12 +225,12 @@ async fn a_client_that_stops_reading_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_taken_before_the_request_timeout_is_answered_with_its_outcome() {
     let nats = NatsServer::start();
-    // Deadline 1.5 s: the request timeout must exceed 1.5 s + 3.5 s grace + 1 s.
+    // Deadline 1.5 s: the request timeout must exceed 1.5 s + 3.5 s grace + 2 s.
     let writer = support::writer(
         "w",
         &nats.url(),
         &[
-            ("COFFER_HTTP_REQUEST_TIMEOUT_MS", "7000".into()),
+            ("COFFER_HTTP_REQUEST_TIMEOUT_MS", "8000".into()),
             ("COFFER_COMMAND_DEADLINE_MS", "1500".into()),
             ("COFFER_FAILPOINT_ACTOR_DELAY_MS", "900".into()),
         ],
@@ -248,16 +248,16 @@ async fn a_command_taken_before_the_request_timeout_is_answered_with_its_outcome
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     let asked = Instant::now();
-    // The body's last byte arrives ~6.5 s in; the actor then takes 0.9 s: past the 7 s timeout.
+    // The body's last byte arrives ~7.5 s in; the actor then takes 0.9 s: past the 8 s timeout.
     let (last, first) = body.as_bytes().split_last().unwrap();
     stream.write_all(first).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(6_500)).await;
+    tokio::time::sleep(Duration::from_millis(7_500)).await;
     stream.write_all(&[*last]).await.unwrap();
     let (answer, _) = until_closed(stream, Duration::from_secs(15))
         .await
         .expect("the command was never answered");
     assert!(
-        asked.elapsed() > Duration::from_secs(7),
+        asked.elapsed() > Duration::from_secs(8),
         "answered before the request timeout: {:?}: {answer}",
         asked.elapsed()
     );
@@ -298,7 +298,7 @@ async fn a_writer_refuses_a_request_timeout_shorter_than_a_command_can_take() {
         "w",
         &nats.url(),
         &[
-            ("COFFER_HTTP_REQUEST_TIMEOUT_MS", "15000".into()),
+            ("COFFER_HTTP_REQUEST_TIMEOUT_MS", "16000".into()),
             ("COFFER_COMMAND_DEADLINE_MS", "10000".into()),
         ],
     );

@@ -311,7 +311,7 @@ struct HttpLimitsArgs {
         value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     http_body_timeout_ms: u64,
     /// Time for a request until its command is taken: then 408 (nothing was done). A writer
-    /// needs it longer than the command deadline + 4.5 s, the longest a taken command's answer
+    /// needs it longer than the command deadline + 5.5 s, the longest a taken command's answer
     /// may take after it.
     #[arg(long, env = "COFFER_HTTP_REQUEST_TIMEOUT_MS", default_value_t = 30_000,
         value_parser = clap::value_parser!(u64).range(1..=3_600_000))]

@@ -597,6 +597,7 @@ async fn send(log: &EventLog, mut batch: Vec<Member>, counters: &GroupCommitCoun
     if let Some(observe) = counters.on_batch.get() {
         observe(batch.iter().map(|member| member.entries.len()).sum());
     }
+    let mut rebatched = false;
     let appended = loop {
         if batch.len() == 1 {
             for member in batch {
@@ -617,7 +618,9 @@ async fn send(log: &EventLog, mut batch: Vec<Member>, counters: &GroupCommitCoun
         drop(entries);
         // A member whose deadline passed while the batch was staged must not be committed,
         // but it costs only itself: the batch was not committed (the server drops its staged
-        // messages), so the others are sent again without it. Each round drops at least one.
+        // messages after its batch timeout), so the others are sent again without it. Once as a
+        // batch; if staging is that slow again, each alone: every abandoned batch holds one of
+        // the server's in-flight batch slots (50 per stream) until it times out.
         let now = Instant::now();
         if matches!(appended, Err(Error::Unavailable(_)))
             && deadline.is_some_and(|deadline| now >= deadline)
@@ -631,6 +634,11 @@ async fn send(log: &EventLog, mut batch: Vec<Member>, counters: &GroupCommitCoun
             if rest.is_empty() {
                 return;
             }
+            if rebatched {
+                send_alone(log, rest, counters).await;
+                return;
+            }
+            rebatched = true;
             batch = rest;
             continue;
         }
@@ -666,23 +674,28 @@ async fn send(log: &EventLog, mut batch: Vec<Member>, counters: &GroupCommitCoun
         // stored. Each member alone finds out whether it was the one.
         Err(_) => {
             counters.split.fetch_add(1, Ordering::Relaxed);
-            // A bounded number at a time: each may be an atomic batch, and the server takes 50
-            // in flight per stream, shared with the other writers.
-            futures::stream::iter(batch)
-                .for_each_concurrent(SPLIT_CONCURRENCY_MAX, |member| async move {
-                    if member
-                        .deadline
-                        .is_some_and(|deadline| Instant::now() >= deadline)
-                    {
-                        refuse_expired(member, counters, "sent again");
-                        return;
-                    }
-                    let result = log
-                        .append_atomic_before(&member.entries, member.deadline)
-                        .await;
-                    let _ = member.reply.send(result);
-                })
-                .await;
+            send_alone(log, batch, counters).await;
         }
     }
+}
+
+/// Sends each member as its own append (none of them is stored yet), a bounded number at a time:
+/// each may be an atomic batch, and the server takes 50 in flight per stream, shared with the
+/// other writers.
+async fn send_alone(log: &EventLog, members: Vec<Member>, counters: &GroupCommitCounters) {
+    futures::stream::iter(members)
+        .for_each_concurrent(SPLIT_CONCURRENCY_MAX, |member| async move {
+            if member
+                .deadline
+                .is_some_and(|deadline| Instant::now() >= deadline)
+            {
+                refuse_expired(member, counters, "sent again");
+                return;
+            }
+            let result = log
+                .append_atomic_before(&member.entries, member.deadline)
+                .await;
+            let _ = member.reply.send(result);
+        })
+        .await;
 }

@@ -695,7 +695,7 @@ mod group_commit {
     }
 
     /// A member whose deadline passes while its batch is staged costs only itself: the batch is
-    /// not committed, and the others are sent again without it.
+    /// not committed, and the others are sent again without it, again when that happens twice.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_member_expiring_while_its_batch_is_staged_is_dropped_and_the_rest_commit() {
         let server = NatsServer::start();
@@ -716,21 +716,30 @@ mod group_commit {
             })
         };
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let (nearly, others) = (account("nearly"), [account("ok-1"), account("ok-2")]);
+        let (nearly, later) = (account("nearly"), account("later"));
+        let others = [account("ok-1"), account("ok-2")];
         // Alive when the batch is gathered (~1 s), past while it is staged (~1 s more).
         let nearly_due = started + Duration::from_millis(1_500);
-        let (expired, kept_1, kept_2) = tokio::join!(
+        // Alive when the rest is sent again (~2 s), past while that is staged (~1 s more).
+        let later_due = started + Duration::from_millis(2_500);
+        let (expired, expired_later, kept_1, kept_2) = tokio::join!(
             committer.append(vec![event_entry(&nearly, 0, opened())], Some(nearly_due)),
+            committer.append(vec![event_entry(&later, 0, opened())], Some(later_due)),
             committer.append(vec![event_entry(&others[0], 0, opened())], None),
             committer.append(vec![event_entry(&others[1], 0, opened())], None),
         );
         in_flight.await.unwrap().unwrap();
         assert!(matches!(expired, Err(Error::Unavailable(_))), "{expired:?}");
+        assert!(
+            matches!(expired_later, Err(Error::Unavailable(_))),
+            "{expired_later:?}"
+        );
         kept_1.unwrap();
         kept_2.unwrap();
-        assert_eq!(committer.counters().expired.load(Relaxed), 1);
+        assert_eq!(committer.counters().expired.load(Relaxed), 2);
         assert_eq!(committer.counters().batches.load(Relaxed), 2);
         assert!(log.load_account(&nearly, 0).await.unwrap().is_empty());
+        assert!(log.load_account(&later, 0).await.unwrap().is_empty());
         for id in others.iter().chain([&first]) {
             assert_eq!(log.load_account(id, 0).await.unwrap().len(), 1);
         }

@@ -273,8 +273,9 @@ async fn within_request_timeout(
                 );
                 crate::Problem::unavailable(
                     "outcome_unknown",
-                    "the request was taken but its outcome is not known; retry with the same \
-                     Idempotency-Key to learn it",
+                    "the request was taken but not answered in time: it may or may not have \
+                     been applied. Retry only with the same Idempotency-Key (or transfer id); \
+                     a command sent without one may have been applied",
                     1,
                 )
                 .into_response()

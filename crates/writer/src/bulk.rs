@@ -431,7 +431,20 @@ pub async fn run(
                          applied"
                             .into(),
                     )),
-                    Ok(command) => dispatcher.execute(command).await,
+                    // Each command is answered by itself, so a late one is `outcome_unknown` alone
+                    // and the bulk's answer still carries every other outcome.
+                    Ok(command) => {
+                        let answer_by = dispatcher
+                            .registry()
+                            .answered_by(tokio::time::Instant::now());
+                        tokio::time::timeout_at(answer_by, dispatcher.execute(command))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(Error::OutcomeUnknown(
+                                    "no answer came in time for this command".into(),
+                                ))
+                            })
+                    }
                     Err(error) => Err(error),
                 };
                 drop(done);

@@ -45,6 +45,14 @@ const BACKSTOP_PENDING_MAX: i64 = 1_000_000;
 /// Default of [`Backstop::delay`]: long after the schedule's own expiry (at most ~1 s late,
 /// retried for a minute when the hold was late).
 pub const BACKSTOP_DELAY_DEFAULT: Duration = Duration::from_secs(90);
+/// Placed holds one writer looks at at once: few, so that a first start on a stream with many
+/// old holds (each one look at its account) does not crowd out clients' commands.
+const BACKSTOP_CONCURRENCY_MAX: usize = 8;
+/// The backstop's ack wait: its messages are handled while a command runs (progress is reported),
+/// and a long wait keeps the server's scans of the many pending ones rare.
+const BACKSTOP_ACK_WAIT: Duration = Duration::from_secs(30);
+/// The longest pause between retries of a hold whose expiry keeps failing.
+const BACKSTOP_RETRY_MAX: Duration = Duration::from_secs(60);
 /// The longest a placed hold is held back in one go (the server redelivers it then, and it is
 /// held back again): bounds what a clock jump can do.
 const BACKSTOP_WAIT_MAX: Duration = Duration::from_secs(6 * 3_600);
@@ -91,7 +99,7 @@ pub fn backstop_consumer_config() -> consumer::pull::Config {
         filter_subject: subject::type_filter("hold_placed"),
         ack_policy: consumer::AckPolicy::Explicit,
         deliver_policy: consumer::DeliverPolicy::All,
-        ack_wait: ACK_WAIT,
+        ack_wait: BACKSTOP_ACK_WAIT,
         max_deliver: -1,
         max_ack_pending: BACKSTOP_PENDING_MAX,
         ..Default::default()
@@ -299,18 +307,20 @@ async fn consume_placed(
         .map_err(|error| nats(&error))?;
     let messages = consumer
         .stream()
-        .max_messages_per_batch(PULL_BATCH_SIZE_MAX)
+        .max_messages_per_batch(BACKSTOP_CONCURRENCY_MAX)
         .messages()
         .await
         .map_err(|error| nats(&error))?;
+    metrics.hold_backstop_running.set(1);
     messages
-        .for_each_concurrent(CONCURRENCY_MAX, |message| async move {
+        .for_each_concurrent(BACKSTOP_CONCURRENCY_MAX, |message| async move {
             match message {
                 Ok(message) => handle_placed(commands, metrics, backstop, message).await,
                 Err(error) => tracing::warn!(%error, "hold backstop delivery failed"),
             }
         })
         .await;
+    metrics.hold_backstop_running.set(0);
     Err(Error::Unavailable(
         "hold backstop message stream ended".into(),
     ))
@@ -386,8 +396,13 @@ async fn handle_placed(
             AckKind::Nak(Some(Duration::from_secs(seconds.clamp(1, 60) as u64)))
         }
         Err(error) => {
-            tracing::warn!(account = %from, hold = %hold_id, %error, "hold backstop expiry failed; retrying");
-            AckKind::Nak(Some(RETRY_DELAY))
+            // Backs off: an account that cannot take the command now may not for a while.
+            let deliveries = message.info().map_or(1, |info| info.delivered.max(1));
+            let backoff = RETRY_DELAY
+                .saturating_mul(1 << deliveries.clamp(1, 7).saturating_sub(1))
+                .min(BACKSTOP_RETRY_MAX);
+            tracing::warn!(account = %from, hold = %hold_id, %error, ?backoff, "hold backstop expiry failed; retrying");
+            AckKind::Nak(Some(backoff))
         }
     };
     if let Err(error) = message.ack_with(acknowledgement).await {

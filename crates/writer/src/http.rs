@@ -423,8 +423,11 @@ async fn bulk(
         Ok(permit) => permit,
         Err(error) => return problem_response(&error),
     };
-    // The last command starts by `start_by`; every command is answered by its deadline and grace.
-    problem::server::work_taken(commands.registry().answered_by(start_by));
+    // The last command starts by `start_by` and each is answered (`bulk::run` bounds them) by its
+    // deadline, grace and margin: the bulk's own answer comes before this.
+    problem::server::work_taken(
+        commands.registry().answered_by(start_by) + crate::registry::ANSWER_MARGIN,
+    );
     let results = bulk::run(commands, parsed, start_by).await;
     (StatusCode::OK, Json(BulkResults { results })).into_response()
 }

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub leases_lost: Counter,
     /// Holds expired by the backstop: their due message never came (or came too late).
     pub holds_expired_by_backstop: Counter,
+    /// 1 while this writer works the hold backstop's consumer.
+    pub hold_backstop_running: Gauge,
     /// What the group committer has done, once it runs.
     pub group_commit:
         std::sync::OnceLock<std::sync::Arc<eventlog::group_commit::GroupCommitCounters>>,
@@ -94,6 +96,7 @@ impl Default for Metrics {
             partitions_owned: Gauge::default(),
             leases_lost: Counter::default(),
             holds_expired_by_backstop: Counter::default(),
+            hold_backstop_running: Gauge::default(),
             group_commit: std::sync::OnceLock::new(),
         }
     }
@@ -210,6 +213,11 @@ impl Metrics {
             "coffer_writer_actors_live",
             "Account actors currently in memory.",
             self.actors_live.clone(),
+        );
+        registry.register(
+            "coffer_writer_hold_backstop_running",
+            "1 while this writer works the hold-expiry backstop's consumer; 0 means holds whose scheduled expiry is lost are not caught (is the coffer-hold-backstop consumer there? run coffer setup).",
+            self.hold_backstop_running.clone(),
         );
         registry.register(
             "coffer_writer_partitions_owned",

@@ -59,8 +59,10 @@ const EVICTION_HEADROOM_FRACTION: usize = 20;
 /// just before the deadline is answered within the acknowledgement timeout.
 pub const ANSWER_GRACE: Duration =
     Duration::from_millis(eventlog::log::ACK_TIMEOUT.as_millis() as u64 + 500);
-/// Time kept after a command's deadline and grace for its answer to reach the client.
-pub const ANSWER_MARGIN: Duration = Duration::from_secs(1);
+/// Time kept after a command's deadline and grace for its answer to reach the client: more than
+/// the one liveness question a hand-over may still ask after its deadline
+/// (`dispatch::LIVENESS_TIMEOUT`).
+pub const ANSWER_MARGIN: Duration = Duration::from_secs(2);
 
 struct Entry {
     actor: ActorRef<AccountMessage>,

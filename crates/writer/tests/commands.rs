@@ -2091,9 +2091,9 @@ async fn a_bulk_out_of_time_refuses_the_commands_it_did_not_start_and_applies_no
         call_timeout: Duration::from_secs(1),
         ..Default::default()
     };
-    // Window: 6 s - (1 s + 3.5 s grace + 1 s margin) = 0.5 s; each command takes 0.3 s.
+    // Window: 7 s - (1 s + 3.5 s grace + 2 s margin) = 0.5 s; each command takes 0.3 s.
     let limits = problem::HttpLimits {
-        request_timeout: Duration::from_secs(6),
+        request_timeout: Duration::from_secs(7),
         ..Default::default()
     };
     let writer = TestWriter::start_configured(
