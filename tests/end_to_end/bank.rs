@@ -9,6 +9,12 @@
 //! every transaction in the stream has all its parts, once; nothing is reversed twice; money
 //! is conserved, no balance is below its limit, and the views equal a replay.
 //!
+//! One account is hot: a client deposits to it and withdraws from it without pause (keyed), and
+//! transfers touch it often; no command may give up on contention ("gave up after N
+//! concurrent-update retries"). Some transfers arrive as bodies trickled over seconds, finishing
+//! across the fault and just before the request timeout: once taken, their answer is their
+//! outcome, never a `408` (which the clients treat as a bug).
+//!
 //! `COFFER_SOAK=1` (`just soak`) runs ten times as many operations.
 
 use std::collections::{HashMap, HashSet};
@@ -25,6 +31,15 @@ const EUR_ACCOUNTS: usize = 20;
 const CLIENTS: usize = 8;
 const SEED_DEPOSIT: i64 = 10_000;
 const ATTEMPTS_MAX: usize = 20;
+/// The writers' command deadline and request timeout in this workload: short, so a trickled
+/// body can finish just before the request timeout within the run (the timeout must exceed the
+/// deadline + 5.5 s).
+const COMMAND_DEADLINE_MS: u64 = 3_000;
+const REQUEST_TIMEOUT_MS: u64 = 9_000;
+/// When the trickled transfers' bodies are complete, from the start of the workload.
+const TRICKLES_DONE_AT_MS: [u64; 4] = [1_500, 3_500, 5_500, 8_500];
+/// Transfers touch the hot account this often (as sender or receiver).
+const HOT_SHARE: f64 = 0.3;
 
 #[derive(Default)]
 struct Ledger {
@@ -41,6 +56,26 @@ struct Ledger {
     reversals_refused: HashMap<String, String>,
     /// When each acknowledgement arrived: the longest gap is the stall a fault caused.
     acknowledged_at: Vec<Instant>,
+    /// Answers that gave up on contention (`gave up after N concurrent-update retries`).
+    gave_up: Vec<String>,
+    /// The hot account's own deposits minus withdrawals, as acknowledged.
+    hot_net: i64,
+    /// Hot-account commands never answered definitely: the net above is then not exact.
+    hot_unknown: usize,
+    hot_acknowledged: usize,
+    trickled_acknowledged: usize,
+}
+
+impl Ledger {
+    /// Notes an answer that gave up on contention: none may.
+    fn note(&mut self, answer: &Option<(u16, Value)>) {
+        if let Some((503, body)) = answer {
+            let detail = body["detail"].as_str().unwrap_or("");
+            if detail.contains("gave up after") {
+                self.gave_up.push(detail.to_owned());
+            }
+        }
+    }
 }
 
 /// What strikes mid-run.
@@ -147,10 +182,20 @@ async fn client(
             reverse(&http, &channel, &original, transaction, &ledger).await;
             continue;
         }
+        // The hot account is `senders[0]`: often the sender, often the receiver.
         let pick = |random: &mut rand::rngs::StdRng| {
-            let from = senders[random.random_range(0..senders.len())].clone();
+            let hot = random.random_bool(HOT_SHARE);
+            let from = if hot && random.random_bool(0.5) {
+                senders[0].clone()
+            } else {
+                senders[random.random_range(0..senders.len())].clone()
+            };
             let to = loop {
-                let candidate = targets[random.random_range(0..targets.len())].clone();
+                let candidate = if hot && from != senders[0] {
+                    senders[0].clone()
+                } else {
+                    targets[random.random_range(0..targets.len())].clone()
+                };
                 if candidate != from {
                     break candidate;
                 }
@@ -172,73 +217,259 @@ async fn client(
             let (from, to) = pick(&mut random);
             json!({"transfer_id": transfer_id, "from": from, "to": to, "amount": random.random_range(1..=700)})
         };
-        let mut outcome = None;
+        let outcome = settle(&channel, &http, &request, is_transaction, None, &ledger).await;
+        record(
+            outcome,
+            &transfer_id,
+            is_transaction,
+            &mut done,
+            &ledger,
+            &channel,
+            &http,
+            &request,
+            operation,
+            &mut random,
+        )
+        .await;
+    }
+}
+
+/// Sends a transfer or transaction until a definite answer (the first attempt trickled when
+/// `trickle_until` is given): `Some(Ok(body))` acknowledged, `Some(Err(code))` refused, `None`
+/// unknown.
+async fn settle(
+    channel: &Channel,
+    http: &Http,
+    request: &Value,
+    is_transaction: bool,
+    trickle_until: Option<Instant>,
+    ledger: &Mutex<Ledger>,
+) -> Option<Result<Value, String>> {
+    let mut outcome = None;
+    for attempt in 0..ATTEMPTS_MAX {
+        let answer = match (attempt, trickle_until, channel) {
+            (0, Some(until), Channel::Http(writers)) => {
+                send_trickled(&writers[0], request, until).await
+            }
+            _ => send(channel, http, request, attempt).await,
+        };
+        ledger.lock().unwrap().note(&answer);
+        match answer {
+            Some((201, body)) => {
+                assert_eq!(body["status"], "completed", "{body}");
+                outcome = Some(Ok(body));
+                break;
+            }
+            Some((status, body))
+                if matches!(
+                    (status, body["code"].as_str().unwrap_or("")),
+                    (422, "insufficient_funds")
+                        | (404, "account_not_found")
+                        | (409, "account_closed" | "currency_mismatch")
+                ) =>
+            {
+                if is_transaction {
+                    assert!(body["posting"].is_u64(), "no posting named: {body}");
+                }
+                outcome = Some(Err(body["code"].as_str().unwrap_or("").to_owned()));
+                break;
+            }
+            Some((status, body)) if status < 500 => {
+                panic!("unexpected {status} {body} for {request}")
+            }
+            // Back off: a restarting nats-server takes a second or two.
+            _ => {
+                let pause = 100 * (attempt as u64 + 1);
+                tokio::time::sleep(Duration::from_millis(pause.min(1_000))).await
+            }
+        }
+    }
+    outcome
+}
+
+/// Records a transfer's or transaction's outcome in the ledger; retries some acknowledged ones
+/// on purpose (same answer, no effect).
+#[allow(clippy::too_many_arguments)]
+async fn record(
+    outcome: Option<Result<Value, String>>,
+    transfer_id: &str,
+    is_transaction: bool,
+    done: &mut Vec<(String, bool)>,
+    ledger: &Mutex<Ledger>,
+    channel: &Channel,
+    http: &Http,
+    request: &Value,
+    operation: usize,
+    random: &mut rand::rngs::StdRng,
+) {
+    match outcome {
+        Some(Ok(body)) => {
+            {
+                let mut ledger = ledger.lock().unwrap();
+                ledger
+                    .acknowledged
+                    .insert(transfer_id.to_owned(), body.clone());
+                ledger.acknowledged_at.push(Instant::now());
+            }
+            done.push((transfer_id.to_owned(), is_transaction));
+            if random.random_bool(0.1) {
+                if let Some((status, repeated)) = send(channel, http, request, operation).await {
+                    assert!(
+                        status == 201 || status >= 500,
+                        "retry gave {status} {repeated}"
+                    );
+                    if status == 201 {
+                        assert_eq!(
+                            repeated["position"], body["position"],
+                            "retry appended again"
+                        );
+                        ledger.lock().unwrap().retried_acknowledged += 1;
+                    }
+                }
+            }
+        }
+        Some(Err(code)) => {
+            ledger
+                .lock()
+                .unwrap()
+                .refused
+                .insert(transfer_id.to_owned(), code);
+        }
+        None => {
+            ledger
+                .lock()
+                .unwrap()
+                .unknown
+                .insert(transfer_id.to_owned());
+        }
+    }
+}
+
+/// Sends one transfer over HTTP with its body trickled in until `until` (a byte at a time, the
+/// last one then), and reads the answer.
+async fn send_trickled(writer: &str, request: &Value, until: Instant) -> Option<(u16, Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = serde_json::to_vec(request).ok()?;
+    let address = writer.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+    let head = format!(
+        "POST /v1/transfers HTTP/1.1\r\nHost: coffer\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.ok()?;
+    for (index, byte) in body.iter().enumerate() {
+        let left = (body.len() - index) as u32;
+        let pause = until.saturating_duration_since(Instant::now()) / left;
+        tokio::time::sleep(pause).await;
+        stream.write_all(&[*byte]).await.ok()?;
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
+        .await
+        .ok()?
+        .ok()?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+}
+
+/// Sends trickled transfers between EUR accounts, finishing at [`TRICKLES_DONE_AT_MS`] after
+/// `started`; retried (not trickled) until definite, like any client's.
+async fn trickling_client(
+    writers: Vec<String>,
+    senders: Arc<Vec<String>>,
+    ledger: Arc<Mutex<Ledger>>,
+    started: Instant,
+) {
+    let http = Http::new();
+    let channel = Channel::Http(writers);
+    let sends = TRICKLES_DONE_AT_MS
+        .iter()
+        .enumerate()
+        .map(|(index, done_at)| {
+            let (http, channel, ledger) = (&http, &channel, &ledger);
+            let transfer_id = format!("trickle-{index}");
+            let request = json!({"transfer_id": transfer_id, "from": senders[index + 1],
+            "to": senders[index + 2], "amount": 5});
+            async move {
+                let until = started + Duration::from_millis(*done_at);
+                let outcome = settle(channel, http, &request, false, Some(until), ledger).await;
+                let acknowledged = matches!(outcome, Some(Ok(_)));
+                let mut random = rand::rngs::StdRng::seed_from_u64(index as u64);
+                record(
+                    outcome,
+                    &transfer_id,
+                    false,
+                    &mut Vec::new(),
+                    ledger,
+                    channel,
+                    http,
+                    &request,
+                    0,
+                    &mut random,
+                )
+                .await;
+                if acknowledged {
+                    ledger.lock().unwrap().trickled_acknowledged += 1;
+                }
+            }
+        });
+    futures::future::join_all(sends).await;
+}
+
+/// Deposits to and withdraws from the hot account without pause, each keyed and retried with
+/// its key until definite, until `operations` are done.
+async fn hot_client(
+    writers: Vec<String>,
+    hot: String,
+    operations: usize,
+    ledger: Arc<Mutex<Ledger>>,
+) {
+    let http = Http::new();
+    for operation in 0..operations {
+        let (kind, sign) = if operation % 2 == 0 {
+            ("deposits", 1)
+        } else {
+            ("withdrawals", -1)
+        };
+        let amount = 1 + (operation as i64 % 50);
+        let key = format!("hot-{operation}");
+        let mut definite = false;
         for attempt in 0..ATTEMPTS_MAX {
-            match send(&channel, &http, &request, attempt).await {
-                Some((201, body)) => {
-                    assert_eq!(body["status"], "completed", "{body}");
-                    outcome = Some(Ok(body));
+            let url = format!(
+                "{}/v1/accounts/{hot}/{kind}",
+                writers[attempt % writers.len()]
+            );
+            let answer = http
+                .post(&url, &json!({"amount": amount}), Some(&key))
+                .await
+                .ok()
+                .map(|reply| (reply.status, reply.body));
+            ledger.lock().unwrap().note(&answer);
+            match answer {
+                Some((200, _)) => {
+                    let mut ledger = ledger.lock().unwrap();
+                    ledger.hot_net += sign * amount;
+                    ledger.hot_acknowledged += 1;
+                    definite = true;
                     break;
                 }
-                Some((status, body))
-                    if matches!(
-                        (status, body["code"].as_str().unwrap_or("")),
-                        (422, "insufficient_funds")
-                            | (404, "account_not_found")
-                            | (409, "account_closed" | "currency_mismatch")
-                    ) =>
-                {
-                    if is_transaction {
-                        assert!(body["posting"].is_u64(), "no posting named: {body}");
-                    }
-                    outcome = Some(Err(body["code"].as_str().unwrap_or("").to_owned()));
+                Some((422, body)) if body["code"] == "insufficient_funds" => {
+                    definite = true;
                     break;
                 }
                 Some((status, body)) if status < 500 => {
-                    panic!("unexpected {status} {body} for {request}")
+                    panic!("hot {kind} {key}: unexpected {status} {body}")
                 }
-                // Back off: a restarting nats-server takes a second or two.
                 _ => {
                     let pause = 100 * (attempt as u64 + 1);
                     tokio::time::sleep(Duration::from_millis(pause.min(1_000))).await
                 }
             }
         }
-        match outcome {
-            Some(Ok(body)) => {
-                {
-                    let mut ledger = ledger.lock().unwrap();
-                    ledger
-                        .acknowledged
-                        .insert(transfer_id.clone(), body.clone());
-                    ledger.acknowledged_at.push(Instant::now());
-                }
-                done.push((transfer_id.clone(), is_transaction));
-                // Some clients retry an acknowledged transfer on purpose: same answer, no effect.
-                if random.random_bool(0.1) {
-                    if let Some((status, repeated)) =
-                        send(&channel, &http, &request, operation).await
-                    {
-                        assert!(
-                            status == 201 || status >= 500,
-                            "retry gave {status} {repeated}"
-                        );
-                        if status == 201 {
-                            assert_eq!(
-                                repeated["position"], body["position"],
-                                "retry appended again"
-                            );
-                            ledger.lock().unwrap().retried_acknowledged += 1;
-                        }
-                    }
-                }
-            }
-            Some(Err(code)) => {
-                ledger.lock().unwrap().refused.insert(transfer_id, code);
-            }
-            None => {
-                ledger.lock().unwrap().unknown.insert(transfer_id);
-            }
+        if !definite {
+            ledger.lock().unwrap().hot_unknown += 1;
         }
     }
 }
@@ -331,8 +562,19 @@ async fn bank(fault: Fault) {
         Fault::LeaderKilled => vec![("COFFER_STREAM_REPLICAS", "3".to_string())],
         _ => Vec::new(),
     };
-    let mut first = support::writer("writer-a", &urls, &replicas);
-    let second = support::writer("writer-b", &urls, &replicas);
+    let mut writer_settings = replicas.clone();
+    writer_settings.extend([
+        (
+            "COFFER_COMMAND_DEADLINE_MS",
+            COMMAND_DEADLINE_MS.to_string(),
+        ),
+        (
+            "COFFER_HTTP_REQUEST_TIMEOUT_MS",
+            REQUEST_TIMEOUT_MS.to_string(),
+        ),
+    ]);
+    let mut first = support::writer("writer-a", &urls, &writer_settings);
+    let second = support::writer("writer-b", &urls, &writer_settings);
     let data = tempfile::tempdir().unwrap();
     let reader = support::reader("bank-reader", &urls, data.path(), &replicas);
     let http = Http::new();
@@ -409,6 +651,18 @@ async fn bank(fault: Fault) {
         )));
     }
     let started = Instant::now();
+    clients.push(tokio::spawn(hot_client(
+        vec![a.clone(), b.clone()],
+        eur[0].clone(),
+        operations * 4,
+        ledger.clone(),
+    )));
+    clients.push(tokio::spawn(trickling_client(
+        vec![a.clone(), b.clone()],
+        senders.clone(),
+        ledger.clone(),
+        started,
+    )));
     tokio::time::sleep(Duration::from_millis(if soak { 5_000 } else { 700 })).await;
     match fault {
         Fault::WriterKilled => {
@@ -528,13 +782,27 @@ async fn bank(fault: Fault) {
         refused_for_the_receiver > 0,
         "no transfer was refused for its receiver; the failure paths were not exercised"
     );
+    // No command gave up on contention, the hot account's included.
+    assert!(
+        ledger.gave_up.is_empty(),
+        "{} commands gave up on contention: {:?}",
+        ledger.gave_up.len(),
+        ledger.gave_up
+    );
+    assert!(
+        ledger.hot_acknowledged > 0,
+        "no hot-account command went through"
+    );
     let seeded = SEED_DEPOSIT * EUR_ACCOUNTS as i64;
-    assert_eq!(replay.deposited - replay.withdrawn, seeded);
     assert_eq!(
         replay.total_balance(),
-        seeded,
+        replay.deposited - replay.withdrawn,
         "money was created or destroyed"
     );
+    // Every acknowledged hot deposit and withdrawal is in the stream once, and nothing else is.
+    if ledger.hot_unknown == 0 {
+        assert_eq!(replay.deposited - replay.withdrawn, seeded + ledger.hot_net);
+    }
     for (account, (balance, _, limit, _)) in &replay.accounts {
         assert!(
             *balance >= -(*limit as i64),
@@ -595,9 +863,10 @@ async fn bank(fault: Fault) {
         .unwrap();
     assert_eq!(audit.status, 200, "{:?}", audit.body);
     assert_eq!(audit.body["balanced"], true, "{:?}", audit.body);
+    // Only EUR accounts ever hold money (the USD ones refuse every transfer).
     assert_eq!(
         audit.body["currencies"]["EUR"]["balances"].as_i64(),
-        Some(seeded)
+        Some(replay.total_balance())
     );
     let breaks = http
         .metric(&reader.url(), "coffer_reader_chain_breaks_total")
@@ -624,7 +893,12 @@ async fn bank(fault: Fault) {
         .unwrap_or_default();
     let duplicates = replay.debits.values().filter(|debits| **debits > 1).count();
     println!(
-        "bank ({fault:?}): {} attempted, {} acknowledged ({transactions_through} transactions, {} reversals, {} reversals refused), {} in the stream, {} duplicates, {} refused ({} for the receiver), {} unknown, {} retried acknowledged, longest stall {stall:?}, {} events, reader caught up {reader_caught_up:?} after the last answer",
+        "bank ({fault:?}): hot account {} of {} commands acknowledged ({} unknown), {} of {} trickled transfers acknowledged, 0 gave up; {} attempted, {} acknowledged ({transactions_through} transactions, {} reversals, {} reversals refused), {} in the stream, {} duplicates, {} refused ({} for the receiver), {} unknown, {} retried acknowledged, longest stall {stall:?}, {} events, reader caught up {reader_caught_up:?} after the last answer",
+        ledger.hot_acknowledged,
+        operations * 4,
+        ledger.hot_unknown,
+        ledger.trickled_acknowledged,
+        TRICKLES_DONE_AT_MS.len(),
         CLIENTS * operations,
         ledger.acknowledged.len(),
         ledger.reversed.len(),
