@@ -534,7 +534,7 @@ mod tests {
             Duration::from_secs(10),
             Duration::from_millis(3_500),
         );
-        assert_eq!(window, Duration::from_millis(15_500));
+        assert_eq!(window, Duration::from_millis(14_500));
         let none = start_window(
             Duration::from_secs(5),
             Duration::from_secs(10),
