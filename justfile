@@ -66,8 +66,8 @@ domain-purity:
 
 # Contract cases whose issue is still open (map: ../shared/conformance/CASES.md). They run, and a
 # failure is reported as PEND; take a case off when its issue is resolved.
-# bulk_commands_each_once: issue 21; metadata_and_listing: issue 23.
-conformance_pending := "metadata_and_listing"
+# None now: every v3 case passes and runs as a check.
+conformance_pending := ""
 
 # The black-box contract suite in ../shared/conformance against real processes.
 conformance: build

@@ -12,6 +12,7 @@ mod holds;
 mod http_limits;
 mod import;
 mod integrity;
+mod listing;
 mod ownership;
 mod permissions;
 mod reader;

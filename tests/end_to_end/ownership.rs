@@ -350,6 +350,7 @@ async fn three_writers(fault: Fault) {
     let mut balances: HashMap<String, i64> = HashMap::new();
     for recorded in &events {
         if let Event::Deposited {
+            metadata: _,
             amount,
             reference: Some(reference),
         } = &recorded.event

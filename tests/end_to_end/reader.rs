@@ -295,6 +295,7 @@ async fn every_documented_query_route_is_served() {
     assert_eq!(
         operations,
         [
+            "get /v1/accounts",
             "get /v1/accounts/{id}",
             "get /v1/accounts/{id}/balance",
             "get /v1/accounts/{id}/transactions",

@@ -211,7 +211,9 @@ impl Replay {
             entry.1 += 1;
             match &recorded.event {
                 Event::AccountClosed => entry.3 = true,
-                Event::Deposited { amount, reference } => {
+                Event::Deposited {
+                    amount, reference, ..
+                } => {
                     replay.deposited += amount.signed();
                     if let Some(reference) = reference {
                         *replay.references.entry(reference.clone()).or_default() += 1;

@@ -451,10 +451,12 @@ async fn append_baseline(log: &EventLog, appends: usize) -> (String, String) {
         traceparent: None,
     };
     let deposit = || Event::Deposited {
+        metadata: Default::default(),
         amount: Amount::new(1).unwrap(),
         reference: None,
     };
     let opened = Event::AccountOpened(OpenAccount {
+        metadata: Default::default(),
         currency: Currency::parse("EUR").unwrap(),
         owner: None,
         overdraft_limit: OverdraftLimit::default(),
@@ -529,6 +531,7 @@ async fn append_baseline(log: &EventLog, appends: usize) -> (String, String) {
 async fn raw_flow_batches(log: &EventLog, events: usize, batches: usize) -> String {
     let metadata = EventMetadata::default();
     let deposit = || Event::Deposited {
+        metadata: Default::default(),
         amount: Amount::new(1).unwrap(),
         reference: None,
     };

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use crate::flow::{decide_postings, Leg, Posting, Released};
+use crate::metadata::Metadata;
 use crate::values::{AccountId, Amount, Currency, OverdraftLimit, TransferId};
 
 /// What opening an account needs.
@@ -18,6 +19,8 @@ pub struct OpenAccount {
     pub currency: Currency,
     pub owner: Option<String>,
     pub overdraft_limit: OverdraftLimit,
+    #[serde(default)]
+    pub metadata: Metadata,
 }
 
 /// A request to change one account.
@@ -27,12 +30,21 @@ pub enum Command {
     Deposit {
         amount: Amount,
         reference: Option<String>,
+        #[serde(default)]
+        metadata: Metadata,
     },
     Withdraw {
         amount: Amount,
         reference: Option<String>,
+        #[serde(default)]
+        metadata: Metadata,
     },
     Close,
+    /// Sets the entries of `set` on the account's metadata, then removes the keys of `unset`.
+    ChangeMetadata {
+        set: Metadata,
+        unset: Vec<String>,
+    },
 }
 
 /// A request to move money from one account (the one it is addressed to) to another.
@@ -42,6 +54,8 @@ pub struct Transfer {
     pub to: AccountId,
     pub amount: Amount,
     pub reference: Option<String>,
+    #[serde(default)]
+    pub metadata: Metadata,
 }
 
 /// A request to reserve money on the account it is addressed to (`from`) for `to`.
@@ -54,6 +68,8 @@ pub struct PlaceHold {
     /// Seconds from placement to expiry (1 to [`HOLD_SECONDS_MAX`]).
     pub expires_in_seconds: i64,
     pub reference: Option<String>,
+    #[serde(default)]
+    pub metadata: Metadata,
 }
 
 /// Longest a hold may live: one week.
@@ -84,6 +100,8 @@ pub struct OpenHold {
     /// Unix seconds from which the hold can no longer be captured or voided.
     pub expires_at: i64,
     pub reference: Option<String>,
+    /// Carried to the receiver's credit when the hold is captured.
+    pub metadata: Metadata,
 }
 
 /// A fact about one account. Names are past tense; amounts are positive and the type gives the
@@ -94,10 +112,12 @@ pub enum Event {
     Deposited {
         amount: Amount,
         reference: Option<String>,
+        metadata: Metadata,
     },
     Withdrawn {
         amount: Amount,
         reference: Option<String>,
+        metadata: Metadata,
     },
     /// The sender's half of a transfer; always committed together with the receiver's
     /// [`Event::TransferCredited`].
@@ -107,14 +127,21 @@ pub enum Event {
         amount: Amount,
         currency: Currency,
         reference: Option<String>,
+        metadata: Metadata,
     },
     TransferCredited {
         transfer_id: TransferId,
         from: AccountId,
         amount: Amount,
         reference: Option<String>,
+        metadata: Metadata,
     },
     AccountClosed,
+    /// The account's metadata changed: `set` written over it, then `unset` removed.
+    MetadataChanged {
+        set: Metadata,
+        unset: Vec<String>,
+    },
     /// Money reserved on this account for `to`; the balance does not change, what is
     /// available does.
     HoldPlaced {
@@ -124,6 +151,7 @@ pub enum Event {
         /// Unix seconds.
         expires_at: i64,
         reference: Option<String>,
+        metadata: Metadata,
     },
     /// `amount` of the hold left this account (credited to the hold's `to` in the same batch);
     /// the rest of the hold is released.
@@ -157,6 +185,7 @@ pub enum Event {
         /// Set on a reversal: the transfer or transaction it moves back.
         reverses: Option<TransferId>,
         reference: Option<String>,
+        metadata: Metadata,
     },
 }
 
@@ -170,6 +199,7 @@ impl Event {
             Event::TransferDebited { .. } => "transfer_debited",
             Event::TransferCredited { .. } => "transfer_credited",
             Event::AccountClosed => "account_closed",
+            Event::MetadataChanged { .. } => "account_metadata_changed",
             Event::HoldPlaced { .. } => "hold_placed",
             Event::HoldCaptured { .. } => "hold_captured",
             Event::HoldVoided { .. } => "hold_voided",
@@ -193,6 +223,7 @@ impl Event {
             }
             Event::AccountOpened(_)
             | Event::AccountClosed
+            | Event::MetadataChanged { .. }
             | Event::HoldPlaced { .. }
             | Event::HoldVoided { .. }
             | Event::HoldExpired { .. } => 0,
@@ -252,6 +283,8 @@ pub enum DomainError {
         original: TransferId,
         reversal: TransferId,
     },
+    #[error("metadata: the account would have {entries} entries, at most {max}", max = crate::metadata::METADATA_ENTRIES_MAX)]
+    MetadataFull { entries: usize },
 }
 
 /// Lifecycle of an account.
@@ -275,6 +308,7 @@ pub struct Account {
     pub holds: BTreeMap<TransferId, OpenHold>,
     /// Their amounts summed.
     pub held: i64,
+    pub metadata: Metadata,
 }
 
 impl Account {
@@ -336,18 +370,41 @@ pub fn decide(state: &AccountState, command: &Command) -> Result<Vec<Event>, Dom
     ensure_open(account)?;
     match command {
         Command::Open(_) => Err(DomainError::AccountExists),
-        Command::Deposit { amount, reference } => {
+        Command::Deposit {
+            amount,
+            reference,
+            metadata,
+        } => {
             credit(account, *amount)?;
             Ok(vec![Event::Deposited {
                 amount: *amount,
                 reference: reference.clone(),
+                metadata: metadata.clone(),
             }])
         }
-        Command::Withdraw { amount, reference } => {
+        Command::Withdraw {
+            amount,
+            reference,
+            metadata,
+        } => {
             debit(account, *amount)?;
             Ok(vec![Event::Withdrawn {
                 amount: *amount,
                 reference: reference.clone(),
+                metadata: metadata.clone(),
+            }])
+        }
+        Command::ChangeMetadata { set, unset } => {
+            let mut changed = account.metadata.clone();
+            changed.apply(set, unset);
+            if changed.len() > crate::metadata::METADATA_ENTRIES_MAX {
+                return Err(DomainError::MetadataFull {
+                    entries: changed.len(),
+                });
+            }
+            Ok(vec![Event::MetadataChanged {
+                set: set.clone(),
+                unset: unset.clone(),
             }])
         }
         Command::Close => {
@@ -397,12 +454,14 @@ pub fn decide_transfer(
             amount: transfer.amount,
             currency,
             reference: transfer.reference.clone(),
+            metadata: transfer.metadata.clone(),
         },
         credit: Event::TransferCredited {
             transfer_id: transfer.transfer_id.clone(),
             from: from.id().clone(),
             amount: transfer.amount,
             reference: transfer.reference.clone(),
+            metadata: transfer.metadata.clone(),
         },
     })
 }
@@ -479,6 +538,7 @@ pub fn decide_hold(
         amount: hold.amount,
         expires_at: now.saturating_add(hold.expires_in_seconds),
         reference: hold.reference.clone(),
+        metadata: hold.metadata.clone(),
     })
 }
 
@@ -539,6 +599,7 @@ pub fn decide_capture(
             from: from.id().clone(),
             amount,
             reference: hold.reference.clone(),
+            metadata: hold.metadata.clone(),
         },
     })
 }
@@ -607,7 +668,7 @@ fn debit(account: &Account, amount: Amount) -> Result<i64, DomainError> {
 
 /// The version of what [`evolve`] makes of the events. Bump it with any change to `evolve` or to
 /// the state it builds: a state folded by another version (a snapshot) is then not reused.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 
 /// Applies one event. Never refuses: events are facts. Balances use saturating arithmetic only as
 /// a last line of defence; `decide` has already refused anything that would overflow.
@@ -623,6 +684,7 @@ pub fn evolve(state: &mut AccountState, event: &Event) {
                 status: Status::Open,
                 holds: BTreeMap::new(),
                 held: 0,
+                metadata: open.metadata.clone(),
             });
         }
         return;
@@ -633,12 +695,14 @@ pub fn evolve(state: &mut AccountState, event: &Event) {
     account.balance = account.balance.saturating_add(event.balance_change());
     match event {
         Event::AccountClosed => account.status = Status::Closed,
+        Event::MetadataChanged { set, unset } => account.metadata.apply(set, unset),
         Event::HoldPlaced {
             hold_id,
             to,
             amount,
             expires_at,
             reference,
+            metadata,
         } => {
             account.held = account.held.saturating_add(amount.signed());
             account.holds.insert(
@@ -648,6 +712,7 @@ pub fn evolve(state: &mut AccountState, event: &Event) {
                     amount: *amount,
                     expires_at: *expires_at,
                     reference: reference.clone(),
+                    metadata: metadata.clone(),
                 },
             );
         }

@@ -36,6 +36,8 @@ pub struct Transaction {
     pub reference: Option<String>,
     /// Set on a reversal: the transfer or transaction whose postings this one moves back.
     pub reverses: Option<TransferId>,
+    #[serde(default)]
+    pub metadata: crate::Metadata,
 }
 
 /// A posting as one of its accounts records it: its index in the transaction and what it moved.
@@ -260,6 +262,7 @@ pub fn decide_transaction<'a>(
                 parts,
                 reverses: transaction.reverses.clone(),
                 reference: transaction.reference.clone(),
+                metadata: transaction.metadata.clone(),
             };
             (movement.account, event)
         })
@@ -294,5 +297,6 @@ pub fn reverse(
             .collect(),
         reference,
         reverses: Some(original.clone()),
+        metadata: crate::Metadata::default(),
     })
 }

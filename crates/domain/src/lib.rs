@@ -4,6 +4,7 @@
 //! - [`values`]: validated newtypes (account id, transfer id, currency, amount, overdraft limit).
 //! - [`account`]: the account aggregate: its [`Command`]s, [`Transfer`]s, [`Event`]s,
 //!   [`AccountState`], and the pure functions [`decide`], [`decide_transfer`] and [`evolve`].
+//! - [`metadata`]: the caller's bounded labels on accounts and movements.
 //! - [`flow`]: money flows: every movement between accounts (transfer, capture, multi-posting
 //!   transaction, reversal) is a list of [`Posting`]s decided by [`decide_postings`].
 //!
@@ -14,6 +15,7 @@
 
 pub mod account;
 pub mod flow;
+pub mod metadata;
 pub mod values;
 
 pub use account::{
@@ -25,4 +27,5 @@ pub use flow::{
     decide_postings, decide_transaction, reverse, Leg, Movement, Posting, PostingRefusal,
     Transaction, POSTINGS_MAX,
 };
+pub use metadata::Metadata;
 pub use values::{AccountId, Amount, Currency, OverdraftLimit, TransferId, ValueError};

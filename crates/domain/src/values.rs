@@ -19,6 +19,8 @@ pub enum ValueError {
     Amount(i128),
     #[error("overdraft_limit must be an integer from 0 to {AMOUNT_MAX}, got {0}")]
     OverdraftLimit(i128),
+    #[error("metadata: {0}")]
+    Metadata(String),
 }
 
 fn is_identifier(text: &str) -> bool {

@@ -23,6 +23,7 @@ fn eur() -> Currency {
 }
 fn opened_in(currency: &str, limit: i128) -> Event {
     Event::AccountOpened(OpenAccount {
+        metadata: Default::default(),
         currency: Currency::parse(currency).unwrap(),
         owner: Some("alice".into()),
         overdraft_limit: OverdraftLimit::new(limit).unwrap(),
@@ -33,12 +34,14 @@ fn opened(limit: i128) -> Event {
 }
 fn deposited(units: i128) -> Event {
     Event::Deposited {
+        metadata: Default::default(),
         amount: amount(units),
         reference: None,
     }
 }
 fn transfer(transfer_id: &str, to: &str, units: i128) -> Transfer {
     Transfer {
+        metadata: Default::default(),
         transfer_id: tid(transfer_id),
         to: id(to),
         amount: amount(units),
@@ -68,6 +71,7 @@ fn then_transfer(
 #[test]
 fn open_creates_an_account_once() {
     let open = OpenAccount {
+        metadata: Default::default(),
         currency: eur(),
         owner: None,
         overdraft_limit: OverdraftLimit::default(),
@@ -86,10 +90,12 @@ fn open_creates_an_account_once() {
 fn commands_on_an_unopened_account_are_not_found() {
     let commands = [
         Command::Deposit {
+            metadata: Default::default(),
             amount: amount(1),
             reference: None,
         },
         Command::Withdraw {
+            metadata: Default::default(),
             amount: amount(1),
             reference: None,
         },
@@ -110,6 +116,7 @@ fn deposit_then_withdraw_moves_the_balance() {
     let events = decide(
         &state,
         &Command::Withdraw {
+            metadata: Default::default(),
             amount: amount(400),
             reference: Some("atm".into()),
         },
@@ -125,6 +132,7 @@ fn deposit_then_withdraw_moves_the_balance() {
 #[test]
 fn withdraw_beyond_the_overdraft_limit_is_refused() {
     let withdraw = |units| Command::Withdraw {
+        metadata: Default::default(),
         amount: amount(units),
         reference: None,
     };
@@ -142,6 +150,7 @@ fn withdraw_beyond_the_overdraft_limit_is_refused() {
             &[
                 opened(50),
                 Event::Withdrawn {
+                    metadata: Default::default(),
                     amount: amount(50),
                     reference: None
                 }
@@ -164,6 +173,7 @@ fn deposit_that_would_overflow_is_refused() {
         decide(
             &state,
             &Command::Deposit {
+                metadata: Default::default(),
                 amount: amount(max),
                 reference: None
             }
@@ -179,6 +189,7 @@ fn closed_accounts_refuse_money_movements() {
         then(
             &history,
             Command::Deposit {
+                metadata: Default::default(),
                 amount: amount(5),
                 reference: None
             }
@@ -219,6 +230,7 @@ fn a_transfer_debits_the_sender_and_credits_the_receiver_together() {
         events,
         TransferEvents {
             debit: Event::TransferDebited {
+                metadata: Default::default(),
                 transfer_id: tid("t1"),
                 to: id("b"),
                 amount: amount(60),
@@ -226,6 +238,7 @@ fn a_transfer_debits_the_sender_and_credits_the_receiver_together() {
                 reference: Some("rent".into()),
             },
             credit: Event::TransferCredited {
+                metadata: Default::default(),
                 transfer_id: tid("t1"),
                 from: id("a"),
                 amount: amount(60),
@@ -302,6 +315,7 @@ fn a_transfer_may_use_the_overdraft() {
 #[test]
 fn an_import_opens_with_a_balance_a_negative_one_within_the_limit() {
     let open = |limit: i128| OpenAccount {
+        metadata: Default::default(),
         currency: eur(),
         owner: Some("legacy".into()),
         overdraft_limit: OverdraftLimit::new(limit).unwrap(),
@@ -333,6 +347,7 @@ const NOW: i64 = 1_800_000_000;
 
 fn hold(hold_id: &str, units: i128, seconds: i64) -> PlaceHold {
     PlaceHold {
+        metadata: Default::default(),
         hold_id: tid(hold_id),
         to: id("b"),
         amount: amount(units),
@@ -343,6 +358,7 @@ fn hold(hold_id: &str, units: i128, seconds: i64) -> PlaceHold {
 
 fn placed(hold_id: &str, units: i128, expires_at: i64) -> Event {
     Event::HoldPlaced {
+        metadata: Default::default(),
         hold_id: tid(hold_id),
         to: id("b"),
         amount: amount(units),
@@ -374,6 +390,7 @@ fn a_hold_reserves_available_money_but_not_the_balance() {
         then(
             &history,
             Command::Withdraw {
+                metadata: Default::default(),
                 amount: amount(401),
                 reference: None
             }
@@ -546,15 +563,18 @@ fn arbitrary_command() -> impl Strategy<Value = Command> {
     let money = 1i128..5_000;
     prop_oneof![
         (0i128..2_000).prop_map(|limit| Command::Open(OpenAccount {
+            metadata: Default::default(),
             currency: eur(),
             owner: None,
             overdraft_limit: OverdraftLimit::new(limit).unwrap(),
         })),
         money.clone().prop_map(|units| Command::Deposit {
+            metadata: Default::default(),
             amount: amount(units),
             reference: None
         }),
         money.prop_map(|units| Command::Withdraw {
+            metadata: Default::default(),
             amount: amount(units),
             reference: None
         }),
@@ -615,6 +635,7 @@ proptest! {
                 Step::Transfer(first, units) => {
                     let (from, to) = if *first { (0, 1) } else { (1, 0) };
                     let request = Transfer {
+                        metadata: Default::default(),
                         transfer_id: tid(&format!("t{index}")),
                         to: states[to].id().clone(),
                         amount: amount(*units),
@@ -630,6 +651,7 @@ proptest! {
                 Step::Hold(first, units, seconds) => {
                     let (from, to) = pair(*first);
                     let request = PlaceHold {
+                        metadata: Default::default(),
                         hold_id: tid(&format!("h{index}")),
                         to: states[to].id().clone(),
                         amount: amount(*units),

@@ -24,6 +24,7 @@ fn amount(units: i128) -> Amount {
 }
 fn opened(currency: &str, limit: i128) -> Event {
     Event::AccountOpened(OpenAccount {
+        metadata: Default::default(),
         currency: Currency::parse(currency).unwrap(),
         owner: None,
         overdraft_limit: OverdraftLimit::new(limit).unwrap(),
@@ -31,6 +32,7 @@ fn opened(currency: &str, limit: i128) -> Event {
 }
 fn deposited(units: i128) -> Event {
     Event::Deposited {
+        metadata: Default::default(),
         amount: amount(units),
         reference: None,
     }
@@ -197,6 +199,7 @@ fn holds_count_against_the_net_outflow_and_overflow_is_refused() {
         &replay(id("a"), &[opened("EUR", 10), deposited(100)]),
         &replay(id("b"), &[opened("EUR", 0)]),
         &PlaceHold {
+            metadata: Default::default(),
             hold_id: tid("h"),
             to: id("b"),
             amount: amount(80),
@@ -248,6 +251,7 @@ fn holds_count_against_the_net_outflow_and_overflow_is_refused() {
 fn a_transaction_posts_one_event_per_account_with_its_legs() {
     let given = three_eur_and_a_usd();
     let transaction = Transaction {
+        metadata: Default::default(),
         transaction_id: tid("tx-1"),
         postings: vec![posting("a", "merchant", 970), posting("a", "fees", 30)],
         reference: Some("order-17".into()),
@@ -376,9 +380,9 @@ proptest! {
                 Step::Deposit(account, units) | Step::Withdraw(account, units) => {
                     let deposit = matches!(step, Step::Deposit(..));
                     let command = if deposit {
-                        Command::Deposit { amount: amount(units), reference: None }
+                        Command::Deposit { amount: amount(units), reference: None, metadata: Default::default() }
                     } else {
-                        Command::Withdraw { amount: amount(units), reference: None }
+                        Command::Withdraw { amount: amount(units), reference: None, metadata: Default::default() }
                     };
                     if let Ok(events) = decide(&states[&name(account)], &command) {
                         for event in events {
@@ -389,6 +393,7 @@ proptest! {
                 }
                 Step::Transaction(legs) => {
                     let transaction = Transaction {
+                        metadata: Default::default(),
                         transaction_id: tid(&format!("tx{index}")),
                         postings: legs.iter().map(|&(from, to, units)| Posting {
                             from: name(from), to: name(to), amount: amount(units),
@@ -428,6 +433,7 @@ proptest! {
                 }
                 Step::Hold(from, to, units) => {
                     let hold = PlaceHold {
+                        metadata: Default::default(),
                         hold_id: tid(&format!("h{index}")),
                         to: name(to),
                         amount: amount(units),

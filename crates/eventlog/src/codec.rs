@@ -6,29 +6,46 @@
 //! branch there and never change what an old version means.
 //!
 //! History: `account_opened` v1 had no `overdraft_limit` (every account had a limit of 0); v2
-//! added it. Contract v2 started from an empty stream and dropped the saga's `transfer_refunded`
+//! added it. Contract v3 added `metadata` (a map, absent when empty) to `account_opened` (v3),
+//! `deposited`, `withdrawn`, `transfer_debited`, `transfer_credited`, `hold_placed` and
+//! `transaction_posted` (v2 each): an older version is read with no metadata. Contract v2 started from an empty stream and dropped the saga's `transfer_refunded`
 //! and `transfer_completed`: no stream in use holds them, so they are unknown types now rather
 //! than upcast.
 
+use std::collections::BTreeMap;
+
 use domain::{
-    AccountId, Amount, Currency, Event, Leg, OpenAccount, OverdraftLimit, TransferId, ValueError,
+    AccountId, Amount, Currency, Event, Leg, Metadata, OpenAccount, OverdraftLimit, TransferId,
+    ValueError,
 };
 use serde::{Deserialize, Serialize};
 
 /// The version each event type is written with today.
 pub const CURRENT_VERSIONS: &[(&str, u32)] = &[
-    ("account_opened", 2),
-    ("deposited", 1),
-    ("withdrawn", 1),
-    ("transfer_debited", 1),
-    ("transfer_credited", 1),
+    ("account_opened", 3),
+    ("deposited", 2),
+    ("withdrawn", 2),
+    ("transfer_debited", 2),
+    ("transfer_credited", 2),
     ("account_closed", 1),
-    ("hold_placed", 1),
+    ("account_metadata_changed", 1),
+    ("hold_placed", 2),
     ("hold_captured", 1),
     ("hold_voided", 1),
     ("hold_expired", 1),
     ("opening_balance", 1),
-    ("transaction_posted", 1),
+    ("transaction_posted", 2),
+];
+
+/// The event types whose current version only added `metadata` to the one before: the older
+/// version reads as the current one with none.
+const METADATA_ADDED_IN: &[(&str, u32)] = &[
+    ("deposited", 2),
+    ("withdrawn", 2),
+    ("transfer_debited", 2),
+    ("transfer_credited", 2),
+    ("hold_placed", 2),
+    ("transaction_posted", 2),
 ];
 
 /// Why a stored payload could not become an event.
@@ -63,10 +80,22 @@ struct AccountOpenedV1 {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+struct AccountOpenedV2 {
+    currency: String,
+    owner: Option<String>,
+    overdraft_limit: u64,
+}
+
+/// Metadata on the wire: a map of text, absent when empty.
+type MetadataWire = BTreeMap<String, String>;
+
+#[derive(Debug, Serialize, Deserialize)]
 struct AccountOpened {
     currency: String,
     owner: Option<String>,
     overdraft_limit: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    metadata: MetadataWire,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -74,6 +103,16 @@ struct MoneyMoved {
     amount: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     reference: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    metadata: MetadataWire,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct MetadataChanged {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    set: MetadataWire,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    unset: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -84,6 +123,8 @@ struct TransferDebited {
     currency: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     reference: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    metadata: MetadataWire,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -93,6 +134,8 @@ struct TransferCredited {
     amount: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     reference: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    metadata: MetadataWire,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -107,6 +150,8 @@ struct HoldPlaced {
     expires_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     reference: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    metadata: MetadataWire,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -144,6 +189,8 @@ struct TransactionPosted {
     reverses: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     reference: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    metadata: MetadataWire,
 }
 
 /// `hold_voided` and `hold_expired`.
@@ -180,6 +227,7 @@ enum Payload {
     TransferDebited(TransferDebited),
     TransferCredited(TransferCredited),
     AccountClosed(AccountClosed),
+    MetadataChanged(MetadataChanged),
     HoldPlaced(HoldPlaced),
     HoldCaptured(HoldCaptured),
     HoldReleased(HoldReleased),
@@ -193,50 +241,69 @@ fn payload(event: &Event) -> Payload {
             currency: open.currency.to_string(),
             owner: open.owner.clone(),
             overdraft_limit: open.overdraft_limit.minor_units(),
+            metadata: open.metadata.entries().clone(),
         }),
-        Event::Deposited { amount, reference } | Event::Withdrawn { amount, reference } => {
-            Payload::MoneyMoved(MoneyMoved {
-                amount: amount.minor_units(),
-                reference: reference.clone(),
-            })
+        Event::Deposited {
+            amount,
+            reference,
+            metadata,
         }
+        | Event::Withdrawn {
+            amount,
+            reference,
+            metadata,
+        } => Payload::MoneyMoved(MoneyMoved {
+            amount: amount.minor_units(),
+            reference: reference.clone(),
+            metadata: metadata.entries().clone(),
+        }),
         Event::TransferDebited {
             transfer_id,
             to,
             amount,
             currency,
             reference,
+            metadata,
         } => Payload::TransferDebited(TransferDebited {
             transfer_id: transfer_id.to_string(),
             to: to.to_string(),
             amount: amount.minor_units(),
             currency: currency.to_string(),
             reference: reference.clone(),
+            metadata: metadata.entries().clone(),
         }),
         Event::TransferCredited {
             transfer_id,
             from,
             amount,
             reference,
+            metadata,
         } => Payload::TransferCredited(TransferCredited {
             transfer_id: transfer_id.to_string(),
             from: from.to_string(),
             amount: amount.minor_units(),
             reference: reference.clone(),
+            metadata: metadata.entries().clone(),
         }),
         Event::AccountClosed => Payload::AccountClosed(AccountClosed {}),
+        Event::MetadataChanged { set, unset } => Payload::MetadataChanged(MetadataChanged {
+            set: set.entries().clone(),
+            unset: unset.clone(),
+        }),
         Event::HoldPlaced {
             hold_id,
             to,
             amount,
             expires_at,
             reference,
+            metadata,
         } => Payload::HoldPlaced(HoldPlaced {
             hold_id: hold_id.to_string(),
             to: to.to_string(),
             amount: amount.minor_units(),
             expires_at: rfc3339(*expires_at),
             reference: reference.clone(),
+            metadata: metadata.entries().clone(),
         }),
         Event::HoldCaptured { hold_id, amount } => Payload::HoldCaptured(HoldCaptured {
             hold_id: hold_id.to_string(),
@@ -258,6 +325,7 @@ fn payload(event: &Event) -> Payload {
             parts,
             reverses,
             reference,
+            metadata,
         } => Payload::TransactionPosted(TransactionPosted {
             transaction_id: transaction_id.to_string(),
             currency: currency.to_string(),
@@ -274,6 +342,7 @@ fn payload(event: &Event) -> Payload {
             parts: *parts,
             reverses: reverses.as_ref().map(ToString::to_string),
             reference: reference.clone(),
+            metadata: metadata.entries().clone(),
         }),
     }
 }
@@ -315,9 +384,19 @@ fn upcast_account_opened(version: u32, bytes: &[u8]) -> Result<AccountOpened, De
                 currency: old.currency,
                 owner: old.owner,
                 overdraft_limit: 0,
+                metadata: MetadataWire::new(),
             })
         }
-        2 => read("account_opened", bytes),
+        2 => {
+            let old: AccountOpenedV2 = read("account_opened", bytes)?;
+            Ok(AccountOpened {
+                currency: old.currency,
+                owner: old.owner,
+                overdraft_limit: old.overdraft_limit,
+                metadata: MetadataWire::new(),
+            })
+        }
+        3 => read("account_opened", bytes),
         _ => Err(unknown_version("account_opened", version)),
     }
 }
@@ -327,6 +406,10 @@ fn unknown_version(event_type: &str, version: u32) -> DecodeError {
         event_type: event_type.into(),
         version,
     }
+}
+
+fn metadata(event_type: &str, entries: MetadataWire) -> Result<Metadata, DecodeError> {
+    checked(event_type, Metadata::new(entries))
 }
 
 fn checked<T>(event_type: &str, result: Result<T, ValueError>) -> Result<T, DecodeError> {
@@ -344,28 +427,37 @@ pub fn decode(event_type: &str, version: u32, bytes: &[u8]) -> Result<Event, Dec
             currency: checked(event_type, Currency::parse(&wire.currency))?,
             owner: wire.owner,
             overdraft_limit: checked(event_type, OverdraftLimit::new(wire.overdraft_limit.into()))?,
+            metadata: metadata(event_type, wire.metadata)?,
         }));
     }
     let known = CURRENT_VERSIONS.iter().any(|(name, _)| *name == event_type);
     if !known {
         return Err(DecodeError::UnknownType(event_type.into()));
     }
-    if version != current_version(event_type) {
+    // Upcasting: a version before `metadata` was added has the same fields without it, which
+    // the current shape reads as empty.
+    let older_without_metadata = METADATA_ADDED_IN
+        .iter()
+        .any(|(name, added)| *name == event_type && version + 1 == *added);
+    if version != current_version(event_type) && !older_without_metadata {
         return Err(unknown_version(event_type, version));
     }
     let event = match event_type {
         "deposited" | "withdrawn" => {
             let wire: MoneyMoved = read(event_type, bytes)?;
             let amount = checked(event_type, Amount::new(wire.amount.into()))?;
+            let metadata = metadata(event_type, wire.metadata)?;
             if event_type == "deposited" {
                 Event::Deposited {
                     amount,
                     reference: wire.reference,
+                    metadata,
                 }
             } else {
                 Event::Withdrawn {
                     amount,
                     reference: wire.reference,
+                    metadata,
                 }
             }
         }
@@ -377,6 +469,7 @@ pub fn decode(event_type: &str, version: u32, bytes: &[u8]) -> Result<Event, Dec
                 amount: checked(event_type, Amount::new(wire.amount.into()))?,
                 currency: checked(event_type, Currency::parse(&wire.currency))?,
                 reference: wire.reference,
+                metadata: metadata(event_type, wire.metadata)?,
             }
         }
         "transfer_credited" => {
@@ -386,6 +479,14 @@ pub fn decode(event_type: &str, version: u32, bytes: &[u8]) -> Result<Event, Dec
                 from: checked(event_type, AccountId::parse(&wire.from))?,
                 amount: checked(event_type, Amount::new(wire.amount.into()))?,
                 reference: wire.reference,
+                metadata: metadata(event_type, wire.metadata)?,
+            }
+        }
+        "account_metadata_changed" => {
+            let wire: MetadataChanged = read(event_type, bytes)?;
+            Event::MetadataChanged {
+                set: metadata(event_type, wire.set)?,
+                unset: wire.unset,
             }
         }
         "hold_placed" => {
@@ -396,6 +497,7 @@ pub fn decode(event_type: &str, version: u32, bytes: &[u8]) -> Result<Event, Dec
                 amount: checked(event_type, Amount::new(wire.amount.into()))?,
                 expires_at: unix_seconds(event_type, &wire.expires_at)?,
                 reference: wire.reference,
+                metadata: metadata(event_type, wire.metadata)?,
             }
         }
         "hold_captured" => {
@@ -433,6 +535,7 @@ pub fn decode(event_type: &str, version: u32, bytes: &[u8]) -> Result<Event, Dec
                     .map(|id| checked(event_type, TransferId::parse(&id)))
                     .transpose()?,
                 reference: wire.reference,
+                metadata: metadata(event_type, wire.metadata)?,
             }
         }
         "hold_voided" | "hold_expired" => {
@@ -461,6 +564,16 @@ mod tests {
         assert_eq!(decode(event_type, version, &bytes).unwrap(), event);
     }
 
+    fn labels(pairs: &[(&str, &str)]) -> Metadata {
+        Metadata::new(
+            pairs
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn every_event_round_trips() {
         let account = AccountId::parse("b").unwrap();
@@ -470,14 +583,21 @@ mod tests {
             currency: Currency::parse("EUR").unwrap(),
             owner: Some("o".into()),
             overdraft_limit: OverdraftLimit::new(7).unwrap(),
+            metadata: labels(&[("user", "u-1")]),
         }));
         round_trip(Event::Deposited {
             amount,
             reference: Some("r".into()),
+            metadata: labels(&[("invoice", "9")]),
         });
         round_trip(Event::Withdrawn {
             amount,
             reference: None,
+            metadata: Metadata::default(),
+        });
+        round_trip(Event::MetadataChanged {
+            set: labels(&[("tier", "gold")]),
+            unset: vec!["batch".into()],
         });
         round_trip(Event::TransferDebited {
             transfer_id: transfer.clone(),
@@ -485,12 +605,14 @@ mod tests {
             amount,
             currency: Currency::parse("USD").unwrap(),
             reference: None,
+            metadata: labels(&[("order", "17")]),
         });
         round_trip(Event::TransferCredited {
             transfer_id: transfer.clone(),
             from: account.clone(),
             amount,
             reference: Some("x".into()),
+            metadata: labels(&[("order", "17")]),
         });
         round_trip(Event::AccountClosed);
         let hold = TransferId::parse("h1").unwrap();
@@ -500,6 +622,7 @@ mod tests {
             amount,
             expires_at: 1_800_000_000,
             reference: Some("booking".into()),
+            metadata: labels(&[("room", "12")]),
         });
         round_trip(Event::HoldCaptured {
             hold_id: hold.clone(),
@@ -531,6 +654,7 @@ mod tests {
             parts: 4,
             reverses: Some(transfer),
             reference: Some("order".into()),
+            metadata: labels(&[("cart", "c-3")]),
         });
     }
 
@@ -539,12 +663,100 @@ mod tests {
         let (_, _, bytes) = encode(&Event::Deposited {
             amount: Amount::new(5).unwrap(),
             reference: None,
+            metadata: Metadata::default(),
         })
         .unwrap();
         assert_eq!(
             msgpack_to_json(&bytes).unwrap(),
             serde_json::json!({"amount": 5})
         );
+        let (_, _, bytes) = encode(&Event::Deposited {
+            amount: Amount::new(5).unwrap(),
+            reference: None,
+            metadata: labels(&[("invoice", "9")]),
+        })
+        .unwrap();
+        assert_eq!(
+            msgpack_to_json(&bytes).unwrap(),
+            serde_json::json!({"amount": 5, "metadata": {"invoice": "9"}})
+        );
+    }
+
+    /// Events written before metadata existed (version 1; `account_opened` 2) read as the
+    /// current version with none; the current versions are the ones written.
+    #[test]
+    fn events_from_before_metadata_are_upcast_with_none() {
+        #[derive(Serialize)]
+        struct DepositedV1 {
+            amount: u64,
+            reference: Option<String>,
+        }
+        let old = rmp_serde::to_vec_named(&DepositedV1 {
+            amount: 5,
+            reference: Some("r".into()),
+        })
+        .unwrap();
+        for event_type in ["deposited", "withdrawn"] {
+            let event = decode(event_type, 1, &old).unwrap();
+            assert_eq!(event.event_type(), event_type);
+            assert!(
+                matches!(&event, Event::Deposited { metadata, .. } | Event::Withdrawn { metadata, .. } if metadata.is_empty())
+            );
+        }
+        #[derive(Serialize)]
+        struct HoldPlacedV1 {
+            hold_id: String,
+            to: String,
+            amount: u64,
+            expires_at: String,
+        }
+        let old = rmp_serde::to_vec_named(&HoldPlacedV1 {
+            hold_id: "h".into(),
+            to: "b".into(),
+            amount: 3,
+            expires_at: "2027-01-01T00:00:00Z".into(),
+        })
+        .unwrap();
+        assert!(matches!(
+            decode("hold_placed", 1, &old).unwrap(),
+            Event::HoldPlaced { metadata, .. } if metadata.is_empty()
+        ));
+        let old = rmp_serde::to_vec_named(&AccountOpenedV2 {
+            currency: "EUR".into(),
+            owner: None,
+            overdraft_limit: 5,
+        })
+        .unwrap();
+        assert_eq!(
+            decode("account_opened", 2, &old).unwrap(),
+            Event::AccountOpened(OpenAccount {
+                currency: Currency::parse("EUR").unwrap(),
+                owner: None,
+                overdraft_limit: OverdraftLimit::new(5).unwrap(),
+                metadata: Metadata::default(),
+            })
+        );
+        for (event_type, version) in [
+            ("account_opened", 3),
+            ("deposited", 2),
+            ("transfer_credited", 2),
+            ("hold_placed", 2),
+            ("transaction_posted", 2),
+            ("account_metadata_changed", 1),
+        ] {
+            assert_eq!(current_version(event_type), version, "{event_type}");
+        }
+        // Metadata that breaks the bounds is a decode error, not a panic or a silent drop.
+        let bad = rmp_serde::to_vec_named(&MoneyMoved {
+            amount: 5,
+            reference: None,
+            metadata: [("bad key!".to_string(), "x".to_string())].into(),
+        })
+        .unwrap();
+        assert!(matches!(
+            decode("deposited", 2, &bad),
+            Err(DecodeError::Value { .. })
+        ));
     }
 
     #[test]
@@ -561,6 +773,7 @@ mod tests {
                 currency: Currency::parse("EUR").unwrap(),
                 owner: Some("legacy".into()),
                 overdraft_limit: OverdraftLimit::default(),
+                metadata: Metadata::default(),
             })
         );
     }
@@ -573,6 +786,10 @@ mod tests {
             Err(DecodeError::UnknownType(_))
         ));
         assert!(matches!(
+            decode("deposited", 3, &bytes),
+            Err(DecodeError::UnknownVersion { .. })
+        ));
+        assert!(matches!(
             decode("deposited", 9, &bytes),
             Err(DecodeError::UnknownVersion { .. })
         ));
@@ -583,6 +800,7 @@ mod tests {
         let zero = rmp_serde::to_vec_named(&MoneyMoved {
             amount: 0,
             reference: None,
+            metadata: MetadataWire::new(),
         })
         .unwrap();
         assert!(matches!(

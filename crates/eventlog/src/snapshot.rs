@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use domain::account::{Account, OpenHold, Status};
-use domain::{AccountId, AccountState, Amount, Currency, OverdraftLimit, TransferId};
+use domain::{AccountId, AccountState, Amount, Currency, Metadata, OverdraftLimit, TransferId};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::DecodeError;
@@ -57,6 +57,8 @@ struct AccountV1 {
     closed: bool,
     holds: Vec<HoldV1>,
     held: i64,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -66,6 +68,8 @@ struct HoldV1 {
     amount: u64,
     expires_at: i64,
     reference: Option<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
 }
 
 fn invalid(what: &str, error: impl std::fmt::Display) -> DecodeError {
@@ -93,9 +97,11 @@ impl AccountSnapshot {
                     amount: hold.amount.minor_units(),
                     expires_at: hold.expires_at,
                     reference: hold.reference.clone(),
+                    metadata: hold.metadata.entries().clone(),
                 })
                 .collect(),
             held: account.held,
+            metadata: account.metadata.entries().clone(),
         });
         let snapshot = SnapshotV1 {
             version: SNAPSHOT_VERSION,
@@ -134,6 +140,8 @@ impl AccountSnapshot {
                                 .map_err(|e| invalid("hold amount", e))?,
                             expires_at: hold.expires_at,
                             reference: hold.reference,
+                            metadata: Metadata::new(hold.metadata)
+                                .map_err(|e| invalid("hold metadata", e))?,
                         },
                     );
                 }
@@ -152,6 +160,8 @@ impl AccountSnapshot {
                     },
                     holds,
                     held: account.held,
+                    metadata: Metadata::new(account.metadata)
+                        .map_err(|e| invalid("metadata", e))?,
                 })
             }
         };
@@ -178,6 +188,7 @@ mod tests {
                 amount: Amount::new(40).unwrap(),
                 expires_at: 1_800_000_000,
                 reference: Some("rent".into()),
+                metadata: Metadata::new([("flat".to_string(), "3b".to_string())].into()).unwrap(),
             },
         );
         AccountState::Opened(Account {
@@ -189,6 +200,7 @@ mod tests {
             status: Status::Open,
             holds,
             held: 40,
+            metadata: Metadata::new([("user".to_string(), "u-7".to_string())].into()).unwrap(),
         })
     }
 

@@ -22,6 +22,7 @@ fn account(name: &str) -> AccountId {
 
 fn opened() -> Event {
     Event::AccountOpened(OpenAccount {
+        metadata: Default::default(),
         currency: Currency::parse("EUR").unwrap(),
         owner: Some("test".into()),
         overdraft_limit: OverdraftLimit::default(),
@@ -30,6 +31,7 @@ fn opened() -> Event {
 
 fn deposited(units: i128) -> Event {
     Event::Deposited {
+        metadata: Default::default(),
         amount: Amount::new(units).unwrap(),
         reference: None,
     }

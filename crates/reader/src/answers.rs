@@ -45,6 +45,8 @@ pub struct AccountView {
     pub opened_at: String,
     #[schema(format = DateTime)]
     pub updated_at: String,
+    /// Your labels on the account (empty when none).
+    pub metadata: BTreeMap<String, String>,
 }
 
 impl From<&AccountRow> for AccountView {
@@ -69,8 +71,17 @@ impl From<&AccountRow> for AccountView {
             position: row.position,
             opened_at: rfc3339(row.opened_at),
             updated_at: rfc3339(row.updated_at),
+            metadata: row.metadata.clone(),
         }
     }
+}
+
+/// `GET /v1/accounts`: by account id ascending.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AccountList {
+    pub accounts: Vec<AccountView>,
+    /// Pass as `after` for the next page; null when there is none.
+    pub next: Option<String>,
 }
 
 /// One line of a statement.
@@ -100,6 +111,8 @@ pub struct StatementItem {
     /// On a reversal's line: the transfer or transaction it moved back.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reverses: Option<String>,
+    /// The movement's labels (empty when none).
+    pub metadata: BTreeMap<String, String>,
 }
 
 impl From<&StatementEntry> for StatementItem {
@@ -116,6 +129,7 @@ impl From<&StatementEntry> for StatementItem {
             transaction_id: entry.transaction_id.clone(),
             counterparties: entry.counterparties.clone(),
             reverses: entry.reverses.clone(),
+            metadata: entry.metadata.clone(),
         }
     }
 }
@@ -175,6 +189,7 @@ pub struct TransferView {
     /// The transaction that reversed this transfer, once one did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reversed_by: Option<String>,
+    pub metadata: BTreeMap<String, String>,
 }
 
 impl From<&TransferRow> for TransferView {
@@ -190,6 +205,7 @@ impl From<&TransferRow> for TransferView {
             position: row.position,
             time: rfc3339(row.time),
             reversed_by: row.reversed_by.clone(),
+            metadata: row.metadata.clone(),
         }
     }
 }
@@ -222,6 +238,7 @@ pub struct TransactionView {
     pub position: u64,
     #[schema(format = DateTime)]
     pub time: String,
+    pub metadata: BTreeMap<String, String>,
 }
 
 impl From<&TransactionRow> for TransactionView {
@@ -244,6 +261,7 @@ impl From<&TransactionRow> for TransactionView {
             reversed_by: row.reversed_by.clone(),
             position: row.position,
             time: rfc3339(row.time),
+            metadata: row.metadata.clone(),
         }
     }
 }
@@ -272,6 +290,7 @@ pub struct HoldView {
     pub expires_at: String,
     /// The position of the hold's last event.
     pub position: u64,
+    pub metadata: BTreeMap<String, String>,
 }
 
 impl From<&HoldRow> for HoldView {
@@ -293,6 +312,7 @@ impl From<&HoldRow> for HoldView {
                 .map(rfc3339)
                 .unwrap_or_default(),
             position: row.position,
+            metadata: row.metadata.clone(),
         }
     }
 }

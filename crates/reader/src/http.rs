@@ -19,12 +19,12 @@ use utoipa::IntoParams;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::answers::{
-    AccountView, Audit, BalanceAsOf, HoldView, Statement, StatementItem, TransactionView,
-    TransferView,
+    AccountList, AccountView, Audit, BalanceAsOf, HoldView, Statement, StatementItem,
+    TransactionView, TransferView,
 };
 use crate::openapi::{
-    AccountProblems, AuditProblems, HoldProblems, RebuildStartProblems, RebuildStatusProblems,
-    TransactionProblems, TransferProblems,
+    AccountProblems, AuditProblems, HoldProblems, ListProblems, RebuildStartProblems,
+    RebuildStatusProblems, TransactionProblems, TransferProblems,
 };
 use crate::rebuild::RebuildStatus;
 
@@ -56,6 +56,7 @@ pub struct QueryState {
 /// The query routes with their OpenAPI operations: one list serves both.
 pub fn api() -> OpenApiRouter<QueryState> {
     OpenApiRouter::new()
+        .routes(routes!(list_accounts))
         .routes(routes!(account))
         .routes(routes!(transactions))
         .routes(routes!(balance_as_of))
@@ -280,6 +281,204 @@ async fn account(State(state): State<QueryState>, Path(id): Path<String>) -> Res
     }
 }
 
+/// An account's status, as a listing filters on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusFilter {
+    Open,
+    Closed,
+}
+
+/// The filters (combined with AND) and the page of an accounts listing. Metadata filters are
+/// `metadata.{key}={value}` parameters, any number of them.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only accounts in this currency.
+    #[param(pattern = "^[A-Z]{3}$")]
+    pub currency: Option<String>,
+    /// Only accounts with this owner.
+    pub owner: Option<String>,
+    #[param(inline)]
+    pub status: Option<StatusFilter>,
+    /// Accounts after this id (exclusive): the previous page's `next`.
+    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    pub after: Option<String>,
+    #[param(inline)]
+    pub limit: Option<PageLimit>,
+}
+
+/// Every filter of a listing, checked.
+struct Filters {
+    currency: Option<String>,
+    owner: Option<String>,
+    status: Option<StatusFilter>,
+    metadata: Vec<(String, String)>,
+}
+
+impl Filters {
+    fn parse(query: &ListQuery, uri: &axum::http::Uri) -> Result<Self, Problem> {
+        if let Some(currency) = &query.currency {
+            domain::Currency::parse(currency)
+                .map_err(|error| Problem::invalid_request(format!("currency: {error}")))?;
+        }
+        let pairs = Query::<Vec<(String, String)>>::try_from_uri(uri)
+            .map_err(|rejection| Problem::invalid_request(rejection.body_text()))?
+            .0;
+        let mut metadata = Vec::new();
+        for (name, value) in pairs {
+            let Some(key) = name.strip_prefix("metadata.") else {
+                continue;
+            };
+            domain::metadata::check_key(key)
+                .map_err(|error| Problem::invalid_request(format!("{name}: {error}")))?;
+            metadata.push((key.to_owned(), value));
+        }
+        Ok(Self {
+            currency: query.currency.clone(),
+            owner: query.owner.clone(),
+            status: query.status,
+            metadata,
+        })
+    }
+
+    /// The term whose index entries drive the scan: metadata first (the most selective as a
+    /// rule), then owner, status, currency; none: every account.
+    fn driving_term(&self) -> Option<String> {
+        if let Some((key, value)) = self.metadata.first() {
+            return Some(views::metadata_term(key, value));
+        }
+        if let Some(owner) = &self.owner {
+            return Some(views::owner_term(owner));
+        }
+        if let Some(status) = self.status {
+            return Some(views::status_term(match status {
+                StatusFilter::Open => "open",
+                StatusFilter::Closed => "closed",
+            }));
+        }
+        self.currency.as_deref().map(views::currency_term)
+    }
+
+    fn matches(&self, row: &AccountRow) -> bool {
+        self.currency
+            .as_ref()
+            .is_none_or(|currency| &row.currency == currency)
+            && self
+                .owner
+                .as_ref()
+                .is_none_or(|owner| row.owner.as_ref() == Some(owner))
+            && self
+                .status
+                .is_none_or(|status| row.closed == (status == StatusFilter::Closed))
+            && self
+                .metadata
+                .iter()
+                .all(|(key, value)| row.metadata.get(key) == Some(value))
+    }
+}
+
+#[utoipa::path(get, path = "/v1/accounts", tag = "reader",
+    operation_id = "listAccounts",
+    summary = "List accounts by id, filtered by currency, owner, status and metadata (metadata.{key}={value}), combined with AND",
+    params(ListQuery, MinPosition, MinPositionHeader),
+    responses((status = 200, description = "A page of accounts, by id ascending", body = AccountList,
+        headers(("X-Coffer-Position" = u64, description = "The stream position the view has applied"))),
+        ListProblems))]
+async fn list_accounts(
+    State(state): State<QueryState>,
+    uri: axum::http::Uri,
+    ValidQuery(query): ValidQuery<ListQuery>,
+) -> Response {
+    let listed = Filters::parse(&query, &uri).and_then(|filters| {
+        let database = view_database(&state)?;
+        account_page(&database, &filters, &query)
+    });
+    match listed {
+        Ok(list) => Json(list).into_response(),
+        Err(problem) => problem.into_response(),
+    }
+}
+
+/// One page of a listing: a range scan of the driving term's index (or of the accounts), each
+/// candidate checked against every filter, until the page and one more are found.
+fn account_page(
+    database: &Database,
+    filters: &Filters,
+    query: &ListQuery,
+) -> Result<AccountList, Problem> {
+    let limit = query.limit.unwrap_or_default().get();
+    let after = match query.after.as_deref() {
+        Some(after) => domain::AccountId::parse(after)
+            .map(|_| after)
+            .map_err(|error| Problem::invalid_request(format!("after: {error}")))?,
+        None => "",
+    };
+    let transaction = database.begin_read().map_err(storage_problem)?;
+    let accounts = transaction
+        .open_table(views::ACCOUNTS)
+        .map_err(storage_problem)?;
+    let mut page: Vec<AccountView> = Vec::new();
+    let mut more = false;
+    let mut consider = |id: &str| -> Result<bool, Problem> {
+        if id <= after {
+            return Ok(true);
+        }
+        let Some(bytes) = accounts.get(id).map_err(storage_problem)? else {
+            return Ok(true);
+        };
+        let row: AccountRow = views::decode(bytes.value()).map_err(storage_problem)?;
+        if filters.matches(&row) {
+            if page.len() == limit {
+                more = true;
+                return Ok(false);
+            }
+            page.push(AccountView::from(&row));
+        }
+        Ok(true)
+    };
+    match filters.driving_term() {
+        Some(term) => {
+            let index = transaction
+                .open_table(views::ACCOUNT_INDEX)
+                .map_err(storage_problem)?;
+            for entry in index
+                .range((term.as_str(), after)..)
+                .map_err(storage_problem)?
+            {
+                let (key, _) = entry.map_err(storage_problem)?;
+                let (entry_term, id) = key.value();
+                if entry_term != term || !consider(id)? {
+                    break;
+                }
+            }
+        }
+        None => {
+            let ids: Vec<String> = accounts
+                .range(after..)
+                .map_err(storage_problem)?
+                .map(|entry| entry.map(|(key, _)| key.value().to_owned()))
+                .take(limit + 2)
+                .collect::<Result<_, _>>()
+                .map_err(storage_problem)?;
+            for id in &ids {
+                if !consider(id)? {
+                    break;
+                }
+            }
+        }
+    }
+    let next = if more {
+        page.last().map(|view| view.account_id.clone())
+    } else {
+        None
+    };
+    Ok(AccountList {
+        accounts: page,
+        next,
+    })
+}
+
 /// The bound of a balance lookup: exactly one of the two.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -382,6 +581,8 @@ pub struct PageQuery {
     pub after: Option<Position>,
     #[param(inline)]
     pub limit: Option<PageLimit>,
+    /// Only the items with this reference.
+    pub reference: Option<String>,
 }
 
 #[utoipa::path(get, path = "/v1/accounts/{id}/transactions", tag = "reader",
@@ -415,6 +616,25 @@ fn statement_page(database: &Database, id: &str, page: &PageQuery) -> Result<Sta
     let start = after.saturating_add(1);
     let mut items = Vec::new();
     let mut next = after;
+    if let Some(reference) = &page.reference {
+        let references = transaction
+            .open_table(views::STATEMENT_REFERENCES)
+            .map_err(storage_problem)?;
+        for key in references
+            .range((id, reference.as_str(), start)..=(id, reference.as_str(), u64::MAX))
+            .map_err(storage_problem)?
+            .take(limit)
+        {
+            let position = key.map_err(storage_problem)?.0.value().2;
+            let Some(value) = table.get((id, position)).map_err(storage_problem)? else {
+                continue;
+            };
+            let entry: StatementEntry = views::decode(value.value()).map_err(storage_problem)?;
+            next = position;
+            items.push(StatementItem::from(&entry));
+        }
+        return Ok(Statement { items, next });
+    }
     for row in table
         .range((id, start)..=(id, u64::MAX))
         .map_err(storage_problem)?
@@ -660,6 +880,7 @@ mod tests {
         for index in 0..events {
             let account = domain::AccountId::parse(&format!("acc-{index}")).unwrap();
             let opened = domain::Event::AccountOpened(domain::OpenAccount {
+                metadata: Default::default(),
                 currency: domain::Currency::parse("EUR").unwrap(),
                 owner: None,
                 overdraft_limit: domain::OverdraftLimit::new(0).unwrap(),

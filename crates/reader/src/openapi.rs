@@ -59,6 +59,8 @@ read_problems! {
     HoldProblems => [(404, "hold_not_found")];
     /// Errors of `GET /v1/audit`.
     AuditProblems => [(0, ""); 0];
+    /// Errors of `GET /v1/accounts`.
+    ListProblems => [(0, ""); 0];
 }
 
 /// Errors of `POST /v1/projection/rebuild`.

@@ -69,10 +69,27 @@ pub async fn run(
     crate::rebuild::remove_file_if_any(&config.data_directory.join(crate::rebuild::REBUILD_FILE))
         .map_err(Error::Storage)?;
     let path = config.data_directory.join(crate::rebuild::VIEWS_FILE);
-    let database = Arc::new(
-        crate::storage::open(&path, config.failpoint_storage_file.as_deref())
-            .map_err(Error::Storage)?,
-    );
+    let mut database = crate::storage::open(&path, config.failpoint_storage_file.as_deref())
+        .map_err(Error::Storage)?;
+    // Views of another layout (an older build's, without the indexes this one reads) are
+    // rebuilt from the stream: the file is replaced by an empty one, and the reader is ready
+    // again once it has caught up.
+    let stored = crate::views::stored_schema_version(&database)
+        .map_err(|error| Error::Storage(error.to_string()))?;
+    if let Some(version) = stored.filter(|version| *version != crate::views::SCHEMA_VERSION) {
+        tracing::warn!(
+            path = %path.display(),
+            stored = version,
+            current = crate::views::SCHEMA_VERSION,
+            "the views were written with another schema version; rebuilding them from the stream"
+        );
+        drop(database);
+        std::fs::remove_file(&path)
+            .map_err(|error| Error::Storage(format!("remove {}: {error}", path.display())))?;
+        database = crate::storage::open(&path, config.failpoint_storage_file.as_deref())
+            .map_err(Error::Storage)?;
+    }
+    let database = Arc::new(database);
 
     // Listen before consuming, so the port is up as soon as the view starts to move.
     let listener = tokio::net::TcpListener::bind(config.http_address)

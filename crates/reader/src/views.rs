@@ -31,6 +31,40 @@ pub const STATEMENT_TIMES: TableDefinition<(&str, i128), u64> =
 pub const TRANSACTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("transactions");
 /// Hold id -> [`HoldRow`].
 pub const HOLDS: TableDefinition<&str, &[u8]> = TableDefinition::new("holds");
+/// (term, account id) -> (): the accounts listing's index. A term is one thing a listing filters
+/// on ([`account_terms`]): `currency`, `owner`, `status`, and each metadata entry. A page of a
+/// filtered listing is a range scan of its most selective term, in account-id order.
+pub const ACCOUNT_INDEX: TableDefinition<(&str, &str), ()> = TableDefinition::new("account_index");
+/// (account id, reference, position) -> (): a statement filtered by reference.
+pub const STATEMENT_REFERENCES: TableDefinition<(&str, &str, u64), ()> =
+    TableDefinition::new("statement_references");
+/// What the views file holds besides rows: [`SCHEMA_VERSION_KEY`].
+pub const VIEW_META: TableDefinition<&str, u64> = TableDefinition::new("view_meta");
+pub const SCHEMA_VERSION_KEY: &str = "schema_version";
+/// The layout of the views (tables, rows, indexes) this build writes. A file of another version
+/// is rebuilt from the stream at start (`reader::service`). History: 1 (no record of it): before
+/// metadata, the accounts listing and the reference index; 2: those.
+pub const SCHEMA_VERSION: u64 = 2;
+
+/// The schema version recorded in a views file: `None` for an empty file (nothing applied yet)
+/// and 1 for a file written before versions were recorded.
+pub fn stored_schema_version(database: &redb::Database) -> Result<Option<u64>, redb::Error> {
+    use redb::ReadableDatabase;
+    let applied = projection::stored_position(database)
+        .map_err(|error| redb::Error::Corrupted(error.to_string()))?;
+    let transaction = database.begin_read()?;
+    let recorded = match transaction.open_table(VIEW_META) {
+        Ok(table) => table.get(SCHEMA_VERSION_KEY)?.map(|value| value.value()),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(error) => return Err(error.into()),
+    };
+    Ok(match recorded {
+        Some(version) => Some(version),
+        None if applied > 0 => Some(1),
+        None => None,
+    })
+}
+
 /// [`AUDIT_RUNNING`] and [`AUDIT_SETTLED`] -> [`AuditRow`].
 pub const AUDIT: TableDefinition<&str, &[u8]> = TableDefinition::new("audit");
 /// The sums after the last applied event.
@@ -133,6 +167,7 @@ impl AuditRow {
             }
             Event::AccountOpened(_)
             | Event::AccountClosed
+            | Event::MetadataChanged { .. }
             | Event::HoldPlaced { .. }
             | Event::HoldVoided { .. }
             | Event::HoldExpired { .. } => {}
@@ -186,6 +221,42 @@ pub struct AccountRow {
     pub opened_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// The listing terms of an account: what `GET /v1/accounts` filters on. Each is a tag, a NUL
+/// and the value (metadata: the key, a NUL, the value), so no two filters share a term.
+pub fn account_terms(row: &AccountRow) -> Vec<String> {
+    let mut terms = vec![
+        currency_term(&row.currency),
+        status_term(if row.closed { "closed" } else { "open" }),
+    ];
+    if let Some(owner) = &row.owner {
+        terms.push(owner_term(owner));
+    }
+    terms.extend(
+        row.metadata
+            .iter()
+            .map(|(key, value)| metadata_term(key, value)),
+    );
+    terms
+}
+
+pub fn currency_term(currency: &str) -> String {
+    format!("c\0{currency}")
+}
+
+pub fn status_term(status: &str) -> String {
+    format!("s\0{status}")
+}
+
+pub fn owner_term(owner: &str) -> String {
+    format!("o\0{owner}")
+}
+
+pub fn metadata_term(key: &str, value: &str) -> String {
+    format!("m\0{key}\0{value}")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,6 +278,8 @@ pub struct StatementEntry {
     pub counterparties: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reverses: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// A transfer: committed whole (debit and credit in one atomic batch), so it is always
@@ -226,6 +299,8 @@ pub struct TransferRow {
     /// The transaction that reversed it, once one did.
     #[serde(default)]
     pub reversed_by: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// One posting of a transaction.
@@ -254,6 +329,8 @@ pub struct TransactionRow {
     pub position: u64,
     #[serde(with = "time::serde::rfc3339")]
     pub time: OffsetDateTime,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
 }
 
 impl TransactionRow {
@@ -275,6 +352,7 @@ pub fn fold_transaction(
         parts,
         reverses,
         reference,
+        metadata,
         ..
     } = &recorded.event
     else {
@@ -290,6 +368,7 @@ pub fn fold_transaction(
         reversed_by: None,
         position: 0,
         time: recorded.time,
+        metadata: metadata.entries().clone(),
     });
     for leg in legs {
         row.postings
@@ -320,6 +399,8 @@ pub struct HoldRow {
     pub expires_at: i64,
     /// Position of the hold's last event (for a capture: the receiver's credit).
     pub position: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// The hold row after `recorded` (an event of the hold's `from`), or `None` when the event is
@@ -332,6 +413,7 @@ pub fn fold_hold(row: Option<HoldRow>, recorded: &RecordedEvent) -> Option<HoldR
                 to,
                 amount,
                 expires_at,
+                metadata,
                 ..
             },
             _,
@@ -345,6 +427,7 @@ pub fn fold_hold(row: Option<HoldRow>, recorded: &RecordedEvent) -> Option<HoldR
                 captured_amount: None,
                 expires_at: *expires_at,
                 position: 0,
+                metadata: metadata.entries().clone(),
             },
             "held",
         ),
@@ -388,13 +471,23 @@ pub fn fold_account(row: Option<AccountRow>, recorded: &RecordedEvent) -> Option
             position: 0,
             opened_at: recorded.time,
             updated_at: recorded.time,
+            metadata: open.metadata.entries().clone(),
         },
         (_, Some(row)) => row,
         (_, None) => return None,
     };
     row.balance = row.balance.saturating_add(recorded.event.balance_change());
-    if matches!(recorded.event, Event::AccountClosed) {
-        row.closed = true;
+    match &recorded.event {
+        Event::AccountClosed => row.closed = true,
+        Event::MetadataChanged { set, unset } => {
+            for (key, value) in set.entries() {
+                row.metadata.insert(key.clone(), value.clone());
+            }
+            for key in unset {
+                row.metadata.remove(key);
+            }
+        }
+        _ => {}
     }
     row.version += 1;
     row.position = recorded.position;
@@ -404,6 +497,17 @@ pub fn fold_account(row: Option<AccountRow>, recorded: &RecordedEvent) -> Option
 
 /// The statement line `recorded` adds, given the account row after it.
 pub fn statement_entry(after: &AccountRow, recorded: &RecordedEvent) -> Option<StatementEntry> {
+    let metadata = match &recorded.event {
+        Event::Deposited { metadata, .. }
+        | Event::Withdrawn { metadata, .. }
+        | Event::TransferDebited { metadata, .. }
+        | Event::TransferCredited { metadata, .. }
+        | Event::HoldPlaced { metadata, .. }
+        | Event::TransactionPosted { metadata, .. } => metadata.entries().clone(),
+        // A change of the account's labels is not a line of its statement.
+        Event::MetadataChanged { .. } => return None,
+        _ => BTreeMap::new(),
+    };
     let (transfer_id, counterparty, reference) = match &recorded.event {
         Event::Deposited { reference, .. } | Event::Withdrawn { reference, .. } => {
             (None, None, reference.clone())
@@ -429,9 +533,10 @@ pub fn statement_entry(after: &AccountRow, recorded: &RecordedEvent) -> Option<S
         Event::HoldCaptured { hold_id, .. }
         | Event::HoldVoided { hold_id }
         | Event::HoldExpired { hold_id } => (Some(hold_id), None, None),
-        Event::AccountOpened(_) | Event::AccountClosed | Event::OpeningBalance { .. } => {
-            (None, None, None)
-        }
+        Event::AccountOpened(_)
+        | Event::AccountClosed
+        | Event::MetadataChanged { .. }
+        | Event::OpeningBalance { .. } => (None, None, None),
         Event::TransactionPosted { reference, .. } => (None, None, reference.clone()),
     };
     let (transaction_id, counterparties, reverses) = match &recorded.event {
@@ -466,6 +571,7 @@ pub fn statement_entry(after: &AccountRow, recorded: &RecordedEvent) -> Option<S
         transaction_id,
         counterparties,
         reverses,
+        metadata,
     })
 }
 
@@ -496,6 +602,7 @@ pub fn transfer_row(recorded: &RecordedEvent, receiver_currency: &str) -> Option
             from,
             amount,
             reference,
+            metadata,
         } => Some(TransferRow {
             transfer_id: transfer_id.to_string(),
             from: from.to_string(),
@@ -506,6 +613,7 @@ pub fn transfer_row(recorded: &RecordedEvent, receiver_currency: &str) -> Option
             position: recorded.position,
             time: recorded.time,
             reversed_by: None,
+            metadata: metadata.entries().clone(),
         }),
         _ => None,
     }
@@ -562,6 +670,12 @@ impl projection::Projector for LedgerViews {
         transaction.open_table(AUDIT)?;
         transaction.open_table(HOLDS)?;
         transaction.open_table(STATEMENT_TIMES)?;
+        transaction.open_table(ACCOUNT_INDEX)?;
+        transaction.open_table(STATEMENT_REFERENCES)?;
+        // Opened on a file of this layout (or an empty one): it is this version from now on.
+        transaction
+            .open_table(VIEW_META)?
+            .insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION)?;
         Ok(())
     }
 
@@ -577,6 +691,11 @@ impl projection::Projector for LedgerViews {
         let mut audit_table = transaction.open_table(AUDIT)?;
         let mut holds = transaction.open_table(HOLDS)?;
         let mut statement_times = transaction.open_table(STATEMENT_TIMES)?;
+        let mut account_index = transaction.open_table(ACCOUNT_INDEX)?;
+        let mut statement_references = transaction.open_table(STATEMENT_REFERENCES)?;
+        // The listing terms of accounts whose terms this batch may change (opened, closed,
+        // metadata changed), as they were before it: only those are re-indexed.
+        let mut terms_before: HashMap<&str, Vec<String>> = HashMap::new();
         let mut audit: AuditRow = read_row(&audit_table, AUDIT_RUNNING)?.unwrap_or_default();
         let mut settled: Option<AuditRow> = None;
         // Account rows as the batch leaves them: each is read and written once per batch, not
@@ -588,6 +707,16 @@ impl projection::Projector for LedgerViews {
                 Some(row) => row,
                 None => read_row(&accounts, account_id)?,
             };
+            if matches!(
+                recorded.event,
+                Event::AccountOpened(_) | Event::AccountClosed | Event::MetadataChanged { .. }
+            ) && !terms_before.contains_key(account_id)
+            {
+                terms_before.insert(
+                    account_id,
+                    old.as_ref().map(account_terms).unwrap_or_default(),
+                );
+            }
             let previous_chain = old.as_ref().map_or_else(genesis, |row| row.chain.clone());
             let expected_chain = recorded.expected_chain(&previous_chain);
             if recorded.chain.as_deref() != Some(expected_chain.as_str()) {
@@ -649,6 +778,10 @@ impl projection::Projector for LedgerViews {
                     }
                 }
                 if let Some(entry) = statement_entry(&row, recorded) {
+                    if let Some(reference) = &entry.reference {
+                        statement_references
+                            .insert((account_id, reference.as_str(), recorded.position), ())?;
+                    }
                     statements
                         .insert((account_id, recorded.position), encode(&entry)?.as_slice())?;
                     statement_times.insert(
@@ -664,6 +797,19 @@ impl projection::Projector for LedgerViews {
         for (account_id, row) in &rows {
             if let Some(row) = row {
                 accounts.insert(*account_id, encode(row)?.as_slice())?;
+            }
+        }
+        for (account_id, before) in &terms_before {
+            let after = rows
+                .get(account_id)
+                .and_then(Option::as_ref)
+                .map(account_terms)
+                .unwrap_or_default();
+            for term in before.iter().filter(|term| !after.contains(term)) {
+                account_index.remove((term.as_str(), *account_id))?;
+            }
+            for term in after.iter().filter(|term| !before.contains(term)) {
+                account_index.insert((term.as_str(), *account_id), ())?;
             }
         }
         audit_table.insert(AUDIT_RUNNING, encode(&audit)?.as_slice())?;
@@ -708,6 +854,7 @@ mod tests {
             "a",
             1,
             Event::AccountOpened(OpenAccount {
+                metadata: Default::default(),
                 currency: Currency::parse("EUR").unwrap(),
                 owner: None,
                 overdraft_limit: OverdraftLimit::new(5).unwrap(),
@@ -718,6 +865,7 @@ mod tests {
             "a",
             4,
             Event::Deposited {
+                metadata: Default::default(),
                 amount: Amount::new(10).unwrap(),
                 reference: Some("r".into()),
             },
@@ -745,6 +893,7 @@ mod tests {
             "a",
             2,
             Event::TransferDebited {
+                metadata: Default::default(),
                 transfer_id: transfer_id.clone(),
                 to: AccountId::parse("b").unwrap(),
                 amount: Amount::new(3).unwrap(),
@@ -756,6 +905,7 @@ mod tests {
             "b",
             3,
             Event::TransferCredited {
+                metadata: Default::default(),
                 transfer_id,
                 from: AccountId::parse("a").unwrap(),
                 amount: Amount::new(3).unwrap(),
@@ -766,6 +916,7 @@ mod tests {
             "a",
             1,
             Event::Deposited {
+                metadata: Default::default(),
                 amount: Amount::new(10).unwrap(),
                 reference: None,
             },
@@ -789,6 +940,7 @@ mod tests {
             "a",
             2,
             Event::TransferDebited {
+                metadata: Default::default(),
                 transfer_id: transfer_id.clone(),
                 to: AccountId::parse("b").unwrap(),
                 amount: Amount::new(3).unwrap(),
@@ -801,6 +953,7 @@ mod tests {
             "b",
             3,
             Event::TransferCredited {
+                metadata: Default::default(),
                 transfer_id,
                 from: AccountId::parse("a").unwrap(),
                 amount: Amount::new(3).unwrap(),
@@ -828,6 +981,7 @@ mod tests {
             account,
             position,
             Event::TransactionPosted {
+                metadata: Default::default(),
                 transaction_id: TransferId::parse("tx").unwrap(),
                 currency: Currency::parse("EUR").unwrap(),
                 net,
@@ -861,6 +1015,7 @@ mod tests {
                 "a",
                 1,
                 Event::Deposited {
+                    metadata: Default::default(),
                     amount: Amount::new(100).unwrap(),
                     reference: None,
                 },
@@ -881,6 +1036,7 @@ mod tests {
         assert_eq!((row.position, row.reverses.as_deref()), (4, Some("t-0")));
         // The statement line shows the net and every counterparty.
         let account = AccountRow {
+            metadata: Default::default(),
             account_id: "a".into(),
             currency: "EUR".into(),
             owner: None,

@@ -396,6 +396,7 @@ mod tests {
         Handover {
             account_id: AccountId::parse("acc-1").unwrap(),
             intent: Intent::Account(domain::Command::Deposit {
+                metadata: Default::default(),
                 amount: domain::Amount::new(5).unwrap(),
                 reference: Some("r".into()),
             }),

@@ -118,6 +118,8 @@ fn rejected(rejection: &DomainError, detail: String) -> Problem {
         // The request parser refuses these first; the domain's own check answers the same.
         DomainError::PostingCount { .. } => (400, "invalid_request", "Invalid request"),
         DomainError::AlreadyReversed { .. } => (409, "already_reversed", "Already reversed"),
+        // The bound applies to the account's metadata after the change: still a bad request.
+        DomainError::MetadataFull { .. } => (400, "invalid_request", "Invalid request"),
     };
     Problem::new(status, code, title, detail)
 }

@@ -27,12 +27,12 @@ use crate::idempotency::{Claim, IdempotencyKey};
 use crate::metrics::Metrics;
 use crate::openapi::{BulkProblems, CommandProblems, OpenProblems, ReadProblems};
 use crate::outcome::{
-    AccountPosition, Balance, HoldCaptured, HoldPlaced, HoldReleased, Outcome,
+    AccountMetadata, AccountPosition, Balance, HoldCaptured, HoldPlaced, HoldReleased, Outcome,
     TransactionCompleted, TransferCompleted,
 };
 use crate::request::{
-    self, CaptureBody, CommandRequest, HoldBody, Intent, MoneyMovement, NoFields, OpenAccountBody,
-    ReverseBody, TransactionBody, TransferBody,
+    self, CaptureBody, CommandRequest, HoldBody, Intent, MetadataBody, MoneyMovement, NoFields,
+    OpenAccountBody, ReverseBody, TransactionBody, TransferBody,
 };
 use crate::Error;
 
@@ -60,6 +60,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(deposit))
         .routes(routes!(withdraw))
         .routes(routes!(close_account))
+        .routes(routes!(change_metadata))
         .routes(routes!(transfer))
         .routes(routes!(transaction))
         .routes(with_body_limit(routes!(bulk), BULK_BODY_SIZE_MAX))
@@ -338,6 +339,21 @@ async fn close_account(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     account_command(&state, &id, &headers, body, true, request::close).await
+}
+
+#[utoipa::path(post, path = "/v1/accounts/{id}/metadata", tag = "writer",
+    operation_id = "changeAccountMetadata",
+    summary = "Set and unset entries of an account's metadata",
+    params(AccountPath, CommandHeaders),
+    request_body(content = MetadataBody, content_type = "application/json"),
+    responses((status = 200, description = "The account's metadata after the change", body = AccountMetadata), CommandProblems))]
+async fn change_metadata(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    account_command(&state, &id, &headers, body, false, request::change_metadata).await
 }
 
 #[utoipa::path(post, path = "/v1/transfers", tag = "writer",

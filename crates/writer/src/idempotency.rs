@@ -84,23 +84,45 @@ fn optional(text: &Option<String>) -> String {
 /// server made is not part of the request.
 pub fn request_hash(account: &AccountId, intent: &Intent, transfer_id_generated: bool) -> String {
     let fields: Vec<String> = match intent {
-        Intent::Account(Command::Open(open)) => vec![
-            "open".into(),
-            open.currency.to_string(),
-            optional(&open.owner),
-            open.overdraft_limit.minor_units().to_string(),
-        ],
-        Intent::Account(Command::Deposit { amount, reference }) => vec![
-            "deposit".into(),
-            amount.minor_units().to_string(),
-            optional(reference),
-        ],
-        Intent::Account(Command::Withdraw { amount, reference }) => vec![
-            "withdraw".into(),
-            amount.minor_units().to_string(),
-            optional(reference),
-        ],
+        Intent::Account(Command::Open(open)) => with_metadata(
+            vec![
+                "open".into(),
+                open.currency.to_string(),
+                optional(&open.owner),
+                open.overdraft_limit.minor_units().to_string(),
+            ],
+            &open.metadata,
+        ),
+        Intent::Account(Command::Deposit {
+            amount,
+            reference,
+            metadata,
+        }) => with_metadata(
+            vec![
+                "deposit".into(),
+                amount.minor_units().to_string(),
+                optional(reference),
+            ],
+            metadata,
+        ),
+        Intent::Account(Command::Withdraw {
+            amount,
+            reference,
+            metadata,
+        }) => with_metadata(
+            vec![
+                "withdraw".into(),
+                amount.minor_units().to_string(),
+                optional(reference),
+            ],
+            metadata,
+        ),
         Intent::Account(Command::Close) => vec!["close".into()],
+        Intent::Account(Command::ChangeMetadata { set, unset }) => {
+            let mut fields = vec!["metadata".into(), canonical(set)];
+            fields.extend(unset.iter().map(|key| format!("unset:{key}")));
+            fields
+        }
         Intent::Transfer(transfer) => vec![
             "transfer".into(),
             if transfer_id_generated {
@@ -111,7 +133,10 @@ pub fn request_hash(account: &AccountId, intent: &Intent, transfer_id_generated:
             transfer.to.to_string(),
             transfer.amount.minor_units().to_string(),
             optional(&transfer.reference),
-        ],
+        ]
+        .into_iter()
+        .chain(metadata_field(&transfer.metadata))
+        .collect(),
         Intent::Hold(hold) => vec![
             "hold".into(),
             if transfer_id_generated {
@@ -123,7 +148,10 @@ pub fn request_hash(account: &AccountId, intent: &Intent, transfer_id_generated:
             hold.amount.minor_units().to_string(),
             hold.expires_in_seconds.to_string(),
             optional(&hold.reference),
-        ],
+        ]
+        .into_iter()
+        .chain(metadata_field(&hold.metadata))
+        .collect(),
         Intent::Capture(capture) => vec![
             "capture".into(),
             capture.hold_id.to_string(),
@@ -143,6 +171,7 @@ pub fn request_hash(account: &AccountId, intent: &Intent, transfer_id_generated:
                 },
                 optional(&transaction.reference),
             ];
+            fields.extend(metadata_field(&transaction.metadata));
             for posting in &transaction.postings {
                 fields.push(format!(
                     "{}>{}:{}",
@@ -157,6 +186,22 @@ pub fn request_hash(account: &AccountId, intent: &Intent, transfer_id_generated:
     let mut parts = vec!["v1", account.as_str()];
     parts.extend(fields.iter().map(String::as_str));
     digest(&parts)[..32].to_owned()
+}
+
+/// Metadata as one canonical field (keys in order, JSON-escaped).
+fn canonical(metadata: &domain::Metadata) -> String {
+    serde_json::to_string(metadata.entries()).unwrap_or_default()
+}
+
+/// The metadata field of a request's fingerprint: none when there is no metadata, so that a
+/// request without any hashes as it did before metadata existed (a retry across an upgrade).
+fn metadata_field(metadata: &domain::Metadata) -> Option<String> {
+    (!metadata.is_empty()).then(|| format!("metadata:{}", canonical(metadata)))
+}
+
+fn with_metadata(mut fields: Vec<String>, metadata: &domain::Metadata) -> Vec<String> {
+    fields.extend(metadata_field(metadata));
+    fields
 }
 
 /// An id derived from a key, for creates without an explicit id: retrying the create with the
@@ -495,6 +540,7 @@ mod tests {
 
     fn deposit(units: i128) -> Intent {
         Intent::Account(Command::Deposit {
+            metadata: Default::default(),
             amount: Amount::new(units).unwrap(),
             reference: None,
         })
@@ -545,6 +591,7 @@ mod tests {
             Err(Error::IdempotencyKeyReused)
         ));
         let transfer = Transfer {
+            metadata: Default::default(),
             transfer_id: TransferId::parse("t").unwrap(),
             to: AccountId::parse("b").unwrap(),
             amount: Amount::new(3).unwrap(),

@@ -69,6 +69,7 @@ fn row(line: usize, fields: Fields) -> std::result::Result<ImportRow, String> {
             currency,
             owner,
             overdraft_limit,
+            metadata: domain::Metadata::default(),
         },
         balance: fields.balance,
     })

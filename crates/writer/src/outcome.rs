@@ -1,7 +1,7 @@
 //! What a command that succeeded answers. A retry with the same key or transfer id gets the same
 //! answer again, read back from the marker written with the first one.
 
-use domain::{AccountId, TransferId};
+use domain::{AccountId, Metadata, TransferId};
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -11,6 +11,14 @@ use utoipa::ToSchema;
 pub struct AccountPosition {
     pub account_id: AccountId,
     /// The stream position of the event: pass it as `min_position` to a reader.
+    pub position: u64,
+}
+
+/// `200` to a metadata change: the account's metadata right after it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AccountMetadata {
+    pub account_id: AccountId,
+    pub metadata: Metadata,
     pub position: u64,
 }
 
@@ -115,6 +123,12 @@ pub enum Outcome {
         account_id: AccountId,
         position: u64,
     },
+    /// The account's metadata changed; `metadata` is all of it after the change.
+    MetadataChanged {
+        account_id: AccountId,
+        metadata: Metadata,
+        position: u64,
+    },
     /// A hold is placed; `expires_at` in unix seconds.
     HoldPlaced {
         hold_id: TransferId,
@@ -165,6 +179,7 @@ impl Outcome {
             Outcome::Replayed { status, .. } => *status,
             Outcome::BalanceChanged { .. }
             | Outcome::Closed { .. }
+            | Outcome::MetadataChanged { .. }
             | Outcome::HoldCaptured { .. }
             | Outcome::HoldReleased { .. } => 200,
         }
@@ -181,6 +196,15 @@ impl Outcome {
                 position,
             } => serde_json::to_value(AccountPosition {
                 account_id: account_id.clone(),
+                position: *position,
+            }),
+            Outcome::MetadataChanged {
+                account_id,
+                metadata,
+                position,
+            } => serde_json::to_value(AccountMetadata {
+                account_id: account_id.clone(),
+                metadata: metadata.clone(),
                 position: *position,
             }),
             Outcome::BalanceChanged {
@@ -255,6 +279,7 @@ impl Outcome {
             | Outcome::BalanceChanged { position, .. }
             | Outcome::TransferCompleted { position, .. }
             | Outcome::Closed { position, .. }
+            | Outcome::MetadataChanged { position, .. }
             | Outcome::HoldPlaced { position, .. }
             | Outcome::HoldCaptured { position, .. }
             | Outcome::HoldReleased { position, .. }
@@ -300,6 +325,15 @@ impl Outcome {
             } => Outcome::BalanceChanged {
                 account_id,
                 balance,
+                position,
+            },
+            Outcome::MetadataChanged {
+                account_id,
+                metadata,
+                ..
+            } => Outcome::MetadataChanged {
+                account_id,
+                metadata,
                 position,
             },
             Outcome::TransferCompleted { transfer_id, .. } => Outcome::TransferCompleted {

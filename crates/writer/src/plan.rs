@@ -327,6 +327,18 @@ impl Decider<'_> {
                 account_id,
                 position: 0,
             },
+            Event::MetadataChanged { .. } => {
+                let mut after = self.own.state.clone();
+                evolve(&mut after, &event);
+                Outcome::MetadataChanged {
+                    account_id,
+                    metadata: after
+                        .account()
+                        .map(|account| account.metadata.clone())
+                        .unwrap_or_default(),
+                    position: 0,
+                }
+            }
             _ => {
                 let mut after = self.own.state.clone();
                 evolve(&mut after, &event);
@@ -418,6 +430,7 @@ mod tests {
     fn known(name: &str, balance: i64, position: u64) -> Known {
         let mut known = Known::new(id(name));
         let opened = Event::AccountOpened(OpenAccount {
+            metadata: Default::default(),
             currency: Currency::parse("EUR").unwrap(),
             owner: None,
             overdraft_limit: OverdraftLimit::default(),
@@ -425,6 +438,7 @@ mod tests {
         known.apply(&opened, position, "c".repeat(64));
         if balance > 0 {
             let deposit = Event::Deposited {
+                metadata: Default::default(),
                 amount: Amount::new(balance.into()).unwrap(),
                 reference: None,
             };
@@ -443,6 +457,7 @@ mod tests {
 
     fn transaction(postings: Vec<Posting>, reverses: Option<&str>) -> Intent {
         Intent::Transaction(Transaction {
+            metadata: Default::default(),
             transaction_id: TransferId::parse("tx").unwrap(),
             postings,
             reference: None,
@@ -534,6 +549,7 @@ mod tests {
             others: &others,
         };
         let intent = Intent::Transfer(Transfer {
+            metadata: Default::default(),
             transfer_id: TransferId::parse("t").unwrap(),
             to: id("b"),
             amount: Amount::new(30).unwrap(),

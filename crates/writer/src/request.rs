@@ -2,9 +2,10 @@
 //! and refuse exactly the same things.
 
 use domain::account::HOLD_SECONDS_MAX;
+use domain::metadata::METADATA_ENTRIES_MAX;
 use domain::{
-    AccountId, Amount, Capture, Command, Currency, OpenAccount, OverdraftLimit, PlaceHold, Posting,
-    Release, Transaction, Transfer, TransferId, POSTINGS_MAX,
+    AccountId, Amount, Capture, Command, Currency, Metadata, OpenAccount, OverdraftLimit,
+    PlaceHold, Posting, Release, Transaction, Transfer, TransferId, POSTINGS_MAX,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -133,6 +134,7 @@ impl CommandRequest {
             Intent::Account(Command::Deposit { .. }) => "deposit",
             Intent::Account(Command::Withdraw { .. }) => "withdraw",
             Intent::Account(Command::Close) => "close",
+            Intent::Account(Command::ChangeMetadata { .. }) => "metadata",
             Intent::Transfer(_) => "transfer",
             Intent::Hold(_) => "hold",
             Intent::Capture(_) => "capture",
@@ -251,6 +253,8 @@ pub struct OpenAccountBody {
     #[serde(default)]
     #[schema(default = 0)]
     pub overdraft_limit: OverdraftLimit,
+    #[serde(default)]
+    pub metadata: Metadata,
 }
 
 /// Deposits and withdrawals.
@@ -259,6 +263,8 @@ pub struct OpenAccountBody {
 pub struct MoneyMovement {
     pub amount: Amount,
     pub reference: Option<Text>,
+    #[serde(default)]
+    pub metadata: Metadata,
 }
 
 /// `POST /v1/transfers`; over NATS the sender is the subject's account and `from` may be left
@@ -274,6 +280,8 @@ pub struct TransferBody {
     pub to: AccountId,
     pub amount: Amount,
     pub reference: Option<Text>,
+    #[serde(default)]
+    pub metadata: Metadata,
 }
 
 /// `POST /v1/holds`; over NATS the sender is the subject's account.
@@ -289,6 +297,8 @@ pub struct HoldBody {
     #[serde(default)]
     pub expires_in_seconds: HoldSeconds,
     pub reference: Option<Text>,
+    #[serde(default)]
+    pub metadata: Metadata,
 }
 
 /// `POST /v1/holds/{id}/capture`: the whole hold, or `amount` of it (the rest is released).
@@ -347,6 +357,22 @@ pub struct TransactionBody {
     /// outflow counts against its limit.
     pub postings: Postings,
     pub reference: Option<Text>,
+    #[serde(default)]
+    pub metadata: Metadata,
+}
+
+/// `POST /v1/accounts/{id}/metadata`: `set` is written over the account's metadata, then the
+/// keys of `unset` are removed (a key in both ends up removed); the account keeps at most 16
+/// entries. Neither given: nothing changes, and the answer shows the metadata as it is.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, expecting = "a JSON object")]
+pub struct MetadataBody {
+    #[serde(default)]
+    pub set: Metadata,
+    /// Keys to remove (absent ones are fine).
+    #[serde(default)]
+    #[schema(max_items = 16)]
+    pub unset: Vec<domain::metadata::MetadataKey>,
 }
 
 /// `POST /v1/transfers/{id}/reverse`, `POST /v1/transactions/{id}/reverse`.
@@ -474,6 +500,7 @@ pub fn open(
         currency: body.currency,
         owner: text(body.owner),
         overdraft_limit: body.overdraft_limit,
+        metadata: body.metadata,
     });
     Ok((id, command))
 }
@@ -484,6 +511,7 @@ pub fn deposit(body: &[u8]) -> Result<Command> {
     Ok(Command::Deposit {
         amount: body.amount,
         reference: text(body.reference),
+        metadata: body.metadata,
     })
 }
 
@@ -493,6 +521,7 @@ pub fn withdraw(body: &[u8]) -> Result<Command> {
     Ok(Command::Withdraw {
         amount: body.amount,
         reference: text(body.reference),
+        metadata: body.metadata,
     })
 }
 
@@ -510,6 +539,7 @@ pub fn transfer(body: &[u8], addressed: Option<&str>) -> Result<(AccountId, Tran
         to: body.to,
         amount: body.amount,
         reference: text(body.reference),
+        metadata: body.metadata,
     };
     Ok((from, transfer, generated))
 }
@@ -530,6 +560,7 @@ pub fn hold(body: &[u8], addressed: Option<&str>) -> Result<(AccountId, PlaceHol
         amount: body.amount,
         expires_in_seconds: body.expires_in_seconds.0,
         reference: text(body.reference),
+        metadata: body.metadata,
     };
     Ok((from, hold, generated))
 }
@@ -598,6 +629,7 @@ pub fn transaction(body: &[u8], addressed: Option<&str>) -> Result<(AccountId, T
         postings,
         reference: text(body.reference),
         reverses: None,
+        metadata: body.metadata,
     };
     Ok((first, transaction, generated))
 }
@@ -607,6 +639,25 @@ pub fn reverse(body: &[u8], original: &str) -> Result<(TransferId, Option<String
     let body: ReverseBody = parse(body, true)?;
     let original = TransferId::parse(original).map_err(|error| invalid(format!("id: {error}")))?;
     Ok((original, text(body.reason)))
+}
+
+/// `metadata`: `{"set"?, "unset"?}`.
+pub fn change_metadata(body: &[u8]) -> Result<Command> {
+    let body: MetadataBody = parse(body, false)?;
+    if body.unset.len() > METADATA_ENTRIES_MAX {
+        return Err(invalid(format!(
+            "unset: at most {METADATA_ENTRIES_MAX} keys, got {}",
+            body.unset.len()
+        )));
+    }
+    Ok(Command::ChangeMetadata {
+        set: body.set,
+        unset: body
+            .unset
+            .into_iter()
+            .map(domain::metadata::MetadataKey::into_string)
+            .collect(),
+    })
 }
 
 /// A fresh server-made id for a reversal.
@@ -798,7 +849,7 @@ mod tests {
         // Integral floats are integers in JSON Schema; optional fields may be null.
         assert!(matches!(
             deposit(br#"{"amount":912.0,"reference":null}"#),
-            Ok(Command::Deposit { amount, reference: None }) if amount.minor_units() == 912
+            Ok(Command::Deposit { amount, reference: None, metadata: _ }) if amount.minor_units() == 912
         ));
         let (_, placed, generated) = hold(
             br#"{"from":"a","to":"b","amount":1,"expires_in_seconds":60.0,"hold_id":null}"#,

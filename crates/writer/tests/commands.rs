@@ -795,6 +795,7 @@ async fn every_documented_route_is_served_and_the_document_is_served_too() {
             "post /v1/accounts",
             "post /v1/accounts/{id}/close",
             "post /v1/accounts/{id}/deposits",
+            "post /v1/accounts/{id}/metadata",
             "post /v1/accounts/{id}/withdrawals",
             "post /v1/batch",
             "post /v1/holds",
@@ -835,6 +836,7 @@ async fn every_documented_route_is_served_and_the_document_is_served_too() {
         "TransactionBody",
         "ReverseBody",
         "BulkBody",
+        "MetadataBody",
     ] {
         assert_eq!(
             document["components"]["schemas"][schema]["additionalProperties"],

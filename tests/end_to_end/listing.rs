@@ -1,0 +1,403 @@
+//! Metadata, the accounts listing and statement search by reference, through a writer and a
+//! reader: filters combined, pagination while accounts are opened, closed accounts, metadata
+//! changed and unset, the views that carry metadata, and metadata out of bounds refused.
+
+use std::collections::BTreeSet;
+
+use serde_json::{json, Value};
+use testkit::NatsServer;
+
+use crate::support::{self, Http, Reply};
+
+/// An account opened by the test: (id, owner, currency, tier).
+type Opened = (String, &'static str, &'static str, &'static str);
+
+async fn post(http: &Http, url: &str, body: Value) -> Reply {
+    http.post(url, &body, None).await.unwrap()
+}
+
+/// Every account id a listing query returns, page by page (`limit` per page); checks that each
+/// page is ascending and continues after the previous one.
+async fn list_all(http: &Http, reader: &str, filters: &str, limit: usize) -> Vec<String> {
+    let mut ids: Vec<String> = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut url = format!("{reader}/v1/accounts?limit={limit}&{filters}");
+        if let Some(after) = &after {
+            url.push_str(&format!("&after={after}"));
+        }
+        let page = http.get(&url).await.unwrap();
+        assert_eq!(page.status, 200, "{url}: {:?}", page.body);
+        let page_ids: Vec<String> = page.body["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|account| account["account_id"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(page_ids.len() <= limit);
+        for id in &page_ids {
+            assert!(
+                ids.last().is_none_or(|last| last < id),
+                "{id} out of order after {:?}",
+                ids.last()
+            );
+            ids.push(id.clone());
+        }
+        match page.body["next"].as_str() {
+            Some(next) => {
+                assert_eq!(Some(next), page_ids.last().map(String::as_str));
+                after = Some(next.to_owned());
+            }
+            None => return ids,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_are_listed_by_filters_and_metadata_and_statements_searched_by_reference() {
+    let nats = NatsServer::start();
+    let writer = support::writer("w", &nats.url(), &[]);
+    let data = tempfile::tempdir().unwrap();
+    let reader = support::reader("r", &nats.url(), data.path(), &[]);
+    support::wait_ready(&reader.url());
+    let (w, r) = (writer.url(), reader.url());
+    let http = Http::new();
+    let tag = support::unique("t");
+
+    // 30 accounts: owners a/b, currencies EUR/USD, tiers gold/basic, all tagged.
+    let mut expected: Vec<Opened> = Vec::new();
+    let mut last = 0;
+    for index in 0..30 {
+        let id = format!("{tag}-{index:02}");
+        let (owner, currency) = (
+            if index % 2 == 0 { "a" } else { "b" },
+            if index % 3 == 0 { "USD" } else { "EUR" },
+        );
+        let tier = if index % 5 == 0 { "gold" } else { "basic" };
+        let opened = post(
+            &http,
+            &format!("{w}/v1/accounts"),
+            json!({"account_id": id, "currency": currency, "owner": format!("{tag}-{owner}"),
+                "metadata": {"tier": tier, "batch": tag}}),
+        )
+        .await;
+        assert_eq!(opened.status, 201, "{:?}", opened.body);
+        last = opened.body["position"].as_u64().unwrap();
+        expected.push((id, owner, currency, tier));
+    }
+    let wanted = |keep: &dyn Fn(&Opened) -> bool| -> Vec<String> {
+        expected
+            .iter()
+            .filter(|account| keep(account))
+            .map(|account| account.0.clone())
+            .collect()
+    };
+    let sync = format!("min_position={last}");
+    // Each filter alone and combined, in pages of 4.
+    let all = list_all(&http, &r, &format!("metadata.batch={tag}&{sync}"), 4).await;
+    assert_eq!(all, wanted(&|_| true));
+    let a_eur = list_all(&http, &r, &format!("owner={tag}-a&currency=EUR"), 4).await;
+    assert_eq!(
+        a_eur,
+        wanted(&|account| account.1 == "a" && account.2 == "EUR")
+    );
+    let gold_usd = list_all(
+        &http,
+        &r,
+        &format!("metadata.batch={tag}&metadata.tier=gold&currency=USD"),
+        2,
+    )
+    .await;
+    assert_eq!(
+        gold_usd,
+        wanted(&|account| account.3 == "gold" && account.2 == "USD")
+    );
+    assert!(!gold_usd.is_empty());
+
+    // Paging stays stable while accounts are opened: every account there before is seen once,
+    // in order, whatever is opened meanwhile.
+    let before: BTreeSet<String> = wanted(&|account| account.1 == "b").into_iter().collect();
+    let opener = {
+        let (http, w, tag) = (http.clone(), w.clone(), tag.clone());
+        tokio::spawn(async move {
+            for index in 0..20 {
+                let opened = post(
+                    &http,
+                    &format!("{w}/v1/accounts"),
+                    json!({"account_id": format!("{tag}-{index:02}x"), "currency": "EUR",
+                        "owner": format!("{tag}-b")}),
+                )
+                .await;
+                assert_eq!(opened.status, 201);
+            }
+        })
+    };
+    let during = list_all(&http, &r, &format!("owner={tag}-b"), 3).await;
+    opener.await.unwrap();
+    let during: BTreeSet<String> = during.into_iter().collect();
+    assert!(
+        before.is_subset(&during),
+        "missed while paging: {:?}",
+        before.difference(&during).collect::<Vec<_>>()
+    );
+
+    // A closed account: listed as closed, not as open.
+    let closing = &expected[1].0;
+    let closed = post(
+        &http,
+        &format!("{w}/v1/accounts/{closing}/close"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(closed.status, 200, "{:?}", closed.body);
+    let sync = format!("min_position={}", closed.body["position"]);
+    let closed_ids = list_all(
+        &http,
+        &r,
+        &format!("metadata.batch={tag}&status=closed&{sync}"),
+        10,
+    )
+    .await;
+    assert_eq!(closed_ids, vec![closing.clone()]);
+    let open_ids = list_all(&http, &r, &format!("metadata.batch={tag}&status=open"), 10).await;
+    assert!(!open_ids.contains(closing) && open_ids.len() == 29);
+
+    // Metadata changed and unset: the old terms no longer match, the new ones do.
+    let changing = &expected[2].0;
+    let changed = post(
+        &http,
+        &format!("{w}/v1/accounts/{changing}/metadata"),
+        json!({"set": {"tier": "platinum"}, "unset": ["batch"]}),
+    )
+    .await;
+    assert_eq!(changed.status, 200, "{:?}", changed.body);
+    assert_eq!(changed.body["metadata"], json!({"tier": "platinum"}));
+    let sync = format!("min_position={}", changed.body["position"]);
+    let tagged = list_all(&http, &r, &format!("metadata.batch={tag}&{sync}"), 50).await;
+    assert!(!tagged.contains(changing) && tagged.len() == 29);
+    let platinum = list_all(&http, &r, "metadata.tier=platinum", 50).await;
+    assert_eq!(platinum, vec![changing.clone()]);
+    let view = http
+        .get(&format!("{r}/v1/accounts/{changing}"))
+        .await
+        .unwrap();
+    assert_eq!(view.body["metadata"], json!({"tier": "platinum"}));
+
+    // Movements carry metadata into the statement, transfer, hold and transaction views; the
+    // statement is searched by reference.
+    let (payer, payee) = (&expected[4].0, &expected[5].0);
+    for amount in [100, 7] {
+        let deposit = post(
+            &http,
+            &format!("{w}/v1/accounts/{payer}/deposits"),
+            json!({"amount": amount, "reference": format!("inv-{amount}"),
+                "metadata": {"invoice": amount.to_string()}}),
+        )
+        .await;
+        assert_eq!(deposit.status, 200, "{:?}", deposit.body);
+    }
+    let transfer = post(
+        &http,
+        &format!("{w}/v1/transfers"),
+        json!({"from": payer, "to": payee, "amount": 5, "reference": "inv-7",
+            "metadata": {"order": "o-1"}}),
+    )
+    .await;
+    assert_eq!(transfer.status, 201, "{:?}", transfer.body);
+    let hold = post(
+        &http,
+        &format!("{w}/v1/holds"),
+        json!({"from": payer, "to": payee, "amount": 3, "metadata": {"booking": "b-1"}}),
+    )
+    .await;
+    assert_eq!(hold.status, 201, "{:?}", hold.body);
+    let transaction = post(
+        &http,
+        &format!("{w}/v1/transactions"),
+        json!({"postings": [{"from": payer, "to": payee, "amount": 2}],
+            "metadata": {"cart": "c-1"}}),
+    )
+    .await;
+    assert_eq!(transaction.status, 201, "{:?}", transaction.body);
+    let sync = format!("min_position={}", transaction.body["position"]);
+    let items = http
+        .get(&format!(
+            "{r}/v1/accounts/{payer}/transactions?reference=inv-7&{sync}"
+        ))
+        .await
+        .unwrap()
+        .body["items"]
+        .clone();
+    let items = items.as_array().unwrap();
+    assert_eq!(items.len(), 2, "{items:?}");
+    assert_eq!(items[0]["amount"], 7);
+    assert_eq!(items[0]["metadata"], json!({"invoice": "7"}));
+    assert_eq!(items[1]["amount"], -5);
+    assert_eq!(items[1]["metadata"], json!({"order": "o-1"}));
+    let transfer_view = http
+        .get(&format!(
+            "{r}/v1/transfers/{}",
+            transfer.body["transfer_id"].as_str().unwrap()
+        ))
+        .await
+        .unwrap();
+    assert_eq!(transfer_view.body["metadata"], json!({"order": "o-1"}));
+    let hold_view = http
+        .get(&format!(
+            "{r}/v1/holds/{}",
+            hold.body["hold_id"].as_str().unwrap()
+        ))
+        .await
+        .unwrap();
+    assert_eq!(hold_view.body["metadata"], json!({"booking": "b-1"}));
+    let transaction_view = http
+        .get(&format!(
+            "{r}/v1/transactions/{}",
+            transaction.body["transaction_id"].as_str().unwrap()
+        ))
+        .await
+        .unwrap();
+    assert_eq!(transaction_view.body["metadata"], json!({"cart": "c-1"}));
+
+    // Out of bounds: refused with the field named, nothing stored.
+    let too_many: serde_json::Map<String, Value> = (0..17)
+        .map(|index| (format!("k{index}"), json!("v")))
+        .collect();
+    for (body, named) in [
+        (
+            json!({"currency": "EUR", "metadata": {"bad key!": "x"}}),
+            "metadata",
+        ),
+        (json!({"currency": "EUR", "metadata": too_many}), "metadata"),
+        (
+            json!({"currency": "EUR", "metadata": {"k": "v".repeat(257)}}),
+            "metadata",
+        ),
+        (json!({"currency": "EUR", "metadata": {"k": 1}}), "metadata"),
+    ] {
+        let refused = post(&http, &format!("{w}/v1/accounts"), body).await;
+        assert_eq!(refused.status, 400, "{:?}", refused.body);
+        assert!(
+            refused.body["detail"].as_str().unwrap().contains(named),
+            "{:?}",
+            refused.body
+        );
+    }
+    // 16 entries on the account at most, counted after the change.
+    let sixteen: serde_json::Map<String, Value> = (0..15)
+        .map(|index| (format!("k{index}"), json!("v")))
+        .collect();
+    let full = post(
+        &http,
+        &format!("{w}/v1/accounts/{changing}/metadata"),
+        json!({"set": sixteen}),
+    )
+    .await;
+    assert_eq!(full.status, 200, "{:?}", full.body);
+    let over = post(
+        &http,
+        &format!("{w}/v1/accounts/{changing}/metadata"),
+        json!({"set": {"one-more": "x"}}),
+    )
+    .await;
+    assert_eq!(over.status, 400, "{:?}", over.body);
+    assert!(over.body["detail"].as_str().unwrap().contains("metadata"));
+    for body in [
+        json!({"unset": ["bad key!"]}),
+        json!({"set": {"a": 1}}),
+        json!({"add": {"a": "1"}}),
+    ] {
+        let refused = post(&http, &format!("{w}/v1/accounts/{changing}/metadata"), body).await;
+        assert_eq!(refused.status, 400, "{:?}", refused.body);
+    }
+    // Nothing to change: the metadata as it is, and a key both set and unset ends up unset.
+    let same = post(
+        &http,
+        &format!("{w}/v1/accounts/{changing}/metadata"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        (same.status, same.body["metadata"]["k0"].as_str()),
+        (200, Some("v"))
+    );
+    let both = post(
+        &http,
+        &format!("{w}/v1/accounts/{changing}/metadata"),
+        json!({"set": {"k0": "w"}, "unset": ["k0"]}),
+    )
+    .await;
+    assert_eq!(both.status, 200, "{:?}", both.body);
+    assert!(both.body["metadata"].get("k0").is_none(), "{:?}", both.body);
+    // Listing refuses what it cannot filter on.
+    for query in [
+        "currency=eur",
+        "status=frozen",
+        "metadata.bad!=x",
+        "limit=0",
+        "after=has.dot",
+        "after=",
+    ] {
+        let refused = http.get(&format!("{r}/v1/accounts?{query}")).await.unwrap();
+        assert_eq!(refused.status, 400, "{query}: {:?}", refused.body);
+    }
+}
+
+/// A views file written before the listing existed (no schema version, no index) is rebuilt
+/// from the stream when the reader starts, and then lists what the stream holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_of_an_older_schema_are_rebuilt_at_start_and_list_the_stream() {
+    let nats = NatsServer::start();
+    let writer = support::writer("w", &nats.url(), &[]);
+    let data = tempfile::tempdir().unwrap();
+    let mut reader = support::reader("r", &nats.url(), data.path(), &[]);
+    support::wait_ready(&reader.url());
+    let http = Http::new();
+    let tag = support::unique("old");
+    let mut last = 0;
+    for index in 0..3 {
+        let opened = post(
+            &http,
+            &format!("{}/v1/accounts", writer.url()),
+            json!({"account_id": format!("{tag}-{index}"), "currency": "EUR",
+                "metadata": {"batch": tag}}),
+        )
+        .await;
+        last = opened.body["position"].as_u64().unwrap();
+    }
+    let listed = list_all(
+        &http,
+        &reader.url(),
+        &format!("metadata.batch={tag}&min_position={last}"),
+        10,
+    )
+    .await;
+    assert_eq!(listed.len(), 3);
+    reader.terminate(std::time::Duration::from_secs(10));
+
+    // What an older build left: the same rows, no index, no schema version.
+    {
+        let database = redb::Database::open(data.path().join("views.redb")).unwrap();
+        let transaction = database.begin_write().unwrap();
+        transaction
+            .delete_table(reader::views::ACCOUNT_INDEX)
+            .unwrap();
+        transaction.delete_table(reader::views::VIEW_META).unwrap();
+        transaction.commit().unwrap();
+    }
+    reader.restart();
+    support::wait_ready(&reader.url());
+    let listed = list_all(
+        &http,
+        &reader.url(),
+        &format!("metadata.batch={tag}&min_position={last}"),
+        10,
+    )
+    .await;
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(
+        reader.log().contains("another schema version"),
+        "{}",
+        reader.log()
+    );
+}
