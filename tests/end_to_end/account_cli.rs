@@ -191,3 +191,89 @@ async fn a_write_without_a_writer_says_so() {
         "{stderr}"
     );
 }
+
+/// `coffer account` with metadata: opened and moved with `--metadata`, changed with `account
+/// metadata`, found with `account list` (filters combined, pages with `--after`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_metadata_is_set_and_listed_from_the_command_line() {
+    let nats = NatsServer::start();
+    let _writer = support::writer("w", &nats.url(), &[]);
+    let data = tempfile::tempdir().unwrap();
+    let reader = support::reader("cli-list", &nats.url(), data.path(), &[]);
+    support::wait_ready(&reader.url());
+    let (n, r) = (nats.url(), reader.url());
+    let run = |args: Vec<String>| {
+        let (n, r) = (n.clone(), r.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                coffer(&n, &r, &args)
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let args = |text: &str| text.split(' ').map(str::to_owned).collect::<Vec<_>>();
+    let tag = support::unique("cli");
+    let mut last = 0;
+    for (index, tier) in ["gold", "basic", "gold"].iter().enumerate() {
+        let opened = json_of(
+            &run(args(&format!(
+                "open {tag}-{index} --currency EUR --metadata batch={tag} --metadata tier={tier} --output json"
+            )))
+            .await,
+        );
+        last = opened["position"].as_u64().unwrap();
+    }
+    let gold = json_of(
+        &run(args(&format!(
+            "list --metadata batch={tag} --metadata tier=gold --min-position {last} --output json"
+        )))
+        .await,
+    );
+    let ids: Vec<&str> = gold["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|account| account["account_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [format!("{tag}-0"), format!("{tag}-2")]);
+    // Pages: one account at a time, the table says how to go on.
+    let page = run(args(&format!("list --metadata batch={tag} --limit 1"))).await;
+    let text = String::from_utf8_lossy(&page.stdout).into_owned();
+    assert!(
+        text.contains(&format!("more: --after {tag}-0")) && text.contains("tier=gold"),
+        "{text}"
+    );
+    let changed = json_of(
+        &run(args(&format!(
+            "metadata {tag}-1 --set tier=gold --unset batch --output json"
+        )))
+        .await,
+    );
+    assert_eq!(changed["metadata"], serde_json::json!({"tier": "gold"}));
+    let deposited = json_of(
+        &run(args(&format!(
+            "deposit {tag}-1 5 --reference inv-1 --metadata invoice=1 --output json"
+        )))
+        .await,
+    );
+    let position = deposited["position"].as_u64().unwrap();
+    let shown = json_of(
+        &run(args(&format!(
+            "show {tag}-1 --min-position {position} --output json"
+        )))
+        .await,
+    );
+    assert_eq!(
+        shown["account"]["metadata"],
+        serde_json::json!({"tier": "gold"})
+    );
+    let items = shown["transactions"]["items"].as_array().unwrap();
+    assert_eq!(
+        items.last().unwrap()["metadata"],
+        serde_json::json!({"invoice": "1"})
+    );
+    let refused = run(args("list --status frozen")).await;
+    assert!(!refused.status.success());
+}

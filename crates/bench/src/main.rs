@@ -47,6 +47,9 @@ struct Options {
     /// Accounts touched once (`--suite memory`).
     #[arg(long, default_value_t = 1_000_000)]
     memory_accounts: usize,
+    /// Accounts opened with metadata, 1% of them matching the filter (`--suite listing`).
+    #[arg(long, default_value_t = 1_000_000)]
+    listing_accounts: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -66,6 +69,7 @@ enum Suite {
     Deposits,
     Flows,
     CostModel,
+    Listing,
 }
 
 struct Results {
@@ -1301,6 +1305,144 @@ async fn memory_suite(nats: &NatsServer, results: &mut Results, accounts: usize)
     );
 }
 
+/// `GET /v1/accounts` pages: `requests` sequential requests of `query`, timed from the client.
+async fn listing_latencies(
+    http: &reqwest::Client,
+    reader: &str,
+    query: &str,
+    requests: usize,
+) -> (Vec<Duration>, usize) {
+    let mut latencies = Vec::with_capacity(requests);
+    let mut listed = 0;
+    for _ in 0..requests {
+        let asked = Instant::now();
+        let page: Value = http
+            .get(format!("{reader}/v1/accounts?{query}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        latencies.push(asked.elapsed());
+        listed = page["accounts"].as_array().map_or(0, Vec::len);
+    }
+    (latencies, listed)
+}
+
+/// Accounts with metadata, 1% of them `segment=target`: a fresh reader applies them (with the
+/// listing index), then pages of listings are timed over HTTP, next to a raw consume of the
+/// same stream.
+async fn listing_suite(
+    nats: &NatsServer,
+    results: &mut Results,
+    accounts: usize,
+) -> anyhow::Result<()> {
+    let client = async_nats::connect(nats.url()).await?;
+    let log = EventLog::open(client, &StreamSettings::default()).await?;
+    let bar = progress(
+        accounts as u64,
+        "opening accounts with metadata (fixture batches)",
+    );
+    let label = |number: usize| {
+        let segment = if number.is_multiple_of(100) { "target" } else { "other" };
+        domain::Metadata::new(
+            [
+                ("segment".to_string(), segment.to_string()),
+                ("user".to_string(), format!("u{number}")),
+            ]
+            .into(),
+        )
+        .unwrap_or_default()
+    };
+    fixtures::open_many_labelled(&log, "ls", accounts, label, |count| bar.inc(count as u64)).await;
+    bar.finish_and_clear();
+    let last = log.last_position().await?;
+    let data = tempfile::tempdir()?;
+    let reader = CofferProcess::start(
+        "bench-listing-reader",
+        "reader",
+        &[
+            ("COFFER_NATS_URL", nats.url()),
+            ("COFFER_DATA_DIR", data.path().display().to_string()),
+            ("COFFER_READER_NAME", "listing".into()),
+            ("COFFER_MIN_POSITION_WAIT_MS", "600000".into()),
+            ("RUST_LOG", "warn".into()),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let listening = loop {
+        let up = http
+            .get(format!("{}/healthz", reader.url()))
+            .send()
+            .await
+            .is_ok_and(|response| response.status().is_success());
+        if up {
+            break Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    wait_applied(&reader.url(), last, Duration::from_secs(1_800)).await;
+    let caught_up = listening.elapsed();
+    let raw = raw_consume(&log, last).await;
+    results.add(
+        &format!("reader catch-up of {accounts} opened accounts (2 metadata entries each, 4 index entries)"),
+        format!(
+            "{:.0} events/s; raw consume {:.0} events/s; catch-up / raw = {:.2}",
+            last as f64 / caught_up.as_secs_f64(),
+            last as f64 / raw.as_secs_f64(),
+            raw.as_secs_f64() / caught_up.as_secs_f64()
+        ),
+    );
+    let size = std::fs::metadata(data.path().join("views.redb")).map_or(0, |m| m.len());
+    results.add(
+        "views.redb after the catch-up",
+        format!(
+            "{:.0} MiB ({:.0} bytes per account)",
+            size as f64 / 1_048_576.0,
+            size as f64 / accounts as f64
+        ),
+    );
+    let url = reader.url();
+    // Warm the page cache as a serving reader's is.
+    listing_latencies(&http, &url, "metadata.segment=target&limit=100", 20).await;
+    let queries = [
+        (
+            "first page, metadata.segment=target (1%), limit 100",
+            "metadata.segment=target&limit=100".to_string(),
+        ),
+        (
+            "a middle page, metadata.segment=target (after ls-500000)",
+            "metadata.segment=target&limit=100&after=ls-500000".to_string(),
+        ),
+        (
+            "metadata.segment=target&currency=EUR&status=open, limit 100",
+            "metadata.segment=target&currency=EUR&status=open&limit=100".to_string(),
+        ),
+        (
+            "one account by metadata.user (1 match)",
+            format!("metadata.user=u{}&limit=100", accounts / 2),
+        ),
+        (
+            "currency=EUR (all match), limit 100",
+            "currency=EUR&limit=100".to_string(),
+        ),
+        ("no filter, limit 1000", "limit=1000".to_string()),
+        (
+            "metadata.segment=target&status=closed (no match: scans the 1%)",
+            "metadata.segment=target&status=closed&limit=100".to_string(),
+        ),
+    ];
+    for (name, query) in queries {
+        let (latencies, listed) = listing_latencies(&http, &url, &query, 200).await;
+        results.add(
+            &format!("GET /v1/accounts: {name}"),
+            format!("{listed} listed; {}", latency_summary(latencies)),
+        );
+    }
+    Ok(())
+}
+
 /// Runs `operation(index)` from `clients` concurrent tasks for `seconds`, each task taking the
 /// indexes `number, number + clients, ...`; (successes per second, latencies, errors).
 async fn timed<F, Fut>(
@@ -1873,6 +2015,10 @@ async fn main() -> anyhow::Result<()> {
         Suite::CostModel => {
             drop(nats);
             cost_model_suite(&mut results, options.seconds.clamp(1, 5)).await?;
+            return write_report(&results, &options);
+        }
+        Suite::Listing => {
+            listing_suite(&nats, &mut results, options.listing_accounts).await?;
             return write_report(&results, &options);
         }
         Suite::CatchUp => {

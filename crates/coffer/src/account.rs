@@ -23,6 +23,11 @@ pub enum AccountCommand {
     Transfer(TransferArgs),
     /// Shows an account and a page of its statement (a reader's HTTP API).
     Show(ShowArgs),
+    /// Lists accounts by id, filtered by currency, owner, status and metadata (a reader's HTTP
+    /// API).
+    List(ListArgs),
+    /// Sets and unsets entries of an account's metadata (NATS).
+    Metadata(MetadataArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -58,8 +63,68 @@ pub struct OpenArgs {
     /// How far below zero the balance may go, in minor units.
     #[arg(long)]
     overdraft_limit: Option<u64>,
+    /// A metadata entry, `key=value` (repeat for more).
+    #[arg(long = "metadata", value_parser = key_value)]
+    metadata: Vec<(String, String)>,
     #[command(flatten)]
     write: WriteArgs,
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    reader: ReaderAccess,
+    #[arg(long)]
+    currency: Option<String>,
+    #[arg(long)]
+    owner: Option<String>,
+    /// `open` or `closed`.
+    #[arg(long)]
+    status: Option<String>,
+    /// Only accounts with this metadata entry, `key=value` (repeat: all of them).
+    #[arg(long = "metadata", value_parser = key_value)]
+    metadata: Vec<(String, String)>,
+    /// Accounts after this id (the `next` a page printed).
+    #[arg(long)]
+    after: Option<String>,
+    /// Most accounts shown (1-1000).
+    #[arg(long, default_value_t = 100)]
+    limit: u64,
+    /// Wait until the reader has applied this position.
+    #[arg(long)]
+    min_position: Option<u64>,
+    #[arg(long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(Args)]
+pub struct MetadataArgs {
+    account: String,
+    /// An entry to set, `key=value` (repeat for more).
+    #[arg(long = "set", value_parser = key_value)]
+    set: Vec<(String, String)>,
+    /// A key to remove (repeat for more).
+    #[arg(long = "unset")]
+    unset: Vec<String>,
+    #[command(flatten)]
+    write: WriteArgs,
+}
+
+/// `key=value`.
+fn key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .ok_or_else(|| format!("expected key=value, got {text:?}"))
+}
+
+/// Metadata arguments as the JSON object the API takes.
+fn metadata_object(entries: &[(String, String)]) -> Value {
+    Value::Object(
+        entries
+            .iter()
+            .map(|(key, value)| (key.clone(), Value::from(value.clone())))
+            .collect(),
+    )
 }
 
 #[derive(Args)]
@@ -69,6 +134,9 @@ pub struct MoneyArgs {
     amount: u64,
     #[arg(long)]
     reference: Option<String>,
+    /// A metadata entry, `key=value` (repeat for more).
+    #[arg(long = "metadata", value_parser = key_value)]
+    metadata: Vec<(String, String)>,
     #[command(flatten)]
     write: WriteArgs,
 }
@@ -84,6 +152,9 @@ pub struct TransferArgs {
     transfer_id: Option<String>,
     #[arg(long)]
     reference: Option<String>,
+    /// A metadata entry, `key=value` (repeat for more).
+    #[arg(long = "metadata", value_parser = key_value)]
+    metadata: Vec<(String, String)>,
     #[command(flatten)]
     write: WriteArgs,
 }
@@ -122,26 +193,169 @@ pub async fn run(command: AccountCommand) -> anyhow::Result<bool> {
                 "overdraft_limit",
                 args.overdraft_limit.map(Value::from),
             );
+            insert_metadata(&mut body, &args.metadata);
             write(&args.write, &args.account, "open", body).await
         }
         AccountCommand::Deposit(args) => {
             let mut body = json!({"amount": args.amount});
             insert_some(&mut body, "reference", args.reference.map(Value::from));
+            insert_metadata(&mut body, &args.metadata);
             write(&args.write, &args.account, "deposit", body).await
         }
         AccountCommand::Withdraw(args) => {
             let mut body = json!({"amount": args.amount});
             insert_some(&mut body, "reference", args.reference.map(Value::from));
+            insert_metadata(&mut body, &args.metadata);
             write(&args.write, &args.account, "withdraw", body).await
         }
         AccountCommand::Transfer(args) => {
             let mut body = json!({"to": args.to, "amount": args.amount});
             insert_some(&mut body, "transfer_id", args.transfer_id.map(Value::from));
             insert_some(&mut body, "reference", args.reference.map(Value::from));
+            insert_metadata(&mut body, &args.metadata);
             write(&args.write, &args.from, "transfer", body).await
         }
         AccountCommand::Show(args) => show(args).await,
+        AccountCommand::List(args) => list(args).await,
+        AccountCommand::Metadata(args) => {
+            let body = json!({"set": metadata_object(&args.set), "unset": args.unset});
+            write(&args.write, &args.account, "metadata", body).await
+        }
     }
+}
+
+fn insert_metadata(body: &mut Value, entries: &[(String, String)]) {
+    if !entries.is_empty() {
+        insert_some(body, "metadata", Some(metadata_object(entries)));
+    }
+}
+
+/// Percent-encodes a query value (the listing's filters are free text).
+fn query_value(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (byte as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+async fn list(args: ListArgs) -> anyhow::Result<bool> {
+    let client = ReaderClient::new(&args.reader)?;
+    let mut query = vec![format!("limit={}", args.limit)];
+    for (name, value) in [
+        ("currency", &args.currency),
+        ("owner", &args.owner),
+        ("status", &args.status),
+        ("after", &args.after),
+    ] {
+        if let Some(value) = value {
+            query.push(format!("{name}={}", query_value(value)));
+        }
+    }
+    for (key, value) in &args.metadata {
+        query.push(format!(
+            "metadata.{}={}",
+            query_value(key),
+            query_value(value)
+        ));
+    }
+    if let Some(position) = args.min_position {
+        query.push(format!("min_position={position}"));
+    }
+    let page = client
+        .get(&format!("/v1/accounts?{}", query.join("&")))
+        .await?;
+    if page.status != 200 {
+        report_problem(&page.body, page.status, args.output)?;
+        return Ok(false);
+    }
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&page.body)?),
+        Output::Table => {
+            let accounts = page.body["accounts"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if accounts.is_empty() {
+                println!("no accounts");
+            } else {
+                print!("{}", accounts_table(&accounts));
+            }
+            if let Some(next) = page.body["next"].as_str() {
+                println!("\nmore: --after {next}");
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Accounts as a table: id, currency, owner, balance (right-aligned), status, metadata.
+fn accounts_table(accounts: &[Value]) -> String {
+    let rows: Vec<[String; 6]> = accounts
+        .iter()
+        .map(|account| {
+            let metadata = account["metadata"]
+                .as_object()
+                .map(|entries| {
+                    entries
+                        .iter()
+                        .map(|(key, value)| format!("{key}={}", text(value)))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            [
+                text(&account["account_id"]),
+                text(&account["currency"]),
+                text(&account["owner"]),
+                text(&account["balance"]),
+                text(&account["status"]),
+                metadata,
+            ]
+        })
+        .collect();
+    let header = [
+        "account_id",
+        "currency",
+        "owner",
+        "balance",
+        "status",
+        "metadata",
+    ];
+    let mut widths: Vec<usize> = header.iter().map(|name| name.len()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; 6]| -> String {
+        let mut line = String::new();
+        for (index, (cell, width)) in cells.iter().zip(&widths).enumerate() {
+            if index == 3 {
+                line.push_str(&format!("{cell:>width$}  "));
+            } else if index == 5 {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}  "));
+            }
+        }
+        format!("{}\n", line.trim_end())
+    };
+    let mut table = line(header);
+    for row in &rows {
+        table.push_str(&line([
+            row[0].as_str(),
+            row[1].as_str(),
+            row[2].as_str(),
+            row[3].as_str(),
+            row[4].as_str(),
+            row[5].as_str(),
+        ]));
+    }
+    table
 }
 
 fn insert_some(body: &mut Value, field: &str, value: Option<Value>) {

@@ -33,7 +33,7 @@ pub async fn serve(
     let service = client
         .service_builder()
         .description(
-            "Coffer ledger commands: open, deposit, withdraw, transfer, close, hold, capture, void, transaction; batch for many at once",
+            "Coffer ledger commands: open, deposit, withdraw, transfer, close, hold, capture, void, transaction, metadata; batch for many at once",
         )
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await
@@ -291,6 +291,10 @@ fn parse(
         Verb::Withdraw => (
             request::addressed_account(account)?,
             Intent::Account(request::withdraw(body)?),
+        ),
+        Verb::Metadata => (
+            request::addressed_account(account)?,
+            Intent::Account(request::change_metadata(body)?),
         ),
         Verb::Transfer => {
             let (from, transfer, generated) = request::transfer(body, Some(account))?;

@@ -29,10 +29,11 @@ pub enum Verb {
     Capture,
     Void,
     Transaction,
+    Metadata,
 }
 
 impl Verb {
-    pub const ALL: [Verb; 9] = [
+    pub const ALL: [Verb; 10] = [
         Verb::Open,
         Verb::Deposit,
         Verb::Withdraw,
@@ -42,6 +43,7 @@ impl Verb {
         Verb::Capture,
         Verb::Void,
         Verb::Transaction,
+        Verb::Metadata,
     ];
 
     pub fn name(self) -> &'static str {
@@ -55,6 +57,7 @@ impl Verb {
             Verb::Capture => "capture",
             Verb::Void => "void",
             Verb::Transaction => "transaction",
+            Verb::Metadata => "metadata",
         }
     }
 }
