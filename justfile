@@ -36,7 +36,7 @@ test: tools build domain-purity
 timed_alone := "holds::a_thousand_holds_expire_on_time_across_writer_restarts"
 
 timed-alone: build
-    cargo test -p end-to-end --test end_to_end -- --exact {{timed_alone}}
+    cargo test --workspace -- --exact {{timed_alone}}
 
 # docs/openapi.json is what the code generates, and a valid OpenAPI 3.1 document.
 openapi-check: build

@@ -644,6 +644,16 @@ fn mark_reversed(
     Ok(())
 }
 
+/// A statement line of a batch, written with the batch's others in key order.
+struct Line<'a> {
+    account_id: &'a str,
+    position: u64,
+    /// Unix nanoseconds.
+    time: i128,
+    bytes: Vec<u8>,
+    reference: Option<String>,
+}
+
 /// The account, statement, transfer and audit views.
 #[derive(Default)]
 pub struct LedgerViews {
@@ -696,6 +706,7 @@ impl projection::Projector for LedgerViews {
         // The listing terms of accounts whose terms this batch may change (opened, closed,
         // metadata changed), as they were before it: only those are re-indexed.
         let mut terms_before: HashMap<&str, Vec<String>> = HashMap::new();
+        let mut lines: Vec<Line> = Vec::with_capacity(events.len());
         let mut audit: AuditRow = read_row(&audit_table, AUDIT_RUNNING)?.unwrap_or_default();
         let mut settled: Option<AuditRow> = None;
         // Account rows as the batch leaves them: each is read and written once per batch, not
@@ -778,20 +789,30 @@ impl projection::Projector for LedgerViews {
                     }
                 }
                 if let Some(entry) = statement_entry(&row, recorded) {
-                    if let Some(reference) = &entry.reference {
-                        statement_references
-                            .insert((account_id, reference.as_str(), recorded.position), ())?;
-                    }
-                    statements
-                        .insert((account_id, recorded.position), encode(&entry)?.as_slice())?;
-                    statement_times.insert(
-                        (account_id, recorded.time.unix_timestamp_nanos()),
-                        recorded.position,
-                    )?;
+                    lines.push(Line {
+                        account_id,
+                        position: recorded.position,
+                        time: recorded.time.unix_timestamp_nanos(),
+                        bytes: encode(&entry)?,
+                        reference: entry.reference,
+                    });
                 }
                 rows.insert(account_id, Some(row));
             } else {
                 rows.insert(account_id, None);
+            }
+        }
+        // Statement lines go in by account and position: a batch interleaves many accounts,
+        // and inserting in key order keeps each insert on the leaf page the previous one used.
+        lines.sort_unstable_by(|a, b| (a.account_id, a.position).cmp(&(b.account_id, b.position)));
+        for line in &lines {
+            statements.insert((line.account_id, line.position), line.bytes.as_slice())?;
+            statement_times.insert((line.account_id, line.time), line.position)?;
+        }
+        for line in &lines {
+            if let Some(reference) = &line.reference {
+                statement_references
+                    .insert((line.account_id, reference.as_str(), line.position), ())?;
             }
         }
         for (account_id, row) in &rows {
