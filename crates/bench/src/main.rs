@@ -1345,7 +1345,11 @@ async fn listing_suite(
         "opening accounts with metadata (fixture batches)",
     );
     let label = |number: usize| {
-        let segment = if number.is_multiple_of(100) { "target" } else { "other" };
+        let segment = if number.is_multiple_of(100) {
+            "target"
+        } else {
+            "other"
+        };
         domain::Metadata::new(
             [
                 ("segment".to_string(), segment.to_string()),

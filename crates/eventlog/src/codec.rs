@@ -348,11 +348,39 @@ fn payload(event: &Event) -> Payload {
 }
 
 /// Encodes an event as a MessagePack map with named fields; returns `(type, version, bytes)`.
+///
+/// An event without metadata is written with the version before metadata existed: its payload is
+/// that version's byte for byte (the field is left out when empty), and builds from before it
+/// (readers and writers during a rolling upgrade) read it.
 pub fn encode(event: &Event) -> Result<(&'static str, u32, Vec<u8>), crate::Error> {
     let event_type = event.event_type();
     let bytes = rmp_serde::to_vec_named(&payload(event))
         .map_err(|error| crate::Error::Encode(error.to_string()))?;
-    Ok((event_type, current_version(event_type), bytes))
+    let version = if carries_metadata(event) {
+        current_version(event_type)
+    } else if event_type == "account_opened" {
+        2
+    } else {
+        METADATA_ADDED_IN
+            .iter()
+            .find(|(name, _)| *name == event_type)
+            .map_or(current_version(event_type), |(_, added)| added - 1)
+    };
+    Ok((event_type, version, bytes))
+}
+
+/// Whether an event has metadata of its own to write.
+fn carries_metadata(event: &Event) -> bool {
+    match event {
+        Event::AccountOpened(open) => !open.metadata.is_empty(),
+        Event::Deposited { metadata, .. }
+        | Event::Withdrawn { metadata, .. }
+        | Event::TransferDebited { metadata, .. }
+        | Event::TransferCredited { metadata, .. }
+        | Event::HoldPlaced { metadata, .. }
+        | Event::TransactionPosted { metadata, .. } => !metadata.is_empty(),
+        _ => false,
+    }
 }
 
 /// The event's own fields as JSON, for the events endpoint and `coffer decode`.
@@ -438,7 +466,7 @@ pub fn decode(event_type: &str, version: u32, bytes: &[u8]) -> Result<Event, Dec
     // the current shape reads as empty.
     let older_without_metadata = METADATA_ADDED_IN
         .iter()
-        .any(|(name, added)| *name == event_type && version + 1 == *added);
+        .any(|(name, added)| *name == event_type && version.saturating_add(1) == *added);
     if version != current_version(event_type) && !older_without_metadata {
         return Err(unknown_version(event_type, version));
     }
@@ -736,6 +764,21 @@ mod tests {
                 metadata: Metadata::default(),
             })
         );
+        // Without metadata the version before it is written, so older builds read it.
+        let plain = encode(&Event::Deposited {
+            amount: Amount::new(5).unwrap(),
+            reference: None,
+            metadata: Metadata::default(),
+        })
+        .unwrap();
+        assert_eq!((plain.0, plain.1), ("deposited", 1));
+        let labelled = encode(&Event::Deposited {
+            amount: Amount::new(5).unwrap(),
+            reference: None,
+            metadata: labels(&[("k", "v")]),
+        })
+        .unwrap();
+        assert_eq!(labelled.1, 2);
         for (event_type, version) in [
             ("account_opened", 3),
             ("deposited", 2),

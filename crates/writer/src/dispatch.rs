@@ -69,6 +69,11 @@ struct Handover {
     budget_ms: u64,
     /// The same limit in Unix milliseconds, by the caller's clock.
     deadline_unix_ms: u64,
+    /// Set (and sent) only when the command carries metadata: an owner of a build from before
+    /// metadata refuses the unknown field (`NotTaken`) instead of running the command without
+    /// it, and the caller decides it itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    carries_metadata: bool,
 }
 
 /// The owner's answer.
@@ -168,6 +173,7 @@ impl Dispatcher {
             traceparent: request.trace.to_string(),
             budget_ms: budget.as_millis() as u64,
             deadline_unix_ms: unix_ms(SystemTime::now() + budget),
+            carries_metadata: request.intent.carries_metadata(),
         };
         let payload = rmp_serde::to_vec_named(&handover)
             .map_err(|error| Error::Internal(format!("encode a hand-over: {error}")))?;
@@ -406,7 +412,42 @@ mod tests {
             traceparent: trace_context::TraceParent::new_root().to_string(),
             budget_ms: 9_500,
             deadline_unix_ms: 100_000,
+            carries_metadata: false,
         }
+    }
+
+    /// A hand-over as a build from before metadata reads it: the same fields, unknown ones
+    /// refused.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct HandoverBeforeMetadata {
+        account_id: AccountId,
+        intent: serde::de::IgnoredAny,
+        idempotency_key: Option<String>,
+        correlation_id: String,
+        transfer_id_generated: bool,
+        traceparent: String,
+        budget_ms: u64,
+        deadline_unix_ms: u64,
+    }
+
+    /// A command with metadata is not taken by an owner that would drop it; one without is
+    /// read as before.
+    #[test]
+    fn an_owner_from_before_metadata_refuses_a_command_that_carries_some() {
+        let plain = rmp_serde::to_vec_named(&handover()).unwrap();
+        assert!(rmp_serde::from_slice::<HandoverBeforeMetadata>(&plain).is_ok());
+        let mut labelled = handover();
+        labelled.intent = Intent::Account(domain::Command::Deposit {
+            metadata: domain::Metadata::new([("k".to_string(), "v".to_string())].into()).unwrap(),
+            amount: domain::Amount::new(5).unwrap(),
+            reference: None,
+        });
+        labelled.carries_metadata = labelled.intent.carries_metadata();
+        let labelled = rmp_serde::to_vec_named(&labelled).unwrap();
+        assert!(rmp_serde::from_slice::<HandoverBeforeMetadata>(&labelled).is_err());
+        assert!(rmp_serde::from_slice::<Handover>(&labelled).is_ok());
     }
 
     #[test]

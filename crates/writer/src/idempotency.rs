@@ -120,7 +120,9 @@ pub fn request_hash(account: &AccountId, intent: &Intent, transfer_id_generated:
         Intent::Account(Command::Close) => vec!["close".into()],
         Intent::Account(Command::ChangeMetadata { set, unset }) => {
             let mut fields = vec!["metadata".into(), canonical(set)];
-            fields.extend(unset.iter().map(|key| format!("unset:{key}")));
+            // The same keys in another order are the same request.
+            let unset: std::collections::BTreeSet<&String> = unset.iter().collect();
+            fields.extend(unset.into_iter().map(|key| format!("unset:{key}")));
             fields
         }
         Intent::Transfer(transfer) => vec![

@@ -81,6 +81,24 @@ pub enum Intent {
     Transaction(Transaction),
 }
 
+impl Intent {
+    /// Whether the command has metadata to store.
+    pub fn carries_metadata(&self) -> bool {
+        match self {
+            Intent::Account(Command::Open(open)) => !open.metadata.is_empty(),
+            Intent::Account(
+                Command::Deposit { metadata, .. } | Command::Withdraw { metadata, .. },
+            ) => !metadata.is_empty(),
+            Intent::Account(Command::ChangeMetadata { .. }) => true,
+            Intent::Account(Command::Close) => false,
+            Intent::Transfer(transfer) => !transfer.metadata.is_empty(),
+            Intent::Hold(hold) => !hold.metadata.is_empty(),
+            Intent::Transaction(transaction) => !transaction.metadata.is_empty(),
+            Intent::Capture(_) | Intent::Release(..) => false,
+        }
+    }
+}
+
 /// A validated command for one account, with what idempotency needs.
 #[derive(Debug, Clone)]
 pub struct CommandRequest {
