@@ -801,31 +801,9 @@ async fn catch_up_suite(
     let last = log.last_position().await?;
     let fresh_data = tempfile::tempdir()?;
     let started = Instant::now();
-    let fresh = CofferProcess::start(
-        "bench-catch-up",
-        "reader",
-        &[
-            ("COFFER_NATS_URL", nats.url()),
-            ("COFFER_DATA_DIR", fresh_data.path().display().to_string()),
-            ("COFFER_READER_NAME", "catch-up".into()),
-            ("COFFER_MIN_POSITION_WAIT_MS", "600000".into()),
-            ("RUST_LOG", "warn".into()),
-        ],
-    );
     // The process start (binary, redb file, NATS connection) is not the catch-up: the raw
     // consume below starts from a connected client too. Both figures are reported.
-    let http = reqwest::Client::new();
-    let listening = loop {
-        let up = http
-            .get(format!("{}/healthz", fresh.url()))
-            .send()
-            .await
-            .is_ok_and(|response| response.status().is_success());
-        if up {
-            break Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let (fresh, listening) = start_fresh_reader(nats, fresh_data.path(), "catch-up").await;
     wait_applied(&fresh.url(), last, Duration::from_secs(600)).await;
     let elapsed = started.elapsed();
     let caught_up = listening.elapsed();
@@ -865,6 +843,37 @@ async fn catch_up_suite(
     );
 
     Ok(())
+}
+
+/// Starts a reader on an empty data directory; returns it and when it began listening.
+async fn start_fresh_reader(
+    nats: &NatsServer,
+    data: &std::path::Path,
+    name: &str,
+) -> (CofferProcess, Instant) {
+    let reader = CofferProcess::start(
+        &format!("bench-{name}"),
+        "reader",
+        &[
+            ("COFFER_NATS_URL", nats.url()),
+            ("COFFER_DATA_DIR", data.display().to_string()),
+            ("COFFER_READER_NAME", name.into()),
+            ("COFFER_MIN_POSITION_WAIT_MS", "600000".into()),
+            ("RUST_LOG", "warn".into()),
+        ],
+    );
+    let http = reqwest::Client::new();
+    loop {
+        let up = http
+            .get(format!("{}/healthz", reader.url()))
+            .send()
+            .await
+            .is_ok_and(|response| response.status().is_success());
+        if up {
+            return (reader, Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 async fn wait_applied(reader: &str, position: u64, timeout: Duration) -> Duration {
@@ -1363,29 +1372,8 @@ async fn listing_suite(
     bar.finish_and_clear();
     let last = log.last_position().await?;
     let data = tempfile::tempdir()?;
-    let reader = CofferProcess::start(
-        "bench-listing-reader",
-        "reader",
-        &[
-            ("COFFER_NATS_URL", nats.url()),
-            ("COFFER_DATA_DIR", data.path().display().to_string()),
-            ("COFFER_READER_NAME", "listing".into()),
-            ("COFFER_MIN_POSITION_WAIT_MS", "600000".into()),
-            ("RUST_LOG", "warn".into()),
-        ],
-    );
+    let (reader, listening) = start_fresh_reader(nats, data.path(), "listing").await;
     let http = reqwest::Client::new();
-    let listening = loop {
-        let up = http
-            .get(format!("{}/healthz", reader.url()))
-            .send()
-            .await
-            .is_ok_and(|response| response.status().is_success());
-        if up {
-            break Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
     wait_applied(&reader.url(), last, Duration::from_secs(1_800)).await;
     let caught_up = listening.elapsed();
     let raw = raw_consume(&log, last).await;

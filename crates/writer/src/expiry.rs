@@ -130,23 +130,33 @@ pub async fn run(
     backstop: Backstop,
     shutdown: watch::Receiver<bool>,
 ) {
-    let backstop = tokio::spawn(run_backstop(
-        log.clone(),
-        commands.clone(),
-        metrics,
-        backstop,
-        shutdown.clone(),
-    ));
-    run_schedules(log, commands, shutdown).await;
-    let _ = backstop.await;
+    let placed = {
+        let (log, commands, shutdown) = (log.clone(), commands.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            resuming("hold expiry backstop", shutdown, || {
+                consume_placed(&log, &commands, &metrics, backstop)
+            })
+            .await
+        })
+    };
+    resuming("hold expiry consumer", shutdown, || {
+        consume(&log, &commands)
+    })
+    .await;
+    let _ = placed.await;
 }
 
-async fn run_schedules(log: EventLog, commands: Dispatcher, mut shutdown: watch::Receiver<bool>) {
+/// Runs `consumer` again after a pause whenever it ends, until `shutdown` turns true.
+async fn resuming<F, Fut>(name: &str, mut shutdown: watch::Receiver<bool>, consumer: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), Error>>,
+{
     loop {
         tokio::select! {
-            result = consume(&log, &commands) => {
+            result = consumer() => {
                 if let Err(error) = result {
-                    tracing::warn!(%error, "hold expiry consumer interrupted; resuming");
+                    tracing::warn!(%error, consumer = name, "interrupted; resuming");
                 }
             }
             _ = shutdown.wait_for(|stop| *stop) => return,
@@ -262,29 +272,6 @@ async fn expire(
             _ = progress.tick() => {
                 let _ = message.ack_with(AckKind::Progress).await;
             }
-        }
-    }
-}
-
-async fn run_backstop(
-    log: EventLog,
-    commands: Dispatcher,
-    metrics: std::sync::Arc<Metrics>,
-    backstop: Backstop,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            result = consume_placed(&log, &commands, &metrics, backstop) => {
-                if let Err(error) = result {
-                    tracing::warn!(%error, "hold expiry backstop interrupted; resuming");
-                }
-            }
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(RECONNECT_DELAY) => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
 }
