@@ -127,29 +127,32 @@ impl Dispatcher {
 
     /// Runs `request` on its account's owner: here, or on the writer that holds its partition.
     pub async fn execute(&self, request: CommandRequest) -> Result<Outcome> {
-        self.execute_within(request, self.registry.call_timeout())
-            .await
+        self.execute_until(
+            request,
+            tokio::time::Instant::now() + self.registry.call_timeout(),
+        )
+        .await
     }
 
-    /// [`Dispatcher::execute`] with a deadline no later than `limit` from now (a client's own
-    /// deadline, when it is sooner than the writer's).
-    pub async fn execute_within(
+    /// [`Dispatcher::execute`] with a deadline no later than `until` (a client's own deadline,
+    /// when it is sooner than the writer's).
+    pub async fn execute_until(
         &self,
         request: CommandRequest,
-        limit: Duration,
+        until: tokio::time::Instant,
     ) -> Result<Outcome> {
-        let timeout = self.registry.call_timeout().min(limit);
+        let now = tokio::time::Instant::now();
+        let deadline = (now + self.registry.call_timeout()).min(until);
         let route = match &self.ownership {
             Some(ownership) => ownership.route(&request.account_id),
             None => Route::Here,
         };
         match route {
-            Route::Here => {
-                self.registry
-                    .execute_until(request, tokio::time::Instant::now() + timeout)
+            Route::Here => self.registry.execute_until(request, deadline).await,
+            Route::Owner(owner) => {
+                self.hand_over(&owner, request, deadline.saturating_duration_since(now))
                     .await
             }
-            Route::Owner(owner) => self.hand_over(&owner, request, timeout).await,
         }
     }
 
@@ -370,7 +373,11 @@ fn remaining(handover: &Handover, now_unix_ms: u64) -> Duration {
 
 /// Runs a hand-over here, within what remains of its caller's deadline.
 async fn take_over(registry: &Registry, handover: Handover) -> Result<Outcome> {
-    let remaining = remaining(&handover, unix_ms(SystemTime::now()));
+    // Both clocks are read together, before anything else: a process paused between reading the
+    // wall clock and fixing the deadline would otherwise grant the whole remainder again when it
+    // resumes.
+    let (taken_at, now_unix_ms) = (tokio::time::Instant::now(), unix_ms(SystemTime::now()));
+    let remaining = remaining(&handover, now_unix_ms);
     if remaining.is_zero() {
         return Err(Error::Unavailable(
             "the command reached its deadline before its account's owner took it; not applied"
@@ -388,9 +395,7 @@ async fn take_over(registry: &Registry, handover: Handover) -> Result<Outcome> {
     )
     .with_generated_transfer_id(handover.transfer_id_generated)
     .with_trace(trace);
-    registry
-        .execute_until(request, tokio::time::Instant::now() + remaining)
-        .await
+    registry.execute_until(request, taken_at + remaining).await
 }
 
 #[cfg(test)]

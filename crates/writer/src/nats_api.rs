@@ -112,7 +112,7 @@ async fn handle(
             .and_then(|limit| Ok((parse(verb, &request.message, trace)?, limit)))
         {
             Ok((command, None)) => commands.execute(command).await,
-            Ok((command, Some(limit))) => commands.execute_within(command, limit).await,
+            Ok((command, Some(until))) => commands.execute_until(command, until).await,
             Err(error) => Err(error),
         },
         None => Err(Error::Unavailable("the writer is starting".into())),
@@ -194,14 +194,14 @@ async fn run_bulk(
         commands.registry().call_timeout(),
         crate::registry::ANSWER_GRACE,
     );
-    let window = match client_deadline(message)? {
-        Some(limit) => window.min(limit),
-        None => window,
+    let start_by = tokio::time::Instant::now() + window;
+    let start_by = match client_deadline(message)? {
+        Some(until) => start_by.min(until),
+        None => start_by,
     };
     let headers = message.headers.clone().unwrap_or_default();
     let parsed = bulk::parse(&message.payload, &correlation_id(&headers), trace)?;
     let _running = bulk::admit()?;
-    let start_by = tokio::time::Instant::now() + window;
     let results = bulk::run(commands, parsed, start_by).await;
     serde_json::to_value(bulk::BulkResults { results })
         .map_err(|error| Error::Internal(format!("encode a bulk answer: {error}")))
@@ -210,10 +210,10 @@ async fn run_bulk(
 /// The header a NATS client may set to its own deadline, in Unix milliseconds.
 pub const DEADLINE_HEADER: &str = "Coffer-Deadline";
 
-/// The time left before the client's deadline ([`DEADLINE_HEADER`]), if it gave one. A request
-/// that waited in the subscription past it is refused without starting (`unavailable`: the
-/// client has given up, and nothing was done); a command never starts after it.
-fn client_deadline(message: &async_nats::Message) -> Result<Option<std::time::Duration>, Error> {
+/// The client's deadline ([`DEADLINE_HEADER`]) on this process's clock, if it gave one. A
+/// request that waited in the subscription past it is refused without starting (`unavailable`:
+/// the client has given up, and nothing was done); a command never starts after it.
+fn client_deadline(message: &async_nats::Message) -> Result<Option<tokio::time::Instant>, Error> {
     let Some(value) = message
         .headers
         .as_ref()
@@ -228,8 +228,10 @@ fn client_deadline(message: &async_nats::Message) -> Result<Option<std::time::Du
         ))
     })?;
     let deadline = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms);
-    match deadline.duration_since(std::time::SystemTime::now()) {
-        Ok(left) if !left.is_zero() => Ok(Some(left)),
+    // Both clocks read together: a pause after this cannot lengthen what is left.
+    let (now, now_unix) = (tokio::time::Instant::now(), std::time::SystemTime::now());
+    match deadline.duration_since(now_unix) {
+        Ok(left) if !left.is_zero() => Ok(Some(now + left)),
         _ => Err(Error::Unavailable(format!(
             "the client's deadline ({DEADLINE_HEADER}: {unix_ms}) passed before the command \
              started; nothing was done"
