@@ -45,7 +45,10 @@ async fn list_all(http: &Http, reader: &str, filters: &str, limit: usize) -> Vec
         }
         match page.body["next"].as_str() {
             Some(next) => {
-                assert_eq!(Some(next), page_ids.last().map(String::as_str));
+                // The last listed account, or past it when the page stopped short (filters
+                // that rarely meet): never back, never standing still.
+                assert!(page_ids.last().is_none_or(|last| last.as_str() <= next));
+                assert!(after.as_deref().is_none_or(|after| after < next), "{url}");
                 after = Some(next.to_owned());
             }
             None => return ids,
@@ -399,5 +402,175 @@ async fn views_of_an_older_schema_are_rebuilt_at_start_and_list_the_stream() {
         reader.log().contains("another schema version"),
         "{}",
         reader.log()
+    );
+}
+
+/// A rollback to a build without the listing moves the views on without their indexes; back on
+/// this build, the file is rebuilt (its `indexed_position` is behind its views) and lists what
+/// the older build applied too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_moved_on_without_their_indexes_are_rebuilt_at_start() {
+    let nats = NatsServer::start();
+    let writer = support::writer("w", &nats.url(), &[]);
+    let data = tempfile::tempdir().unwrap();
+    let mut reader = support::reader("r", &nats.url(), data.path(), &[]);
+    support::wait_ready(&reader.url());
+    let http = Http::new();
+    let tag = support::unique("rollback");
+    let mut positions = Vec::new();
+    for index in 0..2 {
+        let opened = post(
+            &http,
+            &format!("{}/v1/accounts", writer.url()),
+            json!({"account_id": format!("{tag}-{index}"), "currency": "EUR",
+                "metadata": {"batch": tag}}),
+        )
+        .await;
+        assert_eq!(opened.status, 201, "{:?}", opened.body);
+        let position = opened.body["position"].as_u64().unwrap();
+        positions.push(position);
+        // One batch per account: the second is what the older build applies.
+        let listed = list_all(
+            &http,
+            &reader.url(),
+            &format!("metadata.batch={tag}&min_position={position}"),
+            10,
+        )
+        .await;
+        assert_eq!(listed.len(), index + 1);
+    }
+    reader.terminate(std::time::Duration::from_secs(10));
+
+    // What the older build leaves: the second account applied to the views, not to the index
+    // (which it does not know), and the index's position where this build left it.
+    {
+        let database = redb::Database::open(data.path().join("views.redb")).unwrap();
+        let transaction = database.begin_write().unwrap();
+        {
+            let mut index = transaction
+                .open_table(reader::views::ACCOUNT_INDEX)
+                .unwrap();
+            let second = format!("{tag}-1");
+            let terms: Vec<String> = {
+                use redb::ReadableTable;
+                index
+                    .iter()
+                    .unwrap()
+                    .map(|entry| {
+                        let (key, _) = entry.unwrap();
+                        let (term, account) = key.value();
+                        (term.to_owned(), account.to_owned())
+                    })
+                    .filter(|(_, account)| *account == second)
+                    .map(|(term, _)| term)
+                    .collect()
+            };
+            assert!(!terms.is_empty(), "the second account was indexed");
+            for term in &terms {
+                index.remove((term.as_str(), second.as_str())).unwrap();
+            }
+            transaction
+                .open_table(reader::views::VIEW_META)
+                .unwrap()
+                .insert(reader::views::INDEXED_POSITION_KEY, positions[0])
+                .unwrap();
+        }
+        transaction.commit().unwrap();
+    }
+    reader.restart();
+    support::wait_ready(&reader.url());
+    let listed = list_all(
+        &http,
+        &reader.url(),
+        &format!("metadata.batch={tag}&min_position={}", positions[1]),
+        10,
+    )
+    .await;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(
+        reader.log().contains("moved past their indexes"),
+        "{}",
+        reader.log()
+    );
+}
+
+/// Two filters that are each common and together rare: a page stops after stepping over its
+/// share of index entries and says where to go on (`next`), short or even empty, and following
+/// `next` lists exactly the accounts that match both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_that_rarely_meet_answer_bounded_pages_that_go_on() {
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let log = eventlog::EventLog::open(client, &eventlog::StreamSettings::default())
+        .await
+        .unwrap();
+    const ACCOUNTS: usize = 30_000;
+    let both = [12_345, 29_998];
+    // `side=left` on even accounts, `kind=right` on odd ones; the two in `both` have the two.
+    fixtures::open_many_labelled(
+        &log,
+        "meet",
+        ACCOUNTS,
+        |number| {
+            let mut entries = std::collections::BTreeMap::new();
+            if number % 2 == 0 || both.contains(&number) {
+                entries.insert("side".to_string(), "left".to_string());
+            }
+            if number % 2 == 1 || both.contains(&number) {
+                entries.insert("kind".to_string(), "right".to_string());
+            }
+            domain::Metadata::new(entries).unwrap()
+        },
+        |_| {},
+    )
+    .await;
+    let last = log.last_position().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let reader = support::reader("r", &nats.url(), data.path(), &[]);
+    support::wait_ready(&reader.url());
+    let http = Http::new();
+    let mut after: Option<String> = None;
+    let mut listed = Vec::new();
+    let mut pages = 0;
+    let mut short_pages_with_more = 0;
+    loop {
+        let mut url = format!(
+            "{}/v1/accounts?metadata.side=left&metadata.kind=right&limit=100&min_position={last}",
+            reader.url()
+        );
+        if let Some(after) = &after {
+            url.push_str(&format!("&after={after}"));
+        }
+        let page = http.get(&url).await.unwrap();
+        assert_eq!(page.status, 200, "{:?}", page.body);
+        pages += 1;
+        let accounts = page.body["accounts"].as_array().unwrap();
+        listed.extend(
+            accounts
+                .iter()
+                .map(|account| account["account_id"].as_str().unwrap().to_owned()),
+        );
+        match page.body["next"].as_str() {
+            Some(next) => {
+                if accounts.len() < 100 {
+                    short_pages_with_more += 1;
+                }
+                assert!(after.as_deref().is_none_or(|after| after < next));
+                after = Some(next.to_owned());
+            }
+            None => break,
+        }
+        assert!(pages < 100, "the listing does not end");
+    }
+    let expected: Vec<String> = {
+        let mut ids: Vec<String> = both.iter().map(|number| format!("meet-{number}")).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(listed, expected);
+    // About 30 000 seeks (two per step between the interleaved terms) at 10 000 a page.
+    assert!(
+        short_pages_with_more >= 2 && pages >= 3,
+        "{pages} pages, {short_pages_with_more} short with more"
     );
 }

@@ -63,7 +63,7 @@ pub async fn serve(
         ))
         .layer(axum::middleware::from_fn(
             move |request: axum::extract::Request, next: axum::middleware::Next| {
-                within_request_timeout(request_timeout, next.run(request))
+                timed(within_request_timeout(request_timeout, next.run(request)))
             },
         ));
     let max_connections = limits.max_connections.max(1);
@@ -284,6 +284,21 @@ async fn within_request_timeout(
     }
 }
 
+/// Adds `Server-Timing: app;dur={ms}` (the time from the request's headers to its response's,
+/// body reading included): a client, a load balancer or a benchmark tells the server's time from
+/// the network's and its own.
+async fn timed(
+    handler: impl Future<Output = axum::response::Response>,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let mut response = handler.await;
+    let millis = started.elapsed().as_secs_f64() * 1_000.0;
+    if let Ok(value) = axum::http::HeaderValue::from_str(&format!("app;dur={millis:.3}")) {
+        response.headers_mut().insert("server-timing", value);
+    }
+    response
+}
+
 /// Completes once the stop signal is set. (The guard `wait_for` returns is not `Send`; it is
 /// dropped here, so callers' futures stay `Send`.)
 async fn stop_signalled(receiver: &mut watch::Receiver<bool>) {
@@ -367,6 +382,21 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with("the outcome"), "{answer}");
         assert!(took >= REQUEST_TIMEOUT * 3, "{took:?}");
+        // The server's own time, which covers the wait for the taken work.
+        let timing = answer
+            .lines()
+            .find_map(|line| {
+                line.to_ascii_lowercase()
+                    .strip_prefix("server-timing: app;dur=")
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| panic!("no Server-Timing: {answer}"));
+        let server_ms: f64 = timing.trim().parse().unwrap();
+        assert!(
+            server_ms >= (REQUEST_TIMEOUT * 3).as_secs_f64() * 1_000.0
+                && server_ms <= took.as_secs_f64() * 1_000.0,
+            "{server_ms} ms against {took:?}"
+        );
     }
 
     #[tokio::test]

@@ -80,7 +80,9 @@ impl From<&AccountRow> for AccountView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AccountList {
     pub accounts: Vec<AccountView>,
-    /// Pass as `after` for the next page; null when there is none.
+    /// Pass as `after` for the next page; null when there is none. A page of filters that
+    /// rarely meet may hold fewer accounts than `limit` (even none) and still have a `next`:
+    /// it stopped after 10 000 index seeks. Follow `next` until it is null.
     pub next: Option<String>,
 }
 

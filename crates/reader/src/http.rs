@@ -342,22 +342,23 @@ impl Filters {
         })
     }
 
-    /// The term whose index entries drive the scan: metadata first (the most selective as a
-    /// rule), then owner, status, currency; none: every account.
-    fn driving_term(&self) -> Option<String> {
-        if let Some((key, value)) = self.metadata.first() {
-            return Some(views::metadata_term(key, value));
-        }
-        if let Some(owner) = &self.owner {
-            return Some(views::owner_term(owner));
-        }
-        if let Some(status) = self.status {
-            return Some(views::status_term(match status {
+    /// Every filter as an index term, the usually most selective first (metadata, owner,
+    /// status, currency); none: every account is listed.
+    fn terms(&self) -> Vec<String> {
+        let mut terms: Vec<String> = self
+            .metadata
+            .iter()
+            .map(|(key, value)| views::metadata_term(key, value))
+            .collect();
+        terms.extend(self.owner.as_deref().map(views::owner_term));
+        terms.extend(self.status.map(|status| {
+            views::status_term(match status {
                 StatusFilter::Open => "open",
                 StatusFilter::Closed => "closed",
-            }));
-        }
-        self.currency.as_deref().map(views::currency_term)
+            })
+        }));
+        terms.extend(self.currency.as_deref().map(views::currency_term));
+        terms
     }
 
     fn matches(&self, row: &AccountRow) -> bool {
@@ -390,18 +391,43 @@ async fn list_accounts(
     uri: axum::http::Uri,
     ValidQuery(query): ValidQuery<ListQuery>,
 ) -> Response {
-    let listed = Filters::parse(&query, &uri).and_then(|filters| {
+    let listed = match Filters::parse(&query, &uri).and_then(|filters| {
         let database = view_database(&state)?;
-        account_page(&database, &filters, &query)
-    });
+        Ok((filters, database))
+    }) {
+        // Index walks and row reads are blocking file IO: off the async workers.
+        Ok((filters, database)) => {
+            tokio::task::spawn_blocking(move || account_page(&database, &filters, &query))
+                .await
+                .unwrap_or_else(|error| Err(storage_problem(error)))
+        }
+        Err(problem) => Err(problem),
+    };
     match listed {
         Ok(list) => Json(list).into_response(),
         Err(problem) => problem.into_response(),
     }
 }
 
-/// One page of a listing: a range scan of the driving term's index (or of the accounts), each
-/// candidate checked against every filter, until the page and one more are found.
+/// What the other terms say of an id the first term holds.
+enum Seen {
+    /// Every term holds it.
+    InEvery,
+    /// One does not; the next id it holds.
+    NextAt(String),
+    /// One holds nothing at or after it: nothing more matches.
+    NoMore,
+}
+
+/// Index seeks one page may make before it is answered: a filter whose terms rarely
+/// meet (each common, together rare) answers a short page with a `next` to go on from, rather
+/// than walking its terms' whole indexes in one request.
+const LISTING_STEPS_MAX: usize = 10_000;
+
+/// One page of a listing: the accounts in every filter's index entries, found by leapfrogging
+/// the terms' id-ordered ranges (each seek jumps to the largest id any other term is at), so a
+/// page costs about its size times the filters, plus the entries of terms that rarely meet
+/// (bounded by [`LISTING_STEPS_MAX`] seeks). Without filters, a range of the accounts.
 fn account_page(
     database: &Database,
     filters: &Filters,
@@ -419,60 +445,99 @@ fn account_page(
         .open_table(views::ACCOUNTS)
         .map_err(storage_problem)?;
     let mut page: Vec<AccountView> = Vec::new();
-    let mut more = false;
-    let mut consider = |id: &str| -> Result<bool, Problem> {
-        if id <= after {
-            return Ok(true);
-        }
+    // Where the next page starts when this one ends before its filters' ranges do.
+    let mut next: Option<String> = None;
+    // Takes a matching id; false once the page is full (it has one more).
+    let mut take = |id: &str| -> Result<bool, Problem> {
         let Some(bytes) = accounts.get(id).map_err(storage_problem)? else {
             return Ok(true);
         };
         let row: AccountRow = views::decode(bytes.value()).map_err(storage_problem)?;
-        if filters.matches(&row) {
-            if page.len() == limit {
-                more = true;
-                return Ok(false);
-            }
-            page.push(AccountView::from(&row));
+        // The index and the rows are written in one transaction; checked all the same.
+        if !filters.matches(&row) {
+            return Ok(true);
         }
+        if page.len() == limit {
+            return Ok(false);
+        }
+        page.push(AccountView::from(&row));
         Ok(true)
     };
-    match filters.driving_term() {
-        Some(term) => {
-            let index = transaction
-                .open_table(views::ACCOUNT_INDEX)
-                .map_err(storage_problem)?;
-            for entry in index
-                .range((term.as_str(), after)..)
-                .map_err(storage_problem)?
-            {
-                let (key, _) = entry.map_err(storage_problem)?;
-                let (entry_term, id) = key.value();
-                if entry_term != term || !consider(id)? {
-                    break;
-                }
+    let terms = filters.terms();
+    if terms.is_empty() {
+        for entry in accounts.range(after..).map_err(storage_problem)? {
+            let (key, _) = entry.map_err(storage_problem)?;
+            let id = key.value().to_owned();
+            if id.as_str() == after {
+                continue;
+            }
+            if !take(&id)? {
+                next = page.last().map(|view| view.account_id.clone());
+                break;
             }
         }
-        None => {
-            let ids: Vec<String> = accounts
-                .range(after..)
-                .map_err(storage_problem)?
-                .map(|entry| entry.map(|(key, _)| key.value().to_owned()))
-                .take(limit + 2)
-                .collect::<Result<_, _>>()
-                .map_err(storage_problem)?;
-            for id in &ids {
-                if !consider(id)? {
-                    break;
+    } else {
+        let index = transaction
+            .open_table(views::ACCOUNT_INDEX)
+            .map_err(storage_problem)?;
+        // The first id at or after `from` (after it, when `inclusive` is false) under `term`.
+        let seek = |term: &str, from: &str, inclusive: bool| -> Result<Option<String>, Problem> {
+            for entry in index.range((term, from)..).map_err(storage_problem)? {
+                let (key, _) = entry.map_err(storage_problem)?;
+                let (found_term, id) = key.value();
+                if found_term != term {
+                    return Ok(None);
+                }
+                if inclusive || id != from {
+                    return Ok(Some(id.to_owned()));
+                }
+            }
+            Ok(None)
+        };
+        let mut steps = 0;
+        let mut candidate = seek(&terms[0], after, after.is_empty())?;
+        // Every id before `candidate` is decided: listed, or missing from some term.
+        while let Some(id) = candidate.take() {
+            let mut seen = Seen::InEvery;
+            for term in &terms[1..] {
+                steps += 1;
+                match seek(term, &id, true)? {
+                    Some(found) if found == id => {}
+                    Some(found) => {
+                        seen = Seen::NextAt(found);
+                        break;
+                    }
+                    None => {
+                        seen = Seen::NoMore;
+                        break;
+                    }
+                }
+            }
+            match seen {
+                Seen::NoMore => break,
+                Seen::NextAt(found) => {
+                    if steps >= LISTING_STEPS_MAX {
+                        next = Some(id);
+                        break;
+                    }
+                    steps += 1;
+                    candidate = seek(&terms[0], &found, true)?;
+                }
+                Seen::InEvery => {
+                    if !take(&id)? {
+                        next = page.last().map(|view| view.account_id.clone());
+                        break;
+                    }
+                    steps += 1;
+                    if steps >= LISTING_STEPS_MAX {
+                        next = Some(id);
+                        break;
+                    }
+                    candidate = seek(&terms[0], &id, false)?;
                 }
             }
         }
     }
-    let next = if more {
-        page.last().map(|view| view.account_id.clone())
-    } else {
-        None
-    };
     Ok(AccountList {
         accounts: page,
         next,

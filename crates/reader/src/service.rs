@@ -76,13 +76,26 @@ pub async fn run(
     // again once it has caught up.
     let stored = crate::views::stored_schema_version(&database)
         .map_err(|error| Error::Storage(error.to_string()))?;
-    if let Some(version) = stored.filter(|version| *version != crate::views::SCHEMA_VERSION) {
+    let behind = crate::views::indexes_behind(&database)
+        .map_err(|error| Error::Storage(error.to_string()))?;
+    let other_version = stored.filter(|version| *version != crate::views::SCHEMA_VERSION);
+    if let Some(version) = other_version {
         tracing::warn!(
             path = %path.display(),
             stored = version,
             current = crate::views::SCHEMA_VERSION,
             "the views were written with another schema version; rebuilding them from the stream"
         );
+    } else if let Some((indexed, applied)) = behind {
+        tracing::warn!(
+            path = %path.display(),
+            indexed,
+            applied,
+            "the views moved past their indexes (a build without them ran on this file); \
+             rebuilding them from the stream"
+        );
+    }
+    if other_version.is_some() || behind.is_some() {
         drop(database);
         std::fs::remove_file(&path)
             .map_err(|error| Error::Storage(format!("remove {}: {error}", path.display())))?;

@@ -41,6 +41,10 @@ pub const STATEMENT_REFERENCES: TableDefinition<(&str, &str, u64), ()> =
 /// What the views file holds besides rows: [`SCHEMA_VERSION_KEY`].
 pub const VIEW_META: TableDefinition<&str, u64> = TableDefinition::new("view_meta");
 pub const SCHEMA_VERSION_KEY: &str = "schema_version";
+/// The position of the last event whose indexes were written, with the views, by a build that
+/// keeps them. A build that does not know them (a rollback) moves the views on without it; back
+/// on this build, the file is rebuilt rather than served with indexes that miss those events.
+pub const INDEXED_POSITION_KEY: &str = "indexed_position";
 /// The layout of the views (tables, rows, indexes) this build writes. A file of another version
 /// is rebuilt from the stream at start (`reader::service`). History: 1 (no record of it): before
 /// metadata, the accounts listing and the reference index; 2: those.
@@ -63,6 +67,24 @@ pub fn stored_schema_version(database: &redb::Database) -> Result<Option<u64>, r
         None if applied > 0 => Some(1),
         None => None,
     })
+}
+
+/// `(indexed, applied)` when the views moved past the last event whose indexes were written:
+/// a build without the indexes applied events to this file (see [`INDEXED_POSITION_KEY`]).
+/// `None` when they agree, or for a file that does not record it.
+pub fn indexes_behind(database: &redb::Database) -> Result<Option<(u64, u64)>, redb::Error> {
+    use redb::ReadableDatabase;
+    let applied = projection::stored_position(database)
+        .map_err(|error| redb::Error::Corrupted(error.to_string()))?;
+    let transaction = database.begin_read()?;
+    let indexed = match transaction.open_table(VIEW_META) {
+        Ok(table) => table.get(INDEXED_POSITION_KEY)?.map(|value| value.value()),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(error) => return Err(error.into()),
+    };
+    Ok(indexed
+        .filter(|indexed| *indexed != applied)
+        .map(|indexed| (indexed, applied)))
 }
 
 /// [`AUDIT_RUNNING`] and [`AUDIT_SETTLED`] -> [`AuditRow`].
@@ -844,6 +866,11 @@ impl projection::Projector for LedgerViews {
                 );
             }
             audit_table.insert(AUDIT_SETTLED, encode(&settled)?.as_slice())?;
+        }
+        if let Some(last) = events.last() {
+            transaction
+                .open_table(VIEW_META)?
+                .insert(INDEXED_POSITION_KEY, last.position)?;
         }
         Ok(())
     }
