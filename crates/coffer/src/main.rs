@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Small blocks to mimalloc, large ones to glibc: chosen by measurement ([`allocator`]).
+/// Small blocks to mimalloc, large ones to glibc, and glibc alone in a reader: chosen by
+/// measurement ([`allocator`]).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: allocator::SizeSplit = allocator::SizeSplit;
@@ -866,6 +867,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Commands::Reader(args) => {
+            // A reader's catch-up is faster on glibc alone (measured: `allocator`).
+            #[cfg(feature = "mimalloc")]
+            allocator::system_only();
             let _telemetry = telemetry::init("coffer-reader")?;
             let config = reader::ReaderConfig {
                 nats: args
