@@ -574,3 +574,131 @@ async fn filters_that_rarely_meet_answer_bounded_pages_that_go_on() {
         "{pages} pages, {short_pages_with_more} short with more"
     );
 }
+
+/// An account opened before overdraft limits and metadata existed (`account_opened` version 1,
+/// published as an older writer did) is read by a writer, which takes its deposit and its first
+/// metadata, and by a reader, which lists it and shows it the same before and after
+/// `coffer projection rebuild`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_opened_by_an_older_version_is_upcast_by_writer_reader_and_rebuild() {
+    let nats = NatsServer::start();
+    let account = support::unique("legacy");
+    {
+        #[derive(serde::Serialize)]
+        struct AccountOpenedV1 {
+            currency: String,
+            owner: Option<String>,
+        }
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        // The stream as the services make it.
+        eventlog::EventLog::open(client.clone(), &eventlog::StreamSettings::default())
+            .await
+            .unwrap();
+        let id = domain::AccountId::parse(&account).unwrap();
+        let upcast = domain::Event::AccountOpened(domain::OpenAccount {
+            currency: domain::Currency::parse("EUR").unwrap(),
+            owner: Some("legacy-owner".into()),
+            overdraft_limit: domain::OverdraftLimit::default(),
+            metadata: domain::Metadata::default(),
+        });
+        let chain = eventlog::chain::next(eventlog::chain::GENESIS, &id, &upcast).unwrap();
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, value) in [
+            ("Coffer-Event-Type", "account_opened"),
+            ("Coffer-Event-Version", "1"),
+            ("Coffer-Account-Id", account.as_str()),
+            ("Coffer-Command-Id", "00000000-0000-7000-8000-000000000001"),
+            ("Coffer-Correlation-Id", "legacy"),
+            ("Coffer-Chain", chain.as_str()),
+            ("Content-Type", "application/msgpack"),
+            ("Nats-Expected-Last-Subject-Sequence", "0"),
+        ] {
+            headers.insert(name, value);
+        }
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence-Subject",
+            eventlog::subject::account_filter(&id).as_str(),
+        );
+        let payload = rmp_serde::to_vec_named(&AccountOpenedV1 {
+            currency: "EUR".into(),
+            owner: Some("legacy-owner".into()),
+        })
+        .unwrap();
+        let acknowledged = async_nats::jetstream::new(client)
+            .publish_with_headers(
+                eventlog::subject::append(&id, "account_opened"),
+                headers,
+                payload.into(),
+            )
+            .await
+            .unwrap()
+            .await;
+        assert!(acknowledged.is_ok(), "{acknowledged:?}");
+    }
+    let writer = support::writer("w", &nats.url(), &[]);
+    let data = tempfile::tempdir().unwrap();
+    let reader = support::reader("r", &nats.url(), data.path(), &[]);
+    support::wait_ready(&reader.url());
+    let http = Http::new();
+    let deposited = post(
+        &http,
+        &format!("{}/v1/accounts/{account}/deposits", writer.url()),
+        json!({"amount": 250}),
+    )
+    .await;
+    assert_eq!(deposited.status, 200, "{:?}", deposited.body);
+    let labelled = post(
+        &http,
+        &format!("{}/v1/accounts/{account}/metadata", writer.url()),
+        json!({"set": {"era": "legacy"}}),
+    )
+    .await;
+    assert_eq!(labelled.status, 200, "{:?}", labelled.body);
+    let last = labelled.body["position"].as_u64().unwrap();
+    // Reader: the view, and the listing by the old account's terms and its new metadata.
+    let check = |label: &'static str| {
+        let (http, reader, account) = (http.clone(), reader.url(), account.clone());
+        async move {
+            let view = http
+                .get(&format!(
+                    "{reader}/v1/accounts/{account}?min_position={last}"
+                ))
+                .await
+                .unwrap();
+            assert_eq!(view.status, 200, "{label}: {:?}", view.body);
+            assert_eq!(view.body["balance"], 250, "{label}");
+            assert_eq!(view.body["owner"], "legacy-owner", "{label}");
+            assert_eq!(view.body["overdraft_limit"], 0, "{label}");
+            assert_eq!(view.body["metadata"], json!({"era": "legacy"}), "{label}");
+            for filters in ["owner=legacy-owner&currency=EUR", "metadata.era=legacy"] {
+                let listed = list_all(
+                    &http,
+                    &reader,
+                    &format!("{filters}&min_position={last}"),
+                    10,
+                )
+                .await;
+                assert_eq!(listed, vec![account.clone()], "{label}: {filters}");
+            }
+        }
+    };
+    check("caught up").await;
+    let rebuilt = tokio::task::spawn_blocking({
+        let url = reader.url();
+        move || {
+            std::process::Command::new(testkit::coffer_binary())
+                .args(["projection", "rebuild", "--reader-url", &url])
+                .env_remove("COFFER_HTTP_TOKEN")
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        rebuilt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebuilt.stderr)
+    );
+    check("rebuilt").await;
+}
