@@ -404,11 +404,13 @@ fn dependencies(commands: &[Result<CommandRequest>]) -> Vec<Vec<usize>> {
 }
 
 /// Runs a parsed bulk and answers each command as its single request would have been; a command
-/// that could not start by `start_by` is answered `503` and not applied.
+/// that could not start by `start_by` is answered `503` and not applied, and none is decided or
+/// sent after the client's own deadline (`client_deadline`, NATS `Coffer-Deadline`).
 pub async fn run(
     dispatcher: &Dispatcher,
     commands: Vec<Result<CommandRequest>>,
     start_by: tokio::time::Instant,
+    client_deadline: Option<tokio::time::Instant>,
 ) -> Vec<BulkResult> {
     let dependencies = dependencies(&commands);
     // A command is done for its dependents when its sender is dropped (after its answer).
@@ -437,7 +439,13 @@ pub async fn run(
                         let answer_by = dispatcher
                             .registry()
                             .answered_by(tokio::time::Instant::now());
-                        tokio::time::timeout_at(answer_by, dispatcher.execute(command))
+                        let running = async {
+                            match client_deadline {
+                                Some(until) => dispatcher.execute_until(command, until).await,
+                                None => dispatcher.execute(command).await,
+                            }
+                        };
+                        tokio::time::timeout_at(answer_by, running)
                             .await
                             .unwrap_or_else(|_| {
                                 Err(Error::OutcomeUnknown(

@@ -149,10 +149,7 @@ impl Dispatcher {
         };
         match route {
             Route::Here => self.registry.execute_until(request, deadline).await,
-            Route::Owner(owner) => {
-                self.hand_over(&owner, request, deadline.saturating_duration_since(now))
-                    .await
-            }
+            Route::Owner(owner) => self.hand_over(&owner, request, deadline).await,
         }
     }
 
@@ -160,8 +157,12 @@ impl Dispatcher {
         &self,
         owner: &WriterId,
         request: CommandRequest,
-        timeout: Duration,
+        deadline: tokio::time::Instant,
     ) -> Result<Outcome> {
+        // Both clocks read together: what the owner is given is what is left of `deadline`
+        // now, however long this process was paused before.
+        let (now, now_wall) = (tokio::time::Instant::now(), SystemTime::now());
+        let timeout = deadline.saturating_duration_since(now);
         // Short deadlines (tests, impatient deployments) keep three quarters of theirs.
         let budget = timeout.saturating_sub(HANDOVER_MARGIN.min(timeout / 4));
         let handover = Handover {
@@ -175,13 +176,12 @@ impl Dispatcher {
             transfer_id_generated: request.transfer_id_generated,
             traceparent: request.trace.to_string(),
             budget_ms: budget.as_millis() as u64,
-            deadline_unix_ms: unix_ms(SystemTime::now() + budget),
+            deadline_unix_ms: unix_ms(now_wall + budget),
             carries_metadata: request.intent.carries_metadata(),
         };
         let payload = rmp_serde::to_vec_named(&handover)
             .map_err(|error| Error::Internal(format!("encode a hand-over: {error}")))?;
         let subject = eventlog::subject::owner_inbox(owner.as_str());
-        let deadline = tokio::time::Instant::now() + timeout;
         let sent = self.client.send_request(
             subject,
             async_nats::Request::new()

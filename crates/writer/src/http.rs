@@ -444,7 +444,7 @@ async fn bulk(
     problem::server::work_taken(
         commands.registry().answered_by(start_by) + crate::registry::ANSWER_MARGIN,
     );
-    let results = bulk::run(commands, parsed, start_by).await;
+    let results = bulk::run(commands, parsed, start_by, None).await;
     (StatusCode::OK, Json(BulkResults { results })).into_response()
 }
 

@@ -194,15 +194,13 @@ async fn run_bulk(
         commands.registry().call_timeout(),
         crate::registry::ANSWER_GRACE,
     );
+    let client_deadline = client_deadline(message)?;
     let start_by = tokio::time::Instant::now() + window;
-    let start_by = match client_deadline(message)? {
-        Some(until) => start_by.min(until),
-        None => start_by,
-    };
+    let start_by = client_deadline.map_or(start_by, |until| start_by.min(until));
     let headers = message.headers.clone().unwrap_or_default();
     let parsed = bulk::parse(&message.payload, &correlation_id(&headers), trace)?;
     let _running = bulk::admit()?;
-    let results = bulk::run(commands, parsed, start_by).await;
+    let results = bulk::run(commands, parsed, start_by, client_deadline).await;
     serde_json::to_value(bulk::BulkResults { results })
         .map_err(|error| Error::Internal(format!("encode a bulk answer: {error}")))
 }

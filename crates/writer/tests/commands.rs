@@ -2219,6 +2219,21 @@ async fn a_nats_command_never_starts_after_its_clients_deadline() {
         (503, Some("unavailable")),
         "{body}"
     );
+    // A bulk's commands are bounded by it too: this one waits in its actor past it.
+    let bulk: &'static str = Box::leak(
+        format!(r#"{{"commands":[{{"op":"deposit","account_id":"{account}","amount":1000}}]}}"#)
+            .into_boxed_str(),
+    );
+    let (status, body) = ask("coffer.cmd.batch".into(), in_ms(200), bulk).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (
+            &body["results"][0]["status"],
+            body["results"][0]["body"]["code"].as_str()
+        ),
+        (&json!(503), Some("unavailable")),
+        "{body}"
+    );
     // Only the deposit that ran is stored.
     assert_eq!(writer.deposit(&account, 1, None).await.body["balance"], 8);
     writer.stop().await;
