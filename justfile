@@ -9,7 +9,7 @@ export PYTHONPATH := justfile_directory() + "/.tools/python" + (if env_var_or_de
 
 # Show the recipes.
 default:
-    @just --list
+    @{{just_executable()}} --list
 
 # Install the pinned nats-server (2.15.1) into .tools/bin unless a recent one is on PATH.
 tools:
@@ -32,11 +32,11 @@ up: tools
 # Everything CI runs: unit, integration and end-to-end tests, the conformance suite, manifests.
 test: tools test-tools build domain-purity
     cargo test --workspace --no-fail-fast -- --skip {{timed_alone}}
-    just timed-alone
-    just conformance
-    just openapi-check
-    just api-fuzz
-    just k8s-check
+    {{just_executable()}} timed-alone
+    {{just_executable()}} conformance
+    {{just_executable()}} openapi-check
+    {{just_executable()}} api-fuzz
+    {{just_executable()}} k8s-check
 
 # Tests that hold the system to a time bound of the contract (a thousand holds expire within 2 s of
 # their expires_at across writer restarts). They run alone: on two cores, another end-to-end test's

