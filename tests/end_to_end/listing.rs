@@ -683,18 +683,7 @@ async fn an_account_opened_by_an_older_version_is_upcast_by_writer_reader_and_re
         }
     };
     check("caught up").await;
-    let rebuilt = tokio::task::spawn_blocking({
-        let url = reader.url();
-        move || {
-            std::process::Command::new(testkit::coffer_binary())
-                .args(["projection", "rebuild", "--reader-url", &url])
-                .env_remove("COFFER_HTTP_TOKEN")
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let rebuilt = crate::rebuild::rebuild(&reader.url()).await;
     assert!(
         rebuilt.status.success(),
         "{}",

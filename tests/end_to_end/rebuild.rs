@@ -31,7 +31,7 @@ async fn consumer_names(nats_url: &str) -> Vec<String> {
 }
 
 /// Runs `coffer projection rebuild` against the reader at `url`, off the async runtime.
-async fn rebuild(url: &str) -> std::process::Output {
+pub(crate) async fn rebuild(url: &str) -> std::process::Output {
     let url = url.to_owned();
     tokio::task::spawn_blocking(move || {
         std::process::Command::new(testkit::coffer_binary())

@@ -53,16 +53,8 @@ pub const SCHEMA_VERSION: u64 = 2;
 /// The schema version recorded in a views file: `None` for an empty file (nothing applied yet)
 /// and 1 for a file written before versions were recorded.
 pub fn stored_schema_version(database: &redb::Database) -> Result<Option<u64>, redb::Error> {
-    use redb::ReadableDatabase;
-    let applied = projection::stored_position(database)
-        .map_err(|error| redb::Error::Corrupted(error.to_string()))?;
-    let transaction = database.begin_read()?;
-    let recorded = match transaction.open_table(VIEW_META) {
-        Ok(table) => table.get(SCHEMA_VERSION_KEY)?.map(|value| value.value()),
-        Err(redb::TableError::TableDoesNotExist(_)) => None,
-        Err(error) => return Err(error.into()),
-    };
-    Ok(match recorded {
+    let applied = applied_position(database)?;
+    Ok(match view_meta(database, SCHEMA_VERSION_KEY)? {
         Some(version) => Some(version),
         None if applied > 0 => Some(1),
         None => None,
@@ -73,18 +65,25 @@ pub fn stored_schema_version(database: &redb::Database) -> Result<Option<u64>, r
 /// a build without the indexes applied events to this file (see [`INDEXED_POSITION_KEY`]).
 /// `None` when they agree, or for a file that does not record it.
 pub fn indexes_behind(database: &redb::Database) -> Result<Option<(u64, u64)>, redb::Error> {
-    use redb::ReadableDatabase;
-    let applied = projection::stored_position(database)
-        .map_err(|error| redb::Error::Corrupted(error.to_string()))?;
-    let transaction = database.begin_read()?;
-    let indexed = match transaction.open_table(VIEW_META) {
-        Ok(table) => table.get(INDEXED_POSITION_KEY)?.map(|value| value.value()),
-        Err(redb::TableError::TableDoesNotExist(_)) => None,
-        Err(error) => return Err(error.into()),
-    };
-    Ok(indexed
+    let applied = applied_position(database)?;
+    Ok(view_meta(database, INDEXED_POSITION_KEY)?
         .filter(|indexed| *indexed != applied)
         .map(|indexed| (indexed, applied)))
+}
+
+fn applied_position(database: &redb::Database) -> Result<u64, redb::Error> {
+    projection::stored_position(database).map_err(|error| redb::Error::Corrupted(error.to_string()))
+}
+
+/// One value of [`VIEW_META`]; `None` when it (or the table) is not there.
+fn view_meta(database: &redb::Database, key: &str) -> Result<Option<u64>, redb::Error> {
+    use redb::ReadableDatabase;
+    let transaction = database.begin_read()?;
+    match transaction.open_table(VIEW_META) {
+        Ok(table) => Ok(table.get(key)?.map(|value| value.value())),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// [`AUDIT_RUNNING`] and [`AUDIT_SETTLED`] -> [`AuditRow`].
