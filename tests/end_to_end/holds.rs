@@ -1,6 +1,8 @@
 //! Holds expire without a client: a thousand of them, all due in the same second, come due
 //! while one writer is killed with SIGKILL and the other restarted, and each still expires within
-//! 2 s of its `expires_at`, exactly once, with the money back where it was.
+//! 2 s of its `expires_at`, exactly once, with the money back where it was. The test prints when
+//! the server fired each schedule (ahead of `expires_at`, by design) and how long after that the
+//! expiry was stored, so a slow run says which side was slow.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,6 +121,22 @@ async fn a_thousand_holds_expire_on_time_across_writer_restarts() {
         "holds: {} expired, latest {latest} after its expires_at",
         placed.len()
     );
+    // Where the time went: when the server fired each schedule, and how long after that its
+    // expiry was stored.
+    let fired = due_messages(&nats.url()).await;
+    let mut firing = Vec::new();
+    let mut handling = Vec::new();
+    for (hold_id, expires_at) in &placed {
+        if let (Some(fired_at), Some(at)) = (fired.get(hold_id), expired.get(hold_id)) {
+            firing.push(*fired_at - *expires_at);
+            handling.push(*at - *fired_at);
+        }
+    }
+    println!(
+        "holds: schedules fired {} after expires_at; expiries stored {} after firing",
+        spread(&mut firing),
+        spread(&mut handling)
+    );
     assert!(
         latest <= time::Duration::seconds(2),
         "a hold expired {latest} after its expires_at"
@@ -134,6 +152,45 @@ async fn a_thousand_holds_expire_on_time_across_writer_restarts() {
         .await
         .unwrap();
     assert_eq!(withdrawn.status, 200, "{:?}", withdrawn.body);
+}
+
+/// When the server stored each due hold expiry, by hold id.
+async fn due_messages(url: &str) -> std::collections::HashMap<String, OffsetDateTime> {
+    use futures::StreamExt;
+    let context = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    let stream = context.get_stream("COFFER_SCHEDULES").await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: eventlog::subject::DUE_HOLD_EXPIRIES.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let pending = consumer.cached_info().num_pending;
+    let mut messages = consumer.messages().await.unwrap().take(pending as usize);
+    let mut fired = std::collections::HashMap::new();
+    while let Some(message) = messages.next().await {
+        let message = message.unwrap();
+        let (_, hold_id) = eventlog::subject::parse_hold_expiry_due(&message.subject).unwrap();
+        fired.insert(hold_id.to_owned(), message.info().unwrap().published);
+    }
+    fired
+}
+
+/// "min / median / p90 / max" of `durations`.
+fn spread(durations: &mut [time::Duration]) -> String {
+    if durations.is_empty() {
+        return "(none)".into();
+    }
+    durations.sort();
+    let at = |share: f64| durations[((durations.len() - 1) as f64 * share) as usize];
+    format!(
+        "min {} / median {} / p90 {} / max {}",
+        at(0.0),
+        at(0.5),
+        at(0.9),
+        at(1.0)
+    )
 }
 
 /// A hold whose scheduled expiry never comes (here the schedules stream is emptied, as a stolen

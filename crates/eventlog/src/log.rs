@@ -33,6 +33,9 @@ pub mod header {
     pub const COMMAND_ID: &str = "Coffer-Command-Id";
     pub const CORRELATION_ID: &str = "Coffer-Correlation-Id";
     pub const CHAIN: &str = "Coffer-Chain";
+    /// On a hold's scheduled expiry: the hold's `expires_at` (Unix seconds). The schedule fires
+    /// ahead of it, and the writer that receives it expires the hold at this time.
+    pub const HOLD_EXPIRES_AT: &str = "Coffer-Hold-Expires-At";
     /// W3C trace context of the request that caused the event.
     pub const TRACEPARENT: &str = trace_context::HEADER;
     pub const CONTENT_TYPE: &str = "Content-Type";
@@ -478,14 +481,16 @@ impl EventLog {
         }
     }
 
-    /// Schedules `payload` to be stored on `target` at `at` (`Nats-Schedule: @at`), kept on
-    /// `subject` until then, in the schedules stream. The first schedule on a subject stays: a
-    /// second one (a retry) is a no-op, and `Ok(false)` says so.
+    /// Schedules `payload` with `headers` to be stored on `target` at `at` (`Nats-Schedule:
+    /// @at`; a time already past fires at once), kept on `subject` until then, in the schedules
+    /// stream. The server copies `headers` onto the message it stores. The first schedule on a
+    /// subject stays: a second one (a retry) is a no-op, and `Ok(false)` says so.
     pub async fn schedule(
         &self,
         subject: &str,
         target: &str,
         at: OffsetDateTime,
+        mut headers: HeaderMap,
         payload: Vec<u8>,
     ) -> Result<bool> {
         if !self.is_connected() {
@@ -497,7 +502,6 @@ impl EventLog {
             .map_err(|error| Error::Encode(error.to_string()))?
             .format(&Rfc3339)
             .map_err(|error| Error::Encode(error.to_string()))?;
-        let mut headers = HeaderMap::new();
         headers.insert(header::SCHEDULE, format!("@at {at}").as_str());
         headers.insert(header::SCHEDULE_TARGET, target);
         headers.insert(header::EXPECTED_LAST_SUBJECT_SEQUENCE, "0");

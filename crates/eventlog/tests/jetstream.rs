@@ -507,8 +507,10 @@ async fn a_schedule_delivers_its_message_at_its_time_and_the_first_one_stays() {
     let due = subject::hold_expiry_due(&a, &hold);
     let at = time::OffsetDateTime::now_utc() + Duration::from_secs(2);
     let schedule = subject::hold_expiry_schedule(&a, &hold, at.unix_timestamp());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(eventlog::log::header::HOLD_EXPIRES_AT, "1234");
     assert!(log
-        .schedule(&schedule, &due, at, b"first".to_vec())
+        .schedule(&schedule, &due, at, headers, b"first".to_vec())
         .await
         .unwrap());
     // A retry does not move it.
@@ -517,6 +519,7 @@ async fn a_schedule_delivers_its_message_at_its_time_and_the_first_one_stays() {
             &schedule,
             &due,
             at + Duration::from_secs(60),
+            async_nats::HeaderMap::new(),
             b"second".to_vec()
         )
         .await
@@ -537,6 +540,22 @@ async fn a_schedule_delivers_its_message_at_its_time_and_the_first_one_stays() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(fired.payload, b"first");
+    // The schedule's own headers travel with the message it stores.
+    let stored = log
+        .context()
+        .get_stream("COFFER_SCHEDULES")
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject(&due)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored
+            .headers
+            .get(eventlog::log::header::HOLD_EXPIRES_AT)
+            .map(|value| value.as_str()),
+        Some("1234")
+    );
     assert!(time::OffsetDateTime::now_utc() >= at.replace_nanosecond(0).unwrap());
     // The event log itself keeps its protections: no purge, no roll-ups.
     let events = log

@@ -109,14 +109,48 @@ impl Waiting {
 }
 
 /// Whether a command may be decided together with others of its account: a plain deposit or
-/// withdrawal without an idempotency key (a keyed one needs its marker's answer at a known
-/// offset and goes alone).
+/// withdrawal, or a hold's expiry, without an idempotency key (a keyed one needs its marker's
+/// answer at a known offset and goes alone). Each is one event of this account alone, so a
+/// batch of them is guarded by the account's one concurrency check. Expiries go together
+/// because many holds of an account often come due at once.
 fn goes_together(request: &CommandRequest) -> bool {
     request.idempotency_key.is_none()
         && matches!(
             request.intent,
             Intent::Account(domain::Command::Deposit { .. } | domain::Command::Withdraw { .. })
+                | Intent::Release(_, domain::Release::Expire)
         )
+}
+
+/// The event and answer of a command of an account batch ([`goes_together`]) decided on
+/// `state` at `now`; `None` when it is refused (or appends nothing): it is then decided alone,
+/// where the refusal is checked against the current state.
+fn decide_together(
+    state: &domain::AccountState,
+    intent: &Intent,
+    now: i64,
+) -> Option<(domain::Event, Outcome)> {
+    match intent {
+        Intent::Account(command) => {
+            let event = decide(state, command).ok()?.into_iter().next()?;
+            let outcome = Outcome::BalanceChanged {
+                account_id: state.id().clone(),
+                balance: 0,
+                position: 0,
+            };
+            Some((event, outcome))
+        }
+        Intent::Release(hold_id, release @ domain::Release::Expire) => {
+            let event = domain::decide_release(state, hold_id, *release, now).ok()?;
+            let outcome = Outcome::HoldReleased {
+                hold_id: hold_id.clone(),
+                status: "expired",
+                position: 0,
+            };
+            Some((event, outcome))
+        }
+        _ => None,
+    }
 }
 
 pub struct AccountActor;
@@ -329,24 +363,18 @@ impl AccountActorState {
             let mut entries = Vec::with_capacity(commands.len());
             let mut decided: Vec<(Waiting, Outcome)> = Vec::with_capacity(commands.len());
             let mut rest = Vec::new();
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
             for command in commands {
-                let Intent::Account(domain_command) = &command.request.intent else {
-                    rest.push(command);
-                    continue;
-                };
                 if !rest.is_empty() {
                     rest.push(command);
                     continue;
                 }
-                let event = match decide(&after.state, domain_command)
-                    .map(|events| events.into_iter().next())
-                {
-                    Ok(Some(event)) => event,
+                let Some((event, mut outcome)) =
+                    decide_together(&after.state, &command.request.intent, now)
+                else {
                     // A refusal (or nothing to append) is answered alone, re-checked there.
-                    _ => {
-                        rest.push(command);
-                        continue;
-                    }
+                    rest.push(command);
+                    continue;
                 };
                 let chain = match eventlog::chain::next(&after.chain, self.id(), &event) {
                     Ok(chain) => chain,
@@ -356,11 +384,9 @@ impl AccountActorState {
                     }
                 };
                 after.apply(&event, before, chain.clone());
-                let outcome = Outcome::BalanceChanged {
-                    account_id: self.id().clone(),
-                    balance: after.state.balance(),
-                    position: 0,
-                };
+                if let Outcome::BalanceChanged { balance, .. } = &mut outcome {
+                    *balance = after.state.balance();
+                }
                 entries.push(Entry::Event {
                     account: self.id().clone(),
                     expected_last_position: before,
@@ -714,9 +740,20 @@ impl AccountActorState {
             // One schedule per account, hold and time: a retry with the same time finds it
             // in place; an earlier one left by a refused attempt fires, finds the hold not
             // due, and is retried until it is.
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                eventlog::log::header::HOLD_EXPIRES_AT,
+                expiry.expires_at.to_string().as_str(),
+            );
             self.context
                 .log
-                .schedule(&expiry.schedule, &expiry.due, expiry.at, Vec::new())
+                .schedule(
+                    &expiry.schedule,
+                    &expiry.due,
+                    expiry.fire_at,
+                    headers,
+                    Vec::new(),
+                )
                 .await
                 .map_err(Error::from)?;
         }

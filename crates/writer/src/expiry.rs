@@ -57,9 +57,12 @@ const BACKSTOP_RETRY_MAX: Duration = Duration::from_secs(60);
 /// held back again): bounds what a clock jump can do.
 const BACKSTOP_WAIT_MAX: Duration = Duration::from_secs(6 * 3_600);
 /// Due expiries one writer handles at once.
-const CONCURRENCY_MAX: usize = 64;
+const CONCURRENCY_MAX: usize = 256;
 /// Redelivery delay after a transient failure (NATS down, account busy).
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// How long a stopping writer waits for its expiry consumer to give back the messages in its
+/// hands and finish the expiries it started.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Pause before re-creating the consumer after an error.
 const RECONNECT_DELAY: Duration = Duration::from_millis(500);
 /// How long the server waits for an ack before redelivering to another writer. Short, so a
@@ -68,6 +71,10 @@ const RECONNECT_DELAY: Duration = Duration::from_millis(500);
 const ACK_WAIT: Duration = Duration::from_secs(2);
 /// How often a handler in progress says so.
 const PROGRESS_PERIOD: Duration = Duration::from_millis(700);
+/// The longest a due message is held in hand before its hold's `expires_at`: the schedule's
+/// lead and some more for a burst the server fires late. One due further ahead (clocks apart)
+/// is given back to the server until it is about the lead away.
+const IN_HAND_MAX: Duration = Duration::from_secs(5);
 /// Due expiries asked for at once: a few, so none waits long in this writer's hands.
 const PULL_BATCH_SIZE_MAX: usize = 16;
 /// How long after it fired a due expiry whose hold is not (yet) in the stream is retried: the
@@ -139,8 +146,9 @@ pub async fn run(
             .await
         })
     };
+    let stopping = shutdown.clone();
     resuming("hold expiry consumer", shutdown, || {
-        consume(&log, &commands)
+        consume(&log, &commands, &stopping)
     })
     .await;
     let _ = placed.await;
@@ -153,13 +161,21 @@ where
     Fut: std::future::Future<Output = Result<(), Error>>,
 {
     loop {
-        tokio::select! {
-            result = consumer() => {
+        let running = consumer();
+        tokio::pin!(running);
+        let stopping = tokio::select! {
+            result = &mut running => {
                 if let Err(error) = result {
                     tracing::warn!(%error, consumer = name, "interrupted; resuming");
                 }
+                false
             }
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = shutdown.wait_for(|stop| *stop) => true,
+        };
+        if stopping {
+            // A consumer that watches the shutdown too gives back what it holds and ends.
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, running).await;
+            return;
         }
         tokio::select! {
             _ = tokio::time::sleep(RECONNECT_DELAY) => {}
@@ -168,7 +184,11 @@ where
     }
 }
 
-async fn consume(log: &EventLog, commands: &Dispatcher) -> Result<(), Error> {
+async fn consume(
+    log: &EventLog,
+    commands: &Dispatcher,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(), Error> {
     let nats = |error: &dyn std::fmt::Display| Error::Unavailable(error.to_string());
     let stream = log
         .context()
@@ -185,20 +205,43 @@ async fn consume(log: &EventLog, commands: &Dispatcher) -> Result<(), Error> {
         .messages()
         .await
         .map_err(|error| nats(&error))?;
+    // Messages waiting in hand for their hold's `expires_at` take no turn: only handling does
+    // (the consumer's max ack pending bounds how many are in hand).
+    let turns = tokio::sync::Semaphore::new(CONCURRENCY_MAX);
+    let stopping = {
+        let mut shutdown = shutdown.clone();
+        async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        }
+    };
+    // At shutdown no more are taken, and the ones in hand are given back at once.
     messages
-        .for_each_concurrent(CONCURRENCY_MAX, |message| async move {
-            match message {
-                Ok(message) => handle(log, commands, message).await,
-                Err(error) => tracing::warn!(%error, "hold expiry delivery failed"),
+        .take_until(stopping)
+        .for_each_concurrent(None, |message| {
+            let (turns, shutdown) = (&turns, shutdown.clone());
+            async move {
+                match message {
+                    Ok(message) => handle(log, commands, turns, shutdown, message).await,
+                    Err(error) => tracing::warn!(%error, "hold expiry delivery failed"),
+                }
             }
         })
         .await;
+    if *shutdown.borrow() {
+        return Ok(());
+    }
     Err(Error::Unavailable(
         "hold expiry message stream ended".into(),
     ))
 }
 
-async fn handle(log: &EventLog, commands: &Dispatcher, message: async_nats::jetstream::Message) {
+async fn handle(
+    log: &EventLog,
+    commands: &Dispatcher,
+    turns: &tokio::sync::Semaphore,
+    shutdown: watch::Receiver<bool>,
+    message: async_nats::jetstream::Message,
+) {
     let Some((from, hold_id)) =
         subject::parse_hold_expiry_due(&message.subject).and_then(|(from, hold_id)| {
             Some((
@@ -211,7 +254,31 @@ async fn handle(log: &EventLog, commands: &Dispatcher, message: async_nats::jets
         let _ = message.ack_with(AckKind::Term).await;
         return;
     };
-    let answer = expire(commands, &message, &from, &hold_id).await;
+    // Fired ahead of the hold's expiry (schedules written before this header existed fire at
+    // it and carry none): held until then.
+    let expires_at = message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(eventlog::log::header::HOLD_EXPIRES_AT))
+        .and_then(|value| value.as_str().parse::<u64>().ok());
+    if let Some(expires_at) = expires_at {
+        let acknowledgement = match hold_until(&message, expires_at, shutdown).await {
+            InHand::Due => None,
+            InHand::Later(delay) => Some(AckKind::Nak(Some(delay))),
+            // Another writer takes it at once rather than after the ack wait.
+            InHand::ShuttingDown => Some(AckKind::Nak(None)),
+        };
+        if let Some(acknowledgement) = acknowledgement {
+            if let Err(error) = message.ack_with(acknowledgement).await {
+                tracing::debug!(%error, "hold expiry nak failed; it will be redelivered");
+            }
+            return;
+        }
+    }
+    let answer = match turns.acquire().await {
+        Ok(_turn) => expire(commands, &message, &from, &hold_id).await,
+        Err(_) => Err(Error::Unavailable("hold expiry consumer closed".into())),
+    };
     let acknowledgement = match answer {
         Ok(_) => {
             tracing::info!(account = %from, hold = %hold_id, "hold expired");
@@ -245,6 +312,49 @@ async fn handle(log: &EventLog, commands: &Dispatcher, message: async_nats::jets
     };
     if let Err(error) = message.ack_with(acknowledgement).await {
         tracing::debug!(%error, "hold expiry ack failed; it will be redelivered");
+    }
+}
+
+/// What became of a due message held until its hold's `expires_at`.
+enum InHand {
+    /// `expires_at` has come.
+    Due,
+    /// Too far ahead to hold (a clock apart from the server's): given back for this long.
+    Later(Duration),
+    /// This writer is stopping.
+    ShuttingDown,
+}
+
+/// Holds `message` until `expires_at` (Unix seconds) by this writer's clock, telling the server
+/// it is still being handled.
+async fn hold_until(
+    message: &async_nats::jetstream::Message,
+    expires_at: u64,
+    mut shutdown: watch::Receiver<bool>,
+) -> InHand {
+    let due = std::time::UNIX_EPOCH + Duration::from_secs(expires_at);
+    let Ok(wait) = due.duration_since(std::time::SystemTime::now()) else {
+        return InHand::Due;
+    };
+    if wait > IN_HAND_MAX {
+        let ahead = wait.saturating_sub(crate::plan::EXPIRY_LEAD);
+        return InHand::Later(ahead.clamp(RETRY_DELAY, Duration::from_secs(60)));
+    }
+    let due = tokio::time::sleep(wait);
+    let stopping = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    tokio::pin!(due, stopping);
+    let mut progress = tokio::time::interval(PROGRESS_PERIOD);
+    progress.tick().await;
+    loop {
+        tokio::select! {
+            _ = &mut due => return InHand::Due,
+            _ = progress.tick() => {
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+            _ = &mut stopping => return InHand::ShuttingDown,
+        }
     }
 }
 

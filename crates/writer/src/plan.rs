@@ -34,11 +34,21 @@ pub struct Plan {
     pub expiry: Option<Expiry>,
 }
 
-/// A message the schedules stream delivers when a hold is due.
+/// How long before a hold's `expires_at` its expiry is scheduled to fire. The server stores
+/// due messages one after another (a thousand due in the same second took it up to 1.2 s on two
+/// loaded cores), so firing at `expires_at` itself would make the last ones late by that much;
+/// fired ahead, they wait in a writer's hands and are handled at `expires_at`.
+pub const EXPIRY_LEAD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A message the schedules stream delivers ahead of a hold's expiry.
 pub struct Expiry {
     pub schedule: String,
     pub due: String,
-    pub at: time::OffsetDateTime,
+    /// When the schedule fires: [`EXPIRY_LEAD`] before `expires_at`.
+    pub fire_at: time::OffsetDateTime,
+    /// The hold's `expires_at` (Unix seconds), carried on the message as
+    /// [`eventlog::log::header::HOLD_EXPIRES_AT`].
+    pub expires_at: i64,
 }
 
 /// The accounts, other than this one, that `intent` is decided on too.
@@ -243,8 +253,9 @@ impl Decider<'_> {
             return Err(Error::Internal("decide_hold yielded another event".into()));
         };
         let expires_at = *expires_at;
-        let at = time::OffsetDateTime::from_unix_timestamp(expires_at)
-            .map_err(|error| Error::Internal(error.to_string()))?;
+        let fire_at = time::OffsetDateTime::from_unix_timestamp(expires_at)
+            .map_err(|error| Error::Internal(error.to_string()))?
+            - EXPIRY_LEAD;
         let markers = vec![Entry::Marker {
             subject: eventlog::subject::transfer_marker(&hold.hold_id),
             payload: TransferRecord::for_hold(self.id(), hold, expires_at, 1).encode()?,
@@ -259,7 +270,8 @@ impl Decider<'_> {
         plan.expiry = Some(Expiry {
             schedule: eventlog::subject::hold_expiry_schedule(self.id(), &hold.hold_id, expires_at),
             due: eventlog::subject::hold_expiry_due(self.id(), &hold.hold_id),
-            at,
+            fire_at,
+            expires_at,
         });
         Ok(plan)
     }

@@ -1132,6 +1132,106 @@ async fn idempotency_holds_past_the_duplicate_window_for_any_number_of_keys() {
     restarted.stop().await;
 }
 
+/// A hold's expiry is scheduled to fire ahead of its `expires_at` and waits in a writer's hands
+/// until then. A hold shorter than that lead (its schedule fires at once, maybe before the hold
+/// is stored) still expires at its time and not before; a writer that stops while holding
+/// expiries gives them back, so another writer expires them on time, not an ack wait later.
+#[tokio::test]
+async fn expiries_held_ahead_of_their_time_expire_on_time_when_their_writer_stops() {
+    let nats = NatsServer::start();
+    let first = TestWriter::start(&nats.url(), RegistrySettings::default()).await;
+    let (a, b) = (unique("payer"), unique("payee"));
+    first.open(&a, 0).await;
+    first.open(&b, 0).await;
+    first.deposit(&a, 1_000, None).await;
+    let place = |seconds: i64| {
+        let body = json!({"from": a, "to": b, "amount": 10, "expires_in_seconds": seconds});
+        let first = &first;
+        async move {
+            let reply = first.post("/v1/holds", body, None).await;
+            assert_eq!(reply.status, 201, "{:?}", reply.body);
+            let expires_at = time::OffsetDateTime::parse(
+                reply.body["expires_at"].as_str().unwrap(),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap();
+            (
+                reply.body["hold_id"].as_str().unwrap().to_owned(),
+                expires_at,
+            )
+        }
+    };
+    let mut short = Vec::new();
+    for _ in 0..5 {
+        short.push(place(1).await);
+    }
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(place(4).await);
+    }
+    let due = held.iter().map(|(_, at)| *at).min().unwrap();
+    let last_due = held.iter().map(|(_, at)| *at).max().unwrap();
+    assert!(last_due - due <= time::Duration::seconds(1));
+    let until = |at: time::OffsetDateTime| async move {
+        let wait = at - time::OffsetDateTime::now_utc();
+        if wait.is_positive() {
+            tokio::time::sleep(wait.unsigned_abs()).await;
+        }
+    };
+    // The held ones have fired and are in the first writer's hands.
+    until(last_due - time::Duration::milliseconds(1_500)).await;
+    let context = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = context
+        .get_stream("COFFER_SCHEDULES")
+        .await
+        .unwrap()
+        .get_consumer(writer::expiry::CONSUMER_NAME)
+        .await
+        .unwrap();
+    let in_hand = consumer.info().await.unwrap().num_ack_pending;
+    assert!(
+        in_hand >= held.len(),
+        "{in_hand} due expiries in hand 1.5 s before the last expires_at"
+    );
+    let second = TestWriter::start(&nats.url(), RegistrySettings::default()).await;
+    // The first stops just before they are due: without giving them back, they would come to
+    // the second writer only an ack wait (2 s) after the first last said it was working on them.
+    until(due - time::Duration::milliseconds(400)).await;
+    first.stop().await;
+    until(due + time::Duration::seconds(3)).await;
+    let expired: std::collections::HashMap<String, time::OffsetDateTime> =
+        stored_events(&nats.url())
+            .await
+            .into_iter()
+            .filter_map(|event| match event.event {
+                domain::Event::HoldExpired { hold_id } => Some((hold_id.to_string(), event.time)),
+                _ => None,
+            })
+            .collect();
+    for (hold, expires_at) in short.iter().chain(&held) {
+        let at = expired
+            .get(hold)
+            .unwrap_or_else(|| panic!("{hold} did not expire"));
+        let late = *at - *expires_at;
+        assert!(!late.is_negative(), "{hold} expired {late} early");
+        assert!(
+            late <= time::Duration::milliseconds(900),
+            "{hold} expired {late} after its expires_at"
+        );
+    }
+    // The payer's holds came due together and were expired together: the second writer's only
+    // commands were those expiries, appended as batches of several.
+    let batches = second.metric("coffer_writer_account_batches_total").await;
+    let batched = second
+        .metric("coffer_writer_account_batch_commands_total")
+        .await;
+    assert!(
+        batches > 0.0 && batched >= 2.0 * batches,
+        "expiries were not appended together: {batched} in {batches} batches"
+    );
+    second.stop().await;
+}
+
 #[tokio::test]
 async fn capture_void_and_expiry_racing_through_two_writers_settle_each_hold_once() {
     let nats = NatsServer::start();
