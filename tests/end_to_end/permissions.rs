@@ -403,3 +403,156 @@ async fn each_role_does_its_work_and_nothing_else() {
         .unwrap();
     assert_eq!(after.status, 200);
 }
+
+/// What the writer's NATS credential can append that is not an event (here JSON without headers,
+/// as a stolen credential or a buggy client might) costs the account it names, not the service:
+/// readers stay ready, apply what comes after it and serve every other account; the account's
+/// views and commands are refused with `account_unreadable` naming the position; a rebuild ends
+/// done; `coffer verify` reports it and checks the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_append_costs_its_account_not_the_service() {
+    let nats = server();
+    let url = nats.url();
+    let mut writer_environment = role_environment("writer", "writer-secret");
+    writer_environment.push(("COFFER_NATS_URL", url.clone()));
+    let output = std::process::Command::new(testkit::coffer_binary())
+        .arg("setup")
+        .env("COFFER_NATS_URL", &url)
+        .env("COFFER_NATS_USER", "setup")
+        .env("COFFER_NATS_PASSWORD", "setup-secret")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let writer = testkit::CofferProcess::start("w", "writer", &writer_environment);
+    let data = tempfile::tempdir().unwrap();
+    let reader = support::reader(
+        "reader-0",
+        &url,
+        data.path(),
+        &role_environment("reader", "reader-secret"),
+    );
+    support::wait_ready(&writer.url());
+    support::wait_ready(&reader.url());
+    let http = Http::new();
+    let (w, r) = (writer.url(), reader.url());
+    let (victim, other) = (support::unique("victim"), support::unique("other"));
+    for account in [&victim, &other] {
+        assert_eq!(http.open_account(&w, account).await.status, 201);
+        http.deposit(&w, account, &json!({"amount": 100}), None)
+            .await
+            .unwrap();
+    }
+    let writer_client = connect_as(&url, "writer", "writer-secret").await;
+    let poison = jetstream::new(writer_client)
+        .publish(
+            format!("coffer.append.{victim}.deposited"),
+            r#"{"amount":1000000}"#.into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence;
+    // Life goes on after it.
+    let later = http
+        .deposit(&w, &other, &json!({"amount": 5}), None)
+        .await
+        .unwrap();
+    assert_eq!(later.status, 200, "{:?}", later.body);
+    let read = http
+        .get(&format!(
+            "{r}/v1/accounts/{other}?min_position={}",
+            later.body["position"]
+        ))
+        .await
+        .unwrap();
+    assert_eq!(read.status, 200, "{:?}", read.body);
+    assert_eq!(read.body["balance"], 105);
+    assert_eq!(
+        support::status_of(&format!("{r}/readyz")).unwrap(),
+        200,
+        "the reader is not ready"
+    );
+    assert_eq!(
+        http.metric(&r, "coffer_projection_decode_failures_total")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(http.metric(&r, "coffer_projection_failed").await, Some(0.0));
+    // The victim's views and commands say why they are refused.
+    for path in [
+        format!("{r}/v1/accounts/{victim}"),
+        format!("{r}/v1/accounts/{victim}/transactions"),
+    ] {
+        let refused = http.get(&path).await.unwrap();
+        assert_eq!(refused.status, 500, "{path}: {:?}", refused.body);
+        assert_eq!(refused.body["code"], "account_unreadable");
+        assert!(
+            refused.body["detail"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("position {poison}")),
+            "{:?}",
+            refused.body
+        );
+    }
+    let command = http
+        .deposit(&w, &victim, &json!({"amount": 1}), None)
+        .await
+        .unwrap();
+    assert_eq!(command.status, 500, "{:?}", command.body);
+    assert_eq!(command.body["code"], "account_unreadable");
+    // A transfer to the victim is refused too, and moves nothing.
+    let transfer = http
+        .post(
+            &format!("{w}/v1/transfers"),
+            &json!({"from": other, "to": victim, "amount": 1}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        transfer.body["code"], "account_unreadable",
+        "{:?}",
+        transfer.body
+    );
+    // The writer's event page shows it in its place and goes past it.
+    let page = http
+        .get(&format!("{w}/v1/events?after={}&limit=10", poison - 1))
+        .await
+        .unwrap();
+    assert_eq!(page.status, 200, "{:?}", page.body);
+    assert_eq!(page.body["events"][0]["type"], "unreadable");
+    assert_eq!(page.body["events"][0]["position"], poison);
+    assert_eq!(page.body["events"][1]["account_id"], other.as_str());
+    // A rebuild goes past it the same way.
+    let rebuilt = crate::rebuild::rebuild(&r).await;
+    assert!(
+        rebuilt.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&rebuilt.stdout),
+        String::from_utf8_lossy(&rebuilt.stderr)
+    );
+    let read = http.get(&format!("{r}/v1/accounts/{other}")).await.unwrap();
+    assert_eq!(read.body["balance"], 105, "{:?}", read.body);
+    // `coffer verify` names it and checks every event.
+    let verified = std::process::Command::new(testkit::coffer_binary())
+        .arg("verify")
+        .env("COFFER_NATS_URL", &url)
+        .env("COFFER_NATS_USER", "setup")
+        .env("COFFER_NATS_PASSWORD", "setup-secret")
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&verified.stdout);
+    assert!(!verified.status.success(), "{report}");
+    assert!(
+        report.contains(&format!("{victim}: unreadable event at position {poison}")),
+        "{report}"
+    );
+    // Two opens, two deposits and the one after: every event was checked, none broken.
+    assert!(
+        report
+            .contains("5 events checked, 0 account(s) with a broken chain, 1 unreadable event(s)"),
+        "{report}"
+    );
+}

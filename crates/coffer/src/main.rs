@@ -735,18 +735,18 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
     let client = connected(&args.nats, "coffer-verify").await?;
     let log = eventlog::EventLog::new(client, &args.nats.stream());
     let mut verifier = eventlog::chain::Verifier::default();
+    // Messages that cannot be read as events: reported, and the check goes on past them.
+    let mut unreadable: Vec<eventlog::Unreadable> = Vec::new();
     let mut check = |recorded: &eventlog::RecordedEvent| {
         verifier.check_recorded(recorded);
     };
     match &args.account {
         Some(account) => {
             let account = domain::AccountId::parse(account).context("account id")?;
-            for recorded in log
-                .load_account(&account, 0)
-                .await
-                .context("read the account")?
-            {
-                check(&recorded);
+            match log.load_account(&account, 0).await {
+                Ok(history) => history.iter().for_each(&mut check),
+                Err(eventlog::Error::Unreadable(message)) => unreadable.push(message),
+                Err(error) => return Err(error).context("read the account"),
             }
         }
         None => {
@@ -761,28 +761,47 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
             let mut after = 0;
             loop {
                 let page = log
-                    .read_after(after, VERIFY_PAGE_SIZE)
+                    .read_after_each(after, VERIFY_PAGE_SIZE)
                     .await
                     .context("read the stream")?;
-                let Some(newest) = page.last().map(|recorded| recorded.position) else {
+                let Some(newest) = page.last().map(|message| match message {
+                    Ok(recorded) => recorded.position,
+                    Err(message) => message.position,
+                }) else {
                     break;
                 };
-                page.iter().for_each(&mut check);
+                for message in page {
+                    match message {
+                        Ok(recorded) => check(&recorded),
+                        Err(message) => unreadable.push(message),
+                    }
+                }
                 after = newest;
                 bar.set_position(newest.min(last));
             }
             bar.finish_and_clear();
         }
     }
+    for message in &unreadable {
+        let account = message
+            .account
+            .as_ref()
+            .map_or("(no account)", |account| account.as_str());
+        println!(
+            "{account}: unreadable event at position {}: {}",
+            message.position, message.reason
+        );
+    }
     for (account, position) in &verifier.first_breaks {
         println!("{account}: chain broken at position {position}");
     }
     println!(
-        "{} events checked, {} account(s) with a broken chain",
+        "{} events checked, {} account(s) with a broken chain, {} unreadable event(s)",
         verifier.events_checked,
-        verifier.first_breaks.len()
+        verifier.first_breaks.len(),
+        unreadable.len()
     );
-    Ok(verifier.first_breaks.is_empty())
+    Ok(verifier.first_breaks.is_empty() && unreadable.is_empty())
 }
 
 #[tokio::main]

@@ -30,7 +30,7 @@ pub use codec::{DecodeError, CURRENT_VERSIONS};
 pub use connection::NatsSettings;
 pub use group_commit::{AccountsReserved, GroupCommit, GroupCommitSettings};
 pub use leases::{LeaseEntry, Leases};
-pub use log::{Appended, Entry, EventLog, EventMetadata, RecordedEvent, StoredMarker};
+pub use log::{Appended, Entry, EventLog, EventMetadata, RecordedEvent, StoredMarker, Unreadable};
 pub use snapshot::AccountSnapshot;
 pub use stream::StreamSettings;
 
@@ -54,6 +54,10 @@ pub enum Error {
     OutcomeUnknown(String),
     #[error("event could not be decoded: {0}")]
     Decode(#[from] DecodeError),
+    /// A stored message of the event stream this build cannot read as an event: malformed
+    /// (anyone with the writer's credential can append one) or of a newer version.
+    #[error("{0}")]
+    Unreadable(log::Unreadable),
     #[error("event could not be encoded: {0}")]
     Encode(String),
     #[error("JetStream request failed: {0}")]

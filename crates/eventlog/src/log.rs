@@ -793,6 +793,43 @@ impl EventLog {
         page.messages.iter().map(decode_direct).collect()
     }
 
+    /// Like [`Self::read_after`], with each message that cannot be read as an event given as
+    /// [`Unreadable`] in its place instead of failing the page: for whoever must go on past it.
+    pub async fn read_after_each(
+        &self,
+        after_position: u64,
+        limit: usize,
+    ) -> Result<Vec<std::result::Result<RecordedEvent, Unreadable>>> {
+        let page = self
+            .direct_batch(serde_json::json!({
+                "seq": after_position.saturating_add(1),
+                "next_by_subj": subject::ALL_EVENTS,
+                "batch": limit.clamp(1, DIRECT_BATCH_SIZE_MAX),
+            }))
+            .await?;
+        page.messages.iter().map(decode_direct_each).collect()
+    }
+
+    /// Like [`Self::read_since`], with each message that cannot be read as an event given as
+    /// [`Unreadable`] in its place.
+    pub async fn read_since_each(
+        &self,
+        since: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<std::result::Result<RecordedEvent, Unreadable>>> {
+        let start = since
+            .format(&Rfc3339)
+            .map_err(|error| Error::JetStream(error.to_string()))?;
+        let page = self
+            .direct_batch(serde_json::json!({
+                "start_time": start,
+                "next_by_subj": subject::ALL_EVENTS,
+                "batch": limit.clamp(1, DIRECT_BATCH_SIZE_MAX),
+            }))
+            .await?;
+        page.messages.iter().map(decode_direct_each).collect()
+    }
+
     /// Reads up to `limit` events stored at or after `since`, in order.
     pub async fn read_since(
         &self,
@@ -992,7 +1029,48 @@ pub(crate) fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {
         .and_then(|value| value.as_str().parse().ok())
 }
 
-fn decode_direct(message: &async_nats::Message) -> Result<RecordedEvent> {
+/// A stored message of the event stream that cannot be read as an event, and where it is. It
+/// costs its account, not the log: readers mark that account's views unreadable, writers refuse
+/// its commands, `coffer verify` reports it, and everything else goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    pub position: u64,
+    pub subject: String,
+    /// When the stream stored it.
+    pub time: OffsetDateTime,
+    /// The account its subject names, if it names a valid one.
+    pub account: Option<AccountId>,
+    pub reason: String,
+}
+
+impl Unreadable {
+    pub fn new(subject: &str, position: u64, time: OffsetDateTime, error: &DecodeError) -> Self {
+        Self {
+            position,
+            subject: subject.to_owned(),
+            time,
+            account: subject::parse(subject)
+                .and_then(|(account, _)| AccountId::parse(account).ok()),
+            reason: error.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "the event at position {} ({}) cannot be read: {}",
+            self.position, self.subject, self.reason
+        )
+    }
+}
+
+/// A direct get's answer as an event, or as [`Unreadable`] (with its position) when it is not
+/// one. `Err` only for an answer without the server's own headers.
+fn decode_direct_each(
+    message: &async_nats::Message,
+) -> Result<std::result::Result<RecordedEvent, Unreadable>> {
     let headers = message
         .headers
         .as_ref()
@@ -1004,13 +1082,14 @@ fn decode_direct(message: &async_nats::Message) -> Result<RecordedEvent> {
     let time = header_text(headers, "Nats-Time-Stamp")
         .and_then(|text| OffsetDateTime::parse(&text, &Rfc3339).ok())
         .ok_or(DecodeError::Header("Nats-Time-Stamp"))?;
-    Ok(decode_stored(
-        &subject,
-        position,
-        time,
-        headers,
-        message.payload.clone(),
-    )?)
+    Ok(
+        decode_stored(&subject, position, time, headers, message.payload.clone())
+            .map_err(|error| Unreadable::new(&subject, position, time, &error)),
+    )
+}
+
+fn decode_direct(message: &async_nats::Message) -> Result<RecordedEvent> {
+    decode_direct_each(message)?.map_err(Error::Unreadable)
 }
 
 /// Decodes a stored message, from a direct get or a consumer, into a [`RecordedEvent`].

@@ -23,10 +23,13 @@
 //! A stream that was re-created and has since grown past the view's position is caught by its
 //! creation time, stored with the checkpoint: the view stops the same way.
 //!
-//! # Poison events
-//! An event this build cannot decode is never skipped silently: the view stops, `/readyz` says
-//! why, and `coffer_projection_decode_failures_total` counts it. Deploying a build that knows
-//! the event resumes the view where it stopped. (Skipping would make every later balance wrong.)
+//! # Unreadable messages
+//! A message of the event stream that cannot be read as an event (malformed, which anyone with
+//! the writer's credential can append, or of a newer version than this build) costs its
+//! account, not the view: it is handed to [`Projector::unreadable`] in its place, in the same
+//! transaction and in stream order, the checkpoint moves past it, and
+//! `coffer_projection_decode_failures_total` counts it. The views then refuse to serve that
+//! account (skipping would make its balance wrong); every other account is served as before.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -101,6 +104,13 @@ pub trait Projector: Send + Sync + 'static {
         transaction: &WriteTransaction,
         events: &[RecordedEvent],
     ) -> Result<(), redb::Error>;
+    /// Records a message that cannot be read as an event, where it stands in stream order
+    /// (after the events applied before it in this transaction).
+    fn unreadable(
+        &self,
+        transaction: &WriteTransaction,
+        message: &eventlog::Unreadable,
+    ) -> Result<(), redb::Error>;
 }
 
 /// Health and metrics of a running view.
@@ -158,7 +168,8 @@ impl ViewHealth {
         let delivered = self
             .events_applied
             .get()
-            .saturating_add(self.redeliveries_skipped.get());
+            .saturating_add(self.redeliveries_skipped.get())
+            .saturating_add(self.decode_failures.get());
         self.start_known.load(Ordering::Acquire)
             && delivered.saturating_add(lag_max) >= self.pending_at_start.load(Ordering::Relaxed)
     }
@@ -194,7 +205,7 @@ impl ViewHealth {
             ),
             (
                 "coffer_projection_decode_failures",
-                "Events that could not be decoded; the view stops at the first.",
+                "Stored messages that could not be read as events; each makes its account's views unreadable, and the view goes on.",
                 &self.decode_failures,
             ),
             (
@@ -321,7 +332,6 @@ impl<P: Projector> Engine<P> {
             self.health.consuming.store(false, Ordering::Relaxed);
             match result {
                 Err(Error::Poison { position, message }) => {
-                    self.health.decode_failures.inc();
                     let failure = format!("view stopped at position {position}: {message}");
                     tracing::error!(consumer = %self.consumer_name, position, %message, "view stopped on an undecodable event");
                     *self
@@ -587,7 +597,8 @@ impl<P: Projector> Engine<P> {
         let mut lag = None;
         // The last message whose effect is settled (applied now or before), to ack up to it.
         let mut settled: Option<&jetstream::Message> = None;
-        let mut poison = None;
+        // Messages that are not events, each with how many events precede it in `events`.
+        let mut unreadable: Vec<(usize, eventlog::Unreadable)> = Vec::new();
         let mut gap = None;
         let mut next_delivery = self.next_delivery.load(Ordering::Relaxed);
         let no_headers = async_nats::HeaderMap::new();
@@ -628,23 +639,46 @@ impl<P: Projector> Engine<P> {
                     settled = Some(message);
                 }
                 Err(error) => {
-                    // Apply what precedes it, then stop: later events must not skip past it.
-                    poison = Some(Error::Poison {
-                        position: info.stream_sequence,
-                        message: error.to_string(),
-                    });
-                    break;
+                    let stored = eventlog::Unreadable::new(
+                        &message.subject,
+                        info.stream_sequence,
+                        info.published,
+                        &error,
+                    );
+                    tracing::error!(
+                        consumer = %self.consumer_name,
+                        position = stored.position,
+                        subject = %stored.subject,
+                        account = ?stored.account.as_ref().map(|account| account.as_str()),
+                        reason = %stored.reason,
+                        "a stored message cannot be read as an event; its account's views are marked unreadable"
+                    );
+                    unreadable.push((events.len(), stored));
+                    settled = Some(message);
                 }
             }
         }
         let newest_time = events.last().map(|event| event.time);
-        if let Some(newest) = events.last().map(|event| event.position) {
+        let newest = events
+            .last()
+            .map(|event| event.position)
+            .max(unreadable.last().map(|(_, message)| message.position));
+        if let Some(newest) = newest {
             let count = events.len() as u64;
+            let unreadable_count = unreadable.len() as u64;
             let database = self.database.clone();
             let projector = self.projector.clone();
             let created = self.stream_created.load(Ordering::Relaxed);
             let events = tokio::task::spawn_blocking(move || {
-                commit(&database, projector.as_ref(), &events, newest, created).map(|()| events)
+                commit(
+                    &database,
+                    projector.as_ref(),
+                    &events,
+                    &unreadable,
+                    newest,
+                    created,
+                )
+                .map(|()| events)
             })
             .await
             // A panic in the views' code is not a storage fault: stop, do not reopen.
@@ -654,6 +688,7 @@ impl<P: Projector> Engine<P> {
             })??;
             self.log_applied(&events);
             self.health.events_applied.inc_by(count);
+            self.health.decode_failures.inc_by(unreadable_count);
             self.health.batches_committed.inc();
             self.health
                 .applied_position
@@ -689,7 +724,7 @@ impl<P: Projector> Engine<P> {
                 tracing::debug!(%error, "batch ack failed; the batch will be redelivered and skipped");
             }
         }
-        match poison.or(gap) {
+        match gap {
             Some(error) => Err(error),
             None => Ok(()),
         }
@@ -708,11 +743,29 @@ fn commit<P: Projector>(
     database: &Database,
     projector: &P,
     events: &[RecordedEvent],
+    unreadable: &[(usize, eventlog::Unreadable)],
     newest: u64,
     stream_created: u64,
 ) -> Result<()> {
     let transaction = database.begin_write().map_err(storage)?;
-    projector.apply(&transaction, events).map_err(storage)?;
+    // In stream order: the events before each unreadable message, then that message.
+    let mut applied = 0;
+    for (before, message) in unreadable {
+        if *before > applied {
+            projector
+                .apply(&transaction, &events[applied..*before])
+                .map_err(storage)?;
+            applied = *before;
+        }
+        projector
+            .unreadable(&transaction, message)
+            .map_err(storage)?;
+    }
+    if applied < events.len() {
+        projector
+            .apply(&transaction, &events[applied..])
+            .map_err(storage)?;
+    }
     {
         let mut checkpoint = transaction.open_table(CHECKPOINT).map_err(storage)?;
         checkpoint.insert(CHECKPOINT_KEY, newest).map_err(storage)?;

@@ -34,7 +34,27 @@ impl Projector for CountingView {
         }
         Ok(())
     }
+
+    fn unreadable(
+        &self,
+        transaction: &WriteTransaction,
+        message: &eventlog::Unreadable,
+    ) -> Result<(), redb::Error> {
+        // Marked as applied zero times, so the order among events shows.
+        let mut table = transaction.open_table(APPLIED)?;
+        table.insert(message.position, 0)?;
+        let mut unreadable = transaction.open_table(UNREADABLE)?;
+        let account = message
+            .account
+            .as_ref()
+            .map_or(String::new(), |account| account.to_string());
+        unreadable.insert(message.position, account.as_str())?;
+        Ok(())
+    }
 }
+
+/// Unreadable messages by position, with the account their subject names.
+const UNREADABLE: TableDefinition<u64, &str> = TableDefinition::new("unreadable");
 
 async fn append_events(log: &EventLog, count: usize) {
     fixtures::append_histories(&Arc::new(log.clone()), 1, count, || {}).await;
@@ -143,7 +163,7 @@ async fn a_consumer_ahead_of_the_view_is_recreated_from_the_stored_position() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_undecodable_event_stops_the_view_instead_of_being_skipped() {
+async fn an_unreadable_message_is_recorded_in_its_place_and_the_view_goes_on() {
     let server = NatsServer::start();
     let client = async_nats::connect(server.url()).await.unwrap();
     let log = EventLog::open(client.clone(), &StreamSettings::default())
@@ -151,8 +171,12 @@ async fn an_undecodable_event_stops_the_view_instead_of_being_skipped() {
         .unwrap();
     append_events(&log, 3).await;
     let context = async_nats::jetstream::new(client);
+    // What a stolen writer credential can append: JSON, no headers.
     context
-        .publish("coffer.append.someone.exploded", "not msgpack".into())
+        .publish(
+            "coffer.append.someone.deposited",
+            r#"{"amount":1000000}"#.into(),
+        )
         .await
         .unwrap()
         .await
@@ -160,31 +184,33 @@ async fn an_undecodable_event_stops_the_view_instead_of_being_skipped() {
     append_events(&log, 2).await;
     let directory = tempfile::tempdir().unwrap();
     let database = Arc::new(Database::create(directory.path().join("views.redb")).unwrap());
-    let engine = Engine::open(database.clone(), CountingView, "poisoned").unwrap();
-    let health = engine.health();
-    let (_stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(engine.run(log.clone(), stopped));
-    // The engine returns by itself: the view stopped.
-    tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .expect("view stops")
-        .unwrap();
-    let failure = health.failure().expect("failure recorded");
-    assert!(failure.contains("position 4"), "{failure}");
+    let health = run_until(database.clone(), "poisoned", &log, 6).await;
+    assert_eq!(health.failure(), None);
     assert_eq!(health.decode_failures.get(), 1);
-    // Nothing at or after the poison event was applied; everything before it was.
+    assert!(health.caught_up(0));
+    // Every event applied once, the unreadable message recorded in its place (count 0).
     assert_eq!(
-        counts(&database)
-            .iter()
-            .map(|(position, _)| *position)
-            .collect::<Vec<_>>(),
-        vec![1, 2, 3]
+        counts(&database),
+        vec![(1, 1), (2, 1), (3, 1), (4, 0), (5, 1), (6, 1)]
+    );
+    let transaction = database.begin_read().unwrap();
+    let unreadable = transaction.open_table(UNREADABLE).unwrap();
+    assert_eq!(
+        unreadable
+            .get(4)
+            .unwrap()
+            .map(|account| account.value().to_owned()),
+        Some("someone".to_owned())
     );
     let mut registry = prometheus_client::registry::Registry::default();
     health.register(&mut registry);
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
-    assert!(out.contains("coffer_projection_failed 1"), "{out}");
+    assert!(out.contains("coffer_projection_failed 0"), "{out}");
+    assert!(
+        out.contains("coffer_projection_decode_failures_total 1"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -258,8 +258,35 @@ fn read_row<T: for<'de> serde::Deserialize<'de>>(
         .transpose()
 }
 
+/// The account's row, unless the account is unreadable ([`ensure_readable`]).
 fn read_account(database: &Database, id: &str) -> Result<Option<AccountRow>, Problem> {
-    read_row(database, views::ACCOUNTS, id)
+    let transaction = database.begin_read().map_err(storage_problem)?;
+    ensure_readable(&transaction, id)?;
+    let table = transaction
+        .open_table(views::ACCOUNTS)
+        .map_err(storage_problem)?;
+    let bytes = table.get(id).map_err(storage_problem)?;
+    bytes
+        .map(|bytes| views::decode(bytes.value()).map_err(storage_problem))
+        .transpose()
+}
+
+/// Refuses an account whose history holds a message that cannot be read as an event: its
+/// views would be wrong from there on. Other accounts are served as usual.
+fn ensure_readable(transaction: &redb::ReadTransaction, id: &str) -> Result<(), Problem> {
+    match views::unreadable_at(transaction, id).map_err(storage_problem)? {
+        None => Ok(()),
+        Some((position, row)) => Err(Problem::new(
+            500,
+            "account_unreadable",
+            "Account unreadable",
+            format!(
+                "the event at position {position} of account {id} cannot be read ({}); this \
+                 reader does not serve the account's views until it is repaired",
+                row.reason
+            ),
+        )),
+    }
 }
 
 fn account_not_found(id: &str) -> Problem {
@@ -600,6 +627,7 @@ async fn balance_line(
     let transaction = view_database(state)?
         .begin_read()
         .map_err(storage_problem)?;
+    ensure_readable(&transaction, id)?;
     let position = match (position, query.at) {
         (Some(position), _) => Some(position),
         (None, Some(at)) => {

@@ -38,6 +38,11 @@ pub const ACCOUNT_INDEX: TableDefinition<(&str, &str), ()> = TableDefinition::ne
 /// (account id, reference, position) -> (): a statement filtered by reference.
 pub const STATEMENT_REFERENCES: TableDefinition<(&str, &str, u64), ()> =
     TableDefinition::new("statement_references");
+/// Position -> [`UnreadableRow`]: stored messages that could not be read as events.
+pub const UNREADABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("unreadable");
+/// Account id -> position of its first unreadable message: the account's views are not served.
+pub const UNREADABLE_ACCOUNTS: TableDefinition<&str, u64> =
+    TableDefinition::new("unreadable_accounts");
 /// What the views file holds besides rows: [`SCHEMA_VERSION_KEY`].
 pub const VIEW_META: TableDefinition<&str, u64> = TableDefinition::new("view_meta");
 pub const SCHEMA_VERSION_KEY: &str = "schema_version";
@@ -196,6 +201,40 @@ impl AuditRow {
         self.position = recorded.position;
         paired
     }
+}
+
+/// A stored message of the event stream that could not be read as an event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnreadableRow {
+    pub account_id: Option<String>,
+    pub subject: String,
+    pub reason: String,
+}
+
+/// The position of `account`'s first unreadable message, if it has one.
+pub fn unreadable_at(
+    transaction: &redb::ReadTransaction,
+    account: &str,
+) -> Result<Option<(u64, UnreadableRow)>, redb::Error> {
+    let accounts = match transaction.open_table(UNREADABLE_ACCOUNTS) {
+        Ok(table) => table,
+        // A file no build of this kind wrote to yet.
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
+    let Some(position) = accounts.get(account)?.map(|position| position.value()) else {
+        return Ok(None);
+    };
+    let messages = transaction.open_table(UNREADABLE)?;
+    let row = match messages.get(position)? {
+        Some(bytes) => decode(bytes.value())?,
+        None => UnreadableRow {
+            account_id: Some(account.to_owned()),
+            subject: String::new(),
+            reason: String::new(),
+        },
+    };
+    Ok(Some((position, row)))
 }
 
 /// Integrity findings, counted for `/metrics`.
@@ -703,10 +742,35 @@ impl projection::Projector for LedgerViews {
         transaction.open_table(STATEMENT_TIMES)?;
         transaction.open_table(ACCOUNT_INDEX)?;
         transaction.open_table(STATEMENT_REFERENCES)?;
+        transaction.open_table(UNREADABLE)?;
+        transaction.open_table(UNREADABLE_ACCOUNTS)?;
         // Opened on a file of this layout (or an empty one): it is this version from now on.
         transaction
             .open_table(VIEW_META)?
             .insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION)?;
+        Ok(())
+    }
+
+    fn unreadable(
+        &self,
+        transaction: &WriteTransaction,
+        message: &eventlog::Unreadable,
+    ) -> Result<(), redb::Error> {
+        let account_id = message.account.as_ref().map(|account| account.to_string());
+        let row = UnreadableRow {
+            account_id: account_id.clone(),
+            subject: message.subject.clone(),
+            reason: message.reason.clone(),
+        };
+        transaction
+            .open_table(UNREADABLE)?
+            .insert(message.position, encode(&row)?.as_slice())?;
+        if let Some(account_id) = account_id {
+            let mut accounts = transaction.open_table(UNREADABLE_ACCOUNTS)?;
+            if accounts.get(account_id.as_str())?.is_none() {
+                accounts.insert(account_id.as_str(), message.position)?;
+            }
+        }
         Ok(())
     }
 
@@ -752,12 +816,20 @@ impl projection::Projector for LedgerViews {
             let previous_chain = old.as_ref().map_or_else(genesis, |row| row.chain.clone());
             let expected_chain = recorded.expected_chain(&previous_chain);
             if recorded.chain.as_deref() != Some(expected_chain.as_str()) {
-                self.integrity.chain_breaks.inc();
-                tracing::warn!(
-                    account = account_id,
-                    position = recorded.position,
-                    "hash chain break: Coffer-Chain does not follow from the account's previous event"
-                );
+                // After an unreadable message of the account, its chain cannot be followed: that
+                // account is already marked and not served.
+                let explained = transaction
+                    .open_table(UNREADABLE_ACCOUNTS)?
+                    .get(account_id)?
+                    .is_some();
+                if !explained {
+                    self.integrity.chain_breaks.inc();
+                    tracing::warn!(
+                        account = account_id,
+                        position = recorded.position,
+                        "hash chain break: Coffer-Chain does not follow from the account's previous event"
+                    );
+                }
             }
             if let Some(mut row) = fold_account(old, recorded) {
                 // Later events build on what is stored, so one break is counted once.

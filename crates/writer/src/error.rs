@@ -39,6 +39,11 @@ pub enum Error {
     /// Another writer kept winning the race for this account.
     #[error("gave up after {0} concurrent-update retries")]
     TooManyConflicts(usize),
+    /// The account's history holds a message that cannot be read as an event (malformed, or of
+    /// a newer version than this build): nothing can be decided on it until an operator acts.
+    /// Other accounts are not affected.
+    #[error("{0}")]
+    AccountUnreadable(String),
     #[error("internal error: {0}")]
     Internal(String),
     /// Settings that contradict each other: the writer refuses to start.
@@ -56,6 +61,10 @@ impl From<eventlog::Error> for Error {
             eventlog::Error::Conflict { .. } | eventlog::Error::Duplicate(_) => {
                 Error::TooManyConflicts(0)
             }
+            eventlog::Error::Unreadable(unreadable) => Error::AccountUnreadable(format!(
+                "{unreadable}; this account's commands are refused until an operator repairs \
+                 it (docs/operations.md, \"An unreadable event\")"
+            )),
             other => Error::Internal(other.to_string()),
         }
     }
@@ -90,6 +99,9 @@ impl Error {
                 format!("{detail}; the command may or may not have been applied, retry with the same Idempotency-Key"),
                 RETRY_AFTER_SECONDS,
             ),
+            Error::AccountUnreadable(_) => {
+                Problem::new(500, "account_unreadable", "Account unreadable", detail)
+            }
             Error::Internal(_) | Error::Config(_) => {
                 Problem::new(500, "internal", "Internal error", detail)
             }

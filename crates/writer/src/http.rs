@@ -758,7 +758,8 @@ pub struct EventView {
     pub position: u64,
     pub subject: String,
     pub account_id: AccountId,
-    /// The event type (`deposited`, `transfer_debited`, ...).
+    /// The event type (`deposited`, `transfer_debited`, ...), or `unreadable` for a stored
+    /// message that cannot be read as an event (`data.reason` says why).
     #[serde(rename = "type")]
     pub event_type: String,
     #[schema(format = DateTime)]
@@ -792,8 +793,8 @@ async fn read_events(state: &AppState, query: &EventsQuery) -> Result<EventPage,
                 "give either after or since, not both".into(),
             ))
         }
-        (None, Some(since)) => state.log.read_since(since, limit).await,
-        (after, None) => state.log.read_after(after.unwrap_or(0), limit).await,
+        (None, Some(since)) => state.log.read_since_each(since, limit).await,
+        (after, None) => state.log.read_after_each(after.unwrap_or(0), limit).await,
     }
     .map_err(|error| match error {
         eventlog::Error::Unavailable(detail) => Error::Unavailable(detail),
@@ -801,11 +802,20 @@ async fn read_events(state: &AppState, query: &EventsQuery) -> Result<EventPage,
     })?;
     let next = events
         .last()
-        .map(|event| event.position)
+        .map(|event| match event {
+            Ok(recorded) => recorded.position,
+            Err(unreadable) => unreadable.position,
+        })
         .or(after)
         .unwrap_or(0);
     Ok(EventPage {
-        events: events.iter().map(event_json).collect(),
+        events: events
+            .iter()
+            .filter_map(|event| match event {
+                Ok(recorded) => Some(event_json(recorded)),
+                Err(unreadable) => unreadable_json(unreadable),
+            })
+            .collect(),
         next,
     })
 }
@@ -820,6 +830,21 @@ pub fn event_json(recorded: &RecordedEvent) -> EventView {
         time: recorded.time.format(&Rfc3339).unwrap_or_default(),
         data: codec::to_json(&recorded.event),
     }
+}
+
+/// A message that cannot be read as an event, shown in its place as type `unreadable` (event
+/// consumers skip types they do not know) with the reason in `data`, so a page never fails for
+/// it and the cursor goes past it. One whose subject names no valid account is left out.
+fn unreadable_json(unreadable: &eventlog::Unreadable) -> Option<EventView> {
+    tracing::warn!(position = unreadable.position, subject = %unreadable.subject, reason = %unreadable.reason, "an event page passes an unreadable message");
+    Some(EventView {
+        position: unreadable.position,
+        subject: unreadable.subject.clone(),
+        account_id: unreadable.account.clone()?,
+        event_type: "unreadable".to_owned(),
+        time: unreadable.time.format(&Rfc3339).unwrap_or_default(),
+        data: serde_json::json!({ "reason": unreadable.reason }),
+    })
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
