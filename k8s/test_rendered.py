@@ -7,8 +7,11 @@ Asserts, for every file, what the deployment relies on: NATS fsyncs every write
 (sync_interval: always), runs 3 servers with probes, lame duck and a PDB; writers
 create R3 streams; the reader keeps its view on its own volume under a durable
 named after its pod; every workload has probes and a PDB and runs non-root with a
-read-only root filesystem; the one HTTPRoute sends commands to the writer and
-queries to the reader. Prints each check, ends with "N passed, N failed", and
+read-only root filesystem; the HTTPRoutes send queries to the reader and, only where the
+overlay includes k8s/components/public-writes (dev), commands and GET /v1/events to the
+writer (prod routes nothing to it); writer and reader read their bearer tokens from the
+required Secret coffer-http-tokens; NetworkPolicies name every source (client pods, gateway
+and monitoring namespaces) and limit the services' egress. Prints each check, ends with "N passed, N failed", and
 exits 1 if any check failed. Needs PyYAML. If a nats-server binary is found
 (.tools/bin/nats-server, $NATS_SERVER or PATH) the NATS config is also checked
 with `nats-server -t`.
@@ -384,26 +387,50 @@ def route_backend(rules, method, path):
     return best[1] if best else None
 
 
-def check_gateway(docs):
+def check_gateway(docs, public_writes: bool):
+    """Queries are public through HTTPRoute `coffer`; commands and the event feed only through
+    HTTPRoute `coffer-writes` (k8s/components/public-writes), which only dev includes."""
     gws = find(docs, "Gateway")
     routes = find(docs, "HTTPRoute")
-    check("one Gateway and one HTTPRoute (the single HTTP entry point)", len(gws) == 1 and len(routes) == 1,
-          f"{len(gws)} Gateway, {len(routes)} HTTPRoute")
-    if len(gws) != 1 or len(routes) != 1:
+    names = sorted(r["metadata"]["name"] for r in routes)
+    want_names = ["coffer", "coffer-writes"] if public_writes else ["coffer"]
+    check("one Gateway (the single HTTP entry point)", len(gws) == 1, f"{len(gws)} Gateway")
+    check(f"HTTPRoutes are exactly {want_names}"
+          + (" (public-writes component)" if public_writes else " (writes not public)"),
+          names == want_names, str(names))
+    if len(gws) != 1 or not routes:
         return
-    gw, route = gws[0], routes[0]
-    check("Gateway and HTTPRoute are gateway.networking.k8s.io/v1",
-          gw["apiVersion"] == route["apiVersion"] == "gateway.networking.k8s.io/v1")
-    parents = [p.get("name") for p in route["spec"].get("parentRefs", [])]
-    check("HTTPRoute attaches to the Gateway", gw["metadata"]["name"] in parents, str(parents))
-    rules = route["spec"].get("rules", [])
+    gw = gws[0]
+    for route in routes:
+        name = route["metadata"]["name"]
+        check(f"HTTPRoute {name} is gateway.networking.k8s.io/v1",
+              gw["apiVersion"] == route["apiVersion"] == "gateway.networking.k8s.io/v1")
+        parents = [p.get("name") for p in route["spec"].get("parentRefs", [])]
+        check(f"HTTPRoute {name} attaches to the Gateway", gw["metadata"]["name"] in parents, str(parents))
+
+    def backends(route):
+        return [(ref.get("name"), ref.get("port")) for rule in route["spec"].get("rules", [])
+                for ref in rule.get("backendRefs") or []]
+
+    reads = one(docs, "HTTPRoute", "coffer")
+    check("HTTPRoute coffer (the queries) sends nothing to coffer-writer",
+          reads is not None and all(name != "coffer-writer" for name, _ in backends(reads)),
+          str(backends(reads) if reads else None))
+    if not public_writes:
+        to_writer = [r["metadata"]["name"] for r in routes
+                     if any(name == "coffer-writer" for name, _ in backends(r))]
+        check("prod: no HTTPRoute has a backendRef to coffer-writer", not to_writer, str(to_writer))
+    # Gateway API matching precedence holds across all the rules of the routes on a listener.
+    rules = [rule for route in routes for rule in route["spec"].get("rules", [])]
     writer = [("coffer-writer", 8080)]
     reader = [("coffer-reader", 8081)]
+    commands = writer if public_writes else None
     for method, path, want in [
-        ("POST", "/v1/accounts", writer),
-        ("POST", "/v1/accounts/acc-1/deposits", writer),
-        ("POST", "/v1/transfers", writer),
-        ("GET", "/v1/events", writer),
+        ("POST", "/v1/accounts", commands),
+        ("POST", "/v1/accounts/acc-1/deposits", commands),
+        ("POST", "/v1/transfers", commands),
+        # Without the component, a reader answers it (404: it does not serve the feed).
+        ("GET", "/v1/events", writer if public_writes else reader),
         ("GET", "/v1/accounts/acc-1", reader),
         ("GET", "/v1/accounts/acc-1/transactions", reader),
         ("GET", "/v1/transfers/t-1", reader),
@@ -412,13 +439,140 @@ def check_gateway(docs):
     ]:
         got = route_backend(rules, method, path)
         where = f"{want[0][0]}:{want[0][1]}" if want else "not routed (stays inside the cluster)"
-        check(f"HTTPRoute: {method} {path} -> {where}", got == want, str(got))
+        check(f"HTTPRoutes: {method} {path} -> {where}", got == want, str(got))
     svcs = {s["metadata"]["name"]: {p.get("port") for p in s["spec"].get("ports", [])}
             for s in find(docs, "Service")}
     for rule in rules:
         for ref in rule.get("backendRefs") or []:
             check(f"HTTPRoute backend {ref.get('name')}:{ref.get('port')} is a Service port",
                   ref.get("port") in svcs.get(ref.get("name"), set()))
+
+
+TOKEN_SECRET = "coffer-http-tokens"
+
+
+def secret_file(workload, c, path):
+    """The (Secret name, key, optional, readOnly) behind the file PATH in container C: the volume
+    mounted at a directory above PATH, a `secret` or a `projected` volume's secret source. None
+    when no Secret backs the file."""
+    if not path:
+        return None
+    volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
+    for m in (c or {}).get("volumeMounts", []):
+        root = m.get("mountPath", "").rstrip("/") + "/"
+        if not path.startswith(root) or m.get("subPath"):
+            continue
+        rel = path[len(root):]
+        v = volumes.get(m.get("name")) or {}
+        sources = []
+        if "secret" in v:
+            s = v["secret"]
+            sources.append((s.get("secretName"), s.get("items"), s.get("optional")))
+        for src in (v.get("projected") or {}).get("sources", []):
+            if "secret" in src:
+                s = src["secret"]
+                sources.append((s.get("name"), s.get("items"), s.get("optional")))
+        for name, items, optional in sources:
+            keys = {i.get("path"): i.get("key") for i in items} if items else None
+            key = keys.get(rel) if keys is not None else rel
+            if key:
+                return name, key, optional, m.get("readOnly") is True
+    return None
+
+
+def check_http_tokens(docs, prod: bool):
+    """Closed by default: every container serving an HTTP API reads its bearer token from the
+    required Secret coffer-http-tokens, mounted read-only as a file."""
+    for kind, name, cname, role in (("Deployment", "coffer-writer", "writer", "writer"),
+                                    ("StatefulSet", "coffer-reader", "reader", "reader")):
+        workload = one(docs, kind, name)
+        c = container(workload, cname)
+        env = env_of(c)
+        path = env.get("COFFER_HTTP_TOKEN_FILE", {}).get("value")
+        check(f"{role} has COFFER_HTTP_TOKEN_FILE", bool(path), str(path))
+        check(f"{role} has no COFFER_HTTP_TOKEN variable (the token stays in the Secret's file)",
+              "COFFER_HTTP_TOKEN" not in env)
+        found = secret_file(workload, c, path)
+        check(f"{role} token file is key {role}-token of Secret {TOKEN_SECRET}",
+              found is not None and found[:2] == (TOKEN_SECRET, f"{role}-token"), str(found))
+        check(f"{role} token Secret is required (optional not true: no Secret, no pod)",
+              found is not None and found[2] is not True, str(found))
+        check(f"{role} token volume mounted read-only", found is not None and found[3], str(found))
+    serving = [(f"{w['metadata']['name']}/{c.get('name')}", env_of(c))
+               for w in docs if w.get("kind") in ("Deployment", "StatefulSet", "DaemonSet", "Job")
+               for c in pod_spec(w).get("containers", []) if "COFFER_HTTP_ADDR" in env_of(c)]
+    unguarded = [who for who, env in serving if "COFFER_HTTP_TOKEN_FILE" not in env]
+    check("every container with COFFER_HTTP_ADDR has COFFER_HTTP_TOKEN_FILE",
+          len(serving) >= 2 and not unguarded,
+          f"serving={[who for who, _ in serving]} unguarded={unguarded}")
+    secret = one(docs, "Secret", TOKEN_SECRET)
+    if prod:
+        check(f"prod: Secret {TOKEN_SECRET} is not shipped (the operator creates it)", secret is None)
+    else:
+        data = (secret or {}).get("data") or {}
+        check(f"dev: Secret {TOKEN_SECRET} generated with writer-token and reader-token",
+              all(data.get(k) for k in ("writer-token", "reader-token")), str(sorted(data)))
+
+
+def peer_key(peer) -> str:
+    return yaml.safe_dump(peer, sort_keys=True)
+
+
+def named_peer(peer) -> bool:
+    """A peer that names its sources: an ipBlock, or a selector with labels or expressions
+    (`podSelector: {}` or `namespaceSelector: {}` alone would be every pod / namespace)."""
+    if "ipBlock" in peer:
+        return True
+    sels = [peer.get(k) for k in ("podSelector", "namespaceSelector") if k in peer]
+    return bool(sels) and any((s or {}).get("matchLabels") or (s or {}).get("matchExpressions")
+                              for s in sels)
+
+
+CLIENT = {"podSelector": {"matchLabels": {"coffer.io/client": "true"}}}
+GATEWAY = {"namespaceSelector": {"matchLabels": {"coffer.io/gateway": "true"}}}
+MONITORING = {"namespaceSelector": {"matchLabels": {"coffer.io/monitoring": "true"}}}
+EGRESS = [
+    {"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "nats"}}}],
+     "ports": [{"port": 4222, "protocol": "TCP"}]},
+    {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]},
+    {"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"coffer.io/otlp-collector": "true"}}}],
+     "ports": [{"port": 4318, "protocol": "TCP"}]},
+]
+
+
+def check_network_policies(docs, public_writes: bool):
+    """Every ingress rule names its sources; the HTTP ports admit only the named clients; writers
+    and readers send only to NATS, DNS and a labelled OTLP collector."""
+    policies = find(docs, "NetworkPolicy")
+    for policy in policies:
+        name = policy["metadata"]["name"]
+        rules = policy["spec"].get("ingress") or []
+        open_rules = [r for r in rules if not r.get("from") or not all(named_peer(p) for p in r["from"])]
+        check(f"NetworkPolicy {name}: every ingress rule names its sources (no absent/empty from)",
+              not open_rules, str(open_rules))
+    for name, port, allowed in (
+            ("coffer-writer", 8080, [CLIENT, MONITORING] + ([GATEWAY] if public_writes else [])),
+            ("coffer-reader", 8081, [CLIENT, GATEWAY, MONITORING])):
+        policy = one(docs, "NetworkPolicy", name)
+        spec = (policy or {}).get("spec", {})
+        pod = (spec.get("podSelector") or {}).get("matchLabels") or {}
+        check(f"NetworkPolicy {name} selects the {name} pods, Ingress and Egress",
+              pod == {"app.kubernetes.io/name": name}
+              and {"Ingress", "Egress"} <= set(spec.get("policyTypes") or []), str(spec.get("policyTypes")))
+        ingress = spec.get("ingress") or []
+        peers = {peer_key(p) for r in ingress for p in r.get("from") or []}
+        want = {peer_key(p) for p in allowed}
+        labels = ", ".join(sorted(k for p in allowed for sel in p.values() for k in sel["matchLabels"]))
+        check(f"NetworkPolicy {name}: ingress from exactly {labels}", peers == want,
+              "\n" + "".join(sorted(peers)))
+        ports = [p for r in ingress for p in r.get("ports") or [{}]]
+        check(f"NetworkPolicy {name}: ingress on TCP {port} only",
+              bool(ports) and all(p.get("port") == port and p.get("protocol", "TCP") == "TCP" for p in ports),
+              str(ports))
+        egress = spec.get("egress")
+        check(f"NetworkPolicy {name}: egress only to NATS 4222, DNS 53, OTLP collector pods 4318",
+              egress is not None and sorted(map(peer_key, egress)) == sorted(map(peer_key, EGRESS)),
+              str(egress))
 
 
 def main(argv) -> int:
@@ -437,8 +591,12 @@ def main(argv) -> int:
         check_writer(docs)
         check_reader(docs)
         check_security(docs)
-        check_gateway(docs)
-        check_roles(docs, prod="prod" in Path(path).name)
+        prod = "prod" in Path(path).name
+        # Only dev lists k8s/components/public-writes: commands through the Gateway.
+        check_gateway(docs, public_writes=not prod)
+        check_http_tokens(docs, prod=prod)
+        check_network_policies(docs, public_writes=not prod)
+        check_roles(docs, prod=prod)
     print(f"{PASSED} passed, {FAILED} failed")
     return 1 if FAILED else 0
 

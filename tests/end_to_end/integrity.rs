@@ -1,6 +1,6 @@
 //! Tamper evidence and holds over NATS: an event appended behind the service's back with a
-//! wrong chain is named by `coffer verify` and counted by the reader; the hold verbs work over
-//! the NATS micro service as over HTTP.
+//! wrong chain is named by `coffer verify`, and the reader counts it and stops serving that
+//! account; the hold verbs work over the NATS micro service as over HTTP.
 
 use std::process::Command;
 
@@ -23,7 +23,7 @@ fn verify(nats_url: &str, account: &str) -> (bool, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forged_event_is_named_by_verify_and_counted_by_the_reader() {
+async fn a_forged_event_is_named_by_verify_and_costs_its_account_in_the_reader() {
     let nats = NatsServer::start();
     let writer = support::writer("w", &nats.url(), &[]);
     let data = tempfile::tempdir().unwrap();
@@ -76,7 +76,8 @@ async fn a_forged_event_is_named_by_verify_and_counted_by_the_reader() {
         report.contains(&format!("{account}: chain broken at position {position}")),
         "{report}"
     );
-    // The reader applies it (the log is the truth) and counts the break.
+    // The reader counts the break and stops serving that account (its balance would include
+    // the forgery); the others are served and the reader stays ready.
     let read = http
         .get(&format!(
             "{}/v1/accounts/{account}?min_position={position}",
@@ -84,11 +85,35 @@ async fn a_forged_event_is_named_by_verify_and_counted_by_the_reader() {
         ))
         .await
         .unwrap();
-    assert_eq!(read.status, 200);
+    assert_eq!(read.status, 500, "{:?}", read.body);
+    assert_eq!(read.body["code"], "account_unreadable");
+    assert!(
+        read.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("position {position}")),
+        "{:?}",
+        read.body
+    );
     assert_eq!(
         http.metric(&reader.url(), "coffer_reader_chain_breaks_total")
             .await,
         Some(1.0)
+    );
+    let other = support::unique("other");
+    let opened = http.open_account(&writer.url(), &other).await;
+    let read = http
+        .get(&format!(
+            "{}/v1/accounts/{other}?min_position={}",
+            reader.url(),
+            opened.body["position"]
+        ))
+        .await
+        .unwrap();
+    assert_eq!(read.status, 200, "{:?}", read.body);
+    assert_eq!(
+        support::status_of(&format!("{}/readyz", reader.url())).unwrap(),
+        200
     );
 }
 

@@ -556,3 +556,122 @@ async fn a_malformed_append_costs_its_account_not_the_service() {
         "{report}"
     );
 }
+
+/// The reader role may manage its consumers, so a stolen reader credential (or another reader
+/// pod) can change what `reader-0` delivers, e.g. drop `withdrawn` events, which would make it
+/// serve balances the ledger never had. The reader checks its consumer while it runs and stops
+/// its view instead: `/readyz` 503, `coffer_projection_failed` 1 (alerted on), and what it had
+/// applied stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_whose_consumer_is_changed_behind_its_back_stops_its_view() {
+    let nats = server();
+    let url = nats.url();
+    let mut writer_environment = role_environment("writer", "writer-secret");
+    writer_environment.push(("COFFER_NATS_URL", url.clone()));
+    let output = std::process::Command::new(testkit::coffer_binary())
+        .arg("setup")
+        .env("COFFER_NATS_URL", &url)
+        .env("COFFER_NATS_USER", "setup")
+        .env("COFFER_NATS_PASSWORD", "setup-secret")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let writer = testkit::CofferProcess::start("w", "writer", &writer_environment);
+    let data = tempfile::tempdir().unwrap();
+    let reader = support::reader(
+        "reader-0",
+        &url,
+        data.path(),
+        &role_environment("reader", "reader-secret"),
+    );
+    support::wait_ready(&writer.url());
+    support::wait_ready(&reader.url());
+    let http = Http::new();
+    let (w, r) = (writer.url(), reader.url());
+    let account = support::unique("skewed");
+    assert_eq!(http.open_account(&w, &account).await.status, 201);
+    let deposited = http
+        .deposit(&w, &account, &json!({"amount": 1_000}), None)
+        .await
+        .unwrap();
+    let read = http
+        .get(&format!(
+            "{r}/v1/accounts/{account}?min_position={}",
+            deposited.body["position"]
+        ))
+        .await
+        .unwrap();
+    assert_eq!(read.body["balance"], 1_000);
+
+    // As the reader user: the same consumer, now without withdrawals.
+    let reader_client = connect_as(&url, "reader", "reader-secret").await;
+    let stream = jetstream::new(reader_client)
+        .get_stream("COFFER_EVENTS")
+        .await
+        .unwrap();
+    let mut config = stream
+        .consumer_info("reader-0")
+        .await
+        .unwrap()
+        .config
+        .clone();
+    config.filter_subject = String::new();
+    config.filter_subjects = [
+        "account_opened",
+        "deposited",
+        "transfer_debited",
+        "transfer_credited",
+    ]
+    .iter()
+    .map(|kind| format!("coffer.events.*.{kind}"))
+    .collect();
+    stream
+        .update_consumer(jetstream::consumer::pull::Config {
+            durable_name: config.durable_name.clone(),
+            filter_subject: config.filter_subject.clone(),
+            filter_subjects: config.filter_subjects.clone(),
+            deliver_policy: config.deliver_policy,
+            ack_policy: config.ack_policy,
+            ack_wait: config.ack_wait,
+            max_deliver: config.max_deliver,
+            max_ack_pending: config.max_ack_pending,
+            description: config.description.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("the reader role may update its consumer (what this test is about)");
+    let withdrawn = http
+        .post(
+            &format!("{w}/v1/accounts/{account}/withdrawals"),
+            &json!({"amount": 800}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(withdrawn.status, 200, "{:?}", withdrawn.body);
+    // Within the check period (2 s) the view stops and says why.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ready = http.get(&format!("{r}/readyz")).await.unwrap();
+        if ready.status == 503 {
+            let detail = ready.body.to_string();
+            assert!(detail.contains("consumer reader-0 was changed"), "{detail}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the reader stayed ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(http.metric(&r, "coffer_projection_failed").await, Some(1.0));
+    assert_eq!(
+        http.metric(&r, "coffer_projection_consumer_changes_total")
+            .await,
+        Some(1.0)
+    );
+    // Out of rotation, it shows what it had applied before it stopped (the balance before the
+    // withdrawal), never a balance built on a filtered feed.
+    let read = http
+        .get(&format!("{r}/v1/accounts/{account}"))
+        .await
+        .unwrap();
+    assert_eq!(read.body["balance"], 1_000, "{:?}", read.body);
+}

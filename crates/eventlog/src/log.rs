@@ -101,6 +101,11 @@ pub struct RecordedEvent {
     pub metadata: EventMetadata,
     /// The stored `Coffer-Chain` value, if the event carries one.
     pub chain: Option<String>,
+    /// The position of the account's event before this one, as the append's concurrency check
+    /// stated it and the stream enforced it (`Nats-Expected-Last-Subject-Sequence` on this
+    /// account's own subjects); `None` when the message makes no such claim. A reader that has
+    /// not applied that position for the account has missed one of its events.
+    pub previous_position: Option<u64>,
     /// The stored payload version and bytes, from which the chain is recomputed.
     pub version: u32,
     pub payload: Bytes,
@@ -1112,6 +1117,7 @@ pub fn decode_stored(
     let account_id =
         AccountId::parse(account).map_err(|_| DecodeError::Header(header::ACCOUNT_ID))?;
     let event = codec::decode(&event_type, version, &payload)?;
+    let previous_position = previous_position(headers, &account_id);
     Ok(RecordedEvent {
         position,
         subject: subject.to_owned(),
@@ -1124,9 +1130,27 @@ pub fn decode_stored(
             traceparent: header_text(headers, header::TRACEPARENT),
         },
         chain: header_text(headers, header::CHAIN),
+        previous_position,
         version,
         payload,
     })
+}
+
+/// The previous position an event's append was checked against, if the check was on this
+/// account's own subjects (a check named on another subject says nothing about this account).
+fn previous_position(headers: &HeaderMap, account: &AccountId) -> Option<u64> {
+    // Compared in place: this runs for every event of a catch-up.
+    let checked = headers
+        .get(header::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT)?
+        .as_str();
+    let named = checked
+        .strip_prefix(subject::EVENTS_PREFIX)?
+        .strip_prefix('.')?
+        .strip_suffix(".>")?;
+    if named != account.as_str() {
+        return None;
+    }
+    header_number(headers, header::EXPECTED_LAST_SUBJECT_SEQUENCE)
 }
 
 #[cfg(test)]

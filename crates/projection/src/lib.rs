@@ -66,6 +66,9 @@ pub const TRANSACTION_EVENTS_MAX: usize = 19_000;
 const GATHER_WAIT: Duration = Duration::from_millis(20);
 /// Largest batch the server sends per pull, in bytes.
 pub const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// How often a running view checks that its consumer still delivers every event (the reader
+/// role may update its consumers; a changed filter would skip events silently).
+const CONSUMER_CHECK_PERIOD: Duration = Duration::from_secs(2);
 /// Pause before re-creating the consumer after NATS trouble.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
 
@@ -85,9 +88,37 @@ pub enum Error {
     /// stream of the same name): its positions mean other events.
     #[error("the view was built from a stream created at {stored} (Unix ns), this one was created at {current}; rebuild the view")]
     StreamReplaced { stored: u64, current: u64 },
+    /// The view did not get every event: its consumer was changed while it ran (another
+    /// filter, say), or an account's event was never delivered. Views built on that are wrong.
+    #[error("{0}; rebuild the view")]
+    Incomplete(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a [`Projector`] could not apply a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The views' storage failed: the file is reopened and the batch applied again.
+    #[error("{0}")]
+    Storage(#[from] redb::Error),
+    /// The events do not follow from what the views applied (one of an account's events was
+    /// never delivered to them): applying on would serve wrong balances. The view stops.
+    #[error("{0}")]
+    Incomplete(String),
+}
+
+impl From<redb::TableError> for ApplyError {
+    fn from(error: redb::TableError) -> Self {
+        Self::Storage(error.into())
+    }
+}
+
+impl From<redb::StorageError> for ApplyError {
+    fn from(error: redb::StorageError) -> Self {
+        Self::Storage(error.into())
+    }
+}
 
 fn storage(error: impl std::fmt::Display) -> Error {
     Error::Storage(error.to_string())
@@ -103,14 +134,14 @@ pub trait Projector: Send + Sync + 'static {
         &self,
         transaction: &WriteTransaction,
         events: &[RecordedEvent],
-    ) -> Result<(), redb::Error>;
+    ) -> Result<(), ApplyError>;
     /// Records a message that cannot be read as an event, where it stands in stream order
     /// (after the events applied before it in this transaction).
     fn unreadable(
         &self,
         transaction: &WriteTransaction,
         message: &eventlog::Unreadable,
-    ) -> Result<(), redb::Error>;
+    ) -> Result<(), ApplyError>;
 }
 
 /// Health and metrics of a running view.
@@ -128,6 +159,8 @@ pub struct ViewHealth {
     pub events_applied: Counter,
     pub batches_committed: Counter,
     pub decode_failures: Counter,
+    /// Times the view found its consumer changed by someone else while it ran.
+    pub consumer_changes: Counter,
     pub redeliveries_skipped: Counter,
     pub consumer_recreations: Counter,
     /// Events in the stream not yet applied, as the server reported with the last delivery.
@@ -150,6 +183,7 @@ impl Default for ViewHealth {
             events_applied: Counter::default(),
             batches_committed: Counter::default(),
             decode_failures: Counter::default(),
+            consumer_changes: Counter::default(),
             redeliveries_skipped: Counter::default(),
             consumer_recreations: Counter::default(),
             lag: Gauge::default(),
@@ -202,6 +236,11 @@ impl ViewHealth {
                 "coffer_projection_batches_committed",
                 "redb transactions committed by the projection.",
                 &self.batches_committed,
+            ),
+            (
+                "coffer_projection_consumer_changes",
+                "Times the view found its consumer changed by someone else while it ran; the view stops.",
+                &self.consumer_changes,
             ),
             (
                 "coffer_projection_decode_failures",
@@ -341,7 +380,11 @@ impl<P: Projector> Engine<P> {
                         .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(failure);
                     return;
                 }
-                Err(error @ (Error::AheadOfStream { .. } | Error::StreamReplaced { .. })) => {
+                Err(
+                    error @ (Error::AheadOfStream { .. }
+                    | Error::StreamReplaced { .. }
+                    | Error::Incomplete(_)),
+                ) => {
                     tracing::error!(consumer = %self.consumer_name, %error, "view stopped");
                     *self
                         .health
@@ -418,15 +461,22 @@ impl<P: Projector> Engine<P> {
             return Err(Error::Nats("not connected".into()));
         }
         // Setting up is only NATS requests: safe to abandon on a stop.
-        let set_up = tokio::select! {
+        let (mut consumer, messages) = tokio::select! {
             set_up = self.set_up(log) => set_up?,
             _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
         };
-        let mut batches = set_up.ready_chunks(BATCH_SIZE_MAX);
+        let mut batches = messages.ready_chunks(BATCH_SIZE_MAX);
+        let mut checks = tokio::time::interval(CONSUMER_CHECK_PERIOD);
+        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let chunk = tokio::select! {
-                chunk = batches.next() => chunk,
+                chunk = batches.next() => Some(chunk),
+                _ = checks.tick() => None,
                 _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            };
+            let Some(chunk) = chunk else {
+                self.check_consumer(&mut consumer).await?;
+                continue;
             };
             let Some(chunk) = chunk else {
                 return Err(Error::Nats("message stream ended".into()));
@@ -469,8 +519,33 @@ impl<P: Projector> Engine<P> {
         }
     }
 
+    /// Fails when the consumer is no longer the one this engine made: someone with the right to
+    /// update it (the reader role may manage its consumers) changed what it delivers.
+    async fn check_consumer(&self, consumer: &mut consumer::PullConsumer) -> Result<()> {
+        let info = consumer
+            .info()
+            .await
+            .map_err(|error| Error::Nats(error.to_string()))?;
+        if as_made(&info.config) {
+            return Ok(());
+        }
+        self.health.consumer_changes.inc();
+        Err(Error::Incomplete(format!(
+            "its consumer {} was changed while the view ran (filter {:?}, filters {:?}, headers \
+             only {}, ack policy {:?}): events may have been skipped",
+            self.consumer_name,
+            info.config.filter_subject,
+            info.config.filter_subjects,
+            info.config.headers_only,
+            info.config.ack_policy
+        )))
+    }
+
     /// The consumer and its message stream, from the stored position.
-    async fn set_up(&self, log: &EventLog) -> Result<consumer::pull::Stream> {
+    async fn set_up(
+        &self,
+        log: &EventLog,
+    ) -> Result<(consumer::PullConsumer, consumer::pull::Stream)> {
         let mut consumer = self.consumer(log).await?;
         if !self.health.start_known.load(Ordering::Acquire) {
             let pending = consumer
@@ -496,7 +571,7 @@ impl<P: Projector> Engine<P> {
         self.health.consuming.store(true, Ordering::Relaxed);
         // Everything already delivered goes into one batch (`ready_chunks` in `consume`), so a
         // catch-up commits in large transactions while a single new event is applied at once.
-        Ok(messages)
+        Ok((consumer, messages))
     }
 
     /// The durable consumer, created or re-created to deliver after the stored position.
@@ -542,8 +617,7 @@ impl<P: Projector> Engine<P> {
                 let delivered = info.delivered.stream_sequence;
                 // And only if it is the consumer this engine makes (an operator may have made
                 // one by hand with another filter or ack policy).
-                let configured = info.config.filter_subject == eventlog::subject::ALL_EVENTS
-                    && info.config.ack_policy == consumer::AckPolicy::All;
+                let configured = as_made(&info.config);
                 if configured
                     && acknowledged <= stored
                     && delivered <= stored
@@ -731,6 +805,15 @@ impl<P: Projector> Engine<P> {
     }
 }
 
+/// Whether a consumer's configuration is the one this engine makes: every event, acknowledged
+/// in order, with payloads. Anything else delivers less than the views need.
+fn as_made(config: &consumer::Config) -> bool {
+    config.filter_subject == eventlog::subject::ALL_EVENTS
+        && config.filter_subjects.is_empty()
+        && config.ack_policy == consumer::AckPolicy::All
+        && !config.headers_only
+}
+
 /// Whether the consumer had more events for us than the last delivery of `batch`.
 fn more_pending(batch: &[jetstream::Message]) -> bool {
     batch
@@ -748,23 +831,23 @@ fn commit<P: Projector>(
     stream_created: u64,
 ) -> Result<()> {
     let transaction = database.begin_write().map_err(storage)?;
+    let applying = |result: std::result::Result<(), ApplyError>| {
+        result.map_err(|error| match error {
+            ApplyError::Storage(error) => storage(error),
+            ApplyError::Incomplete(reason) => Error::Incomplete(reason),
+        })
+    };
     // In stream order: the events before each unreadable message, then that message.
     let mut applied = 0;
     for (before, message) in unreadable {
         if *before > applied {
-            projector
-                .apply(&transaction, &events[applied..*before])
-                .map_err(storage)?;
+            applying(projector.apply(&transaction, &events[applied..*before]))?;
             applied = *before;
         }
-        projector
-            .unreadable(&transaction, message)
-            .map_err(storage)?;
+        applying(projector.unreadable(&transaction, message))?;
     }
     if applied < events.len() {
-        projector
-            .apply(&transaction, &events[applied..])
-            .map_err(storage)?;
+        applying(projector.apply(&transaction, &events[applied..]))?;
     }
     {
         let mut checkpoint = transaction.open_table(CHECKPOINT).map_err(storage)?;

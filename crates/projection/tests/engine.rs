@@ -26,7 +26,7 @@ impl Projector for CountingView {
         &self,
         transaction: &WriteTransaction,
         events: &[RecordedEvent],
-    ) -> Result<(), redb::Error> {
+    ) -> Result<(), projection::ApplyError> {
         let mut table = transaction.open_table(APPLIED)?;
         for event in events {
             let count = table.get(event.position)?.map_or(0, |value| value.value());
@@ -39,7 +39,7 @@ impl Projector for CountingView {
         &self,
         transaction: &WriteTransaction,
         message: &eventlog::Unreadable,
-    ) -> Result<(), redb::Error> {
+    ) -> Result<(), projection::ApplyError> {
         // Marked as applied zero times, so the order among events shows.
         let mut table = transaction.open_table(APPLIED)?;
         table.insert(message.position, 0)?;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use domain::Event;
 use eventlog::RecordedEvent;
+use projection::ApplyError;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
@@ -209,6 +210,24 @@ pub struct UnreadableRow {
     pub account_id: Option<String>,
     pub subject: String,
     pub reason: String,
+}
+
+/// Records that `account`'s views can no longer be trusted from `position` on (the first such
+/// position stays), and why.
+fn mark_unverifiable(
+    transaction: &WriteTransaction,
+    account: &str,
+    position: u64,
+    row: UnreadableRow,
+) -> Result<(), ApplyError> {
+    transaction
+        .open_table(UNREADABLE)?
+        .insert(position, encode(&row)?.as_slice())?;
+    let mut accounts = transaction.open_table(UNREADABLE_ACCOUNTS)?;
+    if accounts.get(account)?.is_none() {
+        accounts.insert(account, position)?;
+    }
+    Ok(())
 }
 
 /// The position of `account`'s first unreadable message, if it has one.
@@ -755,30 +774,29 @@ impl projection::Projector for LedgerViews {
         &self,
         transaction: &WriteTransaction,
         message: &eventlog::Unreadable,
-    ) -> Result<(), redb::Error> {
+    ) -> Result<(), ApplyError> {
         let account_id = message.account.as_ref().map(|account| account.to_string());
         let row = UnreadableRow {
             account_id: account_id.clone(),
             subject: message.subject.clone(),
             reason: message.reason.clone(),
         };
-        transaction
-            .open_table(UNREADABLE)?
-            .insert(message.position, encode(&row)?.as_slice())?;
-        if let Some(account_id) = account_id {
-            let mut accounts = transaction.open_table(UNREADABLE_ACCOUNTS)?;
-            if accounts.get(account_id.as_str())?.is_none() {
-                accounts.insert(account_id.as_str(), message.position)?;
+        match account_id {
+            Some(account_id) => mark_unverifiable(transaction, &account_id, message.position, row),
+            None => {
+                transaction
+                    .open_table(UNREADABLE)?
+                    .insert(message.position, encode(&row)?.as_slice())?;
+                Ok(())
             }
         }
-        Ok(())
     }
 
     fn apply(
         &self,
         transaction: &WriteTransaction,
         events: &[RecordedEvent],
-    ) -> Result<(), redb::Error> {
+    ) -> Result<(), ApplyError> {
         let mut accounts = transaction.open_table(ACCOUNTS)?;
         let mut statements = transaction.open_table(STATEMENTS)?;
         let mut transfers = transaction.open_table(TRANSFERS)?;
@@ -813,23 +831,55 @@ impl projection::Projector for LedgerViews {
                     old.as_ref().map(account_terms).unwrap_or_default(),
                 );
             }
-            let previous_chain = old.as_ref().map_or_else(genesis, |row| row.chain.clone());
-            let expected_chain = recorded.expected_chain(&previous_chain);
-            if recorded.chain.as_deref() != Some(expected_chain.as_str()) {
-                // After an unreadable message of the account, its chain cannot be followed: that
-                // account is already marked and not served.
-                let explained = transaction
+            // An account already marked (an unreadable message, a broken chain) is not served,
+            // and what follows cannot be checked against it.
+            let marked = |transaction: &WriteTransaction| -> Result<bool, ApplyError> {
+                Ok(transaction
                     .open_table(UNREADABLE_ACCOUNTS)?
                     .get(account_id)?
-                    .is_some();
-                if !explained {
-                    self.integrity.chain_breaks.inc();
-                    tracing::warn!(
-                        account = account_id,
-                        position = recorded.position,
-                        "hash chain break: Coffer-Chain does not follow from the account's previous event"
-                    );
-                }
+                    .is_some())
+            };
+            let applied_before = old.as_ref().map_or(0, |row| row.position);
+            if recorded
+                .previous_position
+                .is_some_and(|previous| previous > applied_before)
+                && !marked(transaction)?
+            {
+                // The stream checked this append against an event of the account that these
+                // views never got: their consumer skips events (its filter was changed), or a
+                // delivery was lost. Every balance from here could be wrong.
+                return Err(ApplyError::Incomplete(format!(
+                    "the event at position {} of account {account_id} follows its event at \
+                     position {}, which the view never received (it has applied up to {applied_before} \
+                     for that account)",
+                    recorded.position,
+                    recorded.previous_position.unwrap_or_default(),
+                )));
+            }
+            let previous_chain = old.as_ref().map_or_else(genesis, |row| row.chain.clone());
+            let expected_chain = recorded.expected_chain(&previous_chain);
+            if recorded.chain.as_deref() != Some(expected_chain.as_str()) && !marked(transaction)? {
+                // Not a missed event (checked above): this one does not chain from the
+                // account's history (forged, altered, or copied from another ledger). The
+                // account stops being served, like one with an unreadable message.
+                self.integrity.chain_breaks.inc();
+                tracing::error!(
+                    account = account_id,
+                    position = recorded.position,
+                    "hash chain break: Coffer-Chain does not follow from the account's previous event; the account's views are no longer served"
+                );
+                mark_unverifiable(
+                    transaction,
+                    account_id,
+                    recorded.position,
+                    UnreadableRow {
+                        account_id: Some(account_id.to_owned()),
+                        subject: recorded.subject.clone(),
+                        reason: "its Coffer-Chain does not follow from the account's previous \
+                                 event (forged or altered)"
+                            .into(),
+                    },
+                )?;
             }
             if let Some(mut row) = fold_account(old, recorded) {
                 // Later events build on what is stored, so one break is counted once.
@@ -962,9 +1012,87 @@ mod tests {
             event,
             metadata: EventMetadata::default(),
             chain: None,
+            previous_position: None,
             version: 1,
             payload: Default::default(),
         }
+    }
+
+    /// `event` of `account` at `position`, chained from `previous_chain` and claiming
+    /// `previous_position` as the append's check.
+    fn chained(
+        account: &str,
+        position: u64,
+        event: Event,
+        previous_chain: &str,
+        previous_position: u64,
+    ) -> RecordedEvent {
+        let mut recorded = recorded(account, position, event);
+        recorded.chain = Some(recorded.expected_chain(previous_chain));
+        recorded.previous_position = Some(previous_position);
+        recorded
+    }
+
+    fn deposit_event(amount: i128) -> Event {
+        Event::Deposited {
+            metadata: Default::default(),
+            amount: Amount::new(amount).unwrap(),
+            reference: None,
+        }
+    }
+
+    #[test]
+    fn an_event_after_one_the_views_never_got_stops_them_and_a_broken_chain_marks_its_account() {
+        use projection::Projector;
+        let directory = tempfile::tempdir().unwrap();
+        let database = redb::Database::create(directory.path().join("views.redb")).unwrap();
+        let views = LedgerViews {
+            integrity: Arc::new(Integrity::default()),
+        };
+        let opened = chained(
+            "a",
+            1,
+            Event::AccountOpened(OpenAccount {
+                metadata: Default::default(),
+                currency: Currency::parse("EUR").unwrap(),
+                owner: None,
+                overdraft_limit: OverdraftLimit::new(0).unwrap(),
+            }),
+            &genesis(),
+            0,
+        );
+        let deposit = chained("a", 4, deposit_event(10), opened.chain.as_ref().unwrap(), 1);
+        let transaction = database.begin_write().unwrap();
+        views.initialize(&transaction).unwrap();
+        views
+            .apply(&transaction, &[opened.clone(), deposit.clone()])
+            .unwrap();
+        transaction.commit().unwrap();
+
+        // The stream checked position 9 against the account's event at 7, never delivered here.
+        let after_missed = chained("a", 9, deposit_event(5), "whatever", 7);
+        let transaction = database.begin_write().unwrap();
+        let refused = views.apply(&transaction, &[after_missed]);
+        assert!(
+            matches!(&refused, Err(ApplyError::Incomplete(reason)) if reason.contains("position 7")),
+            "{refused:?}"
+        );
+        drop(transaction);
+
+        // A well-placed event (checked against 4, which the views have) that does not chain:
+        // applied, counted, and the account marked.
+        let mut forged = chained("a", 9, deposit_event(1_000), "not the chain", 4);
+        forged.subject = "coffer.events.a.deposited".into();
+        let transaction = database.begin_write().unwrap();
+        views.apply(&transaction, &[forged]).unwrap();
+        transaction.commit().unwrap();
+        assert_eq!(views.integrity.chain_breaks.get(), 1);
+        let read = redb::ReadableDatabase::begin_read(&database).unwrap();
+        let (position, row) = unreadable_at(&read, "a").unwrap().unwrap();
+        assert_eq!(position, 9);
+        assert!(row.reason.contains("Coffer-Chain"), "{row:?}");
+        // An account without a mark is not reported.
+        assert!(unreadable_at(&read, "b").unwrap().is_none());
     }
 
     #[test]
