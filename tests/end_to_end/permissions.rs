@@ -557,11 +557,12 @@ async fn a_malformed_append_costs_its_account_not_the_service() {
     );
 }
 
-/// The reader role may manage its consumers, so a stolen reader credential (or another reader
-/// pod) can change what `reader-0` delivers, e.g. drop `withdrawn` events, which would make it
-/// serve balances the ledger never had. The reader checks its consumer while it runs and stops
-/// its view instead: `/readyz` 503, `coffer_projection_failed` 1 (alerted on), and what it had
-/// applied stays as it was.
+/// A consumer that skips events (here `withdrawn`) would make a reader serve balances the ledger
+/// never had. The reader role may manage its consumers but only with the every-event filter, so
+/// a stolen reader credential (or another reader pod) is refused such a change; someone with
+/// more rights (the setup role, an operator's slip) is not, and the reader checks its consumer
+/// while it runs and stops its view instead: `/readyz` 503, `coffer_projection_failed` 1
+/// (alerted on), and what it had applied stays as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_whose_consumer_is_changed_behind_its_back_stops_its_view() {
     let nats = server();
@@ -603,9 +604,15 @@ async fn a_reader_whose_consumer_is_changed_behind_its_back_stops_its_view() {
         .unwrap();
     assert_eq!(read.body["balance"], 1_000);
 
-    // As the reader user: the same consumer, now without withdrawals.
+    // The same consumer, now without withdrawals: refused to the reader role, in both forms
+    // (a filter list, a narrower filter).
     let reader_client = connect_as(&url, "reader", "reader-secret").await;
-    let stream = jetstream::new(reader_client)
+    let reader_stream = jetstream::new(reader_client)
+        .get_stream("COFFER_EVENTS")
+        .await
+        .unwrap();
+    let setup_client = connect_as(&url, "setup", "setup-secret").await;
+    let stream = jetstream::new(setup_client)
         .get_stream("COFFER_EVENTS")
         .await
         .unwrap();
@@ -625,11 +632,11 @@ async fn a_reader_whose_consumer_is_changed_behind_its_back_stops_its_view() {
     .iter()
     .map(|kind| format!("coffer.events.*.{kind}"))
     .collect();
-    stream
-        .update_consumer(jetstream::consumer::pull::Config {
+    let skipping =
+        |filter_subject: String, filter_subjects: Vec<String>| jetstream::consumer::pull::Config {
             durable_name: config.durable_name.clone(),
-            filter_subject: config.filter_subject.clone(),
-            filter_subjects: config.filter_subjects.clone(),
+            filter_subject,
+            filter_subjects,
             deliver_policy: config.deliver_policy,
             ack_policy: config.ack_policy,
             ack_wait: config.ack_wait,
@@ -637,9 +644,32 @@ async fn a_reader_whose_consumer_is_changed_behind_its_back_stops_its_view() {
             max_ack_pending: config.max_ack_pending,
             description: config.description.clone(),
             ..Default::default()
-        })
+        };
+    assert!(
+        reader_stream
+            .update_consumer(skipping(String::new(), config.filter_subjects.clone()))
+            .await
+            .is_err(),
+        "the reader role gave its consumer a filter list"
+    );
+    assert!(
+        reader_stream
+            .update_consumer(skipping("coffer.events.*.deposited".into(), Vec::new()))
+            .await
+            .is_err(),
+        "the reader role narrowed its consumer's filter"
+    );
+    assert!(
+        reader_stream
+            .create_consumer(skipping("coffer.events.*.deposited".into(), Vec::new()))
+            .await
+            .is_err(),
+        "the reader role re-created its consumer with a narrower filter"
+    );
+    stream
+        .update_consumer(skipping(String::new(), config.filter_subjects.clone()))
         .await
-        .expect("the reader role may update its consumer (what this test is about)");
+        .expect("the setup role may update any consumer");
     let withdrawn = http
         .post(
             &format!("{w}/v1/accounts/{account}/withdrawals"),
@@ -674,4 +704,142 @@ async fn a_reader_whose_consumer_is_changed_behind_its_back_stops_its_view() {
         .await
         .unwrap();
     assert_eq!(read.body["balance"], 1_000, "{:?}", read.body);
+}
+
+/// The event stream allows per-message TTLs (for idempotency-key markers), so the writer's
+/// credential can append an event that later vanishes (`Nats-TTL`) after a withdrawal was decided
+/// on it. A reader that meets the withdrawal without the erased event learns from the stream that
+/// the event is gone (not skipped by its own feed): it marks that account unreadable, naming the
+/// position, and goes on serving the rest, instead of stopping or serving a balance with a hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_erased_by_a_ttl_costs_its_account_in_a_reader_that_never_saw_it() {
+    let nats = server();
+    let url = nats.url();
+    let mut writer_environment = role_environment("writer", "writer-secret");
+    writer_environment.push(("COFFER_NATS_URL", url.clone()));
+    let output = std::process::Command::new(testkit::coffer_binary())
+        .arg("setup")
+        .env("COFFER_NATS_URL", &url)
+        .env("COFFER_NATS_USER", "setup")
+        .env("COFFER_NATS_PASSWORD", "setup-secret")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let writer = testkit::CofferProcess::start("w", "writer", &writer_environment);
+    support::wait_ready(&writer.url());
+    let http = Http::new();
+    let w = writer.url();
+    let (victim, other) = (support::unique("erased"), support::unique("intact"));
+    for account in [&victim, &other] {
+        assert_eq!(http.open_account(&w, account).await.status, 201);
+        let deposited = http
+            .deposit(&w, account, &json!({"amount": 100}), None)
+            .await
+            .unwrap();
+        assert_eq!(deposited.status, 200);
+    }
+    // The forgery: the victim's deposit again, chained and checked like a real append, with a
+    // lifetime of one second.
+    let writer_client = connect_as(&url, "writer", "writer-secret").await;
+    let writer_js = jetstream::new(writer_client.clone());
+    let events = writer_js.get_stream("COFFER_EVENTS").await.unwrap();
+    let last = events
+        .get_last_raw_message_by_subject(&format!("coffer.events.{victim}.deposited"))
+        .await
+        .unwrap();
+    let previous_chain = last
+        .headers
+        .get("Coffer-Chain")
+        .unwrap()
+        .as_str()
+        .to_owned();
+    let chain = eventlog::chain::link(&previous_chain, &victim, "deposited", 1, &last.payload);
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in [
+        (
+            "Nats-Expected-Last-Subject-Sequence",
+            last.sequence.to_string(),
+        ),
+        (
+            "Nats-Expected-Last-Subject-Sequence-Subject",
+            format!("coffer.events.{victim}.>"),
+        ),
+        ("Nats-TTL", "1s".to_owned()),
+        ("Coffer-Event-Type", "deposited".to_owned()),
+        ("Coffer-Event-Version", "1".to_owned()),
+        ("Coffer-Account-Id", victim.clone()),
+        ("Coffer-Chain", chain),
+        ("Content-Type", "application/msgpack".to_owned()),
+    ] {
+        headers.insert(name, value.as_str());
+    }
+    let erased = writer_js
+        .publish_with_headers(
+            format!("coffer.append.{victim}.deposited"),
+            headers,
+            last.payload.clone(),
+        )
+        .await
+        .unwrap()
+        .await
+        .expect("the writer role may append with a TTL (what this test is about)")
+        .sequence;
+    // Decided on the forged money, then the forgery vanishes.
+    let withdrawn = http
+        .post(
+            &format!("{w}/v1/accounts/{victim}/withdrawals"),
+            &json!({"amount": 150}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(withdrawn.status, 200, "{:?}", withdrawn.body);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while events.get_raw_message(erased).await.is_ok() {
+        assert!(Instant::now() < deadline, "the TTL never erased the event");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let later = http
+        .deposit(&w, &other, &json!({"amount": 5}), None)
+        .await
+        .unwrap();
+
+    // A reader that starts now never sees the erased event.
+    let data = tempfile::tempdir().unwrap();
+    let reader = support::reader(
+        "reader-0",
+        &url,
+        data.path(),
+        &role_environment("reader", "reader-secret"),
+    );
+    support::wait_ready(&reader.url());
+    let r = reader.url();
+    let read = http
+        .get(&format!(
+            "{r}/v1/accounts/{other}?min_position={}",
+            later.body["position"]
+        ))
+        .await
+        .unwrap();
+    assert_eq!(read.status, 200, "{:?}", read.body);
+    assert_eq!(read.body["balance"], 105);
+    assert_eq!(support::status_of(&format!("{r}/readyz")).unwrap(), 200);
+    let refused = http
+        .get(&format!("{r}/v1/accounts/{victim}"))
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 500, "{:?}", refused.body);
+    assert_eq!(refused.body["code"], "account_unreadable");
+    let detail = refused.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("position {erased}"))
+            && detail.contains("no longer in the stream"),
+        "{detail}"
+    );
+    assert_eq!(
+        http.metric(&r, "coffer_projection_history_gaps_total")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(http.metric(&r, "coffer_projection_failed").await, Some(0.0));
 }

@@ -66,6 +66,8 @@ pub const TRANSACTION_EVENTS_MAX: usize = 19_000;
 const GATHER_WAIT: Duration = Duration::from_millis(20);
 /// Largest batch the server sends per pull, in bytes.
 pub const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Erased events one batch may meet before the view stops anyway: each costs a commit attempt.
+const GAPS_PER_BATCH_MAX: usize = 64;
 /// How often a running view checks that its consumer still delivers every event (the reader
 /// role may update its consumers; a changed filter would skip events silently).
 const CONSUMER_CHECK_PERIOD: Duration = Duration::from_secs(2);
@@ -92,6 +94,9 @@ pub enum Error {
     /// filter, say), or an account's event was never delivered. Views built on that are wrong.
     #[error("{0}; rebuild the view")]
     Incomplete(String),
+    /// [`ApplyError::Missed`], before the engine asked the stream about it.
+    #[error("{0}")]
+    Missed(ApplyError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -102,10 +107,17 @@ pub enum ApplyError {
     /// The views' storage failed: the file is reopened and the batch applied again.
     #[error("{0}")]
     Storage(#[from] redb::Error),
-    /// The events do not follow from what the views applied (one of an account's events was
-    /// never delivered to them): applying on would serve wrong balances. The view stops.
-    #[error("{0}")]
-    Incomplete(String),
+    /// An event's append was checked against an event of its account at `previous` that the
+    /// views never applied (they have the account up to `applied`). Either the view's feed
+    /// skipped it (the view must stop) or the stream no longer holds it (erased: the account's
+    /// history has a gap); the engine asks the stream which.
+    #[error("the event at position {position} of account {account} follows its event at position {previous}, which the view never received (it has applied up to {applied} for that account)")]
+    Missed {
+        account: String,
+        position: u64,
+        previous: u64,
+        applied: u64,
+    },
 }
 
 impl From<redb::TableError> for ApplyError {
@@ -142,6 +154,16 @@ pub trait Projector: Send + Sync + 'static {
         transaction: &WriteTransaction,
         message: &eventlog::Unreadable,
     ) -> Result<(), ApplyError>;
+    /// Records that `account`'s event at `missing` is no longer in the stream (a later event
+    /// was checked against it): the account's history has a gap. Called before the batch's
+    /// events, in the same transaction; the views then refuse that account as for an
+    /// unreadable message, and must not report it as [`ApplyError::Missed`] again.
+    fn history_gap(
+        &self,
+        transaction: &WriteTransaction,
+        account: &str,
+        missing: u64,
+    ) -> Result<(), ApplyError>;
 }
 
 /// Health and metrics of a running view.
@@ -161,6 +183,8 @@ pub struct ViewHealth {
     pub decode_failures: Counter,
     /// Times the view found its consumer changed by someone else while it ran.
     pub consumer_changes: Counter,
+    /// Accounts whose history was found to have an event erased from the stream.
+    pub history_gaps: Counter,
     pub redeliveries_skipped: Counter,
     pub consumer_recreations: Counter,
     /// Events in the stream not yet applied, as the server reported with the last delivery.
@@ -184,6 +208,7 @@ impl Default for ViewHealth {
             batches_committed: Counter::default(),
             decode_failures: Counter::default(),
             consumer_changes: Counter::default(),
+            history_gaps: Counter::default(),
             redeliveries_skipped: Counter::default(),
             consumer_recreations: Counter::default(),
             lag: Gauge::default(),
@@ -241,6 +266,11 @@ impl ViewHealth {
                 "coffer_projection_consumer_changes",
                 "Times the view found its consumer changed by someone else while it ran; the view stops.",
                 &self.consumer_changes,
+            ),
+            (
+                "coffer_projection_history_gaps",
+                "Events the stream no longer holds that a later event of their account was checked against; each makes its account's views unreadable.",
+                &self.history_gaps,
             ),
             (
                 "coffer_projection_decode_failures",
@@ -512,7 +542,7 @@ impl<P: Projector> Engine<P> {
             }
             // What was received before a failure is applied first (deliveries are contiguous
             // up to it).
-            self.apply_batch(batch).await?;
+            self.apply_batch(log, batch).await?;
             if let Some(error) = failed {
                 return Err(error);
             }
@@ -665,7 +695,7 @@ impl<P: Projector> Engine<P> {
             .map_err(|error| Error::Nats(error.to_string()))
     }
 
-    async fn apply_batch(&self, messages: Vec<jetstream::Message>) -> Result<()> {
+    async fn apply_batch(&self, log: &EventLog, messages: Vec<jetstream::Message>) -> Result<()> {
         let stored = self.position();
         let mut events = Vec::with_capacity(messages.len());
         let mut lag = None;
@@ -740,26 +770,62 @@ impl<P: Projector> Engine<P> {
         if let Some(newest) = newest {
             let count = events.len() as u64;
             let unreadable_count = unreadable.len() as u64;
-            let database = self.database.clone();
-            let projector = self.projector.clone();
             let created = self.stream_created.load(Ordering::Relaxed);
-            let events = tokio::task::spawn_blocking(move || {
-                commit(
-                    &database,
-                    projector.as_ref(),
-                    &events,
-                    &unreadable,
-                    newest,
-                    created,
-                )
-                .map(|()| events)
-            })
-            .await
-            // A panic in the views' code is not a storage fault: stop, do not reopen.
-            .map_err(|error| Error::Poison {
-                position: newest,
-                message: format!("applying the batch panicked: {error}"),
-            })??;
+            // Accounts whose histories have a gap the stream confirmed, marked with the batch.
+            let mut gaps: Vec<(String, u64)> = Vec::new();
+            let mut unreadable = unreadable;
+            loop {
+                let (database, projector) = (self.database.clone(), self.projector.clone());
+                let marked = gaps.clone();
+                let (result, given_back, unreadable_back) =
+                    tokio::task::spawn_blocking(move || {
+                        let result = commit(
+                            &database,
+                            projector.as_ref(),
+                            &events,
+                            &unreadable,
+                            &marked,
+                            newest,
+                            created,
+                        );
+                        (result, events, unreadable)
+                    })
+                    .await
+                    // A panic in the views' code is not a storage fault: stop, do not reopen.
+                    .map_err(|error| Error::Poison {
+                        position: newest,
+                        message: format!("applying the batch panicked: {error}"),
+                    })?;
+                (events, unreadable) = (given_back, unreadable_back);
+                match result {
+                    Ok(()) => break,
+                    Err(Error::Missed(ApplyError::Missed {
+                        account,
+                        position,
+                        previous,
+                        applied,
+                    })) if gaps.len() < GAPS_PER_BATCH_MAX => {
+                        if !erased(log, previous).await? {
+                            return Err(Error::Incomplete(format!(
+                                "the event at position {position} of account {account} follows \
+                                 its event at position {previous}, which the stream holds but the \
+                                 view never received (it has applied up to {applied} for that \
+                                 account)"
+                            )));
+                        }
+                        tracing::error!(
+                            consumer = %self.consumer_name,
+                            account,
+                            position,
+                            missing = previous,
+                            "an account's event is no longer in the stream (erased); its views are marked unreadable"
+                        );
+                        self.health.history_gaps.inc();
+                        gaps.push((account, previous));
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
             self.log_applied(&events);
             self.health.events_applied.inc_by(count);
             self.health.decode_failures.inc_by(unreadable_count);
@@ -805,6 +871,20 @@ impl<P: Projector> Engine<P> {
     }
 }
 
+/// Whether the stream no longer holds the event at `position` (erased by a per-message TTL or
+/// removed some other way), rather than holding it where a view's feed skipped it.
+async fn erased(log: &EventLog, position: u64) -> Result<bool> {
+    let page = log
+        .read_after_each(position.saturating_sub(1), 1)
+        .await
+        .map_err(|error| Error::Nats(error.to_string()))?;
+    let next = page.first().map(|message| match message {
+        Ok(recorded) => recorded.position,
+        Err(unreadable) => unreadable.position,
+    });
+    Ok(next != Some(position))
+}
+
 /// Whether a consumer's configuration is the one this engine makes: every event, acknowledged
 /// in order, with payloads. Anything else delivers less than the views need.
 fn as_made(config: &consumer::Config) -> bool {
@@ -827,6 +907,7 @@ fn commit<P: Projector>(
     projector: &P,
     events: &[RecordedEvent],
     unreadable: &[(usize, eventlog::Unreadable)],
+    gaps: &[(String, u64)],
     newest: u64,
     stream_created: u64,
 ) -> Result<()> {
@@ -834,9 +915,12 @@ fn commit<P: Projector>(
     let applying = |result: std::result::Result<(), ApplyError>| {
         result.map_err(|error| match error {
             ApplyError::Storage(error) => storage(error),
-            ApplyError::Incomplete(reason) => Error::Incomplete(reason),
+            missed @ ApplyError::Missed { .. } => Error::Missed(missed),
         })
     };
+    for (account, missing) in gaps {
+        applying(projector.history_gap(&transaction, account, *missing))?;
+    }
     // In stream order: the events before each unreadable message, then that message.
     let mut applied = 0;
     for (before, message) in unreadable {

@@ -35,6 +35,15 @@ impl Projector for CountingView {
         Ok(())
     }
 
+    fn history_gap(
+        &self,
+        _transaction: &WriteTransaction,
+        _account: &str,
+        _missing: u64,
+    ) -> Result<(), projection::ApplyError> {
+        Ok(())
+    }
+
     fn unreadable(
         &self,
         transaction: &WriteTransaction,

@@ -792,6 +792,23 @@ impl projection::Projector for LedgerViews {
         }
     }
 
+    fn history_gap(
+        &self,
+        transaction: &WriteTransaction,
+        account: &str,
+        missing: u64,
+    ) -> Result<(), ApplyError> {
+        let row = UnreadableRow {
+            account_id: Some(account.to_owned()),
+            subject: String::new(),
+            reason: format!(
+                "its event at position {missing} is no longer in the stream (erased, by a \
+                 per-message TTL or otherwise), and later events build on it"
+            ),
+        };
+        mark_unverifiable(transaction, account, missing, row)
+    }
+
     fn apply(
         &self,
         transaction: &WriteTransaction,
@@ -848,13 +865,12 @@ impl projection::Projector for LedgerViews {
                 // The stream checked this append against an event of the account that these
                 // views never got: their consumer skips events (its filter was changed), or a
                 // delivery was lost. Every balance from here could be wrong.
-                return Err(ApplyError::Incomplete(format!(
-                    "the event at position {} of account {account_id} follows its event at \
-                     position {}, which the view never received (it has applied up to {applied_before} \
-                     for that account)",
-                    recorded.position,
-                    recorded.previous_position.unwrap_or_default(),
-                )));
+                return Err(ApplyError::Missed {
+                    account: account_id.to_owned(),
+                    position: recorded.position,
+                    previous: recorded.previous_position.unwrap_or_default(),
+                    applied: applied_before,
+                });
             }
             let previous_chain = old.as_ref().map_or_else(genesis, |row| row.chain.clone());
             let expected_chain = recorded.expected_chain(&previous_chain);
@@ -1074,7 +1090,10 @@ mod tests {
         let transaction = database.begin_write().unwrap();
         let refused = views.apply(&transaction, &[after_missed]);
         assert!(
-            matches!(&refused, Err(ApplyError::Incomplete(reason)) if reason.contains("position 7")),
+            matches!(
+                &refused,
+                Err(ApplyError::Missed { account, position: 9, previous: 7, applied: 4 }) if account == "a"
+            ),
             "{refused:?}"
         );
         drop(transaction);
