@@ -595,13 +595,19 @@ async fn an_account_opened_by_an_older_version_is_upcast_by_writer_reader_and_re
             .await
             .unwrap();
         let id = domain::AccountId::parse(&account).unwrap();
-        let upcast = domain::Event::AccountOpened(domain::OpenAccount {
-            currency: domain::Currency::parse("EUR").unwrap(),
+        let payload = rmp_serde::to_vec_named(&AccountOpenedV1 {
+            currency: "EUR".into(),
             owner: Some("legacy-owner".into()),
-            overdraft_limit: domain::OverdraftLimit::default(),
-            metadata: domain::Metadata::default(),
-        });
-        let chain = eventlog::chain::next(eventlog::chain::GENESIS, &id, &upcast).unwrap();
+        })
+        .unwrap();
+        // As the older version chained it: over its own payload and version.
+        let chain = eventlog::chain::link(
+            eventlog::chain::GENESIS,
+            &account,
+            "account_opened",
+            1,
+            &payload,
+        );
         let mut headers = async_nats::HeaderMap::new();
         for (name, value) in [
             ("Coffer-Event-Type", "account_opened"),
@@ -619,11 +625,6 @@ async fn an_account_opened_by_an_older_version_is_upcast_by_writer_reader_and_re
             "Nats-Expected-Last-Subject-Sequence-Subject",
             eventlog::subject::account_filter(&id).as_str(),
         );
-        let payload = rmp_serde::to_vec_named(&AccountOpenedV1 {
-            currency: "EUR".into(),
-            owner: Some("legacy-owner".into()),
-        })
-        .unwrap();
         let acknowledged = async_nats::jetstream::new(client)
             .publish_with_headers(
                 eventlog::subject::append(&id, "account_opened"),
