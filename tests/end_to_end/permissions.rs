@@ -453,6 +453,50 @@ async fn a_malformed_append_costs_its_account_not_the_service() {
         .await
         .unwrap()
         .sequence;
+    // Events the views cannot place: deposits on an account that was never opened, the second
+    // checked against the first (the stream accepts both). Before, the second stopped every
+    // reader; now it costs that account only.
+    let unopened = support::unique("unopened");
+    let writer_js = jetstream::new(connect_as(&url, "writer", "writer-secret").await);
+    let deposit_payload = eventlog::codec::encode(&domain::Event::Deposited {
+        metadata: Default::default(),
+        amount: domain::Amount::new(5).unwrap(),
+        reference: None,
+    })
+    .unwrap()
+    .2;
+    let mut previous = (0u64, eventlog::chain::GENESIS.to_owned());
+    for _ in 0..2 {
+        let chain = eventlog::chain::link(&previous.1, &unopened, "deposited", 1, &deposit_payload);
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, value) in [
+            (
+                "Nats-Expected-Last-Subject-Sequence",
+                previous.0.to_string(),
+            ),
+            (
+                "Nats-Expected-Last-Subject-Sequence-Subject",
+                format!("coffer.events.{unopened}.>"),
+            ),
+            ("Coffer-Event-Type", "deposited".to_owned()),
+            ("Coffer-Event-Version", "1".to_owned()),
+            ("Coffer-Chain", chain.clone()),
+        ] {
+            headers.insert(name, value.as_str());
+        }
+        let stored = writer_js
+            .publish_with_headers(
+                format!("coffer.append.{unopened}.deposited"),
+                headers,
+                deposit_payload.clone().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+            .sequence;
+        previous = (stored, chain);
+    }
     // Life goes on after it.
     let later = http
         .deposit(&w, &other, &json!({"amount": 5}), None)
@@ -524,7 +568,17 @@ async fn a_malformed_append_costs_its_account_not_the_service() {
     assert_eq!(page.status, 200, "{:?}", page.body);
     assert_eq!(page.body["events"][0]["type"], "unreadable");
     assert_eq!(page.body["events"][0]["position"], poison);
-    assert_eq!(page.body["events"][1]["account_id"], other.as_str());
+    assert_eq!(page.body["events"][1]["account_id"], unopened.as_str());
+    // The unplaceable pair cost its account.
+    let refused = http
+        .get(&format!("{r}/v1/accounts/{unopened}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        refused.body["code"], "account_unreadable",
+        "{:?}",
+        refused.body
+    );
     // A rebuild goes past it the same way.
     let rebuilt = crate::rebuild::rebuild(&r).await;
     assert!(
@@ -549,10 +603,11 @@ async fn a_malformed_append_costs_its_account_not_the_service() {
         report.contains(&format!("{victim}: unreadable event at position {poison}")),
         "{report}"
     );
-    // Two opens, two deposits and the one after: every event was checked, none broken.
+    // Two opens, two deposits, the unopened account's two and the one after: every event was
+    // checked, none broken (the unopened pair chains from the start).
     assert!(
         report
-            .contains("5 events checked, 0 account(s) with a broken chain, 1 unreadable event(s)"),
+            .contains("7 events checked, 0 account(s) with a broken chain, 1 unreadable event(s)"),
         "{report}"
     );
 }

@@ -101,6 +101,17 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// An account event that a later event of the account was checked against but that the views
+/// never applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    pub account: String,
+    pub missing: u64,
+    /// The stream no longer holds it (a per-message TTL); otherwise it holds a message there the
+    /// views could not place as an event of the account.
+    pub erased: bool,
+}
+
 /// Why a [`Projector`] could not apply a batch.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -154,16 +165,11 @@ pub trait Projector: Send + Sync + 'static {
         transaction: &WriteTransaction,
         message: &eventlog::Unreadable,
     ) -> Result<(), ApplyError>;
-    /// Records that `account`'s event at `missing` is no longer in the stream (a later event
-    /// was checked against it): the account's history has a gap. Called before the batch's
+    /// Records that the account's event at `gap.missing` was never applied here though a later
+    /// event was checked against it: the account's history, as the views have it, has a gap. Called before the batch's
     /// events, in the same transaction; the views then refuse that account as for an
     /// unreadable message, and must not report it as [`ApplyError::Missed`] again.
-    fn history_gap(
-        &self,
-        transaction: &WriteTransaction,
-        account: &str,
-        missing: u64,
-    ) -> Result<(), ApplyError>;
+    fn history_gap(&self, transaction: &WriteTransaction, gap: &Gap) -> Result<(), ApplyError>;
 }
 
 /// Health and metrics of a running view.
@@ -772,7 +778,7 @@ impl<P: Projector> Engine<P> {
             let unreadable_count = unreadable.len() as u64;
             let created = self.stream_created.load(Ordering::Relaxed);
             // Accounts whose histories have a gap the stream confirmed, marked with the batch.
-            let mut gaps: Vec<(String, u64)> = Vec::new();
+            let mut gaps: Vec<Gap> = Vec::new();
             let mut unreadable = unreadable;
             loop {
                 let (database, projector) = (self.database.clone(), self.projector.clone());
@@ -805,23 +811,31 @@ impl<P: Projector> Engine<P> {
                         previous,
                         applied,
                     })) if gaps.len() < GAPS_PER_BATCH_MAX => {
-                        if !erased(log, previous).await? {
-                            return Err(Error::Incomplete(format!(
-                                "the event at position {position} of account {account} follows \
-                                 its event at position {previous}, which the stream holds but the \
-                                 view never received (it has applied up to {applied} for that \
-                                 account)"
-                            )));
-                        }
+                        // Either way the account's history, as this view has it, has a hole:
+                        // the account is marked, never the whole view stopped, since anyone
+                        // with the writer's credential can append messages the views cannot
+                        // place (a skipping feed is caught by the consumer check instead).
+                        let erased = erased(log, previous).await?;
                         tracing::error!(
                             consumer = %self.consumer_name,
                             account,
                             position,
                             missing = previous,
-                            "an account's event is no longer in the stream (erased); its views are marked unreadable"
+                            applied,
+                            erased,
+                            "an account's event follows one this view never applied; its views are marked unreadable"
                         );
                         self.health.history_gaps.inc();
-                        gaps.push((account, previous));
+                        gaps.push(Gap {
+                            account,
+                            missing: previous,
+                            erased,
+                        });
+                    }
+                    Err(Error::Missed(missed)) => {
+                        return Err(Error::Incomplete(format!(
+                            "{missed}; more than {GAPS_PER_BATCH_MAX} such events in one batch"
+                        )))
                     }
                     Err(error) => return Err(error),
                 }
@@ -907,7 +921,7 @@ fn commit<P: Projector>(
     projector: &P,
     events: &[RecordedEvent],
     unreadable: &[(usize, eventlog::Unreadable)],
-    gaps: &[(String, u64)],
+    gaps: &[Gap],
     newest: u64,
     stream_created: u64,
 ) -> Result<()> {
@@ -918,8 +932,8 @@ fn commit<P: Projector>(
             missed @ ApplyError::Missed { .. } => Error::Missed(missed),
         })
     };
-    for (account, missing) in gaps {
-        applying(projector.history_gap(&transaction, account, *missing))?;
+    for gap in gaps {
+        applying(projector.history_gap(&transaction, gap))?;
     }
     // In stream order: the events before each unreadable message, then that message.
     let mut applied = 0;

@@ -38,8 +38,7 @@ impl Projector for CountingView {
     fn history_gap(
         &self,
         _transaction: &WriteTransaction,
-        _account: &str,
-        _missing: u64,
+        _gap: &projection::Gap,
     ) -> Result<(), projection::ApplyError> {
         Ok(())
     }

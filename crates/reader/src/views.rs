@@ -795,18 +795,26 @@ impl projection::Projector for LedgerViews {
     fn history_gap(
         &self,
         transaction: &WriteTransaction,
-        account: &str,
-        missing: u64,
+        gap: &projection::Gap,
     ) -> Result<(), ApplyError> {
-        let row = UnreadableRow {
-            account_id: Some(account.to_owned()),
-            subject: String::new(),
-            reason: format!(
+        let missing = gap.missing;
+        let reason = if gap.erased {
+            format!(
                 "its event at position {missing} is no longer in the stream (erased, by a \
                  per-message TTL or otherwise), and later events build on it"
-            ),
+            )
+        } else {
+            format!(
+                "later events build on the message at position {missing}, which this view \
+                 could not apply as one of the account's events"
+            )
         };
-        mark_unverifiable(transaction, account, missing, row)
+        let row = UnreadableRow {
+            account_id: Some(gap.account.clone()),
+            subject: String::new(),
+            reason,
+        };
+        mark_unverifiable(transaction, &gap.account, missing, row)
     }
 
     fn apply(
