@@ -50,6 +50,9 @@ pub struct AppState {
     pub http_token: Option<problem::BearerToken>,
     /// How long a bulk's commands may start after it arrives ([`bulk::start_window`]).
     pub bulk_start_window: std::time::Duration,
+    /// The NATS command service is subscribed (and the server has seen it): a writer is ready
+    /// for NATS clients only from then on.
+    pub nats_commands_served: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The command routes with their OpenAPI operations: one list serves both, so a route cannot be
@@ -848,7 +851,11 @@ fn unreadable_json(unreadable: &eventlog::Unreadable) -> Option<EventView> {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    let ready = state.commands.get().is_some() && state.log.is_connected();
+    let ready = state.commands.get().is_some()
+        && state.log.is_connected()
+        && state
+            .nats_commands_served
+            .load(std::sync::atomic::Ordering::Acquire);
     if ready {
         (StatusCode::OK, "ready").into_response()
     } else {

@@ -28,6 +28,7 @@ const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6);
 pub async fn serve(
     client: async_nats::Client,
     commands: Arc<OnceLock<Dispatcher>>,
+    served: &std::sync::atomic::AtomicBool,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let service = client
@@ -79,7 +80,12 @@ pub async fn serve(
             })
             .await;
     }));
+    // Ready for NATS clients once the server has the subscriptions (a flush is a round trip).
+    if client.flush().await.is_ok() {
+        served.store(true, std::sync::atomic::Ordering::Release);
+    }
     let _ = shutdown.wait_for(|stop| *stop).await;
+    served.store(false, std::sync::atomic::Ordering::Release);
     // Stop taking requests, then let the ones in flight finish (or fail) and answer.
     if let Err(error) = service.stop().await {
         tracing::warn!(%error, "stopping the NATS service");

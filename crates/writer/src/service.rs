@@ -111,6 +111,7 @@ pub async fn run(
     // Why the writer refuses to run, if the setup finds a reason (a stream that could lose
     // history): the writer then stops as if signalled and exits with it.
     let (refuse, refused) = tokio::sync::oneshot::channel::<String>();
+    let nats_commands_served = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let setup = tokio::spawn(set_up(
         config.clone(),
         log.clone(),
@@ -119,6 +120,7 @@ pub async fn run(
         Cells {
             ownership: ownership_cell.clone(),
             commands: commands_cell.clone(),
+            nats_commands_served: nats_commands_served.clone(),
             handovers_drained,
             refuse,
         },
@@ -126,6 +128,7 @@ pub async fn run(
     ));
 
     let state = AppState {
+        nats_commands_served: nats_commands_served.clone(),
         commands: commands_cell.clone(),
         log: log.clone(),
         metrics: metrics.clone(),
@@ -200,6 +203,8 @@ pub async fn run(
 struct Cells {
     ownership: Arc<OnceLock<Arc<Ownership>>>,
     commands: Arc<OnceLock<Dispatcher>>,
+    /// Set while the NATS command service is subscribed: part of readiness.
+    nats_commands_served: Arc<std::sync::atomic::AtomicBool>,
     handovers_drained: watch::Sender<bool>,
     /// Where the setup sends why the writer must not run.
     refuse: tokio::sync::oneshot::Sender<String>,
@@ -218,6 +223,7 @@ async fn set_up(
     let Cells {
         ownership: ownership_cell,
         commands: commands_cell,
+        nats_commands_served,
         handovers_drained,
         refuse,
     } = cells;
@@ -278,7 +284,14 @@ async fn set_up(
         stop.clone(),
     ));
     loop {
-        match nats_api::serve(log.client().clone(), commands_cell.clone(), stop.clone()).await {
+        match nats_api::serve(
+            log.client().clone(),
+            commands_cell.clone(),
+            &nats_commands_served,
+            stop.clone(),
+        )
+        .await
+        {
             Ok(()) => return,
             Err(error) => {
                 tracing::warn!(%error, "NATS command API failed; restarting it");
