@@ -41,6 +41,33 @@ async fn connect_as(url: &str, user: &str, password: &str) -> async_nats::Client
         .unwrap()
 }
 
+/// `coffer setup` as the setup role, then one writer as the writer role, ready.
+fn set_up_with_writer(url: &str) -> testkit::CofferProcess {
+    let output = std::process::Command::new(testkit::coffer_binary())
+        .arg("setup")
+        .env("COFFER_NATS_URL", url)
+        .env("COFFER_NATS_USER", "setup")
+        .env("COFFER_NATS_PASSWORD", "setup-secret")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let mut environment = role_environment("writer", "writer-secret");
+    environment.push(("COFFER_NATS_URL", url.to_owned()));
+    let writer = testkit::CofferProcess::start("w", "writer", &environment);
+    support::wait_ready(&writer.url());
+    writer
+}
+
+/// Reader `reader-0` as the reader role, keeping its views under `data`.
+fn reader_as_role(url: &str, data: &std::path::Path) -> testkit::CofferProcess {
+    support::reader(
+        "reader-0",
+        url,
+        data,
+        &role_environment("reader", "reader-secret"),
+    )
+}
+
 /// Messages and configuration of the event stream, as the setup role sees them.
 async fn events_state(setup: &jetstream::Context) -> (u64, i64) {
     let mut stream = setup.get_stream("COFFER_EVENTS").await.unwrap();
@@ -99,12 +126,7 @@ async fn each_role_does_its_work_and_nothing_else() {
     // A second writer: partition leases and hand-overs work under the writer role too.
     let second_writer = testkit::CofferProcess::start("w2", "writer", &writer_environment);
     let data = tempfile::tempdir().unwrap();
-    let reader = support::reader(
-        "reader-0",
-        &url,
-        data.path(),
-        &role_environment("reader", "reader-secret"),
-    );
+    let reader = reader_as_role(&url, data.path());
     // Without the streams, and without the right to make them, the services wait.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
@@ -413,24 +435,9 @@ async fn each_role_does_its_work_and_nothing_else() {
 async fn a_malformed_append_costs_its_account_not_the_service() {
     let nats = server();
     let url = nats.url();
-    let mut writer_environment = role_environment("writer", "writer-secret");
-    writer_environment.push(("COFFER_NATS_URL", url.clone()));
-    let output = std::process::Command::new(testkit::coffer_binary())
-        .arg("setup")
-        .env("COFFER_NATS_URL", &url)
-        .env("COFFER_NATS_USER", "setup")
-        .env("COFFER_NATS_PASSWORD", "setup-secret")
-        .output()
-        .unwrap();
-    assert!(output.status.success());
-    let writer = testkit::CofferProcess::start("w", "writer", &writer_environment);
+    let writer = set_up_with_writer(&url);
     let data = tempfile::tempdir().unwrap();
-    let reader = support::reader(
-        "reader-0",
-        &url,
-        data.path(),
-        &role_environment("reader", "reader-secret"),
-    );
+    let reader = reader_as_role(&url, data.path());
     support::wait_ready(&writer.url());
     support::wait_ready(&reader.url());
     let http = Http::new();
@@ -622,24 +629,9 @@ async fn a_malformed_append_costs_its_account_not_the_service() {
 async fn a_reader_whose_consumer_is_changed_behind_its_back_stops_its_view() {
     let nats = server();
     let url = nats.url();
-    let mut writer_environment = role_environment("writer", "writer-secret");
-    writer_environment.push(("COFFER_NATS_URL", url.clone()));
-    let output = std::process::Command::new(testkit::coffer_binary())
-        .arg("setup")
-        .env("COFFER_NATS_URL", &url)
-        .env("COFFER_NATS_USER", "setup")
-        .env("COFFER_NATS_PASSWORD", "setup-secret")
-        .output()
-        .unwrap();
-    assert!(output.status.success());
-    let writer = testkit::CofferProcess::start("w", "writer", &writer_environment);
+    let writer = set_up_with_writer(&url);
     let data = tempfile::tempdir().unwrap();
-    let reader = support::reader(
-        "reader-0",
-        &url,
-        data.path(),
-        &role_environment("reader", "reader-secret"),
-    );
+    let reader = reader_as_role(&url, data.path());
     support::wait_ready(&writer.url());
     support::wait_ready(&reader.url());
     let http = Http::new();
@@ -770,17 +762,7 @@ async fn a_reader_whose_consumer_is_changed_behind_its_back_stops_its_view() {
 async fn an_event_erased_by_a_ttl_costs_its_account_in_a_reader_that_never_saw_it() {
     let nats = server();
     let url = nats.url();
-    let mut writer_environment = role_environment("writer", "writer-secret");
-    writer_environment.push(("COFFER_NATS_URL", url.clone()));
-    let output = std::process::Command::new(testkit::coffer_binary())
-        .arg("setup")
-        .env("COFFER_NATS_URL", &url)
-        .env("COFFER_NATS_USER", "setup")
-        .env("COFFER_NATS_PASSWORD", "setup-secret")
-        .output()
-        .unwrap();
-    assert!(output.status.success());
-    let writer = testkit::CofferProcess::start("w", "writer", &writer_environment);
+    let writer = set_up_with_writer(&url);
     support::wait_ready(&writer.url());
     let http = Http::new();
     let w = writer.url();
@@ -861,12 +843,7 @@ async fn an_event_erased_by_a_ttl_costs_its_account_in_a_reader_that_never_saw_i
 
     // A reader that starts now never sees the erased event.
     let data = tempfile::tempdir().unwrap();
-    let reader = support::reader(
-        "reader-0",
-        &url,
-        data.path(),
-        &role_environment("reader", "reader-secret"),
-    );
+    let reader = reader_as_role(&url, data.path());
     support::wait_ready(&reader.url());
     let r = reader.url();
     let read = http

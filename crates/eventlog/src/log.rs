@@ -788,14 +788,7 @@ impl EventLog {
         after_position: u64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>> {
-        let page = self
-            .direct_batch(serde_json::json!({
-                "seq": after_position.saturating_add(1),
-                "next_by_subj": subject::ALL_EVENTS,
-                "batch": limit.clamp(1, DIRECT_BATCH_SIZE_MAX),
-            }))
-            .await?;
-        page.messages.iter().map(decode_direct).collect()
+        strict(self.read_after_each(after_position, limit).await?)
     }
 
     /// Like [`Self::read_after`], with each message that cannot be read as an event given as
@@ -841,17 +834,7 @@ impl EventLog {
         since: OffsetDateTime,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>> {
-        let start = since
-            .format(&Rfc3339)
-            .map_err(|error| Error::JetStream(error.to_string()))?;
-        let page = self
-            .direct_batch(serde_json::json!({
-                "start_time": start,
-                "next_by_subj": subject::ALL_EVENTS,
-                "batch": limit.clamp(1, DIRECT_BATCH_SIZE_MAX),
-            }))
-            .await?;
-        page.messages.iter().map(decode_direct).collect()
+        strict(self.read_since_each(since, limit).await?)
     }
 
     /// The position of `account`'s last event (0: none), answered by the stream leader. Direct
@@ -1091,6 +1074,13 @@ fn decode_direct_each(
         decode_stored(&subject, position, time, headers, message.payload.clone())
             .map_err(|error| Unreadable::new(&subject, position, time, &error)),
     )
+}
+
+/// A page as events, failing at its first message that is not one.
+fn strict(page: Vec<std::result::Result<RecordedEvent, Unreadable>>) -> Result<Vec<RecordedEvent>> {
+    page.into_iter()
+        .map(|message| message.map_err(Error::Unreadable))
+        .collect()
 }
 
 fn decode_direct(message: &async_nats::Message) -> Result<RecordedEvent> {
