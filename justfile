@@ -37,6 +37,7 @@ test: tools test-tools build domain-purity
     {{just_executable()}} openapi-check
     {{just_executable()}} api-fuzz
     {{just_executable()}} k8s-check
+    {{just_executable()}} monitoring-check
 
 # Tests that hold the system to a time bound of the contract (a thousand holds expire within 2 s of
 # their expires_at across writer restarts). They run alone: on two cores, another end-to-end test's
@@ -77,6 +78,12 @@ conformance: build
 # Render both Kubernetes overlays and validate them offline.
 k8s-check: test-tools
     bash k8s/check.sh
+
+# The alerts and dashboard in k8s/monitoring: promtool check and unit tests of the rules, the
+# dashboard JSON regenerated from its code, runbook links, and every metric they name scraped
+# from a real writer and reader.
+monitoring-check: test-tools build
+    python3 k8s/monitoring/check.py target/debug/coffer
 
 # fmt and clippy, warnings are errors.
 lint:

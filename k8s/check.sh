@@ -50,6 +50,19 @@ echo "validator: ${KV[*]} $("${KV[@]}" --version), against Kubernetes $KUBE_VERS
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
+# k8s/monitoring is opt-in: it is rendered and checked on top of prod as an overlay listing it
+# would be (a throwaway kustomization beside the real ones: kustomize wants paths in the tree).
+monitored="k8s/overlays/.prod-monitoring"
+rm -rf "$monitored"
+mkdir -p "$monitored"
+trap 'rm -rf "$tmp" "$monitored"' EXIT
+printf '%s\n' \
+  'apiVersion: kustomize.config.k8s.io/v1beta1' \
+  'kind: Kustomization' \
+  'resources: ["../prod"]' \
+  'components: ["../../monitoring"]' > "$monitored/kustomization.yaml"
+OVERLAYS+=(.prod-monitoring)
+
 rendered=()
 for env in "${OVERLAYS[@]}"; do
   echo

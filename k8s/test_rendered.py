@@ -83,6 +83,11 @@ def selects(selector: dict, labels: dict) -> bool:
     ml = (selector or {}).get("matchLabels") or {}
     if not ml and not (selector or {}).get("matchExpressions"):
         return False
+    for expression in (selector or {}).get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values") or []
+        if not {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}[operator]:
+            return False
     return all(labels.get(k) == v for k, v in ml.items())
 
 
@@ -540,9 +545,14 @@ EGRESS = [
 ]
 
 
-def check_network_policies(docs, public_writes: bool):
+NATS_MONITOR = {"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "nats"}}}],
+                "ports": [{"port": 8222, "protocol": "TCP"}]}
+
+
+def check_network_policies(docs, public_writes: bool, monitoring: bool = False):
     """Every ingress rule names its sources; the HTTP ports admit only the named clients; writers
-    and readers send only to NATS, DNS and a labelled OTLP collector."""
+    and readers send only to NATS, DNS and a labelled OTLP collector (and, with k8s/monitoring,
+    writers to the NATS servers' monitoring port, which admits only them)."""
     policies = find(docs, "NetworkPolicy")
     for policy in policies:
         name = policy["metadata"]["name"]
@@ -570,9 +580,49 @@ def check_network_policies(docs, public_writes: bool):
               bool(ports) and all(p.get("port") == port and p.get("protocol", "TCP") == "TCP" for p in ports),
               str(ports))
         egress = spec.get("egress")
-        check(f"NetworkPolicy {name}: egress only to NATS 4222, DNS 53, OTLP collector pods 4318",
-              egress is not None and sorted(map(peer_key, egress)) == sorted(map(peer_key, EGRESS)),
+        wanted = EGRESS + ([NATS_MONITOR] if monitoring and name == "coffer-writer" else [])
+        check(f"NetworkPolicy {name}: egress only to NATS 4222, DNS 53, OTLP collector pods 4318"
+              + (", NATS monitoring 8222" if len(wanted) > len(EGRESS) else ""),
+              egress is not None and sorted(map(peer_key, egress)) == sorted(map(peer_key, wanted)),
               str(egress))
+    nats = (one(docs, "NetworkPolicy", "nats") or {}).get("spec", {})
+    monitor_rules = [r for r in nats.get("ingress") or []
+                     if any(p.get("port") == 8222 for p in r.get("ports") or [])]
+    writer_only = [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "coffer-writer"}}}]
+    check("NetworkPolicy nats: monitoring port 8222 " + ("only from the writers" if monitoring else "closed"),
+          [r.get("from") for r in monitor_rules] == ([writer_only] if monitoring else []),
+          str(monitor_rules))
+
+
+def check_monitoring(docs):
+    """k8s/monitoring: the PodMonitor scrapes the writer and reader pods on a port they declare,
+    the rules and the dashboard ConfigMap are there, and the writers read every NATS server."""
+    monitor = one(docs, "PodMonitor", "coffer")
+    spec = (monitor or {}).get("spec", {})
+    for name, kind in (("coffer-writer", "Deployment"), ("coffer-reader", "StatefulSet")):
+        workload = one(docs, kind, name)
+        labels = workload["spec"]["template"]["metadata"]["labels"] if workload else {}
+        check(f"PodMonitor coffer selects the {name} pods", selects(spec.get("selector") or {}, labels))
+        c = container(workload, name.removeprefix("coffer-")) or {}
+        ports = {p.get("name") for p in c.get("ports") or []}
+        endpoints = spec.get("podMetricsEndpoints") or []
+        check(f"PodMonitor coffer scrapes /metrics on a port {name} declares",
+              bool(endpoints) and all(e.get("port") in ports and e.get("path") == "/metrics" for e in endpoints),
+              f"{endpoints} against {ports}")
+    rules = one(docs, "PrometheusRule", "coffer")
+    alerts = [r for g in (rules or {}).get("spec", {}).get("groups", []) for r in g.get("rules", [])]
+    check("PrometheusRule coffer: alerts, each with a severity and a runbook",
+          bool(alerts) and all(r.get("labels", {}).get("severity") in ("warning", "critical")
+                               and r.get("annotations", {}).get("runbook_url") for r in alerts))
+    dashboard = one(docs, "ConfigMap", "coffer-dashboard")
+    check("ConfigMap coffer-dashboard for Grafana's sidecar (label grafana_dashboard)",
+          dashboard is not None and dashboard["metadata"].get("labels", {}).get("grafana_dashboard") == "1"
+          and "coffer-dashboard.json" in dashboard.get("data", {}))
+    writer = one(docs, "Deployment", "coffer-writer")
+    urls = env_of(container(writer, "writer")).get("COFFER_NATS_MONITOR_URLS", {}).get("value", "")
+    replicas = (one(docs, "StatefulSet", "nats") or {}).get("spec", {}).get("replicas", 0)
+    check("writers read every NATS server's /varz (COFFER_NATS_MONITOR_URLS)",
+          sorted(urls.split(",")) == [f"http://nats-{i}.nats-headless:8222" for i in range(replicas)], urls)
 
 
 def main(argv) -> int:
@@ -595,7 +645,10 @@ def main(argv) -> int:
         # Only dev lists k8s/components/public-writes: commands through the Gateway.
         check_gateway(docs, public_writes=not prod)
         check_http_tokens(docs, prod=prod)
-        check_network_policies(docs, public_writes=not prod)
+        monitoring = "monitoring" in Path(path).name
+        check_network_policies(docs, public_writes=not prod, monitoring=monitoring)
+        if monitoring:
+            check_monitoring(docs)
         check_roles(docs, prod=prod)
     print(f"{PASSED} passed, {FAILED} failed")
     return 1 if FAILED else 0

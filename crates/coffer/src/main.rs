@@ -287,6 +287,11 @@ struct WriterArgs {
     #[arg(long, env = "COFFER_HOLD_BACKSTOP_DELAY_MS", default_value_t = 90_000,
         value_parser = clap::value_parser!(u64).range(1_000..=86_400_000))]
     hold_backstop_delay_ms: u64,
+    /// The NATS servers' monitoring addresses, comma-separated (`http://nats-0:8222,...`): their
+    /// `/varz` is read every 15 s for the JetStream store's use and limit, exported as
+    /// `coffer_writer_nats_store_used_bytes` and `_limit_bytes` per server. Unset: not read.
+    #[arg(long, env = "COFFER_NATS_MONITOR_URLS", default_value = "")]
+    nats_monitor_urls: String,
     /// Failpoint for tests: every command waits this long in its actor first.
     #[arg(long, env = "COFFER_FAILPOINT_ACTOR_DELAY_MS", hide = true)]
     failpoint_actor_delay_ms: Option<u64>,
@@ -881,6 +886,8 @@ async fn main() -> anyhow::Result<()> {
                 hold_backstop: writer::expiry::Backstop {
                     delay: Duration::from_millis(args.hold_backstop_delay_ms),
                 },
+                nats_monitor_urls: writer::nats_store::monitor_urls(&args.nats_monitor_urls)
+                    .map_err(|reason| anyhow::anyhow!(reason))?,
             };
             writer::run(config, shutdown_signal()).await?;
             Ok(())

@@ -229,6 +229,16 @@ tokio::task_local! {
     static REQUEST: std::sync::Arc<std::sync::OnceLock<tokio::time::Instant>>;
 }
 
+/// Requests of this process answered `503 outcome_unknown` by [`within_request_timeout`]
+/// because their handler, which had handed its work over, had not answered by its deadline.
+static UNANSWERED_BY_DEADLINE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many requests this process answered `503 outcome_unknown` because a handler that had
+/// handed its work over did not answer by its deadline (a service exports it as a counter).
+pub fn unanswered_by_deadline() -> u64 {
+    UNANSWERED_BY_DEADLINE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Records that the request being handled has handed its work to something that will finish it
 /// whatever happens to this request (a command given to its account's actor), and that the
 /// handler answers by `answer_by` (its deadline and grace).
@@ -268,6 +278,7 @@ async fn within_request_timeout(
         Some(answer_by) => match tokio::time::timeout_at(answer_by, &mut handler).await {
             Ok(response) => response,
             Err(_) => {
+                UNANSWERED_BY_DEADLINE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(
                     "a handler that handed its work over did not answer by its deadline"
                 );
@@ -411,9 +422,12 @@ mod tests {
     #[tokio::test]
     async fn a_taken_request_with_no_answer_by_its_deadline_is_outcome_unknown() {
         let (address, _stop) = served().await;
+        let counted_before = unanswered_by_deadline();
         let (answer, took) = get_path(&address, "/stuck").await;
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
         assert!(answer.contains("\"code\":\"outcome_unknown\""), "{answer}");
+        // Other tests of this process only add to it.
+        assert!(unanswered_by_deadline() > counted_before);
         assert!(
             answer.to_ascii_lowercase().contains("retry-after: 1"),
             "{answer}"

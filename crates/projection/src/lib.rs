@@ -322,6 +322,13 @@ impl ViewHealth {
             "1 when the view stopped on an error.",
             failed,
         );
+        let storage_failed: Gauge = Gauge::default();
+        storage_failed.set(i64::from(self.storage_failed.load(Ordering::Acquire)));
+        registry.register(
+            "coffer_projection_storage_failed",
+            "1 while the view's file failed a write and is being reopened (a full or failing disk); reads answer 503 meanwhile.",
+            storage_failed,
+        );
     }
 }
 

@@ -147,10 +147,16 @@ impl Dispatcher {
             Some(ownership) => ownership.route(&request.account_id),
             None => Route::Here,
         };
-        match route {
+        let answer = match route {
             Route::Here => self.registry.execute_until(request, deadline).await,
             Route::Owner(owner) => self.hand_over(&owner, request, deadline).await,
+        };
+        // Counted where the client is answered: a hand-over's `outcome_unknown` once, here, not
+        // also in the owner that ran it.
+        if matches!(answer, Err(Error::OutcomeUnknown(_))) {
+            self.metrics.commands_outcome_unknown.inc();
         }
+        answer
     }
 
     async fn hand_over(

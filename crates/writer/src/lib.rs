@@ -33,6 +33,7 @@ pub mod import;
 pub mod loading;
 pub mod metrics;
 pub mod nats_api;
+pub mod nats_store;
 pub mod openapi;
 pub mod outcome;
 pub mod ownership;

@@ -14,6 +14,8 @@ pub struct Metrics {
     pub commands_succeeded: Counter,
     pub commands_refused: Counter,
     pub commands_failed: Counter,
+    /// Commands answered `outcome_unknown` (sent, not confirmed): counted by the dispatcher.
+    pub commands_outcome_unknown: Counter,
     /// From receiving a command to answering it, in seconds.
     pub command_duration: Histogram,
     /// One append (single publish or atomic batch) until JetStream acknowledged it, in seconds.
@@ -56,6 +58,8 @@ pub struct Metrics {
     /// What the group committer has done, once it runs.
     pub group_commit:
         std::sync::OnceLock<std::sync::Arc<eventlog::group_commit::GroupCommitCounters>>,
+    /// The NATS servers' JetStream stores, when their monitoring endpoints are configured.
+    pub nats_store: std::sync::Arc<crate::nats_store::StoreGauges>,
 }
 
 /// 0.25 ms to about 8 s.
@@ -69,6 +73,7 @@ impl Default for Metrics {
             commands_succeeded: Counter::default(),
             commands_refused: Counter::default(),
             commands_failed: Counter::default(),
+            commands_outcome_unknown: Counter::default(),
             command_duration: Histogram::new(duration_buckets()),
             append_duration: Histogram::new(duration_buckets()),
             append_batch_messages: Histogram::new([
@@ -98,6 +103,7 @@ impl Default for Metrics {
             holds_expired_by_backstop: Counter::default(),
             hold_backstop_running: Gauge::default(),
             group_commit: std::sync::OnceLock::new(),
+            nats_store: std::sync::Arc::default(),
         }
     }
 }
@@ -119,6 +125,16 @@ impl Metrics {
                 "coffer_writer_commands_failed",
                 "Commands that failed for infrastructure reasons (5xx).",
                 &self.commands_failed,
+            ),
+            (
+                "coffer_writer_commands_outcome_unknown",
+                "Commands answered outcome_unknown: sent to NATS (or to their owner) and not confirmed; they may or may not be stored.",
+                &self.commands_outcome_unknown,
+            ),
+            (
+                "coffer_writer_nats_monitor_read_errors",
+                "Reads of a NATS server's monitoring endpoint (COFFER_NATS_MONITOR_URLS) that failed.",
+                &self.nats_store.read_errors,
             ),
             (
                 "coffer_writer_append_conflicts",
@@ -209,6 +225,23 @@ impl Metrics {
         for (name, help, counter) in counters {
             registry.register(name, help, counter.clone());
         }
+        registry.register(
+            "coffer_writer_requests_unanswered",
+            "HTTP requests answered 503 outcome_unknown because the command they handed over had not answered by its deadline.",
+            ConstCounter::new(problem::server::unanswered_by_deadline()),
+        );
+        registry.register_with_unit(
+            "coffer_writer_nats_store_used",
+            "Bytes in a NATS server's JetStream file store (its /varz), by server.",
+            Unit::Bytes,
+            self.nats_store.used.clone(),
+        );
+        registry.register_with_unit(
+            "coffer_writer_nats_store_limit",
+            "The most a NATS server's JetStream file store may hold (max_file_store), by server.",
+            Unit::Bytes,
+            self.nats_store.limit.clone(),
+        );
         registry.register(
             "coffer_writer_actors_live",
             "Account actors currently in memory.",

@@ -46,6 +46,9 @@ pub struct WriterConfig {
     pub writer_name: Option<String>,
     /// The hold-expiry backstop ([`expiry::Backstop`]).
     pub hold_backstop: expiry::Backstop,
+    /// The NATS servers' `/varz` addresses (`COFFER_NATS_MONITOR_URLS`), read for their store
+    /// use ([`crate::nats_store`]); empty: not read.
+    pub nats_monitor_urls: Vec<String>,
 }
 
 impl WriterConfig {
@@ -100,6 +103,11 @@ pub async fn run(
     let ownership_cell: Arc<OnceLock<Arc<Ownership>>> = Arc::new(OnceLock::new());
     let commands_cell: Arc<OnceLock<Dispatcher>> = Arc::new(OnceLock::new());
     let (stop_sender, stop_receiver) = watch::channel(false);
+    tokio::spawn(crate::nats_store::run(
+        config.nats_monitor_urls.clone(),
+        metrics.nats_store.clone(),
+        stop_receiver.clone(),
+    ));
 
     let listener = tokio::net::TcpListener::bind(config.http_address)
         .await

@@ -97,6 +97,7 @@ impl TestWriter {
             writer_name: Some("test-writer".into()),
             hold_backstop: Default::default(),
             account_batch_max: 100,
+            nats_monitor_urls: Vec::new(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -638,6 +639,17 @@ async fn nats_down_gives_503_quickly_and_recovers_without_a_restart() {
         started.elapsed() < Duration::from_secs(5),
         "took {:?}",
         started.elapsed()
+    );
+    // Counted as the alert on it expects: an outcome_unknown answer, and nothing else.
+    assert_eq!(
+        writer
+            .metric("coffer_writer_commands_outcome_unknown_total")
+            .await,
+        if refused.code() == "outcome_unknown" {
+            1.0
+        } else {
+            0.0
+        }
     );
     let ready = writer
         .http
@@ -2336,5 +2348,33 @@ async fn a_nats_command_never_starts_after_its_clients_deadline() {
     );
     // Only the deposit that ran is stored.
     assert_eq!(writer.deposit(&account, 1, None).await.body["balance"], 8);
+    writer.stop().await;
+}
+
+#[tokio::test]
+async fn a_command_not_answered_by_its_deadline_counts_as_outcome_unknown() {
+    // The actor takes 5 s before it looks at a command with a 1 s deadline: the caller gives up
+    // at the deadline plus the grace and answers outcome_unknown, which the alert counts.
+    let nats = NatsServer::start();
+    let settings = RegistrySettings {
+        call_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let writer = TestWriter::start_with(
+        &nats.url(),
+        settings,
+        StreamSettings::default(),
+        Some(Duration::from_secs(5)),
+    )
+    .await;
+    let reply = writer.open(&unique("stuck"), 0).await;
+    assert_eq!(reply.status, 503, "{:?}", reply.body);
+    assert_eq!(reply.code(), "outcome_unknown");
+    assert_eq!(
+        writer
+            .metric("coffer_writer_commands_outcome_unknown_total")
+            .await,
+        1.0
+    );
     writer.stop().await;
 }
