@@ -457,9 +457,9 @@ TOKEN_SECRET = "coffer-http-tokens"
 
 
 def secret_file(workload, c, path):
-    """The (Secret name, key, optional, readOnly) behind the file PATH in container C: the volume
-    mounted at a directory above PATH, a `secret` or a `projected` volume's secret source. None
-    when no Secret backs the file."""
+    """The (Secret or ConfigMap name, key, optional, readOnly) behind the file PATH in container C:
+    the volume mounted at a directory above PATH, a `secret`, `configMap` or a `projected`
+    volume's secret source. None when nothing backs the file."""
     if not path:
         return None
     volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
@@ -477,6 +477,9 @@ def secret_file(workload, c, path):
             if "secret" in src:
                 s = src["secret"]
                 sources.append((s.get("name"), s.get("items"), s.get("optional")))
+        if "configMap" in v:
+            s = v["configMap"]
+            sources.append((s.get("name"), s.get("items"), s.get("optional")))
         for name, items, optional in sources:
             keys = {i.get("path"): i.get("key") for i in items} if items else None
             key = keys.get(rel) if keys is not None else rel
@@ -517,6 +520,45 @@ def check_http_tokens(docs, prod: bool):
         data = (secret or {}).get("data") or {}
         check(f"dev: Secret {TOKEN_SECRET} generated with writer-token and reader-token",
               all(data.get(k) for k in ("writer-token", "reader-token")), str(sorted(data)))
+
+
+SIGNING_SECRET = "coffer-signing-key"
+TRUSTED_CONFIGMAP = "coffer-trusted-keys"
+
+
+def check_signing_keys(docs, prod: bool):
+    """A NATS credential alone cannot forge the ledger: writers sign with a key from the required
+    Secret coffer-signing-key, writers and readers check signatures against the required
+    ConfigMap coffer-trusted-keys, and readers hold no signing key."""
+    for kind, name, cname, signs in (("Deployment", "coffer-writer", "writer", True),
+                                     ("StatefulSet", "coffer-reader", "reader", False)):
+        workload = one(docs, kind, name)
+        c = container(workload, cname)
+        env = env_of(c)
+        trusted = secret_file(workload, c, env.get("COFFER_TRUSTED_KEYS_FILE", {}).get("value"))
+        check(f"{cname} checks signatures: COFFER_TRUSTED_KEYS_FILE is key trusted.keys of the "
+              f"required ConfigMap {TRUSTED_CONFIGMAP}, read-only",
+              trusted is not None and trusted[:2] == (TRUSTED_CONFIGMAP, "trusted.keys")
+              and trusted[2] is not True and trusted[3], str(trusted))
+        signing = secret_file(workload, c, env.get("COFFER_SIGNING_KEY_FILE", {}).get("value"))
+        if signs:
+            check(f"writer signs: COFFER_SIGNING_KEY_FILE is key signing.key of the required Secret "
+                  f"{SIGNING_SECRET}, read-only",
+                  signing is not None and signing[:2] == (SIGNING_SECRET, "signing.key")
+                  and signing[2] is not True and signing[3], str(signing))
+        else:
+            mounted = {v.get("secret", {}).get("secretName") for v in pod_spec(workload).get("volumes", [])}
+            check(f"{cname} holds no signing key", "COFFER_SIGNING_KEY_FILE" not in env
+                  and SIGNING_SECRET not in mounted, str(mounted))
+    secret = one(docs, "Secret", SIGNING_SECRET)
+    config = one(docs, "ConfigMap", TRUSTED_CONFIGMAP)
+    if prod:
+        check(f"prod: Secret {SIGNING_SECRET} and ConfigMap {TRUSTED_CONFIGMAP} are not shipped "
+              "(the operator creates them)", secret is None and config is None)
+    else:
+        check(f"dev: Secret {SIGNING_SECRET} and ConfigMap {TRUSTED_CONFIGMAP} generated",
+              bool(((secret or {}).get("data") or {}).get("signing.key"))
+              and "trusted.keys" in ((config or {}).get("data") or {}))
 
 
 def peer_key(peer) -> str:
@@ -645,6 +687,7 @@ def main(argv) -> int:
         # Only dev lists k8s/components/public-writes: commands through the Gateway.
         check_gateway(docs, public_writes=not prod)
         check_http_tokens(docs, prod=prod)
+        check_signing_keys(docs, prod=prod)
         monitoring = "monitoring" in Path(path).name
         check_network_policies(docs, public_writes=not prod, monitoring=monitoring)
         if monitoring:

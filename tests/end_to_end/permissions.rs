@@ -875,3 +875,283 @@ async fn an_event_erased_by_a_ttl_costs_its_account_in_a_reader_that_never_saw_i
     );
     assert_eq!(http.metric(&r, "coffer_projection_failed").await, Some(0.0));
 }
+
+/// Generates a signing key with `coffer keys generate` into `directory`; returns the key file
+/// and its trusted-keys line.
+fn generate_key(directory: &std::path::Path, key_id: &str) -> (std::path::PathBuf, String) {
+    let path = directory.join(format!("{key_id}.key"));
+    let output = std::process::Command::new(testkit::coffer_binary())
+        .args(["keys", "generate", "--key-id", key_id, "--out"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    (
+        path,
+        String::from_utf8(output.stdout).unwrap().trim().to_owned(),
+    )
+}
+
+/// A `deposited` of `amount` appended to `account` with only the writer's NATS credential: the
+/// last event's chain value read back (a permitted MSG.GET), the next one computed, the append
+/// checked against the last position like a writer's. `signature`, if any, is its header.
+async fn forge_deposit(
+    writer_js: &jetstream::Context,
+    account: &str,
+    amount: i128,
+    signature: Option<&eventlog::SigningKey>,
+) -> u64 {
+    let events = writer_js.get_stream_no_info("COFFER_EVENTS").await.unwrap();
+    let mut last = (0, eventlog::chain::GENESIS.to_owned());
+    for event_type in ["account_opened", "deposited"] {
+        if let Ok(message) = events
+            .get_last_raw_message_by_subject(&format!("coffer.events.{account}.{event_type}"))
+            .await
+        {
+            if message.sequence > last.0 {
+                let chain = message.headers.get("Coffer-Chain").unwrap().as_str();
+                last = (message.sequence, chain.to_owned());
+            }
+        }
+    }
+    let payload = eventlog::codec::encode(&domain::Event::Deposited {
+        metadata: Default::default(),
+        amount: domain::Amount::new(amount).unwrap(),
+        reference: None,
+    })
+    .unwrap()
+    .2;
+    let chain = eventlog::chain::link(&last.1, account, "deposited", 1, &payload);
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in [
+        ("Nats-Expected-Last-Subject-Sequence", last.0.to_string()),
+        (
+            "Nats-Expected-Last-Subject-Sequence-Subject",
+            format!("coffer.events.{account}.>"),
+        ),
+        ("Coffer-Event-Type", "deposited".to_owned()),
+        ("Coffer-Event-Version", "1".to_owned()),
+        ("Coffer-Account-Id", account.to_owned()),
+        ("Coffer-Chain", chain.clone()),
+    ] {
+        headers.insert(name, value.as_str());
+    }
+    if let Some(key) = signature {
+        headers.insert("Coffer-Signature", key.sign_event(&chain).as_str());
+    }
+    writer_js
+        .publish_with_headers(
+            format!("coffer.append.{account}.deposited"),
+            headers,
+            payload.into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence
+}
+
+/// Issue 26, item 1: the writer's NATS password lets anyone append an event with the right chain
+/// value, and before signatures such a deposit could be spent over HTTP while `coffer verify`
+/// found nothing. With a signing key the NATS credential does not have, a forged deposit (unsigned,
+/// or signed by a key that is not trusted) costs its account in the reader, the writer refuses to
+/// decide on it, `coffer verify` names it; a forged snapshot is ignored; the rest goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stolen_writer_password_cannot_mint_money_no_trusted_key_signed() {
+    let keys = tempfile::tempdir().unwrap();
+    let (signing_key, public_line) = generate_key(keys.path(), "writers-1");
+    let trusted_file = keys.path().join("trusted.keys");
+    std::fs::write(&trusted_file, format!("{public_line}\n")).unwrap();
+    let trusted = trusted_file.to_string_lossy().into_owned();
+    let nats = server();
+    let url = nats.url();
+    let output = std::process::Command::new(testkit::coffer_binary())
+        .arg("setup")
+        .env("COFFER_NATS_URL", &url)
+        .env("COFFER_NATS_USER", "setup")
+        .env("COFFER_NATS_PASSWORD", "setup-secret")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let mut environment = role_environment("writer", "writer-secret");
+    environment.extend([
+        ("COFFER_NATS_URL", url.clone()),
+        (
+            "COFFER_SIGNING_KEY_FILE",
+            signing_key.to_string_lossy().into_owned(),
+        ),
+        ("COFFER_TRUSTED_KEYS_FILE", trusted.clone()),
+        // Snapshots after two events, so one can be forged below.
+        ("COFFER_SNAPSHOT_EVERY", "2".to_owned()),
+    ]);
+    let mut writer = testkit::CofferProcess::start("w", "writer", &environment);
+    support::wait_ready(&writer.url());
+    let data = tempfile::tempdir().unwrap();
+    let mut reader_environment = role_environment("reader", "reader-secret");
+    reader_environment.push(("COFFER_TRUSTED_KEYS_FILE", trusted.clone()));
+    let reader = support::reader("reader-0", &url, data.path(), &reader_environment);
+    support::wait_ready(&reader.url());
+    let http = Http::new();
+    let (w, r) = (writer.url(), reader.url());
+    let (unsigned, badly_signed, other) = (
+        support::unique("unsigned"),
+        support::unique("badly-signed"),
+        support::unique("other"),
+    );
+    for account in [&unsigned, &badly_signed, &other] {
+        assert_eq!(http.open_account(&w, account).await.status, 201);
+        let deposited = http
+            .deposit(&w, account, &json!({"amount": 100}), None)
+            .await
+            .unwrap();
+        assert_eq!(deposited.status, 200, "{:?}", deposited.body);
+    }
+
+    let writer_js = jetstream::new(connect_as(&url, "writer", "writer-secret").await);
+    let forged_unsigned = forge_deposit(&writer_js, &unsigned, 1_000_000, None).await;
+    // Signed, but by the thief's own key under the trusted key's id.
+    let thief = eventlog::SigningKey::from_seed("writers-1", [7; 32]).unwrap();
+    let forged_signed = forge_deposit(&writer_js, &badly_signed, 1_000_000, Some(&thief)).await;
+    let later = http
+        .deposit(&w, &other, &json!({"amount": 5}), None)
+        .await
+        .unwrap();
+    assert_eq!(later.status, 200, "{:?}", later.body);
+
+    // The reader: the other account is served as before, the two are not, and it stays ready.
+    let read = http
+        .get(&format!(
+            "{r}/v1/accounts/{other}?min_position={}",
+            later.body["position"]
+        ))
+        .await
+        .unwrap();
+    assert_eq!(read.body["balance"], 105, "{:?}", read.body);
+    for (account, position, why) in [
+        (&unsigned, forged_unsigned, "carries no Coffer-Signature"),
+        (&badly_signed, forged_signed, "does not match its content"),
+    ] {
+        let refused = http
+            .get(&format!("{r}/v1/accounts/{account}"))
+            .await
+            .unwrap();
+        assert_eq!(refused.status, 500, "{account}: {:?}", refused.body);
+        assert_eq!(refused.body["code"], "account_unreadable");
+        let detail = refused.body["detail"].as_str().unwrap();
+        assert!(
+            detail.contains(&format!("position {position}")) && detail.contains(why),
+            "{detail}"
+        );
+        // The writer will not spend it: it refuses to decide on an untrusted history.
+        let spent = http
+            .post(
+                &format!("{w}/v1/transfers"),
+                &json!({"from": account, "to": other, "amount": 500_000}),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(spent.status, 500, "{account}: {:?}", spent.body);
+        assert_eq!(spent.body["code"], "account_unreadable");
+    }
+    assert_eq!(
+        http.metric(&r, "coffer_reader_signature_failures_total")
+            .await,
+        Some(2.0)
+    );
+    assert_eq!(support::status_of(&format!("{r}/readyz")).unwrap(), 200);
+
+    // `coffer verify` with the trusted keys names both; the chains alone are intact.
+    let verified = std::process::Command::new(testkit::coffer_binary())
+        .arg("verify")
+        .env("COFFER_NATS_URL", &url)
+        .env("COFFER_NATS_USER", "setup")
+        .env("COFFER_NATS_PASSWORD", "setup-secret")
+        .env("COFFER_TRUSTED_KEYS_FILE", &trusted)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&verified.stdout);
+    assert!(!verified.status.success(), "{report}");
+    for (account, position) in [(&unsigned, forged_unsigned), (&badly_signed, forged_signed)] {
+        assert!(
+            report.contains(&format!(
+                "{account}: untrusted event at position {position}"
+            )),
+            "{report}"
+        );
+    }
+    assert!(
+        report.contains("0 account(s) with a broken chain, 0 unreadable event(s), 2 event(s) without a trusted signature"),
+        "{report}"
+    );
+
+    // A forged snapshot: the other account's real one, a million richer, unsigned. A writer that
+    // starts from it would pay out money that never came in; this one replays the history.
+    let snapshots = writer_js
+        .get_stream_no_info("COFFER_SNAPSHOTS")
+        .await
+        .unwrap();
+    let other_id = domain::AccountId::parse(&other).unwrap();
+    let subject = eventlog::subject::snapshot(&other_id);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let real = loop {
+        if let Ok(message) = snapshots.get_last_raw_message_by_subject(&subject).await {
+            break message;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot of {other} was written"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        real.headers.get("Coffer-Signature").is_some(),
+        "the writer signs its snapshots"
+    );
+    let mut snapshot = eventlog::AccountSnapshot::decode(&real.payload)
+        .unwrap()
+        .unwrap();
+    domain::account::evolve(
+        &mut snapshot.state,
+        &domain::Event::Deposited {
+            metadata: Default::default(),
+            amount: domain::Amount::new(1_000_000).unwrap(),
+            reference: None,
+        },
+    );
+    writer_js
+        .publish(subject.clone(), snapshot.encode().unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    writer.restart();
+    support::wait_ready(&w);
+    let overdrawn = http
+        .post(
+            &format!("{w}/v1/accounts/{other}/withdrawals"),
+            &json!({"amount": 500_000}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(overdrawn.status, 422, "{:?}", overdrawn.body);
+    let withdrawn = http
+        .post(
+            &format!("{w}/v1/accounts/{other}/withdrawals"),
+            &json!({"amount": 105}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(withdrawn.status, 200, "{:?}", withdrawn.body);
+    assert_eq!(withdrawn.body["balance"], 0, "{:?}", withdrawn.body);
+    assert!(
+        writer
+            .log()
+            .contains("a snapshot without a trusted signature"),
+        "{}",
+        writer.log()
+    );
+}

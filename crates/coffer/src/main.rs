@@ -69,6 +69,137 @@ enum Commands {
         #[command(subcommand)]
         command: ProjectionCommand,
     },
+    /// Signing keys: what writers sign appended events and snapshots with, so that a NATS
+    /// credential alone cannot forge the ledger (docs/security.md).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Generates an Ed25519 signing key: writes it to FILE (mode 0600; refuses to overwrite)
+    /// and prints its trusted-keys line (`KEY_ID HEX_PUBLIC_KEY`) for COFFER_TRUSTED_KEYS_FILE.
+    Generate {
+        /// The key's id, named in every signature it makes (1-64 of A-Z a-z 0-9 . _ -).
+        #[arg(long = "key-id")]
+        key_id: String,
+        /// Where to write the signing key.
+        #[arg(long = "out")]
+        out: PathBuf,
+    },
+}
+
+/// Signature keys of the services that read or write the ledger.
+#[derive(Args, Clone)]
+struct TrustArgs {
+    /// The trusted writers' public keys (lines `KEY_ID HEX_PUBLIC_KEY [until=POSITION]`, and
+    /// optionally `unsigned-until POSITION`): every event must carry a valid signature by one
+    /// of them, or its account is refused (`account_unreadable`). Unset: not checked.
+    #[arg(long = "trusted-keys-file", env = "COFFER_TRUSTED_KEYS_FILE")]
+    trusted_keys_file: Option<PathBuf>,
+}
+
+impl TrustArgs {
+    fn trusted_keys(&self) -> anyhow::Result<Option<std::sync::Arc<eventlog::TrustedKeys>>> {
+        let Some(path) = &self.trusted_keys_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read COFFER_TRUSTED_KEYS_FILE {}", path.display()))?;
+        let keys = eventlog::TrustedKeys::parse(&text)
+            .with_context(|| format!("COFFER_TRUSTED_KEYS_FILE {}", path.display()))?;
+        Ok(Some(std::sync::Arc::new(keys)))
+    }
+}
+
+/// The key a process that appends events signs them with.
+#[derive(Args, Clone)]
+struct SigningArgs {
+    /// This writer's signing key (`coffer keys generate`): a line `KEY_ID HEX_SEED`. Unset:
+    /// events are not signed (and the writer may not check signatures either).
+    #[arg(long = "signing-key-file", env = "COFFER_SIGNING_KEY_FILE")]
+    signing_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    trust: TrustArgs,
+}
+
+impl SigningArgs {
+    /// The signing key and the trusted keys, refusing a key the trusted set does not list:
+    /// what this process appends would be refused by everyone else.
+    #[allow(clippy::type_complexity)]
+    fn keys(
+        &self,
+    ) -> anyhow::Result<(
+        Option<std::sync::Arc<eventlog::SigningKey>>,
+        Option<std::sync::Arc<eventlog::TrustedKeys>>,
+    )> {
+        let signing = match &self.signing_key_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("read COFFER_SIGNING_KEY_FILE {}", path.display()))?;
+                Some(std::sync::Arc::new(
+                    eventlog::SigningKey::parse(&text)
+                        .with_context(|| format!("COFFER_SIGNING_KEY_FILE {}", path.display()))?,
+                ))
+            }
+        };
+        let trusted = self.trust.trusted_keys()?;
+        if let Some(trusted) = &trusted {
+            match &signing {
+                None => anyhow::bail!(
+                    "COFFER_TRUSTED_KEYS_FILE is set without COFFER_SIGNING_KEY_FILE: what this \
+                     process appends would be refused"
+                ),
+                Some(key) if !trusted.trusts(key) => anyhow::bail!(
+                    "the signing key {:?} is not in COFFER_TRUSTED_KEYS_FILE (or is retired \
+                     there): add its line `{}`",
+                    key.id(),
+                    key.public_line()
+                ),
+                Some(_) => {}
+            }
+        }
+        Ok((signing, trusted))
+    }
+
+    /// `log` signing what it appends and checking what it loads, as configured.
+    fn apply(&self, log: eventlog::EventLog) -> anyhow::Result<eventlog::EventLog> {
+        let (signing, trusted) = self.keys()?;
+        let log = match signing {
+            Some(key) => log.with_signer(key),
+            None => log,
+        };
+        Ok(match trusted {
+            Some(keys) => log.with_trusted_keys(keys),
+            None => log,
+        })
+    }
+}
+
+/// `coffer keys generate`.
+fn generate_key(key_id: &str, out: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|error| anyhow::anyhow!("no random source: {error}"))?;
+    let key = eventlog::SigningKey::from_seed(key_id, seed)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("create {}", out.display()))?;
+    writeln!(
+        file,
+        "# Coffer signing key {key_id}: keep it secret (COFFER_SIGNING_KEY_FILE)\n{}",
+        key.secret_line()
+    )
+    .with_context(|| format!("write {}", out.display()))?;
+    println!("{}", key.public_line());
+    Ok(())
 }
 
 #[derive(Args)]
@@ -81,6 +212,8 @@ struct SetupArgs {
 struct ImportArgs {
     #[command(flatten)]
     nats: NatsArgs,
+    #[command(flatten)]
+    signing: SigningArgs,
     /// The file to import.
     file: PathBuf,
     /// Batches (of up to 400 rows) written at once.
@@ -150,6 +283,8 @@ struct TailArgs {
 struct VerifyArgs {
     #[command(flatten)]
     nats: NatsArgs,
+    #[command(flatten)]
+    trust: TrustArgs,
     /// Verify one account only (default: the whole stream, with a progress bar).
     #[arg(long)]
     account: Option<String>,
@@ -299,6 +434,8 @@ struct WriterArgs {
     token: TokenArgs,
     #[command(flatten)]
     limits: HttpLimitsArgs,
+    #[command(flatten)]
+    signing: SigningArgs,
 }
 
 /// Limits of an HTTP API.
@@ -420,6 +557,8 @@ struct ReaderArgs {
     token: TokenArgs,
     #[command(flatten)]
     limits: HttpLimitsArgs,
+    #[command(flatten)]
+    trust: TrustArgs,
 }
 
 /// Completes on SIGTERM or Ctrl-C.
@@ -563,9 +702,11 @@ async fn import(args: ImportArgs) -> anyhow::Result<bool> {
         .with_context(|| format!("read {}", args.file.display()))?;
     let (rows, mut refused) = parse(&text);
     let client = connected(&args.nats, "coffer-import").await?;
-    let log = eventlog::EventLog::open(client, &args.nats.stream())
-        .await
-        .context("the event stream")?;
+    let log = args.signing.apply(
+        eventlog::EventLog::open(client, &args.nats.stream())
+            .await
+            .context("the event stream")?,
+    )?;
     let bar = indicatif::ProgressBar::new(rows.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -739,11 +880,27 @@ const VERIFY_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
     let client = connected(&args.nats, "coffer-verify").await?;
     let log = eventlog::EventLog::new(client, &args.nats.stream());
+    let trusted = args.trust.trusted_keys()?;
     let mut verifier = eventlog::chain::Verifier::default();
     // Messages that cannot be read as events: reported, and the check goes on past them.
     let mut unreadable: Vec<eventlog::Unreadable> = Vec::new();
+    // Per account, the first event no trusted writer signed, and why.
+    let mut unsigned: std::collections::BTreeMap<String, (u64, String)> = Default::default();
+    let mut unsigned_count = 0u64;
     let mut check = |recorded: &eventlog::RecordedEvent| {
         verifier.check_recorded(recorded);
+        if let Some(trusted) = &trusted {
+            if let Err(error) = trusted.verify_event(
+                recorded.position,
+                recorded.chain.as_deref(),
+                recorded.signature.as_deref(),
+            ) {
+                unsigned_count += 1;
+                unsigned
+                    .entry(recorded.account_id.as_str().to_owned())
+                    .or_insert((recorded.position, error.to_string()));
+            }
+        }
     };
     match &args.account {
         Some(account) => {
@@ -800,13 +957,20 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<bool> {
     for (account, position) in &verifier.first_breaks {
         println!("{account}: chain broken at position {position}");
     }
+    for (account, (position, reason)) in &unsigned {
+        println!("{account}: untrusted event at position {position}: {reason}");
+    }
+    let signatures = match &trusted {
+        Some(_) => format!(", {unsigned_count} event(s) without a trusted signature"),
+        None => String::new(),
+    };
     println!(
-        "{} events checked, {} account(s) with a broken chain, {} unreadable event(s)",
+        "{} events checked, {} account(s) with a broken chain, {} unreadable event(s){signatures}",
         verifier.events_checked,
         verifier.first_breaks.len(),
         unreadable.len()
     );
-    Ok(verifier.first_breaks.is_empty() && unreadable.is_empty())
+    Ok(verifier.first_breaks.is_empty() && unreadable.is_empty() && unsigned.is_empty())
 }
 
 #[tokio::main]
@@ -820,6 +984,9 @@ async fn main() -> anyhow::Result<()> {
         Commands::Projection {
             command: ProjectionCommand::Status(args),
         } => projection_status(args).await,
+        Commands::Keys {
+            command: KeysCommand::Generate { key_id, out },
+        } => generate_key(&key_id, &out),
         Commands::Projection {
             command: ProjectionCommand::Rebuild(args),
         } => {
@@ -861,6 +1028,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Commands::Writer(args) => {
             let _telemetry = telemetry::init("coffer-writer")?;
+            let (signing_key, trusted_keys) = args.signing.keys()?;
             let config = writer::WriterConfig {
                 nats: args.nats.settings("coffer-writer"),
                 http_address: args.http_address,
@@ -888,6 +1056,8 @@ async fn main() -> anyhow::Result<()> {
                 },
                 nats_monitor_urls: writer::nats_store::monitor_urls(&args.nats_monitor_urls)
                     .map_err(|reason| anyhow::anyhow!(reason))?,
+                signing_key,
+                trusted_keys,
             };
             writer::run(config, shutdown_signal()).await?;
             Ok(())
@@ -912,6 +1082,7 @@ async fn main() -> anyhow::Result<()> {
                 http_limits: args.limits.limits(),
                 max_position_waiters: args.max_position_waiters as usize,
                 failpoint_storage_file: args.failpoint_storage_file,
+                trusted_keys: args.trust.trusted_keys()?,
             };
             reader::run(config, shutdown_signal()).await?;
             Ok(())

@@ -22,6 +22,7 @@ pub mod connection;
 pub mod group_commit;
 pub mod leases;
 pub mod log;
+pub mod signing;
 pub mod snapshot;
 pub mod stream;
 pub mod subject;
@@ -31,6 +32,7 @@ pub use connection::NatsSettings;
 pub use group_commit::{AccountsReserved, GroupCommit, GroupCommitSettings};
 pub use leases::{LeaseEntry, Leases};
 pub use log::{Appended, Entry, EventLog, EventMetadata, RecordedEvent, StoredMarker, Unreadable};
+pub use signing::{SignatureError, SigningKey, TrustedKeys};
 pub use snapshot::AccountSnapshot;
 pub use stream::StreamSettings;
 

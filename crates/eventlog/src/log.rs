@@ -33,6 +33,8 @@ pub mod header {
     pub const COMMAND_ID: &str = "Coffer-Command-Id";
     pub const CORRELATION_ID: &str = "Coffer-Correlation-Id";
     pub const CHAIN: &str = "Coffer-Chain";
+    /// A writer's signature of the event's chain value, or of a snapshot (`crate::signing`).
+    pub const SIGNATURE: &str = crate::signing::HEADER;
     /// On a hold's scheduled expiry: the hold's `expires_at` (Unix seconds). The schedule fires
     /// ahead of it, and the writer that receives it expires the hold at this time.
     pub const HOLD_EXPIRES_AT: &str = "Coffer-Hold-Expires-At";
@@ -101,6 +103,8 @@ pub struct RecordedEvent {
     pub metadata: EventMetadata,
     /// The stored `Coffer-Chain` value, if the event carries one.
     pub chain: Option<String>,
+    /// The stored `Coffer-Signature`, if the event carries one (`crate::signing`).
+    pub signature: Option<String>,
     /// The position of the account's event before this one, as the append's concurrency check
     /// stated it and the stream enforced it (`Nats-Expected-Last-Subject-Sequence` on this
     /// account's own subjects); `None` when the message makes no such claim. A reader that has
@@ -178,6 +182,10 @@ pub struct EventLog {
     snapshots_name: String,
     /// Failpoint for tests: a pause between staging an append and committing it.
     failpoint_commit_delay: Option<std::time::Duration>,
+    /// Signs every event and snapshot this log stores, when the writer has a key.
+    signer: Option<std::sync::Arc<crate::SigningKey>>,
+    /// Whose signatures events and snapshots read back must carry, when configured.
+    trusted: Option<std::sync::Arc<crate::TrustedKeys>>,
 }
 
 pub(crate) fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -185,7 +193,10 @@ pub(crate) fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
 }
 
 /// The subject, headers and payload an entry is published with.
-fn message(entry: &Entry) -> Result<(String, HeaderMap, Bytes)> {
+fn message(
+    entry: &Entry,
+    signer: Option<&crate::SigningKey>,
+) -> Result<(String, HeaderMap, Bytes)> {
     let mut headers = HeaderMap::new();
     match entry {
         Entry::Event {
@@ -197,6 +208,9 @@ fn message(entry: &Entry) -> Result<(String, HeaderMap, Bytes)> {
         } => {
             let (event_type, version, payload) = codec::encode(event)?;
             headers.insert(header::CHAIN, chain.as_str());
+            if let Some(signer) = signer {
+                headers.insert(header::SIGNATURE, signer.sign_event(chain).as_str());
+            }
             headers.insert(
                 header::EXPECTED_LAST_SUBJECT_SEQUENCE,
                 expected_last_position.to_string().as_str(),
@@ -311,7 +325,27 @@ impl EventLog {
             schedules_name: settings.schedules_name.clone(),
             snapshots_name: settings.snapshots_name.clone(),
             failpoint_commit_delay: None,
+            signer: None,
+            trusted: None,
         }
+    }
+
+    /// Signs every event and snapshot this log appends with `key`.
+    pub fn with_signer(mut self, key: std::sync::Arc<crate::SigningKey>) -> Self {
+        self.signer = Some(key);
+        self
+    }
+
+    /// Requires `keys`' signatures on the snapshots this log loads (an unsigned or badly signed
+    /// one is ignored), and gives them to whoever checks events ([`EventLog::trusted_keys`]).
+    pub fn with_trusted_keys(mut self, keys: std::sync::Arc<crate::TrustedKeys>) -> Self {
+        self.trusted = Some(keys);
+        self
+    }
+
+    /// The keys events must be signed with, when signatures are checked.
+    pub fn trusted_keys(&self) -> Option<&std::sync::Arc<crate::TrustedKeys>> {
+        self.trusted.as_ref()
     }
 
     /// Failpoint for tests: every append pauses `delay` between staging its messages and the
@@ -418,7 +452,7 @@ impl EventLog {
         }
         let messages = entries
             .iter()
-            .map(|entry| message(entry))
+            .map(|entry| message(entry, self.signer.as_deref()))
             .collect::<Result<Vec<_>>>()?;
         let count = messages.len();
         let batch_id = (count > 1).then(|| uuid::Uuid::now_v7().simple().to_string());
@@ -528,10 +562,14 @@ impl EventLog {
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCOUNT_ID, snapshot.state.id().as_str());
         headers.insert(header::CONTENT_TYPE, header::MSGPACK);
+        let payload = snapshot.encode()?;
+        if let Some(signer) = &self.signer {
+            headers.insert(header::SIGNATURE, signer.sign_snapshot(&payload).as_str());
+        }
         self.publish_acknowledged(
             subject::snapshot(snapshot.state.id()),
             headers,
-            snapshot.encode()?.into(),
+            payload.into(),
             1,
         )
         .await
@@ -551,9 +589,23 @@ impl EventLog {
                 serde_json::json!({ "last_by_subj": subject::snapshot(account) }),
             )
             .await?;
+        // Its signature, read before the answer is taken apart (`hdrs`: the stored headers).
+        let signature = answer
+            .as_ref()
+            .and_then(|message| message["hdrs"].as_str())
+            .and_then(|raw| base64::engine::general_purpose::STANDARD.decode(raw).ok())
+            .and_then(|raw| stored_header(&raw, header::SIGNATURE));
         let Some(stored) = stored_message(answer)? else {
             return Ok(None);
         };
+        if let Some(trusted) = &self.trusted {
+            if let Err(error) = trusted.verify_snapshot(&stored.payload, signature.as_deref()) {
+                // A stolen NATS credential may write snapshots: without a trusted signature one
+                // could hand a writer any balance. Replaying the history only costs time.
+                tracing::warn!(%account, %error, "a snapshot without a trusted signature; replaying the history");
+                return Ok(None);
+            }
+        }
         let snapshot = match crate::AccountSnapshot::decode(&stored.payload) {
             Ok(Some(snapshot)) if snapshot.state.id() == account => snapshot,
             Ok(Some(_)) => {
@@ -1120,6 +1172,7 @@ pub fn decode_stored(
             traceparent: header_text(headers, header::TRACEPARENT),
         },
         chain: header_text(headers, header::CHAIN),
+        signature: header_text(headers, header::SIGNATURE),
         previous_position,
         version,
         payload,

@@ -209,11 +209,12 @@ pub fn start_view<R>(log: &EventLog, start: StartView<'_, R>) -> crate::Result<(
 where
     R: std::future::Future<Output = ()> + Send + 'static,
 {
-    let views = match start.continues {
-        Some(view) => LedgerViews {
-            integrity: view.integrity.clone(),
-        },
-        None => LedgerViews::default(),
+    let views = LedgerViews {
+        integrity: start
+            .continues
+            .map(|view| view.integrity.clone())
+            .unwrap_or_default(),
+        trusted: log.trusted_keys().cloned(),
     };
     let integrity = views.integrity.clone();
     let mut engine = projection::Engine::open(start.database.clone(), views, start.consumer_name)?

@@ -42,6 +42,8 @@ pub struct ReaderConfig {
     pub max_position_waiters: usize,
     /// Storage failpoint for tests: while this file exists, writes to the view file fail.
     pub failpoint_storage_file: Option<PathBuf>,
+    /// Whose signature every event must carry (`COFFER_TRUSTED_KEYS_FILE`); none: not checked.
+    pub trusted_keys: Option<Arc<eventlog::TrustedKeys>>,
 }
 
 const SETUP_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -113,7 +115,10 @@ pub async fn run(
         .connect()
         .await
         .map_err(|error| Error::Startup(error.to_string()))?;
-    let log = EventLog::new(client.clone(), &config.stream);
+    let log = match &config.trusted_keys {
+        Some(keys) => EventLog::new(client.clone(), &config.stream).with_trusted_keys(keys.clone()),
+        None => EventLog::new(client.clone(), &config.stream),
+    };
     let (stop_sender, stop_receiver) = watch::channel(false);
 
     // The stream may not exist yet if no writer ever ran: the engine waits until it does,

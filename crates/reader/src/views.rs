@@ -261,6 +261,8 @@ pub fn unreadable_at(
 pub struct Integrity {
     pub chain_breaks: Counter,
     pub audit_unbalanced: Counter,
+    /// Events without a trusted writer's signature (when trusted keys are configured).
+    pub signature_failures: Counter,
 }
 
 impl Integrity {
@@ -269,6 +271,11 @@ impl Integrity {
             "coffer_reader_chain_breaks",
             "Events whose Coffer-Chain does not follow from their account's previous event.",
             self.chain_breaks.clone(),
+        );
+        registry.register(
+            "coffer_reader_signature_failures",
+            "Events without a valid signature by a trusted writer key (COFFER_TRUSTED_KEYS_FILE); each makes its account's views unreadable.",
+            self.signature_failures.clone(),
         );
         registry.register(
             "coffer_reader_audit_unbalanced",
@@ -737,6 +744,8 @@ struct Line<'a> {
 #[derive(Default)]
 pub struct LedgerViews {
     pub integrity: Arc<Integrity>,
+    /// Whose signature every event must carry; `None`: signatures are not checked.
+    pub trusted: Option<Arc<eventlog::TrustedKeys>>,
 }
 
 /// Reads one MessagePack row.
@@ -905,6 +914,35 @@ impl projection::Projector for LedgerViews {
                     },
                 )?;
             }
+            if let Some(trusted) = &self.trusted {
+                if let Err(error) = trusted.verify_event(
+                    recorded.position,
+                    recorded.chain.as_deref(),
+                    recorded.signature.as_deref(),
+                ) {
+                    if !marked(transaction)? {
+                        // The chain value is right (checked above) but no trusted writer vouched
+                        // for it: appended with a NATS credential alone. Its money is not served.
+                        self.integrity.signature_failures.inc();
+                        tracing::error!(
+                            account = account_id,
+                            position = recorded.position,
+                            %error,
+                            "an event without a trusted signature; the account's views are no longer served"
+                        );
+                        mark_unverifiable(
+                            transaction,
+                            account_id,
+                            recorded.position,
+                            UnreadableRow {
+                                account_id: Some(account_id.to_owned()),
+                                subject: recorded.subject.clone(),
+                                reason: format!("no trusted writer signed it: {error}"),
+                            },
+                        )?;
+                    }
+                }
+            }
             if let Some(mut row) = fold_account(old, recorded) {
                 // Later events build on what is stored, so one break is counted once.
                 row.chain = recorded.chain.clone().unwrap_or(expected_chain);
@@ -1036,6 +1074,7 @@ mod tests {
             event,
             metadata: EventMetadata::default(),
             chain: None,
+            signature: None,
             previous_position: None,
             version: 1,
             payload: Default::default(),
@@ -1072,6 +1111,7 @@ mod tests {
         let database = redb::Database::create(directory.path().join("views.redb")).unwrap();
         let views = LedgerViews {
             integrity: Arc::new(Integrity::default()),
+            trusted: None,
         };
         let opened = chained(
             "a",

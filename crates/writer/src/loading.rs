@@ -29,6 +29,9 @@ pub(crate) async fn load_counting(log: &EventLog, mut known: Known) -> Result<(K
         .map_err(Error::from)?;
     let applied = events.len() as u64;
     for recorded in events {
+        if let Some(trusted) = log.trusted_keys() {
+            trust(trusted, &known.chain, &recorded)?;
+        }
         // The stored value is what the next event must build on, whatever it is.
         let chain = recorded
             .chain
@@ -37,6 +40,37 @@ pub(crate) async fn load_counting(log: &EventLog, mut known: Known) -> Result<(K
         known.apply(&recorded.event, recorded.position, chain);
     }
     Ok((known, applied))
+}
+
+/// Refuses to decide on an account whose history holds an event no trusted writer signed (with
+/// a NATS credential alone, anyone who may append could otherwise deposit money and spend it
+/// here), or whose chain value does not follow from the one before (the value is what the
+/// signature vouches for).
+fn trust(
+    trusted: &eventlog::TrustedKeys,
+    previous_chain: &str,
+    recorded: &eventlog::RecordedEvent,
+) -> Result<()> {
+    let expected = recorded.expected_chain(previous_chain);
+    let reason = if recorded.chain.as_deref() != Some(expected.as_str()) {
+        "its Coffer-Chain does not follow from the account's previous event".to_owned()
+    } else {
+        match trusted.verify_event(
+            recorded.position,
+            recorded.chain.as_deref(),
+            recorded.signature.as_deref(),
+        ) {
+            Ok(()) => return Ok(()),
+            Err(error) => format!("no trusted writer signed it: {error}"),
+        }
+    };
+    tracing::error!(account = %recorded.account_id, position = recorded.position, %reason, "an account's history cannot be trusted; its commands are refused");
+    Err(Error::AccountUnreadable(format!(
+        "account {}: the event at position {} cannot be trusted: {reason}; this account's \
+         commands are refused until an operator repairs it (docs/operations.md, \
+         \"CofferSignatureInvalid\")",
+        recorded.account_id, recorded.position
+    )))
 }
 
 /// Where loading `account` starts without a state in memory: its snapshot when it has a usable

@@ -49,6 +49,11 @@ pub struct WriterConfig {
     /// The NATS servers' `/varz` addresses (`COFFER_NATS_MONITOR_URLS`), read for their store
     /// use ([`crate::nats_store`]); empty: not read.
     pub nats_monitor_urls: Vec<String>,
+    /// What this writer signs its events and snapshots with (`COFFER_SIGNING_KEY_FILE`).
+    pub signing_key: Option<Arc<eventlog::SigningKey>>,
+    /// Whose signatures the events it decides on must carry (`COFFER_TRUSTED_KEYS_FILE`); none:
+    /// not checked.
+    pub trusted_keys: Option<Arc<eventlog::TrustedKeys>>,
 }
 
 impl WriterConfig {
@@ -58,6 +63,20 @@ impl WriterConfig {
     /// longer applies to them, see `problem::server::work_taken`), and leave bulks no time to
     /// start anything.
     pub fn check(&self) -> Result<()> {
+        if let Some(trusted) = &self.trusted_keys {
+            if !self
+                .signing_key
+                .as_ref()
+                .is_some_and(|key| trusted.trusts(key))
+            {
+                return Err(Error::Config(
+                    "COFFER_TRUSTED_KEYS_FILE must list this writer's signing key \
+                     (COFFER_SIGNING_KEY_FILE), not retired: every other process would refuse \
+                     what it appends"
+                        .into(),
+                ));
+            }
+        }
         let answered_within = self.registry.call_timeout
             + crate::registry::ANSWER_GRACE
             + crate::registry::ANSWER_MARGIN;
@@ -97,7 +116,13 @@ pub async fn run(
         .connect()
         .await
         .map_err(|error| Error::Unavailable(error.to_string()))?;
-    let log = EventLog::new(client.clone(), &config.stream);
+    let mut log = EventLog::new(client.clone(), &config.stream);
+    if let Some(key) = &config.signing_key {
+        log = log.with_signer(key.clone());
+    }
+    if let Some(keys) = &config.trusted_keys {
+        log = log.with_trusted_keys(keys.clone());
+    }
     let metrics = Arc::new(Metrics::default());
     let writer_id = WriterId::generate(config.writer_name.as_deref())?;
     let ownership_cell: Arc<OnceLock<Arc<Ownership>>> = Arc::new(OnceLock::new());

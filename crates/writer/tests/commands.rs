@@ -98,6 +98,8 @@ impl TestWriter {
             hold_backstop: Default::default(),
             account_batch_max: 100,
             nats_monitor_urls: Vec::new(),
+            signing_key: None,
+            trusted_keys: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
