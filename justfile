@@ -93,14 +93,15 @@ lint:
 # Suites: deposits over HTTP and over NATS (64 clients, 10 000 accounts), throughput and latency,
 # the first command on a 100 000-event account with and without its snapshot, reader catch-up,
 # one hot account through 1-3 writers, p99 at half load, a transfer next to transactions of
-# 2, 8 and 64 postings (flows), listing 1 000 000 accounts by metadata (listing). DURABILITY: `always` (nats-server
+# 2, 8 and 64 postings (flows), listing 1 000 000 accounts by metadata (listing), Ed25519 signing and a
+# signed catch-up checked and unchecked (signing). DURABILITY: `always` (nats-server
 # `sync_interval: always`, what Coffer deploys) or `default` (the NATS default). Reports and JSON
 # go to target/bench/; docs/benchmarks.md records runs with their machine.
 # Benchmarks against real processes, each figure next to raw JetStream from the same run.
 bench durability="always": tools
     cargo build --release -p coffer -p bench
     mkdir -p target/bench
-    for suite in cost-model deposits throughput snapshot catch-up hot-account half-load flows listing; do \
+    for suite in cost-model deposits throughput snapshot catch-up signing hot-account half-load flows listing; do \
         COFFER_BIN=target/release/coffer target/release/coffer-bench --suite $suite --durability {{durability}} \
             --report target/bench/$suite-{{durability}}.md --json target/bench/$suite-{{durability}}.json || exit 1; \
     done

@@ -1155,3 +1155,180 @@ async fn a_stolen_writer_password_cannot_mint_money_no_trusted_key_signed() {
         writer.log()
     );
 }
+
+/// Issue 26, item 1, beyond events: what a writer decides on that is not an event of the account
+/// must not be forgeable with the writer NATS password either. A hand-over (a command one writer
+/// gives the owner of its account) recorded from `coffer.owner.*` and sent again, or sent without
+/// its signature, is not run; a transfer's record (the marker a reversal reads its postings from)
+/// overwritten with another transfer's is refused instead of reversing money the victim never got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stolen_writer_password_cannot_hand_over_commands_or_rewrite_transfer_records() {
+    let keys = tempfile::tempdir().unwrap();
+    let (signing_key, public_line) = generate_key(keys.path(), "writers-1");
+    let trusted_file = keys.path().join("trusted.keys");
+    std::fs::write(&trusted_file, format!("{public_line}\n")).unwrap();
+    let nats = server();
+    let url = nats.url();
+    let output = std::process::Command::new(testkit::coffer_binary())
+        .arg("setup")
+        .env("COFFER_NATS_URL", &url)
+        .env("COFFER_NATS_USER", "setup")
+        .env("COFFER_NATS_PASSWORD", "setup-secret")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let mut environment = role_environment("writer", "writer-secret");
+    environment.extend([
+        ("COFFER_NATS_URL", url.clone()),
+        (
+            "COFFER_SIGNING_KEY_FILE",
+            signing_key.to_string_lossy().into_owned(),
+        ),
+        (
+            "COFFER_TRUSTED_KEYS_FILE",
+            trusted_file.to_string_lossy().into_owned(),
+        ),
+    ]);
+    let first = testkit::CofferProcess::start("w1", "writer", &environment);
+    let second = testkit::CofferProcess::start("w2", "writer", &environment);
+    let http = Http::new();
+    let (w1, w2) = (first.url(), second.url());
+    for writer in [&w1, &w2] {
+        support::wait_ready(writer);
+    }
+    // Both own partitions, so commands sent to one are handed to the other for half the accounts.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http
+        .metric(&w1, "coffer_writer_partitions_owned")
+        .await
+        .unwrap_or_default()
+        < 1.0
+        || http
+            .metric(&w2, "coffer_writer_partitions_owned")
+            .await
+            .unwrap_or_default()
+            < 1.0
+    {
+        assert!(Instant::now() < deadline, "the partitions were not shared");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let thief = connect_as(&url, "writer", "writer-secret").await;
+    let mut handovers = thief.subscribe("coffer.owner.*").await.unwrap();
+    thief.flush().await.unwrap();
+    let accounts: Vec<String> = (0..16).map(|_| support::unique("handed")).collect();
+    for account in &accounts {
+        assert_eq!(http.open_account(&w1, account).await.status, 201);
+        let deposited = http
+            .deposit(&w1, account, &json!({"amount": 10}), None)
+            .await
+            .unwrap();
+        assert_eq!(deposited.status, 200, "{:?}", deposited.body);
+    }
+    // A recorded hand-over of one of those deposits.
+    let recorded = loop {
+        let message = tokio::time::timeout(Duration::from_secs(5), handovers.next())
+            .await
+            .expect("no hand-over seen")
+            .unwrap();
+        if String::from_utf8_lossy(&message.payload).contains("Deposit") {
+            break message;
+        }
+    };
+    let account = accounts
+        .iter()
+        .find(|account| String::from_utf8_lossy(&recorded.payload).contains(account.as_str()))
+        .unwrap()
+        .clone();
+    let replayed = thief
+        .request_with_headers(
+            recorded.subject.clone(),
+            recorded.headers.clone().unwrap(),
+            recorded.payload.clone(),
+        )
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&replayed.payload);
+    assert!(answer.contains("taken before"), "{answer}");
+    let unsigned = thief
+        .request(recorded.subject.clone(), recorded.payload.clone())
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&unsigned.payload);
+    assert!(answer.contains("untrusted hand-over"), "{answer}");
+    // Neither ran: the account holds its one deposit.
+    let next = http
+        .deposit(&w2, &account, &json!({"amount": 1}), None)
+        .await
+        .unwrap();
+    assert_eq!(next.body["balance"], 11, "{:?}", next.body);
+
+    // A reversal reads the transfer's postings from its record. The thief copies the record of
+    // its own payment to the victim onto a small transfer the victim made it, hoping that
+    // reversing the small one pays the big one back.
+    let (attacker, victim) = (support::unique("attacker"), support::unique("victim"));
+    for (account, amount) in [(&attacker, 100), (&victim, 1_000)] {
+        assert_eq!(http.open_account(&w1, account).await.status, 201);
+        http.deposit(&w1, account, &json!({"amount": amount}), None)
+            .await
+            .unwrap();
+    }
+    let (small, big) = (support::unique("t-small"), support::unique("t-big"));
+    for (id, from, to, amount) in [
+        (&small, &victim, &attacker, 5),
+        (&big, &attacker, &victim, 50),
+    ] {
+        let moved = http
+            .post(
+                &format!("{w1}/v1/transfers"),
+                &json!({"transfer_id": id, "from": from, "to": to, "amount": amount}),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(moved.status, 201, "{:?}", moved.body);
+    }
+    let events = jetstream::new(thief.clone())
+        .get_stream_no_info("COFFER_EVENTS")
+        .await
+        .unwrap();
+    let marker =
+        |id: &str| eventlog::subject::transfer_marker(&domain::TransferId::parse(id).unwrap());
+    let big_record = events
+        .get_last_raw_message_by_subject(&marker(&big))
+        .await
+        .unwrap();
+    jetstream::new(thief.clone())
+        .publish(marker(&small), big_record.payload.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let reversed = http
+        .post(
+            &format!("{w1}/v1/transfers/{small}/reverse"),
+            &json!({}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(reversed.status, 500, "{:?}", reversed.body);
+    assert_eq!(
+        reversed.body["code"], "account_unreadable",
+        "{:?}",
+        reversed.body
+    );
+    assert!(
+        reversed.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be trusted"),
+        "{:?}",
+        reversed.body
+    );
+    // Nothing moved: 1 000 - 5 + 50, and the deposit.
+    let after = http
+        .deposit(&w1, &victim, &json!({"amount": 1}), None)
+        .await
+        .unwrap();
+    assert_eq!(after.body["balance"], 1_046, "{:?}", after.body);
+}

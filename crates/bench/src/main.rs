@@ -70,6 +70,9 @@ enum Suite {
     Flows,
     CostModel,
     Listing,
+    /// What signatures cost: Ed25519 sign and verify per event in-process, and a reader's
+    /// catch-up of signed events with and without checking them (COFFER_TRUSTED_KEYS_FILE).
+    Signing,
 }
 
 struct Results {
@@ -845,23 +848,137 @@ async fn catch_up_suite(
     Ok(())
 }
 
+/// What signatures cost (`--suite signing`): Ed25519 sign and verify per event in this process,
+/// then `100 x events_per_account` signed events caught up by a fresh reader that checks them and
+/// by one that does not, next to a raw explicit-ack consume of the same stream, in one run.
+async fn signing_suite(
+    nats: &NatsServer,
+    results: &mut Results,
+    events_per_account: usize,
+) -> anyhow::Result<()> {
+    let key = Arc::new(eventlog::SigningKey::from_seed("bench-1", [42; 32])?);
+    let trusted = eventlog::TrustedKeys::parse(&key.public_line())?;
+    let chains: Vec<String> = (0..20_000u32)
+        .map(|index| {
+            eventlog::chain::link(
+                eventlog::chain::GENESIS,
+                "a",
+                "deposited",
+                1,
+                &index.to_be_bytes(),
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    let signatures: Vec<String> = chains.iter().map(|chain| key.sign_event(chain)).collect();
+    let signing = started.elapsed();
+    let started = Instant::now();
+    for (position, (chain, signature)) in chains.iter().zip(&signatures).enumerate() {
+        trusted
+            .verify_event(position as u64 + 1, Some(chain), Some(signature))
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
+    }
+    let verifying = started.elapsed();
+    let per = |elapsed: Duration| elapsed.as_secs_f64() * 1e6 / chains.len() as f64;
+    results.add(
+        "Ed25519 per event, in-process (ed25519-dalek, 20 000 events)",
+        format!(
+            "sign {:.1} us, verify {:.1} us",
+            per(signing),
+            per(verifying)
+        ),
+    );
+
+    let client = async_nats::connect(nats.url()).await?;
+    let log = Arc::new(
+        EventLog::open(client, &StreamSettings::default())
+            .await?
+            .with_signer(key.clone()),
+    );
+    append_bulk(&log, 100, events_per_account).await;
+    let last = log.last_position().await?;
+    let keys = tempfile::tempdir()?;
+    let trusted_file = keys.path().join("trusted.keys");
+    std::fs::write(&trusted_file, key.public_line())?;
+    let mut rates = Vec::new();
+    for (name, extra) in [
+        (
+            "signed",
+            vec![(
+                "COFFER_TRUSTED_KEYS_FILE",
+                trusted_file.display().to_string(),
+            )],
+        ),
+        ("unchecked", Vec::new()),
+    ] {
+        let data = tempfile::tempdir()?;
+        let (reader, listening) = start_fresh_reader_with(nats, data.path(), name, &extra).await;
+        wait_applied(&reader.url(), last, Duration::from_secs(600)).await;
+        let caught_up = listening.elapsed();
+        let failures = reqwest::get(format!("{}/metrics", reader.url()))
+            .await?
+            .text()
+            .await?
+            .lines()
+            .find_map(|line| line.strip_prefix("coffer_reader_signature_failures_total "))
+            .map(str::to_owned)
+            .unwrap_or_default();
+        let rate = last as f64 / caught_up.as_secs_f64();
+        rates.push(rate);
+        results.add(
+            &format!(
+                "reader catch-up of {last} signed events, signatures {}",
+                if name == "signed" {
+                    "checked"
+                } else {
+                    "not checked"
+                }
+            ),
+            format!(
+                "{:.2} s = {rate:.0} events/s (signature failures: {failures})",
+                caught_up.as_secs_f64()
+            ),
+        );
+    }
+    let raw = raw_consume(&log, last).await;
+    let raw_rate = last as f64 / raw.as_secs_f64();
+    results.add(
+        "raw JetStream: explicit-ack pull consume of the same stream",
+        format!(
+            "{raw_rate:.0} events/s; checked / raw = {:.2}, unchecked / raw = {:.2}, checked / unchecked = {:.2}",
+            rates[0] / raw_rate,
+            rates[1] / raw_rate,
+            rates[0] / rates[1]
+        ),
+    );
+    Ok(())
+}
+
 /// Starts a reader on an empty data directory; returns it and when it began listening.
 async fn start_fresh_reader(
     nats: &NatsServer,
     data: &std::path::Path,
     name: &str,
 ) -> (CofferProcess, Instant) {
-    let reader = CofferProcess::start(
-        &format!("bench-{name}"),
-        "reader",
-        &[
-            ("COFFER_NATS_URL", nats.url()),
-            ("COFFER_DATA_DIR", data.display().to_string()),
-            ("COFFER_READER_NAME", name.into()),
-            ("COFFER_MIN_POSITION_WAIT_MS", "600000".into()),
-            ("RUST_LOG", "warn".into()),
-        ],
-    );
+    start_fresh_reader_with(nats, data, name, &[]).await
+}
+
+/// [`start_fresh_reader`] with more environment.
+async fn start_fresh_reader_with(
+    nats: &NatsServer,
+    data: &std::path::Path,
+    name: &str,
+    extra: &[(&str, String)],
+) -> (CofferProcess, Instant) {
+    let mut environment = vec![
+        ("COFFER_NATS_URL", nats.url()),
+        ("COFFER_DATA_DIR", data.display().to_string()),
+        ("COFFER_READER_NAME", name.into()),
+        ("COFFER_MIN_POSITION_WAIT_MS", "600000".into()),
+        ("RUST_LOG", "warn".into()),
+    ];
+    environment.extend(extra.iter().cloned());
+    let reader = CofferProcess::start(&format!("bench-{name}"), "reader", &environment);
     let http = reqwest::Client::new();
     loop {
         let up = http
@@ -2027,6 +2144,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Suite::Listing => {
             listing_suite(&nats, &mut results, options.listing_accounts).await?;
+            return write_report(&results, &options);
+        }
+        Suite::Signing => {
+            signing_suite(&nats, &mut results, 1_000 * scale).await?;
             return write_report(&results, &options);
         }
         Suite::CatchUp => {

@@ -147,6 +147,12 @@ impl SigningArgs {
             }
         };
         let trusted = self.trust.trusted_keys()?;
+        if signing.is_some() && trusted.is_none() {
+            anyhow::bail!(
+                "COFFER_SIGNING_KEY_FILE is set without COFFER_TRUSTED_KEYS_FILE: what this \
+                 process signs would rest on history it did not check"
+            );
+        }
         if let Some(trusted) = &trusted {
             match &signing {
                 None => anyhow::bail!(

@@ -67,6 +67,9 @@ pub enum Error {
     /// The stream is configured in a way the ledger must not run on (it could lose history).
     #[error("{0}")]
     Configuration(String),
+    /// A stored record no trusted writer signed (`crate::signing`): its content is not used.
+    #[error("{0}")]
+    Untrusted(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

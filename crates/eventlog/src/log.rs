@@ -240,6 +240,12 @@ fn message(
             ttl,
         } => {
             headers.insert(header::EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+            if let Some(signer) = signer {
+                headers.insert(
+                    header::SIGNATURE,
+                    signer.sign_marker(subject, payload).as_str(),
+                );
+            }
             if let Some(ttl) = ttl {
                 headers.insert(header::TTL, format!("{}s", ttl.as_secs().max(1)).as_str());
             }
@@ -589,12 +595,7 @@ impl EventLog {
                 serde_json::json!({ "last_by_subj": subject::snapshot(account) }),
             )
             .await?;
-        // Its signature, read before the answer is taken apart (`hdrs`: the stored headers).
-        let signature = answer
-            .as_ref()
-            .and_then(|message| message["hdrs"].as_str())
-            .and_then(|raw| base64::engine::general_purpose::STANDARD.decode(raw).ok())
-            .and_then(|raw| stored_header(&raw, header::SIGNATURE));
+        let signature = stored_signature(answer.as_ref());
         let Some(stored) = stored_message(answer)? else {
             return Ok(None);
         };
@@ -656,7 +657,31 @@ impl EventLog {
         let answer = self
             .leader_get(serde_json::json!({ "last_by_subj": subject }))
             .await?;
-        stored_message(answer)
+        let signature = stored_signature(answer.as_ref());
+        let marker = stored_message(answer)?;
+        if let (Some(trusted), Some(marker)) = (&self.trusted, &marker) {
+            // A marker says an id or key was used and what for (a transfer's postings, a
+            // command's answer): one a NATS credential wrote alone would let a replay or a
+            // reversal act on what it says. Its command is refused instead.
+            if let Err(error) = trusted.verify_marker(
+                marker.position,
+                subject,
+                &marker.payload,
+                signature.as_deref(),
+            ) {
+                tracing::error!(%subject, position = marker.position, %error, "a marker no trusted writer signed");
+                return Err(Error::Untrusted(format!(
+                    "the record at position {} on {subject} cannot be trusted: {error}",
+                    marker.position
+                )));
+            }
+        }
+        Ok(marker)
+    }
+
+    /// The signer, if this log signs what it appends.
+    pub fn signer(&self) -> Option<&std::sync::Arc<crate::SigningKey>> {
+        self.signer.as_ref()
     }
 
     /// Loads `account`'s events after `after_position`, in order.
@@ -1044,6 +1069,14 @@ fn stored_header(raw: &[u8], name: &str) -> Option<String> {
                 .eq_ignore_ascii_case(name)
                 .then(|| value.trim().to_owned())
         })
+}
+
+/// The `Coffer-Signature` of a message from the stream message API (`hdrs`: its headers).
+fn stored_signature(message: Option<&serde_json::Value>) -> Option<String> {
+    message
+        .and_then(|message| message["hdrs"].as_str())
+        .and_then(|raw| base64::engine::general_purpose::STANDARD.decode(raw).ok())
+        .and_then(|raw| stored_header(&raw, header::SIGNATURE))
 }
 
 /// A message from the stream message API as a [`StoredMarker`].

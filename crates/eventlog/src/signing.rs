@@ -28,6 +28,29 @@ pub const HEADER: &str = "Coffer-Signature";
 const EVENT_CONTEXT: &[u8] = b"coffer-event-v1\n";
 /// What a snapshot's signature covers: this, then the snapshot's stored bytes.
 const SNAPSHOT_CONTEXT: &[u8] = b"coffer-snapshot-v1\n";
+/// What a marker's signature covers (an id or key claimed, a transfer's record): this, its
+/// subject, a newline and its payload.
+const MARKER_CONTEXT: &[u8] = b"coffer-marker-v1\n";
+/// What a hand-over's signature covers (a command one writer gives the owner of its account):
+/// this, the owner's subject, a newline and the hand-over's bytes.
+const HANDOVER_CONTEXT: &[u8] = b"coffer-handover-v1\n";
+/// What a hand-over answer's signature covers: this, the hand-over's own signature, a newline
+/// and the answer's bytes (so an answer belongs to one hand-over).
+const ANSWER_CONTEXT: &[u8] = b"coffer-handover-answer-v1\n";
+
+/// `context`, then `parts` joined by newlines: what a signature covers.
+fn framed(context: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    let mut message =
+        Vec::with_capacity(context.len() + parts.iter().map(|part| part.len() + 1).sum::<usize>());
+    message.extend_from_slice(context);
+    for (index, part) in parts.iter().enumerate() {
+        if index > 0 {
+            message.push(b'\n');
+        }
+        message.extend_from_slice(part);
+    }
+    message
+}
 
 /// A key file that cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -137,13 +160,14 @@ impl SigningKey {
     }
 
     fn sign(&self, context: &[u8], content: &[u8]) -> String {
-        let mut message = Vec::with_capacity(context.len() + content.len());
-        message.extend_from_slice(context);
-        message.extend_from_slice(content);
+        self.sign_framed(&framed(context, &[content]))
+    }
+
+    fn sign_framed(&self, message: &[u8]) -> String {
         format!(
             "{}:{}",
             self.id,
-            hex::encode(self.key.sign(&message).to_bytes())
+            hex::encode(self.key.sign(message).to_bytes())
         )
     }
 
@@ -155,6 +179,21 @@ impl SigningKey {
     /// The `Coffer-Signature` of a snapshot stored as `payload`.
     pub fn sign_snapshot(&self, payload: &[u8]) -> String {
         self.sign(SNAPSHOT_CONTEXT, payload)
+    }
+
+    /// The `Coffer-Signature` of a marker stored on `subject` as `payload`.
+    pub fn sign_marker(&self, subject: &str, payload: &[u8]) -> String {
+        self.sign_framed(&framed(MARKER_CONTEXT, &[subject.as_bytes(), payload]))
+    }
+
+    /// The `Coffer-Signature` of a hand-over sent to `subject` as `payload`.
+    pub fn sign_handover(&self, subject: &str, payload: &[u8]) -> String {
+        self.sign_framed(&framed(HANDOVER_CONTEXT, &[subject.as_bytes(), payload]))
+    }
+
+    /// The `Coffer-Signature` of the answer `payload` to the hand-over signed `request`.
+    pub fn sign_answer(&self, request: &str, payload: &[u8]) -> String {
+        self.sign_framed(&framed(ANSWER_CONTEXT, &[request.as_bytes(), payload]))
     }
 }
 
@@ -200,6 +239,13 @@ impl TrustedKeys {
                                 })?,
                         ),
                     };
+                    // The same public key twice (say retired under one id, current under another)
+                    // would let it sign past its `until`.
+                    if trusted.keys.values().any(|other| other.key == key) {
+                        return Err(KeyError(format!(
+                            "line {line}: key {id}'s public key is listed under another id too"
+                        )));
+                    }
                     if trusted
                         .keys
                         .insert(id.clone(), Trusted { key, until })
@@ -237,6 +283,15 @@ impl TrustedKeys {
         content: &[u8],
         signature: Option<&str>,
     ) -> Result<(), SignatureError> {
+        self.verify_framed(position, &framed(context, &[content]), signature)
+    }
+
+    fn verify_framed(
+        &self,
+        position: Option<u64>,
+        message: &[u8],
+        signature: Option<&str>,
+    ) -> Result<(), SignatureError> {
         let signature = signature.ok_or(SignatureError::Missing)?;
         let (id, hex_signature) = signature.split_once(':').ok_or(SignatureError::Malformed)?;
         let mut bytes = [0u8; 64];
@@ -253,12 +308,9 @@ impl TrustedKeys {
                 });
             }
         }
-        let mut message = Vec::with_capacity(context.len() + content.len());
-        message.extend_from_slice(context);
-        message.extend_from_slice(content);
         trusted
             .key
-            .verify_strict(&message, &Signature::from_bytes(&bytes))
+            .verify_strict(message, &Signature::from_bytes(&bytes))
             .map_err(|_| SignatureError::Invalid(id.to_owned()))
     }
 
@@ -286,6 +338,53 @@ impl TrustedKeys {
         signature: Option<&str>,
     ) -> Result<(), SignatureError> {
         self.verify(Some(u64::MAX), SNAPSHOT_CONTEXT, payload, signature)
+    }
+
+    /// Checks the signature of the marker stored at `position` on `subject` as `payload`.
+    /// Markers below `unsigned-until` may be unsigned, like events.
+    pub fn verify_marker(
+        &self,
+        position: u64,
+        subject: &str,
+        payload: &[u8],
+        signature: Option<&str>,
+    ) -> Result<(), SignatureError> {
+        if position <= self.unsigned_until && signature.is_none() {
+            return Ok(());
+        }
+        self.verify_framed(
+            Some(position),
+            &framed(MARKER_CONTEXT, &[subject.as_bytes(), payload]),
+            signature,
+        )
+    }
+
+    /// Checks a hand-over received on `subject` (live: a retired key signs none).
+    pub fn verify_handover(
+        &self,
+        subject: &str,
+        payload: &[u8],
+        signature: Option<&str>,
+    ) -> Result<(), SignatureError> {
+        self.verify_framed(
+            Some(u64::MAX),
+            &framed(HANDOVER_CONTEXT, &[subject.as_bytes(), payload]),
+            signature,
+        )
+    }
+
+    /// Checks the answer `payload` to the hand-over signed `request`.
+    pub fn verify_answer(
+        &self,
+        request: &str,
+        payload: &[u8],
+        signature: Option<&str>,
+    ) -> Result<(), SignatureError> {
+        self.verify_framed(
+            Some(u64::MAX),
+            &framed(ANSWER_CONTEXT, &[request.as_bytes(), payload]),
+            signature,
+        )
     }
 }
 
@@ -389,6 +488,47 @@ mod tests {
     }
 
     #[test]
+    fn markers_hand_overs_and_answers_are_bound_to_their_subject_and_request() {
+        let writer = key("w", 4);
+        let trusted = trusting(&[writer.public_line()]);
+        let marker = writer.sign_marker("coffer.ids.transfer.t", b"record");
+        assert_eq!(
+            trusted.verify_marker(9, "coffer.ids.transfer.t", b"record", Some(&marker)),
+            Ok(())
+        );
+        assert!(trusted
+            .verify_marker(9, "coffer.ids.transfer.u", b"record", Some(&marker))
+            .is_err());
+        assert!(trusted
+            .verify_marker(9, "coffer.ids.transfer.t", b"other", Some(&marker))
+            .is_err());
+        assert!(trusted
+            .verify_marker(9, "coffer.ids.transfer.t", b"record", None)
+            .is_err());
+        let handover = writer.sign_handover("coffer.owner.w-1", b"deposit");
+        assert_eq!(
+            trusted.verify_handover("coffer.owner.w-1", b"deposit", Some(&handover)),
+            Ok(())
+        );
+        assert!(trusted
+            .verify_handover("coffer.owner.w-2", b"deposit", Some(&handover))
+            .is_err());
+        // A signature of one kind is not one of another.
+        assert!(trusted
+            .verify_marker(9, "coffer.owner.w-1", b"deposit", Some(&handover))
+            .is_err());
+        let answer = writer.sign_answer(&handover, b"done");
+        assert_eq!(
+            trusted.verify_answer(&handover, b"done", Some(&answer)),
+            Ok(())
+        );
+        let other_request = writer.sign_handover("coffer.owner.w-1", b"withdraw");
+        assert!(trusted
+            .verify_answer(&other_request, b"done", Some(&answer))
+            .is_err());
+    }
+
+    #[test]
     fn snapshots_verify_over_their_bytes() {
         let writer = key("w", 4);
         let trusted = trusting(&[writer.public_line()]);
@@ -418,6 +558,11 @@ mod tests {
                 writer.public_line()
             ),
             "k zz".into(),
+            format!(
+                "{}\nother {}",
+                writer.public_line(),
+                writer.public_line().split_once(' ').unwrap().1
+            ),
         ] {
             assert!(TrustedKeys::parse(&bad).is_err(), "{bad:?}");
         }

@@ -188,10 +188,21 @@ impl Dispatcher {
         let payload = rmp_serde::to_vec_named(&handover)
             .map_err(|error| Error::Internal(format!("encode a hand-over: {error}")))?;
         let subject = eventlog::subject::owner_inbox(owner.as_str());
+        // Signed, so that the writer NATS credential alone cannot hand an owner a command (the
+        // owner would run and sign it); the answer is signed over this signature in turn.
+        let log = self.registry.log();
+        let signature = log
+            .signer()
+            .map(|key| key.sign_handover(&subject, &payload));
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(signature) = &signature {
+            headers.insert(eventlog::signing::HEADER, signature.as_str());
+        }
         let sent = self.client.send_request(
             subject,
             async_nats::Request::new()
                 .payload(payload.into())
+                .headers(headers)
                 .timeout(Some(timeout + ANSWER_GRACE)),
         );
         tokio::pin!(sent);
@@ -219,6 +230,22 @@ impl Dispatcher {
         match sent {
             Ok(reply) => {
                 self.metrics.commands_forwarded.inc();
+                if let Some(trusted) = log.trusted_keys() {
+                    // Anyone who may subscribe to writers' inboxes could answer first: "done"
+                    // for a command never run, or "not taken" for one that ran (this writer
+                    // would then run it a second time).
+                    if let Err(error) = trusted.verify_answer(
+                        signature.as_deref().unwrap_or_default(),
+                        &reply.payload,
+                        header_value(reply.headers.as_ref(), eventlog::signing::HEADER),
+                    ) {
+                        return Err(Error::OutcomeUnknown(format!(
+                            "the answer for account {} from its owner {owner} carries no trusted \
+                             signature ({error}): the command may or may not have run",
+                            request.account_id
+                        )));
+                    }
+                }
                 match rmp_serde::from_slice::<HandoverAnswer>(&reply.payload) {
                     Ok(HandoverAnswer::Done { status, body }) => Ok(Outcome::Replayed {
                         status,
@@ -295,6 +322,7 @@ pub async fn serve_handovers(
         .map_err(|error| Error::Unavailable(format!("subscribe {subject}: {error}")))?;
     tracing::info!(%subject, "taking commands for the accounts this writer owns");
     let permits = Arc::new(tokio::sync::Semaphore::new(HANDOVERS_CONCURRENT_MAX));
+    let seen = Arc::new(std::sync::Mutex::new(SeenHandovers::default()));
     let mut taken = tokio::task::JoinSet::new();
     loop {
         let next = tokio::select! {
@@ -309,11 +337,16 @@ pub async fn serve_handovers(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
-        let (registry, client, metrics) = (registry.clone(), client.clone(), metrics.clone());
+        let (registry, client, metrics, seen) = (
+            registry.clone(),
+            client.clone(),
+            metrics.clone(),
+            seen.clone(),
+        );
         taken.spawn(async move {
             let _permit = permit;
             metrics.commands_taken_over.inc();
-            answer_handover(&registry, &client, message).await;
+            answer_handover(&registry, &client, message, &seen).await;
         });
     }
     if let Err(error) = subscription.unsubscribe().await {
@@ -343,26 +376,102 @@ async fn answer_liveness(client: async_nats::Client, mut alive: async_nats::Subs
     }
 }
 
+fn header_value<'a>(headers: Option<&'a async_nats::HeaderMap>, name: &str) -> Option<&'a str> {
+    headers
+        .and_then(|headers| headers.get(name))
+        .map(|value| value.as_str())
+}
+
+/// Signatures of the hand-overs taken, until their deadline: a hand-over recorded by someone
+/// who may read the owner's subject and sent again is not run twice.
+#[derive(Default)]
+struct SeenHandovers {
+    signatures: std::collections::HashSet<String>,
+    /// In the order taken, with their deadlines (Unix ms): the oldest are forgotten first.
+    order: std::collections::VecDeque<(u64, String)>,
+}
+
+impl SeenHandovers {
+    /// Records `signature`; false if it was taken before and is still within its deadline.
+    fn first_time(&mut self, signature: &str, deadline_unix_ms: u64, now_unix_ms: u64) -> bool {
+        while let Some((deadline, _)) = self.order.front() {
+            if *deadline >= now_unix_ms {
+                break;
+            }
+            if let Some((_, old)) = self.order.pop_front() {
+                self.signatures.remove(&old);
+            }
+        }
+        if !self.signatures.insert(signature.to_owned()) {
+            return false;
+        }
+        self.order
+            .push_back((deadline_unix_ms, signature.to_owned()));
+        true
+    }
+}
+
+/// Why a hand-over is not taken, if its signature is not a trusted writer's or it was taken
+/// before (only checked when this writer has trusted keys).
+fn refusal(
+    registry: &Registry,
+    message: &async_nats::Message,
+    handover: &Handover,
+    seen: &std::sync::Mutex<SeenHandovers>,
+) -> Option<String> {
+    let trusted = registry.log().trusted_keys()?;
+    let signature = header_value(message.headers.as_ref(), eventlog::signing::HEADER);
+    if let Err(error) =
+        trusted.verify_handover(message.subject.as_str(), &message.payload, signature)
+    {
+        tracing::error!(account = %handover.account_id, %error, "a hand-over no trusted writer signed; not run");
+        return Some(format!("untrusted hand-over: {error}"));
+    }
+    let mut seen = seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let now = unix_ms(SystemTime::now());
+    (!seen.first_time(
+        signature.unwrap_or_default(),
+        handover.deadline_unix_ms,
+        now,
+    ))
+    .then(|| "this hand-over was taken before".to_owned())
+}
+
 /// Runs one hand-over and sends its answer.
 async fn answer_handover(
     registry: &Registry,
     client: &async_nats::Client,
     message: async_nats::Message,
+    seen: &std::sync::Mutex<SeenHandovers>,
 ) {
     let answer = match rmp_serde::from_slice::<Handover>(&message.payload) {
-        Ok(handover) => match take_over(registry, handover).await {
-            Ok(outcome) => HandoverAnswer::Done {
-                status: outcome.status(),
-                body: outcome.body().to_string(),
+        Ok(handover) => match refusal(registry, &message, &handover, seen) {
+            Some(reason) => HandoverAnswer::NotTaken(reason),
+            None => match take_over(registry, handover).await {
+                Ok(outcome) => HandoverAnswer::Done {
+                    status: outcome.status(),
+                    body: outcome.body().to_string(),
+                },
+                Err(error) => HandoverAnswer::Failed(error),
             },
-            Err(error) => HandoverAnswer::Failed(error),
         },
         Err(error) => HandoverAnswer::NotTaken(format!("unreadable hand-over: {error}")),
     };
     let Some(reply) = message.reply else { return };
     match rmp_serde::to_vec_named(&answer) {
         Ok(body) => {
-            if let Err(error) = client.publish(reply, body.into()).await {
+            let mut headers = async_nats::HeaderMap::new();
+            if let Some(key) = registry.log().signer() {
+                let request = header_value(message.headers.as_ref(), eventlog::signing::HEADER);
+                headers.insert(
+                    eventlog::signing::HEADER,
+                    key.sign_answer(request.unwrap_or_default(), &body).as_str(),
+                );
+            }
+            if let Err(error) = client
+                .publish_with_headers(reply, headers, body.into())
+                .await
+            {
                 tracing::warn!(%error, "could not answer a hand-over");
             }
         }
@@ -408,6 +517,21 @@ async fn take_over(registry: &Registry, handover: Handover) -> Result<Outcome> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hand_over_is_taken_once_until_its_deadline() {
+        let mut seen = SeenHandovers::default();
+        assert!(seen.first_time("a", 1_000, 500));
+        assert!(
+            !seen.first_time("a", 1_000, 900),
+            "a replay within the deadline"
+        );
+        assert!(seen.first_time("b", 2_000, 900));
+        // Past a's deadline it is forgotten (and refused anyway: its time is up).
+        assert!(seen.first_time("a", 3_000, 1_500));
+        assert!(!seen.first_time("b", 2_000, 1_600));
+        assert_eq!(seen.signatures.len(), seen.order.len());
+    }
 
     fn handover() -> Handover {
         Handover {

@@ -61,6 +61,10 @@ impl From<eventlog::Error> for Error {
             eventlog::Error::Conflict { .. } | eventlog::Error::Duplicate(_) => {
                 Error::TooManyConflicts(0)
             }
+            eventlog::Error::Untrusted(detail) => Error::AccountUnreadable(format!(
+                "{detail}; commands that need it are refused until an operator repairs it \
+                 (docs/operations.md, \"CofferSignatureInvalid\")"
+            )),
             eventlog::Error::Unreadable(unreadable) => Error::AccountUnreadable(format!(
                 "{unreadable}; this account's commands are refused until an operator repairs \
                  it (docs/operations.md, \"An unreadable event\")"

@@ -103,6 +103,11 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The event log the actors append to (and its signing and trusted keys).
+    pub fn log(&self) -> &eventlog::EventLog {
+        &self.context.log
+    }
+
     pub async fn start(context: Arc<ActorContext>, settings: RegistrySettings) -> Result<Self> {
         let population = Arc::new(Mutex::new(Population::default()));
         let (supervisor, _) = Actor::spawn(

@@ -63,6 +63,14 @@ impl WriterConfig {
     /// longer applies to them, see `problem::server::work_taken`), and leave bulks no time to
     /// start anything.
     pub fn check(&self) -> Result<()> {
+        if self.signing_key.is_some() && self.trusted_keys.is_none() {
+            return Err(Error::Config(
+                "COFFER_SIGNING_KEY_FILE is set without COFFER_TRUSTED_KEYS_FILE: this writer \
+                 would sign what it decides on without checking the history and snapshots it \
+                 decides from"
+                    .into(),
+            ));
+        }
         if let Some(trusted) = &self.trusted_keys {
             if !self
                 .signing_key
