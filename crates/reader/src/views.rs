@@ -748,6 +748,35 @@ pub struct LedgerViews {
     pub trusted: Option<Arc<eventlog::TrustedKeys>>,
 }
 
+/// The accounts whose last event in `events` carries a trusted signature. Their earlier events
+/// in the batch need no verification of their own: the chain, checked event by event, makes that
+/// last chain value commit to each of them, and a trusted writer signs only on top of a history
+/// it checked (it recomputes the chain and verifies every event it loads, and the stream's
+/// concurrency check makes it load whatever was appended since it last looked). So a catch-up
+/// pays one verification per account per batch, not one per event; an account whose last
+/// signature fails has each of its events verified, to name the first.
+fn vouched_accounts<'a>(
+    trusted: &eventlog::TrustedKeys,
+    events: &'a [RecordedEvent],
+) -> std::collections::HashSet<&'a str> {
+    let mut last: HashMap<&str, &RecordedEvent> = HashMap::new();
+    for recorded in events {
+        last.insert(recorded.account_id.as_str(), recorded);
+    }
+    last.into_iter()
+        .filter(|(_, recorded)| {
+            trusted
+                .verify_event(
+                    recorded.position,
+                    recorded.chain.as_deref(),
+                    recorded.signature.as_deref(),
+                )
+                .is_ok()
+        })
+        .map(|(account, _)| account)
+        .collect()
+}
+
 /// Reads one MessagePack row.
 fn read_row<T: for<'de> Deserialize<'de>>(
     table: &redb::Table<&str, &[u8]>,
@@ -849,6 +878,11 @@ impl projection::Projector for LedgerViews {
         // Account rows as the batch leaves them: each is read and written once per batch, not
         // once per event (a catch-up applies up to 1 000 events of few accounts at a time).
         let mut rows: HashMap<&str, Option<AccountRow>> = HashMap::new();
+        let vouched = self
+            .trusted
+            .as_deref()
+            .map(|trusted| vouched_accounts(trusted, events))
+            .unwrap_or_default();
         for recorded in events {
             let account_id = recorded.account_id.as_str();
             let old: Option<AccountRow> = match rows.remove(account_id) {
@@ -914,7 +948,11 @@ impl projection::Projector for LedgerViews {
                     },
                 )?;
             }
-            if let Some(trusted) = &self.trusted {
+            if let Some(trusted) = self
+                .trusted
+                .as_ref()
+                .filter(|_| !vouched.contains(account_id))
+            {
                 if let Err(error) = trusted.verify_event(
                     recorded.position,
                     recorded.chain.as_deref(),
