@@ -892,6 +892,33 @@ fn generate_key(directory: &std::path::Path, key_id: &str) -> (std::path::PathBu
     )
 }
 
+/// `coffer setup` (setup role), a signing key `writers-1` with its trusted-keys file under `keys`,
+/// and the writer role's environment signing with it; also the trusted file's path.
+fn set_up_signed(url: &str, keys: &std::path::Path) -> (Vec<(&'static str, String)>, String) {
+    let (signing_key, public_line) = generate_key(keys, "writers-1");
+    let trusted_file = keys.join("trusted.keys");
+    std::fs::write(&trusted_file, format!("{public_line}\n")).unwrap();
+    let trusted = trusted_file.to_string_lossy().into_owned();
+    let output = std::process::Command::new(testkit::coffer_binary())
+        .arg("setup")
+        .env("COFFER_NATS_URL", url)
+        .env("COFFER_NATS_USER", "setup")
+        .env("COFFER_NATS_PASSWORD", "setup-secret")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let mut environment = role_environment("writer", "writer-secret");
+    environment.extend([
+        ("COFFER_NATS_URL", url.to_owned()),
+        (
+            "COFFER_SIGNING_KEY_FILE",
+            signing_key.to_string_lossy().into_owned(),
+        ),
+        ("COFFER_TRUSTED_KEYS_FILE", trusted.clone()),
+    ]);
+    (environment, trusted)
+}
+
 /// A `deposited` of `amount` appended to `account` with only the writer's NATS credential: the
 /// last event's chain value read back (a permitted MSG.GET), the next one computed, the append
 /// checked against the last position like a writer's. `signature`, if any, is its header.
@@ -960,31 +987,11 @@ async fn forge_deposit(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stolen_writer_password_cannot_mint_money_no_trusted_key_signed() {
     let keys = tempfile::tempdir().unwrap();
-    let (signing_key, public_line) = generate_key(keys.path(), "writers-1");
-    let trusted_file = keys.path().join("trusted.keys");
-    std::fs::write(&trusted_file, format!("{public_line}\n")).unwrap();
-    let trusted = trusted_file.to_string_lossy().into_owned();
     let nats = server();
     let url = nats.url();
-    let output = std::process::Command::new(testkit::coffer_binary())
-        .arg("setup")
-        .env("COFFER_NATS_URL", &url)
-        .env("COFFER_NATS_USER", "setup")
-        .env("COFFER_NATS_PASSWORD", "setup-secret")
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
-    let mut environment = role_environment("writer", "writer-secret");
-    environment.extend([
-        ("COFFER_NATS_URL", url.clone()),
-        (
-            "COFFER_SIGNING_KEY_FILE",
-            signing_key.to_string_lossy().into_owned(),
-        ),
-        ("COFFER_TRUSTED_KEYS_FILE", trusted.clone()),
-        // Snapshots after two events, so one can be forged below.
-        ("COFFER_SNAPSHOT_EVERY", "2".to_owned()),
-    ]);
+    let (mut environment, trusted) = set_up_signed(&url, keys.path());
+    // Snapshots after two events, so one can be forged below.
+    environment.push(("COFFER_SNAPSHOT_EVERY", "2".to_owned()));
     let mut writer = testkit::CofferProcess::start("w", "writer", &environment);
     support::wait_ready(&writer.url());
     let data = tempfile::tempdir().unwrap();
@@ -1164,31 +1171,9 @@ async fn a_stolen_writer_password_cannot_mint_money_no_trusted_key_signed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stolen_writer_password_cannot_hand_over_commands_or_rewrite_transfer_records() {
     let keys = tempfile::tempdir().unwrap();
-    let (signing_key, public_line) = generate_key(keys.path(), "writers-1");
-    let trusted_file = keys.path().join("trusted.keys");
-    std::fs::write(&trusted_file, format!("{public_line}\n")).unwrap();
     let nats = server();
     let url = nats.url();
-    let output = std::process::Command::new(testkit::coffer_binary())
-        .arg("setup")
-        .env("COFFER_NATS_URL", &url)
-        .env("COFFER_NATS_USER", "setup")
-        .env("COFFER_NATS_PASSWORD", "setup-secret")
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
-    let mut environment = role_environment("writer", "writer-secret");
-    environment.extend([
-        ("COFFER_NATS_URL", url.clone()),
-        (
-            "COFFER_SIGNING_KEY_FILE",
-            signing_key.to_string_lossy().into_owned(),
-        ),
-        (
-            "COFFER_TRUSTED_KEYS_FILE",
-            trusted_file.to_string_lossy().into_owned(),
-        ),
-    ]);
+    let (environment, _) = set_up_signed(&url, keys.path());
     let first = testkit::CofferProcess::start("w1", "writer", &environment);
     let second = testkit::CofferProcess::start("w2", "writer", &environment);
     let http = Http::new();

@@ -925,60 +925,56 @@ impl projection::Projector for LedgerViews {
             }
             let previous_chain = old.as_ref().map_or_else(genesis, |row| row.chain.clone());
             let expected_chain = recorded.expected_chain(&previous_chain);
-            if recorded.chain.as_deref() != Some(expected_chain.as_str()) && !marked(transaction)? {
-                // Not a missed event (checked above): this one does not chain from the
-                // account's history (forged, altered, or copied from another ledger). The
-                // account stops being served, like one with an unreadable message.
-                self.integrity.chain_breaks.inc();
-                tracing::error!(
-                    account = account_id,
-                    position = recorded.position,
-                    "hash chain break: Coffer-Chain does not follow from the account's previous event; the account's views are no longer served"
-                );
-                mark_unverifiable(
-                    transaction,
-                    account_id,
-                    recorded.position,
-                    UnreadableRow {
-                        account_id: Some(account_id.to_owned()),
-                        subject: recorded.subject.clone(),
-                        reason: "its Coffer-Chain does not follow from the account's previous \
-                                 event (forged or altered)"
-                            .into(),
-                    },
-                )?;
-            }
-            if let Some(trusted) = self
-                .trusted
-                .as_ref()
-                .filter(|_| !vouched.contains(account_id))
-            {
-                if let Err(error) = trusted.verify_event(
-                    recorded.position,
-                    recorded.chain.as_deref(),
-                    recorded.signature.as_deref(),
-                ) {
-                    if !marked(transaction)? {
-                        // The chain value is right (checked above) but no trusted writer vouched
-                        // for it: appended with a NATS credential alone. Its money is not served.
-                        self.integrity.signature_failures.inc();
-                        tracing::error!(
-                            account = account_id,
-                            position = recorded.position,
-                            %error,
-                            "an event without a trusted signature; the account's views are no longer served"
-                        );
-                        mark_unverifiable(
-                            transaction,
-                            account_id,
-                            recorded.position,
-                            UnreadableRow {
-                                account_id: Some(account_id.to_owned()),
-                                subject: recorded.subject.clone(),
-                                reason: format!("no trusted writer signed it: {error}"),
-                            },
-                        )?;
-                    }
+            // An event the views cannot trust costs its account, like an unreadable message:
+            // one that does not chain from the account's history (forged, altered, or copied
+            // from another ledger; a missed event was checked above), or whose chain value no
+            // trusted writer signed (appended with a NATS credential alone).
+            let untrusted = if recorded.chain.as_deref() != Some(expected_chain.as_str()) {
+                Some((
+                    &self.integrity.chain_breaks,
+                    "its Coffer-Chain does not follow from the account's previous event (forged \
+                     or altered)"
+                        .to_owned(),
+                ))
+            } else {
+                self.trusted
+                    .as_ref()
+                    .filter(|_| !vouched.contains(account_id))
+                    .and_then(|trusted| {
+                        trusted
+                            .verify_event(
+                                recorded.position,
+                                recorded.chain.as_deref(),
+                                recorded.signature.as_deref(),
+                            )
+                            .err()
+                    })
+                    .map(|error| {
+                        (
+                            &self.integrity.signature_failures,
+                            format!("no trusted writer signed it: {error}"),
+                        )
+                    })
+            };
+            if let Some((counter, reason)) = untrusted {
+                if !marked(transaction)? {
+                    counter.inc();
+                    tracing::error!(
+                        account = account_id,
+                        position = recorded.position,
+                        %reason,
+                        "an event the views cannot trust; the account's views are no longer served"
+                    );
+                    mark_unverifiable(
+                        transaction,
+                        account_id,
+                        recorded.position,
+                        UnreadableRow {
+                            account_id: Some(account_id.to_owned()),
+                            subject: recorded.subject.clone(),
+                            reason,
+                        },
+                    )?;
                 }
             }
             if let Some(mut row) = fold_account(old, recorded) {
