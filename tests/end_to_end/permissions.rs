@@ -465,44 +465,8 @@ async fn a_malformed_append_costs_its_account_not_the_service() {
     // reader; now it costs that account only.
     let unopened = support::unique("unopened");
     let writer_js = jetstream::new(connect_as(&url, "writer", "writer-secret").await);
-    let deposit_payload = eventlog::codec::encode(&domain::Event::Deposited {
-        metadata: Default::default(),
-        amount: domain::Amount::new(5).unwrap(),
-        reference: None,
-    })
-    .unwrap()
-    .2;
-    let mut previous = (0u64, eventlog::chain::GENESIS.to_owned());
     for _ in 0..2 {
-        let chain = eventlog::chain::link(&previous.1, &unopened, "deposited", 1, &deposit_payload);
-        let mut headers = async_nats::HeaderMap::new();
-        for (name, value) in [
-            (
-                "Nats-Expected-Last-Subject-Sequence",
-                previous.0.to_string(),
-            ),
-            (
-                "Nats-Expected-Last-Subject-Sequence-Subject",
-                format!("coffer.events.{unopened}.>"),
-            ),
-            ("Coffer-Event-Type", "deposited".to_owned()),
-            ("Coffer-Event-Version", "1".to_owned()),
-            ("Coffer-Chain", chain.clone()),
-        ] {
-            headers.insert(name, value.as_str());
-        }
-        let stored = writer_js
-            .publish_with_headers(
-                format!("coffer.append.{unopened}.deposited"),
-                headers,
-                deposit_payload.clone().into(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap()
-            .sequence;
-        previous = (stored, chain);
+        forge_deposit(&writer_js, &unopened, 5, None).await;
     }
     // Life goes on after it.
     let later = http

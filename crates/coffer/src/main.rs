@@ -147,27 +147,7 @@ impl SigningArgs {
             }
         };
         let trusted = self.trust.trusted_keys()?;
-        if signing.is_some() && trusted.is_none() {
-            anyhow::bail!(
-                "COFFER_SIGNING_KEY_FILE is set without COFFER_TRUSTED_KEYS_FILE: what this \
-                 process signs would rest on history it did not check"
-            );
-        }
-        if let Some(trusted) = &trusted {
-            match &signing {
-                None => anyhow::bail!(
-                    "COFFER_TRUSTED_KEYS_FILE is set without COFFER_SIGNING_KEY_FILE: what this \
-                     process appends would be refused"
-                ),
-                Some(key) if !trusted.trusts(key) => anyhow::bail!(
-                    "the signing key {:?} is not in COFFER_TRUSTED_KEYS_FILE (or is retired \
-                     there): add its line `{}`",
-                    key.id(),
-                    key.public_line()
-                ),
-                Some(_) => {}
-            }
-        }
+        eventlog::signing::check_pair(signing.as_deref(), trusted.as_deref())?;
         Ok((signing, trusted))
     }
 

@@ -103,6 +103,35 @@ fn lines(text: &str) -> impl Iterator<Item = (usize, Vec<&str>)> {
     })
 }
 
+/// Refuses keys a process that appends must not run with: a signing key without trusted keys
+/// (it would sign on top of history it did not check), or trusted keys that do not list its
+/// signing key, current (everyone else would refuse what it appends).
+pub fn check_pair(
+    signing: Option<&SigningKey>,
+    trusted: Option<&TrustedKeys>,
+) -> Result<(), KeyError> {
+    match (signing, trusted) {
+        (None, None) => Ok(()),
+        (Some(_), None) => Err(KeyError(
+            "COFFER_SIGNING_KEY_FILE is set without COFFER_TRUSTED_KEYS_FILE: what this process \
+             signs would rest on history and snapshots it did not check"
+                .into(),
+        )),
+        (None, Some(_)) => Err(KeyError(
+            "COFFER_TRUSTED_KEYS_FILE is set without COFFER_SIGNING_KEY_FILE: what this process \
+             appends would be refused"
+                .into(),
+        )),
+        (Some(key), Some(trusted)) if !trusted.trusts(key) => Err(KeyError(format!(
+            "the signing key {:?} is not in COFFER_TRUSTED_KEYS_FILE (or is retired there): add \
+             its line `{}`",
+            key.id(),
+            key.public_line()
+        ))),
+        (Some(_), Some(_)) => Ok(()),
+    }
+}
+
 /// A writer's signing key.
 pub struct SigningKey {
     id: String,

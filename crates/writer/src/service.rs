@@ -63,28 +63,8 @@ impl WriterConfig {
     /// longer applies to them, see `problem::server::work_taken`), and leave bulks no time to
     /// start anything.
     pub fn check(&self) -> Result<()> {
-        if self.signing_key.is_some() && self.trusted_keys.is_none() {
-            return Err(Error::Config(
-                "COFFER_SIGNING_KEY_FILE is set without COFFER_TRUSTED_KEYS_FILE: this writer \
-                 would sign what it decides on without checking the history and snapshots it \
-                 decides from"
-                    .into(),
-            ));
-        }
-        if let Some(trusted) = &self.trusted_keys {
-            if !self
-                .signing_key
-                .as_ref()
-                .is_some_and(|key| trusted.trusts(key))
-            {
-                return Err(Error::Config(
-                    "COFFER_TRUSTED_KEYS_FILE must list this writer's signing key \
-                     (COFFER_SIGNING_KEY_FILE), not retired: every other process would refuse \
-                     what it appends"
-                        .into(),
-                ));
-            }
-        }
+        eventlog::signing::check_pair(self.signing_key.as_deref(), self.trusted_keys.as_deref())
+            .map_err(|error| Error::Config(error.to_string()))?;
         let answered_within = self.registry.call_timeout
             + crate::registry::ANSWER_GRACE
             + crate::registry::ANSWER_MARGIN;
