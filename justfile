@@ -24,10 +24,18 @@ test-tools:
 build:
     cargo build -p coffer
 
-# Run nats-server, one writer and one reader locally; Ctrl-C stops all.
-up: tools
-    cargo build --release -p coffer
-    ./scripts/up.sh target/release/coffer
+# Run nats-server, one writer and one reader locally; Ctrl-C stops all. The debug build by default
+# (the one `./just test` builds: a first start in minutes, not a second full compile);
+# `./just up release` runs the optimized build (what `just bench` measures).
+up profile="debug": tools
+    #!/usr/bin/env bash
+    set -euo pipefail
+    case "{{profile}}" in
+        debug) cargo build -p coffer ;;
+        release) cargo build --release -p coffer ;;
+        *) echo "just up: profile is debug or release, not '{{profile}}'" >&2; exit 2 ;;
+    esac
+    exec ./scripts/up.sh target/{{profile}}/coffer
 
 # Everything CI runs: unit, integration and end-to-end tests, the conformance suite, manifests.
 test: tools test-tools build domain-purity

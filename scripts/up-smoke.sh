@@ -28,7 +28,7 @@ stop() {
   return 1
 }
 trap 'stop || true; cat "$log"; rm -f "$log"' EXIT
-# The first run compiles the release build.
+# The first run compiles the debug build (shared with ./just test).
 for _ in $(seq 1800); do
   grep -q "Coffer is running" "$log" && break
   kill -0 "$leader" 2>/dev/null || { echo "./just up exited" >&2; exit 1; }

@@ -5,7 +5,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
-coffer="${1:-target/release/coffer}"
+coffer="${1:-target/debug/coffer}"
 nats_server="$(command -v nats-server || echo "$root/.tools/bin/nats-server")"
 mkdir -p data/nats data/reader data/logs
 
