@@ -1,6 +1,8 @@
 //! The projection engine: a durable JetStream pull consumer feeds bounded batches of events to a
 //! [`Projector`], whose changes are written to redb in ONE transaction together with the last
-//! applied stream position. Messages are acknowledged only after the commit.
+//! applied stream position. Messages are acknowledged only after the commit. While one batch
+//! commits, the next is gathered and decoded; it begins once the one before it committed and
+//! was acknowledged.
 //!
 //! # Exactly once
 //! Every delivery at or below the stored position is skipped, so a redelivery after a lost ack
@@ -59,11 +61,17 @@ pub const BATCH_SIZE_MAX: usize = 1_000;
 /// While the consumer says more events are pending (a catch-up), deliveries are gathered up to
 /// this many: redb is copy-on-write, so a commit rewrites every page it touched, and a
 /// transaction of many pulls touches each statement page once instead of once per pull
-/// (measured: catch-up 0.25x -> 0.63x a raw consume, docs/benchmarks.md). Below the consumer's
-/// `max_ack_pending` (20 000), past which the server would stop delivering.
+/// (measured: catch-up 0.25x -> 0.63x a raw consume, docs/benchmarks.md). Two of them fit under
+/// the consumer's [`MAX_ACK_PENDING`]: the next batch is gathered while one commits.
 pub const TRANSACTION_EVENTS_MAX: usize = 19_000;
+/// Deliveries the server lets the consumer have unacknowledged: a committing transaction, the
+/// one being gathered behind it, and a pull in flight. A consumer made with less is re-created.
+pub const MAX_ACK_PENDING: i64 = 2 * TRANSACTION_EVENTS_MAX as i64 + 2 * BATCH_SIZE_MAX as i64;
 /// How long a catch-up waits for the next delivery before committing what it gathered.
 const GATHER_WAIT: Duration = Duration::from_millis(20);
+/// Pulls received ahead of the batch being gathered (the consumer's `max_ack_pending` bounds
+/// them anyway).
+const CHUNKS_BUFFERED: usize = MAX_ACK_PENDING as usize / BATCH_SIZE_MAX + 4;
 /// Largest batch the server sends per pull, in bytes.
 pub const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Erased events one batch may meet before the view stops anyway: each costs a commit attempt.
@@ -346,12 +354,21 @@ pub struct Engine<P: Projector> {
     next_delivery: AtomicU64,
     /// Creation time of the stream the view follows (0: not known yet); stored with each commit.
     stream_created: AtomicU64,
+    /// Largest transaction, in events ([`TRANSACTION_EVENTS_MAX`] unless a test lowers it).
+    transaction_events_max: usize,
 }
 
 impl<P: Projector> Engine<P> {
     /// Arms the crash failpoint (see `crash_after_commits`). Only tests set it.
     pub fn crash_after_commits(mut self, commits: Option<u64>) -> Self {
         self.crash_after_commits = commits;
+        self
+    }
+
+    /// Lowers the largest transaction (at most [`TRANSACTION_EVENTS_MAX`], which the consumer's
+    /// room is sized for), so that tests can run a catch-up of many transactions on few events.
+    pub fn transaction_events_max(mut self, events: usize) -> Self {
+        self.transaction_events_max = events.clamp(1, TRANSACTION_EVENTS_MAX);
         self
     }
 
@@ -375,6 +392,7 @@ impl<P: Projector> Engine<P> {
             crash_after_commits: None,
             next_delivery: AtomicU64::new(1),
             stream_created: AtomicU64::new(stream_created),
+            transaction_events_max: TRANSACTION_EVENTS_MAX,
         })
     }
 
@@ -499,25 +517,66 @@ impl<P: Projector> Engine<P> {
 
     /// Sets up the consumer at the stored position, then applies batches until an error or a
     /// stop (seen only between batches).
+    ///
+    /// Batches are pipelined: while one commits (on a blocking thread), the next is gathered
+    /// and decoded, and it begins only once the one before it committed and was acknowledged.
+    /// Whatever ends the loop, the batch in flight is settled (committed or failed) before this
+    /// returns, so the stored position and the acknowledgements never lag a commit.
     async fn consume(&self, log: &EventLog, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
         if !log.is_connected() {
             return Err(Error::Nats("not connected".into()));
         }
         // Setting up is only NATS requests: safe to abandon on a stop.
-        let (mut consumer, messages) = tokio::select! {
+        let (consumer, messages) = tokio::select! {
             set_up = self.set_up(log) => set_up?,
             _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
         };
-        let mut batches = messages.ready_chunks(BATCH_SIZE_MAX);
+        let mut in_flight = None;
+        let result = self
+            .pipeline(log, consumer, messages, shutdown, &mut in_flight)
+            .await;
+        let settled = self.settle(log, in_flight).await;
+        result.and(settled)
+    }
+
+    /// The loop of [`Self::consume`]; leaves the batch it began last in `in_flight`.
+    async fn pipeline(
+        &self,
+        log: &EventLog,
+        mut consumer: consumer::PullConsumer,
+        messages: consumer::pull::Stream,
+        shutdown: &mut watch::Receiver<bool>,
+        in_flight: &mut Option<InFlight>,
+    ) -> Result<()> {
+        // The pull stream only asks the server for more while it is polled: a task of its own
+        // keeps it polled while a batch is prepared or settled, up to what the consumer lets
+        // be unacknowledged.
+        let (chunks, mut batches) = tokio::sync::mpsc::channel(CHUNKS_BUFFERED);
+        let receiving = tokio::spawn(async move {
+            let mut received = messages.ready_chunks(BATCH_SIZE_MAX);
+            while let Some(chunk) = received.next().await {
+                if chunks.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let _receiving = AbortOnDrop(receiving);
         let mut checks = tokio::time::interval(CONSUMER_CHECK_PERIOD);
         checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_delivery = self.next_delivery.load(Ordering::Relaxed);
+        // The newest position of the batches prepared so far (committed or in flight): a
+        // redelivery at or below it is never applied again.
+        let mut prepared_through = self.position();
         loop {
             let chunk = tokio::select! {
-                chunk = batches.next() => Some(chunk),
+                chunk = batches.recv() => Some(chunk),
                 _ = checks.tick() => None,
                 _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
             };
             let Some(chunk) = chunk else {
+                // A batch begun while more were pending that never came (NATS went away) is
+                // settled here at the latest.
+                self.settle(log, in_flight.take()).await?;
                 self.check_consumer(&mut consumer).await?;
                 continue;
             };
@@ -530,8 +589,8 @@ impl<P: Projector> Engine<P> {
                 batch.push(message.map_err(|error| Error::Nats(error.to_string()))?);
             }
             // Catching up: more deliveries into the same transaction while more are pending.
-            while batch.len() < TRANSACTION_EVENTS_MAX && more_pending(&batch) {
-                match tokio::time::timeout(GATHER_WAIT, batches.next()).await {
+            while batch.len() < self.transaction_events_max && more_pending(&batch) {
+                match tokio::time::timeout(GATHER_WAIT, batches.recv()).await {
                     Ok(Some(chunk)) => {
                         for message in chunk {
                             match message {
@@ -553,11 +612,25 @@ impl<P: Projector> Engine<P> {
                     Err(_) => break,
                 }
             }
+            let (prepared, gap) = self.prepare(batch, prepared_through, next_delivery)?;
+            next_delivery = prepared.next_delivery;
+            prepared_through = prepared
+                .newest
+                .unwrap_or(prepared_through)
+                .max(prepared_through);
+            // The batch before this one commits and is acknowledged first; only then this one
+            // begins, so transactions and acknowledgements stay in stream order.
+            self.settle(log, in_flight.take()).await?;
+            let caught_up = prepared.lag.is_none_or(|lag| lag == 0);
+            *in_flight = Some(self.begin(prepared));
             // What was received before a failure is applied first (deliveries are contiguous
-            // up to it).
-            self.apply_batch(log, batch).await?;
-            if let Some(error) = failed {
+            // up to it): `consume` settles it.
+            if let Some(error) = gap.or(failed) {
                 return Err(error);
+            }
+            // Nothing more to gather behind it: readers wait for this position now.
+            if caught_up {
+                self.settle(log, in_flight.take()).await?;
             }
         }
     }
@@ -668,6 +741,9 @@ impl<P: Projector> Engine<P> {
                 {
                     self.next_delivery
                         .store(info.delivered.consumer_sequence + 1, Ordering::Relaxed);
+                    if info.config.max_ack_pending < MAX_ACK_PENDING {
+                        return Ok(self.roomier(&stream, info.config.clone(), existing).await);
+                    }
                     return Ok(existing);
                 }
                 tracing::info!(
@@ -700,7 +776,7 @@ impl<P: Projector> Engine<P> {
                 },
                 ack_policy: consumer::AckPolicy::All,
                 ack_wait: Duration::from_secs(30),
-                max_ack_pending: 20_000,
+                max_ack_pending: MAX_ACK_PENDING,
                 max_deliver: -1,
                 ..Default::default()
             })
@@ -708,27 +784,61 @@ impl<P: Projector> Engine<P> {
             .map_err(|error| Error::Nats(error.to_string()))
     }
 
-    async fn apply_batch(&self, log: &EventLog, messages: Vec<jetstream::Message>) -> Result<()> {
-        let stored = self.position();
+    /// The consumer with room for the pipeline ([`MAX_ACK_PENDING`]): one made by an older
+    /// build, or by hand, would stall the gathering of the next batch behind the one
+    /// committing. Only that setting changes; if the update fails, the consumer is used as it is.
+    async fn roomier(
+        &self,
+        stream: &jetstream::stream::Stream,
+        mut config: consumer::Config,
+        existing: consumer::PullConsumer,
+    ) -> consumer::PullConsumer {
+        use async_nats::jetstream::consumer::FromConsumer;
+        let before = config.max_ack_pending;
+        config.max_ack_pending = MAX_ACK_PENDING;
+        let updated = match consumer::pull::Config::try_from_consumer_config(config) {
+            Ok(config) => stream
+                .update_consumer(config)
+                .await
+                .map_err(|error| error.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        match updated {
+            Ok(updated) => {
+                tracing::info!(consumer = %self.consumer_name, before, after = MAX_ACK_PENDING, "consumer's max_ack_pending raised");
+                updated
+            }
+            Err(error) => {
+                tracing::warn!(consumer = %self.consumer_name, before, %error, "could not raise the consumer's max_ack_pending; catch-ups will be slower");
+                existing
+            }
+        }
+    }
+
+    /// Checks a batch's deliveries in order and decodes its events. Deliveries are numbered
+    /// without gaps; a skipped number is a message lost in flight, and acking past it would
+    /// acknowledge it unapplied (AckPolicy::All), so the batch ends before it and the error is
+    /// given back beside it.
+    fn prepare(
+        &self,
+        messages: Vec<jetstream::Message>,
+        prepared_through: u64,
+        mut next_delivery: u64,
+    ) -> Result<(Prepared, Option<Error>)> {
         let mut events = Vec::with_capacity(messages.len());
         let mut lag = None;
-        // The last message whose effect is settled (applied now or before), to ack up to it.
-        let mut settled: Option<&jetstream::Message> = None;
-        // Messages that are not events, each with how many events precede it in `events`.
+        let mut settled = None;
         let mut unreadable: Vec<(usize, eventlog::Unreadable)> = Vec::new();
         let mut gap = None;
-        let mut next_delivery = self.next_delivery.load(Ordering::Relaxed);
         let no_headers = async_nats::HeaderMap::new();
-        for message in &messages {
+        for (index, message) in messages.iter().enumerate() {
             let info = message
                 .info()
                 .map_err(|error| Error::Nats(error.to_string()))?;
             lag = Some(info.pending);
-            // Deliveries are numbered without gaps; a skipped number is a message lost in
-            // flight, and acking past it would acknowledge it unapplied (AckPolicy::All). This
-            // holds for redeliveries of applied events too: one of them after a lost delivery
-            // must not carry the ack past it. Stop here; the consumer is re-created from the
-            // stored position.
+            // This holds for redeliveries of applied events too: one of them after a lost
+            // delivery must not carry the ack past it. Stop here; the consumer is re-created
+            // from the stored position.
             if info.consumer_sequence != next_delivery {
                 gap = Some(Error::Nats(format!(
                     "delivery gap: expected delivery {next_delivery}, got {} (position {})",
@@ -737,9 +847,9 @@ impl<P: Projector> Engine<P> {
                 break;
             }
             next_delivery += 1;
-            if info.stream_sequence <= stored {
+            if info.stream_sequence <= prepared_through {
                 self.health.redeliveries_skipped.inc();
-                settled = Some(message);
+                settled = Some(index);
                 continue;
             }
             // Borrowed, not cloned: a header map per event was a tenth of a catch-up's time.
@@ -753,7 +863,7 @@ impl<P: Projector> Engine<P> {
             ) {
                 Ok(recorded) => {
                     events.push(recorded);
-                    settled = Some(message);
+                    settled = Some(index);
                 }
                 Err(error) => {
                     let stored = eventlog::Unreadable::new(
@@ -771,53 +881,93 @@ impl<P: Projector> Engine<P> {
                         "a stored message cannot be read as an event; its account's views are marked unreadable"
                     );
                     unreadable.push((events.len(), stored));
-                    settled = Some(message);
+                    settled = Some(index);
                 }
             }
         }
-        let newest_time = events.last().map(|event| event.time);
         let newest = events
             .last()
             .map(|event| event.position)
             .max(unreadable.last().map(|(_, message)| message.position));
-        if let Some(newest) = newest {
-            let count = events.len() as u64;
-            let unreadable_count = unreadable.len() as u64;
-            let created = self.stream_created.load(Ordering::Relaxed);
-            // Accounts whose histories have a gap the stream confirmed, marked with the batch.
-            let mut gaps: Vec<Gap> = Vec::new();
-            let mut unreadable = unreadable;
-            loop {
-                let (database, projector) = (self.database.clone(), self.projector.clone());
-                let marked = gaps.clone();
-                let (result, given_back, unreadable_back) =
-                    tokio::task::spawn_blocking(move || {
-                        let result = commit(
-                            &database,
-                            projector.as_ref(),
-                            &events,
-                            &unreadable,
-                            &marked,
-                            newest,
-                            created,
-                        );
-                        (result, events, unreadable)
-                    })
+        let prepared = Prepared {
+            messages,
+            events,
+            unreadable,
+            settled,
+            lag,
+            newest,
+            next_delivery,
+        };
+        Ok((prepared, gap))
+    }
+
+    /// Begins a prepared batch's transaction on a blocking thread.
+    fn begin(&self, prepared: Prepared) -> InFlight {
+        let commit = prepared.newest.map(|newest| {
+            self.spawn_commit(prepared.events, prepared.unreadable, Vec::new(), newest)
+        });
+        InFlight {
+            messages: prepared.messages,
+            settled: prepared.settled,
+            lag: prepared.lag,
+            newest: prepared.newest,
+            next_delivery: prepared.next_delivery,
+            commit,
+        }
+    }
+
+    fn spawn_commit(
+        &self,
+        events: Vec<RecordedEvent>,
+        unreadable: Vec<(usize, eventlog::Unreadable)>,
+        gaps: Vec<Gap>,
+        newest: u64,
+    ) -> tokio::task::JoinHandle<Committed> {
+        let (database, projector) = (self.database.clone(), self.projector.clone());
+        let created = self.stream_created.load(Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || {
+            let result = commit(
+                &database,
+                projector.as_ref(),
+                &events,
+                &unreadable,
+                &gaps,
+                newest,
+                created,
+            );
+            Committed {
+                result,
+                events,
+                unreadable,
+                gaps,
+            }
+        })
+    }
+
+    /// Waits for a batch's transaction, marks the accounts whose history the stream confirms
+    /// has a gap (committing again with them), then publishes the new position and acknowledges
+    /// the batch.
+    async fn settle(&self, log: &EventLog, in_flight: Option<InFlight>) -> Result<()> {
+        let Some(in_flight) = in_flight else {
+            return Ok(());
+        };
+        if let (Some(mut commit), Some(newest)) = (in_flight.commit, in_flight.newest) {
+            let committed = loop {
+                let committed = commit
                     .await
                     // A panic in the views' code is not a storage fault: stop, do not reopen.
                     .map_err(|error| Error::Poison {
                         position: newest,
                         message: format!("applying the batch panicked: {error}"),
                     })?;
-                (events, unreadable) = (given_back, unreadable_back);
-                match result {
-                    Ok(()) => break,
+                match committed.result {
+                    Ok(()) => break committed,
                     Err(Error::Missed(ApplyError::Missed {
                         account,
                         position,
                         previous,
                         applied,
-                    })) if gaps.len() < GAPS_PER_BATCH_MAX => {
+                    })) if committed.gaps.len() < GAPS_PER_BATCH_MAX => {
                         // Either way the account's history, as this view has it, has a hole:
                         // the account is marked, never the whole view stopped, since anyone
                         // with the writer's credential can append messages the views cannot
@@ -833,11 +983,14 @@ impl<P: Projector> Engine<P> {
                             "an account's event follows one this view never applied; its views are marked unreadable"
                         );
                         self.health.history_gaps.inc();
+                        let mut gaps = committed.gaps;
                         gaps.push(Gap {
                             account,
                             missing: previous,
                             erased,
                         });
+                        commit =
+                            self.spawn_commit(committed.events, committed.unreadable, gaps, newest);
                     }
                     Err(Error::Missed(missed)) => {
                         return Err(Error::Incomplete(format!(
@@ -846,10 +999,13 @@ impl<P: Projector> Engine<P> {
                     }
                     Err(error) => return Err(error),
                 }
-            }
-            self.log_applied(&events);
-            self.health.events_applied.inc_by(count);
-            self.health.decode_failures.inc_by(unreadable_count);
+            };
+            let events = &committed.events;
+            self.log_applied(events);
+            self.health.events_applied.inc_by(events.len() as u64);
+            self.health
+                .decode_failures
+                .inc_by(committed.unreadable.len() as u64);
             self.health.batches_committed.inc();
             self.health
                 .applied_position
@@ -865,31 +1021,77 @@ impl<P: Projector> Engine<P> {
                 );
                 std::process::abort();
             }
-        }
-        self.next_delivery.store(next_delivery, Ordering::Relaxed);
-        if let Some(lag) = lag {
+            if let Some(lag) = in_flight.lag {
+                self.health.lag.set(lag as i64);
+                let behind = match events.last().map(|event| event.time) {
+                    Some(time) if lag > 0 => {
+                        (OffsetDateTime::now_utc() - time).as_seconds_f64().max(0.0)
+                    }
+                    Some(_) => 0.0,
+                    None => self.health.lag_seconds.get(),
+                };
+                self.health.lag_seconds.set(behind);
+            }
+        } else if let Some(lag) = in_flight.lag {
             self.health.lag.set(lag as i64);
-            let behind = match newest_time {
-                Some(time) if lag > 0 => {
-                    (OffsetDateTime::now_utc() - time).as_seconds_f64().max(0.0)
-                }
-                Some(_) => 0.0,
-                None => self.health.lag_seconds.get(),
-            };
-            self.health.lag_seconds.set(behind);
         }
+        self.next_delivery
+            .store(in_flight.next_delivery, Ordering::Relaxed);
         // With AckPolicy::All, acknowledging a message acknowledges everything before it.
         // A lost ack only causes a redelivery, which the position check skips.
-        if let Some(message) = settled {
+        if let Some(message) = in_flight
+            .settled
+            .and_then(|index| in_flight.messages.get(index))
+        {
             if let Err(error) = message.ack().await {
                 tracing::debug!(%error, "batch ack failed; the batch will be redelivered and skipped");
             }
         }
-        match gap {
-            Some(error) => Err(error),
-            None => Ok(()),
-        }
+        Ok(())
     }
+}
+
+/// Aborts the task when dropped: the receiving task ends with the loop that reads from it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A batch checked and decoded in delivery order, not yet begun.
+struct Prepared {
+    messages: Vec<jetstream::Message>,
+    events: Vec<RecordedEvent>,
+    /// Messages that are not events, each with how many events precede it in `events`.
+    unreadable: Vec<(usize, eventlog::Unreadable)>,
+    /// The last message whose effect is settled once the batch commits (applied now or
+    /// before), to ack up to it.
+    settled: Option<usize>,
+    /// Events the consumer still had after the batch's last delivery.
+    lag: Option<u64>,
+    /// The position the batch moves the view to; `None` when it only holds redeliveries.
+    newest: Option<u64>,
+    next_delivery: u64,
+}
+
+/// A batch whose transaction was begun.
+struct InFlight {
+    messages: Vec<jetstream::Message>,
+    settled: Option<usize>,
+    lag: Option<u64>,
+    newest: Option<u64>,
+    next_delivery: u64,
+    commit: Option<tokio::task::JoinHandle<Committed>>,
+}
+
+/// What a transaction gives back: its result, and what it applied, for a retry with gaps.
+struct Committed {
+    result: Result<()>,
+    events: Vec<RecordedEvent>,
+    unreadable: Vec<(usize, eventlog::Unreadable)>,
+    gaps: Vec<Gap>,
 }
 
 /// Whether the stream no longer holds the event at `position` (erased by a per-message TTL or

@@ -74,7 +74,19 @@ async fn run_until(
     log: &EventLog,
     position: u64,
 ) -> Arc<projection::ViewHealth> {
-    let engine = Engine::open(database, CountingView, name).unwrap();
+    run_engine_until(
+        Engine::open(database, CountingView, name).unwrap(),
+        log,
+        position,
+    )
+    .await
+}
+
+async fn run_engine_until(
+    engine: Engine<CountingView>,
+    log: &EventLog,
+    position: u64,
+) -> Arc<projection::ViewHealth> {
     let mut applied = engine.applied();
     let health = engine.health();
     let (stop, stopped) = watch::channel(false);
@@ -141,6 +153,15 @@ async fn deliveries_at_or_below_the_stored_position_are_skipped() {
     let health = run_until(database.clone(), "second", &log, 31).await;
     assert_eq!(health.redeliveries_skipped.get(), 20);
     assert_eq!(health.consumer_recreations.get(), 0);
+    // Reused, with the room the pipeline needs (it was made with the server's default).
+    let mut second = stream
+        .get_consumer::<consumer::pull::Config>("second")
+        .await
+        .unwrap();
+    assert_eq!(
+        second.info().await.unwrap().config.max_ack_pending,
+        projection::MAX_ACK_PENDING
+    );
     let counts = counts(&database);
     assert_eq!(counts.len(), 30);
     assert!(!counts.iter().any(|(position, _)| *position == 21));
@@ -149,6 +170,48 @@ async fn deliveries_at_or_below_the_stored_position_are_skipped() {
         "applied twice: {counts:?}"
     );
     assert_eq!(projection::stored_position(&database).unwrap(), 31);
+}
+
+/// A catch-up longer than two transactions: the next batch is gathered while one commits, and
+/// still every event is applied once, in order, and the checkpoint is the last position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_catch_up_applies_every_event_once() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let log = Arc::new(
+        EventLog::open(client, &StreamSettings::default())
+            .await
+            .unwrap(),
+    );
+    fixtures::append_histories(&log, 20, 150, || {}).await;
+    let last = log.last_position().await.unwrap();
+    assert_eq!(last, 3_000);
+    let directory = tempfile::tempdir().unwrap();
+    let database = Arc::new(Database::create(directory.path().join("views.redb")).unwrap());
+    // Gathering stops once a transaction has 250 events; the pull that crossed it (up to
+    // 1 000) stays in it. So at least three transactions, each gathered behind the last.
+    let engine = Engine::open(database.clone(), CountingView, "view")
+        .unwrap()
+        .transaction_events_max(250);
+    let health = run_engine_until(engine, &log, last).await;
+    let counts = counts(&database);
+    assert_eq!(counts.len() as u64, last);
+    assert!(counts.iter().all(|(_, count)| *count == 1), "applied twice");
+    assert_eq!(projection::stored_position(&database).unwrap(), last);
+    assert_eq!(health.events_applied.get(), last);
+    assert!(
+        health.batches_committed.get() >= 3,
+        "{} transactions for {last} events",
+        health.batches_committed.get()
+    );
+    let stream = log.context().get_stream("COFFER_EVENTS").await.unwrap();
+    let mut consumer = stream
+        .get_consumer::<consumer::pull::Config>("view")
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(info.config.max_ack_pending, projection::MAX_ACK_PENDING);
+    assert_eq!(info.ack_floor.stream_sequence, last, "all acknowledged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
