@@ -1181,9 +1181,9 @@ pub fn decode_stored(
     payload: Bytes,
 ) -> Result<RecordedEvent, DecodeError> {
     let (account, subject_type) = subject::parse(subject).ok_or(DecodeError::Header("subject"))?;
-    let event_type =
-        header_text(headers, header::EVENT_TYPE).unwrap_or_else(|| subject_type.into());
-    let version = match header_text(headers, header::EVENT_VERSION) {
+    let found = EventHeaders::find(headers);
+    let event_type = found.event_type.unwrap_or(subject_type);
+    let version = match found.version {
         Some(text) => text
             .parse()
             .map_err(|_| DecodeError::Header(header::EVENT_VERSION))?,
@@ -1191,8 +1191,9 @@ pub fn decode_stored(
     };
     let account_id =
         AccountId::parse(account).map_err(|_| DecodeError::Header(header::ACCOUNT_ID))?;
-    let event = codec::decode(&event_type, version, &payload)?;
-    let previous_position = previous_position(headers, &account_id);
+    let event = codec::decode(event_type, version, &payload)?;
+    let previous_position = found.previous_position(&account_id);
+    let owned = |text: Option<&str>| text.map(str::to_owned);
     Ok(RecordedEvent {
         position,
         subject: subject.to_owned(),
@@ -1200,38 +1201,119 @@ pub fn decode_stored(
         time,
         event,
         metadata: EventMetadata {
-            command_id: header_text(headers, header::COMMAND_ID).unwrap_or_default(),
-            correlation_id: header_text(headers, header::CORRELATION_ID).unwrap_or_default(),
-            traceparent: header_text(headers, header::TRACEPARENT),
+            command_id: owned(found.command_id).unwrap_or_default(),
+            correlation_id: owned(found.correlation_id).unwrap_or_default(),
+            traceparent: owned(found.traceparent),
         },
-        chain: header_text(headers, header::CHAIN),
-        signature: header_text(headers, header::SIGNATURE),
+        chain: owned(found.chain),
+        signature: owned(found.signature),
         previous_position,
         version,
         payload,
     })
 }
 
-/// The previous position an event's append was checked against, if the check was on this
-/// account's own subjects (a check named on another subject says nothing about this account).
-fn previous_position(headers: &HeaderMap, account: &AccountId) -> Option<u64> {
-    // Compared in place: this runs for every event of a catch-up.
-    let checked = headers
-        .get(header::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT)?
-        .as_str();
-    let named = checked
-        .strip_prefix(subject::EVENTS_PREFIX)?
-        .strip_prefix('.')?
-        .strip_suffix(".>")?;
-    if named != account.as_str() {
-        return None;
+/// The headers an event is read from, found in one pass over the map: a lookup by name parses
+/// and hashes the name each time, ten times per event of a catch-up. Names match exactly, as
+/// [`HeaderMap::get`] matches them.
+#[derive(Default)]
+struct EventHeaders<'a> {
+    event_type: Option<&'a str>,
+    version: Option<&'a str>,
+    command_id: Option<&'a str>,
+    correlation_id: Option<&'a str>,
+    traceparent: Option<&'a str>,
+    chain: Option<&'a str>,
+    signature: Option<&'a str>,
+    checked_subject: Option<&'a str>,
+    checked_sequence: Option<&'a str>,
+}
+
+impl<'a> EventHeaders<'a> {
+    fn find(headers: &'a HeaderMap) -> Self {
+        let mut found = Self::default();
+        for (name, values) in headers.iter() {
+            let slot = match AsRef::<str>::as_ref(name) {
+                header::EVENT_TYPE => &mut found.event_type,
+                header::EVENT_VERSION => &mut found.version,
+                header::COMMAND_ID => &mut found.command_id,
+                header::CORRELATION_ID => &mut found.correlation_id,
+                header::TRACEPARENT => &mut found.traceparent,
+                header::CHAIN => &mut found.chain,
+                header::SIGNATURE => &mut found.signature,
+                header::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT => &mut found.checked_subject,
+                header::EXPECTED_LAST_SUBJECT_SEQUENCE => &mut found.checked_sequence,
+                _ => continue,
+            };
+            *slot = values.first().map(|value| value.as_str());
+        }
+        found
     }
-    header_number(headers, header::EXPECTED_LAST_SUBJECT_SEQUENCE)
+
+    /// The previous position the event's append was checked against, if the check was on this
+    /// account's own subjects (a check named on another subject says nothing about this
+    /// account).
+    fn previous_position(&self, account: &AccountId) -> Option<u64> {
+        let named = self
+            .checked_subject?
+            .strip_prefix(subject::EVENTS_PREFIX)?
+            .strip_prefix('.')?
+            .strip_suffix(".>")?;
+        if named != account.as_str() {
+            return None;
+        }
+        self.checked_sequence?.parse().ok()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_events_headers_are_found_in_one_pass_as_get_finds_them() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::EVENT_TYPE, "deposited");
+        headers.insert(header::EVENT_VERSION, "2");
+        headers.insert(header::COMMAND_ID, "c-1");
+        headers.insert(header::CORRELATION_ID, "r-1");
+        headers.insert(header::CHAIN, "abc");
+        headers.insert(header::SIGNATURE, "k:00");
+        headers.insert(header::CONTENT_TYPE, header::MSGPACK);
+        headers.insert(
+            header::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT,
+            "coffer.events.acc-1.>",
+        );
+        headers.insert(header::EXPECTED_LAST_SUBJECT_SEQUENCE, "41");
+        // Another spelling is another header, for `get` and here alike.
+        headers.insert("coffer-chain", "other");
+        let found = EventHeaders::find(&headers);
+        for (name, value) in [
+            (header::EVENT_TYPE, found.event_type),
+            (header::EVENT_VERSION, found.version),
+            (header::COMMAND_ID, found.command_id),
+            (header::CORRELATION_ID, found.correlation_id),
+            (header::TRACEPARENT, found.traceparent),
+            (header::CHAIN, found.chain),
+            (header::SIGNATURE, found.signature),
+        ] {
+            assert_eq!(
+                value,
+                headers.get(name).map(|value| value.as_str()),
+                "{name}"
+            );
+        }
+        assert_eq!(found.chain, Some("abc"));
+        let account = AccountId::parse("acc-1").unwrap();
+        assert_eq!(found.previous_position(&account), Some(41));
+        // A check on another account's subjects says nothing about this one.
+        let other = AccountId::parse("acc-10").unwrap();
+        assert_eq!(found.previous_position(&other), None);
+        assert_eq!(
+            EventHeaders::find(&HeaderMap::new()).previous_position(&account),
+            None
+        );
+    }
 
     #[test]
     fn stored_headers_are_found_by_name() {
