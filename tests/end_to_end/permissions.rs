@@ -310,7 +310,7 @@ async fn each_role_does_its_work_and_nothing_else() {
         "the reader deleted the writers' consumer"
     );
     // Nor the writers' backstop consumer on the event stream it reads.
-    let reader_events = reader_js.get_stream("COFFER_EVENTS").await.unwrap();
+    let mut reader_events = reader_js.get_stream("COFFER_EVENTS").await.unwrap();
     assert!(
         reader_events
             .get_consumer::<jetstream::consumer::pull::Config>("coffer-hold-backstop")
@@ -336,6 +336,39 @@ async fn each_role_does_its_work_and_nothing_else() {
             .is_err(),
         "the reader re-configured the writers' backstop consumer"
     );
+    // It may create consumers (each reader manages its own), but not without end: the stream
+    // caps them, so a stolen reader password cannot fill the server with consumers.
+    let before = reader_events.info().await.unwrap().state.consumer_count;
+    let mut flood = Vec::new();
+    let refusal = loop {
+        let name = format!("flood-{}", flood.len());
+        match reader_events
+            .create_consumer(jetstream::consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: "coffer.events.>".into(),
+                ack_policy: jetstream::consumer::AckPolicy::All,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(_) => flood.push(name),
+            Err(error) => break error.to_string(),
+        }
+        assert!(
+            flood.len() <= eventlog::stream::EVENTS_MAX_CONSUMERS as usize,
+            "the reader created {} consumers",
+            flood.len()
+        );
+    };
+    assert_eq!(
+        before + flood.len(),
+        eventlog::stream::EVENTS_MAX_CONSUMERS as usize,
+        "{refusal}"
+    );
+    assert!(refusal.contains("maximum consumers"), "{refusal}");
+    for name in flood {
+        reader_events.delete_consumer(&name).await.unwrap();
+    }
     assert!(
         reader_client
             .request(format!("coffer.cmd.{a}.deposit"), r#"{"amount":1}"#.into())

@@ -40,6 +40,13 @@ impl Default for StreamSettings {
     }
 }
 
+/// Consumers the event stream holds at most. The reader role may create consumers on it (each
+/// reader manages its own), so without a cap a stolen reader credential could fill the server
+/// with them. A deployment needs one per reader, one more per reader during a rebuild, the
+/// writers' backstop, and the ordered consumers of `coffer events tail` and NATS clients
+/// following the stream: far fewer.
+pub const EVENTS_MAX_CONSUMERS: i32 = 256;
+
 /// How long a schedule or a due message is kept: longer than the longest hold (a week), so a
 /// schedule always outlives its hold, and due messages do not pile up forever.
 pub const SCHEDULES_MAX_AGE: Duration = Duration::from_secs(8 * 24 * 60 * 60);
@@ -75,6 +82,7 @@ impl StreamSettings {
             // The log is the source of truth: nobody may rewrite it.
             deny_delete: true,
             deny_purge: true,
+            max_consumers: EVENTS_MAX_CONSUMERS,
             ..Default::default()
         }
     }
@@ -131,6 +139,10 @@ impl StreamSettings {
         merged.deny_purge = true;
         merged.duplicate_window = wanted.duplicate_window;
         merged.num_replicas = current.num_replicas.max(wanted.num_replicas);
+        // An operator's own cap is kept; a stream made without one gets ours.
+        if current.max_consumers <= 0 {
+            merged.max_consumers = EVENTS_MAX_CONSUMERS;
+        }
         merged
     }
 
@@ -363,5 +375,28 @@ mod tests {
         };
         let merged = StreamSettings::default().merged_into(&stripped);
         assert!(merged.allow_atomic_publish && merged.republish.is_some());
+    }
+
+    #[test]
+    fn a_stream_without_a_consumer_cap_gets_one_and_an_operators_cap_is_kept() {
+        let settings = StreamSettings::default();
+        assert_eq!(settings.config().max_consumers, EVENTS_MAX_CONSUMERS);
+        for unlimited in [-1, 0] {
+            let old = stream::Config {
+                max_consumers: unlimited,
+                ..settings.config()
+            };
+            assert_eq!(
+                settings.merged_into(&old).max_consumers,
+                EVENTS_MAX_CONSUMERS
+            );
+        }
+        for operators in [16, 1_000] {
+            let set = stream::Config {
+                max_consumers: operators,
+                ..settings.config()
+            };
+            assert_eq!(settings.merged_into(&set).max_consumers, operators);
+        }
     }
 }
