@@ -40,7 +40,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer};
 use eventlog::log::decode_stored;
 use eventlog::{EventLog, RecordedEvent};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
@@ -74,8 +74,10 @@ const GATHER_WAIT: Duration = Duration::from_millis(20);
 const CHUNKS_BUFFERED: usize = MAX_ACK_PENDING as usize / BATCH_SIZE_MAX + 4;
 /// Largest batch the server sends per pull, in bytes.
 pub const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
-/// Erased events one batch may meet before the view stops anyway: each costs a commit attempt.
-const GAPS_PER_BATCH_MAX: usize = 64;
+/// How long the server waits for a batch's acknowledgement before delivering it again.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long a pull waits at the server for messages (the pull stream's `expires`).
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
 /// How often a running view checks that its consumer still delivers every event (the reader
 /// role may update its consumers; a changed filter would skip events silently).
 const CONSUMER_CHECK_PERIOD: Duration = Duration::from_secs(2);
@@ -203,6 +205,8 @@ pub struct ViewHealth {
     pub consumer_recreations: Counter,
     /// Events in the stream not yet applied, as the server reported with the last delivery.
     pub lag: Gauge,
+    /// Whether `lag` was reported with a batch settled (committed and acknowledged).
+    pub lag_known: AtomicBool,
     /// While events are pending: the age of the newest applied event, in seconds (how far
     /// behind the view may be, at most); 0 when caught up.
     pub lag_seconds: Gauge<f64, AtomicU64>,
@@ -226,6 +230,7 @@ impl Default for ViewHealth {
             redeliveries_skipped: Counter::default(),
             consumer_recreations: Counter::default(),
             lag: Gauge::default(),
+            lag_known: AtomicBool::new(false),
             lag_seconds: Gauge::default(),
             applied_position: AtomicU64::new(0),
             storage_failed: AtomicBool::new(false),
@@ -235,16 +240,23 @@ impl Default for ViewHealth {
 
 impl ViewHealth {
     /// Whether the view has applied all but `lag_max` of the events the stream held beyond it
-    /// when this process started consuming.
+    /// when this process started consuming, or the server said, with a batch the view then
+    /// committed, that at most `lag_max` events were left.
+    ///
+    /// Counted from what was applied, not from what was delivered: a redelivery (after an ack
+    /// wait ran out) is the same event again. The server's word covers what counting cannot:
+    /// events erased from the stream (a per-message TTL) before they were delivered were
+    /// pending at start and never arrive.
     pub fn caught_up(&self, lag_max: u64) -> bool {
-        // Deliveries skipped as already applied count too: they were pending at start.
-        let delivered = self
+        let applied = self
             .events_applied
             .get()
-            .saturating_add(self.redeliveries_skipped.get())
             .saturating_add(self.decode_failures.get());
-        self.start_known.load(Ordering::Acquire)
-            && delivered.saturating_add(lag_max) >= self.pending_at_start.load(Ordering::Relaxed)
+        let counted =
+            applied.saturating_add(lag_max) >= self.pending_at_start.load(Ordering::Relaxed);
+        let told = self.lag_known.load(Ordering::Acquire)
+            && u64::try_from(self.lag.get()).is_ok_and(|lag| lag <= lag_max);
+        self.start_known.load(Ordering::Acquire) && (counted || told)
     }
 
     /// Clears a failure once the view runs again (its file reopened).
@@ -424,35 +436,41 @@ impl<P: Projector> Engine<P> {
             if *shutdown.borrow() {
                 return;
             }
-            let result = self.consume(&log, &mut shutdown).await;
-            if *shutdown.borrow() {
-                self.health.consuming.store(false, Ordering::Relaxed);
-                return;
-            }
+            // A panic on the way (decoding, logging, settling) must not leave a view that
+            // looks healthy while nothing moves it: it stops the view like a poison event.
+            let result = std::panic::AssertUnwindSafe(self.consume(&log, &mut shutdown))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|message| (*message).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(Error::Poison {
+                        position: self.position(),
+                        message: format!("the projection panicked: {message}"),
+                    })
+                });
             self.health.consuming.store(false, Ordering::Relaxed);
+            let stopping = *shutdown.borrow();
+            // A failure of the view is recorded even when it came with a stop: whoever reopens
+            // or swaps the file must see that the last batch did not commit.
             match result {
                 Err(Error::Poison { position, message }) => {
                     let failure = format!("view stopped at position {position}: {message}");
                     tracing::error!(consumer = %self.consumer_name, position, %message, "view stopped on an undecodable event");
-                    *self
-                        .health
-                        .failure
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(failure);
+                    self.fail(failure);
                     return;
                 }
                 Err(
                     error @ (Error::AheadOfStream { .. }
                     | Error::StreamReplaced { .. }
-                    | Error::Incomplete(_)),
+                    | Error::Incomplete(_)
+                    | Error::Missed(_)),
                 ) => {
                     tracing::error!(consumer = %self.consumer_name, %error, "view stopped");
-                    *self
-                        .health
-                        .failure
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner()) =
-                        Some(format!("view stopped: {error}"));
+                    self.fail(format!("view stopped: {error}"));
                     return;
                 }
                 Err(Error::Storage(message)) => {
@@ -460,24 +478,30 @@ impl<P: Projector> Engine<P> {
                     // reopened, which only the owner of the file can do (the reader service).
                     tracing::error!(consumer = %self.consumer_name, %message, "view storage failed; stopping until it is reopened");
                     self.health.storage_failed.store(true, Ordering::Release);
-                    *self
-                        .health
-                        .failure
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner()) =
-                        Some(format!("view storage failed: {message}"));
+                    self.fail(format!("view storage failed: {message}"));
                     return;
                 }
-                Err(error) => {
+                Err(error) if !stopping => {
                     tracing::warn!(consumer = %self.consumer_name, %error, "projection interrupted; resuming");
                 }
-                Ok(()) => {}
+                Err(_) | Ok(()) => {}
+            }
+            if stopping {
+                return;
             }
             tokio::select! {
                 _ = tokio::time::sleep(RETRY_DELAY) => {}
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
         }
+    }
+
+    fn fail(&self, failure: String) {
+        *self
+            .health
+            .failure
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(failure);
     }
 
     fn position(&self) -> u64 {
@@ -536,7 +560,12 @@ impl<P: Projector> Engine<P> {
             .pipeline(log, consumer, messages, shutdown, &mut in_flight)
             .await;
         let settled = self.settle(log, in_flight).await;
-        result.and(settled)
+        // Both may have failed (NATS went away while the batch's storage failed): the view's
+        // own failure decides what happens next, so it wins over a NATS error.
+        match (result, settled) {
+            (Err(Error::Nats(_)), Err(failure)) => Err(failure),
+            (result, settled) => result.and(settled),
+        }
     }
 
     /// The loop of [`Self::consume`]; leaves the batch it began last in `in_flight`.
@@ -568,17 +597,27 @@ impl<P: Projector> Engine<P> {
         // redelivery at or below it is never applied again.
         let mut prepared_through = self.position();
         loop {
-            let chunk = tokio::select! {
-                chunk = batches.recv() => Some(chunk),
-                _ = checks.tick() => None,
-                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            let next = tokio::select! {
+                chunk = batches.recv() => Next::Chunk(chunk),
+                // A batch whose transaction ended is acknowledged and published at once, not
+                // when the next one is ready: the server delivers more once it has the ack,
+                // and readers wait for the position.
+                _ = InFlight::transaction_ended(in_flight) => Next::Ended,
+                _ = checks.tick() => Next::Check,
+                _ = shutdown.wait_for(|stop| *stop) => Next::Stop,
             };
-            let Some(chunk) = chunk else {
-                // A batch begun while more were pending that never came (NATS went away) is
-                // settled here at the latest.
-                self.settle(log, in_flight.take()).await?;
-                self.check_consumer(&mut consumer).await?;
-                continue;
+            let chunk = match next {
+                Next::Chunk(chunk) => chunk,
+                Next::Ended => {
+                    self.settle(log, in_flight.take()).await?;
+                    continue;
+                }
+                Next::Check => {
+                    self.settle(log, in_flight.take()).await?;
+                    self.check_consumer(&mut consumer).await?;
+                    continue;
+                }
+                Next::Stop => return Ok(()),
             };
             let Some(chunk) = chunk else {
                 return Err(Error::Nats("message stream ended".into()));
@@ -590,7 +629,14 @@ impl<P: Projector> Engine<P> {
             }
             // Catching up: more deliveries into the same transaction while more are pending.
             while batch.len() < self.transaction_events_max && more_pending(&batch) {
-                match tokio::time::timeout(GATHER_WAIT, batches.recv()).await {
+                let received = tokio::select! {
+                    received = tokio::time::timeout(GATHER_WAIT, batches.recv()) => received,
+                    _ = InFlight::transaction_ended(in_flight) => {
+                        self.settle(log, in_flight.take()).await?;
+                        continue;
+                    }
+                };
+                match received {
                     Ok(Some(chunk)) => {
                         for message in chunk {
                             match message {
@@ -611,6 +657,14 @@ impl<P: Projector> Engine<P> {
                     }
                     Err(_) => break,
                 }
+            }
+            // A delivery without its payload would be read as an unreadable message and cost
+            // its account for good: if the consumer now delivers headers only (the reader
+            // role may update it), nothing of the batch is applied and the consumer is made
+            // again. (An appended message may carry the header itself; then it is read as
+            // what it is.)
+            if batch.iter().any(headers_only_delivery) {
+                self.refuse_headers_only(&mut consumer).await?;
             }
             let (prepared, gap) = self.prepare(batch, prepared_through, next_delivery)?;
             next_delivery = prepared.next_delivery;
@@ -646,14 +700,50 @@ impl<P: Projector> Engine<P> {
             return Ok(());
         }
         self.health.consumer_changes.inc();
+        let config = &info.config;
+        if delivers_every_event(config) {
+            // It still delivers every event, only without payloads (never applied), slower or
+            // not at all: made again (by the retry, from the stored position), the view goes on.
+            tracing::warn!(
+                consumer = %self.consumer_name,
+                max_ack_pending = config.max_ack_pending,
+                ack_wait = ?config.ack_wait,
+                rate_limit = config.rate_limit,
+                paused = config.pause_until.is_some(),
+                headers_only = config.headers_only,
+                max_batch = config.max_batch,
+                "the view's consumer was changed while it ran; re-creating it"
+            );
+            return Err(Error::Nats(format!(
+                "its consumer {} was changed while the view ran",
+                self.consumer_name
+            )));
+        }
         Err(Error::Incomplete(format!(
             "its consumer {} was changed while the view ran (filter {:?}, filters {:?}, headers \
              only {}, ack policy {:?}): events may have been skipped",
             self.consumer_name,
-            info.config.filter_subject,
-            info.config.filter_subjects,
-            info.config.headers_only,
-            info.config.ack_policy
+            config.filter_subject,
+            config.filter_subjects,
+            config.headers_only,
+            config.ack_policy
+        )))
+    }
+
+    /// Fails (for the consumer to be made again) when the consumer delivers headers only.
+    async fn refuse_headers_only(&self, consumer: &mut consumer::PullConsumer) -> Result<()> {
+        let info = consumer
+            .info()
+            .await
+            .map_err(|error| Error::Nats(error.to_string()))?;
+        if !info.config.headers_only {
+            return Ok(());
+        }
+        self.health.consumer_changes.inc();
+        tracing::warn!(consumer = %self.consumer_name, "the view's consumer delivers headers only; re-creating it");
+        Err(Error::Nats(format!(
+            "its consumer {} delivers headers only",
+            self.consumer_name
         )))
     }
 
@@ -680,7 +770,7 @@ impl<P: Projector> Engine<P> {
             .max_messages_per_batch(BATCH_SIZE_MAX)
             .max_bytes_per_batch(BATCH_BYTES_MAX)
             .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
+            .expires(PULL_EXPIRES)
             .messages()
             .await
             .map_err(|error| Error::Nats(error.to_string()))?;
@@ -733,7 +823,7 @@ impl<P: Projector> Engine<P> {
                 let delivered = info.delivered.stream_sequence;
                 // And only if it is the consumer this engine makes (an operator may have made
                 // one by hand with another filter or ack policy).
-                let configured = as_made(&info.config);
+                let configured = delivers_every_event(&info.config) && paced_as_made(&info.config);
                 if configured
                     && acknowledged <= stored
                     && delivered <= stored
@@ -741,10 +831,12 @@ impl<P: Projector> Engine<P> {
                 {
                     self.next_delivery
                         .store(info.delivered.consumer_sequence + 1, Ordering::Relaxed);
-                    if info.config.max_ack_pending < MAX_ACK_PENDING {
-                        return Ok(self.roomier(&stream, info.config.clone(), existing).await);
+                    if info.config.max_ack_pending >= MAX_ACK_PENDING {
+                        return Ok(existing);
                     }
-                    return Ok(existing);
+                    if let Some(raised) = self.roomier(&stream, info.config.clone()).await {
+                        return Ok(raised);
+                    }
                 }
                 tracing::info!(
                     consumer = %self.consumer_name,
@@ -775,7 +867,7 @@ impl<P: Projector> Engine<P> {
                     start_sequence: stored + 1,
                 },
                 ack_policy: consumer::AckPolicy::All,
-                ack_wait: Duration::from_secs(30),
+                ack_wait: ACK_WAIT,
                 max_ack_pending: MAX_ACK_PENDING,
                 max_deliver: -1,
                 ..Default::default()
@@ -786,13 +878,13 @@ impl<P: Projector> Engine<P> {
 
     /// The consumer with room for the pipeline ([`MAX_ACK_PENDING`]): one made by an older
     /// build, or by hand, would stall the gathering of the next batch behind the one
-    /// committing. Only that setting changes; if the update fails, the consumer is used as it is.
+    /// committing. Only that setting changes; if the update fails, `None`: the consumer is
+    /// re-created.
     async fn roomier(
         &self,
         stream: &jetstream::stream::Stream,
         mut config: consumer::Config,
-        existing: consumer::PullConsumer,
-    ) -> consumer::PullConsumer {
+    ) -> Option<consumer::PullConsumer> {
         use async_nats::jetstream::consumer::FromConsumer;
         let before = config.max_ack_pending;
         config.max_ack_pending = MAX_ACK_PENDING;
@@ -806,11 +898,11 @@ impl<P: Projector> Engine<P> {
         match updated {
             Ok(updated) => {
                 tracing::info!(consumer = %self.consumer_name, before, after = MAX_ACK_PENDING, "consumer's max_ack_pending raised");
-                updated
+                Some(updated)
             }
             Err(error) => {
-                tracing::warn!(consumer = %self.consumer_name, before, %error, "could not raise the consumer's max_ack_pending; catch-ups will be slower");
-                existing
+                tracing::warn!(consumer = %self.consumer_name, before, %error, "could not raise the consumer's max_ack_pending; re-creating it");
+                None
             }
         }
     }
@@ -828,6 +920,7 @@ impl<P: Projector> Engine<P> {
         let mut events = Vec::with_capacity(messages.len());
         let mut lag = None;
         let mut settled = None;
+        let mut settled_position = 0;
         let mut unreadable: Vec<(usize, eventlog::Unreadable)> = Vec::new();
         let mut gap = None;
         let no_headers = async_nats::HeaderMap::new();
@@ -847,9 +940,15 @@ impl<P: Projector> Engine<P> {
                 break;
             }
             next_delivery += 1;
+            // The ack goes to the delivery of the newest position: the server ignores an ack
+            // of everything up to a redelivery of what it already counts as acknowledged, which
+            // would leave the batch's new deliveries to be delivered again.
+            if info.stream_sequence > settled_position {
+                settled_position = info.stream_sequence;
+                settled = Some(index);
+            }
             if info.stream_sequence <= prepared_through {
                 self.health.redeliveries_skipped.inc();
-                settled = Some(index);
                 continue;
             }
             // Borrowed, not cloned: a header map per event was a tenth of a catch-up's time.
@@ -861,10 +960,7 @@ impl<P: Projector> Engine<P> {
                 headers,
                 message.payload.clone(),
             ) {
-                Ok(recorded) => {
-                    events.push(recorded);
-                    settled = Some(index);
-                }
+                Ok(recorded) => events.push(recorded),
                 Err(error) => {
                     let stored = eventlog::Unreadable::new(
                         &message.subject,
@@ -881,7 +977,6 @@ impl<P: Projector> Engine<P> {
                         "a stored message cannot be read as an event; its account's views are marked unreadable"
                     );
                     unreadable.push((events.len(), stored));
-                    settled = Some(index);
                 }
             }
         }
@@ -903,8 +998,10 @@ impl<P: Projector> Engine<P> {
 
     /// Begins a prepared batch's transaction on a blocking thread.
     fn begin(&self, prepared: Prepared) -> InFlight {
-        let commit = prepared.newest.map(|newest| {
-            self.spawn_commit(prepared.events, prepared.unreadable, Vec::new(), newest)
+        let commit = prepared.newest.map(|_| {
+            Commit::Running(
+                self.spawn_commit(Part::new(prepared.events, prepared.unreadable), Vec::new()),
+            )
         });
         InFlight {
             messages: prepared.messages,
@@ -916,44 +1013,51 @@ impl<P: Projector> Engine<P> {
         }
     }
 
-    fn spawn_commit(
-        &self,
-        events: Vec<RecordedEvent>,
-        unreadable: Vec<(usize, eventlog::Unreadable)>,
-        gaps: Vec<Gap>,
-        newest: u64,
-    ) -> tokio::task::JoinHandle<Committed> {
+    /// Commits `part`, with the accounts of `gaps` marked first, on a blocking thread.
+    fn spawn_commit(&self, part: Part, gaps: Vec<Gap>) -> tokio::task::JoinHandle<Committed> {
         let (database, projector) = (self.database.clone(), self.projector.clone());
         let created = self.stream_created.load(Ordering::Relaxed);
         tokio::task::spawn_blocking(move || {
-            let result = commit(
-                &database,
-                projector.as_ref(),
-                &events,
-                &unreadable,
-                &gaps,
-                newest,
-                created,
-            );
-            Committed {
-                result,
-                events,
-                unreadable,
-                gaps,
-            }
+            let result = match part.newest {
+                Some(newest) => commit(
+                    &database,
+                    projector.as_ref(),
+                    &part.events,
+                    &part.unreadable,
+                    &gaps,
+                    newest,
+                    created,
+                ),
+                None => Ok(()),
+            };
+            Committed { result, part, gaps }
         })
     }
 
-    /// Waits for a batch's transaction, marks the accounts whose history the stream confirms
-    /// has a gap (committing again with them), then publishes the new position and acknowledges
-    /// the batch.
+    /// Waits for a batch's transaction, then publishes the new position and acknowledges the
+    /// batch.
+    ///
+    /// An event whose account's history, as this view has it, has a hole ([`ApplyError::Missed`])
+    /// costs its account, never the view: anyone with the writer's credential can append
+    /// messages the views cannot place (a skipping feed is caught by the consumer check
+    /// instead). The batch is split there: what precedes the event commits together with the
+    /// account's gap, and the rest commits next. So every event is applied once whatever the
+    /// number of such holes and however the batches fall (a fresh view meets in one batch the
+    /// holes a live one met one at a time), at the cost of one more commit per hole.
     async fn settle(&self, log: &EventLog, in_flight: Option<InFlight>) -> Result<()> {
         let Some(in_flight) = in_flight else {
             return Ok(());
         };
         if let (Some(mut commit), Some(newest)) = (in_flight.commit, in_flight.newest) {
-            let committed = loop {
+            // The uncommitted tail of the batch, once a hole split it.
+            let mut rest: Option<Part> = None;
+            // Accounts marked for a hole in this batch: the views must not report one again.
+            let mut holes: Vec<String> = Vec::new();
+            // The time of the newest event committed.
+            let mut events_committed: Option<OffsetDateTime> = None;
+            loop {
                 let committed = commit
+                    .finish()
                     .await
                     // A panic in the views' code is not a storage fault: stop, do not reopen.
                     .map_err(|error| Error::Poison {
@@ -961,17 +1065,41 @@ impl<P: Projector> Engine<P> {
                         message: format!("applying the batch panicked: {error}"),
                     })?;
                 match committed.result {
-                    Ok(()) => break committed,
+                    Ok(()) => {
+                        let part = &committed.part;
+                        self.committed(
+                            &part.events,
+                            part.unreadable.len(),
+                            part.newest.unwrap_or(newest),
+                        );
+                        if let Some(last) = part.events.last() {
+                            events_committed = Some(last.time);
+                        }
+                        match rest.take() {
+                            Some(part) => {
+                                commit = Commit::Running(self.spawn_commit(part, Vec::new()));
+                            }
+                            None => break,
+                        }
+                    }
                     Err(Error::Missed(ApplyError::Missed {
                         account,
                         position,
                         previous,
                         applied,
-                    })) if committed.gaps.len() < GAPS_PER_BATCH_MAX => {
-                        // Either way the account's history, as this view has it, has a hole:
-                        // the account is marked, never the whole view stopped, since anyone
-                        // with the writer's credential can append messages the views cannot
-                        // place (a skipping feed is caught by the consumer check instead).
+                    })) => {
+                        if holes.contains(&account) {
+                            return Err(Error::Incomplete(format!(
+                                "account {account} was reported twice for a hole in its history \
+                                 (at position {position}) after it was marked"
+                            )));
+                        }
+                        let Some((before, after)) = committed.part.split_at(position) else {
+                            return Err(Error::Incomplete(format!(
+                                "a hole in account {account}'s history was reported at position \
+                                 {position}, which the batch does not hold"
+                            )));
+                        };
                         let erased = erased(log, previous).await?;
                         tracing::error!(
                             consumer = %self.consumer_name,
@@ -985,32 +1113,23 @@ impl<P: Projector> Engine<P> {
                         self.health.history_gaps.inc();
                         let mut gaps = committed.gaps;
                         gaps.push(Gap {
-                            account,
+                            account: account.clone(),
                             missing: previous,
                             erased,
                         });
-                        commit =
-                            self.spawn_commit(committed.events, committed.unreadable, gaps, newest);
-                    }
-                    Err(Error::Missed(missed)) => {
-                        return Err(Error::Incomplete(format!(
-                            "{missed}; more than {GAPS_PER_BATCH_MAX} such events in one batch"
-                        )))
+                        holes.push(account);
+                        // What precedes the event commits with the marks (or the marks alone,
+                        // at the position already stored).
+                        let before = before.or_at(*self.applied.borrow());
+                        rest = Some(match rest.take() {
+                            Some(later) => after.then(later),
+                            None => after,
+                        });
+                        commit = Commit::Running(self.spawn_commit(before, gaps));
                     }
                     Err(error) => return Err(error),
                 }
-            };
-            let events = &committed.events;
-            self.log_applied(events);
-            self.health.events_applied.inc_by(events.len() as u64);
-            self.health
-                .decode_failures
-                .inc_by(committed.unreadable.len() as u64);
-            self.health.batches_committed.inc();
-            self.health
-                .applied_position
-                .store(newest, Ordering::Relaxed);
-            self.applied.send_replace(newest);
+            }
             if self
                 .crash_after_commits
                 .is_some_and(|commits| self.health.batches_committed.get() >= commits)
@@ -1022,8 +1141,7 @@ impl<P: Projector> Engine<P> {
                 std::process::abort();
             }
             if let Some(lag) = in_flight.lag {
-                self.health.lag.set(lag as i64);
-                let behind = match events.last().map(|event| event.time) {
+                let behind = match events_committed {
                     Some(time) if lag > 0 => {
                         (OffsetDateTime::now_utc() - time).as_seconds_f64().max(0.0)
                     }
@@ -1032,8 +1150,10 @@ impl<P: Projector> Engine<P> {
                 };
                 self.health.lag_seconds.set(behind);
             }
-        } else if let Some(lag) = in_flight.lag {
+        }
+        if let Some(lag) = in_flight.lag {
             self.health.lag.set(lag as i64);
+            self.health.lag_known.store(true, Ordering::Release);
         }
         self.next_delivery
             .store(in_flight.next_delivery, Ordering::Relaxed);
@@ -1049,6 +1169,29 @@ impl<P: Projector> Engine<P> {
         }
         Ok(())
     }
+
+    /// After a transaction committed: its events are in the file, so the position is published.
+    fn committed(&self, events: &[RecordedEvent], unreadable: usize, newest: u64) {
+        self.log_applied(events);
+        self.health.events_applied.inc_by(events.len() as u64);
+        self.health.decode_failures.inc_by(unreadable as u64);
+        self.health.batches_committed.inc();
+        self.health
+            .applied_position
+            .store(newest, Ordering::Relaxed);
+        self.applied.send_replace(newest);
+    }
+}
+
+/// What the pipeline does next.
+enum Next<T> {
+    /// Deliveries arrived (`None`: the message stream ended).
+    Chunk(Option<T>),
+    /// The batch in flight committed or failed: settle it.
+    Ended,
+    /// Time to check the consumer (and settle a batch left waiting).
+    Check,
+    Stop,
 }
 
 /// Aborts the task when dropped: the receiving task ends with the loop that reads from it.
@@ -1076,6 +1219,70 @@ struct Prepared {
     next_delivery: u64,
 }
 
+/// What one transaction applies: events and unreadable messages in stream order, and the
+/// position it stores.
+struct Part {
+    events: Vec<RecordedEvent>,
+    /// Messages that are not events, each with how many events precede it in `events`.
+    unreadable: Vec<(usize, eventlog::Unreadable)>,
+    newest: Option<u64>,
+}
+
+impl Part {
+    /// The messages before `position` and those from it on; `None` if no event is there.
+    fn split_at(self, position: u64) -> Option<(Part, Part)> {
+        let index = self
+            .events
+            .iter()
+            .position(|event| event.position == position)?;
+        let mut events = self.events;
+        let after_events = events.split_off(index);
+        let (before_unreadable, after_unreadable): (Vec<_>, Vec<_>) = self
+            .unreadable
+            .into_iter()
+            .partition(|(_, message)| message.position < position);
+        let after_unreadable: Vec<_> = after_unreadable
+            .into_iter()
+            .map(|(preceding, message)| (preceding.saturating_sub(index), message))
+            .collect();
+        let before = Part::new(events, before_unreadable);
+        let after = Part::new(after_events, after_unreadable);
+        Some((before, after))
+    }
+
+    fn new(events: Vec<RecordedEvent>, unreadable: Vec<(usize, eventlog::Unreadable)>) -> Self {
+        let newest = events
+            .last()
+            .map(|event| event.position)
+            .max(unreadable.last().map(|(_, message)| message.position));
+        Self {
+            events,
+            unreadable,
+            newest,
+        }
+    }
+
+    /// This part followed by `later`.
+    fn then(mut self, later: Part) -> Part {
+        let offset = self.events.len();
+        self.events.extend(later.events);
+        self.unreadable.extend(
+            later
+                .unreadable
+                .into_iter()
+                .map(|(preceding, message)| (preceding + offset, message)),
+        );
+        self.newest = later.newest.or(self.newest);
+        self
+    }
+
+    /// This part, storing `position` when it holds nothing.
+    fn or_at(mut self, position: u64) -> Self {
+        self.newest = self.newest.or(Some(position));
+        self
+    }
+}
+
 /// A batch whose transaction was begun.
 struct InFlight {
     messages: Vec<jetstream::Message>,
@@ -1083,14 +1290,47 @@ struct InFlight {
     lag: Option<u64>,
     newest: Option<u64>,
     next_delivery: u64,
-    commit: Option<tokio::task::JoinHandle<Committed>>,
+    commit: Option<Commit>,
 }
 
-/// What a transaction gives back: its result, and what it applied, for a retry with gaps.
+impl InFlight {
+    /// Completes when its transaction has ended (committed or failed); pending forever when it
+    /// has none. Cancel-safe: a finished transaction's result is kept for [`Engine::settle`].
+    async fn transaction_ended(in_flight: &mut Option<InFlight>) {
+        match in_flight.as_mut().and_then(|batch| batch.commit.as_mut()) {
+            Some(commit) => commit.wait().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// A transaction on a blocking thread, or what it gave back.
+enum Commit {
+    Running(tokio::task::JoinHandle<Committed>),
+    Done(std::result::Result<Committed, tokio::task::JoinError>),
+}
+
+impl Commit {
+    /// Waits for the transaction to end, keeping its result.
+    async fn wait(&mut self) {
+        if let Commit::Running(handle) = self {
+            let result = handle.await;
+            *self = Commit::Done(result);
+        }
+    }
+
+    async fn finish(self) -> std::result::Result<Committed, tokio::task::JoinError> {
+        match self {
+            Commit::Running(handle) => handle.await,
+            Commit::Done(result) => result,
+        }
+    }
+}
+
+/// What a transaction gives back: its result, and what it applied, for a split at a hole.
 struct Committed {
     result: Result<()>,
-    events: Vec<RecordedEvent>,
-    unreadable: Vec<(usize, eventlog::Unreadable)>,
+    part: Part,
     gaps: Vec<Gap>,
 }
 
@@ -1108,14 +1348,54 @@ async fn erased(log: &EventLog, position: u64) -> Result<bool> {
     Ok(next != Some(position))
 }
 
-/// Whether a consumer's configuration is the one this engine makes: every event, acknowledged
-/// in order, with payloads. Anything else delivers less than the views need.
+/// Whether a consumer's configuration is the one this engine makes: it delivers everything
+/// ([`delivers_every_event`]) at the pace the pipeline needs ([`paced_as_made`]).
 fn as_made(config: &consumer::Config) -> bool {
+    delivers_every_event(config)
+        && paced_as_made(config)
+        && config.max_ack_pending >= MAX_ACK_PENDING
+}
+
+/// Every event, acknowledged in order. Anything else delivers less than the views need: a view
+/// that ran on it may have skipped events.
+fn delivers_every_event(config: &consumer::Config) -> bool {
     config.filter_subject == eventlog::subject::ALL_EVENTS
         && config.filter_subjects.is_empty()
         && config.ack_policy == consumer::AckPolicy::All
-        && !config.headers_only
 }
+
+/// Payloads, at the pace the pipeline is sized for (room for [`MAX_ACK_PENDING`] deliveries is checked apart:
+/// a consumer with less is raised in place). The reader role may update its consumers, so a stolen
+/// reader password could otherwise stall a view silently while its health stays green (one
+/// unacknowledged delivery allowed, a rate limit, a pause, pulls the server refuses, a short
+/// ack wait that redelivers every batch). Such a consumer is re-created from the stored
+/// position; nothing was skipped.
+fn paced_as_made(config: &consumer::Config) -> bool {
+    let at_least = |limit: i64, ours: usize| limit <= 0 || limit >= ours as i64;
+    // Headers only: a batch of such deliveries is never applied (see `Engine::pipeline`).
+    !config.headers_only
+        && config.max_ack_pending >= BATCH_SIZE_MAX as i64
+        && config.ack_wait >= ACK_WAIT
+        && config.max_deliver <= 0
+        && config.backoff.is_empty()
+        && config.rate_limit == 0
+        && config.pause_until.is_none()
+        && at_least(config.max_batch, BATCH_SIZE_MAX)
+        && at_least(config.max_bytes, BATCH_BYTES_MAX)
+        && (config.max_expires.is_zero() || config.max_expires >= PULL_EXPIRES)
+}
+
+/// Whether the server sent `message` without its payload (a headers-only consumer): it says so
+/// with the payload's size in a header of its own.
+fn headers_only_delivery(message: &jetstream::Message) -> bool {
+    message
+        .headers
+        .as_ref()
+        .is_some_and(|headers| headers.get(HEADERS_ONLY_SIZE).is_some())
+}
+
+/// The header nats-server adds to a delivery of a headers-only consumer (`JSMsgSize`).
+const HEADERS_ONLY_SIZE: &str = "Nats-Msg-Size";
 
 /// Whether the consumer had more events for us than the last delivery of `batch`.
 fn more_pending(batch: &[jetstream::Message]) -> bool {
@@ -1185,4 +1465,28 @@ fn stored_value(database: &Database, key: &str) -> Result<u64> {
         .map(|value| value.value())
         .unwrap_or(0);
     Ok(position)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_counts_applied_events_not_redeliveries_and_takes_the_servers_word_for_the_rest() {
+        let health = ViewHealth::default();
+        health.pending_at_start.store(100, Ordering::Relaxed);
+        health.events_applied.inc_by(50);
+        assert!(!health.caught_up(60), "not consuming yet");
+        health.start_known.store(true, Ordering::Release);
+        assert!(health.caught_up(50));
+        // Redeliveries of what was applied are the same events again.
+        health.redeliveries_skipped.inc_by(60);
+        assert!(!health.caught_up(10));
+        // The server's count of what is left counts only once a batch settled with it.
+        health.lag.set(5);
+        assert!(!health.caught_up(10));
+        health.lag_known.store(true, Ordering::Release);
+        assert!(health.caught_up(10));
+        assert!(!health.caught_up(4));
+    }
 }

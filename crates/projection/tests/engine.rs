@@ -7,7 +7,10 @@ use std::time::Duration;
 use async_nats::jetstream::consumer;
 use eventlog::{EventLog, RecordedEvent, StreamSettings};
 use projection::{Engine, Projector};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use testkit::NatsServer;
 use tokio::sync::watch;
 
@@ -61,6 +64,65 @@ impl Projector for CountingView {
     }
 }
 
+/// Accounts marked for a hole in their history, with the missing position.
+const MARKED: TableDefinition<&str, u64> = TableDefinition::new("marked");
+
+/// [`CountingView`] that finds a hole before every event at a position divisible by 5 whose
+/// account is not marked yet (as the reader's views find an event built on one they never got).
+struct HoleyView;
+
+impl Projector for HoleyView {
+    fn initialize(&self, transaction: &WriteTransaction) -> Result<(), redb::Error> {
+        transaction.open_table(MARKED)?;
+        CountingView.initialize(transaction)
+    }
+
+    fn apply(
+        &self,
+        transaction: &WriteTransaction,
+        events: &[RecordedEvent],
+    ) -> Result<(), projection::ApplyError> {
+        {
+            let marked = transaction.open_table(MARKED)?;
+            for event in events {
+                let account = event.account_id.as_str();
+                if event.position % 5 == 0 && marked.get(account)?.is_none() {
+                    return Err(projection::ApplyError::Missed {
+                        account: account.to_owned(),
+                        position: event.position,
+                        previous: event.position - 1,
+                        applied: 0,
+                    });
+                }
+            }
+        }
+        CountingView.apply(transaction, events)
+    }
+
+    fn history_gap(
+        &self,
+        transaction: &WriteTransaction,
+        gap: &projection::Gap,
+    ) -> Result<(), projection::ApplyError> {
+        let mut marked = transaction.open_table(MARKED)?;
+        assert!(
+            marked.get(gap.account.as_str())?.is_none(),
+            "{} marked twice",
+            gap.account
+        );
+        marked.insert(gap.account.as_str(), gap.missing)?;
+        Ok(())
+    }
+
+    fn unreadable(
+        &self,
+        transaction: &WriteTransaction,
+        message: &eventlog::Unreadable,
+    ) -> Result<(), projection::ApplyError> {
+        CountingView.unreadable(transaction, message)
+    }
+}
+
 /// Unreadable messages by position, with the account their subject names.
 const UNREADABLE: TableDefinition<u64, &str> = TableDefinition::new("unreadable");
 
@@ -82,8 +144,8 @@ async fn run_until(
     .await
 }
 
-async fn run_engine_until(
-    engine: Engine<CountingView>,
+async fn run_engine_until<P: Projector>(
+    engine: Engine<P>,
     log: &EventLog,
     position: u64,
 ) -> Arc<projection::ViewHealth> {
@@ -312,4 +374,130 @@ async fn a_view_ahead_of_a_recreated_stream_stops_instead_of_consuming() {
         10,
         "nothing from the new stream was applied"
     );
+}
+
+/// A fresh view meets in one batch the holes a live one met one at a time (a writer credential
+/// can erase many events with `Nats-TTL`): each costs its account, however many fall in a batch,
+/// and every event is still applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holes_cost_their_accounts_however_many_fall_in_one_batch() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let log = Arc::new(
+        EventLog::open(client, &StreamSettings::default())
+            .await
+            .unwrap(),
+    );
+    fixtures::append_histories(&log, 400, 10, || {}).await;
+    let last = log.last_position().await.unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let database = Arc::new(Database::create(directory.path().join("views.redb")).unwrap());
+    let engine = Engine::open(database.clone(), HoleyView, "holey").unwrap();
+    let health = run_engine_until(engine, &log, last).await;
+    assert_eq!(health.failure(), None);
+    let counts = counts(&database);
+    assert_eq!(counts.len() as u64, last);
+    assert!(counts.iter().all(|(_, count)| *count == 1), "applied twice");
+    assert_eq!(projection::stored_position(&database).unwrap(), last);
+    let transaction = database.begin_read().unwrap();
+    let marked = transaction.open_table(MARKED).unwrap().len().unwrap();
+    // About 360 of the 400 accounts have an event at a multiple of 5; deliveries come in
+    // pulls of 1 000 events, so every batch holds far more than a handful of holes.
+    assert!(marked > 250, "{marked} accounts marked");
+    assert_eq!(health.history_gaps.get(), marked);
+    assert_eq!(health.events_applied.get(), last);
+}
+
+/// A stolen reader password can update the view's consumer: to deliver headers only (each
+/// delivery would read as an unreadable message and cost its account) or one message at a
+/// time (a silent stall). The view applies none of those deliveries, makes its consumer again
+/// from the stored position, and goes on with nothing lost or marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_changed_to_strip_payloads_or_stall_is_made_again_and_nothing_is_lost() {
+    use async_nats::jetstream::consumer::FromConsumer;
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let log = EventLog::open(client, &StreamSettings::default())
+        .await
+        .unwrap();
+    append_events(&log, 10).await;
+    let directory = tempfile::tempdir().unwrap();
+    let database = Arc::new(Database::create(directory.path().join("views.redb")).unwrap());
+    let engine = Engine::open(database.clone(), CountingView, "tampered").unwrap();
+    let mut applied = engine.applied();
+    let health = engine.health();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(engine.run(log.clone(), stopped));
+    let wait = |target: u64| {
+        let mut applied = applied.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                applied.wait_for(|applied| *applied >= target),
+            )
+            .await
+            .expect("view caught up")
+            .unwrap();
+        }
+    };
+    wait(10).await;
+    let stream = log.context().get_stream("COFFER_EVENTS").await.unwrap();
+    let mut consumer = stream
+        .get_consumer::<consumer::pull::Config>("tampered")
+        .await
+        .unwrap();
+    let mut config = consumer.info().await.unwrap().config.clone();
+    config.headers_only = true;
+    config.max_ack_pending = 1;
+    stream
+        .update_consumer(consumer::pull::Config::try_from_consumer_config(config).unwrap())
+        .await
+        .unwrap();
+    append_events(&log, 10).await;
+    wait(20).await;
+    // Paced down alone (it still delivers payloads): made again by the periodic check.
+    let made_again = health.consumer_recreations.get();
+    let mut config = consumer.info().await.unwrap().config.clone();
+    assert!(!config.headers_only);
+    config.max_ack_pending = 1;
+    stream
+        .update_consumer(consumer::pull::Config::try_from_consumer_config(config).unwrap())
+        .await
+        .unwrap();
+    append_events(&log, 10).await;
+    wait(30).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while health.consumer_recreations.get() == made_again {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a consumer paced down was not made again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    append_events(&log, 5).await;
+    wait(35).await;
+    applied.borrow_and_update();
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    assert_eq!(health.failure(), None);
+    let counts = counts(&database);
+    assert_eq!(counts.len(), 35);
+    assert!(
+        counts.iter().all(|(_, count)| *count == 1),
+        "not applied once each: {counts:?}"
+    );
+    let transaction = database.begin_read().unwrap();
+    match transaction.open_table(UNREADABLE) {
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        table => assert_eq!(table.unwrap().len().unwrap(), 0, "accounts marked"),
+    }
+    assert!(health.consumer_changes.get() >= 2);
+    assert!(health.consumer_recreations.get() >= 3);
+    let mut consumer = stream
+        .get_consumer::<consumer::pull::Config>("tampered")
+        .await
+        .unwrap();
+    let config = consumer.info().await.unwrap().config.clone();
+    assert!(!config.headers_only);
+    assert_eq!(config.max_ack_pending, projection::MAX_ACK_PENDING);
 }
