@@ -225,13 +225,15 @@ def panels():
     layout.add(series(
         "Integrity events",
         "Any of these is a page: a broken hash chain, an event no trusted writer signed, "
-        "unbalanced books, an unreadable or erased "
+        "unbalanced books, an event naming another account's transfer, hold or transaction row, an unreadable or erased "
         "event (its account answers 500 account_unreadable), a consumer changed behind a reader.",
         (f"sum(increase(coffer_reader_chain_breaks_total{{{NS}}}[$__rate_interval]))", "chain breaks"),
         (f"sum(increase(coffer_reader_signature_failures_total{{{NS}}}[$__rate_interval]))",
          "untrusted signatures"),
         (f"sum(increase(coffer_reader_audit_unbalanced_total{{{NS}}}[$__rate_interval]))",
          "audit unbalanced"),
+        (f"sum(increase(coffer_reader_rows_refused_total{{{NS}}}[$__rate_interval]))",
+         "rows refused"),
         (f"sum(increase(coffer_projection_decode_failures_total{{{NS}}}[$__rate_interval]))",
          "unreadable events"),
         (f"sum(increase(coffer_projection_history_gaps_total{{{NS}}}[$__rate_interval]))",

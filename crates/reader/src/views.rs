@@ -263,6 +263,8 @@ pub struct Integrity {
     pub audit_unbalanced: Counter,
     /// Events without a trusted writer's signature (when trusted keys are configured).
     pub signature_failures: Counter,
+    /// Events that named a transfer, hold or transaction row they may not change.
+    pub rows_refused: Counter,
 }
 
 impl Integrity {
@@ -276,6 +278,11 @@ impl Integrity {
             "coffer_reader_signature_failures",
             "Events without a valid signature by a trusted writer key (COFFER_TRUSTED_KEYS_FILE); each makes its account's views unreadable.",
             self.signature_failures.clone(),
+        );
+        registry.register(
+            "coffer_reader_rows_refused",
+            "Events that named a transfer, hold or transaction row they may not change (an id already used, another account's hold, a transaction that does not name their account); the row is kept as it was.",
+            self.rows_refused.clone(),
         );
         registry.register(
             "coffer_reader_audit_unbalanced",
@@ -777,6 +784,20 @@ fn vouched_accounts<'a>(
         .collect()
 }
 
+impl LedgerViews {
+    /// An event that named a row it may not change: the row stays as it was.
+    fn refuse(&self, recorded: &RecordedEvent, row: &str, id: &str) {
+        self.integrity.rows_refused.inc();
+        tracing::error!(
+            account = recorded.account_id.as_str(),
+            position = recorded.position,
+            row,
+            id,
+            "an event named a row it may not change; the row is kept as it was"
+        );
+    }
+}
+
 /// Reads one MessagePack row.
 fn read_row<T: for<'de> Deserialize<'de>>(
     table: &redb::Table<&str, &[u8]>,
@@ -956,6 +977,10 @@ impl projection::Projector for LedgerViews {
                         )
                     })
             };
+            // An event the views cannot trust changes its own account's rows only (which are
+            // no longer served): never a transfer, hold or transaction row, which other
+            // accounts' callers read, nor the audit's sums.
+            let forged = untrusted.is_some();
             if let Some((counter, reason)) = untrusted {
                 if !marked(transaction)? {
                     counter.inc();
@@ -980,13 +1005,22 @@ impl projection::Projector for LedgerViews {
             if let Some(mut row) = fold_account(old, recorded) {
                 // Later events build on what is stored, so one break is counted once.
                 row.chain = recorded.chain.clone().unwrap_or(expected_chain);
-                if let Some(hold_id) = hold_of(&recorded.event) {
+                if let Some(hold_id) = hold_of(&recorded.event).filter(|_| !forged) {
                     let before: Option<HoldRow> = read_row(&holds, hold_id.as_str())?;
+                    // Placed once, and changed only by the account that placed it.
+                    let allowed = match (&recorded.event, &before) {
+                        (Event::HoldPlaced { .. }, before) => before.is_none(),
+                        (_, Some(hold)) => hold.from == account_id,
+                        (_, None) => true,
+                    };
+                    if !allowed {
+                        self.refuse(recorded, "hold", hold_id.as_str());
+                    }
                     let held_before = before
                         .as_ref()
                         .filter(|hold| hold.status == "held")
                         .map_or(0, |hold| hold.amount as i64);
-                    if let Some(hold) = fold_hold(before, recorded) {
+                    if let Some(hold) = fold_hold(before, recorded).filter(|_| allowed) {
                         let held_after = if hold.status == "held" {
                             hold.amount as i64
                         } else {
@@ -996,7 +1030,7 @@ impl projection::Projector for LedgerViews {
                         holds.insert(hold_id.as_str(), encode(&hold)?.as_slice())?;
                     }
                 }
-                if !audit.apply(&row.currency, recorded) {
+                if !forged && !audit.apply(&row.currency, recorded) {
                     self.integrity.audit_unbalanced.inc();
                     tracing::error!(
                         position = recorded.position,
@@ -1006,14 +1040,37 @@ impl projection::Projector for LedgerViews {
                 if audit.transfer_in_flight.is_none() {
                     settled = Some(audit.clone());
                 }
-                if let Some(transfer) = transfer_row(recorded, &row.currency) {
-                    transfers
-                        .insert(transfer.transfer_id.as_str(), encode(&transfer)?.as_slice())?;
+                if let Some(transfer) = transfer_row(recorded, &row.currency).filter(|_| !forged) {
+                    // A transfer id is used once: a later credit naming it is not that transfer.
+                    if transfers.get(transfer.transfer_id.as_str())?.is_some() {
+                        self.refuse(recorded, "transfer", &transfer.transfer_id);
+                    } else {
+                        transfers
+                            .insert(transfer.transfer_id.as_str(), encode(&transfer)?.as_slice())?;
+                    }
                 }
-                if let Event::TransactionPosted { transaction_id, .. } = &recorded.event {
+                if let Event::TransactionPosted {
+                    transaction_id,
+                    legs,
+                    parts,
+                    ..
+                } = &recorded.event
+                {
                     let before: Option<TransactionRow> =
                         read_row(&transactions, transaction_id.as_str())?;
-                    if let Some(done) = fold_transaction(before, recorded) {
+                    // A part names its account in its postings, and agrees on how many parts
+                    // the transaction has.
+                    let allowed = !forged
+                        && legs.iter().any(|leg| {
+                            leg.from == recorded.account_id || leg.to == recorded.account_id
+                        })
+                        && before
+                            .as_ref()
+                            .is_none_or(|row| row.parts == *parts && row.parts_applied < row.parts);
+                    if !allowed && !forged {
+                        self.refuse(recorded, "transaction", transaction_id.as_str());
+                    }
+                    if let Some(done) = fold_transaction(before, recorded).filter(|_| allowed) {
                         if done.complete() {
                             if let Some(original) = &done.reverses {
                                 mark_reversed(
@@ -1194,6 +1251,197 @@ mod tests {
         assert!(row.reason.contains("Coffer-Chain"), "{row:?}");
         // An account without a mark is not reported.
         assert!(unreadable_at(&read, "b").unwrap().is_none());
+    }
+
+    /// Appends events as the stream would: positions in order, each chained from its account's
+    /// previous event and checked against its position.
+    #[derive(Default)]
+    struct Chains {
+        position: u64,
+        last: HashMap<String, (String, u64)>,
+    }
+
+    impl Chains {
+        fn next(&mut self, account: &str, event: Event) -> RecordedEvent {
+            self.position += 1;
+            let (chain, previous) = self
+                .last
+                .get(account)
+                .cloned()
+                .unwrap_or_else(|| (genesis(), 0));
+            let recorded = chained(account, self.position, event, &chain, previous);
+            self.last.insert(
+                account.to_owned(),
+                (recorded.chain.clone().unwrap(), self.position),
+            );
+            recorded
+        }
+
+        /// An event that does not chain from its account's history.
+        fn forged(&mut self, account: &str, event: Event) -> RecordedEvent {
+            self.position += 1;
+            let previous = self.last.get(account).map_or(0, |(_, position)| *position);
+            chained(account, self.position, event, "not the chain", previous)
+        }
+    }
+
+    fn open_event() -> Event {
+        Event::AccountOpened(OpenAccount {
+            metadata: Default::default(),
+            currency: Currency::parse("EUR").unwrap(),
+            owner: None,
+            overdraft_limit: OverdraftLimit::new(0).unwrap(),
+        })
+    }
+
+    fn read_view<T: for<'de> Deserialize<'de>>(
+        database: &redb::Database,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Option<T> {
+        let read = redb::ReadableDatabase::begin_read(database).unwrap();
+        let table = read.open_table(table).unwrap();
+        table
+            .get(key)
+            .unwrap()
+            .map(|bytes| decode(bytes.value()).unwrap())
+    }
+
+    /// A transfer, hold or transaction row is read by the callers of every account it names: an
+    /// event of another account (a writer credential can append one, chained correctly, on a
+    /// throwaway account) must not overwrite it, and an event the views cannot trust changes no
+    /// such row nor the audit.
+    #[test]
+    fn an_event_cannot_take_over_another_accounts_rows_and_a_forged_one_changes_no_shared_row() {
+        use projection::Projector;
+        let directory = tempfile::tempdir().unwrap();
+        let database = redb::Database::create(directory.path().join("views.redb")).unwrap();
+        let views = LedgerViews::default();
+        let apply = |events: &[RecordedEvent]| {
+            let transaction = database.begin_write().unwrap();
+            views.initialize(&transaction).unwrap();
+            views.apply(&transaction, events).unwrap();
+            transaction.commit().unwrap();
+        };
+        let id = |id: &str| TransferId::parse(id).unwrap();
+        let account = |id: &str| AccountId::parse(id).unwrap();
+        let legs = |from: &str, to: &str| {
+            vec![domain::Leg {
+                posting: 0,
+                from: account(from),
+                to: account(to),
+                amount: Amount::new(5).unwrap(),
+            }]
+        };
+        let posted_as =
+            |transaction: &str, legs: Vec<domain::Leg>, net: i64| Event::TransactionPosted {
+                metadata: Default::default(),
+                transaction_id: id(transaction),
+                currency: Currency::parse("EUR").unwrap(),
+                net,
+                legs,
+                parts: 2,
+                reverses: None,
+                reference: None,
+            };
+        let posted = |legs: Vec<domain::Leg>, net: i64| posted_as("tx", legs, net);
+        let mut chains = Chains::default();
+        let history = vec![
+            chains.next("a", open_event()),
+            chains.next("b", open_event()),
+            chains.next("x", open_event()),
+            chains.next("a", deposit_event(100)),
+            chains.next(
+                "a",
+                Event::TransferDebited {
+                    metadata: Default::default(),
+                    transfer_id: id("t"),
+                    to: account("b"),
+                    amount: Amount::new(30).unwrap(),
+                    currency: Currency::parse("EUR").unwrap(),
+                    reference: None,
+                },
+            ),
+            chains.next(
+                "b",
+                Event::TransferCredited {
+                    metadata: Default::default(),
+                    transfer_id: id("t"),
+                    from: account("a"),
+                    amount: Amount::new(30).unwrap(),
+                    reference: None,
+                },
+            ),
+            chains.next(
+                "a",
+                Event::HoldPlaced {
+                    hold_id: id("h"),
+                    to: account("b"),
+                    amount: Amount::new(20).unwrap(),
+                    expires_at: 4_000_000_000,
+                    reference: None,
+                    metadata: Default::default(),
+                },
+            ),
+            chains.next("a", posted(legs("a", "b"), -5)),
+            chains.next("b", posted(legs("a", "b"), 5)),
+            // Half of another transaction: b's part is still to come.
+            chains.next("a", posted_as("tx2", legs("a", "b"), -5)),
+        ];
+        apply(&history);
+        let transfer: TransferRow = read_view(&database, TRANSFERS, "t").unwrap();
+        let hold: HoldRow = read_view(&database, HOLDS, "h").unwrap();
+        let whole: TransactionRow = read_view(&database, TRANSACTIONS, "tx").unwrap();
+        let audit: AuditRow = read_view(&database, AUDIT, AUDIT_SETTLED).unwrap();
+        assert!(whole.complete());
+        assert!(audit.balanced());
+
+        // A forged deposit marks its account and leaves the audit as it was.
+        apply(&[chains.forged("b", deposit_event(1_000))]);
+        assert_eq!(views.integrity.chain_breaks.get(), 1);
+        let after: AuditRow = read_view(&database, AUDIT, AUDIT_SETTLED).unwrap();
+        assert_eq!(after.currencies, audit.currencies);
+
+        // Correctly chained events of x that name a's and b's rows: each refused.
+        let forged_hold = Event::HoldPlaced {
+            hold_id: id("h"),
+            to: account("x"),
+            amount: Amount::new(1).unwrap(),
+            expires_at: 1,
+            reference: None,
+            metadata: Default::default(),
+        };
+        apply(&[
+            chains.next(
+                "x",
+                Event::TransferCredited {
+                    metadata: Default::default(),
+                    transfer_id: id("t"),
+                    from: account("a"),
+                    amount: Amount::new(999).unwrap(),
+                    reference: None,
+                },
+            ),
+            chains.next("x", Event::HoldVoided { hold_id: id("h") }),
+            chains.next("x", forged_hold.clone()),
+            chains.next("x", posted(legs("a", "b"), 0)),
+            // A part that does not name x, of a transaction not yet whole.
+            chains.next("x", posted_as("tx2", legs("a", "b"), 0)),
+        ]);
+        assert_eq!(views.integrity.rows_refused.get(), 5);
+        let half: TransactionRow = read_view(&database, TRANSACTIONS, "tx2").unwrap();
+        assert_eq!(half.parts_applied, 1);
+        // A forged event of the hold's own account changes it neither.
+        apply(&[chains.forged("a", Event::HoldVoided { hold_id: id("h") })]);
+        assert_eq!(
+            read_view::<TransferRow>(&database, TRANSFERS, "t"),
+            Some(transfer)
+        );
+        assert_eq!(read_view::<HoldRow>(&database, HOLDS, "h"), Some(hold));
+        assert_eq!(
+            read_view::<TransactionRow>(&database, TRANSACTIONS, "tx"),
+            Some(whole)
+        );
     }
 
     #[test]
