@@ -873,7 +873,8 @@ async fn audit(State(state): State<QueryState>) -> Response {
 /// Starts a blue/green rebuild of this reader's views (`coffer projection rebuild`).
 ///
 /// Without a bearer token configured, only local callers may start one (`kubectl
-/// port-forward`, `kubectl exec`): a rebuild costs a full replay and a second copy of the views.
+/// port-forward`, `kubectl exec`), not through a proxy: a rebuild costs a full replay and a
+/// second copy of the views.
 #[utoipa::path(post, path = "/v1/projection/rebuild", tag = "reader",
     operation_id = "startRebuild",
     summary = "Start a blue/green rebuild of this reader's views: a fresh view from position 0, swapped in once caught up (`coffer projection rebuild`)",
@@ -881,13 +882,14 @@ async fn audit(State(state): State<QueryState>) -> Response {
 async fn start_rebuild(
     State(state): State<QueryState>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    headers: axum::http::HeaderMap,
 ) -> Response {
-    if !rebuild_allowed(state.http_token.is_some(), peer.ip()) {
+    if !rebuild_allowed(state.http_token.is_some(), peer.ip(), &headers) {
         return Problem::new(
             403,
             "forbidden",
             "Forbidden",
-            "without COFFER_HTTP_TOKEN, rebuilds are accepted from this host only (port-forward or exec)",
+            "without COFFER_HTTP_TOKEN, rebuilds are accepted from this host only (port-forward or exec), and not through a proxy",
         )
         .into_response();
     }
@@ -920,9 +922,24 @@ async fn start_rebuild(
 }
 
 /// Whether a caller at `peer` may start a rebuild (a token, when configured, was checked
-/// already by the auth layer).
-fn rebuild_allowed(token_configured: bool, peer: std::net::IpAddr) -> bool {
-    token_configured || peer.is_loopback()
+/// already by the auth layer). Without a token, a loopback peer is trusted only when the request
+/// does not say it was forwarded: a proxy or sidecar on this host (an ingress, a mesh's) connects
+/// from loopback on behalf of anyone, and says so in these headers. A proxy that hides it is
+/// trusted like the host; deployments with one set a token (docs/security.md).
+fn rebuild_allowed(
+    token_configured: bool,
+    peer: std::net::IpAddr,
+    headers: &axum::http::HeaderMap,
+) -> bool {
+    const FORWARDED: [&str; 5] = [
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-real-ip",
+        "via",
+    ];
+    token_configured
+        || (peer.is_loopback() && !FORWARDED.iter().any(|name| headers.contains_key(*name)))
 }
 
 #[utoipa::path(get, path = "/v1/projection/rebuild", tag = "reader",
@@ -1082,15 +1099,30 @@ mod tests {
     }
 
     #[test]
-    fn rebuilds_come_from_this_host_unless_a_token_guards_them() {
+    fn rebuilds_come_from_this_host_not_through_a_proxy_unless_a_token_guards_them() {
         let local = std::net::IpAddr::from([127, 0, 0, 1]);
         let remote = std::net::IpAddr::from([10, 0, 0, 7]);
-        assert!(rebuild_allowed(false, local));
+        let direct = axum::http::HeaderMap::new();
+        assert!(rebuild_allowed(false, local, &direct));
         assert!(rebuild_allowed(
             false,
-            std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+            std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            &direct
         ));
-        assert!(!rebuild_allowed(false, remote));
-        assert!(rebuild_allowed(true, remote));
+        assert!(!rebuild_allowed(false, remote, &direct));
+        assert!(rebuild_allowed(true, remote, &direct));
+        // A proxy on this host, forwarding someone else's request.
+        for (name, value) in [
+            ("forwarded", "for=10.0.0.7"),
+            ("x-forwarded-for", "10.0.0.7"),
+            ("x-forwarded-host", "reader.example"),
+            ("x-real-ip", "10.0.0.7"),
+            ("via", "1.1 envoy"),
+        ] {
+            let mut proxied = axum::http::HeaderMap::new();
+            proxied.insert(name, value.parse().unwrap());
+            assert!(!rebuild_allowed(false, local, &proxied), "{name}");
+            assert!(rebuild_allowed(true, local, &proxied), "{name}");
+        }
     }
 }
