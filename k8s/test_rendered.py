@@ -166,7 +166,8 @@ def check_nats(docs):
     env = env_of(c)
     secret_env = {name: e for name, e in env.items() if "secretKeyRef" in (e.get("valueFrom") or {})}
     check("NATS user passwords come from a Secret",
-          {f"COFFER_NATS_{r}_PASSWORD" for r in ("SETUP", "WRITER", "READER")} <= set(secret_env),
+          {f"COFFER_NATS_{r}_PASSWORD" for r in ("SETUP", "WRITER", "READER_0", "READER_1", "READER_2")}
+          <= set(secret_env),
           str(sorted(secret_env)))
     limit = (((c.get("resources") or {}).get("limits") or {}).get("memory"))
     gomem = env.get("GOMEMLIMIT", {}).get("value")
@@ -224,14 +225,38 @@ def check_roles(docs, prod: bool):
                                     ("StatefulSet", "coffer-reader", "reader", "reader")):
         c = container(one(docs, kind, name), cname)
         env = env_of(c)
-        check(f"{role} runs as NATS user {role}", env.get("COFFER_NATS_USER", {}).get("value") == role)
-        check(f"{role} inbox prefix _INBOX_{role}",
-              env.get("COFFER_NATS_INBOX_PREFIX", {}).get("value") == f"_INBOX_{role}")
-        password = ((env.get("COFFER_NATS_PASSWORD") or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
-        check(f"{role} password from Secret coffer-nats-users",
-              password.get("name") == "coffer-nats-users" and password.get("key") == f"{role}-password")
         volumes = {v["name"]: v for v in pod_spec(one(docs, kind, name)).get("volumes", [])}
         mounts = {m["mountPath"]: m["name"] for m in (c or {}).get("volumeMounts", [])}
+        if role == "writer":
+            check("writer runs as NATS user writer", env.get("COFFER_NATS_USER", {}).get("value") == "writer")
+            check("writer inbox prefix _INBOX_writer",
+                  env.get("COFFER_NATS_INBOX_PREFIX", {}).get("value") == "_INBOX_writer")
+            password = ((env.get("COFFER_NATS_PASSWORD") or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+            check("writer password from Secret coffer-nats-users",
+                  password.get("name") == "coffer-nats-users" and password.get("key") == "writer-password")
+        else:
+            # One NATS user per reader replica, named like the pod (COFFER_READER_NAME).
+            check("each reader runs as its own NATS user (its pod name)",
+                  env.get("COFFER_NATS_USER", {}).get("value") == "$(COFFER_READER_NAME)")
+            check("each reader has its own inbox prefix",
+                  env.get("COFFER_NATS_INBOX_PREFIX", {}).get("value") == "_INBOX_$(COFFER_READER_NAME)")
+            check("each reader reads its own password file",
+                  env.get("COFFER_NATS_PASSWORD_FILE", {}).get("value")
+                  == "/etc/coffer/nats-users/$(COFFER_READER_NAME)-password")
+            names = list(env)
+            check("COFFER_READER_NAME is defined before the variables that expand it",
+                  "COFFER_READER_NAME" in names and "COFFER_NATS_USER" in names
+                  and names.index("COFFER_READER_NAME") < names.index("COFFER_NATS_USER"))
+            secret = (volumes.get(mounts.get("/etc/coffer/nats-users")) or {}).get("secret") or {}
+            keys = [item.get("key") for item in secret.get("items", [])]
+            check("readers mount only the readers' NATS passwords",
+                  secret.get("secretName") == "coffer-nats-users" and keys
+                  and all(key.startswith("coffer-reader-") for key in keys), str(keys))
+            replicas = one(docs, kind, name).get("spec", {}).get("replicas", 1)
+            users = re.findall(r"user: (coffer-reader-\d+)", (REPO / "nats/accounts.conf").read_text())
+            check(f"a NATS user and a mounted password for each of the {replicas} reader replicas",
+                  all(f"coffer-reader-{n}" in users and f"coffer-reader-{n}-password" in keys
+                      for n in range(replicas)), f"{users} {keys}")
         projected = (volumes.get(mounts.get("/etc/coffer/nats")) or {}).get("projected")
         check(f"{role} mounts NATS TLS/creds Secrets as files at /etc/coffer/nats", projected is not None)
     job = one(docs, "Job", "coffer-setup")

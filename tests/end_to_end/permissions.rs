@@ -11,10 +11,12 @@ use testkit::NatsServer;
 
 use crate::support::{self, Http};
 
-const PASSWORDS: [(&str, &str); 3] = [
+const PASSWORDS: [(&str, &str); 5] = [
     ("COFFER_NATS_SETUP_PASSWORD", "setup-secret"),
     ("COFFER_NATS_WRITER_PASSWORD", "writer-secret"),
-    ("COFFER_NATS_READER_PASSWORD", "reader-secret"),
+    ("COFFER_NATS_READER_0_PASSWORD", "reader-0-secret"),
+    ("COFFER_NATS_READER_1_PASSWORD", "reader-1-secret"),
+    ("COFFER_NATS_READER_2_PASSWORD", "reader-2-secret"),
 ];
 
 fn server() -> NatsServer {
@@ -30,6 +32,16 @@ fn role_environment(user: &str, password: &str) -> Vec<(&'static str, String)> {
         ("COFFER_NATS_PASSWORD", password.to_owned()),
         ("COFFER_NATS_INBOX_PREFIX", format!("_INBOX_{user}")),
     ]
+}
+
+/// A durable consumer of every event, as a reader makes it.
+fn every_event_consumer(name: &str) -> jetstream::consumer::pull::Config {
+    jetstream::consumer::pull::Config {
+        durable_name: Some(name.to_owned()),
+        filter_subject: "coffer.events.>".into(),
+        ack_policy: jetstream::consumer::AckPolicy::All,
+        ..Default::default()
+    }
 }
 
 async fn connect_as(url: &str, user: &str, password: &str) -> async_nats::Client {
@@ -58,13 +70,23 @@ fn set_up_with_writer(url: &str) -> testkit::CofferProcess {
     writer
 }
 
-/// Reader `reader-0` as the reader role, keeping its views under `data`.
+/// Reader `coffer-reader-0` as its own NATS user, keeping its views under `data`; its password
+/// from a file, as a Kubernetes reader reads it (`COFFER_NATS_PASSWORD_FILE`).
 fn reader_as_role(url: &str, data: &std::path::Path) -> testkit::CofferProcess {
+    let password = data.join("nats-password");
+    std::fs::write(&password, "reader-0-secret\n").unwrap();
     support::reader(
-        "reader-0",
+        "coffer-reader-0",
         url,
         data,
-        &role_environment("reader", "reader-secret"),
+        &[
+            ("COFFER_NATS_USER", "coffer-reader-0".to_owned()),
+            ("COFFER_NATS_PASSWORD_FILE", password.display().to_string()),
+            (
+                "COFFER_NATS_INBOX_PREFIX",
+                "_INBOX_coffer-reader-0".to_owned(),
+            ),
+        ],
     )
 }
 
@@ -263,17 +285,20 @@ async fn each_role_does_its_work_and_nothing_else() {
         .get_stream("COFFER_EVENTS")
         .await
         .unwrap()
-        .delete_consumer("reader-0")
+        .delete_consumer("coffer-reader-0")
         .await;
     assert!(
         readers_consumer.is_err(),
         "the writer deleted a reader's consumer"
     );
-    let snooping = writer_client.subscribe("_INBOX_reader.>").await.unwrap();
+    let snooping = writer_client
+        .subscribe("_INBOX_coffer-reader-0.>")
+        .await
+        .unwrap();
     let plain_inboxes = writer_client.subscribe("_INBOX.>").await.unwrap();
 
     // The reader's user.
-    let reader_client = connect_as(&url, "reader", "reader-secret").await;
+    let reader_client = connect_as(&url, "coffer-reader-0", "reader-0-secret").await;
     let reader_js = jetstream::new(reader_client.clone());
     for subject in [
         format!("coffer.append.{a}.deposited"),
@@ -336,39 +361,56 @@ async fn each_role_does_its_work_and_nothing_else() {
             .is_err(),
         "the reader re-configured the writers' backstop consumer"
     );
-    // It may create consumers (each reader manages its own), but not without end: the stream
-    // caps them, so a stolen reader password cannot fill the server with consumers.
-    let before = reader_events.info().await.unwrap().state.consumer_count;
-    let mut flood = Vec::new();
-    let refusal = loop {
-        let name = format!("flood-{}", flood.len());
-        match reader_events
-            .create_consumer(jetstream::consumer::pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subject: "coffer.events.>".into(),
-                ack_policy: jetstream::consumer::AckPolicy::All,
-                ..Default::default()
-            })
+    // Each reader is its own user and manages its own two consumers only (its view's and its
+    // rebuild's): another reader's consumer is out of reach, whatever its name.
+    setup
+        .get_stream("COFFER_EVENTS")
+        .await
+        .unwrap()
+        .create_consumer(every_event_consumer("coffer-reader-1"))
+        .await
+        .unwrap();
+    assert!(
+        reader_events
+            .consumer_info("coffer-reader-1")
             .await
-        {
-            Ok(_) => flood.push(name),
-            Err(error) => break error.to_string(),
-        }
-        assert!(
-            flood.len() <= eventlog::stream::EVENTS_MAX_CONSUMERS as usize,
-            "the reader created {} consumers",
-            flood.len()
-        );
-    };
-    assert_eq!(
-        before + flood.len(),
-        eventlog::stream::EVENTS_MAX_CONSUMERS as usize,
-        "{refusal}"
+            .is_err(),
+        "a reader read another reader's consumer"
     );
-    assert!(refusal.contains("maximum consumers"), "{refusal}");
-    for name in flood {
-        reader_events.delete_consumer(&name).await.unwrap();
-    }
+    assert!(
+        reader_events
+            .delete_consumer("coffer-reader-1")
+            .await
+            .is_err(),
+        "a reader deleted another reader's consumer"
+    );
+    assert!(
+        reader_events
+            .create_consumer(every_event_consumer("coffer-reader-1"))
+            .await
+            .is_err(),
+        "a reader re-configured another reader's consumer"
+    );
+    assert!(
+        reader_events
+            .create_consumer(every_event_consumer("flood-0"))
+            .await
+            .is_err(),
+        "a reader created a consumer of another name"
+    );
+    let rebuild = reader_events
+        .create_consumer(every_event_consumer("coffer-reader-0-rebuild"))
+        .await;
+    assert!(rebuild.is_ok(), "its rebuild's consumer: {rebuild:?}");
+    reader_events
+        .delete_consumer("coffer-reader-0-rebuild")
+        .await
+        .unwrap();
+    // And the stream caps consumers anyway (an operator's slip, a future role).
+    assert_eq!(
+        reader_events.info().await.unwrap().config.max_consumers,
+        eventlog::stream::EVENTS_MAX_CONSUMERS
+    );
     assert!(
         reader_client
             .request(format!("coffer.cmd.{a}.deposit"), r#"{"amount":1}"#.into())
@@ -380,7 +422,7 @@ async fn each_role_does_its_work_and_nothing_else() {
 
     // Someone replies to the other roles' inboxes: the snoopers get nothing.
     setup_client
-        .publish("_INBOX_reader.x", "private".into())
+        .publish("_INBOX_coffer-reader-0.x", "private".into())
         .await
         .unwrap();
     setup_client
@@ -413,7 +455,8 @@ async fn each_role_does_its_work_and_nothing_else() {
     let (last_after, max_after) = events_state(&setup).await;
     assert_eq!((last_after, max_after), (last_before, max_before));
     let events = setup.get_stream("COFFER_EVENTS").await.unwrap();
-    assert!(events.consumer_info("reader-0").await.is_ok());
+    assert!(events.consumer_info("coffer-reader-0").await.is_ok());
+    assert!(events.consumer_info("coffer-reader-1").await.is_ok());
     let backstop = events.consumer_info("coffer-hold-backstop").await.unwrap();
     assert_eq!(
         backstop.config.filter_subject, "coffer.events.*.hold_placed",
@@ -650,7 +693,7 @@ async fn a_reader_whose_consumer_is_changed_behind_its_back_stops_its_view() {
 
     // The same consumer, now without withdrawals: refused to the reader role, in both forms
     // (a filter list, a narrower filter).
-    let reader_client = connect_as(&url, "reader", "reader-secret").await;
+    let reader_client = connect_as(&url, "coffer-reader-0", "reader-0-secret").await;
     let reader_stream = jetstream::new(reader_client)
         .get_stream("COFFER_EVENTS")
         .await
@@ -661,7 +704,7 @@ async fn a_reader_whose_consumer_is_changed_behind_its_back_stops_its_view() {
         .await
         .unwrap();
     let mut config = stream
-        .consumer_info("reader-0")
+        .consumer_info("coffer-reader-0")
         .await
         .unwrap()
         .config
@@ -729,7 +772,10 @@ async fn a_reader_whose_consumer_is_changed_behind_its_back_stops_its_view() {
         let ready = http.get(&format!("{r}/readyz")).await.unwrap();
         if ready.status == 503 {
             let detail = ready.body.to_string();
-            assert!(detail.contains("consumer reader-0 was changed"), "{detail}");
+            assert!(
+                detail.contains("consumer coffer-reader-0 was changed"),
+                "{detail}"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "the reader stayed ready");
@@ -992,9 +1038,9 @@ async fn a_stolen_writer_password_cannot_mint_money_no_trusted_key_signed() {
     let mut writer = testkit::CofferProcess::start("w", "writer", &environment);
     support::wait_ready(&writer.url());
     let data = tempfile::tempdir().unwrap();
-    let mut reader_environment = role_environment("reader", "reader-secret");
+    let mut reader_environment = role_environment("coffer-reader-0", "reader-0-secret");
     reader_environment.push(("COFFER_TRUSTED_KEYS_FILE", trusted.clone()));
-    let reader = support::reader("reader-0", &url, data.path(), &reader_environment);
+    let reader = support::reader("coffer-reader-0", &url, data.path(), &reader_environment);
     support::wait_ready(&reader.url());
     let http = Http::new();
     let (w, r) = (writer.url(), reader.url());

@@ -293,6 +293,10 @@ struct NatsArgs {
         hide_env_values = true
     )]
     password: Option<String>,
+    /// The password, read from a file (a mounted Secret); used when --nats-password is not
+    /// given. Kubernetes readers name their own: each replica is its own NATS user.
+    #[arg(long = "nats-password-file", env = "COFFER_NATS_PASSWORD_FILE")]
+    password_file: Option<PathBuf>,
     #[arg(long = "nats-token", env = "COFFER_NATS_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Credentials file (JWT and NKey seed).
@@ -328,11 +332,21 @@ struct NatsArgs {
 }
 
 impl NatsArgs {
-    fn settings(&self, client_name: &str) -> NatsSettings {
-        NatsSettings {
+    fn settings(&self, client_name: &str) -> anyhow::Result<NatsSettings> {
+        let password = match (&self.password, &self.password_file) {
+            (Some(password), _) => Some(password.clone()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("read the NATS password from {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        Ok(NatsSettings {
             url: self.url.clone(),
             user: self.user.clone(),
-            password: self.password.clone(),
+            password,
             token: self.token.clone(),
             creds_file: self.creds.clone(),
             tls_ca: self.tls_ca.clone(),
@@ -340,7 +354,7 @@ impl NatsArgs {
             tls_key: self.tls_key.clone(),
             client_name: client_name.into(),
             inbox_prefix: self.inbox_prefix.clone(),
-        }
+        })
     }
 
     fn stream(&self) -> StreamSettings {
@@ -582,7 +596,7 @@ fn decode() -> anyhow::Result<()> {
 /// Waits for a one-shot command's NATS connection (services connect in the background).
 async fn connected(args: &NatsArgs, name: &str) -> anyhow::Result<async_nats::Client> {
     let client = args
-        .settings(name)
+        .settings(name)?
         .connect()
         .await
         .context("connect to NATS")?;
@@ -1016,7 +1030,7 @@ async fn main() -> anyhow::Result<()> {
             let _telemetry = telemetry::init("coffer-writer")?;
             let (signing_key, trusted_keys) = args.signing.keys()?;
             let config = writer::WriterConfig {
-                nats: args.nats.settings("coffer-writer"),
+                nats: args.nats.settings("coffer-writer")?,
                 http_address: args.http_address,
                 stream: args.nats.stream(),
                 registry: writer::registry::RegistrySettings {
@@ -1056,7 +1070,7 @@ async fn main() -> anyhow::Result<()> {
             let config = reader::ReaderConfig {
                 nats: args
                     .nats
-                    .settings(&format!("coffer-reader-{}", args.reader_name)),
+                    .settings(&format!("coffer-reader-{}", args.reader_name))?,
                 http_address: args.http_address,
                 stream: args.nats.stream(),
                 data_directory: args.data_dir,
