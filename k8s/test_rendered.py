@@ -153,8 +153,11 @@ def check_nats(docs):
     check("NATS config: lame_duck_duration set", any(l.startswith("lame_duck_duration:") for l in lines))
     check("NATS config: http monitoring on 8222",
           "http_port: 8222" in lines or any(re.fullmatch(r"http:\s*\S*:?8222", l) for l in lines))
-    routes = [f"nats://nats-{i}.nats-headless:6222" for i in range(3)]
-    check("NATS config: routes to nats-{0,1,2}.nats-headless:6222", all(r in lines for r in routes))
+    check("NATS config: routes from COFFER_NATS_ROUTE_{0,1,2}",
+          all(f"$COFFER_NATS_ROUTE_{i}" in lines for i in range(3)))
+    check("NATS config: the cluster port requires the route user and password",
+          re.search(r"cluster\s*\{[^}]*authorization\s*\{\s*user:\s*coffer-route\s+"
+                    r"password:\s*\$COFFER_NATS_ROUTE_PASSWORD\s*\}", conf) is not None)
 
     # Least privilege: the mounted accounts.conf is nats/accounts.conf itself.
     accounts = (cm or {}).get("data", {}).get("accounts.conf")
@@ -165,6 +168,16 @@ def check_nats(docs):
           any(l.startswith("max_file_store:") for l in lines))
     env = env_of(c)
     secret_env = {name: e for name, e in env.items() if "secretKeyRef" in (e.get("valueFrom") or {})}
+    route_password = ((env.get("COFFER_NATS_ROUTE_PASSWORD") or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+    check("NATS route password from Secret coffer-nats-users (route-password)",
+          route_password.get("name") == "coffer-nats-users" and route_password.get("key") == "route-password")
+    names = list(env)
+    for i in range(3):
+        url = env.get(f"COFFER_NATS_ROUTE_{i}", {}).get("value")
+        check(f"route {i}: nats-{i}.nats-headless:6222 as coffer-route with the route password",
+              url == f"nats://coffer-route:$(COFFER_NATS_ROUTE_PASSWORD)@nats-{i}.nats-headless:6222"
+              and names.index("COFFER_NATS_ROUTE_PASSWORD") < names.index(f"COFFER_NATS_ROUTE_{i}"),
+              str(url))
     check("NATS user passwords come from a Secret",
           {f"COFFER_NATS_{r}_PASSWORD" for r in ("SETUP", "WRITER", "READER_0", "READER_1", "READER_2")}
           <= set(secret_env),
@@ -188,8 +201,12 @@ def check_nats(docs):
             for name, text in ((cm or {}).get("data") or {}).items():
                 (Path(tmp) / name).write_text(text, encoding="utf-8")
             p = Path(tmp) / "nats.conf"
-            variables = {name: e["value"] for name, e in env.items() if "value" in e}
-            variables.update({name: "checked-password" for name in secret_env})
+            variables = {name: "checked-password" for name in secret_env}
+            # Kubernetes expands $(NAME) of variables defined before it.
+            for name, e in env.items():
+                if "value" in e:
+                    variables[name] = re.sub(r"\$\((\w+)\)",
+                                             lambda m: variables.get(m.group(1), m.group(0)), e["value"])
             res = subprocess.run([nats_bin, "-t", "-c", str(p)], capture_output=True, text=True,
                                  env={**os.environ, **variables, "POD_NAME": "nats-0"}, check=False)
             check(f"NATS config accepted by `{nats_bin} -t`", res.returncode == 0,
