@@ -55,6 +55,11 @@ async fn connect_as(url: &str, user: &str, password: &str) -> async_nats::Client
 
 /// `coffer setup` as the setup role, then one writer as the writer role, ready.
 fn set_up_with_writer(url: &str) -> testkit::CofferProcess {
+    set_up_with_writer_and(url, &[])
+}
+
+/// [`set_up_with_writer`] with more environment for the writer.
+fn set_up_with_writer_and(url: &str, extra: &[(&'static str, String)]) -> testkit::CofferProcess {
     let output = std::process::Command::new(testkit::coffer_binary())
         .arg("setup")
         .env("COFFER_NATS_URL", url)
@@ -65,6 +70,7 @@ fn set_up_with_writer(url: &str) -> testkit::CofferProcess {
     assert!(output.status.success());
     let mut environment = role_environment("writer", "writer-secret");
     environment.push(("COFFER_NATS_URL", url.to_owned()));
+    environment.extend(extra.iter().cloned());
     let writer = testkit::CofferProcess::start("w", "writer", &environment);
     support::wait_ready(&writer.url());
     writer
@@ -1359,4 +1365,84 @@ async fn a_stolen_writer_password_cannot_hand_over_commands_or_rewrite_transfer_
         .await
         .unwrap();
     assert_eq!(after.body["balance"], 1_046, "{:?}", after.body);
+}
+
+/// A writer credential may write hold schedules, and a roll-up (`Nats-Rollup: all`, which the
+/// server allows on a stream of message schedules) on one of them empties the schedules stream:
+/// no permission can refuse a header. The hold still expires, by the backstop, which reads the
+/// placed holds from the event stream instead; and the money comes back to the payer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_whose_schedule_a_stolen_writer_password_rolled_up_still_expires() {
+    let nats = server();
+    let url = nats.url();
+    let writer = set_up_with_writer_and(&url, &[("COFFER_HOLD_BACKSTOP_DELAY_MS", "1000".into())]);
+    let w = writer.url();
+    let http = Http::new();
+    let (payer, payee) = (support::unique("payer"), support::unique("payee"));
+    http.open_account(&w, &payer).await;
+    http.open_account(&w, &payee).await;
+    http.deposit(&w, &payer, &json!({"amount": 100}), None)
+        .await
+        .unwrap();
+    let hold_id = support::unique("frozen");
+    let placed = http
+        .post(
+            &format!("{w}/v1/holds"),
+            &json!({"from": payer, "to": payee, "amount": 60, "hold_id": hold_id,
+                "expires_in_seconds": 2}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(placed.status, 201, "{:?}", placed.body);
+
+    let thief = connect_as(&url, "writer", "writer-secret").await;
+    let schedules = jetstream::new(thief.clone());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Rollup", "all");
+    let rolled = schedules
+        .publish_with_headers("coffer.schedules.x", headers, "".into())
+        .await
+        .unwrap()
+        .await;
+    assert!(rolled.is_ok(), "the roll-up was refused: {rolled:?}");
+    let setup = jetstream::new(connect_as(&url, "setup", "setup-secret").await);
+    let state = setup
+        .get_stream("COFFER_SCHEDULES")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .clone();
+    assert_eq!(state.messages, 1, "the roll-up left the hold's schedule");
+
+    // Due at 2 s, and the backstop looks 1 s later; allow for a slow machine.
+    let events = setup.get_stream("COFFER_EVENTS").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let expired = loop {
+        if let Ok(message) = events
+            .get_last_raw_message_by_subject(&format!("coffer.events.{payer}.hold_expired"))
+            .await
+        {
+            break message;
+        }
+        assert!(Instant::now() < deadline, "the hold stayed frozen");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let expired = eventlog::log::decode_stored(
+        &expired.subject,
+        expired.sequence,
+        expired.time,
+        &expired.headers,
+        expired.payload,
+    )
+    .unwrap();
+    assert_eq!(
+        expired.event,
+        domain::Event::HoldExpired {
+            hold_id: domain::TransferId::parse(&hold_id).unwrap()
+        }
+    );
 }
