@@ -178,9 +178,19 @@ def check_nats(docs):
               url == f"nats://coffer-route:$(COFFER_NATS_ROUTE_PASSWORD)@nats-{i}.nats-headless:6222"
               and names.index("COFFER_NATS_ROUTE_PASSWORD") < names.index(f"COFFER_NATS_ROUTE_{i}"),
               str(url))
-    check("NATS user passwords come from a Secret",
-          {f"COFFER_NATS_{r}_PASSWORD" for r in ("SETUP", "WRITER", "READER_0", "READER_1", "READER_2")}
-          <= set(secret_env),
+    # The servers hold bcrypt hashes of the users' passwords, never the passwords.
+    for r, key in (("SETUP", "setup"), ("WRITER", "writer"), ("READER_0", "coffer-reader-0"),
+                   ("READER_1", "coffer-reader-1"), ("READER_2", "coffer-reader-2")):
+        ref = ((env.get(f"COFFER_NATS_{r}_PASSWORD_BCRYPT") or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+        value = (env.get(f"COFFER_NATS_{r}_PASSWORD") or {}).get("value")
+        check(f"NATS {key}: a bcrypt hash from the Secret (key {key}-password-bcrypt), quoted",
+              ref.get("name") == "coffer-nats-users" and ref.get("key") == f"{key}-password-bcrypt"
+              and value == f'"$(COFFER_NATS_{r}_PASSWORD_BCRYPT)"'
+              and names.index(f"COFFER_NATS_{r}_PASSWORD_BCRYPT") < names.index(f"COFFER_NATS_{r}_PASSWORD"),
+              f"{ref} {value}")
+    check("NATS pods get no user's plain password",
+          not any(((e.get("valueFrom") or {}).get("secretKeyRef") or {}).get("key", "").endswith("-password")
+                  and name != "COFFER_NATS_ROUTE_PASSWORD" for name, e in env.items()),
           str(sorted(secret_env)))
     limit = (((c.get("resources") or {}).get("limits") or {}).get("memory"))
     gomem = env.get("GOMEMLIMIT", {}).get("value")
@@ -201,7 +211,11 @@ def check_nats(docs):
             for name, text in ((cm or {}).get("data") or {}).items():
                 (Path(tmp) / name).write_text(text, encoding="utf-8")
             p = Path(tmp) / "nats.conf"
-            variables = {name: "checked-password" for name in secret_env}
+            # A real hash for the hashed ones: a bare one would be a variable reference to
+            # nats-server, so this checks the quoting too.
+            sample_hash = "$2b$11$iAgdSTfANdztFI7ytM.SleAEKEO74HO1OqIkaMDJ5DTyNxudiGd06"
+            variables = {name: sample_hash if name.endswith("_BCRYPT") else "checked-password"
+                         for name in secret_env}
             # Kubernetes expands $(NAME) of variables defined before it.
             for name, e in env.items():
                 if "value" in e:

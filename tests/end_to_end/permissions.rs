@@ -23,7 +23,25 @@ fn server() -> NatsServer {
     // nats-server resolves includes against the including file's directory: inline the file.
     let accounts =
         std::fs::read_to_string(testkit::workspace_root().join("nats/accounts.conf")).unwrap();
-    NatsServer::start_with(&accounts, &PASSWORDS)
+    // The server holds bcrypt hashes only, as the Kubernetes deployment gives it (a NATS pod's
+    // environment then reveals no client's password); the clients log in with the passwords.
+    // The lowest cost keeps the many logins of these tests fast; deployments use 11 or more.
+    // nats-server parses a variable's value as configuration, where a bare `$2b$...` would be
+    // a variable reference: the hash goes in quotes.
+    let hashed: Vec<(&str, String)> = PASSWORDS
+        .iter()
+        .map(|(variable, password)| {
+            (
+                *variable,
+                format!("\"{}\"", bcrypt::hash(password, 4).unwrap()),
+            )
+        })
+        .collect();
+    let environment: Vec<(&str, &str)> = hashed
+        .iter()
+        .map(|(variable, hash)| (*variable, hash.as_str()))
+        .collect();
+    NatsServer::start_with(&accounts, &environment)
 }
 
 fn role_environment(user: &str, password: &str) -> Vec<(&'static str, String)> {
