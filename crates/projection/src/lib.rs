@@ -64,6 +64,12 @@ pub const BATCH_SIZE_MAX: usize = 1_000;
 /// (measured: catch-up 0.25x -> 0.63x a raw consume, docs/benchmarks.md). Two of them fit under
 /// the consumer's [`MAX_ACK_PENDING`]: the next batch is gathered while one commits.
 pub const TRANSACTION_EVENTS_MAX: usize = 19_000;
+/// Bytes of deliveries (subjects, headers, payloads) one transaction takes at most: with the
+/// one committing and the pulls buffered, it bounds a reader's memory whatever the messages'
+/// size (a writer credential can append messages of the server's largest size, and 19 000 of
+/// those would not fit). Ordinary events are a few hundred bytes: catch-ups still gather
+/// [`TRANSACTION_EVENTS_MAX`] events.
+pub const TRANSACTION_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Deliveries the server lets the consumer have unacknowledged: a committing transaction, the
 /// one being gathered behind it, and a pull in flight. A consumer made with less is re-created.
 pub const MAX_ACK_PENDING: i64 = 2 * TRANSACTION_EVENTS_MAX as i64 + 2 * BATCH_SIZE_MAX as i64;
@@ -368,6 +374,9 @@ pub struct Engine<P: Projector> {
     stream_created: AtomicU64,
     /// Largest transaction, in events ([`TRANSACTION_EVENTS_MAX`] unless a test lowers it).
     transaction_events_max: usize,
+    /// A transaction takes no more deliveries once it holds this many bytes
+    /// ([`TRANSACTION_BYTES_MAX`] unless a test lowers it).
+    transaction_bytes_max: usize,
 }
 
 impl<P: Projector> Engine<P> {
@@ -381,6 +390,13 @@ impl<P: Projector> Engine<P> {
     /// room is sized for), so that tests can run a catch-up of many transactions on few events.
     pub fn transaction_events_max(mut self, events: usize) -> Self {
         self.transaction_events_max = events.clamp(1, TRANSACTION_EVENTS_MAX);
+        self
+    }
+
+    /// Lowers the bytes a transaction takes (at most [`TRANSACTION_BYTES_MAX`]), so that tests
+    /// can show the bound with small events.
+    pub fn transaction_bytes_max(mut self, bytes: usize) -> Self {
+        self.transaction_bytes_max = bytes.clamp(1, TRANSACTION_BYTES_MAX);
         self
     }
 
@@ -405,6 +421,7 @@ impl<P: Projector> Engine<P> {
             next_delivery: AtomicU64::new(1),
             stream_created: AtomicU64::new(stream_created),
             transaction_events_max: TRANSACTION_EVENTS_MAX,
+            transaction_bytes_max: TRANSACTION_BYTES_MAX,
         })
     }
 
@@ -596,39 +613,53 @@ impl<P: Projector> Engine<P> {
         // The newest position of the batches prepared so far (committed or in flight): a
         // redelivery at or below it is never applied again.
         let mut prepared_through = self.position();
+        // Deliveries received past the last batch's byte budget: they begin the next one.
+        let mut leftover: Vec<jetstream::Message> = Vec::new();
         loop {
-            let next = tokio::select! {
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            let mut failed = None;
+            if leftover.is_empty() {
+                let next = tokio::select! {
                 chunk = batches.recv() => Next::Chunk(chunk),
                 // A batch whose transaction ended is acknowledged and published at once, not
                 // when the next one is ready: the server delivers more once it has the ack,
                 // and readers wait for the position.
-                _ = InFlight::transaction_ended(in_flight) => Next::Ended,
-                _ = checks.tick() => Next::Check,
-                _ = shutdown.wait_for(|stop| *stop) => Next::Stop,
-            };
-            let chunk = match next {
-                Next::Chunk(chunk) => chunk,
-                Next::Ended => {
-                    self.settle(log, in_flight.take()).await?;
-                    continue;
+                    _ = InFlight::transaction_ended(in_flight) => Next::Ended,
+                    _ = checks.tick() => Next::Check,
+                    _ = shutdown.wait_for(|stop| *stop) => Next::Stop,
+                };
+                let chunk = match next {
+                    Next::Chunk(chunk) => chunk,
+                    Next::Ended => {
+                        self.settle(log, in_flight.take()).await?;
+                        continue;
+                    }
+                    Next::Check => {
+                        self.settle(log, in_flight.take()).await?;
+                        self.check_consumer(&mut consumer).await?;
+                        continue;
+                    }
+                    Next::Stop => return Ok(()),
+                };
+                let Some(chunk) = chunk else {
+                    return Err(Error::Nats("message stream ended".into()));
+                };
+                let mut received = Vec::with_capacity(chunk.len());
+                for message in chunk {
+                    received.push(message.map_err(|error| Error::Nats(error.to_string()))?);
                 }
-                Next::Check => {
-                    self.settle(log, in_flight.take()).await?;
-                    self.check_consumer(&mut consumer).await?;
-                    continue;
-                }
-                Next::Stop => return Ok(()),
-            };
-            let Some(chunk) = chunk else {
-                return Err(Error::Nats("message stream ended".into()));
-            };
-            let mut batch = Vec::with_capacity(chunk.len());
-            let mut failed = None;
-            for message in chunk {
-                batch.push(message.map_err(|error| Error::Nats(error.to_string()))?);
+                leftover = self.within_budget(&mut batch, &mut bytes, received);
+            } else {
+                let received = std::mem::take(&mut leftover);
+                leftover = self.within_budget(&mut batch, &mut bytes, received);
             }
-            // Catching up: more deliveries into the same transaction while more are pending.
-            while batch.len() < self.transaction_events_max && more_pending(&batch) {
+            // Catching up: more deliveries into the same transaction while more are pending,
+            // up to a number of events and of bytes.
+            while leftover.is_empty()
+                && batch.len() < self.transaction_events_max
+                && more_pending(&batch)
+            {
                 let received = tokio::select! {
                     received = tokio::time::timeout(GATHER_WAIT, batches.recv()) => received,
                     _ = InFlight::transaction_ended(in_flight) => {
@@ -638,15 +669,18 @@ impl<P: Projector> Engine<P> {
                 };
                 match received {
                     Ok(Some(chunk)) => {
+                        let mut messages = Vec::with_capacity(chunk.len());
                         for message in chunk {
                             match message {
-                                Ok(message) => batch.push(message),
+                                Ok(message) => messages.push(message),
                                 Err(error) => {
                                     failed = Some(Error::Nats(error.to_string()));
                                     break;
                                 }
                             }
                         }
+                        // What came before a failure is contiguous: it may still be applied.
+                        leftover = self.within_budget(&mut batch, &mut bytes, messages);
                         if failed.is_some() {
                             break;
                         }
@@ -687,6 +721,28 @@ impl<P: Projector> Engine<P> {
                 self.settle(log, in_flight.take()).await?;
             }
         }
+    }
+
+    /// Moves `received` into `batch` while the batch is under its byte budget (a delivery
+    /// always goes into an empty batch, so every batch makes progress); gives back the rest, in
+    /// order, to begin the next batch.
+    fn within_budget(
+        &self,
+        batch: &mut Vec<jetstream::Message>,
+        bytes: &mut usize,
+        received: Vec<jetstream::Message>,
+    ) -> Vec<jetstream::Message> {
+        let mut received = received.into_iter();
+        for message in received.by_ref() {
+            if !batch.is_empty() && *bytes >= self.transaction_bytes_max {
+                let mut rest = vec![message];
+                rest.extend(received);
+                return rest;
+            }
+            *bytes += delivery_size(&message);
+            batch.push(message);
+        }
+        Vec::new()
     }
 
     /// Fails when the consumer is no longer the one this engine made: someone with the right to
@@ -1392,6 +1448,23 @@ fn headers_only_delivery(message: &jetstream::Message) -> bool {
         .headers
         .as_ref()
         .is_some_and(|headers| headers.get(HEADERS_ONLY_SIZE).is_some())
+}
+
+/// The bytes a delivery holds, near enough: subject, headers and payload.
+fn delivery_size(message: &jetstream::Message) -> usize {
+    let headers = message.headers.as_ref().map_or(0, |headers| {
+        headers
+            .iter()
+            .map(|(name, values)| {
+                AsRef::<str>::as_ref(name).len()
+                    + values
+                        .iter()
+                        .map(|value| value.as_str().len())
+                        .sum::<usize>()
+            })
+            .sum()
+    });
+    message.subject.len() + message.payload.len() + headers
 }
 
 /// The header nats-server adds to a delivery of a headers-only consumer (`JSMsgSize`).

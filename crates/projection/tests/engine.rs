@@ -501,3 +501,38 @@ async fn a_consumer_changed_to_strip_payloads_or_stall_is_made_again_and_nothing
     assert!(!config.headers_only);
     assert_eq!(config.max_ack_pending, projection::MAX_ACK_PENDING);
 }
+
+/// A transaction takes deliveries up to a number of bytes as well as of events, splitting a
+/// pull when it must: whatever the messages' size, a reader's memory stays bounded; and every
+/// event is still applied once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_takes_deliveries_up_to_its_byte_budget() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let log = Arc::new(
+        EventLog::open(client, &StreamSettings::default())
+            .await
+            .unwrap(),
+    );
+    fixtures::append_histories(&log, 10, 300, || {}).await;
+    let last = log.last_position().await.unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let database = Arc::new(Database::create(directory.path().join("views.redb")).unwrap());
+    // Each delivery is a few hundred bytes: 16 KiB is a few dozen events, where one pull
+    // alone holds up to 1 000.
+    let engine = Engine::open(database.clone(), CountingView, "budget")
+        .unwrap()
+        .transaction_bytes_max(16 * 1024);
+    let health = run_engine_until(engine, &log, last).await;
+    let counts = counts(&database);
+    assert_eq!(counts.len() as u64, last);
+    assert!(counts.iter().all(|(_, count)| *count == 1), "applied twice");
+    assert_eq!(projection::stored_position(&database).unwrap(), last);
+    // 3 000 events of at least 150 bytes each are over 440 KiB: at least 27 transactions of
+    // 16 KiB (and one delivery) each.
+    assert!(
+        health.batches_committed.get() >= 27,
+        "{} transactions for {last} events",
+        health.batches_committed.get()
+    );
+}
