@@ -1442,12 +1442,14 @@ fn paced_as_made(config: &consumer::Config) -> bool {
 }
 
 /// Whether the server sent `message` without its payload (a headers-only consumer): it says so
-/// with the payload's size in a header of its own.
+/// with the payload's size in a header of its own. Events always have a payload, so the header
+/// (a lookup that parses and hashes its name) is looked for only on an empty one.
 fn headers_only_delivery(message: &jetstream::Message) -> bool {
-    message
-        .headers
-        .as_ref()
-        .is_some_and(|headers| headers.get(HEADERS_ONLY_SIZE).is_some())
+    message.payload.is_empty()
+        && message
+            .headers
+            .as_ref()
+            .is_some_and(|headers| headers.get(HEADERS_ONLY_SIZE).is_some())
 }
 
 /// The bytes a delivery holds, near enough: subject, headers and payload.

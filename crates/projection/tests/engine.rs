@@ -165,6 +165,40 @@ async fn run_engine_until<P: Projector>(
     health
 }
 
+/// A server whose stream holds `accounts` histories of `per_account` events, its last
+/// position, and an empty view file (the server and directory live as long as the test holds
+/// them).
+async fn histories(
+    accounts: usize,
+    per_account: usize,
+) -> (
+    NatsServer,
+    Arc<EventLog>,
+    u64,
+    tempfile::TempDir,
+    Arc<Database>,
+) {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let log = Arc::new(
+        EventLog::open(client, &StreamSettings::default())
+            .await
+            .unwrap(),
+    );
+    fixtures::append_histories(&log, accounts, per_account, || {}).await;
+    let last = log.last_position().await.unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let database = Arc::new(Database::create(directory.path().join("views.redb")).unwrap());
+    (server, log, last, directory, database)
+}
+
+/// Every position up to `last` was applied exactly once.
+fn assert_each_applied_once(database: &Database, last: u64) {
+    let counts = counts(database);
+    assert_eq!(counts.len() as u64, last);
+    assert!(counts.iter().all(|(_, count)| *count == 1), "applied twice");
+}
+
 fn counts(database: &Database) -> Vec<(u64, u64)> {
     let transaction = database.begin_read().unwrap();
     let table = transaction.open_table(APPLIED).unwrap();
@@ -238,27 +272,15 @@ async fn deliveries_at_or_below_the_stored_position_are_skipped() {
 /// still every event is applied once, in order, and the checkpoint is the last position.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipelined_catch_up_applies_every_event_once() {
-    let server = NatsServer::start();
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let log = Arc::new(
-        EventLog::open(client, &StreamSettings::default())
-            .await
-            .unwrap(),
-    );
-    fixtures::append_histories(&log, 20, 150, || {}).await;
-    let last = log.last_position().await.unwrap();
+    let (_server, log, last, _directory, database) = histories(20, 150).await;
     assert_eq!(last, 3_000);
-    let directory = tempfile::tempdir().unwrap();
-    let database = Arc::new(Database::create(directory.path().join("views.redb")).unwrap());
     // Gathering stops once a transaction has 250 events; the pull that crossed it (up to
     // 1 000) stays in it. So at least three transactions, each gathered behind the last.
     let engine = Engine::open(database.clone(), CountingView, "view")
         .unwrap()
         .transaction_events_max(250);
     let health = run_engine_until(engine, &log, last).await;
-    let counts = counts(&database);
-    assert_eq!(counts.len() as u64, last);
-    assert!(counts.iter().all(|(_, count)| *count == 1), "applied twice");
+    assert_each_applied_once(&database, last);
     assert_eq!(projection::stored_position(&database).unwrap(), last);
     assert_eq!(health.events_applied.get(), last);
     assert!(
@@ -381,23 +403,11 @@ async fn a_view_ahead_of_a_recreated_stream_stops_instead_of_consuming() {
 /// and every event is still applied exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holes_cost_their_accounts_however_many_fall_in_one_batch() {
-    let server = NatsServer::start();
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let log = Arc::new(
-        EventLog::open(client, &StreamSettings::default())
-            .await
-            .unwrap(),
-    );
-    fixtures::append_histories(&log, 400, 10, || {}).await;
-    let last = log.last_position().await.unwrap();
-    let directory = tempfile::tempdir().unwrap();
-    let database = Arc::new(Database::create(directory.path().join("views.redb")).unwrap());
+    let (_server, log, last, _directory, database) = histories(400, 10).await;
     let engine = Engine::open(database.clone(), HoleyView, "holey").unwrap();
     let health = run_engine_until(engine, &log, last).await;
     assert_eq!(health.failure(), None);
-    let counts = counts(&database);
-    assert_eq!(counts.len() as u64, last);
-    assert!(counts.iter().all(|(_, count)| *count == 1), "applied twice");
+    assert_each_applied_once(&database, last);
     assert_eq!(projection::stored_position(&database).unwrap(), last);
     let transaction = database.begin_read().unwrap();
     let marked = transaction.open_table(MARKED).unwrap().len().unwrap();
@@ -507,26 +517,14 @@ async fn a_consumer_changed_to_strip_payloads_or_stall_is_made_again_and_nothing
 /// event is still applied once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_catch_up_takes_deliveries_up_to_its_byte_budget() {
-    let server = NatsServer::start();
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let log = Arc::new(
-        EventLog::open(client, &StreamSettings::default())
-            .await
-            .unwrap(),
-    );
-    fixtures::append_histories(&log, 10, 300, || {}).await;
-    let last = log.last_position().await.unwrap();
-    let directory = tempfile::tempdir().unwrap();
-    let database = Arc::new(Database::create(directory.path().join("views.redb")).unwrap());
+    let (_server, log, last, _directory, database) = histories(10, 300).await;
     // Each delivery is a few hundred bytes: 16 KiB is a few dozen events, where one pull
     // alone holds up to 1 000.
     let engine = Engine::open(database.clone(), CountingView, "budget")
         .unwrap()
         .transaction_bytes_max(16 * 1024);
     let health = run_engine_until(engine, &log, last).await;
-    let counts = counts(&database);
-    assert_eq!(counts.len() as u64, last);
-    assert!(counts.iter().all(|(_, count)| *count == 1), "applied twice");
+    assert_each_applied_once(&database, last);
     assert_eq!(projection::stored_position(&database).unwrap(), last);
     // 3 000 events of at least 150 bytes each are over 440 KiB: at least 27 transactions of
     // 16 KiB (and one delivery) each.
