@@ -188,6 +188,32 @@ pub struct EventLog {
     trusted: Option<std::sync::Arc<crate::TrustedKeys>>,
 }
 
+/// The header names of every appended message, made once: a name given as `&str` is copied
+/// into a new buffer on every insert (a dozen per event: issue 21).
+mod names {
+    use async_nats::header::HeaderName;
+
+    use super::header;
+
+    pub const CHAIN: HeaderName = HeaderName::from_static(header::CHAIN);
+    pub const SIGNATURE: HeaderName = HeaderName::from_static(header::SIGNATURE);
+    pub const EXPECTED_LAST_SUBJECT_SEQUENCE: HeaderName =
+        HeaderName::from_static(header::EXPECTED_LAST_SUBJECT_SEQUENCE);
+    pub const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: HeaderName =
+        HeaderName::from_static(header::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT);
+    pub const EVENT_TYPE: HeaderName = HeaderName::from_static(header::EVENT_TYPE);
+    pub const EVENT_VERSION: HeaderName = HeaderName::from_static(header::EVENT_VERSION);
+    pub const ACCOUNT_ID: HeaderName = HeaderName::from_static(header::ACCOUNT_ID);
+    pub const COMMAND_ID: HeaderName = HeaderName::from_static(header::COMMAND_ID);
+    pub const CORRELATION_ID: HeaderName = HeaderName::from_static(header::CORRELATION_ID);
+    pub const TRACEPARENT: HeaderName = HeaderName::from_static(header::TRACEPARENT);
+    pub const CONTENT_TYPE: HeaderName = HeaderName::from_static(header::CONTENT_TYPE);
+    pub const TTL: HeaderName = HeaderName::from_static(header::TTL);
+    pub const BATCH_ID: HeaderName = HeaderName::from_static(header::BATCH_ID);
+    pub const BATCH_SEQUENCE: HeaderName = HeaderName::from_static(header::BATCH_SEQUENCE);
+    pub const BATCH_COMMIT: HeaderName = HeaderName::from_static(header::BATCH_COMMIT);
+}
+
 pub(crate) fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
     headers.get(name).map(|value| value.as_str().to_owned())
 }
@@ -207,27 +233,27 @@ fn message(
             chain,
         } => {
             let (event_type, version, payload) = codec::encode(event)?;
-            headers.insert(header::CHAIN, chain.as_str());
+            headers.insert(names::CHAIN, chain.as_str());
             if let Some(signer) = signer {
-                headers.insert(header::SIGNATURE, signer.sign_event(chain).as_str());
+                headers.insert(names::SIGNATURE, signer.sign_event(chain));
             }
             headers.insert(
-                header::EXPECTED_LAST_SUBJECT_SEQUENCE,
-                expected_last_position.to_string().as_str(),
+                names::EXPECTED_LAST_SUBJECT_SEQUENCE,
+                expected_last_position.to_string(),
             );
             headers.insert(
-                header::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT,
-                subject::account_filter(account).as_str(),
+                names::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT,
+                subject::account_filter(account),
             );
-            headers.insert(header::EVENT_TYPE, event_type);
-            headers.insert(header::EVENT_VERSION, version.to_string().as_str());
-            headers.insert(header::ACCOUNT_ID, account.as_str());
-            headers.insert(header::COMMAND_ID, metadata.command_id.as_str());
-            headers.insert(header::CORRELATION_ID, metadata.correlation_id.as_str());
+            headers.insert(names::EVENT_TYPE, event_type);
+            headers.insert(names::EVENT_VERSION, version.to_string());
+            headers.insert(names::ACCOUNT_ID, account.as_str());
+            headers.insert(names::COMMAND_ID, metadata.command_id.as_str());
+            headers.insert(names::CORRELATION_ID, metadata.correlation_id.as_str());
             if let Some(traceparent) = &metadata.traceparent {
-                headers.insert(header::TRACEPARENT, traceparent.as_str());
+                headers.insert(names::TRACEPARENT, traceparent.as_str());
             }
-            headers.insert(header::CONTENT_TYPE, header::MSGPACK);
+            headers.insert(names::CONTENT_TYPE, header::MSGPACK);
             Ok((
                 subject::append(account, event_type),
                 headers,
@@ -239,17 +265,17 @@ fn message(
             payload,
             ttl,
         } => {
-            headers.insert(header::EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+            headers.insert(names::EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
             if let Some(signer) = signer {
                 headers.insert(
-                    header::SIGNATURE,
+                    names::SIGNATURE,
                     signer.sign_marker(subject, payload).as_str(),
                 );
             }
             if let Some(ttl) = ttl {
-                headers.insert(header::TTL, format!("{}s", ttl.as_secs().max(1)).as_str());
+                headers.insert(names::TTL, format!("{}s", ttl.as_secs().max(1)).as_str());
             }
-            headers.insert(header::CONTENT_TYPE, header::MSGPACK);
+            headers.insert(names::CONTENT_TYPE, header::MSGPACK);
             Ok((subject.clone(), headers, Bytes::from(payload.clone())))
         }
     }
@@ -465,12 +491,12 @@ impl EventLog {
         let mut commit = None;
         for (index, (subject, mut headers, payload)) in messages.into_iter().enumerate() {
             if let Some(batch_id) = &batch_id {
-                headers.insert(header::BATCH_ID, batch_id.as_str());
-                headers.insert(header::BATCH_SEQUENCE, (index + 1).to_string().as_str());
+                headers.insert(names::BATCH_ID, batch_id.as_str());
+                headers.insert(names::BATCH_SEQUENCE, (index + 1).to_string());
             }
             if index + 1 == count {
                 if batch_id.is_some() {
-                    headers.insert(header::BATCH_COMMIT, "1");
+                    headers.insert(names::BATCH_COMMIT, "1");
                 }
                 commit = Some((subject, headers, payload));
             } else {

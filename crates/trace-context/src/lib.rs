@@ -9,7 +9,7 @@
 //! `tracing` spans to the same trace: a request span's parent is the caller's span, and the
 //! `traceparent` passed on is the exported span's own context, so the trace is one tree.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 /// The header name, on HTTP requests and responses, NATS requests and stored events.
 pub const HEADER: &str = "traceparent";
@@ -42,8 +42,24 @@ fn hex_into(text: &str, out: &mut [u8]) -> Option<()> {
     Some(())
 }
 
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// Writes `bytes` as lowercase hex digits. A trace is formatted several times per request, so
+/// this writes straight into the destination (a `format!` per byte cost dozens of allocations
+/// per command: issue 21).
+fn write_hex(bytes: &[u8], out: &mut impl fmt::Write) -> fmt::Result {
+    for byte in bytes {
+        out.write_char(char::from(HEX_DIGITS[usize::from(byte >> 4)]))?;
+        out.write_char(char::from(HEX_DIGITS[usize::from(byte & 0x0f)]))?;
+    }
+    Ok(())
+}
+
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+    let mut text = String::with_capacity(bytes.len() * 2);
+    // Writing into a `String` cannot fail.
+    let _ = write_hex(bytes, &mut text);
+    text
 }
 
 impl TraceParent {
@@ -135,13 +151,12 @@ impl TraceParent {
 impl fmt::Display for TraceParent {
     /// Always written as version 00, as the spec asks of a version 00 implementation.
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            formatter,
-            "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.parent_id),
-            self.flags
-        )
+        formatter.write_str("00-")?;
+        write_hex(&self.trace_id, formatter)?;
+        formatter.write_char('-')?;
+        write_hex(&self.parent_id, formatter)?;
+        formatter.write_char('-')?;
+        write_hex(&[self.flags], formatter)
     }
 }
 

@@ -44,7 +44,9 @@ pub const BODY_SIZE_MAX: usize = 64 * 1024;
 pub struct AppState {
     /// Set once the stream and the idempotency bucket are set up; commands get 503 before.
     pub commands: Arc<OnceLock<Dispatcher>>,
-    pub log: EventLog,
+    /// Shared, not cloned: axum clones the state for every request, and a log clone copies a NATS
+    /// client (several allocations).
+    pub log: Arc<EventLog>,
     pub metrics: Arc<Metrics>,
     /// The bearer token the command API requires (`COFFER_HTTP_TOKEN`); none: no auth.
     pub http_token: Option<problem::BearerToken>,

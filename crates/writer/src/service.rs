@@ -151,7 +151,7 @@ pub async fn run(
     let state = AppState {
         nats_commands_served: nats_commands_served.clone(),
         commands: commands_cell.clone(),
-        log: log.clone(),
+        log: Arc::new(log.clone()),
         metrics: metrics.clone(),
         http_token: config.http_token.clone(),
         bulk_start_window: crate::bulk::start_window(
