@@ -97,19 +97,27 @@ fn set_up_with_writer_and(url: &str, extra: &[(&'static str, String)]) -> testki
 /// Reader `coffer-reader-0` as its own NATS user, keeping its views under `data`; its password
 /// from a file, as a Kubernetes reader reads it (`COFFER_NATS_PASSWORD_FILE`).
 fn reader_as_role(url: &str, data: &std::path::Path) -> testkit::CofferProcess {
+    reader_replica_as_role(0, url, data)
+}
+
+/// Reader `coffer-reader-{replica}` as its own NATS user (its own consumers), as
+/// [`reader_as_role`].
+fn reader_replica_as_role(
+    replica: u8,
+    url: &str,
+    data: &std::path::Path,
+) -> testkit::CofferProcess {
     let password = data.join("nats-password");
-    std::fs::write(&password, "reader-0-secret\n").unwrap();
+    std::fs::write(&password, format!("reader-{replica}-secret\n")).unwrap();
+    let name = format!("coffer-reader-{replica}");
     support::reader(
-        "coffer-reader-0",
+        &name,
         url,
         data,
         &[
-            ("COFFER_NATS_USER", "coffer-reader-0".to_owned()),
+            ("COFFER_NATS_USER", name.clone()),
             ("COFFER_NATS_PASSWORD_FILE", password.display().to_string()),
-            (
-                "COFFER_NATS_INBOX_PREFIX",
-                "_INBOX_coffer-reader-0".to_owned(),
-            ),
+            ("COFFER_NATS_INBOX_PREFIX", format!("_INBOX_{name}")),
         ],
     )
 }
@@ -821,16 +829,21 @@ async fn a_reader_whose_consumer_is_changed_behind_its_back_stops_its_view() {
 }
 
 /// The event stream allows per-message TTLs (for idempotency-key markers), so the writer's
-/// credential can append an event that later vanishes (`Nats-TTL`) after a withdrawal was decided
-/// on it. A reader that meets the withdrawal without the erased event learns from the stream that
-/// the event is gone (not skipped by its own feed): it marks that account unreadable, naming the
-/// position, and goes on serving the rest, instead of stopping or serving a balance with a hole.
+/// credential can append an event that later vanishes (`Nats-TTL`). While it is there, nothing
+/// is built on it: the writer refuses to decide on its account and a reader marks that account,
+/// both naming the header. The forger can still chain more events on it; once it is gone, a reader
+/// that never saw it learns from the stream that it is gone (not skipped by its own feed): it marks
+/// that account unreadable, naming the position, and goes on serving the rest, instead of stopping
+/// or serving a balance with a hole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_erased_by_a_ttl_costs_its_account_in_a_reader_that_never_saw_it() {
+async fn an_event_that_can_vanish_is_never_built_on_and_once_gone_costs_only_its_account() {
     let nats = server();
     let url = nats.url();
     let writer = set_up_with_writer(&url);
     support::wait_ready(&writer.url());
+    let live_data = tempfile::tempdir().unwrap();
+    let live = reader_as_role(&url, live_data.path());
+    support::wait_ready(&live.url());
     let http = Http::new();
     let w = writer.url();
     let (victim, other) = (support::unique("erased"), support::unique("intact"));
@@ -842,8 +855,8 @@ async fn an_event_erased_by_a_ttl_costs_its_account_in_a_reader_that_never_saw_i
             .unwrap();
         assert_eq!(deposited.status, 200);
     }
-    // The forgery: the victim's deposit again, chained and checked like a real append, with a
-    // lifetime of one second.
+    // The forgery: a deposit chained and checked like a real append, with a lifetime of a few
+    // seconds; then a withdrawal chained on it, without one.
     let writer_client = connect_as(&url, "writer", "writer-secret").await;
     let writer_js = jetstream::new(writer_client.clone());
     let events = writer_js.get_stream("COFFER_EVENTS").await.unwrap();
@@ -857,38 +870,56 @@ async fn an_event_erased_by_a_ttl_costs_its_account_in_a_reader_that_never_saw_i
         .unwrap()
         .as_str()
         .to_owned();
-    let chain = eventlog::chain::link(&previous_chain, &victim, "deposited", 1, &last.payload);
-    let mut headers = async_nats::HeaderMap::new();
-    for (name, value) in [
-        (
-            "Nats-Expected-Last-Subject-Sequence",
-            last.sequence.to_string(),
-        ),
-        (
-            "Nats-Expected-Last-Subject-Sequence-Subject",
-            format!("coffer.events.{victim}.>"),
-        ),
-        ("Nats-TTL", "1s".to_owned()),
-        ("Coffer-Event-Type", "deposited".to_owned()),
-        ("Coffer-Event-Version", "1".to_owned()),
-        ("Coffer-Account-Id", victim.clone()),
-        ("Coffer-Chain", chain),
-        ("Content-Type", "application/msgpack".to_owned()),
-    ] {
-        headers.insert(name, value.as_str());
-    }
-    let erased = writer_js
-        .publish_with_headers(
-            format!("coffer.append.{victim}.deposited"),
-            headers,
-            last.payload.clone(),
-        )
-        .await
-        .unwrap()
-        .await
-        .expect("the writer role may append with a TTL (what this test is about)")
-        .sequence;
-    // Decided on the forged money, then the forgery vanishes.
+    let append = |event: domain::Event, after: (u64, String), ttl: Option<&'static str>| {
+        let (writer_js, victim) = (writer_js.clone(), victim.clone());
+        async move {
+            let (event_type, version, payload) = eventlog::codec::encode(&event).unwrap();
+            let chain = eventlog::chain::link(&after.1, &victim, event_type, version, &payload);
+            let mut headers = async_nats::HeaderMap::new();
+            for (name, value) in [
+                ("Nats-Expected-Last-Subject-Sequence", after.0.to_string()),
+                (
+                    "Nats-Expected-Last-Subject-Sequence-Subject",
+                    format!("coffer.events.{victim}.>"),
+                ),
+                ("Coffer-Event-Type", event_type.to_owned()),
+                ("Coffer-Event-Version", version.to_string()),
+                ("Coffer-Account-Id", victim.clone()),
+                ("Coffer-Chain", chain.clone()),
+                ("Content-Type", "application/msgpack".to_owned()),
+            ] {
+                headers.insert(name, value.as_str());
+            }
+            if let Some(ttl) = ttl {
+                headers.insert("Nats-TTL", ttl);
+            }
+            let position = writer_js
+                .publish_with_headers(
+                    format!("coffer.append.{victim}.{event_type}"),
+                    headers,
+                    payload.into(),
+                )
+                .await
+                .unwrap()
+                .await
+                .expect("the writer role may append, with a TTL too (what this test is about)")
+                .sequence;
+            (position, chain)
+        }
+    };
+    let amount = |minor| domain::Amount::new(minor).unwrap();
+    let erased = append(
+        domain::Event::Deposited {
+            amount: amount(100),
+            reference: None,
+            metadata: Default::default(),
+        },
+        (last.sequence, previous_chain),
+        Some("6s"),
+    )
+    .await;
+
+    // While it is there, the writer does not decide on it ...
     let withdrawn = http
         .post(
             &format!("{w}/v1/accounts/{victim}/withdrawals"),
@@ -897,9 +928,76 @@ async fn an_event_erased_by_a_ttl_costs_its_account_in_a_reader_that_never_saw_i
         )
         .await
         .unwrap();
-    assert_eq!(withdrawn.status, 200, "{:?}", withdrawn.body);
+    assert_eq!(withdrawn.status, 500, "{:?}", withdrawn.body);
+    assert_eq!(withdrawn.body["code"], "account_unreadable");
+    assert!(
+        withdrawn.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Nats-TTL"),
+        "{:?}",
+        withdrawn.body
+    );
+    // ... and a reader that meets it marks its account, naming the header and the position.
+    let l = live.url();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let marked = loop {
+        let read = http
+            .get(&format!("{l}/v1/accounts/{victim}"))
+            .await
+            .unwrap();
+        if read.status == 500 {
+            break read;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the live reader served {:?}",
+            read.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(marked.body["code"], "account_unreadable");
+    let detail = marked.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("position {}", erased.0)) && detail.contains("Nats-TTL"),
+        "{detail}"
+    );
+
+    // `coffer verify` names it too, and goes on.
+    let verified = std::process::Command::new(testkit::coffer_binary())
+        .arg("verify")
+        .env("COFFER_NATS_URL", &url)
+        .env("COFFER_NATS_USER", "setup")
+        .env("COFFER_NATS_PASSWORD", "setup-secret")
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&verified.stdout);
+    assert!(!verified.status.success(), "{report}");
+    assert!(
+        report.contains(&format!(
+            "{victim}: unreadable event at position {}: the event carries Nats-TTL",
+            erased.0
+        )),
+        "{report}"
+    );
+    assert!(
+        events.get_raw_message(erased.0).await.is_ok(),
+        "the TTL ran out too soon for this test"
+    );
+
+    // The forger builds on it anyway, and then it vanishes.
+    append(
+        domain::Event::Withdrawn {
+            amount: amount(150),
+            reference: None,
+            metadata: Default::default(),
+        },
+        erased.clone(),
+        None,
+    )
+    .await;
     let deadline = Instant::now() + Duration::from_secs(15);
-    while events.get_raw_message(erased).await.is_ok() {
+    while events.get_raw_message(erased.0).await.is_ok() {
         assert!(Instant::now() < deadline, "the TTL never erased the event");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -910,19 +1008,22 @@ async fn an_event_erased_by_a_ttl_costs_its_account_in_a_reader_that_never_saw_i
 
     // A reader that starts now never sees the erased event.
     let data = tempfile::tempdir().unwrap();
-    let reader = reader_as_role(&url, data.path());
+    let reader = reader_replica_as_role(1, &url, data.path());
     support::wait_ready(&reader.url());
+    for r in [reader.url(), l] {
+        let read = http
+            .get(&format!(
+                "{r}/v1/accounts/{other}?min_position={}",
+                later.body["position"]
+            ))
+            .await
+            .unwrap();
+        assert_eq!(read.status, 200, "{:?}", read.body);
+        assert_eq!(read.body["balance"], 105);
+        assert_eq!(support::status_of(&format!("{r}/readyz")).unwrap(), 200);
+        assert_eq!(http.metric(&r, "coffer_projection_failed").await, Some(0.0));
+    }
     let r = reader.url();
-    let read = http
-        .get(&format!(
-            "{r}/v1/accounts/{other}?min_position={}",
-            later.body["position"]
-        ))
-        .await
-        .unwrap();
-    assert_eq!(read.status, 200, "{:?}", read.body);
-    assert_eq!(read.body["balance"], 105);
-    assert_eq!(support::status_of(&format!("{r}/readyz")).unwrap(), 200);
     let refused = http
         .get(&format!("{r}/v1/accounts/{victim}"))
         .await
@@ -931,7 +1032,7 @@ async fn an_event_erased_by_a_ttl_costs_its_account_in_a_reader_that_never_saw_i
     assert_eq!(refused.body["code"], "account_unreadable");
     let detail = refused.body["detail"].as_str().unwrap();
     assert!(
-        detail.contains(&format!("position {erased}"))
+        detail.contains(&format!("position {}", erased.0))
             && detail.contains("no longer in the stream"),
         "{detail}"
     );
@@ -940,7 +1041,6 @@ async fn an_event_erased_by_a_ttl_costs_its_account_in_a_reader_that_never_saw_i
             .await,
         Some(1.0)
     );
-    assert_eq!(http.metric(&r, "coffer_projection_failed").await, Some(0.0));
 }
 
 /// Generates a signing key with `coffer keys generate` into `directory`; returns the key file

@@ -64,6 +64,11 @@ pub enum DecodeError {
     },
     #[error("missing or invalid header {0}")]
     Header(&'static str),
+    /// The event carries a header that lets the server erase it (`Nats-TTL`) or what came before
+    /// it (`Nats-Rollup`). Writers never set one on an event; a writer credential can, so such an
+    /// event is not built on: it may be gone tomorrow (issue 26).
+    #[error("the event carries {0}: the stream may erase it, so nothing is built on it")]
+    Erasable(&'static str),
 }
 
 pub fn current_version(event_type: &str) -> u32 {

@@ -22,6 +22,7 @@ pub mod header {
     pub const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str =
         "Nats-Expected-Last-Subject-Sequence-Subject";
     pub const TTL: &str = "Nats-TTL";
+    pub const ROLLUP: &str = "Nats-Rollup";
     pub const SCHEDULE: &str = "Nats-Schedule";
     pub const SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
     pub const BATCH_ID: &str = "Nats-Batch-Id";
@@ -1208,6 +1209,9 @@ pub fn decode_stored(
 ) -> Result<RecordedEvent, DecodeError> {
     let (account, subject_type) = subject::parse(subject).ok_or(DecodeError::Header("subject"))?;
     let found = EventHeaders::find(headers);
+    if let Some(name) = found.erasable {
+        return Err(DecodeError::Erasable(name));
+    }
     let event_type = found.event_type.unwrap_or(subject_type);
     let version = match found.version {
         Some(text) => text
@@ -1253,6 +1257,9 @@ struct EventHeaders<'a> {
     signature: Option<&'a str>,
     checked_subject: Option<&'a str>,
     checked_sequence: Option<&'a str>,
+    /// A header that lets the server drop the message (`Nats-TTL`) or messages before it
+    /// (`Nats-Rollup`): no writer sets either on an event.
+    erasable: Option<&'static str>,
 }
 
 impl<'a> EventHeaders<'a> {
@@ -1269,6 +1276,14 @@ impl<'a> EventHeaders<'a> {
                 header::SIGNATURE => &mut found.signature,
                 header::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT => &mut found.checked_subject,
                 header::EXPECTED_LAST_SUBJECT_SEQUENCE => &mut found.checked_sequence,
+                header::TTL => {
+                    found.erasable = Some(header::TTL);
+                    continue;
+                }
+                header::ROLLUP => {
+                    found.erasable = Some(header::ROLLUP);
+                    continue;
+                }
                 _ => continue,
             };
             *slot = values.first().map(|value| value.as_str());
@@ -1339,6 +1354,43 @@ mod tests {
             EventHeaders::find(&HeaderMap::new()).previous_position(&account),
             None
         );
+    }
+
+    #[test]
+    fn an_event_the_stream_may_erase_is_not_read_and_the_header_is_named() {
+        let event = domain::Event::Deposited {
+            amount: domain::Amount::new(5).unwrap(),
+            reference: None,
+            metadata: Default::default(),
+        };
+        let (event_type, version, payload) = codec::encode(&event).unwrap();
+        let headers = |extra: Option<(&str, &str)>| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::EVENT_TYPE, event_type);
+            headers.insert(header::EVENT_VERSION, version.to_string());
+            headers.insert(header::CHAIN, "abc");
+            if let Some((name, value)) = extra {
+                headers.insert(name, value);
+            }
+            headers
+        };
+        let decode = |headers: &HeaderMap| {
+            decode_stored(
+                "coffer.events.acc-1.deposited",
+                7,
+                OffsetDateTime::UNIX_EPOCH,
+                headers,
+                Bytes::from(payload.clone()),
+            )
+        };
+        assert_eq!(decode(&headers(None)).unwrap().event, event);
+        for name in [header::TTL, header::ROLLUP] {
+            let refused = decode(&headers(Some((name, "1s")))).unwrap_err();
+            assert!(matches!(refused, DecodeError::Erasable(named) if named == name));
+            assert!(refused.to_string().contains(name), "{refused}");
+        }
+        // Another spelling is another header, which the server does not act on either.
+        assert!(decode(&headers(Some(("nats-ttl", "1s")))).is_ok());
     }
 
     #[test]
