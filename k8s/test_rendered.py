@@ -208,7 +208,13 @@ def check_nats(docs):
     nats_bin = nats_server_binary()
     if nats_bin:
         with tempfile.TemporaryDirectory() as tmp:
+            # The certificate paths point at a CA and a servers' certificate made here, with the
+            # names and usages the Certificate asks cert-manager for: nats-server -t loads them.
+            tls_dir = Path(tmp) / "tls"
+            made_certificates = make_test_certificates(tls_dir)
             for name, text in ((cm or {}).get("data") or {}).items():
+                if made_certificates:
+                    text = text.replace("/etc/nats-tls/", f"{tls_dir}/")
                 (Path(tmp) / name).write_text(text, encoding="utf-8")
             p = Path(tmp) / "nats.conf"
             # A real hash for the hashed ones: a bare one would be a variable reference to
@@ -236,6 +242,131 @@ def check_nats(docs):
     client = one(docs, "Service", "nats")
     check("NATS client Service `nats` on 4222",
           client is not None and any(p.get("port") == 4222 for p in client["spec"].get("ports", [])))
+
+
+def make_test_certificates(directory: Path) -> bool:
+    """A CA, and a certificate from it for the names and usages of coffer-nats-server, as
+    ca.crt, tls.crt and tls.key in `directory` (what cert-manager puts in the Secret)."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        print("  skip  test certificates for `nats-server -t` (no openssl found)")
+        return False
+    directory.mkdir()
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    extensions = directory / "extensions"
+    extensions.write_text("subjectAltName=DNS:nats,DNS:*.nats-headless\n"
+                          "extendedKeyUsage=serverAuth,clientAuth\n", encoding="utf-8")
+    steps = [
+        [openssl, "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+         "-subj", "/CN=coffer-nats-ca"],
+        [openssl, "req", *ec, "-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=nats"],
+        [openssl, "x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+         "-CAcreateserial", "-out", "tls.crt", "-days", "1", "-extfile", str(extensions)],
+    ]
+    for step in steps:
+        done = subprocess.run(step, cwd=directory, capture_output=True, text=True, check=False)
+        if not check(f"test certificate: {' '.join(step[1:3])}", done.returncode == 0,
+                     done.stderr.strip()):
+            return False
+    return True
+
+
+def check_nats_tls(docs):
+    """Clients and routes over TLS only, with certificates from the namespace's CA."""
+    certificates = {c["metadata"]["name"]: c["spec"] for c in find(docs, "Certificate")}
+    issuers = {i["metadata"]["name"]: i["spec"] for i in find(docs, "Issuer")}
+    ca = certificates.get("coffer-nats-ca") or {}
+    root = issuers.get((ca.get("issuerRef") or {}).get("name")) or {}
+    check("NATS CA: a CA certificate, self-signed, in Secret coffer-nats-ca",
+          ca.get("isCA") is True and "selfSigned" in root and ca.get("secretName") == "coffer-nats-ca",
+          str(ca))
+    ca_issuer = issuers.get("coffer-nats-ca") or {}
+    check("NATS CA issuer signs from Secret coffer-nats-ca",
+          (ca_issuer.get("ca") or {}).get("secretName") == "coffer-nats-ca", str(ca_issuer))
+    server = certificates.get("coffer-nats-server") or {}
+    client = certificates.get("coffer-nats-client") or {}
+    for name, cert in (("coffer-nats-server", server), ("coffer-nats-client", client)):
+        check(f"{name}: issued by the CA issuer, renewed before it ends",
+              (cert.get("issuerRef") or {}).get("name") == "coffer-nats-ca"
+              and (cert.get("issuerRef") or {}).get("kind", "Issuer") == "Issuer"
+              and bool(cert.get("renewBefore")), str(cert))
+
+    def covers(names, host):
+        return any(n == host or (n.startswith("*.") and host.split(".", 1)[-1] == n[2:]
+                                 and "." in host) for n in names)
+
+    sts = one(docs, "StatefulSet", "nats")
+    nats_env = env_of(container(sts, "nats"))
+    route_hosts = [re.sub(r"^.*@|:\d+$", "", (nats_env.get(f"COFFER_NATS_ROUTE_{i}") or {}).get("value", ""))
+                   for i in range(3)]
+    client_hosts = set()
+    clients = [("writer", one(docs, "Deployment", "coffer-writer"), "writer"),
+               ("reader", one(docs, "StatefulSet", "coffer-reader"), "reader"),
+               ("setup", one(docs, "Job", "coffer-setup"), "setup")]
+    for what, workload, cname in clients:
+        url = (env_of(container(workload, cname)).get("COFFER_NATS_URL") or {}).get("value", "")
+        client_hosts.add(re.sub(r"^\w+://|:\d+$", "", url))
+    names = server.get("dnsNames") or []
+    check("coffer-nats-server names every route host and the clients' NATS host",
+          all(covers(names, h) for h in route_hosts + sorted(client_hosts)) and all(route_hosts),
+          f"dnsNames={names} routes={route_hosts} clients={sorted(client_hosts)}")
+    check("coffer-nats-server serves and authenticates (routes check both ends)",
+          {"server auth", "client auth"} <= set(server.get("usages") or []), str(server.get("usages")))
+    check("coffer-nats-client is a client certificate in Secret coffer-nats-tls",
+          "client auth" in (client.get("usages") or []) and client.get("secretName") == "coffer-nats-tls",
+          str(client))
+
+    # The servers: their certificate mounted where nats.conf reads it, TLS required on both ports.
+    volumes = {v["name"]: v for v in pod_spec(sts).get("volumes", [])}
+    c = container(sts, "nats") or {}
+    mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+    tls_volume = (volumes.get(mounts.get("/etc/nats-tls")) or {}).get("secret") or {}
+    check("NATS mounts Secret coffer-nats-server-tls (required) at /etc/nats-tls",
+          tls_volume.get("secretName") == server.get("secretName") == "coffer-nats-server-tls"
+          and tls_volume.get("optional") is False, str(tls_volume))
+    cm_name = next((v["configMap"]["name"] for v in volumes.values() if "configMap" in v), None)
+    conf = ((one(docs, "ConfigMap", cm_name) or {}).get("data") or {}).get("nats.conf", "")
+    conf = "\n".join(active_lines(conf))
+    tls_block = (r"tls\s*\{\s*cert_file:\s*/etc/nats-tls/tls\.crt\s+key_file:\s*/etc/nats-tls/tls\.key\s+"
+                 r"ca_file:\s*/etc/nats-tls/ca\.crt\s+verify:\s*true\b")
+    outside = re.sub(r"cluster\s*\{(?:[^{}]|\{[^{}]*\})*\}", "", conf)
+    cluster = re.search(r"cluster\s*\{(?:[^{}]|\{[^{}]*\})*\}", conf)
+    check("NATS config: clients over TLS with a verified client certificate",
+          re.search(tls_block, outside) is not None)
+    check("NATS config: routes over TLS, both ends verified",
+          cluster is not None and re.search(tls_block, cluster.group(0)) is not None)
+    check("NATS config: clients are not told the pods' addresses (the certificate names the Service)",
+          cluster is not None and re.search(r"no_advertise:\s*true", cluster.group(0)) is not None)
+    reloader = container(sts, "tls-reloader") or {}
+    script = " ".join(reloader.get("args") or [])
+    reloader_mounts = {m["mountPath"]: m["name"] for m in reloader.get("volumeMounts", [])}
+    check("NATS tls-reloader: sees the server's process and reloads it when the certificate changes",
+          pod_spec(sts).get("shareProcessNamespace") is True
+          and "reload=/var/run/nats/nats.pid" in script and "/etc/nats-tls/tls.crt" in script
+          and reloader_mounts.get("/etc/nats-tls") == mounts.get("/etc/nats-tls")
+          and reloader_mounts.get("/var/run/nats") == mounts.get("/var/run/nats")
+          and reloader.get("image") == c.get("image"), str(reloader)[:300])
+
+    # Every client: TLS required, with the client certificate cert-manager keeps in coffer-nats-tls.
+    for what, workload, cname in clients:
+        cc = container(workload, cname) or {}
+        env = env_of(cc)
+        files = {k: (env.get(f"COFFER_NATS_TLS_{k}") or {}).get("value") for k in ("CA", "CERT", "KEY")}
+        mount_of = {m["mountPath"]: m["name"] for m in cc.get("volumeMounts", [])}
+        wanted = {"CA": "ca.crt", "CERT": "tls.crt", "KEY": "tls.key"}
+        ok = True
+        for key, path in files.items():
+            if not path or Path(path).name != wanted[key]:
+                ok = False
+                continue
+            volume = next((v for v in pod_spec(workload).get("volumes", [])
+                           if v["name"] == mount_of.get(str(Path(path).parent))), {})
+            sources = [volume.get("secret") or {}] + [
+                src.get("secret") or {} for src in (volume.get("projected") or {}).get("sources", [])]
+            ok = ok and any((src.get("secretName") or src.get("name")) == "coffer-nats-tls"
+                            and src.get("optional") is False for src in sources)
+        check(f"{what}: NATS over TLS with the client certificate from Secret coffer-nats-tls (required)",
+              ok, str(files))
 
 
 def size_bytes(text: str) -> float:
@@ -732,6 +863,7 @@ def main(argv) -> int:
             docs = [d for d in yaml.safe_load_all(f) if d]
         print(f"== {path}: {len(docs)} documents")
         check_nats(docs)
+        check_nats_tls(docs)
         check_pdb(docs, one(docs, "StatefulSet", "nats"), "NATS")
         nats_pdb = one(docs, "PodDisruptionBudget", "nats")
         check("NATS PDB maxUnavailable 1 (keeps a quorum of 2)",

@@ -31,7 +31,7 @@ SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 
 # API groups that are custom resources (not built into Kubernetes): their documents
 # must be validated here.
-CRD_GROUPS = {"gateway.networking.k8s.io", "monitoring.coreos.com"}
+CRD_GROUPS = {"gateway.networking.k8s.io", "monitoring.coreos.com", "cert-manager.io"}
 
 
 def schema_path(api_version: str, kind: str) -> Path:
