@@ -828,17 +828,28 @@ async fn a_reader_whose_consumer_is_changed_behind_its_back_stops_its_view() {
     assert_eq!(read.body["balance"], 1_000, "{:?}", read.body);
 }
 
-/// The event stream allows per-message TTLs (for idempotency-key markers), so the writer's
-/// credential can append an event that later vanishes (`Nats-TTL`). While it is there, nothing
-/// is built on it: the writer refuses to decide on its account and a reader marks that account,
-/// both naming the header. The forger can still chain more events on it; once it is gone, a reader
-/// that never saw it learns from the stream that it is gone (not skipped by its own feed): it marks
-/// that account unreadable, naming the position, and goes on serving the rest, instead of stopping
-/// or serving a balance with a hole.
+/// A stream made before TTLs were removed (builds before `coffer setup --remove-message-ttl`)
+/// allows per-message TTLs, so the writer's credential can append an event that later vanishes
+/// (`Nats-TTL`). While it is there, nothing is built on it: the writer refuses to decide on its
+/// account and a reader marks that account, both naming the header. The forger can still chain
+/// more events on it; once it is gone, a reader that never saw it learns from the stream that it
+/// is gone (not skipped by its own feed): it marks that account unreadable, naming the position,
+/// and goes on serving the rest, instead of stopping or serving a balance with a hole. Then the
+/// way out: with the writer stopped, `coffer setup --remove-message-ttl` moves the log onto a
+/// stream without TTLs, every position kept, where the credential can append nothing that
+/// vanishes, and the writer serves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_that_can_vanish_is_never_built_on_and_once_gone_costs_only_its_account() {
     let nats = server();
     let url = nats.url();
+    // The stream as earlier builds made it.
+    jetstream::new(connect_as(&url, "setup", "setup-secret").await)
+        .create_stream(jetstream::stream::Config {
+            allow_message_ttl: true,
+            ..eventlog::StreamSettings::default().config()
+        })
+        .await
+        .unwrap();
     let writer = set_up_with_writer(&url);
     support::wait_ready(&writer.url());
     let live_data = tempfile::tempdir().unwrap();
@@ -1041,6 +1052,93 @@ async fn an_event_that_can_vanish_is_never_built_on_and_once_gone_costs_only_its
             .await,
         Some(1.0)
     );
+
+    // The way out. Setup says it is needed ...
+    let setup = |extra: &[&str]| {
+        std::process::Command::new(testkit::coffer_binary())
+            .arg("setup")
+            .args(extra)
+            .env("COFFER_NATS_URL", &url)
+            .env("COFFER_NATS_USER", "setup")
+            .env("COFFER_NATS_PASSWORD", "setup-secret")
+            .output()
+            .unwrap()
+    };
+    let warned = setup(&[]);
+    assert!(warned.status.success());
+    assert!(
+        String::from_utf8_lossy(&warned.stderr).contains("coffer setup --remove-message-ttl"),
+        "{warned:?}"
+    );
+    // ... and, with the writer stopped, moves the log.
+    drop(writer);
+    let moved = setup(&["--remove-message-ttl"]);
+    assert!(moved.status.success(), "{moved:?}");
+    let summary: serde_json::Value = serde_json::from_slice(&moved.stdout).unwrap();
+    assert_eq!(summary["streams"][0]["message_ttl"], false, "{summary}");
+    assert_eq!(summary["message_ttl_removal"], "NotStarted", "{summary}");
+    let stored_later = events
+        .get_raw_message(later.body["position"].as_u64().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        stored_later.subject.as_str(),
+        format!("coffer.events.{other}.deposited")
+    );
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-TTL", "1h");
+    let refused = async {
+        writer_js
+            .publish_with_headers(
+                format!("coffer.append.{victim}.deposited"),
+                headers,
+                "x".into(),
+            )
+            .await?
+            .await
+    }
+    .await;
+    let error = refused.expect_err("a message with Nats-TTL was stored");
+    assert!(error.to_string().to_lowercase().contains("ttl"), "{error}");
+    let writer = set_up_with_writer(&url);
+    let w = writer.url();
+    let deposited = http
+        .deposit(&w, &other, &json!({"amount": 5}), None)
+        .await
+        .unwrap();
+    assert_eq!(deposited.status, 200, "{:?}", deposited.body);
+    assert_eq!(deposited.body["balance"], 110);
+    assert!(deposited.body["position"].as_u64() > later.body["position"].as_u64());
+}
+
+/// On the stream `coffer setup` makes, the writer's credential cannot append anything that
+/// could vanish: the server refuses `Nats-TTL` on events and markers alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_stream_setup_makes_nothing_that_could_vanish_is_stored() {
+    let nats = server();
+    let url = nats.url();
+    let _writer = set_up_with_writer(&url);
+    let writer_js = jetstream::new(connect_as(&url, "writer", "writer-secret").await);
+    for subject in [
+        "coffer.append.acc-ttl.deposited",
+        "coffer.ids.key.acc-ttl.0123456789abcdef",
+        "coffer.ids.transfer.t-ttl",
+    ] {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-TTL", "2s");
+        let answer = async {
+            writer_js
+                .publish_with_headers(subject, headers, "x".into())
+                .await?
+                .await
+        }
+        .await;
+        let error = answer.expect_err("stored a message that could vanish");
+        assert!(
+            error.to_string().to_lowercase().contains("ttl"),
+            "{subject}: {error}"
+        );
+    }
 }
 
 /// Generates a signing key with `coffer keys generate` into `directory`; returns the key file

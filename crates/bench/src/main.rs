@@ -519,7 +519,6 @@ async fn append_baseline(log: &EventLog, appends: usize) -> (String, String) {
             Entry::Marker {
                 subject: eventlog::subject::transfer_marker(&transfer_id),
                 payload: vec![0],
-                ttl: None,
             },
         ];
         let begun = Instant::now();
@@ -570,7 +569,6 @@ async fn raw_flow_batches(log: &EventLog, events: usize, batches: usize) -> Stri
         batch.push(Entry::Marker {
             subject: eventlog::subject::transfer_marker(&id),
             payload: vec![0],
-            ttl: None,
         });
         let begun = Instant::now();
         let appended = log.append_atomic(&batch).await.unwrap();

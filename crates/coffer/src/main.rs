@@ -192,6 +192,11 @@ fn generate_key(key_id: &str, out: &std::path::Path) -> anyhow::Result<()> {
 struct SetupArgs {
     #[command(flatten)]
     nats: NatsArgs,
+    /// Move an event stream made with per-message TTLs (before this build) onto one without,
+    /// keeping every event's position and time. Stop the writers first: the stream is sealed
+    /// while it is copied. Resumable: run it again if it stopped. See docs/operations.md.
+    #[arg(long)]
+    remove_message_ttl: bool,
 }
 
 #[derive(Args)]
@@ -764,6 +769,11 @@ async fn setup(args: SetupArgs) -> anyhow::Result<()> {
     let client = connected(&args.nats, "coffer-setup").await?;
     let settings = args.nats.stream();
     let context = async_nats::jetstream::new(client);
+    let migration = if args.remove_message_ttl {
+        Some(remove_message_ttl(&context, &settings).await?)
+    } else {
+        None
+    };
     settings
         .ensure(&context)
         .await
@@ -804,13 +814,23 @@ async fn setup(args: SetupArgs) -> anyhow::Result<()> {
         )
         .await
         .map_err(|error| anyhow::anyhow!("the hold-expiry backstop consumer: {error}"))?;
+    if current.allow_message_ttl {
+        eprintln!(
+            "warning: stream {} allows per-message TTLs, so a writer credential can append events \
+             that vanish later (readers refuse them). Stop the writers and run \
+             `coffer setup --remove-message-ttl` (docs/operations.md)",
+            settings.name
+        );
+    }
     let summary = serde_json::json!({
         "streams": [
-            {"name": settings.name, "replicas": current.num_replicas, "subjects": current.subjects},
+            {"name": settings.name, "replicas": current.num_replicas, "subjects": current.subjects,
+             "message_ttl": current.allow_message_ttl},
             {"name": settings.schedules_name},
             {"name": settings.snapshots_name},
         ],
         "buckets": [{"name": eventlog::leases::BUCKET}],
+        "message_ttl_removal": migration.map(|stage| format!("{stage:?}")),
         "consumers": [
             {"stream": settings.schedules_name, "name": writer::expiry::CONSUMER_NAME},
             {"stream": settings.name, "name": writer::expiry::BACKSTOP_CONSUMER_NAME},
@@ -818,6 +838,28 @@ async fn setup(args: SetupArgs) -> anyhow::Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
+}
+
+/// `coffer setup --remove-message-ttl`: the migration, with a progress bar while it copies.
+async fn remove_message_ttl(
+    context: &async_nats::jetstream::Context,
+    settings: &eventlog::StreamSettings,
+) -> anyhow::Result<eventlog::ttl_migration::Stage> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} messages ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let report = |step: &str, done: u64, total: u64| {
+        bar.set_message(step.to_owned());
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let found = eventlog::ttl_migration::remove_message_ttl(context, settings, &report)
+        .await
+        .context("remove per-message TTLs from the event stream")?;
+    bar.finish_and_clear();
+    Ok(found)
 }
 
 /// `coffer projection status`: one JSON object.

@@ -8,6 +8,7 @@
 //! - [`codec`]: the wire payloads (MessagePack, named fields), event versions and upcasting.
 //! - [`group_commit`]: appends of many actors gathered into one atomic batch.
 //! - [`snapshot`]: account snapshots, checked against the log before they are used.
+//! - [`ttl_migration`]: moving a stream made with per-message TTLs onto one without.
 //! - [`leases`]: the owners bucket: partition leases and live writers (`COFFER_OWNERS`).
 //! - [`log`]: [`EventLog`]: atomic appends with optimistic concurrency, markers, loading an
 //!   account's history, reading ranges of the stream in order.
@@ -26,6 +27,7 @@ pub mod signing;
 pub mod snapshot;
 pub mod stream;
 pub mod subject;
+pub mod ttl_migration;
 
 pub use codec::{DecodeError, CURRENT_VERSIONS};
 pub use connection::NatsSettings;

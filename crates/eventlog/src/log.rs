@@ -145,6 +145,9 @@ impl Appended {
 }
 
 /// One message of an append.
+// Entries live for one append, mostly events; boxing the event would add an allocation per
+// command on the hot path (issue 21 counts them) to save bytes on the rarer markers.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Entry {
     /// An event of `account`, stored only if the account's last event is at
@@ -157,13 +160,10 @@ pub enum Entry {
         /// Its `Coffer-Chain` value ([`crate::chain::next`] of the account's previous one).
         chain: String,
     },
-    /// A marker outside the events, stored only if `subject` holds nothing (a marker that
-    /// expired with its `ttl` counts as nothing): the first claim of an id or key wins.
-    Marker {
-        subject: String,
-        payload: Vec<u8>,
-        ttl: Option<Duration>,
-    },
+    /// A marker outside the events, stored only if `subject` holds nothing: the first claim of
+    /// an id or key wins. Markers live as long as the events: the event stream allows no
+    /// per-message TTL (a writer credential could otherwise append what vanishes later).
+    Marker { subject: String, payload: Vec<u8> },
 }
 
 /// A marker as stored.
@@ -209,7 +209,6 @@ mod names {
     pub const CORRELATION_ID: HeaderName = HeaderName::from_static(header::CORRELATION_ID);
     pub const TRACEPARENT: HeaderName = HeaderName::from_static(header::TRACEPARENT);
     pub const CONTENT_TYPE: HeaderName = HeaderName::from_static(header::CONTENT_TYPE);
-    pub const TTL: HeaderName = HeaderName::from_static(header::TTL);
     pub const BATCH_ID: HeaderName = HeaderName::from_static(header::BATCH_ID);
     pub const BATCH_SEQUENCE: HeaderName = HeaderName::from_static(header::BATCH_SEQUENCE);
     pub const BATCH_COMMIT: HeaderName = HeaderName::from_static(header::BATCH_COMMIT);
@@ -261,20 +260,13 @@ fn message(
                 Bytes::from(payload),
             ))
         }
-        Entry::Marker {
-            subject,
-            payload,
-            ttl,
-        } => {
+        Entry::Marker { subject, payload } => {
             headers.insert(names::EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
             if let Some(signer) = signer {
                 headers.insert(
                     names::SIGNATURE,
                     signer.sign_marker(subject, payload).as_str(),
                 );
-            }
-            if let Some(ttl) = ttl {
-                headers.insert(names::TTL, format!("{}s", ttl.as_secs().max(1)).as_str());
             }
             headers.insert(names::CONTENT_TYPE, header::MSGPACK);
             Ok((subject.clone(), headers, Bytes::from(payload.clone())))

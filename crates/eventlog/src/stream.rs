@@ -71,8 +71,10 @@ impl StreamSettings {
             }),
             // Transfers commit the debit, the credit and their markers together (ADR-50).
             allow_atomic_publish: true,
-            // Idempotency-key markers expire after 24 hours (`Nats-TTL`).
-            allow_message_ttl: true,
+            // No `Nats-TTL`: with it a writer credential could append an event that vanishes
+            // after it was spent. Markers live as long as events. (A stream made with TTLs
+            // keeps them until `coffer setup --remove-message-ttl`: see `crate::ttl_migration`.)
+            allow_message_ttl: false,
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::Limits,
             num_replicas: self.replicas,
@@ -133,7 +135,8 @@ impl StreamSettings {
         merged.subject_transform = wanted.subject_transform;
         merged.republish = wanted.republish;
         merged.allow_atomic_publish = true;
-        merged.allow_message_ttl = true;
+        // The server cannot turn TTLs off on a stream ([`crate::ttl_migration`] moves it).
+        merged.allow_message_ttl = current.allow_message_ttl;
         merged.allow_direct = true;
         merged.deny_delete = true;
         merged.deny_purge = true;
@@ -151,6 +154,29 @@ impl StreamSettings {
     /// existing stream is only logged: a consume-only reader may lack the permission, and the
     /// stream still works. The schedules stream is ensured the same way.
     pub async fn ensure(&self, context: &jetstream::Context) -> Result<stream::Stream> {
+        let copy = crate::ttl_migration::migrating_name(self);
+        if crate::ttl_migration::stream_info(context, &self.name)
+            .await?
+            .is_none()
+        {
+            // The log may live only in the copy of a TTL removal that stopped midway: an event
+            // stream made here would be empty. (Asked only when there is no event stream: the
+            // shipped roles may not look at the copy, and may not make streams either.)
+            match crate::ttl_migration::stream_info(context, &copy).await {
+                Ok(Some(_)) => {
+                    return Err(Error::Configuration(format!(
+                        "stream {copy} exists: a `coffer setup --remove-message-ttl` of {} is \
+                         under way or was stopped; run it (again) to finish before starting \
+                         services",
+                        self.name
+                    )))
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::debug!(%error, stream = %copy, "could not look for a TTL removal's copy")
+                }
+            }
+        }
         let stream = self.ensure_unchecked(context).await?;
         let mut checked = stream.clone();
         let config = checked
@@ -161,6 +187,12 @@ impl StreamSettings {
             .clone();
         if let Some(problem) = history_at_risk(&config) {
             return Err(Error::Configuration(problem));
+        }
+        if config.allow_message_ttl {
+            tracing::warn!(
+                stream = %self.name,
+                "the event stream allows per-message TTLs: a writer credential can append events                  that vanish later (readers refuse them). Stop the writers and run                  `coffer setup --remove-message-ttl`"
+            );
         }
         Ok(stream)
     }

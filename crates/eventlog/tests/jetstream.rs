@@ -285,11 +285,10 @@ fn event_entry(account: &AccountId, expected: u64, event: Event) -> Entry {
     }
 }
 
-fn marker(subject: String, ttl: Option<Duration>) -> Entry {
+fn marker(subject: String) -> Entry {
     Entry::Marker {
         subject,
         payload: b"first".to_vec(),
-        ttl,
     }
 }
 
@@ -304,7 +303,7 @@ async fn an_atomic_batch_commits_every_message_at_consecutive_positions_or_none(
     let batch = vec![
         event_entry(&a, pa.last_position, deposited(1)),
         event_entry(&b, pb.last_position, deposited(2)),
-        marker(claim.clone(), None),
+        marker(claim.clone()),
     ];
     let appended = log.append_atomic(&batch).await.unwrap();
     assert_eq!(appended.last_position, appended.first_position + 2);
@@ -319,7 +318,7 @@ async fn an_atomic_batch_commits_every_message_at_consecutive_positions_or_none(
     let again = vec![
         event_entry(&a, appended.first_position, deposited(5)),
         event_entry(&b, appended.first_position + 1, deposited(5)),
-        marker(claim.clone(), None),
+        marker(claim.clone()),
     ];
     let refused = log.append_atomic(&again).await;
     assert!(
@@ -330,10 +329,7 @@ async fn an_atomic_batch_commits_every_message_at_consecutive_positions_or_none(
     let stale = vec![
         event_entry(&a, appended.first_position, deposited(5)),
         event_entry(&b, pb.last_position, deposited(5)),
-        marker(
-            subject::transfer_marker(&TransferId::parse("t-2").unwrap()),
-            None,
-        ),
+        marker(subject::transfer_marker(&TransferId::parse("t-2").unwrap())),
     ];
     let refused = log.append_atomic(&stale).await;
     assert!(
@@ -365,13 +361,11 @@ async fn core_subscribers_see_only_committed_events_with_their_positions() {
     // Refused: a stale expectation, and a batch whose marker exists.
     assert!(log.append(&a, 0, &opened(), &metadata()).await.is_err());
     let claim = subject::transfer_marker(&TransferId::parse("sub-claim").unwrap());
-    log.append_atomic(&[marker(claim.clone(), None)])
-        .await
-        .unwrap();
+    log.append_atomic(&[marker(claim.clone())]).await.unwrap();
     let failed = log
         .append_atomic(&[
             event_entry(&a, opened_at.last_position, deposited(1)),
-            marker(claim, None),
+            marker(claim),
         ])
         .await;
     assert!(matches!(failed, Err(Error::Conflict { .. })), "{failed:?}");
@@ -404,21 +398,42 @@ async fn core_subscribers_see_only_committed_events_with_their_positions() {
     );
 }
 
+/// A key marker claims its subject for good, and the stream stores nothing that could expire:
+/// with `Nats-TTL` a writer credential could append an event that vanishes after it was spent.
 #[tokio::test]
-async fn an_expired_key_marker_no_longer_claims_its_subject() {
+async fn a_marker_claims_its_subject_for_good_and_nothing_that_could_expire_is_stored() {
     let server = NatsServer::start();
     let log = log_on(&server).await;
-    let key = "coffer.ids.key.acc.ttl-test".to_owned();
-    log.append_atomic(&[marker(key.clone(), Some(Duration::from_secs(1)))])
-        .await
-        .unwrap();
-    let second = log
-        .append_atomic(&[marker(key.clone(), Some(Duration::from_secs(1)))])
-        .await;
+    let key = "coffer.ids.key.acc.no-ttl".to_owned();
+    log.append_atomic(&[marker(key.clone())]).await.unwrap();
+    let second = log.append_atomic(&[marker(key.clone())]).await;
     assert!(matches!(second, Err(Error::Conflict { .. })), "{second:?}");
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
-    assert!(log.read_marker(&key).await.unwrap().is_none());
-    log.append_atomic(&[marker(key, None)]).await.unwrap();
+    let context = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    for subject in [
+        "coffer.append.acc-ttl.deposited".to_owned(),
+        "coffer.ids.key.acc.vanishing".to_owned(),
+    ] {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-TTL", "2s");
+        let refused = async {
+            context
+                .publish_with_headers(subject.clone(), headers, "x".into())
+                .await?
+                .await
+        }
+        .await;
+        let error = refused.expect_err("a message with Nats-TTL is refused");
+        assert!(error.to_string().to_lowercase().contains("ttl"), "{error}");
+    }
+    let info = context
+        .get_stream("COFFER_EVENTS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.state.messages, 1, "only the first marker is stored");
 }
 
 #[tokio::test]
@@ -448,7 +463,7 @@ async fn stream_has_the_contract_configuration_and_ensure_is_idempotent() {
             .map(|transform| transform.destination),
         Some("coffer.events.>".to_string())
     );
-    assert!(config.allow_atomic_publish && config.allow_message_ttl);
+    assert!(config.allow_atomic_publish && !config.allow_message_ttl);
     assert_eq!(
         config.storage,
         async_nats::jetstream::stream::StorageType::File
@@ -604,7 +619,7 @@ mod group_commit {
             .map(|id| {
                 vec![
                     event_entry(id, 0, opened()),
-                    marker(format!("coffer.ids.test.{id}"), None),
+                    marker(format!("coffer.ids.test.{id}")),
                 ]
             })
             .collect();
@@ -691,10 +706,7 @@ mod group_commit {
         let claim = format!("coffer.ids.test.{}", account("claim"));
         let results = together(
             &committer,
-            vec![
-                vec![marker(claim.clone(), None)],
-                vec![marker(claim.clone(), None)],
-            ],
+            vec![vec![marker(claim.clone())], vec![marker(claim.clone())]],
         )
         .await;
         assert!(results[0].is_ok() && matches!(results[1], Err(Error::Conflict { .. })));

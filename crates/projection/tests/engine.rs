@@ -241,7 +241,6 @@ async fn deliveries_at_or_below_the_stored_position_are_skipped() {
     log.append_atomic(&[eventlog::Entry::Marker {
         subject: "coffer.ids.transfer.hole".into(),
         payload: Vec::new(),
-        ttl: None,
     }])
     .await
     .unwrap();

@@ -27,9 +27,7 @@ use eventlog::{Entry, EventLog, EventMetadata};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::time::Instant;
 
-use crate::idempotency::{
-    self, KeyRecord, ReversalRecord, TransactionRecord, TransferRecord, KEY_RETENTION,
-};
+use crate::idempotency::{self, KeyRecord, ReversalRecord, TransactionRecord, TransferRecord};
 use crate::loading::{fresh_from_leader, load, load_counting, start_from_snapshot};
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
@@ -628,7 +626,6 @@ impl AccountActorState {
                 plan.entries.push(Entry::Marker {
                     subject: key.marker_subject(self.id()),
                     payload: KeyRecord::success(hash, &plan.outcome, offset).encode()?,
-                    ttl: Some(KEY_RETENTION),
                 });
             }
             // The accounts this attempt appends to, for a reservation if it loses.
@@ -912,7 +909,6 @@ impl AccountActorState {
         let marker = Entry::Marker {
             subject: key.marker_subject(self.id()),
             payload: KeyRecord::refusal(hash, &refusal.problem()).encode()?,
-            ttl: Some(KEY_RETENTION),
         };
         match self.context.log.append_atomic(&[marker]).await {
             Ok(_) => Err(refusal),

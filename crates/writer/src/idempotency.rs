@@ -4,8 +4,11 @@
 //! atomic batch as the events they answer for, each on the condition that its subject holds
 //! nothing yet. So a command and its claim are stored together or not at all, and of two racing
 //! requests only one claim is stored, whichever writers serve them.
-//! - A key marker (`coffer.ids.key.{account}.{digest}`) lives [`KEY_RETENTION`] (`Nats-TTL`)
-//!   and records the request's hash and its answer; a refusal is recorded as a marker alone.
+//! - A key marker (`coffer.ids.key.{account}.{digest}`) records the request's hash and its
+//!   answer; a refusal is recorded as a marker alone. It is kept forever, like every message of
+//!   the event stream: the contract's 24 hours are a floor. Expiring it would need per-message
+//!   TTLs on the event stream, and with them a writer credential could append an event that
+//!   vanishes after it was spent (see docs/security.md).
 //! - A transfer marker (`coffer.ids.transfer.{id}`) lives forever and records the transfer's
 //!   parameters: the same id with the same parameters answers the first outcome, anything else
 //!   under that id is `409 idempotency_key_reused`.
@@ -13,8 +16,6 @@
 //! A marker's payload cannot hold the position of its own batch, so it records how far before
 //! the marker the answered position lies (`position_offset`); the messages of a batch are stored
 //! at consecutive positions.
-
-use std::time::Duration;
 
 use domain::{AccountId, Command, PlaceHold, Posting, Release, Transaction, Transfer, TransferId};
 use problem::Problem;
@@ -25,8 +26,6 @@ use crate::outcome::Outcome;
 use crate::request::Intent;
 use crate::{Error, Result};
 
-/// How long a key is remembered: the contract promises 24 hours.
-pub const KEY_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 /// Longest key accepted.
 pub const KEY_LENGTH_MAX: usize = 128;
 

@@ -185,7 +185,6 @@ impl Decider<'_> {
         entries.push(Entry::Marker {
             subject: eventlog::subject::transfer_marker(&transaction.transaction_id),
             payload: TransactionRecord::new(transaction, 1).encode()?,
-            ttl: None,
         });
         if let Some(original) = &transaction.reverses {
             entries.push(Entry::Marker {
@@ -194,7 +193,6 @@ impl Decider<'_> {
                     reversal_id: transaction.transaction_id.to_string(),
                 }
                 .encode()?,
-                ttl: None,
             });
         }
         Ok(Plan {
@@ -259,7 +257,6 @@ impl Decider<'_> {
         let markers = vec![Entry::Marker {
             subject: eventlog::subject::transfer_marker(&hold.hold_id),
             payload: TransferRecord::for_hold(self.id(), hold, expires_at, 1).encode()?,
-            ttl: None,
         }];
         let outcome = Outcome::HoldPlaced {
             hold_id: hold.hold_id.clone(),
@@ -298,7 +295,6 @@ impl Decider<'_> {
         let settled = Entry::Marker {
             subject: idempotency::settlement_marker(hold_id),
             payload: Vec::new(),
-            ttl: None,
         };
         self.plan_pair(to, events, settled, outcome, metadata)
     }
@@ -375,7 +371,6 @@ impl Decider<'_> {
         let claim = Entry::Marker {
             subject: eventlog::subject::transfer_marker(&transfer.transfer_id),
             payload: TransferRecord::new(self.id(), transfer, 1).encode()?,
-            ttl: None,
         };
         let outcome = Outcome::TransferCompleted {
             transfer_id: transfer.transfer_id.clone(),

@@ -1,0 +1,448 @@
+//! Moving an event stream made with per-message TTLs onto one without, keeping every message's
+//! position, time, subject, headers and payload (`coffer setup --remove-message-ttl`).
+//!
+//! Streams made before this build allowed `Nats-TTL` (for idempotency-key markers), so a
+//! writer credential could append an event that vanishes after it was spent. The server
+//! refuses to turn that off on an existing stream, and positions are the contract's consistency
+//! tokens, so the stream is copied with JetStream mirrors, which store each message at its
+//! origin's sequence and time (gaps included), and a mirror is then promoted to the stream:
+//!
+//! 1. `Sealed`: the stream is sealed (no appends from here on; writers get errors) and
+//!    `{name}_MIGRATING` is made as its mirror, without TTLs.
+//! 2. `Copying`: once the mirror holds everything the sealed stream holds, the old stream is
+//!    deleted.
+//! 3. `Moved`: the stream is made again under its name, as a mirror of `{name}_MIGRATING`.
+//! 4. `Returning`: once it holds exactly what `{name}_MIGRATING` holds, it is promoted (the
+//!    mirror is removed and the event stream's configuration applied, TTLs still off) and
+//!    `{name}_MIGRATING` is deleted.
+//!
+//! Each step is decided from what the server holds, so a run that stopped anywhere is resumed by
+//! running it again, and the only copy of the log is never deleted: a stream is deleted only
+//! once the other holds all it holds. While `{name}_MIGRATING` exists, services refuse to start
+//! ([`StreamSettings::ensure`]), so none can make an empty event stream in the middle.
+//!
+//! Mirrored `Nats-TTL` headers are kept as they were (the copy is exact) and are inert in a
+//! stream without TTLs; readers still refuse an event that carries one.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::GetStreamErrorKind, stream, ErrorCode};
+
+use crate::{Error, Result, StreamSettings};
+
+/// What is appended to the stream's name for the copy in between.
+pub const MIGRATING_SUFFIX: &str = "_MIGRATING";
+
+/// How the copy's description starts, to know it again once it is no longer a mirror.
+const COPY_DESCRIPTION: &str = "Coffer: a copy of";
+
+/// Where the migration notes in the log that it started (a marker, outside the events).
+pub const REMOVAL_MARKER: &str = "coffer.ids.stream.ttl-removal";
+
+/// How often the copies are looked at while the server fills them.
+const POLL: Duration = Duration::from_millis(250);
+
+/// Where a migration of the event stream stands, from what the server holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stage {
+    /// No event stream yet: nothing to move (setup makes it without TTLs).
+    Absent,
+    /// The stream allows no per-message TTL: nothing to do.
+    Done,
+    /// The stream allows TTLs and nothing was started.
+    NotStarted,
+    /// The stream is sealed (or being sealed) and copied into `{name}_MIGRATING`.
+    Copying,
+    /// Only `{name}_MIGRATING` holds the log.
+    Moved,
+    /// The stream is being filled again from `{name}_MIGRATING`.
+    Returning,
+    /// The stream is back, promoted; `{name}_MIGRATING` is left to delete.
+    Promoted,
+}
+
+/// What the migration reports as it goes: a step's name, messages copied, messages to copy.
+pub type Progress<'a> = &'a (dyn Fn(&str, u64, u64) + Send + Sync);
+
+/// The copy's name for `settings`.
+pub fn migrating_name(settings: &StreamSettings) -> String {
+    format!("{}{MIGRATING_SUFFIX}", settings.name)
+}
+
+/// The stream's info, or `None` when there is no stream of that name.
+pub async fn stream_info(context: &jetstream::Context, name: &str) -> Result<Option<stream::Info>> {
+    match context.get_stream(name).await {
+        Ok(mut stream) => stream
+            .info()
+            .await
+            .map(|info| Some((*info).clone()))
+            .map_err(|error| Error::JetStream(format!("stream info {name}: {error}"))),
+        Err(error) => match error.kind() {
+            GetStreamErrorKind::JetStream(inner)
+                if inner.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(Error::Unavailable(format!("get stream {name}: {error}"))),
+        },
+    }
+}
+
+/// Where the migration stands.
+pub async fn stage(context: &jetstream::Context, settings: &StreamSettings) -> Result<Stage> {
+    let events = stream_info(context, &settings.name).await?;
+    let migrating = stream_info(context, &migrating_name(settings)).await?;
+    decide(settings, events.as_ref(), migrating.as_ref())
+}
+
+fn mirror_of(info: &stream::Info) -> Option<&str> {
+    info.config
+        .mirror
+        .as_ref()
+        .map(|source| source.name.as_str())
+}
+
+fn decide(
+    settings: &StreamSettings,
+    events: Option<&stream::Info>,
+    migrating: Option<&stream::Info>,
+) -> Result<Stage> {
+    let name = settings.name.as_str();
+    let copy = migrating_name(settings);
+    Ok(match (events, migrating) {
+        (None, None) => Stage::Absent,
+        (Some(events), None) if mirror_of(events).is_none() => {
+            if events.config.allow_message_ttl {
+                Stage::NotStarted
+            } else {
+                Stage::Done
+            }
+        }
+        (Some(events), Some(migrating)) if mirror_of(events).is_none() => {
+            let copying = mirror_of(migrating) == Some(name);
+            let kept = migrating.config.sealed
+                && migrating
+                    .config
+                    .description
+                    .as_deref()
+                    .is_some_and(|text| text.starts_with(COPY_DESCRIPTION));
+            match (events.config.allow_message_ttl, copying, kept) {
+                (true, true, _) => Stage::Copying,
+                (false, true, _) | (false, _, true) => Stage::Promoted,
+                _ => {
+                    return Err(Error::Configuration(format!(
+                        "stream {copy} exists but is not a copy of {name} this migration made; \
+                         it cannot tell what it holds: inspect it (`nats stream info {copy}`) \
+                         and remove it by hand"
+                    )))
+                }
+            }
+        }
+        (None, Some(_)) => Stage::Moved,
+        (Some(events), Some(_)) if mirror_of(events) == Some(copy.as_str()) => Stage::Returning,
+        (Some(_), _) => {
+            return Err(Error::Configuration(format!(
+                "stream {name} is a mirror of another stream: not an event log Coffer made"
+            )))
+        }
+    })
+}
+
+/// A mirror of `origin` named `name`: file storage, the origin's replicas and placement, no
+/// TTLs, nothing deleted or purged.
+fn mirror_config(name: &str, origin: &stream::Info) -> stream::Config {
+    stream::Config {
+        name: name.to_owned(),
+        description: Some(format!(
+            "{COPY_DESCRIPTION} {} while its per-message TTLs are removed",
+            origin.config.name
+        )),
+        mirror: Some(stream::Source {
+            name: origin.config.name.clone(),
+            ..Default::default()
+        }),
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        num_replicas: origin.config.num_replicas,
+        placement: origin.config.placement.clone(),
+        allow_direct: true,
+        deny_delete: true,
+        deny_purge: true,
+        allow_message_ttl: false,
+        ..Default::default()
+    }
+}
+
+/// The position of the last message `info`'s stream still stores (0: none). The stream's last
+/// sequence is not enough: a key marker that expired at the end leaves the sequence behind it.
+async fn last_stored(context: &jetstream::Context, name: &str) -> Result<u64> {
+    let stream = context
+        .get_stream(name)
+        .await
+        .map_err(|error| Error::Unavailable(format!("get stream {name}: {error}")))?;
+    match stream.get_last_raw_message_by_subject(">").await {
+        Ok(message) => Ok(message.sequence),
+        Err(error)
+            if matches!(
+                error.kind(),
+                stream::LastRawMessageErrorKind::NoMessageFound
+            ) =>
+        {
+            Ok(0)
+        }
+        Err(error) => Err(Error::JetStream(format!("last message of {name}: {error}"))),
+    }
+}
+
+/// Waits until the mirror `copy` holds every message `origin` holds. With `exact`, both hold
+/// the same messages (no TTL on either side); otherwise the origin may have lost key markers to
+/// their TTL after they were copied, and the copy may hold more.
+async fn wait_for_copy(
+    context: &jetstream::Context,
+    origin: &str,
+    copy: &str,
+    exact: bool,
+    progress: Progress<'_>,
+) -> Result<()> {
+    loop {
+        let source = stream_info(context, origin)
+            .await?
+            .ok_or_else(|| Error::Configuration(format!("stream {origin} vanished mid-copy")))?;
+        let mirror = stream_info(context, copy)
+            .await?
+            .ok_or_else(|| Error::Configuration(format!("stream {copy} vanished mid-copy")))?;
+        let wanted_last = last_stored(context, origin).await?;
+        let lag = mirror.mirror.as_ref().map_or(u64::MAX, |info| info.lag);
+        progress(
+            &format!("copying {origin} to {copy}"),
+            mirror.state.messages.min(source.state.messages),
+            source.state.messages,
+        );
+        let holds_all = lag == 0
+            && mirror.state.last_sequence >= wanted_last
+            && mirror.state.messages >= source.state.messages
+            && (source.state.messages == 0
+                || mirror.state.first_sequence <= source.state.first_sequence);
+        let same = mirror.state.messages == source.state.messages
+            && mirror.state.first_sequence == source.state.first_sequence
+            && mirror.state.last_sequence == source.state.last_sequence;
+        if holds_all && (!exact || same) {
+            return Ok(());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn delete(context: &jetstream::Context, name: &str) -> Result<()> {
+    context
+        .delete_stream(name)
+        .await
+        .map(|_| ())
+        .map_err(|error| Error::JetStream(format!("delete stream {name}: {error}")))
+}
+
+async fn create(context: &jetstream::Context, config: stream::Config) -> Result<()> {
+    let name = config.name.clone();
+    context
+        .create_stream(config)
+        .await
+        .map(|_| ())
+        .map_err(|error| Error::JetStream(format!("create stream {name}: {error}")))
+}
+
+async fn update(context: &jetstream::Context, config: stream::Config) -> Result<()> {
+    let name = config.name.clone();
+    context
+        .update_stream(config)
+        .await
+        .map(|_| ())
+        .map_err(|error| Error::JetStream(format!("update stream {name}: {error}")))
+}
+
+/// Runs the migration from wherever it stands to [`Stage::Done`] (or [`Stage::Absent`]), and
+/// returns the stage it found. Writers must be stopped: the first step seals the stream, so
+/// their appends fail until it is back.
+pub async fn remove_message_ttl(
+    context: &jetstream::Context,
+    settings: &StreamSettings,
+    progress: Progress<'_>,
+) -> Result<Stage> {
+    let name = settings.name.as_str();
+    let copy = migrating_name(settings);
+    let found = stage(context, settings).await?;
+    loop {
+        let events = stream_info(context, name).await?;
+        let migrating = stream_info(context, &copy).await?;
+        match decide(settings, events.as_ref(), migrating.as_ref())? {
+            Stage::Absent | Stage::Done => return Ok(found),
+            Stage::NotStarted => {
+                let events = events.ok_or_else(|| Error::Configuration(name.into()))?;
+                if !events.config.sealed {
+                    // Stored last, so the copy ends where the stream's positions end even when
+                    // the last message before it was a key marker that expired (a mirror copies
+                    // messages, not the positions of vanished ones), and no position is issued
+                    // twice. It also records in the log when the TTLs went.
+                    let marker = serde_json::json!({
+                        "ttl_removal_started": time::OffsetDateTime::now_utc().unix_timestamp(),
+                    });
+                    context
+                        .publish(REMOVAL_MARKER, marker.to_string().into())
+                        .await
+                        .map_err(|error| Error::Unavailable(format!("publish: {error}")))?
+                        .await
+                        .map_err(|error| Error::JetStream(format!("{REMOVAL_MARKER}: {error}")))?;
+                    let mut sealed = events.config.clone();
+                    sealed.sealed = true;
+                    progress(&format!("sealing {name}"), 0, 0);
+                    update(context, sealed).await?;
+                    tracing::info!(stream = %name, "sealed; copying it without TTLs");
+                }
+                create(context, mirror_config(&copy, &events)).await?;
+            }
+            Stage::Copying => {
+                let events = events.ok_or_else(|| Error::Configuration(name.into()))?;
+                if !events.config.sealed {
+                    // Made before the seal took (a run stopped in between): seal it now, so
+                    // nothing is appended that the copy could miss.
+                    let mut sealed = events.config.clone();
+                    sealed.sealed = true;
+                    update(context, sealed).await?;
+                }
+                wait_for_copy(context, name, &copy, false, progress).await?;
+                progress(&format!("deleting {name}"), 0, 0);
+                delete(context, name).await?;
+                tracing::info!(stream = %name, copy = %copy, "copied and deleted");
+            }
+            Stage::Moved => {
+                let mut migrating = migrating.ok_or_else(|| Error::Configuration(copy.clone()))?;
+                if migrating.config.mirror.is_some() {
+                    // Its origin is gone; a stream mirroring it back under that name would be a
+                    // cycle, which the server refuses. Sealed, it stays exactly as copied.
+                    let mut kept = migrating.config.clone();
+                    kept.mirror = None;
+                    kept.sealed = true;
+                    kept.description = Some(format!(
+                        "{COPY_DESCRIPTION} {name} while its per-message TTLs are removed"
+                    ));
+                    update(context, kept).await?;
+                    migrating = stream_info(context, &copy)
+                        .await?
+                        .ok_or_else(|| Error::Configuration(copy.clone()))?;
+                }
+                let mut config = mirror_config(name, &migrating);
+                config.description = settings.config().description;
+                create(context, config).await?;
+            }
+            Stage::Returning => {
+                wait_for_copy(context, &copy, name, true, progress).await?;
+                let events = events.ok_or_else(|| Error::Configuration(name.into()))?;
+                let mut promoted = settings.merged_into(&events.config);
+                promoted.mirror = None;
+                promoted.allow_message_ttl = false;
+                progress(&format!("promoting {name}"), 0, 0);
+                update(context, promoted).await?;
+                tracing::info!(stream = %name, "promoted: the event stream is back, without TTLs");
+            }
+            Stage::Promoted => {
+                let (Some(events), Some(migrating)) = (events, migrating) else {
+                    return Err(Error::Configuration(name.into()));
+                };
+                // A stream that holds less than the copy was not filled from it (something made
+                // it empty while the copy held the log): the copy is then the log, and stays.
+                let complete = events.state.first_sequence == migrating.state.first_sequence
+                    && events.state.last_sequence >= migrating.state.last_sequence
+                    && events.state.messages >= migrating.state.messages;
+                if !complete {
+                    return Err(Error::Configuration(format!(
+                        "stream {name} holds less than {copy} ({} messages up to {}, against {} \
+                         up to {}): {copy} is kept; restore from it by hand",
+                        events.state.messages,
+                        events.state.last_sequence,
+                        migrating.state.messages,
+                        migrating.state.last_sequence
+                    )));
+                }
+                progress(&format!("deleting {copy}"), 0, 0);
+                delete(context, &copy).await?;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(config: stream::Config) -> stream::Info {
+        serde_json::from_value(serde_json::json!({
+            "config": serde_json::to_value(&config).unwrap(),
+            "created": "2026-12-05T00:00:00Z",
+            "state": {"messages": 0, "bytes": 0, "first_seq": 0, "first_ts": "0001-01-01T00:00:00Z",
+                      "last_seq": 0, "last_ts": "0001-01-01T00:00:00Z", "consumer_count": 0},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn each_combination_of_streams_names_its_stage_and_a_stranger_is_refused() {
+        let settings = StreamSettings::default();
+        let with_ttl = info(stream::Config {
+            allow_message_ttl: true,
+            ..settings.config()
+        });
+        let without = info(settings.config());
+        let copy_of_events = info(mirror_config(&migrating_name(&settings), &with_ttl));
+        let returning = info(mirror_config(&settings.name, &copy_of_events));
+        let stranger = info(stream::Config {
+            name: migrating_name(&settings),
+            subjects: vec!["other.>".into()],
+            ..Default::default()
+        });
+        let stage = |events: Option<&stream::Info>, copy: Option<&stream::Info>| {
+            decide(&settings, events, copy)
+        };
+        assert_eq!(stage(None, None).unwrap(), Stage::Absent);
+        assert_eq!(stage(Some(&without), None).unwrap(), Stage::Done);
+        assert_eq!(stage(Some(&with_ttl), None).unwrap(), Stage::NotStarted);
+        assert_eq!(
+            stage(Some(&with_ttl), Some(&copy_of_events)).unwrap(),
+            Stage::Copying
+        );
+        assert_eq!(stage(None, Some(&copy_of_events)).unwrap(), Stage::Moved);
+        assert_eq!(
+            stage(Some(&returning), Some(&copy_of_events)).unwrap(),
+            Stage::Returning
+        );
+        assert_eq!(
+            stage(Some(&without), Some(&copy_of_events)).unwrap(),
+            Stage::Promoted
+        );
+        let mut kept = copy_of_events.clone();
+        kept.config.mirror = None;
+        kept.config.sealed = true;
+        assert_eq!(stage(Some(&without), Some(&kept)).unwrap(), Stage::Promoted);
+        assert!(stage(Some(&with_ttl), Some(&kept)).is_err());
+        assert!(stage(Some(&with_ttl), Some(&stranger)).is_err());
+        assert!(stage(Some(&without), Some(&stranger)).is_err());
+        assert!(stage(Some(&info(mirror_config(&settings.name, &stranger))), None).is_err());
+    }
+
+    #[test]
+    fn a_mirror_keeps_the_origins_placement_and_replicas_and_allows_no_ttl() {
+        let origin = info(stream::Config {
+            num_replicas: 3,
+            allow_message_ttl: true,
+            placement: Some(stream::Placement {
+                cluster: Some("east".into()),
+                tags: vec!["ssd".into()],
+            }),
+            ..StreamSettings::default().config()
+        });
+        let mirror = mirror_config("COPY", &origin);
+        assert_eq!(mirror.num_replicas, 3);
+        assert_eq!(mirror.placement, origin.config.placement);
+        assert!(!mirror.allow_message_ttl && mirror.deny_delete && mirror.deny_purge);
+        assert!(mirror.subjects.is_empty() && !mirror.allow_atomic_publish);
+        assert_eq!(mirror.mirror.unwrap().name, origin.config.name);
+    }
+}
