@@ -385,3 +385,75 @@ async fn a_run_stopped_midway_is_finished_by_the_next_and_nothing_starts_in_betw
         .is_none());
     EventLog::open(client, &settings).await.unwrap();
 }
+
+/// On three nodes the copies are replicated as the stream was: the moved stream has its three
+/// replicas, every message where it was on each, and takes appends again.
+#[tokio::test]
+async fn on_three_nodes_the_moved_stream_keeps_its_replicas_and_every_message() {
+    let cluster = testkit::NatsCluster::start();
+    let urls: Vec<async_nats::ServerAddr> = cluster
+        .urls()
+        .split(',')
+        .map(|url| url.parse().unwrap())
+        .collect();
+    let client = async_nats::connect(urls).await.unwrap();
+    let context = jetstream::new(client.clone());
+    let settings = StreamSettings {
+        replicas: 3,
+        ..Default::default()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let made = context
+            .create_stream(stream::Config {
+                allow_message_ttl: true,
+                ..settings.config()
+            })
+            .await;
+        match made {
+            Ok(_) => break,
+            Err(error) if std::time::Instant::now() < deadline => {
+                eprintln!("cluster not ready yet: {error}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(error) => panic!("{error}"),
+        }
+    }
+    let log = EventLog::open(client.clone(), &settings).await.unwrap();
+    history(&context, &log).await;
+    let before = everything(&context, &settings.name).await;
+
+    ttl_migration::remove_message_ttl(&context, &settings, &no_progress)
+        .await
+        .unwrap();
+    let after = everything(&context, &settings.name).await;
+    assert_eq!(&after[..before.len()], as_mirrored(&before).as_slice());
+    let info = context
+        .get_stream(&settings.name)
+        .await
+        .unwrap()
+        .get_info()
+        .await
+        .unwrap();
+    assert_eq!(info.config.num_replicas, 3);
+    assert!(!info.config.allow_message_ttl);
+    let cluster_info = info.cluster.expect("clustered");
+    assert_eq!(cluster_info.replicas.len(), 2, "{cluster_info:?}");
+    let b = account("b-after");
+    EventLog::open(client, &settings)
+        .await
+        .unwrap()
+        .append(
+            &b,
+            0,
+            &Event::AccountOpened(OpenAccount {
+                metadata: Default::default(),
+                currency: Currency::parse("EUR").unwrap(),
+                owner: None,
+                overdraft_limit: OverdraftLimit::default(),
+            }),
+            &metadata(),
+        )
+        .await
+        .unwrap();
+}
