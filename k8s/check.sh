@@ -63,6 +63,9 @@ printf '%s\n' \
   'components: ["../../monitoring"]' > "$monitored/kustomization.yaml"
 OVERLAYS+=(.prod-monitoring)
 
+# The dev overlay's credentials are made on each machine, never committed.
+python3 k8s/overlays/dev/make-secrets.py
+
 rendered=()
 for env in "${OVERLAYS[@]}"; do
   echo

@@ -709,6 +709,43 @@ def check_http_tokens(docs, prod: bool):
               all(data.get(k) for k in ("writer-token", "reader-token")), str(sorted(data)))
 
 
+NATS_USERS = ["setup", "writer", "coffer-reader-0", "coffer-reader-1", "coffer-reader-2"]
+
+
+def committed_text() -> str:
+    """Every file of k8s/ that git tracks, to tell a generated credential from a committed one."""
+    root = Path(__file__).resolve().parent
+    listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "."], capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    return "\n".join((root / name).read_text(errors="replace")
+                     for name in listed if name and (root / name).is_file())
+
+
+def check_dev_credentials(docs):
+    """dev: the NATS passwords, their bcrypt hashes and the HTTP tokens are made on the machine
+    (k8s/overlays/dev/make-secrets.py), none committed, each hash the password's."""
+    import base64
+
+    import bcrypt
+
+    committed = committed_text()
+    users = ((one(docs, "Secret", "coffer-nats-users") or {}).get("data")) or {}
+    tokens = ((one(docs, "Secret", TOKEN_SECRET) or {}).get("data")) or {}
+    plain = lambda data, key: base64.b64decode(data.get(key, "")).decode()
+    values = [plain(users, f"{user}-password") for user in NATS_USERS]
+    values += [plain(users, "route-password")]
+    values += [plain(tokens, key) for key in ("writer-token", "reader-token")]
+    check("dev: every NATS password, the route password and both tokens are random (>= 48 hex)",
+          all(len(v) >= 48 and all(c in "0123456789abcdef" for c in v) for v in values))
+    check("dev: no credential of the Secrets is in a committed file",
+          all(v and v not in committed for v in values))
+    for user in NATS_USERS:
+        hashed = plain(users, f"{user}-password-bcrypt").encode()
+        check(f"dev: {user}-password-bcrypt is a bcrypt hash (cost >= 11) of {user}-password",
+              hashed.startswith(b"$2") and int(hashed.split(b"$")[2] or 0) >= 11
+              and bcrypt.checkpw(plain(users, f"{user}-password").encode(), hashed))
+
+
 SIGNING_SECRET = "coffer-signing-key"
 TRUSTED_CONFIGMAP = "coffer-trusted-keys"
 
@@ -875,6 +912,8 @@ def main(argv) -> int:
         # Only dev lists k8s/components/public-writes: commands through the Gateway.
         check_gateway(docs, public_writes=not prod)
         check_http_tokens(docs, prod=prod)
+        if not prod:
+            check_dev_credentials(docs)
         check_signing_keys(docs, prod=prod)
         monitoring = "monitoring" in Path(path).name
         check_network_policies(docs, public_writes=not prod, monitoring=monitoring)
