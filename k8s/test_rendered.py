@@ -402,16 +402,36 @@ def check_roles(docs, prod: bool):
                   env.get("COFFER_NATS_USER", {}).get("value") == "$(COFFER_READER_NAME)")
             check("each reader has its own inbox prefix",
                   env.get("COFFER_NATS_INBOX_PREFIX", {}).get("value") == "_INBOX_$(COFFER_READER_NAME)")
-            check("each reader reads its own password file",
-                  env.get("COFFER_NATS_PASSWORD_FILE", {}).get("value")
-                  == "/etc/coffer/nats-users/$(COFFER_READER_NAME)-password")
+            check("each reader reads its own password file, copied for it",
+                  env.get("COFFER_NATS_PASSWORD_FILE", {}).get("value") == "/etc/coffer/nats-user/password")
             names = list(env)
             check("COFFER_READER_NAME is defined before the variables that expand it",
                   "COFFER_READER_NAME" in names and "COFFER_NATS_USER" in names
                   and names.index("COFFER_READER_NAME") < names.index("COFFER_NATS_USER"))
-            secret = (volumes.get(mounts.get("/etc/coffer/nats-users")) or {}).get("secret") or {}
+            own = volumes.get(mounts.get("/etc/coffer/nats-user")) or {}
+            check("the reader's password volume is memory-backed (an emptyDir, medium Memory)",
+                  (own.get("emptyDir") or {}).get("medium") == "Memory", str(own))
+            mounted_secrets = [(volumes.get(name) or {}).get("secret", {}).get("secretName")
+                               for name in mounts.values()]
+            check("the reader container mounts no Secret of NATS passwords",
+                  "coffer-nats-users" not in mounted_secrets, str(mounted_secrets))
+            inits = pod_spec(one(docs, kind, name)).get("initContainers", [])
+            init = next((i for i in inits if i.get("name") == "own-nats-password"), {})
+            init_mounts = {m["name"]: m for m in init.get("volumeMounts", [])}
+            script = " ".join(init.get("command", []))
+            pod_name = (((env_of(init).get("POD_NAME") or {}).get("valueFrom") or {})
+                        .get("fieldRef") or {}).get("fieldPath")
+            check("init container own-nats-password copies only the pod's own password "
+                  "(POD_NAME from metadata.name) into the reader's volume",
+                  '"/all/${POD_NAME}-password"' in script and "/own/password" in script
+                  and pod_name == "metadata.name"
+                  and init_mounts.get("nats-users", {}).get("readOnly") is True
+                  and init_mounts.get("nats-users", {}).get("mountPath") == "/all"
+                  and init_mounts.get(own and mounts.get("/etc/coffer/nats-user"), {}).get("mountPath") == "/own",
+                  f"{script} {pod_name} {init_mounts}")
+            secret = (volumes.get("nats-users") or {}).get("secret") or {}
             keys = [item.get("key") for item in secret.get("items", [])]
-            check("readers mount only the readers' NATS passwords",
+            check("the init container gets only the readers' NATS passwords",
                   secret.get("secretName") == "coffer-nats-users" and keys
                   and all(key.startswith("coffer-reader-") for key in keys), str(keys))
             replicas = one(docs, kind, name).get("spec", {}).get("replicas", 1)
