@@ -1072,7 +1072,8 @@ async fn an_event_that_can_vanish_is_never_built_on_and_once_gone_costs_only_its
     );
     // ... and, with the writer stopped, moves the log.
     drop(writer);
-    let moved = setup(&["--remove-message-ttl"]);
+    // The test server syncs every write: nothing to wait for.
+    let moved = setup(&["--remove-message-ttl", "--settle-seconds", "0"]);
     assert!(moved.status.success(), "{moved:?}");
     let summary: serde_json::Value = serde_json::from_slice(&moved.stdout).unwrap();
     assert_eq!(summary["streams"][0]["message_ttl"], false, "{summary}");

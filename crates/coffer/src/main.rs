@@ -197,6 +197,11 @@ struct SetupArgs {
     /// while it is copied. Resumable: run it again if it stopped. See docs/operations.md.
     #[arg(long)]
     remove_message_ttl: bool,
+    /// With --remove-message-ttl: seconds to wait between a copy found complete and deleting
+    /// what it copied, so that servers not running with `sync_interval: always` (the shipped
+    /// configurations do) have written the copy to disk. Longer than their sync_interval.
+    #[arg(long, default_value_t = 130)]
+    settle_seconds: u64,
 }
 
 #[derive(Args)]
@@ -770,7 +775,8 @@ async fn setup(args: SetupArgs) -> anyhow::Result<()> {
     let settings = args.nats.stream();
     let context = async_nats::jetstream::new(client);
     let migration = if args.remove_message_ttl {
-        Some(remove_message_ttl(&context, &settings).await?)
+        let settle = std::time::Duration::from_secs(args.settle_seconds);
+        Some(remove_message_ttl(&context, &settings, settle).await?)
     } else {
         None
     };
@@ -844,6 +850,7 @@ async fn setup(args: SetupArgs) -> anyhow::Result<()> {
 async fn remove_message_ttl(
     context: &async_nats::jetstream::Context,
     settings: &eventlog::StreamSettings,
+    settle: std::time::Duration,
 ) -> anyhow::Result<eventlog::ttl_migration::Stage> {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
@@ -855,7 +862,7 @@ async fn remove_message_ttl(
         bar.set_length(total);
         bar.set_position(done);
     };
-    let found = eventlog::ttl_migration::remove_message_ttl(context, settings, &report)
+    let found = eventlog::ttl_migration::remove_message_ttl(context, settings, settle, &report)
         .await
         .context("remove per-message TTLs from the event stream")?;
     bar.finish_and_clear();

@@ -7,22 +7,32 @@
 //! tokens, so the stream is copied with JetStream mirrors, which store each message at its
 //! origin's sequence and time (gaps included), and a mirror is then promoted to the stream:
 //!
-//! 1. `Sealed`: the stream is sealed (no appends from here on; writers get errors) and
+//! 1. `NotStarted`: a marker is appended ([`REMOVAL_MARKER`], so the copy ends at the stream's
+//!    last position), the stream is sealed (no appends from here on; writers get errors) and
 //!    `{name}_MIGRATING` is made as its mirror, without TTLs.
 //! 2. `Copying`: once the mirror holds everything the sealed stream holds, the old stream is
 //!    deleted.
-//! 3. `Moved`: the stream is made again under its name, as a mirror of `{name}_MIGRATING`.
-//! 4. `Returning`: once it holds exactly what `{name}_MIGRATING` holds, it is promoted (the
-//!    mirror is removed and the event stream's configuration applied, TTLs still off) and
-//!    `{name}_MIGRATING` is deleted.
+//! 3. `Moved`: the copy is sealed and stops mirroring (a mirror of it under the old name would be
+//!    a cycle), and the stream is made again under its name, as a mirror of the copy.
+//! 4. `Returning`: once it holds exactly what the copy holds, the copy is deleted (a mirror
+//!    answers direct gets addressed to its origin, so a stale copy must not outlive the move).
+//! 5. `Filled`: the stream is promoted: its mirror is removed and the event stream's
+//!    configuration applied, TTLs still off.
 //!
 //! Each step is decided from what the server holds, so a run that stopped anywhere is resumed by
-//! running it again, and the only copy of the log is never deleted: a stream is deleted only
-//! once the other holds all it holds. While `{name}_MIGRATING` exists, services refuse to start
-//! ([`StreamSettings::ensure`]), so none can make an empty event stream in the middle.
+//! running it again, and a stream is deleted only once the other holds all it holds (after
+//! `settle`, for servers that do not sync every write). A working stream beside the copy is
+//! never a state this leaves, so meeting one stops it with the copy kept. While the copy alone
+//! holds the log, services that may look at it refuse to start ([`StreamSettings::ensure`]).
 //!
-//! Mirrored `Nats-TTL` headers are kept as they were (the copy is exact) and are inert in a
-//! stream without TTLs; readers still refuse an event that carries one.
+//! Mirrors keep each message's position, time, subject, payload and headers, except the
+//! `Nats-Expected-*` and `Nats-Batch-*` headers, which the server drops from what it mirrors: a
+//! migrated event no longer states its predecessor's position, so readers check it by its chain
+//! alone and loading an account walks its migrated history.
+//!
+//! Mirrored `Nats-TTL` headers are kept and are inert in a stream without TTLs; readers still
+//! refuse an event that carries one. Turning TTLs on again (an older build's `coffer setup`
+//! would) makes the server erase every message whose TTL has passed: don't.
 
 use std::time::Duration;
 
@@ -33,7 +43,7 @@ use crate::{Error, Result, StreamSettings};
 /// What is appended to the stream's name for the copy in between.
 pub const MIGRATING_SUFFIX: &str = "_MIGRATING";
 
-/// How the copy's description starts, to know it again once it is no longer a mirror.
+/// How the copy's description starts.
 const COPY_DESCRIPTION: &str = "Coffer: a copy of";
 
 /// Where the migration notes in the log that it started (a marker, outside the events).
@@ -57,8 +67,8 @@ pub enum Stage {
     Moved,
     /// The stream is being filled again from `{name}_MIGRATING`.
     Returning,
-    /// The stream is back, promoted; `{name}_MIGRATING` is left to delete.
-    Promoted,
+    /// The stream holds everything again and `{name}_MIGRATING` is gone: it is left to promote.
+    Filled,
 }
 
 /// What the migration reports as it goes: a step's name, messages copied, messages to copy.
@@ -119,27 +129,22 @@ fn decide(
             }
         }
         (Some(events), Some(migrating)) if mirror_of(events).is_none() => {
-            let copying = mirror_of(migrating) == Some(name);
-            let kept = migrating.config.sealed
-                && migrating
-                    .config
-                    .description
-                    .as_deref()
-                    .is_some_and(|text| text.starts_with(COPY_DESCRIPTION));
-            match (events.config.allow_message_ttl, copying, kept) {
-                (true, true, _) => Stage::Copying,
-                (false, true, _) | (false, _, true) => Stage::Promoted,
-                _ => {
-                    return Err(Error::Configuration(format!(
-                        "stream {copy} exists but is not a copy of {name} this migration made; \
-                         it cannot tell what it holds: inspect it (`nats stream info {copy}`) \
-                         and remove it by hand"
-                    )))
-                }
+            if events.config.allow_message_ttl && mirror_of(migrating) == Some(name) {
+                Stage::Copying
+            } else {
+                // This migration never leaves a working stream beside its copy (the copy is
+                // deleted before the stream is promoted): something else made one of them.
+                return Err(Error::Configuration(format!(
+                    "streams {name} and {copy} both exist, and not as a removal of TTLs leaves \
+                     them (was {name} made again while only {copy} held the log?): {copy} may \
+                     hold the only full copy of the log; inspect both (`nats stream info`) and \
+                     remove the wrong one by hand"
+                )));
             }
         }
         (None, Some(_)) => Stage::Moved,
         (Some(events), Some(_)) if mirror_of(events) == Some(copy.as_str()) => Stage::Returning,
+        (Some(events), None) if mirror_of(events) == Some(copy.as_str()) => Stage::Filled,
         (Some(_), _) => {
             return Err(Error::Configuration(format!(
                 "stream {name} is a mirror of another stream: not an event log Coffer made"
@@ -262,9 +267,15 @@ async fn update(context: &jetstream::Context, config: stream::Config) -> Result<
 /// Runs the migration from wherever it stands to [`Stage::Done`] (or [`Stage::Absent`]), and
 /// returns the stage it found. Writers must be stopped: the first step seals the stream, so
 /// their appends fail until it is back.
+///
+/// `settle` is waited between a copy found complete and the deletion of its origin, so that a
+/// server that does not sync every write (`sync_interval` other than `always`) has written the
+/// copy to disk: longer than its `sync_interval` (2 minutes by default); zero when every server
+/// syncs always, as the shipped configurations do.
 pub async fn remove_message_ttl(
     context: &jetstream::Context,
     settings: &StreamSettings,
+    settle: Duration,
     progress: Progress<'_>,
 ) -> Result<Stage> {
     let name = settings.name.as_str();
@@ -309,6 +320,7 @@ pub async fn remove_message_ttl(
                     update(context, sealed).await?;
                 }
                 wait_for_copy(context, name, &copy, false, progress).await?;
+                settle_before_deleting(name, settle, progress).await;
                 progress(&format!("deleting {name}"), 0, 0);
                 delete(context, name).await?;
                 tracing::info!(stream = %name, copy = %copy, "copied and deleted");
@@ -335,6 +347,14 @@ pub async fn remove_message_ttl(
             }
             Stage::Returning => {
                 wait_for_copy(context, &copy, name, true, progress).await?;
+                // The copy goes before the stream is promoted: it answers direct gets addressed
+                // to the stream (a mirror's `mirror_direct`), so a stale copy must never stand
+                // beside a stream that takes appends again.
+                settle_before_deleting(&copy, settle, progress).await;
+                progress(&format!("deleting {copy}"), 0, 0);
+                delete(context, &copy).await?;
+            }
+            Stage::Filled => {
                 let events = events.ok_or_else(|| Error::Configuration(name.into()))?;
                 let mut promoted = settings.merged_into(&events.config);
                 promoted.mirror = None;
@@ -343,29 +363,21 @@ pub async fn remove_message_ttl(
                 update(context, promoted).await?;
                 tracing::info!(stream = %name, "promoted: the event stream is back, without TTLs");
             }
-            Stage::Promoted => {
-                let (Some(events), Some(migrating)) = (events, migrating) else {
-                    return Err(Error::Configuration(name.into()));
-                };
-                // A stream that holds less than the copy was not filled from it (something made
-                // it empty while the copy held the log): the copy is then the log, and stays.
-                let complete = events.state.first_sequence == migrating.state.first_sequence
-                    && events.state.last_sequence >= migrating.state.last_sequence
-                    && events.state.messages >= migrating.state.messages;
-                if !complete {
-                    return Err(Error::Configuration(format!(
-                        "stream {name} holds less than {copy} ({} messages up to {}, against {} \
-                         up to {}): {copy} is kept; restore from it by hand",
-                        events.state.messages,
-                        events.state.last_sequence,
-                        migrating.state.messages,
-                        migrating.state.last_sequence
-                    )));
-                }
-                progress(&format!("deleting {copy}"), 0, 0);
-                delete(context, &copy).await?;
-            }
         }
+    }
+}
+
+async fn settle_before_deleting(origin: &str, settle: Duration, progress: Progress<'_>) {
+    if !settle.is_zero() {
+        progress(
+            &format!(
+                "waiting {}s for the copy to reach disk before deleting {origin}",
+                settle.as_secs()
+            ),
+            0,
+            0,
+        );
+        tokio::time::sleep(settle).await;
     }
 }
 
@@ -413,18 +425,20 @@ mod tests {
             stage(Some(&returning), Some(&copy_of_events)).unwrap(),
             Stage::Returning
         );
-        assert_eq!(
-            stage(Some(&without), Some(&copy_of_events)).unwrap(),
-            Stage::Promoted
-        );
+        assert!(stage(Some(&without), Some(&copy_of_events)).is_err());
+        assert_eq!(stage(Some(&returning), None).unwrap(), Stage::Filled);
         let mut kept = copy_of_events.clone();
         kept.config.mirror = None;
         kept.config.sealed = true;
-        assert_eq!(stage(Some(&without), Some(&kept)).unwrap(), Stage::Promoted);
+        assert!(stage(Some(&without), Some(&kept)).is_err());
         assert!(stage(Some(&with_ttl), Some(&kept)).is_err());
         assert!(stage(Some(&with_ttl), Some(&stranger)).is_err());
         assert!(stage(Some(&without), Some(&stranger)).is_err());
-        assert!(stage(Some(&info(mirror_config(&settings.name, &stranger))), None).is_err());
+        let other = info(stream::Config {
+            name: "OTHER".into(),
+            ..Default::default()
+        });
+        assert!(stage(Some(&info(mirror_config(&settings.name, &other))), None).is_err());
     }
 
     #[test]

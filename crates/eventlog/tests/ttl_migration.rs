@@ -184,7 +184,7 @@ async fn a_stream_with_ttls_is_moved_keeping_every_position_time_and_header() {
 
     let steps = Mutex::new(Vec::new());
     let record = |step: &str, _: u64, _: u64| steps.lock().unwrap().push(step.to_owned());
-    let found = ttl_migration::remove_message_ttl(&context, &settings, &record)
+    let found = ttl_migration::remove_message_ttl(&context, &settings, Duration::ZERO, &record)
         .await
         .unwrap();
     assert_eq!(found, Stage::NotStarted);
@@ -275,9 +275,10 @@ async fn a_stream_with_ttls_is_moved_keeping_every_position_time_and_header() {
     assert!(ttl.is_err(), "{ttl:?}");
 
     // Running it again changes nothing.
-    let again = ttl_migration::remove_message_ttl(&context, &settings, &no_progress)
-        .await
-        .unwrap();
+    let again =
+        ttl_migration::remove_message_ttl(&context, &settings, Duration::ZERO, &no_progress)
+            .await
+            .unwrap();
     assert_eq!(again, Stage::Done);
     assert_eq!(
         everything(&context, &settings.name).await.len(),
@@ -360,9 +361,10 @@ async fn a_run_stopped_midway_is_finished_by_the_next_and_nothing_starts_in_betw
 
     // Something made an empty event stream anyway: it is not taken for the log.
     context.create_stream(settings.config()).await.unwrap();
-    let refused = ttl_migration::remove_message_ttl(&context, &settings, &no_progress).await;
+    let refused =
+        ttl_migration::remove_message_ttl(&context, &settings, Duration::ZERO, &no_progress).await;
     assert!(
-        matches!(&refused, Err(Error::Configuration(text)) if text.contains("holds less")),
+        matches!(&refused, Err(Error::Configuration(text)) if text.contains("both exist")),
         "{refused:?}"
     );
     assert!(ttl_migration::stream_info(&context, &copy)
@@ -371,9 +373,10 @@ async fn a_run_stopped_midway_is_finished_by_the_next_and_nothing_starts_in_betw
         .is_some());
     context.delete_stream(&settings.name).await.unwrap();
 
-    let found = ttl_migration::remove_message_ttl(&context, &settings, &no_progress)
-        .await
-        .unwrap();
+    let found =
+        ttl_migration::remove_message_ttl(&context, &settings, Duration::ZERO, &no_progress)
+            .await
+            .unwrap();
     assert_eq!(found, Stage::Moved);
     assert_eq!(
         everything(&context, &settings.name).await,
@@ -423,7 +426,7 @@ async fn on_three_nodes_the_moved_stream_keeps_its_replicas_and_every_message() 
     history(&context, &log).await;
     let before = everything(&context, &settings.name).await;
 
-    ttl_migration::remove_message_ttl(&context, &settings, &no_progress)
+    ttl_migration::remove_message_ttl(&context, &settings, Duration::ZERO, &no_progress)
         .await
         .unwrap();
     let after = everything(&context, &settings.name).await;
