@@ -1086,21 +1086,7 @@ async fn an_event_that_can_vanish_is_never_built_on_and_once_gone_costs_only_its
         stored_later.subject.as_str(),
         format!("coffer.events.{other}.deposited")
     );
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-TTL", "1h");
-    let refused = async {
-        writer_js
-            .publish_with_headers(
-                format!("coffer.append.{victim}.deposited"),
-                headers,
-                "x".into(),
-            )
-            .await?
-            .await
-    }
-    .await;
-    let error = refused.expect_err("a message with Nats-TTL was stored");
-    assert!(error.to_string().to_lowercase().contains("ttl"), "{error}");
+    assert_ttl_refused(&writer_js, &format!("coffer.append.{victim}.deposited")).await;
     let writer = set_up_with_writer(&url);
     let w = writer.url();
     let deposited = http
@@ -1110,6 +1096,23 @@ async fn an_event_that_can_vanish_is_never_built_on_and_once_gone_costs_only_its
     assert_eq!(deposited.status, 200, "{:?}", deposited.body);
     assert_eq!(deposited.body["balance"], 110);
     assert!(deposited.body["position"].as_u64() > later.body["position"].as_u64());
+}
+
+/// Publishing on `subject` with `Nats-TTL` is refused, for that header (nothing stored).
+async fn assert_ttl_refused(js: &jetstream::Context, subject: &str) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-TTL", "1h");
+    let answer = async {
+        js.publish_with_headers(subject.to_owned(), headers, "x".into())
+            .await?
+            .await
+    }
+    .await;
+    let error = answer.expect_err("stored a message that could vanish");
+    assert!(
+        error.to_string().to_lowercase().contains("ttl"),
+        "{subject}: {error}"
+    );
 }
 
 /// On the stream `coffer setup` makes, the writer's credential cannot append anything that
@@ -1125,20 +1128,7 @@ async fn on_the_stream_setup_makes_nothing_that_could_vanish_is_stored() {
         "coffer.ids.key.acc-ttl.0123456789abcdef",
         "coffer.ids.transfer.t-ttl",
     ] {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-TTL", "2s");
-        let answer = async {
-            writer_js
-                .publish_with_headers(subject, headers, "x".into())
-                .await?
-                .await
-        }
-        .await;
-        let error = answer.expect_err("stored a message that could vanish");
-        assert!(
-            error.to_string().to_lowercase().contains("ttl"),
-            "{subject}: {error}"
-        );
+        assert_ttl_refused(&writer_js, subject).await;
     }
 }
 

@@ -191,7 +191,9 @@ impl StreamSettings {
         if config.allow_message_ttl {
             tracing::warn!(
                 stream = %self.name,
-                "the event stream allows per-message TTLs: a writer credential can append events                  that vanish later (readers refuse them). Stop the writers and run                  `coffer setup --remove-message-ttl`"
+                "the event stream allows per-message TTLs: a writer credential can append events \
+                 that vanish later (readers refuse them). Stop the writers and run \
+                 `coffer setup --remove-message-ttl`"
             );
         }
         Ok(stream)

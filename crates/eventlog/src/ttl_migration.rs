@@ -43,8 +43,10 @@ use crate::{Error, Result, StreamSettings};
 /// What is appended to the stream's name for the copy in between.
 pub const MIGRATING_SUFFIX: &str = "_MIGRATING";
 
-/// How the copy's description starts.
-const COPY_DESCRIPTION: &str = "Coffer: a copy of";
+/// The copy's description, naming the stream it holds the log of.
+fn copy_description(events: &str) -> String {
+    format!("Coffer: a copy of {events} while its per-message TTLs are removed")
+}
 
 /// Where the migration notes in the log that it started (a marker, outside the events).
 pub const REMOVAL_MARKER: &str = "coffer.ids.stream.ttl-removal";
@@ -81,12 +83,15 @@ pub fn migrating_name(settings: &StreamSettings) -> String {
 
 /// The stream's info, or `None` when there is no stream of that name.
 pub async fn stream_info(context: &jetstream::Context, name: &str) -> Result<Option<stream::Info>> {
+    Ok(existing(context, name)
+        .await?
+        .map(|stream| stream.cached_info().clone()))
+}
+
+/// The stream (its info as the lookup answered it), or `None` when there is none of that name.
+async fn existing(context: &jetstream::Context, name: &str) -> Result<Option<stream::Stream>> {
     match context.get_stream(name).await {
-        Ok(mut stream) => stream
-            .info()
-            .await
-            .map(|info| Some((*info).clone()))
-            .map_err(|error| Error::JetStream(format!("stream info {name}: {error}"))),
+        Ok(stream) => Ok(Some(stream)),
         Err(error) => match error.kind() {
             GetStreamErrorKind::JetStream(inner)
                 if inner.error_code() == ErrorCode::STREAM_NOT_FOUND =>
@@ -158,10 +163,7 @@ fn decide(
 fn mirror_config(name: &str, origin: &stream::Info) -> stream::Config {
     stream::Config {
         name: name.to_owned(),
-        description: Some(format!(
-            "{COPY_DESCRIPTION} {} while its per-message TTLs are removed",
-            origin.config.name
-        )),
+        description: Some(copy_description(&origin.config.name)),
         mirror: Some(stream::Source {
             name: origin.config.name.clone(),
             ..Default::default()
@@ -178,13 +180,10 @@ fn mirror_config(name: &str, origin: &stream::Info) -> stream::Config {
     }
 }
 
-/// The position of the last message `info`'s stream still stores (0: none). The stream's last
+/// The position of the last message `stream` still stores (0: none). The stream's last
 /// sequence is not enough: a key marker that expired at the end leaves the sequence behind it.
-async fn last_stored(context: &jetstream::Context, name: &str) -> Result<u64> {
-    let stream = context
-        .get_stream(name)
-        .await
-        .map_err(|error| Error::Unavailable(format!("get stream {name}: {error}")))?;
+async fn last_stored(stream: &stream::Stream) -> Result<u64> {
+    let name = &stream.cached_info().config.name;
     match stream.get_last_raw_message_by_subject(">").await {
         Ok(message) => Ok(message.sequence),
         Err(error)
@@ -210,13 +209,16 @@ async fn wait_for_copy(
     progress: Progress<'_>,
 ) -> Result<()> {
     loop {
-        let source = stream_info(context, origin)
+        let vanished =
+            |name: &str| Error::Configuration(format!("stream {name} vanished mid-copy"));
+        let origin_stream = existing(context, origin)
             .await?
-            .ok_or_else(|| Error::Configuration(format!("stream {origin} vanished mid-copy")))?;
+            .ok_or_else(|| vanished(origin))?;
+        let source = origin_stream.cached_info();
         let mirror = stream_info(context, copy)
             .await?
-            .ok_or_else(|| Error::Configuration(format!("stream {copy} vanished mid-copy")))?;
-        let wanted_last = last_stored(context, origin).await?;
+            .ok_or_else(|| vanished(copy))?;
+        let wanted_last = last_stored(&origin_stream).await?;
         let lag = mirror.mirror.as_ref().map_or(u64::MAX, |info| info.lag);
         progress(
             &format!("copying {origin} to {copy}"),
@@ -280,11 +282,13 @@ pub async fn remove_message_ttl(
 ) -> Result<Stage> {
     let name = settings.name.as_str();
     let copy = migrating_name(settings);
-    let found = stage(context, settings).await?;
+    let mut found = None;
     loop {
         let events = stream_info(context, name).await?;
         let migrating = stream_info(context, &copy).await?;
-        match decide(settings, events.as_ref(), migrating.as_ref())? {
+        let now = decide(settings, events.as_ref(), migrating.as_ref())?;
+        let found = found.get_or_insert_with(|| now.clone()).clone();
+        match now {
             Stage::Absent | Stage::Done => return Ok(found),
             Stage::NotStarted => {
                 let events = events.ok_or_else(|| Error::Configuration(name.into()))?;
@@ -302,10 +306,8 @@ pub async fn remove_message_ttl(
                         .map_err(|error| Error::Unavailable(format!("publish: {error}")))?
                         .await
                         .map_err(|error| Error::JetStream(format!("{REMOVAL_MARKER}: {error}")))?;
-                    let mut sealed = events.config.clone();
-                    sealed.sealed = true;
                     progress(&format!("sealing {name}"), 0, 0);
-                    update(context, sealed).await?;
+                    seal(context, &events).await?;
                     tracing::info!(stream = %name, "sealed; copying it without TTLs");
                 }
                 create(context, mirror_config(&copy, &events)).await?;
@@ -315,9 +317,7 @@ pub async fn remove_message_ttl(
                 if !events.config.sealed {
                     // Made before the seal took (a run stopped in between): seal it now, so
                     // nothing is appended that the copy could miss.
-                    let mut sealed = events.config.clone();
-                    sealed.sealed = true;
-                    update(context, sealed).await?;
+                    seal(context, &events).await?;
                 }
                 wait_for_copy(context, name, &copy, false, progress).await?;
                 settle_before_deleting(name, settle, progress).await;
@@ -333,9 +333,7 @@ pub async fn remove_message_ttl(
                     let mut kept = migrating.config.clone();
                     kept.mirror = None;
                     kept.sealed = true;
-                    kept.description = Some(format!(
-                        "{COPY_DESCRIPTION} {name} while its per-message TTLs are removed"
-                    ));
+                    kept.description = Some(copy_description(name));
                     update(context, kept).await?;
                     migrating = stream_info(context, &copy)
                         .await?
@@ -365,6 +363,13 @@ pub async fn remove_message_ttl(
             }
         }
     }
+}
+
+/// Seals the stream of `info`: nothing is appended or removed from then on.
+async fn seal(context: &jetstream::Context, info: &stream::Info) -> Result<()> {
+    let mut sealed = info.config.clone();
+    sealed.sealed = true;
+    update(context, sealed).await
 }
 
 async fn settle_before_deleting(origin: &str, settle: Duration, progress: Progress<'_>) {

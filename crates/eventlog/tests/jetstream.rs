@@ -398,6 +398,13 @@ async fn core_subscribers_see_only_committed_events_with_their_positions() {
     );
 }
 
+async fn events_info(
+    context: &async_nats::jetstream::Context,
+) -> async_nats::jetstream::stream::Info {
+    let mut stream = context.get_stream("COFFER_EVENTS").await.unwrap();
+    stream.info().await.unwrap().clone()
+}
+
 /// A key marker claims its subject for good, and the stream stores nothing that could expire:
 /// with `Nats-TTL` a writer credential could append an event that vanishes after it was spent.
 #[tokio::test]
@@ -425,14 +432,7 @@ async fn a_marker_claims_its_subject_for_good_and_nothing_that_could_expire_is_s
         let error = refused.expect_err("a message with Nats-TTL is refused");
         assert!(error.to_string().to_lowercase().contains("ttl"), "{error}");
     }
-    let info = context
-        .get_stream("COFFER_EVENTS")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .clone();
+    let info = events_info(&context).await;
     assert_eq!(info.state.messages, 1, "only the first marker is stored");
 }
 
@@ -444,14 +444,7 @@ async fn stream_has_the_contract_configuration_and_ensure_is_idempotent() {
     EventLog::open(client.clone(), &settings).await.unwrap();
     EventLog::open(client.clone(), &settings).await.unwrap();
     let context = async_nats::jetstream::new(client);
-    let info = context
-        .get_stream("COFFER_EVENTS")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .clone();
+    let info = events_info(&context).await;
     let config = info.config;
     assert_eq!(
         config.subjects,

@@ -50,6 +50,16 @@ async fn everything(context: &jetstream::Context, name: &str) -> Vec<Stored> {
     found
 }
 
+async fn info_of(context: &jetstream::Context, name: &str) -> stream::Info {
+    context
+        .get_stream(name)
+        .await
+        .unwrap()
+        .get_info()
+        .await
+        .unwrap()
+}
+
 /// The event stream as builds before this one made it: per-message TTLs allowed.
 async fn stream_with_ttls(context: &jetstream::Context) {
     context
@@ -164,15 +174,7 @@ async fn a_stream_with_ttls_is_moved_keeping_every_position_time_and_header() {
     let log = EventLog::open(client.clone(), &settings).await.unwrap();
     let (a, b) = history(&context, &log).await;
     let before = everything(&context, &settings.name).await;
-    let old_last = context
-        .get_stream(&settings.name)
-        .await
-        .unwrap()
-        .get_info()
-        .await
-        .unwrap()
-        .state
-        .last_sequence;
+    let old_last = info_of(&context, &settings.name).await.state.last_sequence;
     assert!(before.len() >= 14, "{}", before.len());
     assert!(before
         .iter()
@@ -211,13 +213,7 @@ async fn a_stream_with_ttls_is_moved_keeping_every_position_time_and_header() {
     assert_eq!(added.len(), 1, "{added:?}");
     assert_eq!(added[0].subject, ttl_migration::REMOVAL_MARKER);
     assert_eq!(added[0].position, old_last + 1);
-    let info = context
-        .get_stream(&settings.name)
-        .await
-        .unwrap()
-        .get_info()
-        .await
-        .unwrap();
+    let info = info_of(&context, &settings.name).await;
     let config = &info.config;
     assert!(!config.allow_message_ttl && !config.sealed && config.mirror.is_none());
     assert_eq!(config.subjects, settings.config().subjects);
@@ -302,14 +298,7 @@ async fn a_run_stopped_midway_is_finished_by_the_next_and_nothing_starts_in_betw
 
     // The first steps by hand, up to where a run would stop after deleting the old stream.
     let copy = ttl_migration::migrating_name(&settings);
-    let mut sealed = context
-        .get_stream(&settings.name)
-        .await
-        .unwrap()
-        .get_info()
-        .await
-        .unwrap()
-        .config;
+    let mut sealed = info_of(&context, &settings.name).await.config;
     sealed.sealed = true;
     context.update_stream(sealed).await.unwrap();
     context
@@ -327,15 +316,7 @@ async fn a_run_stopped_midway_is_finished_by_the_next_and_nothing_starts_in_betw
         .unwrap();
     let mut copied = 0;
     for _ in 0..100 {
-        copied = context
-            .get_stream(&copy)
-            .await
-            .unwrap()
-            .get_info()
-            .await
-            .unwrap()
-            .state
-            .messages;
+        copied = info_of(&context, &copy).await.state.messages;
         if copied == before.len() as u64 {
             break;
         }
@@ -431,13 +412,7 @@ async fn on_three_nodes_the_moved_stream_keeps_its_replicas_and_every_message() 
         .unwrap();
     let after = everything(&context, &settings.name).await;
     assert_eq!(&after[..before.len()], as_mirrored(&before).as_slice());
-    let info = context
-        .get_stream(&settings.name)
-        .await
-        .unwrap()
-        .get_info()
-        .await
-        .unwrap();
+    let info = info_of(&context, &settings.name).await;
     assert_eq!(info.config.num_replicas, 3);
     assert!(!info.config.allow_message_ttl);
     let cluster_info = info.cluster.expect("clustered");
