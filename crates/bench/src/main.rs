@@ -188,6 +188,9 @@ struct WriterSample {
     buckets: Vec<(f64, f64)>,
     sum: f64,
     count: f64,
+    /// `coffer_writer_group_commit_fills` and `_fills_short`.
+    fills: f64,
+    fills_short: f64,
 }
 
 impl WriterSample {
@@ -219,6 +222,13 @@ impl WriterSample {
             buckets,
             sum: metric("sum").unwrap_or(0.0),
             count: metric("count").unwrap_or(0.0),
+            fills: testkit::metric_value(&text, "coffer_writer_group_commit_fills_total")
+                .unwrap_or(0.0),
+            fills_short: testkit::metric_value(
+                &text,
+                "coffer_writer_group_commit_fills_short_total",
+            )
+            .unwrap_or(0.0),
         }
     }
 
@@ -243,9 +253,11 @@ impl WriterSample {
             String::new()
         };
         format!(
-            "writer CPU {per_command:.0} us/command{server}; {batches:.0} batches, mean {mean:.1} messages, p50 <= {} p99 <= {} messages",
+            "writer CPU {per_command:.0} us/command{server}; {batches:.0} batches, mean {mean:.1} messages, p50 <= {} p99 <= {} messages; waited to fill {:.0}, short {:.0}",
             quantile(0.5),
             quantile(0.99),
+            later.fills - self.fills,
+            later.fills_short - self.fills_short,
         )
     }
 }

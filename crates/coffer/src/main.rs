@@ -409,6 +409,16 @@ struct WriterArgs {
     #[arg(long, env = "COFFER_GROUP_COMMIT_IN_FLIGHT_MAX", default_value_t = 1,
         value_parser = clap::value_parser!(u8).range(1..=32))]
     group_commit_in_flight_max: u8,
+    /// Longest a group-commit batch waits, after the previous one is acknowledged, for the
+    /// commands of the callers just answered, in microseconds (0: send what has queued at once).
+    #[arg(long, env = "COFFER_GROUP_COMMIT_FILL_WAIT_US", default_value_t = 4_000,
+        value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    group_commit_fill_wait_us: u64,
+    /// A group-commit batch waiting to fill goes once no command has arrived for this many
+    /// microseconds.
+    #[arg(long, env = "COFFER_GROUP_COMMIT_FILL_QUIET_US", default_value_t = 2_000,
+        value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    group_commit_fill_quiet_us: u64,
     /// A command's deadline in milliseconds: it is not started, and nothing is appended for it,
     /// later; its caller then answers `outcome_unknown`.
     #[arg(long, env = "COFFER_COMMAND_DEADLINE_MS", default_value_t = 10_000)]
@@ -1091,6 +1101,8 @@ async fn main() -> anyhow::Result<()> {
                 group_commit: eventlog::GroupCommitSettings {
                     messages_max: usize::from(args.group_commit_messages_max),
                     batches_in_flight_max: usize::from(args.group_commit_in_flight_max),
+                    fill_wait: Duration::from_micros(args.group_commit_fill_wait_us),
+                    fill_quiet: Duration::from_micros(args.group_commit_fill_quiet_us),
                     ..Default::default()
                 },
                 snapshot_every: args.snapshot_every,

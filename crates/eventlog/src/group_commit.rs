@@ -12,7 +12,10 @@
 //! No latency is added at low load: an append is sent at once while fewer than
 //! [`GroupCommitSettings::batches_in_flight_max`] batches await their acknowledgement; once that
 //! many do, appends queue, and the next batch takes what has queued (up to
-//! [`GroupCommitSettings::messages_max`] messages) as soon as one is acknowledged. Appends that
+//! [`GroupCommitSettings::messages_max`] messages) when one is acknowledged. It may first wait,
+//! up to [`GroupCommitSettings::fill_wait`], for the callers that acknowledgement answered to
+//! come back with their next commands, so that they share one batch instead of following in a
+//! second ([`filling`]: only while callers do come back; a lone caller never waits). Appends that
 //! touch an account or marker of a batch in flight wait for it, so that their condition is
 //! checked after it, as it would be had they been sent one after the other.
 //!
@@ -45,6 +48,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::log::BATCH_SIZE_MAX;
+use filling::{Ended, Filling};
+
+pub mod filling;
 use crate::{Appended, Entry, Error, EventLog, Result};
 
 /// How group commit gathers appends.
@@ -59,6 +65,11 @@ pub struct GroupCommitSettings {
     pub batches_in_flight_max: usize,
     /// Most appends waiting for a batch; a full queue makes callers wait to enqueue.
     pub queue_max: usize,
+    /// Longest a batch waits to fill after an acknowledgement, for the callers just answered
+    /// to come back with their next commands ([`filling`]). Zero sends what has queued at once.
+    pub fill_wait: std::time::Duration,
+    /// A batch waiting to fill goes once nothing has arrived for this long.
+    pub fill_quiet: std::time::Duration,
 }
 
 impl Default for GroupCommitSettings {
@@ -67,9 +78,18 @@ impl Default for GroupCommitSettings {
             messages_max: BATCH_SIZE_MAX,
             batches_in_flight_max: 1,
             queue_max: 10_000,
+            fill_wait: FILL_WAIT_DEFAULT,
+            fill_quiet: FILL_QUIET_DEFAULT,
         }
     }
 }
+
+/// How long a batch waits to fill by default (see [`GroupCommitSettings::fill_wait`]): longer
+/// than a loaded writer takes to answer a batch's callers and decide their next commands
+/// (measured: 2-4 ms for 64 over HTTP on two cores), about one batch's fixed cost.
+pub const FILL_WAIT_DEFAULT: std::time::Duration = std::time::Duration::from_millis(4);
+/// The quiet spell that ends a wait by default (see [`GroupCommitSettings::fill_quiet`]).
+pub const FILL_QUIET_DEFAULT: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Called with the number of messages of each batch sent.
 pub type BatchObserver = Box<dyn Fn(usize) + Send + Sync>;
@@ -87,6 +107,10 @@ pub struct GroupCommitCounters {
     pub expired: AtomicU64,
     /// Reservations granted.
     pub reservations: AtomicU64,
+    /// Batches that waited after an acknowledgement and filled.
+    pub fills: AtomicU64,
+    /// Batches that waited and went short (filling then pauses).
+    pub fills_short: AtomicU64,
     /// Sees each batch's size in messages (a metrics histogram), once set.
     pub on_batch: std::sync::OnceLock<BatchObserver>,
 }
@@ -367,12 +391,14 @@ async fn run(
     // Accounts and marker subjects of the batches in flight.
     let mut busy: HashSet<Key> = HashSet::new();
     let mut closed = false;
+    let mut filling = Filling::new(settings.fill_wait, settings.fill_quiet);
     loop {
         loop {
             // With every in-flight slot taken, reservations whose accounts are free are still
             // granted (their holders reload meanwhile); no member is taken. Without a queued
             // reservation there is nothing to grant and the queue is not scanned.
-            let take = in_flight.len() < in_flight_max;
+            let take =
+                in_flight.len() < in_flight_max && filling.ready(waiting.len(), Instant::now());
             if !take && !reservation_queued(&waiting) {
                 break;
             }
@@ -386,15 +412,25 @@ async fn run(
             if batch.is_empty() {
                 break;
             }
+            if take {
+                let queued = waiting.len() + batch.len();
+                match filling.taken(queued, Instant::now()) {
+                    Some(Ended::Filled) => counters.fills.fetch_add(1, Ordering::Relaxed),
+                    Some(Ended::Short) => counters.fills_short.fetch_add(1, Ordering::Relaxed),
+                    None => 0,
+                };
+            }
             let keys: Vec<Key> = batch
                 .iter()
                 .flat_map(|member| member.keys.iter().copied())
                 .collect();
             busy.extend(keys.iter().copied());
+            let members = batch.len();
             let (log, counters) = (log.clone(), counters.clone());
             in_flight.push(async move {
+                let sent = Instant::now();
                 send(&log, batch, &counters).await;
-                keys
+                (keys, members, sent.elapsed())
             });
         }
         if closed && waiting.is_empty() && in_flight.is_empty() {
@@ -404,8 +440,9 @@ async fn run(
         // behind one is answered at its own deadline, even if nothing else happens. (Without
         // reservations every waiting append is behind a batch in flight, answered by its
         // acknowledgement or its timeout.)
+        let fill_until = filling.wakes_at().filter(|_| !waiting.is_empty());
         let next_expiry = if reserved.grants.is_empty() && !reservation_queued(&waiting) {
-            None
+            fill_until
         } else {
             let waiting_deadlines = waiting.iter().filter_map(|next| match next {
                 Waiting::Member(member) => member.deadline,
@@ -415,6 +452,7 @@ async fn run(
                 .next_deadline()
                 .into_iter()
                 .chain(waiting_deadlines)
+                .chain(fill_until)
                 .min()
         };
         tokio::select! {
@@ -425,6 +463,7 @@ async fn run(
             }
             member = receiver.recv(), if !closed => match member {
                 Some(member) => {
+                    filling.arrived(Instant::now());
                     waiting.push_back(Waiting::Member(member));
                     // What has queued already joins it: waiting for more would add latency.
                     while waiting.len() < BATCH_SIZE_MAX {
@@ -442,10 +481,12 @@ async fn run(
                 }
                 Control::Release(id) => reserved.release(id),
             },
-            Some(keys) = in_flight.next(), if !in_flight.is_empty() => {
+            Some((keys, members, flight)) = in_flight.next(), if !in_flight.is_empty() => {
                 for key in keys {
                     busy.remove(&key);
                 }
+                // Those just answered are expected back with their next commands.
+                filling.acknowledged(members, flight, waiting.len(), messages_max, Instant::now());
             }
         }
     }

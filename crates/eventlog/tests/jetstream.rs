@@ -879,6 +879,156 @@ mod group_commit {
         drop(held);
     }
 
+    /// A committer whose batches wait to fill for as long as a test could take, and the sizes
+    /// of the batches it sends.
+    fn filling_committer(
+        log: &EventLog,
+        fill_wait: Duration,
+    ) -> (GroupCommit, std::sync::Arc<std::sync::Mutex<Vec<usize>>>) {
+        let committer = GroupCommit::start(
+            log.clone(),
+            GroupCommitSettings {
+                fill_wait,
+                fill_quiet: fill_wait,
+                ..Default::default()
+            },
+        );
+        let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = sizes.clone();
+        let observer: eventlog::group_commit::BatchObserver =
+            Box::new(move |messages| seen.lock().unwrap().push(messages));
+        assert!(committer.counters().on_batch.set(observer).is_ok());
+        (committer, sizes)
+    }
+
+    /// Sends one append per account, each after the committer has taken the previous one in
+    /// (the test runtime has one thread: yielding lets the committer run), as callers answered
+    /// one after the other would.
+    async fn one_by_one(
+        committer: &GroupCommit,
+        accounts: &[AccountId],
+    ) -> Vec<tokio::task::JoinHandle<Result<eventlog::Appended, Error>>> {
+        let mut handles = Vec::new();
+        for id in accounts {
+            let (committer, entries) = (committer.clone(), vec![event_entry(id, 0, opened())]);
+            handles.push(tokio::spawn(async move {
+                committer.append(entries, None).await
+            }));
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+        }
+        handles
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn after_an_acknowledgement_the_next_batch_waits_for_the_callers_just_answered() {
+        let server = NatsServer::start();
+        let log = log_on(&server).await;
+        // Waits end only when filled: a wait that was not would hang the test.
+        let (committer, sizes) = filling_committer(&log, Duration::from_secs(600));
+        // One caller, one command at a time: each batch is full at one and goes at once.
+        let alone = account("alone");
+        let mut expected = 0;
+        for event in [opened(), deposited(1), deposited(2)] {
+            let entries = vec![event_entry(&alone, expected, event)];
+            let appended =
+                tokio::time::timeout(Duration::from_secs(30), committer.append(entries, None))
+                    .await
+                    .expect("a lone caller never waits for others")
+                    .unwrap();
+            expected = appended.last_position;
+        }
+        // Ten callers answered together come back one by one: one batch, not ten.
+        let first: Vec<AccountId> = (0..10).map(|_| account("cohort")).collect();
+        let members = first
+            .iter()
+            .map(|id| vec![event_entry(id, 0, opened())])
+            .collect();
+        assert!(together(&committer, members)
+            .await
+            .iter()
+            .all(Result::is_ok));
+        let again: Vec<AccountId> = (0..10).map(|_| account("back")).collect();
+        for handle in one_by_one(&committer, &again).await {
+            handle.await.unwrap().unwrap();
+        }
+        assert_eq!(*sizes.lock().unwrap(), vec![1, 1, 1, 10, 10]);
+        // Every batch after the first filled what it waited for: the lone caller's next command,
+        // and the ten, twice.
+        assert_eq!(committer.counters().fills.load(Relaxed), 4);
+        assert_eq!(committer.counters().fills_short.load(Relaxed), 0);
+        for id in first.iter().chain(&again) {
+            assert_eq!(log.load_account(id, 0).await.unwrap().len(), 1);
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn without_a_fill_wait_the_first_caller_back_goes_alone() {
+        let server = NatsServer::start();
+        let log = log_on(&server).await;
+        let (committer, sizes) = filling_committer(&log, Duration::ZERO);
+        let first: Vec<AccountId> = (0..10).map(|_| account("cohort")).collect();
+        let members = first
+            .iter()
+            .map(|id| vec![event_entry(id, 0, opened())])
+            .collect();
+        assert!(together(&committer, members)
+            .await
+            .iter()
+            .all(Result::is_ok));
+        let again: Vec<AccountId> = (0..10).map(|_| account("back")).collect();
+        for handle in one_by_one(&committer, &again).await {
+            handle.await.unwrap().unwrap();
+        }
+        let sizes = sizes.lock().unwrap().clone();
+        assert_eq!(sizes[..2], [10, 1], "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<usize>(), 20);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_wait_that_nobody_fills_ends_at_its_limit_and_the_next_batches_go_at_once() {
+        let server = NatsServer::start();
+        let log = log_on(&server).await;
+        let (committer, sizes) = filling_committer(&log, Duration::from_millis(300));
+        let first: Vec<AccountId> = (0..10).map(|_| account("cohort")).collect();
+        let members = first
+            .iter()
+            .map(|id| vec![event_entry(id, 0, opened())])
+            .collect();
+        assert!(together(&committer, members)
+            .await
+            .iter()
+            .all(Result::is_ok));
+        // Only one of the ten comes back: it waits the whole limit, then goes short.
+        let started = tokio::time::Instant::now();
+        let late = account("late");
+        committer
+            .append(vec![event_entry(&late, 0, opened())], None)
+            .await
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        let counters = committer.counters();
+        assert_eq!(counters.fills_short.load(Relaxed), 1);
+        // Filling is paused now: after ten answered together, one coming back goes at once.
+        let members = (0..10)
+            .map(|_| vec![event_entry(&account("paused"), 0, opened())])
+            .collect();
+        assert!(together(&committer, members)
+            .await
+            .iter()
+            .all(Result::is_ok));
+        let started = tokio::time::Instant::now();
+        committer
+            .append(vec![event_entry(&account("one"), 0, opened())], None)
+            .await
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_millis(300));
+        assert_eq!(counters.fills.load(Relaxed), 0);
+        assert_eq!(counters.fills_short.load(Relaxed), 1);
+        assert_eq!(*sizes.lock().unwrap(), vec![10, 1, 10, 1]);
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn a_limit_of_one_message_sends_every_append_alone() {
         let server = NatsServer::start();

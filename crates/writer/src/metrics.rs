@@ -307,6 +307,16 @@ impl Metrics {
                     "Reservations granted: commands that lost a race retrying with their accounts held.",
                     &group.reservations,
                 ),
+                (
+                    "coffer_writer_group_commit_fills",
+                    "Batches that waited after an acknowledgement for the callers just answered and filled.",
+                    &group.fills,
+                ),
+                (
+                    "coffer_writer_group_commit_fills_short",
+                    "Batches that waited and went short: callers that do not come back on an answer; waiting pauses.",
+                    &group.fills_short,
+                ),
             ];
             for (name, help, value) in counters {
                 registry.register(name, help, ConstCounter::new(value.load(Relaxed)));
