@@ -12,8 +12,8 @@
 //! wait no faster than they did while the batch was in flight, and waiting for them only adds
 //! latency. A wait that ends short of its target without such a rush of arrivals pauses filling
 //! for the next [`PAUSE_AFTER_MISS`] acknowledgements, so such a load pays one wait in that many.
-//! (A wait that ends short *with* a rush, most callers back but not all in time, keeps filling
-//! on.)
+//! (A wait that ends short *with* a rush, callers coming back but not all in time, keeps
+//! filling on.)
 
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ pub const PAUSE_AFTER_MISS: u32 = 64;
 
 /// How much faster than during the flight appends arrive during a wait when callers come back on
 /// their answers.
-const RUSH: f64 = 2.0;
+const RUSH: f64 = 1.5;
 
 /// The filling policy of one committer.
 #[derive(Debug)]
@@ -134,8 +134,8 @@ impl Filling {
         }
         let arrived = queued.saturating_sub(wait.queued) as f64;
         let waited = now.saturating_duration_since(wait.started).as_secs_f64();
-        // Most of those answered came back, faster than appends came during the flight.
-        let came_back = arrived >= wait.answered as f64 / 2.0;
+        // A good part of those answered came back, faster than appends came during the flight.
+        let came_back = arrived >= wait.answered as f64 / 4.0;
         if came_back && arrived >= RUSH * wait.flight_rate * waited {
             return Some(Ended::Short);
         }
@@ -230,7 +230,7 @@ mod tests {
         filling.acknowledged(60, 5 * MS, 0, 1000, start);
         assert!(!filling.ready(1, start), "not paused");
         // Only a few of those answered came back: they are not coming back on their answers.
-        assert_eq!(filling.taken(5, start + MS), Some(Ended::Short));
+        assert_eq!(filling.taken(14, start + MS), Some(Ended::Short));
         filling.acknowledged(60, 5 * MS, 0, 1000, start);
         assert!(filling.ready(1, start), "paused");
     }
