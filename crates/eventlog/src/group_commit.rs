@@ -15,7 +15,8 @@
 //! [`GroupCommitSettings::messages_max`] messages) when one is acknowledged. It may first wait,
 //! up to [`GroupCommitSettings::fill_wait`], for the callers that acknowledgement answered to
 //! come back with their next commands, so that they share one batch instead of following in a
-//! second ([`filling`]: only while callers do come back; a lone caller never waits). Appends that
+//! second ([`filling`]: only while callers do come back, with nothing in flight, and never past
+//! an append's deadline; a lone caller never waits). Appends that
 //! touch an account or marker of a batch in flight wait for it, so that their condition is
 //! checked after it, as it would be had they been sent one after the other.
 //!
@@ -48,7 +49,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::log::BATCH_SIZE_MAX;
-use filling::{Ended, Filling};
+use filling::{Ended, Filling, Queued};
 
 pub mod filling;
 use crate::{Appended, Entry, Error, EventLog, Result};
@@ -397,8 +398,26 @@ async fn run(
             // With every in-flight slot taken, reservations whose accounts are free are still
             // granted (their holders reload meanwhile); no member is taken. Without a queued
             // reservation there is nothing to grant and the queue is not scanned.
-            let take =
-                in_flight.len() < in_flight_max && filling.ready(waiting.len(), Instant::now());
+            // A wait to fill holds back only a committer with nothing in flight: with a batch
+            // in flight (several allowed), sending now keeps the server busy.
+            let now = Instant::now();
+            let take = in_flight.len() < in_flight_max
+                && (!in_flight.is_empty() || !filling.is_waiting() || {
+                    let (queued, earliest) = queued_appends(&waiting);
+                    // An append never misses its deadline for a wait.
+                    let due = earliest
+                        .zip(filling.wakes_at())
+                        .is_some_and(|(due, end)| due <= end);
+                    filling.ready(queued, now) || due
+                });
+            if take && filling.is_waiting() {
+                // The wait is over, whether or not anything can go now.
+                match filling.end(queued_appends(&waiting).0, now) {
+                    Some(Ended::Filled) => counters.fills.fetch_add(1, Ordering::Relaxed),
+                    Some(Ended::Short) => counters.fills_short.fetch_add(1, Ordering::Relaxed),
+                    None => 0,
+                };
+            }
             if !take && !reservation_queued(&waiting) {
                 break;
             }
@@ -411,14 +430,6 @@ async fn run(
             );
             if batch.is_empty() {
                 break;
-            }
-            if take {
-                let queued = waiting.len() + batch.len();
-                match filling.taken(queued, Instant::now()) {
-                    Some(Ended::Filled) => counters.fills.fetch_add(1, Ordering::Relaxed),
-                    Some(Ended::Short) => counters.fills_short.fetch_add(1, Ordering::Relaxed),
-                    None => 0,
-                };
             }
             let keys: Vec<Key> = batch
                 .iter()
@@ -439,8 +450,11 @@ async fn run(
         // A granted reservation past its deadline is released then, and an append held back
         // behind one is answered at its own deadline, even if nothing else happens. (Without
         // reservations every waiting append is behind a batch in flight, answered by its
-        // acknowledgement or its timeout.)
-        let fill_until = filling.wakes_at().filter(|_| !waiting.is_empty());
+        // acknowledgement or its timeout, or behind a wait to fill, which ends before its
+        // deadline.) A wait to fill ends when it runs out.
+        let fill_until = filling
+            .wakes_at()
+            .filter(|_| in_flight.is_empty() && !waiting.is_empty());
         let next_expiry = if reserved.grants.is_empty() && !reservation_queued(&waiting) {
             fill_until
         } else {
@@ -463,7 +477,6 @@ async fn run(
             }
             member = receiver.recv(), if !closed => match member {
                 Some(member) => {
-                    filling.arrived(Instant::now());
                     waiting.push_back(Waiting::Member(member));
                     // What has queued already joins it: waiting for more would add latency.
                     while waiting.len() < BATCH_SIZE_MAX {
@@ -471,6 +484,9 @@ async fn run(
                             Ok(member) => waiting.push_back(Waiting::Member(member)),
                             Err(_) => break,
                         }
+                    }
+                    if filling.is_waiting() {
+                        filling.arrived(queued_appends(&waiting).0, Instant::now());
                     }
                 }
                 None => closed = true,
@@ -486,10 +502,28 @@ async fn run(
                     busy.remove(&key);
                 }
                 // Those just answered are expected back with their next commands.
-                filling.acknowledged(members, flight, waiting.len(), messages_max, Instant::now());
+                let (queued, _) = queued_appends(&waiting);
+                filling.acknowledged(members, flight, queued, messages_max, Instant::now());
             }
         }
     }
+}
+
+/// The appends waiting (not the reservations) and their messages, and the earliest deadline
+/// among them.
+fn queued_appends(waiting: &VecDeque<Waiting>) -> (Queued, Option<Instant>) {
+    let mut queued = Queued::default();
+    let mut earliest: Option<Instant> = None;
+    for next in waiting {
+        if let Waiting::Member(member) = next {
+            queued.appends += 1;
+            queued.messages += member.entries.len();
+            if let Some(deadline) = member.deadline {
+                earliest = Some(earliest.map_or(deadline, |earliest| earliest.min(deadline)));
+            }
+        }
+    }
+    (queued, earliest)
 }
 
 /// Answers the members waiting past their deadline (`Unavailable`: never sent) and forgets the

@@ -309,12 +309,12 @@ impl Metrics {
                 ),
                 (
                     "coffer_writer_group_commit_fills",
-                    "Batches that waited after an acknowledgement for the callers just answered and filled.",
+                    "Batches held back after an acknowledgement for the callers just answered that filled.",
                     &group.fills,
                 ),
                 (
                     "coffer_writer_group_commit_fills_short",
-                    "Batches that waited and went short: callers that do not come back on an answer; waiting pauses.",
+                    "Batches held back that went short: callers that do not come back on an answer (filling then pauses).",
                     &group.fills_short,
                 ),
             ];

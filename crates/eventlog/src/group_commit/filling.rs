@@ -5,15 +5,15 @@
 //! next command as soon as they are answered: sent at once after an acknowledgement, the next
 //! batch takes only those who queued meanwhile, and the callers just answered form a second
 //! batch behind it. So after an acknowledgement the next batch waits for as many appends as the
-//! acknowledged batch and the queue held together, but not longer than `wait_max`, nor past a
-//! quiet spell in which nothing arrives.
+//! acknowledged batch and the queue held together (or a full batch's messages), but not longer
+//! than `wait_max`, nor past a quiet spell in which nothing arrives.
 //!
-//! Callers that do not come back on an answer (paced or independent clients) arrive during the
-//! wait no faster than they did while the batch was in flight, and waiting for them only adds
-//! latency. A wait that ends short of its target without such a rush of arrivals pauses filling
-//! for the next [`PAUSE_AFTER_MISS`] acknowledgements, so such a load pays one wait in that many.
-//! (A wait that ends short *with* a rush, callers coming back but not all in time, keeps
-//! filling on.)
+//! Callers that do not come back on an answer (paced or independent clients) never fill it, and
+//! waiting for them only adds latency. A wait that ends short pauses filling for the next
+//! [`PAUSE_AFTER_MISS`] acknowledgements, so such a load pays one wait in that many, unless it
+//! ran to its limit while callers were rushing back: at least a quarter of those answered, and
+//! [`RUSH`] times faster than appends arrived during the flight (callers coming back, only not
+//! all in time). A wait ended by a quiet spell always pauses: nobody else was coming.
 
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ pub const PAUSE_AFTER_MISS: u32 = 64;
 
 /// How much faster than during the flight appends arrive during a wait when callers come back on
 /// their answers.
-const RUSH: f64 = 1.5;
+pub const RUSH: f64 = 1.5;
 
 /// The filling policy of one committer.
 #[derive(Debug)]
@@ -40,6 +40,8 @@ pub struct Filling {
 struct Wait {
     /// Queued appends that make the batch worth sending.
     target: usize,
+    /// Queued messages that make a full batch.
+    messages_max: usize,
     /// When it goes with whatever has queued.
     until: Instant,
     /// When it goes if nothing more has arrived.
@@ -51,15 +53,30 @@ struct Wait {
     answered: usize,
     /// Appends per second that arrived while the acknowledged batch was in flight.
     flight_rate: f64,
+    /// Whether it has held back an append: otherwise it ends uncounted.
+    held: bool,
 }
 
-/// How a wait ended, for the counters.
+impl Wait {
+    fn ran_out(&self, now: Instant) -> bool {
+        now >= self.until || now >= self.quiet_until
+    }
+}
+
+/// How a wait that held appends back ended, for the counters.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ended {
     /// The batch reached its target.
     Filled,
-    /// The time ran out first (or nothing arrived for a while): filling pauses.
+    /// The time ran out first.
     Short,
+}
+
+/// What is queued, as the policy counts it: appends (not reservations) and their messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Queued {
+    pub appends: usize,
+    pub messages: usize,
 }
 
 impl Filling {
@@ -73,14 +90,20 @@ impl Filling {
         }
     }
 
+    /// Whether a wait is on (then the caller counts what is queued for [`Filling::ready`]).
+    pub fn is_waiting(&self) -> bool {
+        self.waiting.is_some()
+    }
+
     /// A batch of `members` appends, in flight for `flight`, was acknowledged while `queued`
-    /// wait (about those that arrived during the flight); a batch holds at most `target_max`.
+    /// wait (about those that arrived during the flight); a batch holds at most `messages_max`
+    /// messages.
     pub fn acknowledged(
         &mut self,
         members: usize,
         flight: Duration,
-        queued: usize,
-        target_max: usize,
+        queued: Queued,
+        messages_max: usize,
         now: Instant,
     ) {
         self.waiting = None;
@@ -91,55 +114,70 @@ impl Filling {
             self.paused_for -= 1;
             return;
         }
-        let target = (members + queued).min(target_max);
-        if target > queued {
+        let target = members + queued.appends;
+        if queued.messages < messages_max {
             self.waiting = Some(Wait {
                 target,
+                messages_max,
                 until: now + self.wait_max,
                 quiet_until: now + self.quiet,
                 started: now,
-                queued,
+                queued: queued.appends,
                 answered: members,
-                flight_rate: queued as f64 / flight.as_secs_f64().max(1e-6),
+                flight_rate: queued.appends as f64 / flight.as_secs_f64().max(1e-6),
+                held: queued.appends > 0,
             });
         }
     }
 
-    /// An append arrived.
-    pub fn arrived(&mut self, now: Instant) {
-        if let Some(wait) = self.waiting.as_mut() {
-            wait.quiet_until = now + self.quiet;
+    /// An append arrived, and `queued` are waiting with it.
+    pub fn arrived(&mut self, queued: Queued, now: Instant) {
+        let Some(wait) = self.waiting.as_mut() else {
+            return;
+        };
+        if !wait.held && wait.ran_out(now) {
+            // It ran out with nothing queued: nobody waited, and this one need not.
+            self.waiting = None;
+            return;
         }
+        wait.quiet_until = now + self.quiet;
+        wait.held |= queued.appends < wait.target && queued.messages < wait.messages_max;
     }
 
-    /// Whether a batch may be taken with `queued` appends waiting.
-    pub fn ready(&self, queued: usize, now: Instant) -> bool {
+    /// Whether a batch may be taken with `queued` waiting.
+    pub fn ready(&self, queued: Queued, now: Instant) -> bool {
         self.waiting.as_ref().is_none_or(|wait| {
-            queued >= wait.target || now >= wait.until || now >= wait.quiet_until
+            queued.appends >= wait.target
+                || queued.messages >= wait.messages_max
+                || wait.ran_out(now)
         })
     }
 
-    /// When the wait ends if nothing arrives.
+    /// When the wait runs out if nothing arrives.
     pub fn wakes_at(&self) -> Option<Instant> {
         self.waiting
             .as_ref()
             .map(|wait| wait.until.min(wait.quiet_until))
     }
 
-    /// A batch was taken with `queued` appends waiting: the wait, if any, is over.
-    pub fn taken(&mut self, queued: usize, now: Instant) -> Option<Ended> {
+    /// The wait, if any, is over ([`Filling::ready`] said so) with `queued` waiting: how it
+    /// ended if it held anything back.
+    pub fn end(&mut self, queued: Queued, now: Instant) -> Option<Ended> {
         let wait = self.waiting.take()?;
-        if queued >= wait.target {
+        if !wait.held {
+            return None;
+        }
+        if queued.appends >= wait.target || queued.messages >= wait.messages_max {
             return Some(Ended::Filled);
         }
-        let arrived = queued.saturating_sub(wait.queued) as f64;
+        let arrived = queued.appends.saturating_sub(wait.queued) as f64;
         let waited = now.saturating_duration_since(wait.started).as_secs_f64();
-        // A good part of those answered came back, faster than appends came during the flight.
+        let to_the_limit = now >= wait.until;
         let came_back = arrived >= wait.answered as f64 / 4.0;
-        if came_back && arrived >= RUSH * wait.flight_rate * waited {
-            return Some(Ended::Short);
+        let rushed = arrived >= RUSH * wait.flight_rate * waited;
+        if !(to_the_limit && came_back && rushed) {
+            self.paused_for = PAUSE_AFTER_MISS;
         }
-        self.paused_for = PAUSE_AFTER_MISS;
         Some(Ended::Short)
     }
 }
@@ -154,49 +192,68 @@ mod tests {
         Filling::new(4 * MS, MS)
     }
 
+    fn appends(appends: usize) -> Queued {
+        Queued {
+            appends,
+            messages: appends,
+        }
+    }
+
     #[test]
     fn after_an_acknowledgement_the_batch_waits_for_those_answered_and_those_queued() {
         let start = Instant::now();
         let mut filling = policy();
-        assert!(filling.ready(1, start), "nothing acknowledged yet: no wait");
-        filling.acknowledged(32, 5 * MS, 30, 1000, start);
-        assert!(!filling.ready(30, start));
-        assert!(!filling.ready(61, start));
-        assert!(filling.ready(62, start), "the target is 32 + 30");
+        assert!(filling.ready(appends(1), start), "nothing acknowledged yet");
+        filling.acknowledged(32, 5 * MS, appends(30), 1000, start);
+        assert!(!filling.ready(appends(30), start));
+        filling.arrived(appends(61), start);
+        assert!(!filling.ready(appends(61), start));
+        assert!(filling.ready(appends(62), start), "the target is 32 + 30");
         assert_eq!(filling.wakes_at(), Some(start + MS));
-        assert_eq!(filling.taken(62, start), Some(Ended::Filled));
-        assert!(filling.ready(0, start), "the wait ends with the batch");
-        assert_eq!(filling.taken(0, start), None);
+        assert_eq!(filling.end(appends(62), start), Some(Ended::Filled));
+        assert!(
+            filling.ready(appends(0), start),
+            "the wait ends with the batch"
+        );
+        assert_eq!(filling.end(appends(0), start), None);
     }
 
     #[test]
-    fn the_target_is_capped_by_the_batch_limit_and_a_full_queue_does_not_wait() {
+    fn a_full_batch_of_messages_does_not_wait_for_more_appends() {
         let start = Instant::now();
         let mut filling = policy();
-        filling.acknowledged(900, 5 * MS, 200, 1000, start);
-        assert!(!filling.ready(999, start));
-        assert!(filling.ready(1000, start));
-        filling.acknowledged(10, 5 * MS, 1000, 1000, start);
-        assert!(filling.ready(1000, start), "the queue alone fills a batch");
-        assert_eq!(filling.wakes_at(), None);
+        // 300 transfers of 3 messages each queued: a full batch, whatever the count says.
+        let transfers = |count: usize| Queued {
+            appends: count,
+            messages: 3 * count,
+        };
+        filling.acknowledged(333, 5 * MS, transfers(300), 1000, start);
+        assert!(!filling.ready(transfers(300), start));
+        assert!(
+            filling.ready(transfers(334), start),
+            "1002 messages fill a batch"
+        );
+        assert_eq!(filling.end(transfers(334), start), Some(Ended::Filled));
+        filling.acknowledged(10, 5 * MS, transfers(334), 1000, start);
+        assert!(!filling.is_waiting(), "a full queue does not wait");
     }
 
     #[test]
     fn a_wait_ends_at_its_limit_or_after_a_quiet_spell_and_arrivals_extend_the_spell() {
         let start = Instant::now();
         let mut filling = policy();
-        filling.acknowledged(10, 5 * MS, 0, 1000, start);
-        assert!(!filling.ready(3, start + MS / 2));
+        filling.acknowledged(10, 5 * MS, appends(0), 1000, start);
+        assert!(!filling.ready(appends(0), start + MS / 2));
         assert!(
-            filling.ready(3, start + MS),
-            "nothing arrived for the quiet spell"
+            filling.ready(appends(0), start + MS),
+            "nothing arrived for the spell"
         );
         for step in 1..=7 {
-            filling.arrived(start + step * MS / 2);
+            filling.arrived(appends(step as usize), start + step * MS / 2);
         }
-        assert!(!filling.ready(3, start + 3 * MS + MS / 2));
+        assert!(!filling.ready(appends(7), start + 3 * MS + MS / 2));
         assert!(
-            filling.ready(3, start + 4 * MS),
+            filling.ready(appends(7), start + 4 * MS),
             "the limit holds however busy"
         );
         assert_eq!(filling.wakes_at(), Some(start + 4 * MS));
@@ -207,41 +264,82 @@ mod tests {
         let start = Instant::now();
         let mut filling = policy();
         // 20 arrived during a 5 ms flight; 8 in the 4 ms wait is no faster.
-        filling.acknowledged(30, 5 * MS, 20, 1000, start);
-        assert_eq!(filling.taken(28, start + 4 * MS), Some(Ended::Short));
+        filling.acknowledged(30, 5 * MS, appends(20), 1000, start);
+        filling.arrived(appends(28), start + 3 * MS);
+        assert_eq!(filling.end(appends(28), start + 4 * MS), Some(Ended::Short));
         for _ in 0..PAUSE_AFTER_MISS {
-            filling.acknowledged(10, 5 * MS, 0, 1000, start);
-            assert!(filling.ready(1, start), "paused: a batch goes at once");
+            filling.acknowledged(10, 5 * MS, appends(0), 1000, start);
+            assert!(
+                filling.ready(appends(1), start),
+                "paused: a batch goes at once"
+            );
         }
-        filling.acknowledged(10, 5 * MS, 0, 1000, start);
+        filling.acknowledged(10, 5 * MS, appends(0), 1000, start);
         assert!(
-            !filling.ready(1, start),
+            !filling.ready(appends(1), start),
             "the pause is over: it waits again"
         );
     }
 
     #[test]
-    fn a_wait_that_ends_short_after_a_rush_of_callers_coming_back_keeps_filling() {
+    fn a_wait_that_runs_out_while_callers_rush_back_keeps_filling() {
         let start = Instant::now();
         let mut filling = policy();
         // 20 arrived during a 5 ms flight; 40 of the 44 answered came back in the 4 ms wait.
-        filling.acknowledged(44, 5 * MS, 20, 1000, start);
-        assert_eq!(filling.taken(60, start + 4 * MS), Some(Ended::Short));
-        filling.acknowledged(60, 5 * MS, 0, 1000, start);
-        assert!(!filling.ready(1, start), "not paused");
-        // Only a few of those answered came back: they are not coming back on their answers.
-        assert_eq!(filling.taken(14, start + MS), Some(Ended::Short));
-        filling.acknowledged(60, 5 * MS, 0, 1000, start);
-        assert!(filling.ready(1, start), "paused");
+        filling.acknowledged(44, 5 * MS, appends(20), 1000, start);
+        filling.arrived(appends(60), start + 3 * MS);
+        assert_eq!(filling.end(appends(60), start + 4 * MS), Some(Ended::Short));
+        filling.acknowledged(60, 5 * MS, appends(0), 1000, start);
+        assert!(!filling.ready(appends(1), start), "not paused");
+        // Only 14 of the 60 came back: they are not coming back on their answers.
+        for step in 1..=7u32 {
+            filling.arrived(appends(2 * step as usize), start + step * MS / 2);
+        }
+        assert_eq!(filling.end(appends(14), start + 4 * MS), Some(Ended::Short));
+        filling.acknowledged(60, 5 * MS, appends(0), 1000, start);
+        assert!(filling.ready(appends(1), start), "paused");
+    }
+
+    #[test]
+    fn a_wait_ended_by_a_quiet_spell_pauses_however_fast_they_came() {
+        let start = Instant::now();
+        let mut filling = policy();
+        // One fast caller and one that does not come back: the fast one is back at once, then
+        // nothing for the quiet spell.
+        filling.acknowledged(2, 5 * MS, appends(0), 1000, start);
+        filling.arrived(appends(1), start);
+        assert!(filling.ready(appends(1), start + MS));
+        assert_eq!(filling.end(appends(1), start + MS), Some(Ended::Short));
+        filling.acknowledged(2, 5 * MS, appends(0), 1000, start);
+        assert!(filling.ready(appends(1), start), "paused");
+    }
+
+    #[test]
+    fn a_wait_that_held_nothing_back_is_not_counted_and_never_pauses() {
+        let start = Instant::now();
+        let mut filling = policy();
+        // A lone caller: the one it waits for is itself.
+        filling.acknowledged(1, 5 * MS, appends(0), 1000, start);
+        filling.arrived(appends(1), start);
+        assert!(filling.ready(appends(1), start));
+        assert_eq!(filling.end(appends(1), start), None);
+        // Ten answered, none back for an hour: the wait ran out with nothing queued.
+        filling.acknowledged(10, 5 * MS, appends(0), 1000, start);
+        let later = start + Duration::from_secs(3600);
+        filling.arrived(appends(1), later);
+        assert!(!filling.is_waiting());
+        assert!(filling.ready(appends(1), later));
+        filling.acknowledged(10, 5 * MS, appends(0), 1000, later);
+        assert!(!filling.ready(appends(1), later), "not paused");
     }
 
     #[test]
     fn zero_never_waits() {
         let start = Instant::now();
         let mut filling = Filling::new(Duration::ZERO, MS);
-        filling.acknowledged(64, 5 * MS, 0, 1000, start);
-        assert!(filling.ready(1, start));
+        filling.acknowledged(64, 5 * MS, appends(0), 1000, start);
+        assert!(filling.ready(appends(1), start));
         assert_eq!(filling.wakes_at(), None);
-        assert_eq!(filling.taken(1, start), None);
+        assert_eq!(filling.end(appends(1), start), None);
     }
 }
