@@ -411,12 +411,14 @@ struct WriterArgs {
     group_commit_in_flight_max: u8,
     /// Longest a group-commit batch waits, after the previous one is acknowledged, for the
     /// commands of the callers just answered, in microseconds (0: send what has queued at once).
-    #[arg(long, env = "COFFER_GROUP_COMMIT_FILL_WAIT_US", default_value_t = 4_000,
+    #[arg(long, env = "COFFER_GROUP_COMMIT_FILL_WAIT_US",
+        default_value_t = eventlog::group_commit::FILL_WAIT_DEFAULT.as_micros() as u64,
         value_parser = clap::value_parser!(u64).range(0..=100_000))]
     group_commit_fill_wait_us: u64,
     /// A group-commit batch waiting to fill goes once no command has arrived for this many
     /// microseconds.
-    #[arg(long, env = "COFFER_GROUP_COMMIT_FILL_QUIET_US", default_value_t = 2_000,
+    #[arg(long, env = "COFFER_GROUP_COMMIT_FILL_QUIET_US",
+        default_value_t = eventlog::group_commit::FILL_QUIET_DEFAULT.as_micros() as u64,
         value_parser = clap::value_parser!(u64).range(0..=100_000))]
     group_commit_fill_quiet_us: u64,
     /// A command's deadline in milliseconds: it is not started, and nothing is appended for it,

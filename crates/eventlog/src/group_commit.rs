@@ -402,22 +402,8 @@ async fn run(
             // in flight (several allowed), sending now keeps the server busy.
             let now = Instant::now();
             let take = in_flight.len() < in_flight_max
-                && (!in_flight.is_empty() || !filling.is_waiting() || {
-                    let (queued, earliest) = queued_appends(&waiting);
-                    // An append never misses its deadline for a wait.
-                    let due = earliest
-                        .zip(filling.wakes_at())
-                        .is_some_and(|(due, end)| due <= end);
-                    filling.ready(queued, now) || due
-                });
-            if take && filling.is_waiting() {
-                // The wait is over, whether or not anything can go now.
-                match filling.end(queued_appends(&waiting).0, now) {
-                    Some(Ended::Filled) => counters.fills.fetch_add(1, Ordering::Relaxed),
-                    Some(Ended::Short) => counters.fills_short.fetch_add(1, Ordering::Relaxed),
-                    None => 0,
-                };
-            }
+                && (!filling.is_waiting()
+                    || wait_over(&mut filling, &waiting, in_flight.is_empty(), now, &counters));
             if !take && !reservation_queued(&waiting) {
                 break;
             }
@@ -507,6 +493,33 @@ async fn run(
             }
         }
     }
+}
+
+/// Whether the wait to fill is over (and then ends it, counting how): a batch is in flight, the
+/// queue is ready, or an append's deadline comes before the wait would end.
+fn wait_over(
+    filling: &mut Filling,
+    waiting: &VecDeque<Waiting>,
+    nothing_in_flight: bool,
+    now: Instant,
+    counters: &GroupCommitCounters,
+) -> bool {
+    let (queued, earliest) = queued_appends(waiting);
+    // An append never misses its deadline for a wait.
+    let due = earliest
+        .zip(filling.wakes_at())
+        .is_some_and(|(due, end)| due <= end);
+    if nothing_in_flight && !due && !filling.ready(queued, now) {
+        return false;
+    }
+    // The wait is over, whether or not anything can go now.
+    let counter = match filling.end(queued, now) {
+        Some(Ended::Filled) => &counters.fills,
+        Some(Ended::Short) => &counters.fills_short,
+        None => return true,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    true
 }
 
 /// The appends waiting (not the reservations) and their messages, and the earliest deadline

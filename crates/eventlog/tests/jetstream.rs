@@ -901,13 +901,27 @@ mod group_commit {
         (committer, sizes)
     }
 
-    /// Sends one append per account, each after the committer has taken the previous one in
-    /// (the test runtime has one thread: yielding lets the committer run), as callers answered
-    /// one after the other would.
-    async fn one_by_one(
-        committer: &GroupCommit,
-        accounts: &[AccountId],
-    ) -> Vec<tokio::task::JoinHandle<Result<eventlog::Appended, Error>>> {
+    /// Opens `count` new accounts in one batch (their callers are answered together).
+    async fn opened_together(committer: &GroupCommit, name: &str, count: usize) -> Vec<AccountId> {
+        let accounts: Vec<AccountId> = (0..count).map(|_| account(name)).collect();
+        let members = accounts
+            .iter()
+            .map(|id| vec![event_entry(id, 0, opened())])
+            .collect();
+        assert!(together(committer, members).await.iter().all(Result::is_ok));
+        accounts
+    }
+
+    /// Opens a new account on its own.
+    async fn opened_alone(committer: &GroupCommit, name: &str) {
+        let entries = vec![event_entry(&account(name), 0, opened())];
+        committer.append(entries, None).await.unwrap();
+    }
+
+    /// Opens each account, each sent after the committer has taken the previous one in (the
+    /// test runtime has one thread: yielding lets the committer run), as callers answered one
+    /// after the other would, and waits for all of them.
+    async fn opened_one_by_one(committer: &GroupCommit, accounts: &[AccountId]) {
         let mut handles = Vec::new();
         for id in accounts {
             let (committer, entries) = (committer.clone(), vec![event_entry(id, 0, opened())]);
@@ -918,7 +932,9 @@ mod group_commit {
                 tokio::task::yield_now().await;
             }
         }
-        handles
+        for handle in handles {
+            handle.await.unwrap().unwrap();
+        }
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -940,19 +956,9 @@ mod group_commit {
             expected = appended.last_position;
         }
         // Ten callers answered together come back one by one: one batch, not ten.
-        let first: Vec<AccountId> = (0..10).map(|_| account("cohort")).collect();
-        let members = first
-            .iter()
-            .map(|id| vec![event_entry(id, 0, opened())])
-            .collect();
-        assert!(together(&committer, members)
-            .await
-            .iter()
-            .all(Result::is_ok));
+        let first = opened_together(&committer, "cohort", 10).await;
         let again: Vec<AccountId> = (0..10).map(|_| account("back")).collect();
-        for handle in one_by_one(&committer, &again).await {
-            handle.await.unwrap().unwrap();
-        }
+        opened_one_by_one(&committer, &again).await;
         assert_eq!(*sizes.lock().unwrap(), vec![1, 1, 1, 10, 10]);
         // Only the ten coming back one by one were held back; the lone caller's waits and the
         // ten arriving at once held nothing.
@@ -968,19 +974,9 @@ mod group_commit {
         let server = NatsServer::start();
         let log = log_on(&server).await;
         let (committer, sizes) = filling_committer(&log, Duration::ZERO);
-        let first: Vec<AccountId> = (0..10).map(|_| account("cohort")).collect();
-        let members = first
-            .iter()
-            .map(|id| vec![event_entry(id, 0, opened())])
-            .collect();
-        assert!(together(&committer, members)
-            .await
-            .iter()
-            .all(Result::is_ok));
+        opened_together(&committer, "cohort", 10).await;
         let again: Vec<AccountId> = (0..10).map(|_| account("back")).collect();
-        for handle in one_by_one(&committer, &again).await {
-            handle.await.unwrap().unwrap();
-        }
+        opened_one_by_one(&committer, &again).await;
         let sizes = sizes.lock().unwrap().clone();
         assert_eq!(sizes[..2], [10, 1], "{sizes:?}");
         assert_eq!(sizes.iter().sum::<usize>(), 20);
@@ -991,39 +987,18 @@ mod group_commit {
         let server = NatsServer::start();
         let log = log_on(&server).await;
         let (committer, sizes) = filling_committer(&log, Duration::from_millis(300));
-        let first: Vec<AccountId> = (0..10).map(|_| account("cohort")).collect();
-        let members = first
-            .iter()
-            .map(|id| vec![event_entry(id, 0, opened())])
-            .collect();
-        assert!(together(&committer, members)
-            .await
-            .iter()
-            .all(Result::is_ok));
+        opened_together(&committer, "cohort", 10).await;
         // Only one of the ten comes back: it waits the whole limit (counted from the ten's
         // acknowledgement, a little before this), then goes short.
         let started = tokio::time::Instant::now();
-        let late = account("late");
-        committer
-            .append(vec![event_entry(&late, 0, opened())], None)
-            .await
-            .unwrap();
+        opened_alone(&committer, "late").await;
         assert!(started.elapsed() >= Duration::from_millis(250));
         let counters = committer.counters();
         assert_eq!(counters.fills_short.load(Relaxed), 1);
         // Filling is paused now: after ten answered together, one coming back goes at once.
-        let members = (0..10)
-            .map(|_| vec![event_entry(&account("paused"), 0, opened())])
-            .collect();
-        assert!(together(&committer, members)
-            .await
-            .iter()
-            .all(Result::is_ok));
+        opened_together(&committer, "paused", 10).await;
         let started = tokio::time::Instant::now();
-        committer
-            .append(vec![event_entry(&account("one"), 0, opened())], None)
-            .await
-            .unwrap();
+        opened_alone(&committer, "one").await;
         assert!(started.elapsed() < Duration::from_millis(300));
         assert_eq!(counters.fills.load(Relaxed), 0);
         assert_eq!(counters.fills_short.load(Relaxed), 1);

@@ -58,6 +58,10 @@ struct Wait {
 }
 
 impl Wait {
+    fn filled(&self, queued: Queued) -> bool {
+        queued.appends >= self.target || queued.messages >= self.messages_max
+    }
+
     fn ran_out(&self, now: Instant) -> bool {
         now >= self.until || now >= self.quiet_until
     }
@@ -141,16 +145,14 @@ impl Filling {
             return;
         }
         wait.quiet_until = now + self.quiet;
-        wait.held |= queued.appends < wait.target && queued.messages < wait.messages_max;
+        wait.held |= !wait.filled(queued);
     }
 
     /// Whether a batch may be taken with `queued` waiting.
     pub fn ready(&self, queued: Queued, now: Instant) -> bool {
-        self.waiting.as_ref().is_none_or(|wait| {
-            queued.appends >= wait.target
-                || queued.messages >= wait.messages_max
-                || wait.ran_out(now)
-        })
+        self.waiting
+            .as_ref()
+            .is_none_or(|wait| wait.filled(queued) || wait.ran_out(now))
     }
 
     /// When the wait runs out if nothing arrives.
@@ -167,7 +169,7 @@ impl Filling {
         if !wait.held {
             return None;
         }
-        if queued.appends >= wait.target || queued.messages >= wait.messages_max {
+        if wait.filled(queued) {
             return Some(Ended::Filled);
         }
         let arrived = queued.appends.saturating_sub(wait.queued) as f64;
