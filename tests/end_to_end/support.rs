@@ -16,8 +16,28 @@ pub fn writer(name: &str, nats_urls: &str, extra: &[(&str, String)]) -> CofferPr
     let mut environment = vec![("COFFER_NATS_URL", nats_urls.to_string())];
     environment.extend(extra.iter().cloned());
     let process = CofferProcess::start(name, "writer", &environment);
-    wait_ready(&process.url());
-    process
+    started(process)
+}
+
+/// `process` once it answers ready. A fresh three-node cluster on a loaded two-core machine can
+/// take a while to elect its JetStream leaders, so it gets longer than [`wait_ready`]; if it never
+/// gets there, the panic shows the end of its log.
+fn started(process: CofferProcess) -> CofferProcess {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
+        if status_of(&format!("{}/readyz", process.url())).is_ok_and(|status| status == 200) {
+            return process;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = process.log();
+    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    panic!(
+        "{} not ready within 90 s; the end of its log:\n{}",
+        process.url(),
+        tail.join("\n")
+    );
 }
 
 pub fn reader(
