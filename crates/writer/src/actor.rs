@@ -10,8 +10,8 @@
 //!
 //! When another writer got there first the batch is refused (`Conflict`): the actor looks for a
 //! marker of the same request (a retry that raced its first attempt), else loads what it missed
-//! and decides again, at most [`CONFLICT_RETRIES_MAX`] times and never past the command's
-//! deadline. Its state is only a cache of the
+//! and decides again, until the command's deadline (or for [`CONFLICT_RETRY_WINDOW`] when it
+//! has none). Its state is only a cache of the
 //! stream and is bounded: it holds no per-transfer or per-key memory.
 //!
 //! Honesty: a command whose deadline has passed is never started, and no append is sent for it
@@ -36,13 +36,23 @@ use crate::request::{CommandRequest, Intent};
 pub use crate::states::{AccountStates, Known, CACHED_STATES_MAX};
 use crate::{Error, Result};
 
-/// How many times a command is re-decided after losing a race to another writer (or to another
-/// actor of this one). The command's deadline bounds the retries too: nothing is appended after
-/// it. A transaction over several accounts races with each of their own traffic, so a lost race
-/// is normal under contention and must be retried, not answered as an error. The pauses of
-/// [`backoff`] over 64 attempts sum to about 0.26 s (0.5 s at most); the appends and reloads
-/// between them take the rest, within the default 10 s deadline.
-pub const CONFLICT_RETRIES_MAX: usize = 64;
+/// How long a command that has no deadline of its own (a due hold's expiry) keeps deciding again
+/// after losing races to another writer (or to another actor of this one); a client's command
+/// keeps at it until its deadline instead. A transaction over several accounts races with each
+/// of their own traffic, so a lost race is normal under contention and must be retried, not
+/// answered as an error. On a replicated stream the leader also refuses a check on an account
+/// while another writer's append to it is still being replicated, so a hot account owned by
+/// another writer can refuse a run of attempts that would each have been right: a fixed count of
+/// quick retries (64, until 2026-12) ran out in well under a second there, while time spreads
+/// the attempts across the other writer's bursts. The pauses of [`backoff`] grow to 16 ms.
+pub const CONFLICT_RETRY_WINDOW: Duration = Duration::from_secs(10);
+/// Lost races after which a flow that may be handed over goes to the owner of its other
+/// accounts. On a replicated stream an account its owner keeps busy is refused to everyone else
+/// nearly all the time (its next append is already in flight when another writer's reload has
+/// seen the last one), while inside the owner the committer's reservations let flows and the
+/// account's own commands take turns. A few losses in a row are the sign; a single one is the
+/// ordinary race of two writers.
+const HAND_OVER_AFTER_LOST_RACES: usize = 3;
 /// How many times an account batch is decided again after losing a race, before its commands
 /// go alone.
 const ACCOUNT_BATCH_RETRIES_MAX: usize = 8;
@@ -265,8 +275,10 @@ enum Commit {
     /// Stored: the answer, at its position.
     Stored(Outcome),
     /// Refused whole for a stale condition (another writer or actor appended first): nothing
-    /// was stored; decide again on fresh state.
-    LostRace,
+    /// was stored; decide again on fresh state. `stream_last`: the position the server holds
+    /// for the subject whose check failed, when it said (not while a proposal to that subject
+    /// was still in flight).
+    LostRace { stream_last: Option<u64> },
 }
 
 impl AccountActorState {
@@ -593,7 +605,13 @@ impl AccountActorState {
         // which accounts those are.
         let mut reserved: Option<eventlog::AccountsReserved> = None;
         let mut reserved_accounts: Vec<AccountId> = Vec::new();
-        for attempt in 0..=CONFLICT_RETRIES_MAX {
+        let retry_until = request
+            .deadline
+            .unwrap_or_else(|| Instant::now() + CONFLICT_RETRY_WINDOW);
+        let mut attempts = 0usize;
+        loop {
+            let attempt = attempts;
+            attempts += 1;
             self.gather_others(&request.intent, &mut others, verified_current)
                 .await?;
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -650,7 +668,13 @@ impl AccountActorState {
             drop(reserved.take());
             match committed? {
                 Commit::Stored(outcome) => return Ok(outcome),
-                Commit::LostRace => {
+                Commit::LostRace { stream_last } => {
+                    if Instant::now() >= retry_until {
+                        return Err(Error::TooManyConflicts(attempts));
+                    }
+                    if attempts.is_multiple_of(64) {
+                        tracing::warn!(account = %self.id(), attempts, ?stream_last, "a command keeps losing the race for its accounts to another writer");
+                    }
                     // What is reloaded below may come from any replica: a refusal decided on it
                     // is checked against the leader again.
                     verified_current = false;
@@ -660,12 +684,18 @@ impl AccountActorState {
                         self.context.metrics.idempotent_replays.inc();
                         return first;
                     }
-                    if !others.is_empty() {
-                        // Flows over several accounts race with each of their accounts' own
-                        // traffic: a short, growing, jittered pause keeps two of them from
-                        // retrying in lockstep across writers.
-                        backoff(attempt).await;
+                    if request.hand_over_when_contended
+                        && attempts >= HAND_OVER_AFTER_LOST_RACES
+                        && !others.is_empty()
+                    {
+                        // Nothing of the command is stored (every attempt was refused whole),
+                        // and nothing more is sent for it from here.
+                        return Err(Error::Contended(others.keys().cloned().collect()));
                     }
+                    // A short, growing, jittered pause keeps two writers from retrying in
+                    // lockstep, and lets another writer's append in flight to the same account
+                    // land before this one is checked against it.
+                    backoff(attempt).await;
                     // Within this writer the retry takes the accounts it appends to, in queue
                     // order, for its next decide-and-append: decided while another append to
                     // one of them is in flight, it would otherwise be sent on the position that
@@ -679,7 +709,6 @@ impl AccountActorState {
                             .await
                             .map_err(Error::from)?,
                     );
-                    reserved_accounts = appends_to;
                     self.catch_up().await?;
                     let log = &self.context.log;
                     let reloaded = futures::future::try_join_all(
@@ -689,10 +718,30 @@ impl AccountActorState {
                     for known in reloaded {
                         others.insert(known.state.id().clone(), known);
                     }
+                    // The server said where the account whose check failed stands. When none
+                    // of the accounts reloaded got there, the replica that answered lags, and a
+                    // decision on it would lose again: read them from the leader.
+                    let behind = |position: u64| stream_last.is_some_and(|last| position < last);
+                    let lagging = appends_to.iter().all(|account| {
+                        if account == self.id() {
+                            behind(self.known.position)
+                        } else {
+                            others
+                                .get(account)
+                                .is_none_or(|known| behind(known.position))
+                        }
+                    });
+                    if lagging && !appends_to.is_empty() {
+                        tracing::debug!(account = %self.id(), ?stream_last, "the reload after a lost race lags; reading from the leader");
+                        self.catch_up_with_leader().await?;
+                        for known in others.values_mut() {
+                            *known = fresh_from_leader(&self.context.log, known.clone()).await?;
+                        }
+                    }
+                    reserved_accounts = appends_to;
                 }
             }
         }
-        Err(Error::TooManyConflicts(CONFLICT_RETRIES_MAX))
     }
 
     /// Brings `others` to the accounts `intent` names besides this one, loading (together) the
@@ -779,9 +828,17 @@ impl AccountActorState {
                     plan.outcome.at(appended.position_of(plan.answer_index)),
                 ))
             }
-            Err(eventlog::Error::Conflict { .. } | eventlog::Error::Duplicate(_)) => {
+            Err(eventlog::Error::Conflict {
+                current_last_position,
+            }) => {
                 self.context.metrics.conflicts.inc();
-                Ok(Commit::LostRace)
+                Ok(Commit::LostRace {
+                    stream_last: current_last_position,
+                })
+            }
+            Err(eventlog::Error::Duplicate(_)) => {
+                self.context.metrics.conflicts.inc();
+                Ok(Commit::LostRace { stream_last: None })
             }
             Err(error) => {
                 if matches!(error, eventlog::Error::OutcomeUnknown(_)) {

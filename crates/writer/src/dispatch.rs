@@ -20,7 +20,13 @@
 //! the other answers what was stored. Any other command keeps waiting for its owner's answer or
 //! its deadline: a transfer's id claims only its acceptance, not a refusal, so a refusal here could
 //! be followed by the owner's acceptance.
+//!
+//! A flow decided here that keeps losing races for an account another writer owns (that writer
+//! keeps it busy; on a replicated stream its appends are then nearly always in flight) comes
+//! back from the actor with nothing of it stored, and is handed to that owner like any other
+//! command; for [`CONTENDED_REMEMBERED`] the next flows naming that account go there at once.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -52,6 +58,11 @@ const LIVENESS_FIRST: Duration = Duration::from_secs(1);
 const LIVENESS_EVERY: Duration = Duration::from_millis(500);
 /// How long one liveness question may take; no answer in time means "do not know".
 const LIVENESS_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a flow into an account that another writer keeps busy goes straight to that
+/// writer, after one of them lost its races for it here: the next ones would lose theirs too.
+const CONTENDED_REMEMBERED: Duration = Duration::from_secs(2);
+/// At most this many such accounts are remembered (the soonest forgotten make room).
+const CONTENDED_REMEMBERED_MAX: usize = 1_024;
 
 /// A command as handed to its account's owner (MessagePack, named fields). Unknown fields are
 /// refused, not dropped: an owner of an older version must not run a command without a field a
@@ -104,6 +115,8 @@ pub struct Dispatcher {
     ownership: Option<Arc<Ownership>>,
     client: async_nats::Client,
     metrics: Arc<Metrics>,
+    /// Accounts another writer owns and keeps busy, with when that was last seen.
+    contended: Arc<std::sync::Mutex<HashMap<AccountId, tokio::time::Instant>>>,
 }
 
 impl Dispatcher {
@@ -118,6 +131,7 @@ impl Dispatcher {
             ownership,
             client,
             metrics,
+            contended: Arc::default(),
         }
     }
 
@@ -148,7 +162,7 @@ impl Dispatcher {
             None => Route::Here,
         };
         let answer = match route {
-            Route::Here => self.registry.execute_until(request, deadline).await,
+            Route::Here => self.decide_here(request, deadline).await,
             Route::Owner(owner) => self.hand_over(&owner, request, deadline).await,
         };
         // Counted where the client is answered: a hand-over's `outcome_unknown` once, here, not
@@ -157,6 +171,99 @@ impl Dispatcher {
             self.metrics.commands_outcome_unknown.inc();
         }
         answer
+    }
+
+    /// Runs `request` on this writer's actors. A flow that keeps losing races here for an
+    /// account another writer owns (that writer keeps it busy) comes back with nothing of it
+    /// stored, and goes to that owner, where it takes turns with the account's own commands.
+    async fn decide_here(
+        &self,
+        request: CommandRequest,
+        deadline: tokio::time::Instant,
+    ) -> Result<Outcome> {
+        let Some(ownership) = &self.ownership else {
+            return self.registry.execute_until(request, deadline).await;
+        };
+        if matches!(request.intent, Intent::Account(_) | Intent::Release(..)) {
+            return self.registry.execute_until(request, deadline).await;
+        }
+        if let Some(owner) = self.remembered_owner(ownership, &request.intent) {
+            self.metrics.handovers_contended.inc();
+            return self.hand_over(&owner, request, deadline).await;
+        }
+        let mut here = request.clone();
+        here.hand_over_when_contended = true;
+        let accounts = match self.registry.execute_until(here, deadline).await {
+            Err(Error::Contended(accounts)) => accounts,
+            answer => return answer,
+        };
+        let owner = accounts
+            .iter()
+            .find_map(|account| match ownership.route(account) {
+                Route::Owner(owner) => Some((account, owner)),
+                Route::Here => None,
+            });
+        match owner {
+            Some((account, owner)) => {
+                self.remember_contended(account);
+                self.metrics.handovers_contended.inc();
+                tracing::debug!(account = %request.account_id, %owner, "a flow kept losing races for an account its owner keeps busy; handing it over");
+                self.hand_over(&owner, request, deadline).await
+            }
+            // Ownership moved meanwhile: they are all this writer's now.
+            None => self.registry.execute_until(request, deadline).await,
+        }
+    }
+
+    /// The owner of an account `intent` names that was seen busy lately, while another writer
+    /// still owns it.
+    fn remembered_owner(&self, ownership: &Ownership, intent: &Intent) -> Option<WriterId> {
+        let named: Vec<&AccountId> = match intent {
+            Intent::Transfer(transfer) => vec![&transfer.to],
+            Intent::Hold(hold) => vec![&hold.to],
+            Intent::Transaction(transaction) => transaction
+                .postings
+                .iter()
+                .flat_map(|posting| [&posting.from, &posting.to])
+                .collect(),
+            Intent::Account(_) | Intent::Capture(_) | Intent::Release(..) => return None,
+        };
+        let now = tokio::time::Instant::now();
+        let contended = self
+            .contended
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        named.into_iter().find_map(|account| {
+            let seen = contended.get(account)?;
+            if now.duration_since(*seen) > CONTENDED_REMEMBERED {
+                return None;
+            }
+            match ownership.route(account) {
+                Route::Owner(owner) => Some(owner),
+                Route::Here => None,
+            }
+        })
+    }
+
+    fn remember_contended(&self, account: &AccountId) {
+        let now = tokio::time::Instant::now();
+        let mut contended = self
+            .contended
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if contended.len() >= CONTENDED_REMEMBERED_MAX {
+            contended.retain(|_, seen| now.duration_since(*seen) <= CONTENDED_REMEMBERED);
+            if contended.len() >= CONTENDED_REMEMBERED_MAX {
+                if let Some(oldest) = contended
+                    .iter()
+                    .min_by_key(|(_, seen)| **seen)
+                    .map(|(account, _)| account.clone())
+                {
+                    contended.remove(&oldest);
+                }
+            }
+        }
+        contended.insert(account.clone(), now);
     }
 
     async fn hand_over(

@@ -39,6 +39,11 @@ pub enum Error {
     /// Another writer kept winning the race for this account.
     #[error("gave up after {0} concurrent-update retries")]
     TooManyConflicts(usize),
+    /// A flow lost races for the other accounts it appends to (listed) again and again, and
+    /// nothing of it was stored: the dispatcher hands it to the writer that owns one of them.
+    /// Never an answer.
+    #[error("kept losing races for accounts {0:?} to their owner")]
+    Contended(Vec<domain::AccountId>),
     /// The account's history holds a message that cannot be read as an event (malformed, or of
     /// a newer version than this build): nothing can be decided on it until an operator acts.
     /// Other accounts are not affected.
@@ -95,7 +100,7 @@ impl Error {
                 Problem::new(409, "idempotency_key_reused", "Idempotency key reused", detail)
             }
             Error::Replayed(problem) => problem.clone(),
-            Error::Unavailable(_) | Error::TooManyConflicts(_) => {
+            Error::Unavailable(_) | Error::TooManyConflicts(_) | Error::Contended(_) => {
                 Problem::unavailable("unavailable", detail, RETRY_AFTER_SECONDS)
             }
             Error::OutcomeUnknown(_) => Problem::unavailable(

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub commands_forwarded: Counter,
     /// Commands run here because their owner had gone (nobody took the hand-over).
     pub forward_fallbacks: Counter,
+    /// Flows that kept losing races here for an account another writer owns, and were handed
+    /// to that writer to decide.
+    pub handovers_contended: Counter,
     /// Commands other writers handed to this one as their account's owner.
     pub commands_taken_over: Counter,
     /// Hand-overs whose owner went away before answering them.
@@ -96,6 +99,7 @@ impl Default for Metrics {
             account_batches: Counter::default(),
             account_batch_commands: Counter::default(),
             forward_fallbacks: Counter::default(),
+            handovers_contended: Counter::default(),
             handovers_orphaned: Counter::default(),
             commands_taken_over: Counter::default(),
             partitions_owned: Gauge::default(),
@@ -195,6 +199,11 @@ impl Metrics {
                 "coffer_writer_commands_forwarded",
                 "Commands handed to the writer that owns their account's partition.",
                 &self.commands_forwarded,
+            ),
+            (
+                "coffer_writer_handovers_contended",
+                "Flows that kept losing races here for an account another writer owns (it keeps that account busy), handed to that writer to decide.",
+                &self.handovers_contended,
             ),
             (
                 "coffer_writer_forward_fallbacks",

@@ -192,10 +192,18 @@ impl Registry {
             .command_duration
             .observe(started.elapsed().as_secs_f64());
         match &answer {
-            Ok(_) => metrics.commands_succeeded.inc(),
-            Err(error) if error.problem().status < 500 => metrics.commands_refused.inc(),
-            Err(_) => metrics.commands_failed.inc(),
-        };
+            Ok(_) => {
+                metrics.commands_succeeded.inc();
+            }
+            // Not an answer: the dispatcher hands the command over, and its owner counts it.
+            Err(Error::Contended(_)) => {}
+            Err(error) if error.problem().status < 500 => {
+                metrics.commands_refused.inc();
+            }
+            Err(_) => {
+                metrics.commands_failed.inc();
+            }
+        }
         answer
     }
 

@@ -116,6 +116,10 @@ pub struct CommandRequest {
     pub transfer_id_generated: bool,
     /// The writer's hop of the request's W3C trace; its events carry it.
     pub trace: trace_context::TraceParent,
+    /// Set by the dispatcher when ownership is on and the command is not itself a hand-over:
+    /// a flow that keeps losing races to an account another writer owns comes back as
+    /// [`crate::Error::Contended`] (nothing of it stored) for that writer to decide.
+    pub hand_over_when_contended: bool,
 }
 
 impl CommandRequest {
@@ -133,6 +137,7 @@ impl CommandRequest {
             deadline: None,
             transfer_id_generated: false,
             trace: trace_context::TraceParent::new_root(),
+            hand_over_when_contended: false,
         }
     }
 

@@ -2,6 +2,7 @@
 //! restarts and writers, concurrent writers, passivation, crashes and NATS outages.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -115,7 +116,9 @@ impl TestWriter {
             task: Some(task),
             http: reqwest::Client::new(),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // A fresh three-node cluster on a loaded two-core machine can take a while to elect
+        // its JetStream leaders.
+        let deadline = Instant::now() + Duration::from_secs(90);
         while Instant::now() < deadline {
             if let Ok(response) = writer
                 .http
@@ -2379,4 +2382,155 @@ async fn a_command_not_answered_by_its_deadline_counts_as_outcome_unknown() {
         1.0
     );
     writer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_into_an_account_another_writer_owns_and_keeps_busy_go_through_on_a_replicated_stream(
+) {
+    // On a replicated stream the leader refuses a check on an account while an append to it is
+    // still being replicated. Sixteen depositors keep one account busy at its owner, so an
+    // append to it is in flight nearly all the time; four clients send transfers into it from
+    // accounts the other writer owns, for four seconds. Deciding those at the senders' owner,
+    // they lost nearly every race (4 flows in 4 s against 3 575 deposits, 2026-12-05): after a
+    // few losses a flow goes to the busy account's owner, and for a while the next ones go
+    // there at once (43 flows without that memory, about 300 with it). None may give up,
+    // neither side may starve, and no money may appear or vanish.
+    let cluster = testkit::NatsCluster::start();
+    let urls = cluster.urls();
+    let first_node = urls.split(',').next().unwrap_or_default().to_owned();
+    let stream = StreamSettings {
+        replicas: 3,
+        ..StreamSettings::default()
+    };
+    let start = |stream: StreamSettings| {
+        TestWriter::start_configured(
+            &urls,
+            RegistrySettings::default(),
+            stream,
+            None,
+            true,
+            problem::HttpLimits::default(),
+        )
+    };
+    let writers = Arc::new([start(stream.clone()).await, start(stream).await]);
+    let owners = settled_owners(&first_node, writers.as_slice()).await;
+    let hot = unique("hot");
+    let hot_owner = &owners[&writer::ownership::partition_of(&AccountId::parse(&hot).unwrap())];
+    let senders: Vec<String> = std::iter::repeat_with(|| unique("sender"))
+        .filter(|sender| {
+            let partition = writer::ownership::partition_of(&AccountId::parse(sender).unwrap());
+            &owners[&partition] != hot_owner
+        })
+        .take(4)
+        .collect();
+    assert_eq!(writers[0].open(&hot, 0).await.status, 201);
+    for sender in &senders {
+        assert_eq!(writers[1].open(sender, 0).await.status, 201);
+        assert_eq!(
+            writers[1].deposit(sender, 1_000_000, None).await.status,
+            200
+        );
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut depositors = Vec::new();
+    for client in 0..16 {
+        let (writers, hot, stop) = (writers.clone(), hot.clone(), stop.clone());
+        depositors.push(tokio::spawn(async move {
+            let mut deposited = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let reply = writers[client % 2].deposit(&hot, 1, None).await;
+                assert_eq!(reply.status, 200, "{:?}", reply.body);
+                deposited += 1;
+            }
+            deposited
+        }));
+    }
+    let mut flows = Vec::new();
+    for (client, sender) in senders.into_iter().enumerate() {
+        let (writers, hot, stop) = (writers.clone(), hot.clone(), stop.clone());
+        flows.push(tokio::spawn(async move {
+            let (mut moved, mut count) = (0i64, 0usize);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let body = json!({"from": sender, "to": hot, "amount": 3});
+                let reply = writers[client % 2].post("/v1/transfers", body, None).await;
+                assert_eq!(reply.status, 201, "flow {count}: {:?}", reply.body);
+                moved += 3;
+                count += 1;
+            }
+            (moved, count)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut moved, mut flows_done) = (0, 0);
+    for flow in flows {
+        let (amount, count) = flow.await.unwrap();
+        moved += amount;
+        flows_done += count;
+    }
+    let mut deposited = 0;
+    for depositor in depositors {
+        deposited += depositor.await.unwrap();
+    }
+    let (balances, _) = replayed_balances(&first_node).await;
+    assert_eq!(balances[&hot], deposited + moved);
+    let mut handed = 0.0;
+    for writer in writers.iter() {
+        handed += writer
+            .metric("coffer_writer_handovers_contended_total")
+            .await;
+    }
+    println!("{deposited} deposits and {flows_done} flows in 4 s, {handed} flows handed to the busy account's owner");
+    assert!(handed > 0.0, "no flow went to the busy account's owner");
+    assert!(
+        deposited > 100 && flows_done > 80,
+        "one side starved: {deposited} deposits, {flows_done} flows"
+    );
+}
+
+/// Each partition's owner (its lease's writer id) once `writers` hold all of them between them,
+/// each some.
+async fn settled_owners(nats_url: &str, writers: &[TestWriter]) -> HashMap<u32, String> {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let context = async_nats::jetstream::new(client.clone());
+    let leases = eventlog::leases::Leases::open(client, &context)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut held = Vec::new();
+        for writer in writers {
+            held.push(writer.metric("coffer_writer_partitions_owned").await);
+        }
+        let total: f64 = held.iter().sum();
+        if total == f64::from(writer::ownership::PARTITIONS)
+            && held.iter().all(|count| *count > 0.0)
+        {
+            let owners: HashMap<u32, String> = leases
+                .read_all()
+                .await
+                .unwrap()
+                .into_iter()
+                .filter_map(|entry| {
+                    let partition = entry
+                        .key
+                        .strip_prefix(eventlog::leases::PARTITIONS_PREFIX)?
+                        .parse()
+                        .ok()?;
+                    Some((
+                        partition,
+                        String::from_utf8_lossy(&entry.value).into_owned(),
+                    ))
+                })
+                .collect();
+            if owners.len() == writer::ownership::PARTITIONS as usize {
+                return owners;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partitions never settled: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
