@@ -10,8 +10,7 @@
 //!
 //! When another writer got there first the batch is refused (`Conflict`): the actor looks for a
 //! marker of the same request (a retry that raced its first attempt), else loads what it missed
-//! and decides again, until the command's deadline (or for [`CONFLICT_RETRY_WINDOW`] when it
-//! has none). Its state is only a cache of the
+//! and decides again, until the command's deadline (at most [`CONFLICT_RETRIES_MAX`] times). Its state is only a cache of the
 //! stream and is bounded: it holds no per-transfer or per-key memory.
 //!
 //! Honesty: a command whose deadline has passed is never started, and no append is sent for it
@@ -36,16 +35,16 @@ use crate::request::{CommandRequest, Intent};
 pub use crate::states::{AccountStates, Known, CACHED_STATES_MAX};
 use crate::{Error, Result};
 
-/// How long a command that has no deadline of its own (a due hold's expiry) keeps deciding again
-/// after losing races to another writer (or to another actor of this one); a client's command
-/// keeps at it until its deadline instead. A transaction over several accounts races with each
+/// At most this many lost races per command; the command's deadline (always set by the
+/// registry) usually ends the retries first. A transaction over several accounts races with each
 /// of their own traffic, so a lost race is normal under contention and must be retried, not
 /// answered as an error. On a replicated stream the leader also refuses a check on an account
-/// while another writer's append to it is still being replicated, so a hot account owned by
-/// another writer can refuse a run of attempts that would each have been right: a fixed count of
-/// quick retries (64, until 2026-12) ran out in well under a second there, while time spreads
-/// the attempts across the other writer's bursts. The pauses of [`backoff`] grow to 16 ms.
-pub const CONFLICT_RETRY_WINDOW: Duration = Duration::from_secs(10);
+/// while another writer's append to it is still being replicated, so a busy account owned by
+/// another writer can refuse a long run of attempts that would each have been right: 64 quick
+/// retries (until 2026-12) ran out in well under a second there. Now the pauses of [`backoff`]
+/// double up to 32 ms, which spreads 256 attempts over several seconds, and a flow that may be handed
+/// over goes to the busy account's owner after [`HAND_OVER_AFTER_LOST_RACES`].
+pub const CONFLICT_RETRIES_MAX: usize = 256;
 /// Lost races after which a flow that may be handed over goes to the owner of its other
 /// accounts. On a replicated stream an account its owner keeps busy is refused to everyone else
 /// nearly all the time (its next append is already in flight when another writer's reload has
@@ -53,6 +52,10 @@ pub const CONFLICT_RETRY_WINDOW: Duration = Duration::from_secs(10);
 /// account's own commands take turns. A few losses in a row are the sign; a single one is the
 /// ordinary race of two writers.
 const HAND_OVER_AFTER_LOST_RACES: usize = 3;
+/// A flow is handed over only with at least this much of its deadline left: the owner must
+/// have time to decide it, and a hand-over can end in `outcome_unknown` where deciding here
+/// cannot.
+const HAND_OVER_TIME_LEFT_MIN: Duration = Duration::from_secs(1);
 /// How many times an account batch is decided again after losing a race, before its commands
 /// go alone.
 const ACCOUNT_BATCH_RETRIES_MAX: usize = 8;
@@ -605,13 +608,11 @@ impl AccountActorState {
         // which accounts those are.
         let mut reserved: Option<eventlog::AccountsReserved> = None;
         let mut reserved_accounts: Vec<AccountId> = Vec::new();
-        let retry_until = request
-            .deadline
-            .unwrap_or_else(|| Instant::now() + CONFLICT_RETRY_WINDOW);
-        let mut attempts = 0usize;
+        // Races lost so far, and the other accounts the last reload found moved (the likely
+        // rivals), for a hand-over.
+        let mut lost_races = 0usize;
+        let mut moved: Vec<AccountId> = Vec::new();
         loop {
-            let attempt = attempts;
-            attempts += 1;
             self.gather_others(&request.intent, &mut others, verified_current)
                 .await?;
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -669,28 +670,47 @@ impl AccountActorState {
             match committed? {
                 Commit::Stored(outcome) => return Ok(outcome),
                 Commit::LostRace { stream_last } => {
-                    if Instant::now() >= retry_until {
-                        return Err(Error::TooManyConflicts(attempts));
-                    }
-                    if attempts.is_multiple_of(64) {
-                        tracing::warn!(account = %self.id(), attempts, ?stream_last, "a command keeps losing the race for its accounts to another writer");
-                    }
+                    let attempt = lost_races;
+                    lost_races += 1;
                     // What is reloaded below may come from any replica: a refusal decided on it
                     // is checked against the leader again.
                     verified_current = false;
+                    // Read even past the deadline: a retry that raced its first attempt is
+                    // answered with what was stored.
                     if let Some(first) =
                         self.first_answer(&request, request_hash.as_deref()).await?
                     {
                         self.context.metrics.idempotent_replays.inc();
                         return first;
                     }
+                    if lost_races > CONFLICT_RETRIES_MAX {
+                        return Err(Error::TooManyConflicts(CONFLICT_RETRIES_MAX));
+                    }
+                    if lost_races.is_multiple_of(64) {
+                        tracing::warn!(account = %self.id(), lost_races, ?stream_last, "a command keeps losing the race for its accounts to another writer");
+                    }
+                    let time_left = request.deadline.map_or(Duration::MAX, |deadline| {
+                        deadline.saturating_duration_since(Instant::now())
+                    });
                     if request.hand_over_when_contended
-                        && attempts >= HAND_OVER_AFTER_LOST_RACES
-                        && !others.is_empty()
+                        && lost_races >= HAND_OVER_AFTER_LOST_RACES
+                        && time_left >= HAND_OVER_TIME_LEFT_MIN
                     {
-                        // Nothing of the command is stored (every attempt was refused whole),
-                        // and nothing more is sent for it from here.
-                        return Err(Error::Contended(others.keys().cloned().collect()));
+                        // The accounts it appends to besides this one, the ones seen moving
+                        // first.
+                        let mut rivals = moved.clone();
+                        rivals.extend(
+                            appends_to
+                                .iter()
+                                .filter(|account| *account != self.id() && !moved.contains(account))
+                                .cloned(),
+                        );
+                        rivals.dedup();
+                        if !rivals.is_empty() {
+                            // Nothing of the command is stored (every attempt was refused
+                            // whole), and nothing more is sent for it from here.
+                            return Err(Error::Contended(rivals));
+                        }
                     }
                     // A short, growing, jittered pause keeps two writers from retrying in
                     // lockstep, and lets another writer's append in flight to the same account
@@ -715,7 +735,12 @@ impl AccountActorState {
                         others.values().map(|known| load(log, known.clone())),
                     )
                     .await?;
+                    moved.clear();
                     for known in reloaded {
+                        let before = others.get(known.state.id()).map(|known| known.position);
+                        if before.is_some_and(|position| known.position > position) {
+                            moved.push(known.state.id().clone());
+                        }
                         others.insert(known.state.id().clone(), known);
                     }
                     // The server said where the account whose check failed stands. When none
@@ -734,8 +759,14 @@ impl AccountActorState {
                     if lagging && !appends_to.is_empty() {
                         tracing::debug!(account = %self.id(), ?stream_last, "the reload after a lost race lags; reading from the leader");
                         self.catch_up_with_leader().await?;
-                        for known in others.values_mut() {
-                            *known = fresh_from_leader(&self.context.log, known.clone()).await?;
+                        let fresh = futures::future::try_join_all(
+                            others
+                                .values()
+                                .map(|known| fresh_from_leader(&self.context.log, known.clone())),
+                        )
+                        .await?;
+                        for known in fresh {
+                            others.insert(known.state.id().clone(), known);
                         }
                     }
                     reserved_accounts = appends_to;
@@ -1013,11 +1044,11 @@ impl AccountActorState {
     }
 }
 
-/// Pause before retry `attempt` (0-based) of a flow that lost a race: a random part of up to
-/// 250 us more per attempt, capped at 16 ms, jittered from the clock's nanoseconds (a retry
-/// needs spreading, not randomness of any quality).
+/// Pause before retry `attempt` (0-based) of a command that lost a race: a random part of a
+/// ceiling that starts at 250 us and doubles up to 32 ms, jittered from the clock's nanoseconds
+/// (a retry needs spreading, not randomness of any quality).
 async fn backoff(attempt: usize) {
-    let ceiling_micros = (250 * (attempt as u64 + 1)).min(16_000);
+    let ceiling_micros = 250u64 << attempt.min(7);
     let jitter = u64::from(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -2446,6 +2446,7 @@ async fn flows_into_an_account_another_writer_owns_and_keeps_busy_go_through_on_
         }));
     }
     let mut flows = Vec::new();
+    let senders_opened = senders.clone();
     for (client, sender) in senders.into_iter().enumerate() {
         let (writers, hot, stop) = (writers.clone(), hot.clone(), stop.clone());
         flows.push(tokio::spawn(async move {
@@ -2474,6 +2475,14 @@ async fn flows_into_an_account_another_writer_owns_and_keeps_busy_go_through_on_
     }
     let (balances, _) = replayed_balances(&first_node).await;
     assert_eq!(balances[&hot], deposited + moved);
+    let sent: i64 = senders_opened
+        .iter()
+        .map(|sender| 1_000_000 - balances[sender])
+        .sum();
+    assert_eq!(
+        sent, moved,
+        "the senders lost other than what the hot account got"
+    );
     let mut handed = 0.0;
     for writer in writers.iter() {
         handed += writer
