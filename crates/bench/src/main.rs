@@ -1716,6 +1716,56 @@ async fn deposits_suite(
             cost,
         ));
     }
+    // The HTTP path without the command: what the writer spends on a request that reaches no
+    // actor (a probe, and a deposit refused for its body), next to the deposits above.
+    let before = WriterSample::take(&http, &url, pid, nats.pid()).await;
+    let measured = timed(clients, seconds, "GET /healthz", {
+        let (http, url) = (http.clone(), url.clone());
+        move |_| {
+            let request = http.get(format!("{url}/healthz")).send();
+            async move {
+                request
+                    .await
+                    .is_ok_and(|answer| answer.status().is_success())
+            }
+        }
+    })
+    .await;
+    let after = WriterSample::take(&http, &url, pid, nats.pid()).await;
+    let cost = before.cost(&after, measured.1.len());
+    rate_row(
+        results,
+        format!("HTTP floor: GET /healthz, {clients} clients"),
+        measured,
+        cost,
+    );
+    let before = WriterSample::take(&http, &url, pid, nats.pid()).await;
+    let measured = timed(clients, seconds, "deposits refused for their body", {
+        let (http, prefix, url) = (http.clone(), prefix.clone(), url.clone());
+        move |index| {
+            let request = http
+                .post(format!(
+                    "{url}/v1/accounts/{prefix}-{}/deposits",
+                    index % accounts
+                ))
+                .json(&json!({"amount": 0}))
+                .send();
+            async move {
+                request
+                    .await
+                    .is_ok_and(|answer| answer.status().is_client_error())
+            }
+        }
+    })
+    .await;
+    let after = WriterSample::take(&http, &url, pid, nats.pid()).await;
+    let cost = before.cost(&after, measured.1.len());
+    rate_row(
+        results,
+        format!("HTTP floor: deposits refused for their body (amount 0), {clients} clients"),
+        measured,
+        cost,
+    );
     let before = WriterSample::take(&http, &url, pid, nats.pid()).await;
     let measured = timed(clients, seconds, "deposits over NATS", {
         let (client, prefix) = (client.clone(), prefix.clone());
