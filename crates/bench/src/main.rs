@@ -1663,11 +1663,12 @@ async fn deposits_suite(
     let log = EventLog::open(client.clone(), &StreamSettings::default()).await?;
     let prefix = format!("dep-{}", uuid::Uuid::now_v7().simple());
     fixtures::open_many(&log, &prefix, accounts, |_| {}).await;
-    let writer = CofferProcess::start(
-        "deposits-writer",
-        "writer",
-        &[("COFFER_NATS_URL", nats.url()), ("RUST_LOG", "warn".into())],
-    );
+    let mut environment = vec![("COFFER_NATS_URL", nats.url()), ("RUST_LOG", "warn".into())];
+    // The writer's tokio worker threads (tokio's own variable), for comparing runtimes.
+    if let Ok(workers) = std::env::var("BENCH_WRITER_WORKER_THREADS") {
+        environment.push(("TOKIO_WORKER_THREADS", workers));
+    }
+    let writer = CofferProcess::start("deposits-writer", "writer", &environment);
     let http = reqwest::Client::new();
     wait_ready(&http, &writer.url()).await?;
     let pid = writer.pid().context("writer pid")?;
@@ -1763,6 +1764,44 @@ async fn deposits_suite(
     rate_row(
         results,
         format!("HTTP floor: deposits refused for their body (amount 0), {clients} clients"),
+        measured,
+        cost,
+    );
+    // The same at about a deposit row's rate: each client pauses 10 ms after each answer, so
+    // the writer's per-request costs are shared by as few requests per wake as under deposits.
+    let before = WriterSample::take(&http, &url, pid, nats.pid()).await;
+    let measured = timed(
+        clients,
+        seconds,
+        "deposits refused for their body, paced",
+        {
+            let (http, prefix, url) = (http.clone(), prefix.clone(), url.clone());
+            move |index| {
+                let request = http
+                    .post(format!(
+                        "{url}/v1/accounts/{prefix}-{}/deposits",
+                        index % accounts
+                    ))
+                    .json(&json!({"amount": 0}))
+                    .send();
+                async move {
+                    let refused = request
+                        .await
+                        .is_ok_and(|answer| answer.status().is_client_error());
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    refused
+                }
+            }
+        },
+    )
+    .await;
+    let after = WriterSample::take(&http, &url, pid, nats.pid()).await;
+    let cost = before.cost(&after, measured.1.len());
+    rate_row(
+        results,
+        format!(
+            "HTTP floor: deposits refused for their body, {clients} clients pausing 10 ms after each answer"
+        ),
         measured,
         cost,
     );

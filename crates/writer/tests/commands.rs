@@ -2391,7 +2391,7 @@ async fn flows_into_an_account_another_writer_owns_and_keeps_busy_go_through_on_
     // still being replicated. Sixteen depositors keep one account busy at its owner, so an
     // append to it is in flight nearly all the time; four clients send transfers into it from
     // accounts the other writer owns, for four seconds. Deciding those at the senders' owner,
-    // they lost nearly every race (4 flows in 4 s against 3 575 deposits, 2026-12-05): after a
+    // they lost nearly every race (4 flows in 4 s against 2 939 deposits, 2026-12-05): after a
     // few losses a flow goes to the busy account's owner, and for a while the next ones go
     // there at once (43 flows without that memory, about 300 with it). None may give up,
     // neither side may starve, and no money may appear or vanish.
