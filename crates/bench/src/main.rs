@@ -1316,9 +1316,12 @@ async fn hot_account_suite(
         // Every writer's view of the owners is at most a beat (1 s) old; wait two.
         tokio::time::sleep(Duration::from_millis(2_100)).await;
         let (rate, summary, errors) = hot_deposits(&urls, 16, total).await;
-        let mut conflicts = 0;
+        let (mut conflicts, mut batches, mut batched) = (0, 0, 0);
         for url in &urls {
             conflicts += writer_metric(&http, url, "coffer_writer_append_conflicts_total").await;
+            batches += writer_metric(&http, url, "coffer_writer_account_batches_total").await;
+            batched +=
+                writer_metric(&http, url, "coffer_writer_account_batch_commands_total").await;
         }
         let base = *one_writer.get_or_insert(rate);
         results.add(
@@ -1327,7 +1330,9 @@ async fn hot_account_suite(
                 if ownership { "on" } else { "off" }
             ),
             format!(
-                "{summary}, {errors} errors, {conflicts} conflicts; {:.2}x one writer, {:.2}x the sequential ceiling",
+                "{summary}, {errors} errors, {conflicts} conflicts, {batches} account batches of {:.1} deposits on average ({} deposits alone); {:.2}x one writer, {:.2}x the sequential ceiling",
+                batched as f64 / batches.max(1) as f64,
+                (total as u64).saturating_sub(batched),
                 rate / base,
                 rate / ceiling
             ),

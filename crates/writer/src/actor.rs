@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use domain::{decide, AccountId, DomainError, Transaction};
+use eventlog::group_commit::filling::{Filling, Queued as FillQueued};
 use eventlog::{Entry, EventLog, EventMetadata};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::time::Instant;
@@ -80,6 +81,9 @@ pub struct ActorContext {
     /// race (a server that checks each event against the ones before it in the batch): from
     /// then on every command goes alone.
     pub account_batching_refused: AtomicBool,
+    /// How long an account's next batch may wait for the callers its last one answered, and
+    /// the quiet spell that ends the wait (the group commit's settings; zero: never waits).
+    pub account_fill: (Duration, Duration),
 }
 
 /// Counts a command from the moment it is queued until its actor is done with it (or drops it
@@ -97,6 +101,8 @@ pub enum AccountMessage {
         request: Box<CommandRequest>,
         reply: RpcReplyPort<Result<Outcome>>,
         queued: Queued,
+        /// When it was sent to the actor.
+        sent: Instant,
     },
     /// Decide what was set aside to go together ([`AccountActorState::waiting`]): sent by the
     /// actor to itself behind the commands already in its mailbox. A flush of an earlier
@@ -109,6 +115,7 @@ struct Waiting {
     request: CommandRequest,
     reply: RpcReplyPort<Result<Outcome>>,
     queued: Queued,
+    sent: Instant,
 }
 
 impl Waiting {
@@ -177,6 +184,18 @@ pub struct AccountActorState {
     waiting: Vec<Waiting>,
     /// The generation of `waiting`: bumped whenever a first command is set aside.
     flush_generation: u64,
+    /// Whether the next account batch waits for the callers the last one answered
+    /// ([`eventlog::group_commit::filling`], as the group commit's batches do).
+    filling: Filling,
+    /// The last account batch stored, until the next flush takes it into account.
+    stored: Option<StoredBatch>,
+}
+
+/// An account batch the stream acknowledged.
+struct StoredBatch {
+    commands: usize,
+    flight: Duration,
+    at: Instant,
 }
 
 pub struct ActorArguments {
@@ -195,6 +214,7 @@ impl Actor for AccountActor {
         arguments: ActorArguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         // History is loaded on the first command, not here, so that spawning never waits on NATS.
+        let (fill_wait, fill_quiet) = arguments.context.account_fill;
         Ok(AccountActorState {
             context: arguments.context,
             known: Known::new(arguments.account_id),
@@ -202,6 +222,8 @@ impl Actor for AccountActor {
             events_since_snapshot: 0,
             waiting: Vec::new(),
             flush_generation: 0,
+            filling: Filling::new(fill_wait, fill_quiet),
+            stored: None,
         })
     }
 
@@ -220,15 +242,16 @@ impl Actor for AccountActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let (request, reply, queued) = match message {
+        let (request, reply, queued, sent) = match message {
             AccountMessage::Execute {
                 request,
                 reply,
                 queued,
-            } => (request, reply, queued),
+                sent,
+            } => (request, reply, queued, sent),
             AccountMessage::Flush(generation) => {
                 if generation == state.flush_generation {
-                    state.flush().await;
+                    state.flush_when_filled(&myself, generation).await;
                 }
                 return Ok(());
             }
@@ -240,6 +263,7 @@ impl Actor for AccountActor {
             request: *request,
             reply,
             queued,
+            sent,
         };
         let batching = state.context.account_batch_max > 1
             && !state
@@ -260,7 +284,13 @@ impl Actor for AccountActor {
                 }
             }
             state.waiting.push(waiting);
-            if state.waiting.len() >= state.context.account_batch_max {
+            let queued = state.queued();
+            if state.filling.is_waiting() {
+                state.filling.arrived(queued, Instant::now());
+            }
+            if state.waiting.len() >= state.context.account_batch_max
+                || (state.filling.is_waiting() && state.filling.ready(queued, Instant::now()))
+            {
                 state.flush().await;
             }
             return Ok(());
@@ -340,7 +370,62 @@ impl AccountActorState {
     /// still means "nobody appended since". From the first refusal on, and for all of them after
     /// a conflict, commands run one by one as any other does (a refusal is re-checked against
     /// the stream leader there; a conflict is retried there).
+    /// The commands set aside, as the filling policy counts them.
+    fn queued(&self) -> FillQueued {
+        FillQueued {
+            appends: self.waiting.len(),
+            messages: self.waiting.len(),
+        }
+    }
+
+    /// The `Flush` of `generation`: decides what was set aside, unless the last batch was just
+    /// acknowledged and the callers it answered are still coming back (the closed-loop clients
+    /// of a busy account otherwise split into two halves, each paying a batch's fixed cost):
+    /// then it waits for them, at most the fill wait, with a `Flush` of the same generation
+    /// due when the wait runs out.
+    async fn flush_when_filled(&mut self, myself: &ActorRef<AccountMessage>, generation: u64) {
+        let now = Instant::now();
+        let queued = self.queued();
+        if let Some(stored) = self.stored.take() {
+            let during_flight = self
+                .waiting
+                .iter()
+                .filter(|command| command.sent < stored.at)
+                .count();
+            self.filling.acknowledged(
+                stored.commands,
+                stored.flight,
+                FillQueued {
+                    appends: during_flight,
+                    messages: during_flight,
+                },
+                self.context.account_batch_max,
+                stored.at,
+            );
+            if self.filling.is_waiting() {
+                self.filling.arrived(queued, now);
+            }
+        }
+        if self.filling.ready(queued, now) {
+            self.flush().await;
+            return;
+        }
+        if let Some(wakes_at) = self.filling.wakes_at() {
+            myself.send_after(wakes_at.saturating_duration_since(now), move || {
+                AccountMessage::Flush(generation)
+            });
+        } else {
+            self.flush().await;
+        }
+    }
+
     async fn flush(&mut self) {
+        // Whatever ends a wait (filled, ran out, or a command that cannot wait behind it).
+        let queued = self.queued();
+        self.filling.end(queued, Instant::now());
+        // A `Flush` still queued or due for what is taken now is stale: it must neither decide
+        // nor start a wait on the batch this one stores.
+        self.flush_generation += 1;
         let waiting = std::mem::take(&mut self.waiting);
         let mut live = Vec::with_capacity(waiting.len());
         for command in waiting {
@@ -432,6 +517,7 @@ impl AccountActorState {
                 .filter_map(|(command, _)| command.request.deadline)
                 .min();
             let messages = entries.len();
+            let sent = Instant::now();
             let appended = self.append(entries, deadline, reserved.as_ref()).await;
             // Used or not, a reservation covers one decide-and-append cycle.
             drop(reserved.take());
@@ -447,6 +533,11 @@ impl AccountActorState {
                         .account_batch_commands
                         .inc_by(messages as u64);
                     self.snapshot_when_due();
+                    self.stored = Some(StoredBatch {
+                        commands: messages,
+                        flight: sent.elapsed(),
+                        at: Instant::now(),
+                    });
                     for (index, (command, outcome)) in decided.into_iter().enumerate() {
                         command.answer(Ok(outcome.at(appended.position_of(index))));
                     }

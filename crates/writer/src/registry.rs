@@ -173,6 +173,7 @@ impl Registry {
                     request: Box::new(request),
                     reply,
                     queued,
+                    sent: tokio::time::Instant::now(),
                 },
                 Some(wait),
             )

@@ -369,6 +369,10 @@ async fn try_set_up(
         failpoint_delay: config.failpoint_actor_delay,
         account_batch_max: config.account_batch_max.max(1),
         account_batching_refused: Default::default(),
+        account_fill: (
+            config.group_commit.fill_wait,
+            config.group_commit.fill_quiet,
+        ),
     });
     Ok(Registry::start(context, config.registry.clone()).await?)
 }

@@ -1405,6 +1405,20 @@ async fn capture_void_and_expiry_racing_through_two_writers_settle_each_hold_onc
 /// A registry of its own (its own actors and cached states, as a restarted writer has) on the
 /// log at `nats_url`, snapshotting every `snapshot_every` events.
 async fn fresh_registry(nats_url: &str, snapshot_every: u64) -> (Registry, Arc<Metrics>) {
+    let fill = (
+        eventlog::group_commit::FILL_WAIT_DEFAULT,
+        eventlog::group_commit::FILL_QUIET_DEFAULT,
+    );
+    fresh_registry_filling(nats_url, snapshot_every, fill).await
+}
+
+/// [`fresh_registry`] whose account batches wait up to `fill` (wait, quiet) for the callers
+/// their last batch answered.
+async fn fresh_registry_filling(
+    nats_url: &str,
+    snapshot_every: u64,
+    fill: (Duration, Duration),
+) -> (Registry, Arc<Metrics>) {
     let client = async_nats::connect(nats_url).await.unwrap();
     let log = EventLog::open(client, &StreamSettings::default())
         .await
@@ -1419,6 +1433,7 @@ async fn fresh_registry(nats_url: &str, snapshot_every: u64) -> (Registry, Arc<M
         failpoint_delay: None,
         account_batch_max: 100,
         account_batching_refused: Default::default(),
+        account_fill: fill,
     });
     let registry = Registry::start(context, RegistrySettings::default())
         .await
@@ -2542,4 +2557,51 @@ async fn settled_owners(nats_url: &str, writers: &[TestWriter]) -> HashMap<u32, 
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_next_batch_waits_for_the_callers_its_last_one_answered() {
+    // Sixteen closed-loop clients on one account, each back 1 ms after its answer (as a client
+    // over the network is). Sent as soon as the last batch is acknowledged, the next batch
+    // would take only those that queued meanwhile, and the clients settle into two halves of
+    // eight, each paying a batch's fixed cost. Waiting for the callers just answered (at most
+    // the fill wait) keeps them together. The quiet spell is longer than the default 2 ms
+    // here: tokio's timer makes the 1 ms pause last up to 2 ms, all sixteen at once.
+    let nats = NatsServer::start();
+    let fill = (Duration::from_millis(20), Duration::from_millis(10));
+    let (registry, metrics) = fresh_registry_filling(&nats.url(), 0, fill).await;
+    let account = AccountId::parse(&unique("filled")).unwrap();
+    let open = writer::request::open(br#"{"currency":"EUR"}"#, Some(account.as_str()), None)
+        .unwrap()
+        .1;
+    let open = CommandRequest::new(account.clone(), Intent::Account(open), None, "test".into());
+    registry.execute(open).await.unwrap();
+    let registry = Arc::new(registry);
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let (registry, account) = (registry.clone(), account.clone());
+        clients.push(tokio::spawn(async move {
+            for _ in 0..40 {
+                registry
+                    .execute(deposit_request(&account, 1))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }));
+    }
+    for client in clients {
+        client.await.unwrap();
+    }
+    let (balances, _) = replayed_balances(&nats.url()).await;
+    assert_eq!(balances[account.as_str()], 16 * 40);
+    let batches = metrics.account_batches.get();
+    let batched = metrics.account_batch_commands.get();
+    let mean = batched as f64 / batches.max(1) as f64;
+    println!("{batched} deposits in {batches} account batches, {mean:.1} on average");
+    assert!(
+        mean >= 12.0,
+        "the account's batches did not wait for the callers answered: {batched} deposits in \
+         {batches} batches ({mean:.1} on average)"
+    );
 }
