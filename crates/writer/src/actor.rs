@@ -182,7 +182,8 @@ pub struct AccountActorState {
     events_since_snapshot: u64,
     /// Deposits and withdrawals set aside until the `Flush` behind them, in arrival order.
     waiting: Vec<Waiting>,
-    /// The generation of `waiting`: bumped whenever a first command is set aside.
+    /// The generation of `waiting`: bumped whenever a first command is set aside and whenever
+    /// what was set aside is taken, so a `Flush` of an earlier generation is ignored.
     flush_generation: u64,
     /// Whether the next account batch waits for the callers the last one answered
     /// ([`eventlog::group_commit::filling`], as the group commit's batches do).
@@ -233,6 +234,13 @@ impl Actor for AccountActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         state.context.states.retire(state.known.state.id());
+        // Set aside and never decided: nothing of them was appended.
+        for command in std::mem::take(&mut state.waiting) {
+            command.answer(Err(Error::Unavailable(
+                "the writer stopped this account before the command was started; not applied"
+                    .into(),
+            )));
+        }
         Ok(())
     }
 
@@ -289,13 +297,15 @@ impl Actor for AccountActor {
                 state.filling.arrived(queued, Instant::now());
             }
             if state.waiting.len() >= state.context.account_batch_max
-                || (state.filling.is_waiting() && state.filling.ready(queued, Instant::now()))
+                || (state.filling.is_waiting() && state.wait_over(Instant::now()))
             {
                 state.flush().await;
             }
             return Ok(());
         }
-        // Anything set aside arrived first: it goes first.
+        // Anything set aside arrived first: it goes first. A wait it cuts short says nothing
+        // about whether callers come back.
+        state.filling.abandon();
         state.flush().await;
         let answer = state.execute_unless_expired(waiting.request.clone()).await;
         waiting.answer(answer);
@@ -363,13 +373,6 @@ impl AccountActorState {
         })
     }
 
-    /// Decides the deposits and withdrawals set aside, in arrival order, on the account's state
-    /// as each leaves it, and appends the accepted ones in one atomic batch. Every event states
-    /// the account's position before the batch: JetStream checks a batch's conditions against the
-    /// stream as it was before the batch, and one actor decided them all in order, so the check
-    /// still means "nobody appended since". From the first refusal on, and for all of them after
-    /// a conflict, commands run one by one as any other does (a refusal is re-checked against
-    /// the stream leader there; a conflict is retried there).
     /// The commands set aside, as the filling policy counts them.
     fn queued(&self) -> FillQueued {
         FillQueued {
@@ -406,7 +409,7 @@ impl AccountActorState {
                 self.filling.arrived(queued, now);
             }
         }
-        if self.filling.ready(queued, now) {
+        if self.wait_over(now) {
             self.flush().await;
             return;
         }
@@ -419,6 +422,32 @@ impl AccountActorState {
         }
     }
 
+    /// Whether a wait to fill, if any, is over with what is set aside now: filled, run out, or
+    /// due to end after the earliest deadline among them (a command never misses its deadline
+    /// for a wait, as in the group commit).
+    fn wait_over(&self, now: Instant) -> bool {
+        let queued = self.queued();
+        if self.filling.ready(queued, now) {
+            return true;
+        }
+        let earliest = self
+            .waiting
+            .iter()
+            .filter_map(|command| command.request.deadline)
+            .min();
+        match (earliest, self.filling.wakes_at()) {
+            (Some(deadline), Some(wakes_at)) => deadline <= wakes_at,
+            _ => false,
+        }
+    }
+
+    /// Decides the deposits and withdrawals set aside, in arrival order, on the account's state
+    /// as each leaves it, and appends the accepted ones in one atomic batch. Every event states
+    /// the account's position before the batch: JetStream checks a batch's conditions against the
+    /// stream as it was before the batch, and one actor decided them all in order, so the check
+    /// still means "nobody appended since". From the first refusal on, and for all of them after
+    /// a conflict, commands run one by one as any other does (a refusal is re-checked against
+    /// the stream leader there; a conflict is retried there).
     async fn flush(&mut self) {
         // Whatever ends a wait (filled, ran out, or a command that cannot wait behind it).
         let queued = self.queued();

@@ -162,6 +162,12 @@ impl Filling {
             .map(|wait| wait.until.min(wait.quiet_until))
     }
 
+    /// Drops the wait, if any, without counting it: something else took the queue (a command
+    /// that cannot wait behind it), which says nothing about whether callers come back.
+    pub fn abandon(&mut self) {
+        self.waiting = None;
+    }
+
     /// The wait, if any, is over ([`Filling::ready`] said so) with `queued` waiting: how it
     /// ended if it held anything back.
     pub fn end(&mut self, queued: Queued, now: Instant) -> Option<Ended> {
@@ -280,6 +286,23 @@ mod tests {
         assert!(
             !filling.ready(appends(1), start),
             "the pause is over: it waits again"
+        );
+    }
+
+    #[test]
+    fn an_abandoned_wait_ends_uncounted_and_does_not_pause() {
+        let start = Instant::now();
+        let mut filling = policy();
+        // Something that cannot wait took the queue during a wait that was holding appends.
+        filling.acknowledged(30, 5 * MS, appends(20), 1000, start);
+        filling.arrived(appends(21), start + MS);
+        filling.abandon();
+        assert!(!filling.is_waiting());
+        assert_eq!(filling.end(appends(21), start + 4 * MS), None);
+        filling.acknowledged(10, 5 * MS, appends(0), 1000, start);
+        assert!(
+            !filling.ready(appends(1), start),
+            "not paused: the next batch waits again"
         );
     }
 
