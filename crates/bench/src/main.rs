@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Parser;
 use domain::{AccountId, Amount, Currency, Event, OpenAccount, OverdraftLimit, TransferId};
 use eventlog::{Entry, EventLog, EventMetadata, StreamSettings};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use testkit::{CofferProcess, NatsServer};
@@ -259,6 +259,72 @@ impl WriterSample {
             later.fills - self.fills,
             later.fills_short - self.fills_short,
         )
+    }
+}
+
+/// The deposits suite's closed-loop rows against one writer, each with the writer's and the
+/// server's CPU per operation and the group commit's batches over the row.
+struct WriterRows<'a> {
+    http: &'a reqwest::Client,
+    url: &'a str,
+    pid: u32,
+    server: Option<u32>,
+}
+
+impl WriterRows<'_> {
+    /// Runs `operation` from `clients` clients for `seconds` and adds the row; its rate.
+    async fn add<F>(
+        &self,
+        results: &mut Results,
+        name: String,
+        clients: usize,
+        seconds: u64,
+        operation: F,
+    ) -> f64
+    where
+        F: Fn(usize) -> futures::future::BoxFuture<'static, bool> + Clone + Send + 'static,
+    {
+        let before = WriterSample::take(self.http, self.url, self.pid, self.server).await;
+        let measured = timed(clients, seconds, &name, operation).await;
+        let after = WriterSample::take(self.http, self.url, self.pid, self.server).await;
+        let cost = before.cost(&after, measured.1.len());
+        rate_row(results, name, measured, cost)
+    }
+}
+
+/// Deposits of `amount` over HTTP on the suite's accounts: an operation succeeds when answered
+/// 2xx (or 4xx for an amount the API refuses), and its client pauses `pause` after each answer.
+fn posted_deposits(
+    http: &reqwest::Client,
+    url: &str,
+    prefix: &str,
+    accounts: usize,
+    amount: i64,
+    pause: Duration,
+) -> impl Fn(usize) -> futures::future::BoxFuture<'static, bool> + Clone + Send + 'static {
+    let (http, url, prefix) = (http.clone(), url.to_owned(), prefix.to_owned());
+    move |index| {
+        let request = http
+            .post(format!(
+                "{url}/v1/accounts/{prefix}-{}/deposits",
+                index % accounts
+            ))
+            .json(&json!({ "amount": amount }))
+            .send();
+        async move {
+            let answered = request.await.is_ok_and(|answer| {
+                if amount > 0 {
+                    answer.status().is_success()
+                } else {
+                    answer.status().is_client_error()
+                }
+            });
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            answered
+        }
+        .boxed()
     }
 }
 
@@ -1692,144 +1758,86 @@ async fn deposits_suite(
             .error_for_status()?;
     }
     let first = log.last_position().await?;
+    let rows = WriterRows {
+        http: &http,
+        url: &url,
+        pid,
+        server: nats.pid(),
+    };
     let mut over_http = Vec::new();
     for clients in [clients, clients * 4] {
-        let before = WriterSample::take(&http, &url, pid, nats.pid()).await;
-        let measured = timed(clients, seconds, "deposits over HTTP", {
-            let (http, prefix, url) = (http.clone(), prefix.clone(), url.clone());
-            move |index| {
-                let request = http
-                    .post(format!(
-                        "{url}/v1/accounts/{prefix}-{}/deposits",
-                        index % accounts
-                    ))
-                    .json(&json!({"amount": 1}))
-                    .send();
+        over_http.push(
+            rows.add(
+                results,
+                format!("deposits over HTTP, {clients} clients, {accounts} accounts"),
+                clients,
+                seconds,
+                posted_deposits(&http, &url, &prefix, accounts, 1, Duration::ZERO),
+            )
+            .await,
+        );
+    }
+    // The HTTP path without the command: what the writer spends on a request that reaches no
+    // actor (a probe, and a deposit refused for its body), next to the deposits above.
+    rows.add(
+        results,
+        format!("HTTP floor: GET /healthz, {clients} clients"),
+        clients,
+        seconds,
+        {
+            let (http, url) = (http.clone(), url.clone());
+            move |_| {
+                let request = http.get(format!("{url}/healthz")).send();
                 async move {
                     request
                         .await
                         .is_ok_and(|answer| answer.status().is_success())
                 }
-            }
-        })
-        .await;
-        let after = WriterSample::take(&http, &url, pid, nats.pid()).await;
-        let cost = before.cost(&after, measured.1.len());
-        over_http.push(rate_row(
-            results,
-            format!("deposits over HTTP, {clients} clients, {accounts} accounts"),
-            measured,
-            cost,
-        ));
-    }
-    // The HTTP path without the command: what the writer spends on a request that reaches no
-    // actor (a probe, and a deposit refused for its body), next to the deposits above.
-    let before = WriterSample::take(&http, &url, pid, nats.pid()).await;
-    let measured = timed(clients, seconds, "GET /healthz", {
-        let (http, url) = (http.clone(), url.clone());
-        move |_| {
-            let request = http.get(format!("{url}/healthz")).send();
-            async move {
-                request
-                    .await
-                    .is_ok_and(|answer| answer.status().is_success())
-            }
-        }
-    })
-    .await;
-    let after = WriterSample::take(&http, &url, pid, nats.pid()).await;
-    let cost = before.cost(&after, measured.1.len());
-    rate_row(
-        results,
-        format!("HTTP floor: GET /healthz, {clients} clients"),
-        measured,
-        cost,
-    );
-    let before = WriterSample::take(&http, &url, pid, nats.pid()).await;
-    let measured = timed(clients, seconds, "deposits refused for their body", {
-        let (http, prefix, url) = (http.clone(), prefix.clone(), url.clone());
-        move |index| {
-            let request = http
-                .post(format!(
-                    "{url}/v1/accounts/{prefix}-{}/deposits",
-                    index % accounts
-                ))
-                .json(&json!({"amount": 0}))
-                .send();
-            async move {
-                request
-                    .await
-                    .is_ok_and(|answer| answer.status().is_client_error())
-            }
-        }
-    })
-    .await;
-    let after = WriterSample::take(&http, &url, pid, nats.pid()).await;
-    let cost = before.cost(&after, measured.1.len());
-    rate_row(
-        results,
-        format!("HTTP floor: deposits refused for their body (amount 0), {clients} clients"),
-        measured,
-        cost,
-    );
-    // The same at about a deposit row's rate: each client pauses 10 ms after each answer, so
-    // the writer's per-request costs are shared by as few requests per wake as under deposits.
-    let before = WriterSample::take(&http, &url, pid, nats.pid()).await;
-    let measured = timed(
-        clients,
-        seconds,
-        "deposits refused for their body, paced",
-        {
-            let (http, prefix, url) = (http.clone(), prefix.clone(), url.clone());
-            move |index| {
-                let request = http
-                    .post(format!(
-                        "{url}/v1/accounts/{prefix}-{}/deposits",
-                        index % accounts
-                    ))
-                    .json(&json!({"amount": 0}))
-                    .send();
-                async move {
-                    let refused = request
-                        .await
-                        .is_ok_and(|answer| answer.status().is_client_error());
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    refused
-                }
+                .boxed()
             }
         },
     )
     .await;
-    let after = WriterSample::take(&http, &url, pid, nats.pid()).await;
-    let cost = before.cost(&after, measured.1.len());
-    rate_row(
+    rows.add(
+        results,
+        format!("HTTP floor: deposits refused for their body (amount 0), {clients} clients"),
+        clients,
+        seconds,
+        posted_deposits(&http, &url, &prefix, accounts, 0, Duration::ZERO),
+    )
+    .await;
+    // The same at about a deposit row's rate: each client pauses 10 ms after each answer, so
+    // the writer's per-request costs are shared by as few requests per wake as under deposits.
+    rows.add(
         results,
         format!(
             "HTTP floor: deposits refused for their body, {clients} clients pausing 10 ms after each answer"
         ),
-        measured,
-        cost,
-    );
-    let before = WriterSample::take(&http, &url, pid, nats.pid()).await;
-    let measured = timed(clients, seconds, "deposits over NATS", {
-        let (client, prefix) = (client.clone(), prefix.clone());
-        move |index| {
-            let (client, subject) = (
-                client.clone(),
-                format!("coffer.cmd.{prefix}-{}.deposit", index % accounts),
-            );
-            deposit_over_nats(client, subject)
-        }
-    })
+        clients,
+        seconds,
+        posted_deposits(&http, &url, &prefix, accounts, 0, Duration::from_millis(10)),
+    )
     .await;
-    let after = WriterSample::take(&http, &url, pid, nats.pid()).await;
-    let cost = before.cost(&after, measured.1.len());
-    let over_nats = rate_row(
-        results,
-        format!("deposits over NATS (async-nats request), {clients} clients, {accounts} accounts"),
-        measured,
-        cost,
-    );
+    let over_nats = rows
+        .add(
+            results,
+            format!(
+                "deposits over NATS (async-nats request), {clients} clients, {accounts} accounts"
+            ),
+            clients,
+            seconds,
+            {
+                let (client, prefix) = (client.clone(), prefix.clone());
+                move |index| {
+                    let (client, subject) = (
+                        client.clone(),
+                        format!("coffer.cmd.{prefix}-{}.deposit", index % accounts),
+                    );
+                    deposit_over_nats(client, subject).boxed()
+                }
+            },
+        )
+        .await;
     // Bulks of 1 000 deposits on distinct accounts from 8 clients; a row counts commands.
     const BULK: usize = 1_000;
     const BULK_CLIENTS: usize = 8;

@@ -819,13 +819,11 @@ impl AccountActorState {
                         // The accounts it appends to besides this one, the ones seen moving
                         // first.
                         let mut rivals = moved.clone();
-                        rivals.extend(
-                            appends_to
-                                .iter()
-                                .filter(|account| *account != self.id() && !moved.contains(account))
-                                .cloned(),
-                        );
-                        rivals.dedup();
+                        for account in &appends_to {
+                            if account != self.id() && !rivals.contains(account) {
+                                rivals.push(account.clone());
+                            }
+                        }
                         if !rivals.is_empty() {
                             // Nothing of the command is stored (every attempt was refused
                             // whole), and nothing more is sent for it from here.

@@ -218,16 +218,7 @@ impl Dispatcher {
     /// The owner of an account `intent` names that was seen busy lately, while another writer
     /// still owns it.
     fn remembered_owner(&self, ownership: &Ownership, intent: &Intent) -> Option<WriterId> {
-        let named: Vec<&AccountId> = match intent {
-            Intent::Transfer(transfer) => vec![&transfer.to],
-            Intent::Hold(hold) => vec![&hold.to],
-            Intent::Transaction(transaction) => transaction
-                .postings
-                .iter()
-                .flat_map(|posting| [&posting.from, &posting.to])
-                .collect(),
-            Intent::Account(_) | Intent::Capture(_) | Intent::Release(..) => return None,
-        };
+        let named = intent.accounts_named();
         let now = tokio::time::Instant::now();
         let contended = self
             .contended

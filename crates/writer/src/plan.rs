@@ -54,15 +54,8 @@ pub struct Expiry {
 /// The accounts, other than this one, that `intent` is decided on too.
 pub fn others_named(own: &Known, intent: &Intent) -> Vec<AccountId> {
     let mut named: Vec<AccountId> = match intent {
-        Intent::Transfer(transfer) => vec![transfer.to.clone()],
-        Intent::Hold(hold) => vec![hold.to.clone()],
         Intent::Capture(capture) => hold_receiver(own, &capture.hold_id).into_iter().collect(),
-        Intent::Transaction(transaction) => transaction
-            .postings
-            .iter()
-            .flat_map(|posting| [posting.from.clone(), posting.to.clone()])
-            .collect(),
-        Intent::Account(_) | Intent::Release(..) => Vec::new(),
+        _ => intent.accounts_named().into_iter().cloned().collect(),
     };
     named.retain(|id| id != own.state.id());
     named.sort();

@@ -82,6 +82,21 @@ pub enum Intent {
 }
 
 impl Intent {
+    /// The accounts the command names besides the one it is addressed to (a capture's receiver
+    /// is in the hold, not in the command, so it names none).
+    pub fn accounts_named(&self) -> Vec<&AccountId> {
+        match self {
+            Intent::Transfer(transfer) => vec![&transfer.to],
+            Intent::Hold(hold) => vec![&hold.to],
+            Intent::Transaction(transaction) => transaction
+                .postings
+                .iter()
+                .flat_map(|posting| [&posting.from, &posting.to])
+                .collect(),
+            Intent::Account(_) | Intent::Capture(_) | Intent::Release(..) => Vec::new(),
+        }
+    }
+
     /// Whether the command has metadata to store.
     pub fn carries_metadata(&self) -> bool {
         match self {

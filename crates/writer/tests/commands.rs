@@ -2000,18 +2000,7 @@ async fn flows_into_an_account_hot_on_the_same_writer_and_its_own_deposits_both_
             (moved, count)
         }));
     }
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (mut moved, mut flows_done) = (0, 0);
-    for flow in flows {
-        let (amount, count) = flow.await.unwrap();
-        moved += amount;
-        flows_done += count;
-    }
-    let mut deposited = 0;
-    for depositor in depositors {
-        deposited += depositor.await.unwrap();
-    }
+    let (moved, flows_done, deposited) = stop_after_four_seconds(&stop, flows, depositors).await;
     let (balances, _) = replayed_balances(&nats.url()).await;
     assert_eq!(balances[&hot], deposited + moved);
     let conflicts = writer.metric("coffer_writer_append_conflicts_total").await;
@@ -2027,6 +2016,29 @@ async fn flows_into_an_account_hot_on_the_same_writer_and_its_own_deposits_both_
         deposited > 100 && flows_done > 40,
         "one side starved: {deposited} deposits, {flows_done} flows"
     );
+}
+
+/// Lets `flows` (each answering what it moved and how many flows it ran) and `depositors` (each
+/// answering what it deposited) run for four seconds, stops them, and sums what they did:
+/// (moved, flows, deposited).
+async fn stop_after_four_seconds(
+    stop: &std::sync::atomic::AtomicBool,
+    flows: Vec<tokio::task::JoinHandle<(i64, usize)>>,
+    depositors: Vec<tokio::task::JoinHandle<i64>>,
+) -> (i64, usize, i64) {
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut moved, mut flows_done) = (0, 0);
+    for flow in flows {
+        let (amount, count) = flow.await.unwrap();
+        moved += amount;
+        flows_done += count;
+    }
+    let mut deposited = 0;
+    for depositor in depositors {
+        deposited += depositor.await.unwrap();
+    }
+    (moved, flows_done, deposited)
 }
 
 #[tokio::test]
@@ -2476,18 +2488,7 @@ async fn flows_into_an_account_another_writer_owns_and_keeps_busy_go_through_on_
             (moved, count)
         }));
     }
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (mut moved, mut flows_done) = (0, 0);
-    for flow in flows {
-        let (amount, count) = flow.await.unwrap();
-        moved += amount;
-        flows_done += count;
-    }
-    let mut deposited = 0;
-    for depositor in depositors {
-        deposited += depositor.await.unwrap();
-    }
+    let (moved, flows_done, deposited) = stop_after_four_seconds(&stop, flows, depositors).await;
     let (balances, _) = replayed_balances(&first_node).await;
     assert_eq!(balances[&hot], deposited + moved);
     let sent: i64 = senders_opened
