@@ -179,11 +179,64 @@ fn cpu_seconds(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Busy and total clock ticks of the whole machine (`/proc/stat`, all cores): busy is every
+/// state but idle and iowait.
+fn machine_ticks() -> (f64, f64) {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|stat| {
+            let line = stat.lines().next()?.strip_prefix("cpu ")?;
+            let ticks: Vec<f64> = line
+                .split_whitespace()
+                .filter_map(|field| field.parse().ok())
+                .collect();
+            let total: f64 = ticks.iter().sum();
+            let idle = ticks.get(3)? + ticks.get(4).unwrap_or(&0.0);
+            Some((total - idle, total))
+        })
+        .unwrap_or((0.0, 0.0))
+}
+
+/// Where the machine's CPU went at one moment, to compare two of them: the nats-servers, this
+/// load generator, and the whole machine. On two shared cores a ratio goal is a CPU budget: the
+/// commands per second the machine can hold is at most its cores over the CPU all processes
+/// spend on one command.
+struct CpuSample {
+    servers: f64,
+    load: f64,
+    busy: f64,
+    total: f64,
+}
+
+impl CpuSample {
+    fn take(servers: &[u32]) -> Self {
+        let (busy, total) = machine_ticks();
+        Self {
+            servers: servers.iter().copied().map(cpu_seconds).sum(),
+            load: cpu_seconds(std::process::id()),
+            busy,
+            total,
+        }
+    }
+
+    /// nats-server and load generator CPU per operation, and how busy the machine was.
+    fn cost(&self, later: &CpuSample, operations: usize) -> String {
+        let per = |before: f64, after: f64| (after - before) / operations.max(1) as f64 * 1e6;
+        let busy = (later.busy - self.busy) / (later.total - self.total).max(1.0);
+        format!(
+            "nats-server CPU {:.0} us, load generator CPU {:.0} us per operation, machine busy {:.0}%",
+            per(self.servers, later.servers),
+            per(self.load, later.load),
+            busy * 100.0
+        )
+    }
+}
+
 /// The writer's CPU time and group commit histogram at one moment, to compare two of them.
 struct WriterSample {
     cpu: f64,
-    /// nats-server's CPU seconds at the same moment.
-    server_cpu: f64,
+    /// The rest of the machine at the same moment.
+    others: CpuSample,
     /// `le` bound -> cumulative count of `coffer_writer_group_commit_batch_messages`.
     buckets: Vec<(f64, f64)>,
     sum: f64,
@@ -194,9 +247,9 @@ struct WriterSample {
 }
 
 impl WriterSample {
-    async fn take(http: &reqwest::Client, url: &str, pid: u32, server: Option<u32>) -> Self {
+    async fn take(http: &reqwest::Client, url: &str, pid: u32, servers: &[u32]) -> Self {
         let cpu = cpu_seconds(pid);
-        let server_cpu = server.map_or(0.0, cpu_seconds);
+        let others = CpuSample::take(servers);
         let text = match http.get(format!("{url}/metrics")).send().await {
             Ok(response) => response.text().await.unwrap_or_default(),
             Err(_) => String::new(),
@@ -218,7 +271,7 @@ impl WriterSample {
         let metric = |suffix: &str| testkit::metric_value(&text, &format!("{name}_{suffix}"));
         Self {
             cpu,
-            server_cpu,
+            others,
             buckets,
             sum: metric("sum").unwrap_or(0.0),
             count: metric("count").unwrap_or(0.0),
@@ -235,7 +288,6 @@ impl WriterSample {
     /// What happened between `self` and `later`: writer CPU per command and batch sizes.
     fn cost(&self, later: &WriterSample, commands: usize) -> String {
         let per_command = (later.cpu - self.cpu) / commands.max(1) as f64 * 1e6;
-        let server = (later.server_cpu - self.server_cpu) / commands.max(1) as f64 * 1e6;
         let batches = later.count - self.count;
         let mean = (later.sum - self.sum) / batches.max(1.0);
         // The smallest bucket bound under which a fraction of this run's batches fall.
@@ -247,13 +299,9 @@ impl WriterSample {
                 .find(|((_, after), (_, before))| after - before >= fraction * batches)
                 .map_or(f64::NAN, |((bound, _), _)| *bound)
         };
-        let server = if later.server_cpu > 0.0 {
-            format!(", nats-server CPU {server:.0} us/command")
-        } else {
-            String::new()
-        };
         format!(
-            "writer CPU {per_command:.0} us/command{server}; {batches:.0} batches, mean {mean:.1} messages, p50 <= {} p99 <= {} messages; waited to fill {:.0}, short {:.0}",
+            "writer CPU {per_command:.0} us/command, {}; {batches:.0} batches, mean {mean:.1} messages, p50 <= {} p99 <= {} messages; waited to fill {:.0}, short {:.0}",
+            self.others.cost(&later.others, commands),
             quantile(0.5),
             quantile(0.99),
             later.fills - self.fills,
@@ -268,7 +316,7 @@ struct WriterRows<'a> {
     http: &'a reqwest::Client,
     url: &'a str,
     pid: u32,
-    server: Option<u32>,
+    servers: &'a [u32],
 }
 
 impl WriterRows<'_> {
@@ -284,9 +332,9 @@ impl WriterRows<'_> {
     where
         F: Fn(usize) -> futures::future::BoxFuture<'static, bool> + Clone + Send + 'static,
     {
-        let before = WriterSample::take(self.http, self.url, self.pid, self.server).await;
+        let before = WriterSample::take(self.http, self.url, self.pid, self.servers).await;
         let measured = timed(clients, seconds, &name, operation).await;
-        let after = WriterSample::take(self.http, self.url, self.pid, self.server).await;
+        let after = WriterSample::take(self.http, self.url, self.pid, self.servers).await;
         let cost = before.cost(&after, measured.1.len());
         rate_row(results, name, measured, cost)
     }
@@ -1758,11 +1806,12 @@ async fn deposits_suite(
             .error_for_status()?;
     }
     let first = log.last_position().await?;
+    let servers: Vec<u32> = nats.pid().into_iter().collect();
     let rows = WriterRows {
         http: &http,
         url: &url,
         pid,
-        server: nats.pid(),
+        servers: &servers,
     };
     let mut over_http = Vec::new();
     for clients in [clients, clients * 4] {
@@ -1841,7 +1890,7 @@ async fn deposits_suite(
     // Bulks of 1 000 deposits on distinct accounts from 8 clients; a row counts commands.
     const BULK: usize = 1_000;
     const BULK_CLIENTS: usize = 8;
-    let before = WriterSample::take(&http, &url, pid, nats.pid()).await;
+    let before = WriterSample::take(&http, &url, pid, &servers).await;
     let (bulks_per_second, latencies, errors) = timed(BULK_CLIENTS, seconds, "bulk deposits", {
         let (http, prefix, url) = (http.clone(), prefix.clone(), url.clone());
         move |index| {
@@ -1872,7 +1921,7 @@ async fn deposits_suite(
         }
     })
     .await;
-    let after = WriterSample::take(&http, &url, pid, nats.pid()).await;
+    let after = WriterSample::take(&http, &url, pid, &servers).await;
     let commands = latencies.len() * BULK;
     let over_bulk = results.add_rate(
         &format!(
@@ -1907,27 +1956,30 @@ async fn deposits_suite(
         })
         .await?;
     let payload = bytes::Bytes::from(vec![b'x'; 200]);
+    let before = CpuSample::take(&servers);
+    let measured = timed(clients, seconds, "raw publish-and-ack", {
+        let (context, side, payload) = (context.clone(), side.clone(), payload.clone());
+        move |index| {
+            let (context, subject, payload) = (
+                context.clone(),
+                format!("bench.{side}.{}", index % accounts),
+                payload.clone(),
+            );
+            async move {
+                match context.publish(subject, payload).await {
+                    Ok(ack) => ack.await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        }
+    })
+    .await;
+    let cost = before.cost(&CpuSample::take(&servers), measured.1.len());
     let raw = rate_row(
         results,
         format!("raw JetStream publish-and-ack, {clients} clients, {accounts} subjects"),
-        timed(clients, seconds, "raw publish-and-ack", {
-            let (context, side, payload) = (context.clone(), side.clone(), payload.clone());
-            move |index| {
-                let (context, subject, payload) = (
-                    context.clone(),
-                    format!("bench.{side}.{}", index % accounts),
-                    payload.clone(),
-                );
-                async move {
-                    match context.publish(subject, payload).await {
-                        Ok(ack) => ack.await.is_ok(),
-                        Err(_) => false,
-                    }
-                }
-            }
-        })
-        .await,
-        String::new(),
+        measured,
+        cost,
     );
     results.add(
         "ratio deposits / raw publish-and-ack, same concurrency",
@@ -1971,7 +2023,7 @@ async fn raw_atomic_rate(
     size: usize,
     in_flight: usize,
     seconds: u64,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, usize)> {
     let stop = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let payload = bytes::Bytes::from(vec![b'x'; 200]);
@@ -2015,7 +2067,7 @@ async fn raw_atomic_rate(
     for task in tasks {
         stored += task.await??;
     }
-    Ok(stored as f64 / started.elapsed().as_secs_f64())
+    Ok((stored as f64 / started.elapsed().as_secs_f64(), stored))
 }
 
 /// The server's cost model, measured: raw atomic batches of 1/10/35/100/300 messages with one and
@@ -2027,12 +2079,25 @@ async fn cost_model_suite(results: &mut Results, seconds: u64) -> anyhow::Result
     let always = NatsServer::start();
     let default = NatsServer::start_with_default_sync();
     let cluster = testkit::NatsCluster::start();
-    let setups: [(&str, String, usize); 3] = [
-        ("R1, sync_interval: always", always.url(), 1),
-        ("R1, NATS default sync", default.url(), 1),
-        ("R3 (3 nodes), sync_interval: always", cluster.urls(), 3),
+    let pids = |servers: &[&NatsServer]| -> Vec<u32> {
+        servers.iter().filter_map(|server| server.pid()).collect()
+    };
+    let setups: [(&str, String, usize, Vec<u32>); 3] = [
+        (
+            "R1, sync_interval: always",
+            always.url(),
+            1,
+            pids(&[&always]),
+        ),
+        ("R1, NATS default sync", default.url(), 1, pids(&[&default])),
+        (
+            "R3 (3 nodes), sync_interval: always",
+            cluster.urls(),
+            3,
+            pids(&cluster.nodes.iter().collect::<Vec<_>>()),
+        ),
     ];
-    for (label, url, replicas) in setups {
+    for (label, url, replicas, pids) in setups {
         let servers = url
             .split(',')
             .map(str::parse)
@@ -2067,30 +2132,39 @@ async fn cost_model_suite(results: &mut Results, seconds: u64) -> anyhow::Result
         }
         anyhow::ensure!(created.is_some(), "create the cost-model stream on {label}");
         for in_flight in [1usize, 8] {
-            let mut points = Vec::new();
+            let (mut points, mut cpu_points) = (Vec::new(), Vec::new());
             let mut cells = Vec::new();
             for size in SIZES {
-                let rate = raw_atomic_rate(&client, &prefix, size, in_flight, seconds).await?;
+                let before = CpuSample::take(&pids);
+                let (rate, stored) =
+                    raw_atomic_rate(&client, &prefix, size, in_flight, seconds).await?;
+                let after = CpuSample::take(&pids);
                 // Seconds per batch as one batch in flight sees it.
                 points.push((size as f64, in_flight as f64 * size as f64 / rate.max(1.0)));
-                cells.push(format!("{size}: {rate:.0}"));
+                // The servers' CPU seconds per batch (all three nodes at R3).
+                let cpu = (after.servers - before.servers) / (stored / size).max(1) as f64;
+                cpu_points.push((size as f64, cpu));
+                cells.push(format!("{size}: {rate:.0} ({:.2} ms CPU)", cpu * 1e3));
             }
             let (fixed, per_message) = fit_line(&points);
+            let (cpu_fixed, cpu_per_message) = fit_line(&cpu_points);
             results.add(
                 &format!(
-                    "raw atomic batches, {label}, {in_flight} in flight (batch size: messages/s)"
+                    "raw atomic batches, {label}, {in_flight} in flight (batch size: messages/s (server CPU per batch))"
                 ),
                 format!(
-                    "{}; fit: {:.2} ms per batch + {:.1} us per message",
+                    "{}; fit: {:.2} ms per batch + {:.1} us per message; server CPU fit: {:.2} ms per batch + {:.1} us per message",
                     cells.join(", "),
                     fixed * 1e3,
-                    per_message * 1e6
+                    per_message * 1e6,
+                    cpu_fixed * 1e3,
+                    cpu_per_message * 1e6
                 ),
             );
         }
         if replicas == 3 {
-            let raw = raw_atomic_rate(&client, &prefix, 1, 64, seconds * 2).await?;
-            let deposits = writer_deposits_over_nats(&url, &client, 64, seconds * 2).await?;
+            let (raw, _) = raw_atomic_rate(&client, &prefix, 1, 64, seconds * 2).await?;
+            let deposits = writer_deposits_over_nats(&url, &pids, &client, 64, seconds * 2).await?;
             results.add(
                 &format!(
                     "{label}: deposits over NATS through a writer, 64 clients, 10000 accounts"
@@ -2107,6 +2181,7 @@ async fn cost_model_suite(results: &mut Results, seconds: u64) -> anyhow::Result
 /// on 10 000 warm accounts: the rate and the writer's batch sizes.
 async fn writer_deposits_over_nats(
     urls: &str,
+    servers: &[u32],
     client: &async_nats::Client,
     clients: usize,
     seconds: u64,
@@ -2149,7 +2224,7 @@ async fn writer_deposits_over_nats(
         }
     }
     let pid = writer.pid().context("writer pid")?;
-    let before = WriterSample::take(&http, &url, pid, None).await;
+    let before = WriterSample::take(&http, &url, pid, servers).await;
     let (rate, latencies, errors) = timed(clients, seconds, "R3 deposits over NATS", {
         let (client, prefix) = (client.clone(), prefix.clone());
         move |index| {
@@ -2161,7 +2236,7 @@ async fn writer_deposits_over_nats(
         }
     })
     .await;
-    let after = WriterSample::take(&http, &url, pid, None).await;
+    let after = WriterSample::take(&http, &url, pid, servers).await;
     let commands = latencies.len();
     Ok(format!(
         "{rate:.0}/s, {}, {errors} errors; {}",

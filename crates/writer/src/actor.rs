@@ -593,6 +593,9 @@ impl AccountActorState {
                     // meanwhile cannot make it stale again.
                     self.context.metrics.conflicts.inc();
                     self.loaded = false;
+                    // Waiting for this account's callers would let the other appender in
+                    // first again (racing writers, ownership off).
+                    self.filling.pause();
                     commands = alone(decided, rest);
                     if attempt == ACCOUNT_BATCH_RETRIES_MAX {
                         // No attempt left to hold the account for.

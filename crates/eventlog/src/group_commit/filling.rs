@@ -168,6 +168,14 @@ impl Filling {
         self.waiting = None;
     }
 
+    /// Batches go at once for the next [`PAUSE_AFTER_MISS`] acknowledgements: someone else's
+    /// append came between two of ours (a batch lost its race), and a wait would only let the
+    /// next one in before the batch waited for, which then loses its race too.
+    pub fn pause(&mut self) {
+        self.waiting = None;
+        self.paused_for = PAUSE_AFTER_MISS;
+    }
+
     /// The wait, if any, is over ([`Filling::ready`] said so) with `queued` waiting: how it
     /// ended if it held anything back.
     pub fn end(&mut self, queued: Queued, now: Instant) -> Option<Ended> {
@@ -356,6 +364,23 @@ mod tests {
         assert!(filling.ready(appends(1), later));
         filling.acknowledged(10, 5 * MS, appends(0), 1000, later);
         assert!(!filling.ready(appends(1), later), "not paused");
+    }
+
+    #[test]
+    fn a_pause_drops_the_wait_and_sends_the_next_batches_at_once_then_waits_again() {
+        let start = Instant::now();
+        let mut filling = policy();
+        filling.acknowledged(16, 5 * MS, appends(0), 1000, start);
+        assert!(!filling.ready(appends(1), start), "waiting for the 16");
+        filling.pause();
+        assert!(!filling.is_waiting());
+        assert!(filling.ready(appends(1), start), "the wait is dropped");
+        for _ in 0..PAUSE_AFTER_MISS {
+            filling.acknowledged(16, 5 * MS, appends(0), 1000, start);
+            assert!(filling.ready(appends(1), start), "paused");
+        }
+        filling.acknowledged(16, 5 * MS, appends(0), 1000, start);
+        assert!(!filling.ready(appends(1), start), "waiting again");
     }
 
     #[test]
