@@ -2070,6 +2070,133 @@ async fn raw_atomic_rate(
     Ok((stored as f64 / started.elapsed().as_secs_f64(), stored))
 }
 
+/// The cost model's R1 `always` row again with the event log's own messages on Coffer's stream
+/// (one batch in flight, 10 000 accounts): what Coffer's message shape costs the server beyond
+/// the raw messages, before any writer, HTTP or actor.
+async fn event_log_cost(
+    results: &mut Results,
+    nats: &NatsServer,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    const SIZES: [usize; 5] = [1, 10, 35, 100, 300];
+    const ACCOUNTS: usize = 10_000;
+    let client = async_nats::connect(nats.url()).await?;
+    let log = EventLog::open(client, &StreamSettings::default()).await?;
+    let prefix = format!("cost-{}", uuid::Uuid::now_v7().simple());
+    let opened = Event::AccountOpened(OpenAccount {
+        metadata: Default::default(),
+        currency: Currency::parse("EUR").context("currency")?,
+        owner: None,
+        overdraft_limit: OverdraftLimit::new(0).context("limit")?,
+    });
+    let mut accounts = Vec::with_capacity(ACCOUNTS);
+    for chunk in (0..ACCOUNTS).collect::<Vec<_>>().chunks(500) {
+        let mut entries = Vec::with_capacity(chunk.len());
+        let mut ids = Vec::with_capacity(chunk.len());
+        for index in chunk {
+            let account = AccountId::parse(&format!("{prefix}-{index}")).context("account id")?;
+            let chain = eventlog::chain::next(eventlog::chain::GENESIS, &account, &opened)?;
+            entries.push(Entry::Event {
+                account: account.clone(),
+                expected_last_position: 0,
+                event: opened.clone(),
+                metadata: EventMetadata {
+                    command_id: uuid::Uuid::now_v7().to_string(),
+                    correlation_id: "bench".into(),
+                    traceparent: None,
+                },
+                chain: chain.clone(),
+            });
+            ids.push((account, chain));
+        }
+        let appended = log.append_atomic(&entries).await?;
+        for (index, (account, chain)) in ids.into_iter().enumerate() {
+            accounts.push((account, appended.position_of(index), chain));
+        }
+    }
+    let servers: Vec<u32> = nats.pid().into_iter().collect();
+    let (mut cpu_points, mut cells) = (Vec::new(), Vec::new());
+    let mut points = Vec::new();
+    for size in SIZES {
+        let before = CpuSample::take(&servers);
+        let (rate, stored) = event_log_atomic_rate(&log, &mut accounts, size, seconds).await?;
+        let after = CpuSample::take(&servers);
+        points.push((size as f64, size as f64 / rate.max(1.0)));
+        let cpu = (after.servers - before.servers) / (stored / size).max(1) as f64;
+        cpu_points.push((size as f64, cpu));
+        cells.push(format!("{size}: {rate:.0} ({:.2} ms CPU)", cpu * 1e3));
+    }
+    let (fixed, per_message) = fit_line(&points);
+    let (cpu_fixed, cpu_per_message) = fit_line(&cpu_points);
+    results.add(
+        "event log atomic batches of deposits (Coffer's subjects, headers, per-account checks, republish), R1, sync_interval: always, 1 in flight (batch size: messages/s (server CPU per batch))",
+        format!(
+            "{}; fit: {:.2} ms per batch + {:.1} us per message; server CPU fit: {:.2} ms per batch + {:.1} us per message",
+            cells.join(", "),
+            fixed * 1e3,
+            per_message * 1e6,
+            cpu_fixed * 1e3,
+            cpu_per_message * 1e6
+        ),
+    );
+    Ok(())
+}
+
+/// Atomic batches of `size` deposits as the event log appends them (Coffer's subjects through
+/// the stream's transform, a dozen headers, each event checked against its account's last
+/// position on the account's `>` filter, the chain, the republish), one batch in flight, over
+/// `accounts` opened first: messages per second and how many were stored.
+async fn event_log_atomic_rate(
+    log: &EventLog,
+    accounts: &mut [(AccountId, u64, String)],
+    size: usize,
+    seconds: u64,
+) -> anyhow::Result<(f64, usize)> {
+    let stop = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let (mut stored, mut next) = (0usize, 0usize);
+    let event = Event::Deposited {
+        metadata: Default::default(),
+        amount: Amount::new(1).context("amount")?,
+        reference: None,
+    };
+    while Instant::now() < stop {
+        let members: Vec<usize> = (0..size)
+            .map(|offset| (next + offset) % accounts.len())
+            .collect();
+        next += size;
+        let mut entries = Vec::with_capacity(size);
+        for &member in &members {
+            let (account, position, chain) = &accounts[member];
+            let chain = eventlog::chain::next(chain, account, &event)?;
+            entries.push(Entry::Event {
+                account: account.clone(),
+                expected_last_position: *position,
+                event: event.clone(),
+                metadata: EventMetadata {
+                    command_id: uuid::Uuid::now_v7().to_string(),
+                    correlation_id: uuid::Uuid::now_v7().to_string(),
+                    traceparent: Some(format!(
+                        "00-{}-{}-01",
+                        uuid::Uuid::now_v7().simple(),
+                        &uuid::Uuid::now_v7().simple().to_string()[..16]
+                    )),
+                },
+                chain,
+            });
+        }
+        let appended = log.append_atomic(&entries).await?;
+        for (index, (member, entry)) in members.into_iter().zip(entries).enumerate() {
+            if let Entry::Event { chain, .. } = entry {
+                accounts[member].1 = appended.position_of(index);
+                accounts[member].2 = chain;
+            }
+        }
+        stored += size;
+    }
+    Ok((stored as f64 / started.elapsed().as_secs_f64(), stored))
+}
+
 /// The server's cost model, measured: raw atomic batches of 1/10/35/100/300 messages with one and
 /// eight in flight, under `sync_interval: always` and the NATS default (R1), and at R3 on a
 /// three-node cluster (`always`). Each row also gives the fixed and per-message cost fitted to
@@ -2082,6 +2209,7 @@ async fn cost_model_suite(results: &mut Results, seconds: u64) -> anyhow::Result
     let pids = |servers: &[&NatsServer]| -> Vec<u32> {
         servers.iter().filter_map(|server| server.pid()).collect()
     };
+    event_log_cost(results, &always, seconds).await?;
     let setups: [(&str, String, usize, Vec<u32>); 3] = [
         (
             "R1, sync_interval: always",

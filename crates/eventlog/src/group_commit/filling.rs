@@ -1,7 +1,7 @@
 //! When the next batch waits to fill.
 //!
-//! A batch costs the server a fixed ~2.5 ms plus ~20 us per message (docs/benchmarks.md, the
-//! cost model), so one batch of everyone beats two of half. Under load most callers send their
+//! A batch of Coffer's messages costs an R1 server a fixed ~2 ms plus ~30 us per message
+//! (docs/benchmarks.md, the cost model), so one batch of everyone beats two of half. Under load most callers send their
 //! next command as soon as they are answered: sent at once after an acknowledgement, the next
 //! batch takes only those who queued meanwhile, and the callers just answered form a second
 //! batch behind it. So after an acknowledgement the next batch waits for as many appends as the
