@@ -186,8 +186,11 @@ fn machine_ticks() -> (f64, f64) {
         .ok()
         .and_then(|stat| {
             let line = stat.lines().next()?.strip_prefix("cpu ")?;
+            // user nice system idle iowait irq softirq steal: guest time is inside user and
+            // nice already.
             let ticks: Vec<f64> = line
                 .split_whitespace()
+                .take(8)
                 .filter_map(|field| field.parse().ok())
                 .collect();
             let total: f64 = ticks.iter().sum();

@@ -244,6 +244,10 @@ impl Actor for AccountActor {
         Ok(())
     }
 
+    // Every live actor's task holds this future at its largest for as long as the actor lives:
+    // the decision paths are boxed, so an idle actor's task holds a few hundred bytes instead
+    // of the ~13 KiB their state machines take (10 000 live actors by default; the box is one
+    // allocation per message, freed when it is handled).
     async fn handle(
         &self,
         myself: ActorRef<Self::Msg>,
@@ -259,7 +263,7 @@ impl Actor for AccountActor {
             } => (request, reply, queued, sent),
             AccountMessage::Flush(generation) => {
                 if generation == state.flush_generation {
-                    state.flush_when_filled(&myself, generation).await;
+                    Box::pin(state.flush_when_filled(&myself, generation)).await;
                 }
                 return Ok(());
             }
@@ -287,7 +291,7 @@ impl Actor for AccountActor {
                 if let Err(error) = myself.send_message(flush) {
                     tracing::debug!(%error, "could not queue a flush; deciding now");
                     state.waiting.push(waiting);
-                    state.flush().await;
+                    Box::pin(state.flush()).await;
                     return Ok(());
                 }
             }
@@ -299,15 +303,15 @@ impl Actor for AccountActor {
             if state.waiting.len() >= state.context.account_batch_max
                 || (state.filling.is_waiting() && state.wait_over(Instant::now()))
             {
-                state.flush().await;
+                Box::pin(state.flush()).await;
             }
             return Ok(());
         }
         // Anything set aside arrived first: it goes first. A wait it cuts short says nothing
         // about whether callers come back.
         state.filling.abandon();
-        state.flush().await;
-        let answer = state.execute_unless_expired(waiting.request.clone()).await;
+        Box::pin(state.flush()).await;
+        let answer = Box::pin(state.execute_unless_expired(waiting.request.clone())).await;
         waiting.answer(answer);
         Ok(())
     }
@@ -593,9 +597,18 @@ impl AccountActorState {
                     // meanwhile cannot make it stale again.
                     self.context.metrics.conflicts.inc();
                     self.loaded = false;
-                    // Waiting for this account's callers would let the other appender in
-                    // first again (racing writers, ownership off).
-                    self.filling.pause();
+                    // When someone outside this writer appended (racing writers, ownership
+                    // off, a stale owner), waiting for this account's callers would only let
+                    // it in first again. A flow of this writer through the account is in the
+                    // shared states already and does not pause filling.
+                    let ours = self
+                        .context
+                        .states
+                        .get(self.id())
+                        .is_some_and(|known| known.position > before);
+                    if !ours {
+                        self.filling.pause();
+                    }
                     commands = alone(decided, rest);
                     if attempt == ACCOUNT_BATCH_RETRIES_MAX {
                         // No attempt left to hold the account for.

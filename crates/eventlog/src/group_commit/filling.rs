@@ -1,8 +1,9 @@
 //! When the next batch waits to fill.
 //!
 //! A batch of Coffer's messages costs an R1 server a fixed ~2 ms plus ~30 us per message
-//! (docs/benchmarks.md, the cost model), so one batch of everyone beats two of half. Under load most callers send their
-//! next command as soon as they are answered: sent at once after an acknowledgement, the next
+//! (docs/benchmarks.md, the cost model), so one batch of everyone beats two of half. Under load
+//! most callers send their next command as soon as they are answered: sent at once after an
+//! acknowledgement, the next
 //! batch takes only those who queued meanwhile, and the callers just answered form a second
 //! batch behind it. So after an acknowledgement the next batch waits for as many appends as the
 //! acknowledged batch and the queue held together (or a full batch's messages), but not longer
@@ -13,13 +14,16 @@
 //! [`PAUSE_AFTER_MISS`] acknowledgements, so such a load pays one wait in that many, unless it
 //! ran to its limit while callers were rushing back: at least a quarter of those answered, and
 //! [`RUSH`] times faster than appends arrived during the flight (callers coming back, only not
-//! all in time). A wait ended by a quiet spell always pauses: nobody else was coming.
+//! all in time). A wait ended by a quiet spell always pauses: nobody else was coming. A batch
+//! that lost its race to someone else's append pauses too ([`Filling::pause`]): a wait would
+//! only let the other appender in first again.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Acknowledgements after a wait that ended short of its target during which batches go at once.
+/// Acknowledgements after a wait that ended short of its target (or a lost race,
+/// [`Filling::pause`]) during which batches go at once.
 pub const PAUSE_AFTER_MISS: u32 = 64;
 
 /// How much faster than during the flight appends arrive during a wait when callers come back on
