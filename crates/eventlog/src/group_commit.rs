@@ -384,8 +384,7 @@ async fn run(
     let in_flight_max = settings
         .batches_in_flight_max
         .clamp(1, BATCHES_IN_FLIGHT_LIMIT);
-    // Members not sent yet and reservations not granted yet, oldest first.
-    let mut waiting: VecDeque<Waiting> = VecDeque::new();
+    let mut waiting = Queue::default();
     let mut reserved = Reserved::default();
     // Batches awaiting their acknowledgement; each gives back the keys it held.
     let mut in_flight = FuturesUnordered::new();
@@ -404,7 +403,7 @@ async fn run(
             let take = in_flight.len() < in_flight_max
                 && (!filling.is_waiting()
                     || wait_over(&mut filling, &waiting, in_flight.is_empty(), now, &counters));
-            if !take && !reservation_queued(&waiting) {
+            if !take && !waiting.reservation_queued() {
                 break;
             }
             let batch = next_batch(
@@ -430,7 +429,7 @@ async fn run(
                 (keys, members, sent.elapsed())
             });
         }
-        if closed && waiting.is_empty() && in_flight.is_empty() {
+        if closed && waiting.items.is_empty() && in_flight.is_empty() {
             return;
         }
         // A granted reservation past its deadline is released then, and an append held back
@@ -440,11 +439,11 @@ async fn run(
         // deadline.) A wait to fill ends when it runs out.
         let fill_until = filling
             .wakes_at()
-            .filter(|_| in_flight.is_empty() && !waiting.is_empty());
-        let next_expiry = if reserved.grants.is_empty() && !reservation_queued(&waiting) {
+            .filter(|_| in_flight.is_empty() && !waiting.items.is_empty());
+        let next_expiry = if reserved.grants.is_empty() && !waiting.reservation_queued() {
             fill_until
         } else {
-            let waiting_deadlines = waiting.iter().filter_map(|next| match next {
+            let waiting_deadlines = waiting.items.iter().filter_map(|next| match next {
                 Waiting::Member(member) => member.deadline,
                 Waiting::Reservation(reservation) => reservation.deadline,
             });
@@ -465,7 +464,7 @@ async fn run(
                 Some(member) => {
                     waiting.push_back(Waiting::Member(member));
                     // What has queued already joins it: waiting for more would add latency.
-                    while waiting.len() < BATCH_SIZE_MAX {
+                    while waiting.items.len() < BATCH_SIZE_MAX {
                         match receiver.try_recv() {
                             Ok(member) => waiting.push_back(Waiting::Member(member)),
                             Err(_) => break,
@@ -499,7 +498,7 @@ async fn run(
 /// queue is ready, or an append's deadline comes before the wait would end.
 fn wait_over(
     filling: &mut Filling,
-    waiting: &VecDeque<Waiting>,
+    waiting: &Queue,
     nothing_in_flight: bool,
     now: Instant,
     counters: &GroupCommitCounters,
@@ -524,10 +523,10 @@ fn wait_over(
 
 /// The appends waiting (not the reservations) and their messages, and the earliest deadline
 /// among them.
-fn queued_appends(waiting: &VecDeque<Waiting>) -> (Queued, Option<Instant>) {
+fn queued_appends(waiting: &Queue) -> (Queued, Option<Instant>) {
     let mut queued = Queued::default();
     let mut earliest: Option<Instant> = None;
-    for next in waiting {
+    for next in &waiting.items {
         if let Waiting::Member(member) = next {
             queued.appends += 1;
             queued.messages += member.entries.len();
@@ -541,15 +540,14 @@ fn queued_appends(waiting: &VecDeque<Waiting>) -> (Queued, Option<Instant>) {
 
 /// Answers the members waiting past their deadline (`Unavailable`: never sent) and forgets the
 /// reservations past theirs, queued or granted.
-fn expire(
-    waiting: &mut VecDeque<Waiting>,
-    reserved: &mut Reserved,
-    counters: &GroupCommitCounters,
-) {
+fn expire(waiting: &mut Queue, reserved: &mut Reserved, counters: &GroupCommitCounters) {
     let now = Instant::now();
     reserved.expire(now);
-    let mut kept = VecDeque::with_capacity(waiting.len());
-    for next in waiting.drain(..) {
+    let mut kept = Queue {
+        items: VecDeque::with_capacity(waiting.items.len()),
+        reservations: 0,
+    };
+    for next in waiting.items.drain(..) {
         match next {
             Waiting::Member(member) if member.deadline.is_some_and(|deadline| now >= deadline) => {
                 refuse_expired(member, counters, "sent");
@@ -572,11 +570,27 @@ fn refuse_expired(member: Member, counters: &GroupCommitCounters, what: &str) {
     ))));
 }
 
-/// Whether a reservation waits to be granted.
-fn reservation_queued(waiting: &VecDeque<Waiting>) -> bool {
-    waiting
-        .iter()
-        .any(|next| matches!(next, Waiting::Reservation(_)))
+/// Members not sent yet and reservations not granted yet, oldest first, with how many of them
+/// are reservations: the committer asks that on every wake, and scanning for it made a bulk's
+/// thousands of queued members a fifth of the writer's CPU (docs/benchmarks.md).
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Waiting>,
+    reservations: usize,
+}
+
+impl Queue {
+    fn push_back(&mut self, next: Waiting) {
+        if matches!(next, Waiting::Reservation(_)) {
+            self.reservations += 1;
+        }
+        self.items.push_back(next);
+    }
+
+    /// Whether a reservation waits to be granted.
+    fn reservation_queued(&self) -> bool {
+        self.reservations > 0
+    }
 }
 
 /// Sleeps until `deadline`, or forever without one.
@@ -592,7 +606,7 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 /// reservation queued before them does; grants, in queue order, the reservations whose
 /// accounts nothing in flight, nothing queued before them and no other holder touches.
 fn next_batch(
-    waiting: &mut VecDeque<Waiting>,
+    waiting: &mut Queue,
     messages_max: usize,
     busy: &HashSet<Key>,
     reserved: &mut Reserved,
@@ -607,17 +621,17 @@ fn next_batch(
     // Keys of members left waiting: a reservation behind them waits for them.
     let mut waiting_keys: HashSet<Key> = HashSet::new();
     let mut messages = 0;
-    let mut reservations_left = waiting
-        .iter()
-        .filter(|next| matches!(next, Waiting::Reservation(_)))
-        .count();
-    let mut kept = VecDeque::with_capacity(waiting.len());
-    while let Some(next) = waiting.pop_front() {
+    let mut reservations_left = waiting.reservations;
+    let mut kept = Queue {
+        items: VecDeque::with_capacity(waiting.items.len()),
+        reservations: 0,
+    };
+    while let Some(next) = waiting.items.pop_front() {
         // A full batch and no reservation behind: the rest stays as it is, unscanned (a long
         // queue would otherwise be walked once per batch).
         if reservations_left == 0 && (messages_max == 0 || messages >= messages_max) {
-            kept.push_back(next);
-            kept.append(waiting);
+            kept.items.push_back(next);
+            kept.items.append(&mut waiting.items);
             break;
         }
         let member = match next {
@@ -786,4 +800,89 @@ async fn send_alone(log: &EventLog, members: Vec<Member>, counters: &GroupCommit
             let _ = member.reply.send(result);
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(key: Key, deadline: Option<Instant>) -> Waiting {
+        Waiting::Member(Member {
+            entries: vec![Entry::Marker {
+                subject: format!("m.{key}"),
+                payload: Vec::new(),
+            }],
+            keys: vec![key],
+            deadline,
+            reply: oneshot::channel().0,
+            reservation: None,
+        })
+    }
+
+    fn reservation(
+        id: u64,
+        key: Key,
+        deadline: Option<Instant>,
+    ) -> (Waiting, oneshot::Receiver<()>) {
+        let (granted, receiver) = oneshot::channel();
+        let reservation = Reservation {
+            id,
+            keys: vec![key],
+            deadline,
+            granted,
+        };
+        (Waiting::Reservation(reservation), receiver)
+    }
+
+    fn counted(queue: &Queue) -> usize {
+        queue
+            .items
+            .iter()
+            .filter(|next| matches!(next, Waiting::Reservation(_)))
+            .count()
+    }
+
+    #[test]
+    fn the_queue_counts_its_reservations_through_batches_and_expiry() {
+        let counters = GroupCommitCounters::default();
+        let (mut queue, mut reserved) = (Queue::default(), Reserved::default());
+        let mut busy = HashSet::new();
+        let past = Instant::now() - std::time::Duration::from_secs(1);
+        // Key 1 is in flight: the reservation for it stays queued, the one for 2 is granted.
+        busy.insert(1);
+        queue.push_back(member(3, None));
+        let (first, _first) = reservation(10, 1, None);
+        queue.push_back(first);
+        let (second, _second) = reservation(11, 2, None);
+        queue.push_back(second);
+        let (late, _late) = reservation(12, 4, Some(past));
+        queue.push_back(late);
+        queue.push_back(member(5, Some(past)));
+        for key in 6..10 {
+            queue.push_back(member(key, None));
+        }
+        assert_eq!(queue.reservations, 3);
+        // A batch of two messages: the expired reservation and member go, 11 is granted, 10
+        // waits for key 1.
+        let batch = next_batch(&mut queue, 2, &busy, &mut reserved, &counters);
+        assert_eq!(batch.len(), 2);
+        assert_eq!(queue.reservations, counted(&queue));
+        assert_eq!(queue.reservations, 1);
+        assert!(queue.reservation_queued());
+        // With nothing taken (messages_max 0) the queue is still walked for reservations.
+        busy.clear();
+        let batch = next_batch(&mut queue, 0, &busy, &mut reserved, &counters);
+        assert!(batch.is_empty());
+        assert_eq!(queue.reservations, counted(&queue));
+        assert!(
+            !queue.reservation_queued(),
+            "10 is granted once key 1 is free"
+        );
+        let (expiring, _expiring) = reservation(13, 20, Some(past));
+        queue.push_back(expiring);
+        assert!(queue.reservation_queued());
+        expire(&mut queue, &mut reserved, &counters);
+        assert_eq!(queue.reservations, counted(&queue));
+        assert!(!queue.reservation_queued());
+    }
 }
