@@ -630,7 +630,7 @@ fn next_batch(
         // A full batch and no reservation behind: the rest stays as it is, unscanned (a long
         // queue would otherwise be walked once per batch).
         if reservations_left == 0 && (messages_max == 0 || messages >= messages_max) {
-            kept.items.push_back(next);
+            kept.push_back(next);
             kept.items.append(&mut waiting.items);
             break;
         }
@@ -861,11 +861,16 @@ mod tests {
         for key in 6..10 {
             queue.push_back(member(key, None));
         }
-        assert_eq!(queue.reservations, 3);
-        // A batch of two messages: the expired reservation and member go, 11 is granted, 10
-        // waits for key 1.
+        // Behind a batch's worth of members: still granted in the same pass.
+        let (behind, _behind) = reservation(14, 30, None);
+        queue.push_back(behind);
+        assert_eq!(queue.reservations, 4);
+        // A batch of two messages: the expired reservation and member go, 11 and 14 are
+        // granted, 10 waits for key 1.
         let batch = next_batch(&mut queue, 2, &busy, &mut reserved, &counters);
         assert_eq!(batch.len(), 2);
+        assert!(reserved.grants.contains_key(&11) && reserved.grants.contains_key(&14));
+        assert!(!reserved.grants.contains_key(&10));
         assert_eq!(queue.reservations, counted(&queue));
         assert_eq!(queue.reservations, 1);
         assert!(queue.reservation_queued());
@@ -874,15 +879,18 @@ mod tests {
         let batch = next_batch(&mut queue, 0, &busy, &mut reserved, &counters);
         assert!(batch.is_empty());
         assert_eq!(queue.reservations, counted(&queue));
+        assert!(!queue.reservation_queued());
         assert!(
-            !queue.reservation_queued(),
-            "10 is granted once key 1 is free"
+            reserved.grants.contains_key(&10),
+            "granted once key 1 is free"
         );
         let (expiring, _expiring) = reservation(13, 20, Some(past));
         queue.push_back(expiring);
-        assert!(queue.reservation_queued());
+        let (live, _live) = reservation(15, 6, None);
+        queue.push_back(live);
+        assert_eq!(queue.reservations, 2);
         expire(&mut queue, &mut reserved, &counters);
         assert_eq!(queue.reservations, counted(&queue));
-        assert!(!queue.reservation_queued());
+        assert_eq!(queue.reservations, 1, "the live one stays");
     }
 }

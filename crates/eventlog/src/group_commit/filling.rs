@@ -3,9 +3,8 @@
 //! A batch of Coffer's messages costs an R1 server a fixed ~2 ms plus ~30 us per message
 //! (docs/benchmarks.md, the cost model), so one batch of everyone beats two of half. Under load
 //! most callers send their next command as soon as they are answered: sent at once after an
-//! acknowledgement, the next
-//! batch takes only those who queued meanwhile, and the callers just answered form a second
-//! batch behind it. So after an acknowledgement the next batch waits for as many appends as the
+//! acknowledgement, the next batch takes only those who queued meanwhile, and the callers just
+//! answered form a second batch behind it. So after an acknowledgement the next batch waits for as many appends as the
 //! acknowledged batch and the queue held together (or a full batch's messages), but not longer
 //! than `wait_max`, nor past a quiet spell in which nothing arrives.
 //!
