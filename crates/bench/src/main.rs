@@ -2118,31 +2118,61 @@ async fn event_log_cost(
         }
     }
     let servers: Vec<u32> = nats.pid().into_iter().collect();
-    let (mut cpu_points, mut cells) = (Vec::new(), Vec::new());
-    let mut points = Vec::new();
+    let mut points = CostPoints::default();
     for size in SIZES {
         let before = CpuSample::take(&servers);
-        let (rate, stored) = event_log_atomic_rate(&log, &mut accounts, size, seconds).await?;
-        let after = CpuSample::take(&servers);
-        points.push((size as f64, size as f64 / rate.max(1.0)));
-        let cpu = (after.servers - before.servers) / (stored / size).max(1) as f64;
-        cpu_points.push((size as f64, cpu));
-        cells.push(format!("{size}: {rate:.0} ({:.2} ms CPU)", cpu * 1e3));
+        let measured = event_log_atomic_rate(&log, &mut accounts, size, seconds).await?;
+        points.add(size, 1, measured, &before, &CpuSample::take(&servers));
     }
-    let (fixed, per_message) = fit_line(&points);
-    let (cpu_fixed, cpu_per_message) = fit_line(&cpu_points);
     results.add(
         "event log atomic batches of deposits (Coffer's subjects, headers, per-account checks, republish), R1, sync_interval: always, 1 in flight (batch size: messages/s (server CPU per batch))",
+        points.summary(),
+    );
+    Ok(())
+}
+
+/// One cost-model row: messages per second and the servers' CPU per batch at each batch size,
+/// and the lines fitted to the time and the CPU per batch.
+#[derive(Default)]
+struct CostPoints {
+    /// (batch size, seconds per batch as one batch in flight sees it).
+    wall: Vec<(f64, f64)>,
+    /// (batch size, the servers' CPU seconds per batch: all three nodes at R3).
+    cpu: Vec<(f64, f64)>,
+    cells: Vec<String>,
+}
+
+impl CostPoints {
+    /// `stored` messages at `rate` in batches of `size`, `in_flight` at once, between two
+    /// samples of the servers' CPU.
+    fn add(
+        &mut self,
+        size: usize,
+        in_flight: usize,
+        (rate, stored): (f64, usize),
+        before: &CpuSample,
+        after: &CpuSample,
+    ) {
+        self.wall
+            .push((size as f64, in_flight as f64 * size as f64 / rate.max(1.0)));
+        let cpu = (after.servers - before.servers) / (stored / size).max(1) as f64;
+        self.cpu.push((size as f64, cpu));
+        self.cells
+            .push(format!("{size}: {rate:.0} ({:.2} ms CPU)", cpu * 1e3));
+    }
+
+    fn summary(&self) -> String {
+        let (fixed, per_message) = fit_line(&self.wall);
+        let (cpu_fixed, cpu_per_message) = fit_line(&self.cpu);
         format!(
             "{}; fit: {:.2} ms per batch + {:.1} us per message; server CPU fit: {:.2} ms per batch + {:.1} us per message",
-            cells.join(", "),
+            self.cells.join(", "),
             fixed * 1e3,
             per_message * 1e6,
             cpu_fixed * 1e3,
             cpu_per_message * 1e6
-        ),
-    );
-    Ok(())
+        )
+    }
 }
 
 /// Atomic batches of `size` deposits as the event log appends them (Coffer's subjects through
@@ -2263,34 +2293,17 @@ async fn cost_model_suite(results: &mut Results, seconds: u64) -> anyhow::Result
         }
         anyhow::ensure!(created.is_some(), "create the cost-model stream on {label}");
         for in_flight in [1usize, 8] {
-            let (mut points, mut cpu_points) = (Vec::new(), Vec::new());
-            let mut cells = Vec::new();
+            let mut points = CostPoints::default();
             for size in SIZES {
                 let before = CpuSample::take(&pids);
-                let (rate, stored) =
-                    raw_atomic_rate(&client, &prefix, size, in_flight, seconds).await?;
-                let after = CpuSample::take(&pids);
-                // Seconds per batch as one batch in flight sees it.
-                points.push((size as f64, in_flight as f64 * size as f64 / rate.max(1.0)));
-                // The servers' CPU seconds per batch (all three nodes at R3).
-                let cpu = (after.servers - before.servers) / (stored / size).max(1) as f64;
-                cpu_points.push((size as f64, cpu));
-                cells.push(format!("{size}: {rate:.0} ({:.2} ms CPU)", cpu * 1e3));
+                let measured = raw_atomic_rate(&client, &prefix, size, in_flight, seconds).await?;
+                points.add(size, in_flight, measured, &before, &CpuSample::take(&pids));
             }
-            let (fixed, per_message) = fit_line(&points);
-            let (cpu_fixed, cpu_per_message) = fit_line(&cpu_points);
             results.add(
                 &format!(
                     "raw atomic batches, {label}, {in_flight} in flight (batch size: messages/s (server CPU per batch))"
                 ),
-                format!(
-                    "{}; fit: {:.2} ms per batch + {:.1} us per message; server CPU fit: {:.2} ms per batch + {:.1} us per message",
-                    cells.join(", "),
-                    fixed * 1e3,
-                    per_message * 1e6,
-                    cpu_fixed * 1e3,
-                    cpu_per_message * 1e6
-                ),
+                points.summary(),
             );
         }
         if replicas == 3 {

@@ -504,11 +504,7 @@ fn wait_over(
     counters: &GroupCommitCounters,
 ) -> bool {
     let (queued, earliest) = queued_appends(waiting);
-    // An append never misses its deadline for a wait.
-    let due = earliest
-        .zip(filling.wakes_at())
-        .is_some_and(|(due, end)| due <= end);
-    if nothing_in_flight && !due && !filling.ready(queued, now) {
+    if nothing_in_flight && !filling.over(queued, earliest, now) {
         return false;
     }
     // The wait is over, whether or not anything can go now.
@@ -543,10 +539,7 @@ fn queued_appends(waiting: &Queue) -> (Queued, Option<Instant>) {
 fn expire(waiting: &mut Queue, reserved: &mut Reserved, counters: &GroupCommitCounters) {
     let now = Instant::now();
     reserved.expire(now);
-    let mut kept = Queue {
-        items: VecDeque::with_capacity(waiting.items.len()),
-        reservations: 0,
-    };
+    let mut kept = Queue::with_capacity(waiting.items.len());
     for next in waiting.items.drain(..) {
         match next {
             Waiting::Member(member) if member.deadline.is_some_and(|deadline| now >= deadline) => {
@@ -580,6 +573,13 @@ struct Queue {
 }
 
 impl Queue {
+    fn with_capacity(capacity: usize) -> Self {
+        Self {
+            items: VecDeque::with_capacity(capacity),
+            reservations: 0,
+        }
+    }
+
     fn push_back(&mut self, next: Waiting) {
         if matches!(next, Waiting::Reservation(_)) {
             self.reservations += 1;
@@ -622,10 +622,7 @@ fn next_batch(
     let mut waiting_keys: HashSet<Key> = HashSet::new();
     let mut messages = 0;
     let mut reservations_left = waiting.reservations;
-    let mut kept = Queue {
-        items: VecDeque::with_capacity(waiting.items.len()),
-        reservations: 0,
-    };
+    let mut kept = Queue::with_capacity(waiting.items.len());
     while let Some(next) = waiting.items.pop_front() {
         // A full batch and no reservation behind: the rest stays as it is, unscanned (a long
         // queue would otherwise be walked once per batch).

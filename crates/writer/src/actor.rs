@@ -317,6 +317,14 @@ impl Actor for AccountActor {
     }
 }
 
+/// `count` commands of an account batch as the filling policy counts them: one event each.
+fn one_message_each(count: usize) -> FillQueued {
+    FillQueued {
+        appends: count,
+        messages: count,
+    }
+}
+
 /// What became of a plan sent to the stream.
 enum Commit {
     /// Stored: the answer, at its position.
@@ -379,10 +387,7 @@ impl AccountActorState {
 
     /// The commands set aside, as the filling policy counts them.
     fn queued(&self) -> FillQueued {
-        FillQueued {
-            appends: self.waiting.len(),
-            messages: self.waiting.len(),
-        }
+        one_message_each(self.waiting.len())
     }
 
     /// The `Flush` of `generation`: decides what was set aside, unless the last batch was just
@@ -402,10 +407,7 @@ impl AccountActorState {
             self.filling.acknowledged(
                 stored.commands,
                 stored.flight,
-                FillQueued {
-                    appends: during_flight,
-                    messages: during_flight,
-                },
+                one_message_each(during_flight),
                 self.context.account_batch_max,
                 stored.at,
             );
@@ -430,19 +432,12 @@ impl AccountActorState {
     /// due to end after the earliest deadline among them (a command never misses its deadline
     /// for a wait, as in the group commit).
     fn wait_over(&self, now: Instant) -> bool {
-        let queued = self.queued();
-        if self.filling.ready(queued, now) {
-            return true;
-        }
         let earliest = self
             .waiting
             .iter()
             .filter_map(|command| command.request.deadline)
             .min();
-        match (earliest, self.filling.wakes_at()) {
-            (Some(deadline), Some(wakes_at)) => deadline <= wakes_at,
-            _ => false,
-        }
+        self.filling.over(self.queued(), earliest, now)
     }
 
     /// Decides the deposits and withdrawals set aside, in arrival order, on the account's state

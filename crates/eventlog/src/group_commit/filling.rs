@@ -158,6 +158,16 @@ impl Filling {
             .is_none_or(|wait| wait.filled(queued) || wait.ran_out(now))
     }
 
+    /// Whether a batch may be taken with `queued` waiting, `earliest` the first of their
+    /// deadlines: the wait, if any, filled, ran out, or would end after that deadline (an
+    /// append never misses its deadline for a wait).
+    pub fn over(&self, queued: Queued, earliest: Option<Instant>, now: Instant) -> bool {
+        self.ready(queued, now)
+            || earliest
+                .zip(self.wakes_at())
+                .is_some_and(|(due, end)| due <= end)
+    }
+
     /// When the wait runs out if nothing arrives.
     pub fn wakes_at(&self) -> Option<Instant> {
         self.waiting
